@@ -1,0 +1,76 @@
+//! Command-line verbs. This is the only layer that reads the environment;
+//! everything below receives resolved settings.
+
+mod inspect;
+mod submit;
+
+use crate::config::{self, JobSpec, Overrides};
+use crate::model::HubSettings;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Offline batch text generation for Mistral-7B-OpenOrca GPTQ checkpoints.
+#[derive(Debug, Parser)]
+#[command(name = "runner", version, about)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a job: read its prompts, generate, write Parquet.
+    Submit {
+        /// The job file (TOML).
+        job: PathBuf,
+        /// Override a setting, e.g. --set engine.device=cuda (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Resolve and check a job without loading weights; print the resolved job.
+    Validate {
+        /// The job file (TOML).
+        job: PathBuf,
+        /// Override a setting (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Print a model's architecture, quantization and tensor inventory.
+    Inspect {
+        /// A local model directory or a hub repo id.
+        model: String,
+        /// Hub revision (quant branch) for a repo id.
+        #[arg(long, default_value = "main")]
+        revision: String,
+    },
+}
+
+/// Runs the parsed command.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        Command::Submit { job, set } => submit::submit(&load_job(&job, set)?, &hub_settings()),
+        Command::Validate { job, set } => submit::validate(&load_job(&job, set)?, &hub_settings()),
+        Command::Inspect { model, revision } => {
+            inspect::inspect(&model, &revision, &hub_settings())
+        }
+    }
+}
+
+fn load_job(job: &std::path::Path, set: Vec<String>) -> crate::Result<JobSpec> {
+    let env = std::env::vars()
+        .filter(|(k, _)| k.starts_with("RUNNER_"))
+        .collect();
+    config::load(job, &Overrides { env, set })
+}
+
+/// `HF_HOME`, `HF_HUB_OFFLINE`, `HF_TOKEN` from the environment.
+pub fn hub_settings() -> HubSettings {
+    let truthy = |v: String| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on");
+    HubSettings {
+        cache_dir: std::env::var_os("HF_HUB_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub"))),
+        offline: std::env::var("HF_HUB_OFFLINE").is_ok_and(truthy),
+        token: std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()),
+    }
+}

@@ -1,0 +1,81 @@
+//! Raw configuration as extracted by figment: every section rejects unknown
+//! keys; nothing here is validated yet (see [`RawJob::resolve`]).
+
+use figment::value::magic::RelativePathBuf;
+use serde::Deserialize;
+
+/// The whole job file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawJob {
+    pub model: RawModel,
+    pub input: RawInput,
+    pub generation: RawGeneration,
+    pub output: RawOutput,
+    pub engine: RawEngine,
+}
+
+/// `[model]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawModel {
+    pub id: RelativePathBuf,
+    pub revision: String,
+    pub dtype: String,
+    pub load_format: String,
+    /// For `load_format = "dummy"`: quantization to fake ("none", or "4bit-128g", "8bit--1g", ...).
+    #[serde(default)]
+    pub dummy_quant: Option<String>,
+}
+
+/// `[input]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawInput {
+    pub path: RelativePathBuf,
+    pub format: String,
+    pub id_column: String,
+    pub prompt_column: String,
+    pub messages_column: String,
+    pub system_column: String,
+}
+
+/// `[generation]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawGeneration {
+    pub max_new_tokens: i64,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: i64,
+    pub repetition_penalty: f64,
+    pub seed: u64,
+    pub stop: Vec<String>,
+    pub system_prompt: String,
+    pub ignore_eos: bool,
+}
+
+/// `[output]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawOutput {
+    pub path: RelativePathBuf,
+    pub include_token_ids: bool,
+    pub flush_every: i64,
+}
+
+/// `[engine]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawEngine {
+    pub device: String,
+    pub max_num_seqs: i64,
+    pub max_batch_tokens: i64,
+    pub max_prompt_tokens: i64,
+}

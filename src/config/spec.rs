@@ -1,0 +1,329 @@
+//! The resolved, validated job: what every other module reads.
+
+use super::raw::RawJob;
+use crate::{Error, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Activation/weight dtype of the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// single precision (the reference path).
+    F32,
+}
+
+impl DType {
+    /// The candle dtype.
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            DType::F16 => candle_core::DType::F16,
+            DType::Bf16 => candle_core::DType::BF16,
+            DType::F32 => candle_core::DType::F32,
+        }
+    }
+}
+
+/// Where the forward runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Device {
+    /// candle's CPU backend.
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+/// How weights are obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadFormat {
+    /// Read the checkpoint.
+    Auto,
+    /// Random weights of the config's shapes (benchmarks).
+    Dummy,
+}
+
+/// Input file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputFormat {
+    /// One JSON object per line.
+    Jsonl,
+    /// Apache Parquet.
+    Parquet,
+}
+
+/// `[model]`, resolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSpec {
+    /// Hub repo id or local directory, as written.
+    pub id: String,
+    /// The local directory, when `id` names one (resolved against the job file).
+    pub local_dir: Option<PathBuf>,
+    /// Hub revision (quant branch); ignored for local directories.
+    pub revision: String,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Checkpoint or dummy weights.
+    pub load_format: LoadFormat,
+    /// Quantization to fake with dummy weights.
+    pub dummy_quant: Option<String>,
+}
+
+/// `[input]`, resolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct InputSpec {
+    /// The input file.
+    pub path: PathBuf,
+    /// Its format (never `auto` after resolution).
+    pub format: InputFormat,
+    /// Column with record ids (row numbers when absent from the file).
+    pub id_column: String,
+    /// Column with a plain user prompt.
+    pub prompt_column: String,
+    /// Column with a list of chat messages (takes precedence when present).
+    pub messages_column: String,
+    /// Column with a per-record system prompt.
+    pub system_column: String,
+}
+
+/// Sampling and stopping parameters; job-level defaults, overridable per record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GenerationParams {
+    /// Upper bound on generated tokens.
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// Nucleus mass in (0, 1].
+    pub top_p: f64,
+    /// 0 means off.
+    pub top_k: usize,
+    /// 1 means off; > 1 penalises tokens already in prompt or output.
+    pub repetition_penalty: f64,
+    /// Job seed (a record's RNG is seeded from this and its id).
+    pub seed: u64,
+    /// Stop strings, trimmed from the completion.
+    pub stop: Vec<String>,
+    /// System prompt used when a record has none.
+    pub system_prompt: String,
+    /// Keep generating past EOS (benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl GenerationParams {
+    /// Checks ranges; `what` names the source (job field or record) in messages.
+    pub fn validate(&self, what: &str) -> std::result::Result<(), String> {
+        if self.max_new_tokens == 0 {
+            return Err(format!("{what}max_new_tokens is 0, expected at least 1"));
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!(
+                "{what}temperature is {}, expected a finite value >= 0",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!(
+                "{what}top_p is {}, expected a value in (0, 1]",
+                self.top_p
+            ));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(format!(
+                "{what}repetition_penalty is {}, expected a finite value > 0",
+                self.repetition_penalty
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[output]`, resolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputSpec {
+    /// Output directory of Parquet part files.
+    pub path: PathBuf,
+    /// Write `completion_token_ids`.
+    pub include_token_ids: bool,
+    /// Records per part file.
+    pub flush_every: usize,
+}
+
+/// `[engine]`, resolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineSpec {
+    /// Where the forward runs.
+    pub device: Device,
+    /// Sequences decoded together at most.
+    pub max_num_seqs: usize,
+    /// Tokens per forward at most (prefill chunks + decodes).
+    pub max_batch_tokens: usize,
+    /// Longest accepted prompt; 0 = the model's context length.
+    pub max_prompt_tokens: usize,
+}
+
+/// A validated job.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobSpec {
+    /// The job file it came from.
+    pub job_file: PathBuf,
+    #[allow(missing_docs)]
+    pub model: ModelSpec,
+    #[allow(missing_docs)]
+    pub input: InputSpec,
+    #[allow(missing_docs)]
+    pub generation: GenerationParams,
+    #[allow(missing_docs)]
+    pub output: OutputSpec,
+    #[allow(missing_docs)]
+    pub engine: EngineSpec,
+}
+
+fn positive(field: &str, v: i64) -> Result<usize> {
+    if v < 1 {
+        return Err(Error::Config(format!(
+            "{field} is {v}, expected at least 1"
+        )));
+    }
+    Ok(v as usize)
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "engine.device is `{s}`, expected cpu, cuda or cuda:N"
+                ))
+            }),
+    }
+}
+
+impl RawJob {
+    /// Validates every field and resolves paths and `auto` values.
+    pub fn resolve(self, job_file: &Path) -> Result<JobSpec> {
+        let dtype = match self.model.dtype.as_str() {
+            "f16" | "float16" => DType::F16,
+            "bf16" | "bfloat16" => DType::Bf16,
+            "f32" | "float32" => DType::F32,
+            other => {
+                return Err(Error::Config(format!(
+                    "model.dtype is `{other}`, expected f16, bf16 or f32"
+                )))
+            }
+        };
+        let load_format = match self.model.load_format.as_str() {
+            "auto" => LoadFormat::Auto,
+            "dummy" => LoadFormat::Dummy,
+            other => {
+                return Err(Error::Config(format!(
+                    "model.load_format is `{other}`, expected auto or dummy"
+                )))
+            }
+        };
+        let id = self.model.id.original().display().to_string();
+        let rel = self.model.id.relative();
+        let local_dir = if rel.is_dir() {
+            Some(rel)
+        } else if id.starts_with('.') || id.starts_with('/') || id.matches('/').count() != 1 {
+            return Err(Error::Config(format!(
+                "model.id `{id}` is neither an existing directory ({}) nor a hub repo id like owner/name",
+                rel.display()
+            )));
+        } else {
+            None
+        };
+        let input_path = self.input.path.relative();
+        let format = match self.input.format.as_str() {
+            "jsonl" => InputFormat::Jsonl,
+            "parquet" => InputFormat::Parquet,
+            "auto" => match input_path.extension().and_then(|e| e.to_str()) {
+                Some("jsonl") | Some("json") | Some("ndjson") => InputFormat::Jsonl,
+                Some("parquet") | Some("pq") => InputFormat::Parquet,
+                _ => {
+                    return Err(Error::Config(format!(
+                        "input.format is auto but {} has no .jsonl or .parquet extension; set input.format",
+                        input_path.display()
+                    )))
+                }
+            },
+            other => {
+                return Err(Error::Config(format!(
+                    "input.format is `{other}`, expected auto, jsonl or parquet"
+                )))
+            }
+        };
+        let g = self.generation;
+        if g.top_k < 0 {
+            return Err(Error::Config(format!(
+                "generation.top_k is {}, expected >= 0",
+                g.top_k
+            )));
+        }
+        let generation = GenerationParams {
+            max_new_tokens: positive("generation.max_new_tokens", g.max_new_tokens)?,
+            temperature: g.temperature,
+            top_p: g.top_p,
+            top_k: g.top_k as usize,
+            repetition_penalty: g.repetition_penalty,
+            seed: g.seed,
+            stop: g.stop,
+            system_prompt: g.system_prompt,
+            ignore_eos: g.ignore_eos,
+        };
+        generation.validate("generation.").map_err(Error::Config)?;
+        if generation.stop.iter().any(|s| s.is_empty()) {
+            return Err(Error::Config(
+                "generation.stop holds an empty string".into(),
+            ));
+        }
+        let e = self.engine;
+        if e.max_prompt_tokens < 0 {
+            return Err(Error::Config(format!(
+                "engine.max_prompt_tokens is {}, expected >= 0",
+                e.max_prompt_tokens
+            )));
+        }
+        Ok(JobSpec {
+            job_file: job_file.to_path_buf(),
+            model: ModelSpec {
+                id,
+                local_dir,
+                revision: self.model.revision,
+                dtype,
+                load_format,
+                dummy_quant: self.model.dummy_quant,
+            },
+            input: InputSpec {
+                path: input_path,
+                format,
+                id_column: self.input.id_column,
+                prompt_column: self.input.prompt_column,
+                messages_column: self.input.messages_column,
+                system_column: self.input.system_column,
+            },
+            generation,
+            output: OutputSpec {
+                path: self.output.path.relative(),
+                include_token_ids: self.output.include_token_ids,
+                flush_every: positive("output.flush_every", self.output.flush_every)?,
+            },
+            engine: EngineSpec {
+                device: parse_device(&e.device)?,
+                max_num_seqs: positive("engine.max_num_seqs", e.max_num_seqs)?,
+                max_batch_tokens: positive("engine.max_batch_tokens", e.max_batch_tokens)?,
+                max_prompt_tokens: e.max_prompt_tokens as usize,
+            },
+        })
+    }
+}

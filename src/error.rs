@@ -1,0 +1,68 @@
+//! The crate's error type: one enum gathering every module's failures, with
+//! messages that name the value, the file or the field and what was expected.
+
+use std::path::PathBuf;
+
+/// Everything that can fail in the library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is missing, unknown or out of range.
+    #[error("{0}")]
+    Config(String),
+    /// A model directory, config or checkpoint is unusable.
+    #[error("{0}")]
+    Model(String),
+    /// A tensor in a checkpoint has the wrong shape or dtype.
+    #[error("tensor `{name}` in {file}: {msg}")]
+    Tensor {
+        /// Tensor name as stored in the checkpoint.
+        name: String,
+        /// File that holds it.
+        file: PathBuf,
+        /// What is wrong and what was expected.
+        msg: String,
+    },
+    /// The input file or one of its records is unusable at job level.
+    #[error("{0}")]
+    Input(String),
+    /// Tokenizer or chat template failure.
+    #[error("{0}")]
+    Prompt(String),
+    /// Writing the output failed.
+    #[error("{0}")]
+    Output(String),
+    /// A file could not be read or written.
+    #[error("failed to access {path}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Tensor backend error.
+    #[error("tensor backend: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Shorthand for results carrying [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an io error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Process exit code for this error class (2: bad job or input, 3: model, 1: other).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) | Error::Input(_) => 2,
+            Error::Model(_) | Error::Tensor { .. } => 3,
+            _ => 1,
+        }
+    }
+}

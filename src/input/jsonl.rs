@@ -1,0 +1,79 @@
+//! JSONL input: one JSON object per line, read line by line. Blank lines are
+//! skipped; a line that is not valid UTF-8 or not a JSON object becomes an
+//! error record.
+
+use super::{InputRecord, RecordBuilder};
+use crate::{Error, Result};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+/// A streaming JSONL reader.
+pub struct JsonlSource {
+    path: PathBuf,
+    reader: BufReader<std::fs::File>,
+    builder: RecordBuilder,
+    line: u64,
+    row: u64,
+    buf: Vec<u8>,
+}
+
+impl JsonlSource {
+    /// Opens a JSONL file.
+    pub fn open(path: &Path, builder: RecordBuilder) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader: BufReader::new(file),
+            builder,
+            line: 0,
+            row: 0,
+            buf: Vec::new(),
+        })
+    }
+}
+
+impl Iterator for JsonlSource {
+    type Item = Result<InputRecord>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            self.buf.clear();
+            match self.reader.read_until(b'\n', &mut self.buf) {
+                Err(e) => return Some(Err(Error::io(&self.path, e))),
+                Ok(0) => return None,
+                Ok(_) => {}
+            }
+            self.line += 1;
+            let line = self.line;
+            if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
+                continue;
+            }
+            let row = self.row;
+            self.row += 1;
+            let fail = |msg: String| {
+                Some(Ok(InputRecord {
+                    row,
+                    id: row.to_string(),
+                    body: Err(msg),
+                }))
+            };
+            let text = match std::str::from_utf8(&self.buf) {
+                Ok(t) => t,
+                Err(e) => {
+                    return fail(format!(
+                        "record at line {line}: invalid UTF-8 at byte {}",
+                        e.valid_up_to()
+                    ))
+                }
+            };
+            return match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(serde_json::Value::Object(obj)) => Some(Ok(self.builder.build(row, &obj))),
+                Ok(other) => fail(format!(
+                    "record at line {line}: is {}, expected a JSON object",
+                    super::kind(&other)
+                )),
+                Err(e) => fail(format!("record at line {line}: malformed JSON: {e}")),
+            };
+        }
+    }
+}

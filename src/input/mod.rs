@@ -1,0 +1,232 @@
+//! Input records from JSONL or Parquet, read as a stream. Every row becomes
+//! an [`InputRecord`]; a row that cannot be used carries its error (and
+//! becomes an error row in the output) instead of stopping the job.
+
+mod jsonl;
+mod parquet;
+
+pub use self::jsonl::JsonlSource;
+pub use self::parquet::ParquetSource;
+
+use crate::config::{GenerationParams, InputFormat, InputSpec};
+use crate::prompt::Message;
+use crate::{Error, Result};
+use serde_json::{Map, Value};
+
+/// What a record asks the model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    /// A user prompt with an optional per-record system prompt.
+    Text {
+        /// Per-record system prompt (`None`: the job's).
+        system: Option<String>,
+        /// The user turn.
+        user: String,
+    },
+    /// A full message list.
+    Messages(Vec<Message>),
+}
+
+/// A usable record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordBody {
+    /// The prompt.
+    pub prompt: PromptInput,
+    /// Generation parameters after per-record overrides.
+    pub params: GenerationParams,
+}
+
+/// One input row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputRecord {
+    /// 0-based row number in the input.
+    pub row: u64,
+    /// Record id (from the id column, else the row number).
+    pub id: String,
+    /// The record, or why it cannot be run.
+    pub body: std::result::Result<RecordBody, String>,
+}
+
+/// Per-record override columns, named as the `[generation]` keys.
+pub const OVERRIDE_COLUMNS: &[&str] = &[
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+];
+
+/// Opens the input named by the spec as a stream of records.
+pub fn open(
+    spec: &InputSpec,
+    defaults: &GenerationParams,
+) -> Result<Box<dyn Iterator<Item = Result<InputRecord>>>> {
+    if !spec.path.is_file() {
+        return Err(Error::Input(format!(
+            "input file {} does not exist (input.path)",
+            spec.path.display()
+        )));
+    }
+    let rb = RecordBuilder {
+        spec: spec.clone(),
+        defaults: defaults.clone(),
+    };
+    Ok(match spec.format {
+        InputFormat::Jsonl => Box::new(JsonlSource::open(&spec.path, rb)?),
+        InputFormat::Parquet => Box::new(ParquetSource::open(&spec.path, rb)?),
+    })
+}
+
+/// Turns one row (as a JSON object) into a record; shared by both formats.
+#[derive(Debug, Clone)]
+pub struct RecordBuilder {
+    spec: InputSpec,
+    defaults: GenerationParams,
+}
+
+impl RecordBuilder {
+    /// Builds a builder for a spec and job-level defaults.
+    pub fn new(spec: InputSpec, defaults: GenerationParams) -> Self {
+        Self { spec, defaults }
+    }
+
+    /// The id of a row: the id column's value (string or integer), else the
+    /// row number.
+    pub fn id_of(&self, row: u64, obj: &Map<String, Value>) -> std::result::Result<String, String> {
+        match obj.get(&self.spec.id_column) {
+            None => Ok(row.to_string()),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            Some(Value::Null) => Err(format!(
+                "record at row {row}: `{}` is null, expected a string or integer id",
+                self.spec.id_column
+            )),
+            Some(other) => Err(format!(
+                "record at row {row}: `{}` is {}, expected a string or integer id",
+                self.spec.id_column,
+                kind(other)
+            )),
+        }
+    }
+
+    /// Builds a record from a row.
+    pub fn build(&self, row: u64, obj: &Map<String, Value>) -> InputRecord {
+        let (id, body) = match self.id_of(row, obj) {
+            Ok(id) => {
+                let body = self.body(&id, obj);
+                (id, body)
+            }
+            Err(e) => (row.to_string(), Err(e)),
+        };
+        InputRecord { row, id, body }
+    }
+
+    fn body(&self, id: &str, obj: &Map<String, Value>) -> std::result::Result<RecordBody, String> {
+        let s = &self.spec;
+        let prompt = match obj.get(&s.messages_column) {
+            Some(v) if !v.is_null() => PromptInput::Messages(messages(id, &s.messages_column, v)?),
+            _ => {
+                let user = match obj.get(&s.prompt_column) {
+                    None | Some(Value::Null) => return Err(format!(
+                        "record {id}: `{}` is missing or null, expected a string (or a `{}` list)",
+                        s.prompt_column, s.messages_column
+                    )),
+                    Some(Value::String(t)) => t.clone(),
+                    Some(other) => {
+                        return Err(format!(
+                            "record {id}: `{}` is {}, expected a string",
+                            s.prompt_column,
+                            kind(other)
+                        ))
+                    }
+                };
+                if user.trim().is_empty() {
+                    return Err(format!("record {id}: `{}` is empty", s.prompt_column));
+                }
+                let system = match obj.get(&s.system_column) {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(t)) => Some(t.clone()),
+                    Some(other) => {
+                        return Err(format!(
+                            "record {id}: `{}` is {}, expected a string",
+                            s.system_column,
+                            kind(other)
+                        ))
+                    }
+                };
+                PromptInput::Text { system, user }
+            }
+        };
+        let mut p = self.defaults.clone();
+        for &col in OVERRIDE_COLUMNS {
+            let Some(v) = obj.get(col).filter(|v| !v.is_null()) else {
+                continue;
+            };
+            let bad = || format!("record {id}: `{col}` is {}, expected a number", kind(v));
+            match col {
+                "max_new_tokens" | "top_k" | "seed" => {
+                    let n = v.as_i64().ok_or_else(bad)?;
+                    if n < 0 {
+                        return Err(format!("record {id}: `{col}` is {n}, expected >= 0"));
+                    }
+                    match col {
+                        "max_new_tokens" => p.max_new_tokens = n as usize,
+                        "top_k" => p.top_k = n as usize,
+                        _ => p.seed = n as u64,
+                    }
+                }
+                _ => {
+                    let x = v.as_f64().ok_or_else(bad)?;
+                    match col {
+                        "temperature" => p.temperature = x,
+                        "top_p" => p.top_p = x,
+                        _ => p.repetition_penalty = x,
+                    }
+                }
+            }
+        }
+        p.validate(&format!("record {id}: "))?;
+        Ok(RecordBody { prompt, params: p })
+    }
+}
+
+fn messages(id: &str, col: &str, v: &Value) -> std::result::Result<Vec<Message>, String> {
+    let arr = v.as_array().ok_or_else(|| {
+        format!(
+            "record {id}: `{col}` is {}, expected a list of {{role, content}}",
+            kind(v)
+        )
+    })?;
+    if arr.is_empty() {
+        return Err(format!("record {id}: `{col}` is an empty list"));
+    }
+    arr.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = m.get("role").and_then(|r| r.as_str());
+            let content = m.get("content").and_then(|r| r.as_str());
+            match (role, content) {
+                (Some(r), Some(c)) => Ok(Message {
+                    role: r.to_string(),
+                    content: c.to_string(),
+                }),
+                _ => Err(format!(
+                    "record {id}: `{col}`[{i}] is not an object with string `role` and `content`"
+                )),
+            }
+        })
+        .collect()
+}
+
+/// A JSON value's kind for messages.
+pub fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}

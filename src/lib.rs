@@ -1,0 +1,22 @@
+//! `runner`: offline batch text generation for Mistral-7B-OpenOrca in GPTQ form.
+//!
+//! A job reads prompts (JSONL or Parquet), renders and tokenizes them, runs
+//! them through one Mistral implementation whose linear layers are dense or
+//! GPTQ, samples per record with a per-record seeded RNG, and writes one
+//! Parquet row per record. Module dependencies point one way:
+//! `cli -> engine -> {scheduler, kv, model, sampler, output, input, prompt} -> config`.
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod input;
+pub mod model;
+pub mod output;
+pub mod prompt;
+pub mod sampler;
+
+pub use error::{Error, Result};
+
+/// Version string written into every output row.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,35 @@
+//! The model: where its files come from, how checkpoints are read, the GPTQ
+//! format, and the one Mistral implementation with a pluggable linear layer.
+
+pub mod checkpoint;
+pub mod linear;
+pub mod mistral;
+pub mod quant;
+pub mod source;
+
+pub use checkpoint::Checkpoint;
+pub use mistral::{Mistral, MistralConfig, SeqChunk, SeqKvCache};
+pub use quant::{CheckpointFormat, QuantConfig};
+pub use source::{resolve_model_dir, HubSettings};
+
+use crate::Result;
+use std::path::Path;
+
+/// Reads a model directory's architecture and quantization without loading
+/// weights.
+pub fn read_meta(dir: &Path) -> Result<(MistralConfig, Option<QuantConfig>)> {
+    let (cfg, raw) = MistralConfig::read(dir)?;
+    let quant = QuantConfig::from_dir(dir, &raw)?;
+    Ok((cfg, quant))
+}
+
+/// Loads a model directory's weights onto a device in the given dtype.
+pub fn load(
+    dir: &Path,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<Mistral> {
+    let (cfg, quant) = read_meta(dir)?;
+    let ck = Checkpoint::open(dir)?;
+    Mistral::load(&ck, &cfg, quant.as_ref(), dtype, device)
+}

@@ -1,0 +1,169 @@
+//! GPTQ quantization metadata: `quantize_config.json` and/or `config.json`'s
+//! `quantization_config`, validated into a [`QuantConfig`].
+
+use crate::{Error, Result};
+use serde::Serialize;
+use std::path::Path;
+
+/// How zero points are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointFormat {
+    /// AutoGPTQ v1: stored zero = true zero - 1.
+    Gptq,
+    /// GPTQModel v2: the true zero.
+    GptqV2,
+}
+
+/// A GPTQ checkpoint's quantization.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuantConfig {
+    /// 4 or 8.
+    pub bits: u32,
+    /// Rows per group; `None` for group_size -1 (one group).
+    pub group_size: Option<usize>,
+    /// Act-order (`desc_act`).
+    pub desc_act: bool,
+    /// Symmetric quantization.
+    pub sym: bool,
+    /// Zero-point convention.
+    pub format: CheckpointFormat,
+}
+
+impl QuantConfig {
+    /// Values per 32-bit word.
+    pub fn pack(&self) -> usize {
+        32 / self.bits as usize
+    }
+
+    /// Number of groups for `k` input rows.
+    pub fn groups(&self, k: usize) -> usize {
+        match self.group_size {
+            Some(g) => k.div_ceil(g),
+            None => 1,
+        }
+    }
+
+    /// Short name in the style of TheBloke's branches, e.g. `4bit-128g`.
+    pub fn short_name(&self) -> String {
+        match self.group_size {
+            Some(g) => format!("{}bit-{g}g", self.bits),
+            None => format!("{}bit--1g", self.bits),
+        }
+    }
+
+    /// Parses a JSON quantization object; `source` names the file for messages.
+    pub fn from_json(v: &serde_json::Value, source: &str) -> Result<Self> {
+        let method = v
+            .get("quant_method")
+            .and_then(|m| m.as_str())
+            .unwrap_or("gptq");
+        if method != "gptq" {
+            return Err(Error::Model(format!(
+                "{source}: quant_method is `{method}`, only gptq is supported"
+            )));
+        }
+        let bits = v.get("bits").and_then(|b| b.as_u64()).ok_or_else(|| {
+            Error::Model(format!("{source}: `bits` is missing or not an integer"))
+        })?;
+        if bits != 4 && bits != 8 {
+            return Err(Error::Model(format!(
+                "{source}: bits is {bits}, expected 4 or 8"
+            )));
+        }
+        let gs = v.get("group_size").and_then(|g| g.as_i64()).unwrap_or(-1);
+        let group_size = match gs {
+            -1 => None,
+            g if g > 0 && (g as u64) % (32 / bits) == 0 => Some(g as usize),
+            g => {
+                return Err(Error::Model(format!(
+                    "{source}: group_size is {g}, expected -1 or a positive multiple of {}",
+                    32 / bits
+                )))
+            }
+        };
+        let format = match v
+            .get("checkpoint_format")
+            .or_else(|| v.get("format"))
+            .and_then(|f| f.as_str())
+            .unwrap_or("gptq")
+        {
+            "gptq" => CheckpointFormat::Gptq,
+            "gptq_v2" => CheckpointFormat::GptqV2,
+            other => {
+                return Err(Error::Model(format!(
+                    "{source}: checkpoint_format is `{other}`, expected gptq or gptq_v2"
+                )))
+            }
+        };
+        if v.get("is_marlin_format").and_then(|m| m.as_bool()) == Some(true) {
+            return Err(Error::Model(format!(
+                "{source}: is_marlin_format is true; Marlin-repacked checkpoints are not supported"
+            )));
+        }
+        Ok(Self {
+            bits: bits as u32,
+            group_size,
+            desc_act: v.get("desc_act").and_then(|d| d.as_bool()).unwrap_or(false),
+            sym: v.get("sym").and_then(|s| s.as_bool()).unwrap_or(true),
+            format,
+        })
+    }
+
+    /// Reads the quantization of a model directory: `config.json`'s
+    /// `quantization_config` first, then `quantize_config.json`. `None` for a
+    /// non-quantized model.
+    pub fn from_dir(dir: &Path, config: &serde_json::Value) -> Result<Option<Self>> {
+        if let Some(q) = config.get("quantization_config") {
+            return Self::from_json(q, &format!("{}", dir.join("config.json").display())).map(Some);
+        }
+        let path = dir.join("quantize_config.json");
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::Model(format!("{}: invalid JSON: {e}", path.display())))?;
+            return Self::from_json(&v, &path.display().to_string()).map(Some);
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_thebloke_schema() {
+        let q = QuantConfig::from_json(
+            &json!({"bits": 4, "group_size": 128, "desc_act": true, "sym": true}),
+            "q",
+        )
+        .unwrap();
+        assert_eq!(q.bits, 4);
+        assert_eq!(q.group_size, Some(128));
+        assert!(q.desc_act);
+        assert_eq!(q.format, CheckpointFormat::Gptq);
+        assert_eq!(q.groups(4096), 32);
+        let q = QuantConfig::from_json(
+            &json!({"bits": 8, "group_size": -1, "checkpoint_format": "gptq_v2"}),
+            "q",
+        )
+        .unwrap();
+        assert_eq!(q.group_size, None);
+        assert_eq!(q.groups(4096), 1);
+        assert_eq!(q.format, CheckpointFormat::GptqV2);
+    }
+
+    #[test]
+    fn refuses_unknown_method_and_bits() {
+        let e = QuantConfig::from_json(&json!({"quant_method": "awq", "bits": 4}), "cfg.json")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cfg.json: quant_method is `awq`, only gptq is supported"
+        );
+        let e = QuantConfig::from_json(&json!({"bits": 3}), "cfg.json").unwrap_err();
+        assert_eq!(e.to_string(), "cfg.json: bits is 3, expected 4 or 8");
+    }
+}

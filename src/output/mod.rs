@@ -1,0 +1,88 @@
+//! Output: one row per input record, written as Parquet part files into the
+//! job's output directory (see README for the schema).
+
+mod parquet;
+
+pub use self::parquet::{schema, ParquetSink};
+
+/// Why a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS, `<|im_end|>` or a stop string.
+    Stop,
+    /// max_new_tokens reached.
+    Length,
+    /// The record could not be run.
+    Error,
+}
+
+impl FinishReason {
+    /// The string written to the output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Error => "error",
+        }
+    }
+}
+
+/// Per-job values repeated on every row.
+#[derive(Debug, Clone)]
+pub struct JobMeta {
+    /// Unique id of this job run.
+    pub job_id: String,
+    /// Model id as configured.
+    pub model_id: String,
+    /// Hub revision (quant branch).
+    pub revision: String,
+    /// GPTQ bits, `None` for dense.
+    pub quant_bits: Option<i32>,
+    /// GPTQ group size (-1: one group), `None` for dense.
+    pub quant_group_size: Option<i32>,
+    /// Act-order, `None` for dense.
+    pub quant_act_order: Option<bool>,
+}
+
+/// One output row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputRow {
+    /// Record id.
+    pub id: String,
+    /// 0-based input row.
+    pub input_row: u64,
+    /// Generated text (stop strings trimmed); `None` for errors.
+    pub completion: Option<String>,
+    /// stop | length | error
+    pub finish_reason: &'static str,
+    /// ok | error
+    pub status: &'static str,
+    /// Error message for status = error.
+    pub error: Option<String>,
+    /// Prompt length in tokens (0 when it never got tokenized).
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_prompt_tokens: u32,
+    /// Parameters used for this record.
+    pub max_new_tokens: u32,
+    #[allow(missing_docs)]
+    pub temperature: f64,
+    #[allow(missing_docs)]
+    pub top_p: f64,
+    #[allow(missing_docs)]
+    pub top_k: u32,
+    #[allow(missing_docs)]
+    pub repetition_penalty: f64,
+    /// The seed the record's RNG was derived from (with its id).
+    pub seed: u64,
+    /// Admission time minus job start.
+    pub queue_ms: f64,
+    /// First token time minus admission.
+    pub ttft_ms: Option<f64>,
+    /// Finish time minus admission.
+    pub total_ms: f64,
+    /// Generated ids (written when `output.include_token_ids`).
+    pub completion_token_ids: Vec<u32>,
+}

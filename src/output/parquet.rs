@@ -1,0 +1,223 @@
+//! The Parquet sink: rows buffered and written as part files
+//! (`part-NNNNN-<job>.parquet`), each written to a temporary name, fsynced
+//! and renamed, so a part is either whole or absent.
+
+use super::{JobMeta, OutputRow};
+use crate::{Error, Result};
+use arrow::array::{
+    ArrayRef, BooleanArray, Float64Array, Int32Array, ListArray, RecordBatch, StringArray,
+    UInt32Array, UInt64Array,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The output schema; `completion_token_ids` only when asked for.
+pub fn schema(include_token_ids: bool) -> SchemaRef {
+    let s = |n: &str, null: bool| Field::new(n, DataType::Utf8, null);
+    let mut fields = vec![
+        s("id", false),
+        Field::new("input_row", DataType::UInt64, false),
+        s("completion", true),
+        s("finish_reason", false),
+        s("status", false),
+        s("error", true),
+        Field::new("prompt_tokens", DataType::UInt32, false),
+        Field::new("completion_tokens", DataType::UInt32, false),
+        Field::new("cached_prompt_tokens", DataType::UInt32, false),
+        Field::new("max_new_tokens", DataType::UInt32, false),
+        Field::new("temperature", DataType::Float64, false),
+        Field::new("top_p", DataType::Float64, false),
+        Field::new("top_k", DataType::UInt32, false),
+        Field::new("repetition_penalty", DataType::Float64, false),
+        Field::new("seed", DataType::UInt64, false),
+        s("model_id", false),
+        s("revision", false),
+        Field::new("quant_bits", DataType::Int32, true),
+        Field::new("quant_group_size", DataType::Int32, true),
+        Field::new("quant_act_order", DataType::Boolean, true),
+        Field::new("queue_ms", DataType::Float64, false),
+        Field::new("ttft_ms", DataType::Float64, true),
+        Field::new("total_ms", DataType::Float64, false),
+        s("runner_version", false),
+        s("job_id", false),
+    ];
+    if include_token_ids {
+        fields.push(Field::new(
+            "completion_token_ids",
+            DataType::List(Arc::new(Field::new("item", DataType::UInt32, true))),
+            false,
+        ));
+    }
+    Arc::new(Schema::new(fields))
+}
+
+/// Buffers rows and writes them as part files.
+pub struct ParquetSink {
+    dir: PathBuf,
+    meta: JobMeta,
+    include_token_ids: bool,
+    flush_every: usize,
+    rows: Vec<OutputRow>,
+    next_part: usize,
+    written: usize,
+}
+
+impl ParquetSink {
+    /// Creates the output directory. Existing part files are never
+    /// overwritten: a directory that already holds output is refused.
+    pub fn create(
+        dir: &Path,
+        meta: JobMeta,
+        include_token_ids: bool,
+        flush_every: usize,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let existing = existing_parts(dir)?;
+        if !existing.is_empty() {
+            return Err(Error::Output(format!(
+                "output directory {} already holds {} part file(s); choose another output.path or move them away",
+                dir.display(),
+                existing.len()
+            )));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            meta,
+            include_token_ids,
+            flush_every,
+            rows: Vec::new(),
+            next_part: 0,
+            written: 0,
+        })
+    }
+
+    /// Adds a row; writes a part when `flush_every` rows are buffered.
+    pub fn push(&mut self, row: OutputRow) -> Result<()> {
+        self.rows.push(row);
+        if self.rows.len() >= self.flush_every {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Rows written to disk so far.
+    pub fn written(&self) -> usize {
+        self.written
+    }
+
+    /// Writes buffered rows as one part file (nothing when empty).
+    pub fn flush(&mut self) -> Result<()> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let batch = self.batch()?;
+        let short = &self.meta.job_id[..8.min(self.meta.job_id.len())];
+        let name = format!("part-{:05}-{short}.parquet", self.next_part);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let dst = self.dir.join(&name);
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build();
+        let mut w = ArrowWriter::try_new(file, batch.schema(), Some(props))
+            .map_err(|e| Error::Output(format!("{}: {e}", tmp.display())))?;
+        w.write(&batch)
+            .map_err(|e| Error::Output(format!("{}: {e}", tmp.display())))?;
+        let file = w
+            .into_inner()
+            .map_err(|e| Error::Output(format!("{}: {e}", tmp.display())))?;
+        file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        drop(file);
+        std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+        if let Ok(d) = std::fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        self.written += self.rows.len();
+        self.rows.clear();
+        self.next_part += 1;
+        Ok(())
+    }
+
+    fn batch(&self) -> Result<RecordBatch> {
+        let r = &self.rows;
+        let m = &self.meta;
+        let n = r.len();
+        let strs = |f: &dyn Fn(&OutputRow) -> Option<String>| -> ArrayRef {
+            Arc::new(StringArray::from(r.iter().map(f).collect::<Vec<_>>()))
+        };
+        let u32s = |f: &dyn Fn(&OutputRow) -> u32| -> ArrayRef {
+            Arc::new(UInt32Array::from(r.iter().map(f).collect::<Vec<_>>()))
+        };
+        let f64s = |f: &dyn Fn(&OutputRow) -> f64| -> ArrayRef {
+            Arc::new(Float64Array::from(r.iter().map(f).collect::<Vec<_>>()))
+        };
+        let same = |v: &str| -> ArrayRef { Arc::new(StringArray::from(vec![v; n])) };
+        let mut cols: Vec<ArrayRef> = vec![
+            strs(&|x| Some(x.id.clone())),
+            Arc::new(UInt64Array::from(
+                r.iter().map(|x| x.input_row).collect::<Vec<_>>(),
+            )),
+            strs(&|x| x.completion.clone()),
+            strs(&|x| Some(x.finish_reason.to_string())),
+            strs(&|x| Some(x.status.to_string())),
+            strs(&|x| x.error.clone()),
+            u32s(&|x| x.prompt_tokens),
+            u32s(&|x| x.completion_tokens),
+            u32s(&|x| x.cached_prompt_tokens),
+            u32s(&|x| x.max_new_tokens),
+            f64s(&|x| x.temperature),
+            f64s(&|x| x.top_p),
+            u32s(&|x| x.top_k),
+            f64s(&|x| x.repetition_penalty),
+            Arc::new(UInt64Array::from(
+                r.iter().map(|x| x.seed).collect::<Vec<_>>(),
+            )),
+            same(&m.model_id),
+            same(&m.revision),
+            Arc::new(Int32Array::from(vec![m.quant_bits; n])),
+            Arc::new(Int32Array::from(vec![m.quant_group_size; n])),
+            Arc::new(BooleanArray::from(vec![m.quant_act_order; n])),
+            f64s(&|x| x.queue_ms),
+            Arc::new(Float64Array::from(
+                r.iter().map(|x| x.ttft_ms).collect::<Vec<_>>(),
+            )),
+            f64s(&|x| x.total_ms),
+            same(crate::VERSION),
+            same(&m.job_id),
+        ];
+        if self.include_token_ids {
+            let lists = ListArray::from_iter_primitive::<arrow::datatypes::UInt32Type, _, _>(
+                r.iter().map(|x| {
+                    Some(
+                        x.completion_token_ids
+                            .iter()
+                            .map(|&t| Some(t))
+                            .collect::<Vec<_>>(),
+                    )
+                }),
+            );
+            cols.push(Arc::new(lists));
+        }
+        RecordBatch::try_new(schema(self.include_token_ids), cols)
+            .map_err(|e| Error::Output(format!("building output batch: {e}")))
+    }
+}
+
+/// Part files already in an output directory.
+pub fn existing_parts(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("part-") && n.ends_with(".parquet"))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}

@@ -1,0 +1,151 @@
+//! Prompting: the model's tokenizer, chat rendering from
+//! `tokenizer_config.json`'s `chat_template` (ChatML fallback), stop tokens,
+//! and prompt-length validation.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// system | user | assistant
+    pub role: String,
+    /// Text.
+    pub content: String,
+}
+
+/// The model card's ChatML, used when the tokenizer config has no template.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Tokenizer plus chat template plus stop ids of one model.
+pub struct Prompter {
+    tokenizer: tokenizers::Tokenizer,
+    template: String,
+    bos_token: String,
+    eos_token: String,
+    stop_ids: Vec<u32>,
+}
+
+impl Prompter {
+    /// Loads `tokenizer.json` (+ `tokenizer_config.json` when present) from a
+    /// model directory. `config_eos` are the EOS ids of `config.json`.
+    pub fn load(dir: &Path, config_eos: &[u32]) -> Result<Self> {
+        let tk_path = dir.join("tokenizer.json");
+        if !tk_path.is_file() {
+            return Err(Error::Prompt(format!(
+                "{} is missing; runner needs the fast tokenizer file",
+                tk_path.display()
+            )));
+        }
+        let tokenizer = tokenizers::Tokenizer::from_file(&tk_path)
+            .map_err(|e| Error::Prompt(format!("{}: {e}", tk_path.display())))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: serde_json::Value = if cfg_path.is_file() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            serde_json::from_str(&text)
+                .map_err(|e| Error::Prompt(format!("{}: invalid JSON: {e}", cfg_path.display())))?
+        } else {
+            serde_json::Value::Null
+        };
+        let token_str = |key: &str, default: &str| -> String {
+            match cfg.get(key) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(v) => v
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or(default)
+                    .to_string(),
+                None => default.to_string(),
+            }
+        };
+        let template = cfg
+            .get("chat_template")
+            .and_then(|t| t.as_str())
+            .unwrap_or(CHATML_TEMPLATE)
+            .to_string();
+        let bos_token = token_str("bos_token", "<s>");
+        let eos_token = token_str("eos_token", "<|im_end|>");
+        let mut stop_ids: Vec<u32> = config_eos.to_vec();
+        for name in [eos_token.as_str(), "<|im_end|>"] {
+            if let Some(id) = tokenizer.token_to_id(name) {
+                stop_ids.push(id);
+            }
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(Self {
+            tokenizer,
+            template,
+            bos_token,
+            eos_token,
+            stop_ids,
+        })
+    }
+
+    /// Token ids that end a completion (EOS and `<|im_end|>`).
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    /// Renders messages with the chat template and a generation prompt.
+    pub fn render(&self, messages: &[Message]) -> Result<String> {
+        let mut env = minijinja::Environment::new();
+        env.add_template("chat", &self.template)
+            .map_err(|e| Error::Prompt(format!("chat_template does not parse: {e}")))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| Error::Prompt(e.to_string()))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        })
+        .map_err(|e| Error::Prompt(format!("chat_template failed to render: {e}")))
+    }
+
+    /// Tokenizes rendered text; BOS comes from the tokenizer's post-processor
+    /// unless the template already wrote it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let (body, add_special) = match text.strip_prefix(&self.bos_token) {
+            Some(_) if !self.bos_token.is_empty() => (text, false),
+            _ => (text, true),
+        };
+        let enc = self
+            .tokenizer
+            .encode(body, add_special)
+            .map_err(|e| Error::Prompt(format!("tokenizer failed: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Builds the message list of a record: job system prompt unless the
+    /// record has its own system text or system message.
+    pub fn messages(system: Option<&str>, job_system: &str, user: &str) -> Vec<Message> {
+        let mut m = Vec::new();
+        let sys = system.unwrap_or(job_system);
+        if !sys.is_empty() {
+            m.push(Message {
+                role: "system".into(),
+                content: sys.into(),
+            });
+        }
+        m.push(Message {
+            role: "user".into(),
+            content: user.into(),
+        });
+        m
+    }
+
+    /// Decodes completion ids to text, skipping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::Prompt(format!("tokenizer failed to decode: {e}")))
+    }
+
+    /// The id of a token by its text.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+}
