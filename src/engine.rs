@@ -268,7 +268,7 @@ impl Engine {
                     finished.push((i, r));
                 }
             }
-            finished.sort_by(|a, b| b.0.cmp(&a.0));
+            finished.sort_by_key(|f| std::cmp::Reverse(f.0));
             for (i, reason) in finished {
                 let s = active.swap_remove(i);
                 let row = self.ok_row(s, reason, now)?;

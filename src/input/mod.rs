@@ -128,10 +128,12 @@ impl RecordBuilder {
             Some(v) if !v.is_null() => PromptInput::Messages(messages(id, &s.messages_column, v)?),
             _ => {
                 let user = match obj.get(&s.prompt_column) {
-                    None | Some(Value::Null) => return Err(format!(
+                    None | Some(Value::Null) => {
+                        return Err(format!(
                         "record {id}: `{}` is missing or null, expected a string (or a `{}` list)",
                         s.prompt_column, s.messages_column
-                    )),
+                    ))
+                    }
                     Some(Value::String(t)) => t.clone(),
                     Some(other) => {
                         return Err(format!(

@@ -191,14 +191,7 @@ mod tests {
         // Sampling at temperature 1 visits more than one token over many draws.
         let mut rng = RecordRng::new(1, "z");
         let picks: std::collections::HashSet<u32> = (0..200)
-            .map(|_| {
-                sample(
-                    &mut vec![0.0, 0.1, 0.2],
-                    &[],
-                    &params(1.0, 0, 1.0),
-                    &mut rng,
-                )
-            })
+            .map(|_| sample(&mut [0.0, 0.1, 0.2], &[], &params(1.0, 0, 1.0), &mut rng))
             .collect();
         assert_eq!(picks.len(), 3);
     }

@@ -1,0 +1,176 @@
+//! Shared helpers: fixture paths, running the binary, reading output.
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The fixtures directory (`../shared/fixtures` beside the checkout).
+pub fn fixtures() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    assert!(
+        p.is_dir(),
+        "fixtures missing at {}: the tests need ../shared/fixtures",
+        p.display()
+    );
+    p
+}
+
+/// The four fixture models.
+pub const MODELS: &[&str] = &[
+    "tiny-mistral-fp16",
+    "tiny-mistral-gptq-4bit-128g-actorder_True",
+    "tiny-mistral-gptq-4bit-32g-actorder_True",
+    "tiny-mistral-gptq-8bit--1g-actorder_True",
+];
+
+/// The reference path of a model for a dtype.
+pub fn reference_path(model: &str, f16: bool) -> &'static str {
+    match (model.contains("gptq"), f16) {
+        (true, true) => "gptqmodel-torch-fp16",
+        (true, false) => "dequant-hf-fp32",
+        (false, true) => "hf-fp16",
+        (false, false) => "hf-fp32",
+    }
+}
+
+/// Reads a JSON file.
+pub fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Output of one run of the binary.
+pub struct Run {
+    pub ok: bool,
+    pub code: Option<i32>,
+    pub stderr: String,
+    pub stdout: String,
+}
+
+/// Runs `runner ARGS` in `cwd` with a clean RUNNER_* environment.
+pub fn runner(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_runner"));
+    cmd.current_dir(cwd)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env("HF_HUB_OFFLINE", "1");
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("RUNNER_")) {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("runner binary runs");
+    Run {
+        ok: out.status.success(),
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+    }
+}
+
+/// The final `error: ...` line of a failed run.
+pub fn error_line(run: &Run) -> String {
+    assert!(!run.ok, "expected failure, stderr:\n{}", run.stderr);
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one error line expected, stderr:\n{}",
+        run.stderr
+    );
+    lines[0].to_string()
+}
+
+/// Reads every part file of an output directory into batches.
+pub fn read_output(dir: &Path) -> Vec<RecordBatch> {
+    let mut parts: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    parts.sort();
+    assert!(!parts.is_empty(), "no part files in {}", dir.display());
+    let mut out = vec![];
+    for p in parts {
+        let f = std::fs::File::open(&p).unwrap();
+        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+            .unwrap()
+            .build()
+            .unwrap();
+        out.extend(r.map(|b| b.unwrap()));
+    }
+    out
+}
+
+/// One output row, the fields the tests look at.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub id: String,
+    pub status: String,
+    pub finish_reason: String,
+    pub error: Option<String>,
+    pub completion: Option<String>,
+    pub prompt_tokens: u32,
+    pub token_ids: Vec<u32>,
+}
+
+/// Rows of an output directory, keyed by nothing (input order not kept).
+pub fn rows(dir: &Path) -> Vec<Row> {
+    let mut v = vec![];
+    for b in read_output(dir) {
+        let s = |name: &str| b.column_by_name(name).unwrap().as_string::<i32>().clone();
+        let (id, status, fr, err, comp) = (
+            s("id"),
+            s("status"),
+            s("finish_reason"),
+            s("error"),
+            s("completion"),
+        );
+        let pt = b
+            .column_by_name("prompt_tokens")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::UInt32Type>()
+            .clone();
+        let ids = b
+            .column_by_name("completion_token_ids")
+            .map(|c| c.as_list::<i32>().clone());
+        for i in 0..b.num_rows() {
+            v.push(Row {
+                id: id.value(i).to_string(),
+                status: status.value(i).to_string(),
+                finish_reason: fr.value(i).to_string(),
+                error: (!err.is_null(i)).then(|| err.value(i).to_string()),
+                completion: (!comp.is_null(i)).then(|| comp.value(i).to_string()),
+                prompt_tokens: pt.value(i),
+                token_ids: ids
+                    .as_ref()
+                    .map(|l| {
+                        l.value(i)
+                            .as_primitive::<arrow::datatypes::UInt32Type>()
+                            .values()
+                            .to_vec()
+                    })
+                    .unwrap_or_default(),
+            });
+        }
+    }
+    v
+}
+
+/// Writes a job file; `extra` is appended verbatim.
+pub fn write_job(dir: &Path, model: &Path, input: &str, extra: &str) -> PathBuf {
+    let p = dir.join("job.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[model]\nid = \"{}\"\n\n[input]\npath = \"{input}\"\n\n{extra}\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    p
+}

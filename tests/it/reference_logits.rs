@@ -1,0 +1,145 @@
+//! Logits of the CPU path against GPTQModel's (and HF's) own, on every
+//! reference sequence, at every position: f32 against the exact dequantized
+//! fp32 forward (max |diff| <= 2e-3), f16 against GPTQModel's fp16 inference
+//! (<= 0.05), the tolerances the fixture README states.
+
+use crate::common::{fixtures, json, reference_path, MODELS};
+use candle_core::{DType, Device};
+use safetensors::SafeTensors;
+
+fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
+    let t = st.tensor(name).unwrap();
+    match t.dtype() {
+        safetensors::Dtype::F32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        safetensors::Dtype::F16 => t
+            .data()
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => panic!("{name}: unexpected dtype {other:?}"),
+    }
+}
+
+fn i64s(st: &SafeTensors, name: &str) -> Vec<i64> {
+    let t = st.tensor(name).unwrap();
+    t.data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn check_model(model: &str, f16: bool) {
+    let fx = fixtures();
+    let (dtype, tol, argmax_margin) = if f16 {
+        (DType::F16, 0.05f32, 0.1f32)
+    } else {
+        (DType::F32, 2e-3, 1e-2)
+    };
+    let m = runner::model::load(&fx.join(model), dtype, &Device::Cpu).unwrap();
+    let path = reference_path(model, f16);
+    let bytes = std::fs::read(fx.join(format!("references/{model}/{path}.safetensors"))).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let seqs = json(&fx.join("references/sequences.json"));
+    let seqs = seqs["sequences"].as_object().unwrap();
+    assert_eq!(seqs.len(), 5);
+    for (name, ids) in seqs {
+        let ids: Vec<u32> = ids
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let want_ids: Vec<u32> = i64s(&st, &format!("{name}.input_ids"))
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        assert_eq!(ids, want_ids, "{model} {name}: input ids");
+        let logits = m.logits_full(&ids).unwrap().to_vec2::<f32>().unwrap();
+        let t_len = ids.len();
+        let vocab = logits[0].len();
+        let last = f32s(&st, &format!("{name}.logits_last"));
+        assert_eq!(last.len(), vocab);
+        let d = last
+            .iter()
+            .zip(&logits[t_len - 1])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            d <= tol,
+            "{model}/{path} {name}: last-position logits differ by {d} > {tol}"
+        );
+        let top_ids = i64s(&st, &format!("{name}.topk_ids"));
+        let top_vals = f32s(&st, &format!("{name}.topk_vals"));
+        let lse = f32s(&st, &format!("{name}.logsumexp"));
+        let argmax = i64s(&st, &format!("{name}.argmax"));
+        let mut worst = 0f32;
+        for t in 0..t_len {
+            let row = &logits[t];
+            for j in 0..8 {
+                let got = row[top_ids[t * 8 + j] as usize];
+                worst = worst.max((got - top_vals[t * 8 + j]).abs());
+            }
+            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let our_lse = mx + row.iter().map(|v| (v - mx).exp()).sum::<f32>().ln();
+            worst = worst.max((our_lse - lse[t]).abs());
+            if top_vals[t * 8] - top_vals[t * 8 + 1] > argmax_margin {
+                assert_eq!(
+                    runner::sampler::argmax(row) as i64,
+                    argmax[t],
+                    "{model}/{path} {name}: argmax at position {t}"
+                );
+            }
+        }
+        assert!(
+            worst <= tol,
+            "{model}/{path} {name}: top-8 logits / logsumexp differ by {worst} > {tol}"
+        );
+    }
+}
+
+#[test]
+fn f32_logits_match_exact_dequantized_reference() {
+    for m in MODELS {
+        check_model(m, false);
+    }
+}
+
+#[test]
+fn f16_logits_match_gptqmodel_fp16_inference() {
+    for m in MODELS {
+        check_model(m, true);
+    }
+}
+
+#[test]
+fn chat_rendering_and_tokenization_match_reference_ids() {
+    let fx = fixtures();
+    let seqs = json(&fx.join("references/sequences.json"));
+    let p = runner::prompt::Prompter::load(&fx.join(MODELS[1]), &[32000]).unwrap();
+    assert_eq!(p.stop_ids(), &[32000]);
+    for (name, g) in seqs["generation_prompts"].as_object().unwrap() {
+        let messages: Vec<runner::prompt::Message> =
+            serde_json::from_value(g["messages"].clone()).unwrap();
+        let ids: Vec<u32> = g["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let text = p.render(&messages).unwrap();
+        assert_eq!(p.encode(&text).unwrap(), ids, "{name}");
+    }
+    let text = p
+        .render(
+            &serde_json::from_value::<Vec<_>>(
+                seqs["generation_prompts"]["orca_system_hello"]["messages"].clone(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(text, seqs["chatml_text"].as_str().unwrap());
+}

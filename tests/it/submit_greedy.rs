@@ -1,0 +1,196 @@
+//! Greedy ChatML continuations through the real `runner submit`, token for
+//! token against `generations.json` (f32: every step; f16: up to the first
+//! step whose reference top1-top2 margin is below 0.1, as the fixture README
+//! says), plus the output schema as pyarrow reads it.
+
+use crate::common::{fixtures, json, reference_path, rows, runner, write_job, MODELS};
+
+fn write_prompts(dir: &std::path::Path) {
+    let seqs = json(&fixtures().join("references/sequences.json"));
+    let mut lines = String::new();
+    for (name, g) in seqs["generation_prompts"].as_object().unwrap() {
+        lines.push_str(&serde_json::json!({"id": name, "messages": g["messages"]}).to_string());
+        lines.push('\n');
+    }
+    std::fs::write(dir.join("prompts.jsonl"), lines).unwrap();
+}
+
+fn check(model: &str, f16: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    write_prompts(tmp.path());
+    let job = write_job(
+        tmp.path(),
+        &fixtures().join(model),
+        "prompts.jsonl",
+        "[generation]\nmax_new_tokens = 16\n\n[output]\npath = \"out\"\ninclude_token_ids = true\n\n[engine]\nmax_num_seqs = 3\n",
+    );
+    let dtype = if f16 {
+        "model.dtype=f16"
+    } else {
+        "model.dtype=f32"
+    };
+    let run = runner(
+        tmp.path(),
+        &["submit", job.to_str().unwrap(), "--set", dtype],
+        &[],
+    );
+    assert!(run.ok, "{model}: submit failed:\n{}", run.stderr);
+    let gens = json(&fixtures().join("references/generations.json"));
+    let refs = &gens["results"][format!("{model}/{}", reference_path(model, f16))];
+    let out = rows(&tmp.path().join("out"));
+    assert_eq!(out.len(), 4);
+    for r in out {
+        let want = &refs[&r.id];
+        assert_eq!(r.status, "ok", "{}", r.id);
+        assert_eq!(r.error, None);
+        assert!(
+            r.completion.as_deref().is_some_and(|c| !c.is_empty()),
+            "{}: completion text",
+            r.id
+        );
+        assert_eq!(
+            r.prompt_tokens as u64,
+            want["prompt_len"].as_u64().unwrap(),
+            "{}",
+            r.id
+        );
+        let ids: Vec<u32> = want["generated_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let margins: Vec<f64> = want["top1_top2_logit_margin_per_step"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let upto = if f16 {
+            margins.iter().position(|&m| m < 0.1).unwrap_or(ids.len())
+        } else {
+            ids.len()
+        };
+        assert_eq!(r.finish_reason, "length");
+        assert_eq!(r.token_ids.len(), 16);
+        assert_eq!(
+            &r.token_ids[..upto],
+            &ids[..upto],
+            "{model} f16={f16} {}: greedy tokens",
+            r.id
+        );
+    }
+}
+
+#[test]
+fn greedy_f32_matches_reference_generations() {
+    for m in MODELS {
+        check(m, false);
+    }
+}
+
+#[test]
+fn greedy_f16_matches_reference_generations() {
+    for m in MODELS {
+        check(m, true);
+    }
+}
+
+/// The documented output columns and their Arrow types, as pyarrow names them.
+const SCHEMA: &[(&str, &str)] = &[
+    ("id", "string"),
+    ("input_row", "uint64"),
+    ("completion", "string"),
+    ("finish_reason", "string"),
+    ("status", "string"),
+    ("error", "string"),
+    ("prompt_tokens", "uint32"),
+    ("completion_tokens", "uint32"),
+    ("cached_prompt_tokens", "uint32"),
+    ("max_new_tokens", "uint32"),
+    ("temperature", "double"),
+    ("top_p", "double"),
+    ("top_k", "uint32"),
+    ("repetition_penalty", "double"),
+    ("seed", "uint64"),
+    ("model_id", "string"),
+    ("revision", "string"),
+    ("quant_bits", "int32"),
+    ("quant_group_size", "int32"),
+    ("quant_act_order", "bool"),
+    ("queue_ms", "double"),
+    ("ttft_ms", "double"),
+    ("total_ms", "double"),
+    ("runner_version", "string"),
+    ("job_id", "string"),
+    ("completion_token_ids", "list<item: uint32>"),
+];
+
+#[test]
+fn example_generate_job_writes_parquet_that_pyarrow_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = fixtures().join(MODELS[1]);
+    let out = tmp.path().join("out");
+    let run = runner(
+        tmp.path(),
+        &[
+            "submit",
+            repo.join("jobs/generate.toml").to_str().unwrap(),
+            "--set",
+            &format!("model.id={}", model.display()),
+            "--set",
+            &format!("output.path={}", out.display()),
+            "--set",
+            "output.include_token_ids=true",
+            "--set",
+            "generation.max_new_tokens=8",
+            "--set",
+            "engine.device=cpu",
+        ],
+        &[],
+    );
+    assert!(run.ok, "submit failed:\n{}", run.stderr);
+    let script = r#"
+import sys, json, pyarrow.parquet as pq
+t = pq.read_table(sys.argv[1])
+print(json.dumps({"schema": [[f.name, str(f.type)] for f in t.schema], "rows": t.num_rows,
+                  "status": sorted(set(t.column("status").to_pylist())),
+                  "quant_bits": sorted(set(t.column("quant_bits").to_pylist()))}))
+"#;
+    let py = std::process::Command::new("python3")
+        .args(["-c", script, out.to_str().unwrap()])
+        .output()
+        .expect("python3 runs (.ci/run installs pyarrow)");
+    assert!(
+        py.status.success(),
+        "pyarrow failed to read the output: {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+    let got: Vec<(String, String)> = v["schema"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p[0].as_str().unwrap().to_string(),
+                p[1].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = SCHEMA
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(got, want);
+    let f = std::fs::File::open(repo.join("jobs/data/prompts.parquet")).unwrap();
+    let input_rows = parquet::file::reader::FileReader::metadata(
+        &parquet::file::reader::SerializedFileReader::new(f).unwrap(),
+    )
+    .file_metadata()
+    .num_rows() as usize;
+    assert_eq!(v["rows"].as_u64().unwrap() as usize, input_rows);
+    assert_eq!(v["status"], serde_json::json!(["ok"]));
+    assert_eq!(v["quant_bits"], serde_json::json!([4]));
+}
