@@ -4,11 +4,13 @@
 
 use crate::config::{Device, GenerationParams, JobSpec};
 use crate::input::{InputRecord, PromptInput};
-use crate::model::{HubSettings, Mistral, SeqChunk, SeqKvCache};
+use crate::model::{HubSettings, Mistral, SeqChunk};
 use crate::output::{FinishReason, JobMeta, OutputRow, ParquetSink};
 use crate::prompt::Prompter;
 use crate::sampler::{self, RecordRng};
+use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::{Error, Result};
+use std::collections::HashMap;
 use std::time::Instant;
 
 /// Figures of a finished job.
@@ -28,6 +30,12 @@ pub struct JobSummary {
     pub steps: usize,
     /// Wall time of the generation loop.
     pub wall_s: f64,
+    /// Prompt tokens served from the prefix cache (preemption recomputes included).
+    pub prefix_hit_tokens: usize,
+    /// Sum of rows' `cached_prompt_tokens`.
+    pub cached_prompt_tokens: usize,
+    /// Preemptions by recompute.
+    pub preemptions: usize,
 }
 
 /// The candle device for a configured device.
@@ -47,8 +55,7 @@ pub struct Engine {
     model: Mistral,
     prompter: Prompter,
     max_prompt_tokens: usize,
-    max_num_seqs: usize,
-    max_batch_tokens: usize,
+    sched: SchedulerConfig,
     include_token_ids: bool,
     defaults: GenerationParams,
 }
@@ -57,20 +64,11 @@ struct Seq {
     rec_id: String,
     row: u64,
     params: GenerationParams,
-    prompt: Vec<u32>,
-    generated: Vec<u32>,
-    /// Tokens of prompt + generated already in the cache.
-    cache: SeqKvCache,
+    prompt_len: usize,
     rng: RecordRng,
-    admitted: Instant,
+    admitted: Option<Instant>,
     queue_ms: f64,
     first_token: Option<Instant>,
-}
-
-impl Seq {
-    fn fed(&self) -> usize {
-        self.cache.len()
-    }
 }
 
 impl Engine {
@@ -91,6 +89,29 @@ impl Engine {
             0 => ctx - 1,
             n => n.min(ctx - 1),
         };
+        let c = model.config();
+        let per_block = crate::model::PagedKvCache::bytes_per_block(
+            c.num_hidden_layers,
+            spec.engine.block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+        );
+        let num_blocks = match spec.engine.num_blocks {
+            // Auto: what max_num_seqs full-context sequences need, within the memory budget.
+            0 => {
+                let want =
+                    spec.engine.max_num_seqs * ctx.min(8192).div_ceil(spec.engine.block_size);
+                let budget = spec.engine.kv_cache_mib * 1024 * 1024 / per_block;
+                want.min(budget).max(1)
+            }
+            n => n,
+        };
+        tracing::info!(
+            num_blocks,
+            block_size = spec.engine.block_size,
+            mib = num_blocks * per_block >> 20,
+            "kv cache"
+        );
         let q = model.quant();
         let meta = JobMeta {
             job_id: uuid::Uuid::new_v4().to_string(),
@@ -105,8 +126,13 @@ impl Engine {
                 model,
                 prompter,
                 max_prompt_tokens,
-                max_num_seqs: spec.engine.max_num_seqs,
-                max_batch_tokens: spec.engine.max_batch_tokens,
+                sched: SchedulerConfig {
+                    max_num_seqs: spec.engine.max_num_seqs,
+                    max_batch_tokens: spec.engine.max_batch_tokens,
+                    num_blocks,
+                    block_size: spec.engine.block_size,
+                    prefix_caching: spec.engine.prefix_caching,
+                },
                 include_token_ids: spec.output.include_token_ids,
                 defaults: spec.generation.clone(),
             },
@@ -165,144 +191,191 @@ impl Engine {
     ) -> Result<JobSummary> {
         let start = Instant::now();
         let mut sum = JobSummary::default();
-        let mut active: Vec<Seq> = Vec::new();
+        let mut sched = Scheduler::new(self.sched);
+        let mut cache = self
+            .model
+            .new_cache(self.sched.num_blocks, self.sched.block_size);
+        let mut seqs: HashMap<SeqId, Seq> = HashMap::new();
+        let mut next_id = 0u64;
         let mut exhausted = false;
+        let lookahead = 4 * self.sched.max_num_seqs;
         let ctx = self.model.config().max_position_embeddings;
         loop {
-            // Admit.
-            while !exhausted && active.len() < self.max_num_seqs {
-                let Some(rec) = input.next() else {
-                    exhausted = true;
-                    break;
-                };
-                let rec = rec?;
-                let now = Instant::now();
-                let queue_ms = ms(start, now);
-                match self.tokenize(&rec, job_system) {
-                    Err(msg) => {
-                        sum.errors += 1;
-                        sum.records += 1;
-                        tracing::warn!(record = %rec.id, "{msg}");
-                        sink.push(error_row(&rec, msg, queue_ms, &self.defaults))?;
-                    }
-                    Ok(prompt) => {
-                        let params = rec
-                            .body
-                            .as_ref()
-                            .map_or_else(|_| self.defaults.clone(), |b| b.params.clone());
-                        active.push(Seq {
-                            rng: RecordRng::new(params.seed, &rec.id),
-                            rec_id: rec.id,
-                            row: rec.row,
-                            params,
-                            prompt,
-                            generated: Vec::new(),
-                            cache: self.model.new_cache(),
-                            admitted: now,
-                            queue_ms,
-                            first_token: None,
-                        });
+            // Read ahead and tokenize; a window sorted by prompt tokens puts
+            // records sharing a prefix next to each other.
+            if !exhausted && sched.waiting() < self.sched.max_num_seqs {
+                let mut fresh: Vec<(Vec<u32>, Seq)> = Vec::new();
+                while fresh.len() < lookahead {
+                    let Some(rec) = input.next() else {
+                        exhausted = true;
+                        break;
+                    };
+                    let rec = rec?;
+                    let read_ms = ms(start, Instant::now());
+                    let tokens = self.tokenize(&rec, job_system).and_then(|t| {
+                        let params = &rec.body.as_ref().expect("tokenized records have a body").params;
+                        let need = t.len() + params.max_new_tokens.min(ctx - t.len());
+                        if need > sched.capacity_tokens() {
+                            Err(format!(
+                                "record {}: prompt ({}) + max_new_tokens needs {need} cache tokens, the KV cache holds {} (engine.num_blocks x engine.block_size)",
+                                rec.id,
+                                t.len(),
+                                sched.capacity_tokens()
+                            ))
+                        } else {
+                            Ok(t)
+                        }
+                    });
+                    match tokens {
+                        Err(msg) => {
+                            tracing::warn!(record = %rec.id, "{msg}");
+                            sum.errors += 1;
+                            sum.records += 1;
+                            sink.push(error_row(&rec, msg, read_ms, &self.defaults))?;
+                        }
+                        Ok(prompt) => {
+                            let params = rec
+                                .body
+                                .as_ref()
+                                .map_or_else(|_| self.defaults.clone(), |b| b.params.clone());
+                            fresh.push((
+                                prompt.clone(),
+                                Seq {
+                                    rng: RecordRng::new(params.seed, &rec.id),
+                                    rec_id: rec.id,
+                                    row: rec.row,
+                                    params,
+                                    prompt_len: prompt.len(),
+                                    admitted: None,
+                                    queue_ms: 0.0,
+                                    first_token: None,
+                                },
+                            ));
+                        }
                     }
                 }
+                fresh.sort_by(|a, b| a.0.cmp(&b.0));
+                for (prompt, seq) in fresh {
+                    let id = SeqId(next_id);
+                    next_id += 1;
+                    sched.add(id, prompt);
+                    seqs.insert(id, seq);
+                }
             }
-            if active.is_empty() {
+            if sched.is_empty() {
                 break;
             }
-            // Schedule: decodes first, then prefill chunks within the budget.
-            let mut budget = self.max_batch_tokens;
-            let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (seq index, from, len)
-            for (i, s) in active.iter().enumerate() {
-                if s.fed() >= s.prompt.len() && budget > 0 {
-                    plan.push((i, s.fed(), 1));
-                    budget -= 1;
+            let plan = sched.schedule();
+            for c in &plan.copies {
+                cache.copy_block(c.from, c.to);
+            }
+            let now = Instant::now();
+            for c in &plan.chunks {
+                let s = seqs.get_mut(&c.seq).expect("scheduled sequence");
+                if s.admitted.is_none() {
+                    s.admitted = Some(now);
+                    s.queue_ms = ms(start, now);
                 }
             }
-            for (i, s) in active.iter().enumerate() {
-                if s.fed() < s.prompt.len() && budget > 0 {
-                    let n = (s.prompt.len() - s.fed()).min(budget);
-                    plan.push((i, s.fed(), n));
-                    budget -= n;
-                }
-            }
-            let tokens: Vec<Vec<u32>> = plan
+            let chunks: Vec<SeqChunk<'_>> = plan
+                .chunks
                 .iter()
-                .map(|&(i, from, n)| {
-                    let s = &active[i];
-                    if from < s.prompt.len() {
-                        s.prompt[from..from + n].to_vec()
-                    } else {
-                        vec![*s.generated.last().expect("decode follows a sampled token")]
-                    }
+                .map(|c| SeqChunk {
+                    tokens: &sched.tokens(c.seq)[c.start..c.start + c.len],
+                    start_pos: c.start,
+                    blocks: sched.block_table(c.seq),
                 })
                 .collect();
-            let logits = {
-                let mut caches: Vec<Option<&mut SeqKvCache>> =
-                    active.iter_mut().map(|s| Some(&mut s.cache)).collect();
-                let mut chunks: Vec<SeqChunk<'_>> = plan
-                    .iter()
-                    .zip(&tokens)
-                    .map(|(&(i, from, _), t)| SeqChunk {
-                        tokens: t,
-                        start_pos: from,
-                        cache: caches[i].take().expect("one chunk per sequence"),
-                    })
-                    .collect();
-                self.model.forward(&mut chunks, false)?
-            };
+            let logits = self.model.forward(&chunks, &mut cache, false)?;
+            drop(chunks);
+            sched.commit(&plan);
             sum.steps += 1;
+            let (used, free) = sched.blocks();
+            let stats = sched.stats();
+            tracing::debug!(
+                step = sum.steps,
+                seqs = plan.chunks.len(),
+                prefill_tokens = plan
+                    .chunks
+                    .iter()
+                    .filter(|c| c.len > 1 || !c.samples)
+                    .map(|c| c.len)
+                    .sum::<usize>(),
+                decode_tokens = plan
+                    .chunks
+                    .iter()
+                    .filter(|c| c.len == 1 && c.samples)
+                    .count(),
+                blocks_used = used,
+                blocks_free = free,
+                cache_hit_tokens = stats.kv.hit_tokens,
+                preemptions = stats.preemptions,
+                "step"
+            );
             let logits = logits.to_vec2::<f32>()?;
             let now = Instant::now();
-            let mut finished: Vec<(usize, FinishReason)> = Vec::new();
-            for (row, &(i, _, _)) in logits.into_iter().zip(&plan) {
-                let s = &mut active[i];
-                if s.fed() < s.prompt.len() {
-                    continue; // mid-prefill: no token yet
+            for (mut row, c) in logits.into_iter().zip(&plan.chunks) {
+                if !c.samples {
+                    continue; // mid-prefill chunk: no token yet
                 }
-                let mut row = row;
-                let mut seen = s.prompt.clone();
-                seen.extend_from_slice(&s.generated);
-                let tok = sampler::sample(&mut row, &seen, &s.params, &mut s.rng);
-                s.generated.push(tok);
+                let s = seqs.get_mut(&c.seq).expect("scheduled sequence");
+                let tok = sampler::sample(&mut row, sched.tokens(c.seq), &s.params, &mut s.rng);
+                sched.push_token(c.seq, tok);
                 s.first_token.get_or_insert(now);
-                if let Some(r) = self.finish_reason(s, tok, ctx)? {
-                    finished.push((i, r));
+                let generated = &sched.tokens(c.seq)[s.prompt_len..];
+                if let Some(reason) = self.finish_reason(s, generated, tok, ctx)? {
+                    let s = seqs.remove(&c.seq).expect("scheduled sequence");
+                    let row = self.ok_row(s, &sched, c.seq, reason, now)?;
+                    sched.finish(c.seq);
+                    sum.records += 1;
+                    sum.ok += 1;
+                    sum.prompt_tokens += row.prompt_tokens as usize;
+                    sum.completion_tokens += row.completion_tokens as usize;
+                    sum.cached_prompt_tokens += row.cached_prompt_tokens as usize;
+                    sink.push(row)?;
                 }
-            }
-            finished.sort_by_key(|f| std::cmp::Reverse(f.0));
-            for (i, reason) in finished {
-                let s = active.swap_remove(i);
-                let row = self.ok_row(s, reason, now)?;
-                sum.records += 1;
-                sum.ok += 1;
-                sum.prompt_tokens += row.prompt_tokens as usize;
-                sum.completion_tokens += row.completion_tokens as usize;
-                sink.push(row)?;
             }
         }
         sink.flush()?;
+        let stats = sched.stats();
+        sum.prefix_hit_tokens = stats.kv.hit_tokens as usize;
+        sum.preemptions = stats.preemptions as usize;
         sum.wall_s = start.elapsed().as_secs_f64();
         Ok(sum)
     }
 
-    fn finish_reason(&self, s: &Seq, tok: u32, ctx: usize) -> Result<Option<FinishReason>> {
+    fn finish_reason(
+        &self,
+        s: &Seq,
+        generated: &[u32],
+        tok: u32,
+        ctx: usize,
+    ) -> Result<Option<FinishReason>> {
         if !s.params.ignore_eos && self.prompter.stop_ids().contains(&tok) {
             return Ok(Some(FinishReason::Stop));
         }
         if !s.params.stop.is_empty() {
-            let text = self.prompter.decode(&s.generated)?;
+            let text = self.prompter.decode(generated)?;
             if s.params.stop.iter().any(|st| text.contains(st.as_str())) {
                 return Ok(Some(FinishReason::Stop));
             }
         }
-        if s.generated.len() >= s.params.max_new_tokens || s.prompt.len() + s.generated.len() >= ctx
-        {
+        if generated.len() >= s.params.max_new_tokens || s.prompt_len + generated.len() >= ctx {
             return Ok(Some(FinishReason::Length));
         }
         Ok(None)
     }
 
-    fn ok_row(&self, s: Seq, reason: FinishReason, now: Instant) -> Result<OutputRow> {
-        let mut text = self.prompter.decode(&s.generated)?;
+    fn ok_row(
+        &self,
+        s: Seq,
+        sched: &Scheduler,
+        id: SeqId,
+        reason: FinishReason,
+        now: Instant,
+    ) -> Result<OutputRow> {
+        let generated = &sched.tokens(id)[s.prompt_len..];
+        let mut text = self.prompter.decode(generated)?;
         if let Some(cut) = s
             .params
             .stop
@@ -312,6 +385,7 @@ impl Engine {
         {
             text.truncate(cut);
         }
+        let admitted = s.admitted.unwrap_or(now);
         Ok(OutputRow {
             id: s.rec_id,
             input_row: s.row,
@@ -319,9 +393,9 @@ impl Engine {
             finish_reason: reason.as_str(),
             status: "ok",
             error: None,
-            prompt_tokens: s.prompt.len() as u32,
-            completion_tokens: s.generated.len() as u32,
-            cached_prompt_tokens: 0,
+            prompt_tokens: s.prompt_len as u32,
+            completion_tokens: generated.len() as u32,
+            cached_prompt_tokens: sched.cached_prompt_tokens(id) as u32,
             max_new_tokens: s.params.max_new_tokens as u32,
             temperature: s.params.temperature,
             top_p: s.params.top_p,
@@ -329,10 +403,10 @@ impl Engine {
             repetition_penalty: s.params.repetition_penalty,
             seed: s.params.seed,
             queue_ms: s.queue_ms,
-            ttft_ms: s.first_token.map(|t| ms(s.admitted, t)),
-            total_ms: ms(s.admitted, now),
+            ttft_ms: s.first_token.map(|t| ms(admitted, t)),
+            total_ms: ms(admitted, now),
             completion_token_ids: if self.include_token_ids {
-                s.generated
+                generated.to_vec()
             } else {
                 Vec::new()
             },

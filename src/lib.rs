@@ -11,10 +11,12 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod input;
+pub mod kv;
 pub mod model;
 pub mod output;
 pub mod prompt;
 pub mod sampler;
+pub mod scheduler;
 
 pub use error::{Error, Result};
 

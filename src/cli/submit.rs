@@ -33,6 +33,8 @@ pub fn submit(spec: &JobSpec, hub: &HubSettings) -> anyhow::Result<()> {
         prompt_tokens = sum.prompt_tokens,
         completion_tokens = sum.completion_tokens,
         steps = sum.steps,
+        prefix_hit_tokens = sum.prefix_hit_tokens,
+        preemptions = sum.preemptions,
         wall_s = format!("{:.2}", sum.wall_s),
         output_tok_s = format!("{tok_s:.1}"),
         "job finished, output in {}",

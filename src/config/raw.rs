@@ -78,4 +78,8 @@ pub struct RawEngine {
     pub max_num_seqs: i64,
     pub max_batch_tokens: i64,
     pub max_prompt_tokens: i64,
+    pub block_size: i64,
+    pub num_blocks: i64,
+    pub kv_cache_mib: i64,
+    pub prefix_caching: bool,
 }

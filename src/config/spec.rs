@@ -164,6 +164,14 @@ pub struct EngineSpec {
     pub max_batch_tokens: usize,
     /// Longest accepted prompt; 0 = the model's context length.
     pub max_prompt_tokens: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV blocks; 0 = sized from max_num_seqs within `kv_cache_mib`.
+    pub num_blocks: usize,
+    /// Memory budget of the automatic KV cache size.
+    pub kv_cache_mib: usize,
+    /// Share full prompt blocks between records.
+    pub prefix_caching: bool,
 }
 
 /// A validated job.
@@ -323,6 +331,14 @@ impl RawJob {
                 max_num_seqs: positive("engine.max_num_seqs", e.max_num_seqs)?,
                 max_batch_tokens: positive("engine.max_batch_tokens", e.max_batch_tokens)?,
                 max_prompt_tokens: e.max_prompt_tokens as usize,
+                block_size: positive("engine.block_size", e.block_size)?,
+                num_blocks: if e.num_blocks == 0 {
+                    0
+                } else {
+                    positive("engine.num_blocks", e.num_blocks)?
+                },
+                kv_cache_mib: positive("engine.kv_cache_mib", e.kv_cache_mib)?,
+                prefix_caching: e.prefix_caching,
             },
         })
     }

@@ -8,7 +8,7 @@ pub mod quant;
 pub mod source;
 
 pub use checkpoint::Checkpoint;
-pub use mistral::{Mistral, MistralConfig, SeqChunk, SeqKvCache};
+pub use mistral::{Mistral, MistralConfig, PagedKvCache, SeqChunk};
 pub use quant::{CheckpointFormat, QuantConfig};
 pub use source::{resolve_model_dir, HubSettings};
 

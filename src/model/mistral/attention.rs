@@ -1,53 +1,119 @@
-//! Rotary embeddings and attention against a per-sequence cache, with the
+//! Rotary embeddings, the paged KV cache (CPU storage) and attention over
+//! it, with the
 //! sliding window `i - W < j <= i` (W keys including the query itself).
 
+use crate::kv::BlockId;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
-/// One sequence's keys and values per layer, [positions, kv_heads, head_dim].
+/// The paged KV cache storage of the CPU backend: per layer, keys and
+/// values as f32 rows `[num_blocks * block_size, kv_heads * head_dim]`,
+/// addressed through block tables. (f16/bf16 K/V convert to f32 exactly.)
 #[derive(Debug, Clone)]
-pub struct SeqKvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
+pub struct PagedKvCache {
+    block_size: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
-impl SeqKvCache {
-    /// An empty cache for `layers` layers.
-    pub fn new(layers: usize) -> Self {
+impl PagedKvCache {
+    /// Zeroed storage for `num_blocks` blocks in each of `layers` layers.
+    pub fn new(
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
+        let n = num_blocks * block_size * kv_heads * head_dim;
         Self {
-            layers: vec![None; layers],
-            len: 0,
+            block_size,
+            kv_heads,
+            head_dim,
+            layers: vec![(vec![0.0; n], vec![0.0; n]); layers],
         }
     }
 
-    /// Positions cached (complete across all layers).
-    pub fn len(&self) -> usize {
-        self.len
+    /// Bytes per block across all layers (K and V).
+    pub fn bytes_per_block(
+        layers: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> usize {
+        2 * 4 * layers * block_size * kv_heads * head_dim
     }
 
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
     }
 
-    pub(super) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
-        let slot = &mut self.layers[layer];
-        *slot = Some(match slot.take() {
-            None => (k.clone(), v.clone()),
-            Some((ko, vo)) => (Tensor::cat(&[&ko, k], 0)?, Tensor::cat(&[&vo, v], 0)?),
-        });
+    fn slot(&self, blocks: &[BlockId], pos: usize) -> Result<usize> {
+        let b = blocks.get(pos / self.block_size).ok_or_else(|| {
+            Error::Model(format!(
+                "position {pos} has no block (the table holds {} blocks of {})",
+                blocks.len(),
+                self.block_size
+            ))
+        })?;
+        Ok(b.0 as usize * self.block_size + pos % self.block_size)
+    }
+
+    /// Copies a whole block in every layer (copy-on-write).
+    pub fn copy_block(&mut self, from: BlockId, to: BlockId) {
+        let n = self.block_size * self.kv_heads * self.head_dim;
+        let (f, t) = (from.0 as usize * n, to.0 as usize * n);
+        for (k, v) in &mut self.layers {
+            k.copy_within(f..f + n, t);
+            v.copy_within(f..f + n, t);
+        }
+    }
+
+    /// Writes k/v [n, kv_heads, head_dim] at positions `start..start+n`.
+    pub(super) fn write(
+        &mut self,
+        layer: usize,
+        blocks: &[BlockId],
+        start: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        let row = self.kv_heads * self.head_dim;
+        let kf = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let vf = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        for i in 0..kf.len() / row {
+            let s = self.slot(blocks, start + i)? * row;
+            let (ks, vs) = &mut self.layers[layer];
+            ks[s..s + row].copy_from_slice(&kf[i * row..(i + 1) * row]);
+            vs[s..s + row].copy_from_slice(&vf[i * row..(i + 1) * row]);
+        }
         Ok(())
     }
 
-    pub(super) fn layer(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
-        self.layers[layer]
-            .as_ref()
-            .map(|(k, v)| (k, v))
-            .ok_or_else(|| Error::Model(format!("kv cache of layer {layer} is empty")))
-    }
-
-    pub(super) fn advance(&mut self, n: usize) {
-        self.len += n;
+    /// Gathers positions `0..len` into contiguous k/v [len, kv_heads, head_dim].
+    pub(super) fn gather(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+        len: usize,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let row = self.kv_heads * self.head_dim;
+        let mut k = Vec::with_capacity(len * row);
+        let mut v = Vec::with_capacity(len * row);
+        let (ks, vs) = &self.layers[layer];
+        for p in 0..len {
+            let s = self.slot(blocks, p)? * row;
+            k.extend_from_slice(&ks[s..s + row]);
+            v.extend_from_slice(&vs[s..s + row]);
+        }
+        let shape = (len, self.kv_heads, self.head_dim);
+        Ok((
+            Tensor::from_vec(k, shape, dev)?,
+            Tensor::from_vec(v, shape, dev)?,
+        ))
     }
 }
 

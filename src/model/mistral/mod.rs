@@ -7,25 +7,27 @@
 mod attention;
 mod config;
 
-pub use attention::SeqKvCache;
+pub use attention::PagedKvCache;
 pub use config::MistralConfig;
 
 use super::checkpoint::Checkpoint;
 use super::linear::{Linear, LinearSpec};
 use super::quant::QuantConfig;
+use crate::kv::BlockId;
 use crate::Result;
 use candle_core::{DType, Device, Tensor, D};
 
 /// One sequence's part of a forward: tokens at positions
-/// `start_pos..start_pos + tokens.len()`, with the cache holding positions
-/// `0..start_pos`.
+/// `start_pos..start_pos + tokens.len()`; the cache already holds positions
+/// `0..start_pos` in the sequence's blocks, and the chunk's K/V are written
+/// there too.
 pub struct SeqChunk<'a> {
     /// Token ids of this chunk.
     pub tokens: &'a [u32],
     /// Position of the first token.
     pub start_pos: usize,
-    /// The sequence's cache; the chunk's K/V are appended.
-    pub cache: &'a mut SeqKvCache,
+    /// The sequence's block table (covering at least `start_pos + tokens.len()`).
+    pub blocks: &'a [BlockId],
 }
 
 /// RMSNorm in HF order: normalise in f32, cast back, multiply by the weight.
@@ -150,14 +152,26 @@ impl Mistral {
         self.quant.as_ref()
     }
 
-    /// An empty cache for one sequence.
-    pub fn new_cache(&self) -> SeqKvCache {
-        SeqKvCache::new(self.cfg.num_hidden_layers)
+    /// Empty paged storage for `num_blocks` blocks of `block_size` tokens.
+    pub fn new_cache(&self, num_blocks: usize, block_size: usize) -> PagedKvCache {
+        let c = &self.cfg;
+        PagedKvCache::new(
+            c.num_hidden_layers,
+            num_blocks,
+            block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
     }
 
     /// Runs a mixed batch. Returns f32 logits: for each chunk's last token
     /// ([chunks, vocab]), or for every token when `all_logits` ([tokens, vocab]).
-    pub fn forward(&self, chunks: &mut [SeqChunk<'_>], all_logits: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        chunks: &[SeqChunk<'_>],
+        cache: &mut PagedKvCache,
+        all_logits: bool,
+    ) -> Result<Tensor> {
         let ids: Vec<u32> = chunks
             .iter()
             .flat_map(|c| c.tokens.iter().copied())
@@ -177,7 +191,7 @@ impl Mistral {
             let v = layer.v.forward(&h)?;
             let mut outs = Vec::with_capacity(chunks.len());
             let mut off = 0;
-            for c in chunks.iter_mut() {
+            for c in chunks.iter() {
                 let n = c.tokens.len();
                 let qc = q.narrow(0, off, n)?.reshape((n, nh, hd))?;
                 let kc = k.narrow(0, off, n)?.reshape((n, nkv, hd))?;
@@ -192,12 +206,12 @@ impl Mistral {
                 )?;
                 let qc = attention::apply_rope(&qc, &cos, &sin)?;
                 let kc = attention::apply_rope(&kc, &cos, &sin)?;
-                c.cache.append(li, &kc, &vc)?;
-                let (kall, vall) = c.cache.layer(li)?;
+                cache.write(li, c.blocks, c.start_pos, &kc, &vc)?;
+                let (kall, vall) = cache.gather(li, c.blocks, c.start_pos + n, &self.device)?;
                 outs.push(attention::attend(
                     &qc,
-                    kall,
-                    vall,
+                    &kall,
+                    &vall,
                     c.start_pos,
                     self.cfg.sliding_window,
                 )?);
@@ -208,9 +222,6 @@ impl Mistral {
             let h = layer.post_norm.forward(&x)?;
             let act = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
             x = (x + layer.down.forward(&act)?)?;
-        }
-        for c in chunks.iter_mut() {
-            c.cache.advance(c.tokens.len());
         }
         let x = if all_logits {
             x
@@ -231,12 +242,15 @@ impl Mistral {
     /// f32 logits [tokens, vocab] for every position of one sequence run
     /// from an empty cache (reference comparisons, loglikelihood scoring).
     pub fn logits_full(&self, tokens: &[u32]) -> Result<Tensor> {
-        let mut cache = self.new_cache();
-        let mut chunk = [SeqChunk {
+        let bs = 16;
+        let n = tokens.len().div_ceil(bs).max(1);
+        let mut cache = self.new_cache(n, bs);
+        let blocks: Vec<BlockId> = (0..n as u32).map(BlockId).collect();
+        let chunk = [SeqChunk {
             tokens,
             start_pos: 0,
-            cache: &mut cache,
+            blocks: &blocks,
         }];
-        self.forward(&mut chunk, true)
+        self.forward(&chunk, &mut cache, true)
     }
 }
