@@ -109,7 +109,7 @@ impl Engine {
         tracing::info!(
             num_blocks,
             block_size = spec.engine.block_size,
-            mib = num_blocks * per_block >> 20,
+            mib = (num_blocks * per_block) >> 20,
             "kv cache"
         );
         let q = model.quant();

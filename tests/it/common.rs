@@ -115,6 +115,7 @@ pub struct Row {
     pub error: Option<String>,
     pub completion: Option<String>,
     pub prompt_tokens: u32,
+    pub cached_prompt_tokens: u32,
     pub token_ids: Vec<u32>,
 }
 
@@ -135,6 +136,11 @@ pub fn rows(dir: &Path) -> Vec<Row> {
             .unwrap()
             .as_primitive::<arrow::datatypes::UInt32Type>()
             .clone();
+        let cached = b
+            .column_by_name("cached_prompt_tokens")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::UInt32Type>()
+            .clone();
         let ids = b
             .column_by_name("completion_token_ids")
             .map(|c| c.as_list::<i32>().clone());
@@ -146,6 +152,7 @@ pub fn rows(dir: &Path) -> Vec<Row> {
                 error: (!err.is_null(i)).then(|| err.value(i).to_string()),
                 completion: (!comp.is_null(i)).then(|| comp.value(i).to_string()),
                 prompt_tokens: pt.value(i),
+                cached_prompt_tokens: cached.value(i),
                 token_ids: ids
                     .as_ref()
                     .map(|l| {

@@ -1,6 +1,7 @@
 //! Integration tests: the real `runner` binary and library on the fixtures
 //! in `../shared/fixtures` (GPTQModel checkpoints and its reference outputs).
 
+mod batching;
 mod common;
 mod config_errors;
 mod reference_logits;

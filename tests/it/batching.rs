@@ -1,0 +1,152 @@
+//! Engine core through the real CLI: batch invariance of greedy outputs
+//! under batching, chunked prefill and preemption; the prefix cache
+//! computing a shared system prompt once.
+
+use crate::common::{fixtures, rows, runner, write_job, Row, MODELS};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// 44 records of mixed lengths (some past the 64-token sliding window).
+fn mixed_prompts(dir: &Path) {
+    let words = [
+        "alpha", "bravo", "charlie", "delta", "echo", "fox", "golf", "hotel", "india",
+    ];
+    let mut s = String::new();
+    for i in 0..44usize {
+        let n = 1 + (i * 7) % 40;
+        let text: Vec<&str> = (0..n).map(|j| words[(i + j * 3) % words.len()]).collect();
+        s.push_str(&serde_json::json!({"id": format!("r{i}"), "prompt": text.join(" "), "max_new_tokens": 4 + i % 9}).to_string());
+        s.push('\n');
+    }
+    std::fs::write(dir.join("mixed.jsonl"), s).unwrap();
+}
+
+fn run(dir: &Path, model: &str, input: &str, sets: &[&str]) -> (BTreeMap<String, Row>, String) {
+    let out = dir.join(format!("out-{}", sets.join("_").replace(['=', '.'], "-")));
+    let job = write_job(
+        dir,
+        &fixtures().join(model),
+        input,
+        &format!(
+            "[output]\npath = \"{}\"\ninclude_token_ids = true\n",
+            out.display()
+        ),
+    );
+    let mut args = vec![
+        "submit".to_string(),
+        job.to_str().unwrap().to_string(),
+        "--set".into(),
+        "model.dtype=f32".into(),
+    ];
+    for s in sets {
+        args.push("--set".into());
+        args.push(s.to_string());
+    }
+    let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let r = runner(dir, &argv, &[("RUNNER_LOG", "info")]);
+    assert!(r.ok, "submit {sets:?} failed:\n{}", r.stderr);
+    (
+        rows(&out).into_iter().map(|r| (r.id.clone(), r)).collect(),
+        r.stderr,
+    )
+}
+
+fn field(log: &str, key: &str) -> u64 {
+    let i = log
+        .rfind(&format!("{key}="))
+        .unwrap_or_else(|| panic!("no {key} in log:\n{log}"));
+    log[i + key.len() + 1..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn greedy_outputs_do_not_depend_on_batching_chunking_or_preemption() {
+    let tmp = tempfile::tempdir().unwrap();
+    mixed_prompts(tmp.path());
+    let model = MODELS[1];
+    let (one, _) = run(
+        tmp.path(),
+        model,
+        "mixed.jsonl",
+        &["engine.max_num_seqs=1", "engine.prefix_caching=false"],
+    );
+    let (many, log) = run(
+        tmp.path(),
+        model,
+        "mixed.jsonl",
+        &[
+            "engine.max_num_seqs=16",
+            "engine.max_batch_tokens=24",
+            "engine.num_blocks=16",
+            "engine.block_size=8",
+        ],
+    );
+    assert_eq!(one.len(), 44);
+    assert_eq!(
+        one.keys().collect::<Vec<_>>(),
+        many.keys().collect::<Vec<_>>()
+    );
+    for (id, a) in &one {
+        let b = &many[id];
+        assert_eq!(
+            (a.status.as_str(), b.status.as_str()),
+            ("ok", "ok"),
+            "record {id}: {:?}",
+            b.error
+        );
+        assert_eq!(a.token_ids, b.token_ids, "record {id}");
+    }
+    assert!(
+        field(&log, "preemptions") > 0,
+        "the small cache must force preemption:\n{log}"
+    );
+}
+
+#[test]
+fn a_shared_system_prompt_is_computed_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let system: String = (0..70)
+        .map(|i| format!("rule{i}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut s = String::new();
+    for i in 0..50 {
+        s.push_str(&serde_json::json!({"id": i, "system": system, "prompt": format!("question number {i}?")}).to_string());
+        s.push('\n');
+    }
+    std::fs::write(tmp.path().join("shared.jsonl"), s).unwrap();
+    let sets = [
+        "generation.max_new_tokens=3",
+        "engine.max_num_seqs=16",
+        "engine.block_size=16",
+    ];
+    let (on, log) = run(tmp.path(), MODELS[0], "shared.jsonl", &sets);
+    let mut off_sets = sets.to_vec();
+    off_sets.push("engine.prefix_caching=false");
+    let (off, _) = run(tmp.path(), MODELS[0], "shared.jsonl", &off_sets);
+    let prompt_len = on["0"].prompt_tokens as u64;
+    assert!(
+        prompt_len >= 200,
+        "system prompt should be >= 200 tokens, prompt has {prompt_len}"
+    );
+    // Tokens common to every prompt, in whole blocks.
+    let shared_blocks = {
+        let common = on.values().map(|r| r.prompt_tokens as u64).min().unwrap() - 12;
+        common / 16
+    };
+    let hits = field(&log, "prefix_hit_tokens");
+    assert!(
+        hits >= 49 * shared_blocks * 16,
+        "49 of 50 records must reuse the {shared_blocks} shared blocks: {hits} hit tokens"
+    );
+    let cached: u64 = on.values().map(|r| r.cached_prompt_tokens as u64).sum();
+    assert_eq!(cached, hits);
+    for (id, a) in &on {
+        assert_eq!(a.token_ids, off[id].token_ids, "record {id}");
+    }
+    assert!(off.values().all(|r| r.cached_prompt_tokens == 0));
+}
