@@ -307,9 +307,18 @@ impl Scheduler {
         let Some(h) = s.first_block else { return false };
         self.running.iter().any(|r| {
             let o = &self.seqs[r];
+            if o.first_block != Some(h) {
+                return false;
+            }
+            // Whole blocks `id` could reuse from `o` once `o` commits them.
             let bs = self.cfg.block_size;
-            let shareable = (o.prompt_len.min(s.prompt_len) - 1) / bs * bs;
-            o.first_block == Some(h) && o.committed < shareable
+            let limit = o.prompt_len.min(s.prompt_len) - 1;
+            let common = o.tokens[..limit]
+                .iter()
+                .zip(&s.tokens[..limit])
+                .take_while(|(a, b)| a == b)
+                .count();
+            o.committed < common / bs * bs
         })
     }
 
