@@ -60,6 +60,9 @@ pub struct Engine {
     defaults: GenerationParams,
 }
 
+/// A record read and tokenized ahead of the step loop.
+type Prepared = (InputRecord, std::result::Result<Vec<u32>, String>);
+
 struct Seq {
     rec_id: String,
     row: u64,
@@ -185,8 +188,59 @@ impl Engine {
     /// Runs every record of `input` and writes one row per record to `sink`.
     pub fn run(
         &self,
-        input: &mut dyn Iterator<Item = Result<InputRecord>>,
+        input: &mut (dyn Iterator<Item = Result<InputRecord>> + Send),
         job_system: &str,
+        sink: &mut ParquetSink,
+    ) -> Result<JobSummary> {
+        let capacity = self.sched.num_blocks * self.sched.block_size;
+        // Reading and tokenizing upcoming records overlaps with model work.
+        std::thread::scope(|scope| {
+            let (tx, rx) =
+                std::sync::mpsc::sync_channel::<Result<Prepared>>(4 * self.sched.max_num_seqs);
+            scope.spawn(move || {
+                for rec in input {
+                    let item = rec.map(|rec| {
+                        let tokens = self.prepare(&rec, job_system, capacity);
+                        (rec, tokens)
+                    });
+                    let fatal = item.is_err();
+                    if tx.send(item).is_err() || fatal {
+                        break;
+                    }
+                }
+            });
+            self.step_loop(&rx, sink)
+        })
+    }
+
+    /// Tokenizes a record and checks that it fits the KV cache.
+    fn prepare(
+        &self,
+        rec: &InputRecord,
+        job_system: &str,
+        capacity: usize,
+    ) -> std::result::Result<Vec<u32>, String> {
+        let ctx = self.model.config().max_position_embeddings;
+        let t = self.tokenize(rec, job_system)?;
+        let params = &rec
+            .body
+            .as_ref()
+            .expect("tokenized records have a body")
+            .params;
+        let need = t.len() + params.max_new_tokens.min(ctx - t.len());
+        if need > capacity {
+            return Err(format!(
+                "record {}: prompt ({}) + max_new_tokens needs {need} cache tokens, the KV cache holds {capacity} (engine.num_blocks x engine.block_size)",
+                rec.id,
+                t.len()
+            ));
+        }
+        Ok(t)
+    }
+
+    fn step_loop(
+        &self,
+        rx: &std::sync::mpsc::Receiver<Result<Prepared>>,
         sink: &mut ParquetSink,
     ) -> Result<JobSummary> {
         let start = Instant::now();
@@ -206,26 +260,21 @@ impl Engine {
             if !exhausted && sched.waiting() < self.sched.max_num_seqs {
                 let mut fresh: Vec<(Vec<u32>, Seq)> = Vec::new();
                 while fresh.len() < lookahead {
-                    let Some(rec) = input.next() else {
+                    let next = if fresh.is_empty() && sched.is_empty() {
+                        rx.recv().ok()
+                    } else {
+                        match rx.try_recv() {
+                            Ok(x) => Some(x),
+                            Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                            Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+                        }
+                    };
+                    let Some(item) = next else {
                         exhausted = true;
                         break;
                     };
-                    let rec = rec?;
+                    let (rec, tokens) = item?;
                     let read_ms = ms(start, Instant::now());
-                    let tokens = self.tokenize(&rec, job_system).and_then(|t| {
-                        let params = &rec.body.as_ref().expect("tokenized records have a body").params;
-                        let need = t.len() + params.max_new_tokens.min(ctx - t.len());
-                        if need > sched.capacity_tokens() {
-                            Err(format!(
-                                "record {}: prompt ({}) + max_new_tokens needs {need} cache tokens, the KV cache holds {} (engine.num_blocks x engine.block_size)",
-                                rec.id,
-                                t.len(),
-                                sched.capacity_tokens()
-                            ))
-                        } else {
-                            Ok(t)
-                        }
-                    });
                     match tokens {
                         Err(msg) => {
                             tracing::warn!(record = %rec.id, "{msg}");

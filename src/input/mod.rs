@@ -61,7 +61,7 @@ pub const OVERRIDE_COLUMNS: &[&str] = &[
 pub fn open(
     spec: &InputSpec,
     defaults: &GenerationParams,
-) -> Result<Box<dyn Iterator<Item = Result<InputRecord>>>> {
+) -> Result<Box<dyn Iterator<Item = Result<InputRecord>> + Send>> {
     if !spec.path.is_file() {
         return Err(Error::Input(format!(
             "input file {} does not exist (input.path)",
