@@ -108,13 +108,10 @@ impl Prompter {
     /// Tokenizes rendered text; BOS comes from the tokenizer's post-processor
     /// unless the template already wrote it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let (body, add_special) = match text.strip_prefix(&self.bos_token) {
-            Some(_) if !self.bos_token.is_empty() => (text, false),
-            _ => (text, true),
-        };
+        let add_special = self.bos_token.is_empty() || !text.starts_with(&self.bos_token);
         let enc = self
             .tokenizer
-            .encode(body, add_special)
+            .encode(text, add_special)
             .map_err(|e| Error::Prompt(format!("tokenizer failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
