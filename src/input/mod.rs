@@ -68,10 +68,7 @@ pub fn open(
             spec.path.display()
         )));
     }
-    let rb = RecordBuilder {
-        spec: spec.clone(),
-        defaults: defaults.clone(),
-    };
+    let rb = RecordBuilder::new(spec.clone(), defaults.clone());
     Ok(match spec.format {
         InputFormat::Jsonl => Box::new(JsonlSource::open(&spec.path, rb)?),
         InputFormat::Parquet => Box::new(ParquetSource::open(&spec.path, rb)?),
