@@ -4,7 +4,7 @@
 
 use crate::config::{Device, GenerationParams, JobSpec};
 use crate::input::{InputRecord, PromptInput};
-use crate::model::{HubSettings, Mistral, SeqChunk};
+use crate::model::{HubSettings, LoadOptions, Mistral, QuantConfig, SeqChunk};
 use crate::output::{FinishReason, JobMeta, OutputRow, ParquetSink};
 use crate::prompt::Prompter;
 use crate::sampler::{self, RecordRng};
@@ -60,6 +60,12 @@ pub struct Engine {
     defaults: GenerationParams,
 }
 
+/// A sampled token, or the logits to sample it from on the host.
+enum Picked {
+    Token(u32),
+    Logits(Vec<f32>),
+}
+
 /// A record read and tokenized ahead of the step loop.
 type Prepared = (InputRecord, std::result::Result<Vec<u32>, String>);
 
@@ -75,30 +81,42 @@ struct Seq {
 }
 
 impl Engine {
-    /// Loads the model and tokenizer named by the job.
+    /// Loads the model and tokenizer named by the job. With
+    /// `load_format = "dummy"` the weights are random (config, tokenizer and,
+    /// unless `model.dummy_quant` says otherwise, quantization still come
+    /// from the model directory).
     pub fn load(spec: &JobSpec, hub: &HubSettings) -> Result<(Self, JobMeta)> {
         let dir = crate::model::resolve_model_dir(&spec.model, hub)?;
         let device = candle_device(spec.engine.device)?;
-        if spec.model.load_format == crate::config::LoadFormat::Dummy {
-            return Err(Error::Config(
-                "model.load_format = \"dummy\" is not implemented yet (tracked in the GPU issue)"
-                    .into(),
-            ));
-        }
-        let model = crate::model::load(&dir, spec.model.dtype.candle(), &device)?;
+        let opts = LoadOptions {
+            dtype: spec.model.dtype.candle(),
+            device,
+            gptq_mode: spec.engine.gptq_kernel,
+            fused_max_m: spec.engine.gptq_fused_max_m,
+        };
+        let model = match spec.model.load_format {
+            crate::config::LoadFormat::Auto => crate::model::load(&dir, &opts)?,
+            crate::config::LoadFormat::Dummy => {
+                let (cfg, quant) = crate::model::read_meta(&dir)?;
+                let quant = match &spec.model.dummy_quant {
+                    Some(name) => QuantConfig::from_short_name(name)?,
+                    None => quant,
+                };
+                Mistral::dummy(&cfg, quant.as_ref(), &opts, 0x5eed)?
+            }
+        };
         let prompter = Prompter::load(&dir, &model.config().eos_token_ids)?;
+        Self::assemble(model, prompter, spec)
+    }
+
+    /// An engine over an already built model and prompter.
+    pub fn assemble(model: Mistral, prompter: Prompter, spec: &JobSpec) -> Result<(Self, JobMeta)> {
         let ctx = model.config().max_position_embeddings;
         let max_prompt_tokens = match spec.engine.max_prompt_tokens {
             0 => ctx - 1,
             n => n.min(ctx - 1),
         };
-        let c = model.config();
-        let per_block = crate::model::PagedKvCache::bytes_per_block(
-            c.num_hidden_layers,
-            spec.engine.block_size,
-            c.num_key_value_heads,
-            c.head_dim,
-        );
+        let per_block = model.kv_bytes_per_block(spec.engine.block_size);
         let num_blocks = match spec.engine.num_blocks {
             // Auto: what max_num_seqs full-context sequences need, within the memory budget.
             0 => {
@@ -248,7 +266,7 @@ impl Engine {
         let mut sched = Scheduler::new(self.sched);
         let mut cache = self
             .model
-            .new_cache(self.sched.num_blocks, self.sched.block_size);
+            .new_cache(self.sched.num_blocks, self.sched.block_size)?;
         let mut seqs: HashMap<SeqId, Seq> = HashMap::new();
         let mut next_id = 0u64;
         let mut exhausted = false;
@@ -316,7 +334,7 @@ impl Engine {
             }
             let plan = sched.schedule();
             for c in &plan.copies {
-                cache.copy_block(c.from, c.to);
+                cache.copy_block(c.from, c.to)?;
             }
             let now = Instant::now();
             for c in &plan.chunks {
@@ -361,14 +379,20 @@ impl Engine {
                 preemptions = stats.preemptions,
                 "step"
             );
-            let logits = logits.to_vec2::<f32>()?;
+            let mut picked = self.pick_tokens(&logits, &plan.chunks, &seqs)?;
             let now = Instant::now();
-            for (mut row, c) in logits.into_iter().zip(&plan.chunks) {
+            for (i, c) in plan.chunks.iter().enumerate() {
                 if !c.samples {
                     continue; // mid-prefill chunk: no token yet
                 }
                 let s = seqs.get_mut(&c.seq).expect("scheduled sequence");
-                let tok = sampler::sample(&mut row, sched.tokens(c.seq), &s.params, &mut s.rng);
+                let tok = match picked[i].take() {
+                    Some(Picked::Token(t)) => t,
+                    Some(Picked::Logits(mut row)) => {
+                        sampler::sample(&mut row, sched.tokens(c.seq), &s.params, &mut s.rng)
+                    }
+                    None => unreachable!("every sampling chunk has a pick"),
+                };
                 sched.push_token(c.seq, tok);
                 s.first_token.get_or_insert(now);
                 let generated = &sched.tokens(c.seq)[s.prompt_len..];
@@ -391,6 +415,45 @@ impl Engine {
         sum.preemptions = stats.preemptions as usize;
         sum.wall_s = start.elapsed().as_secs_f64();
         Ok(sum)
+    }
+
+    /// Per chunk: the greedy token picked on the device (CUDA, greedy, no
+    /// repetition penalty: only token ids cross PCIe) or the logits row for
+    /// the host sampler.
+    fn pick_tokens(
+        &self,
+        logits: &candle_core::Tensor,
+        chunks: &[crate::scheduler::Chunk],
+        seqs: &HashMap<SeqId, Seq>,
+    ) -> Result<Vec<Option<Picked>>> {
+        let on_device = |c: &crate::scheduler::Chunk| {
+            let p = &seqs[&c.seq].params;
+            logits.device().is_cuda() && p.temperature == 0.0 && p.repetition_penalty == 1.0
+        };
+        let mut out: Vec<Option<Picked>> = (0..chunks.len()).map(|_| None).collect();
+        if chunks.iter().any(|c| c.samples && on_device(c)) {
+            let ids = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+            for (i, c) in chunks.iter().enumerate() {
+                if c.samples && on_device(c) {
+                    out[i] = Some(Picked::Token(ids[i]));
+                }
+            }
+        }
+        let host: Vec<u32> = chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.samples && !on_device(c))
+            .map(|(i, _)| i as u32)
+            .collect();
+        if !host.is_empty() {
+            let n = host.len();
+            let idx = candle_core::Tensor::from_vec(host.clone(), n, logits.device())?;
+            let rows = logits.index_select(&idx, 0)?.to_vec2::<f32>()?;
+            for (i, row) in host.into_iter().zip(rows) {
+                out[i as usize] = Some(Picked::Logits(row));
+            }
+        }
+        Ok(out)
     }
 
     fn finish_reason(

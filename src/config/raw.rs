@@ -82,4 +82,6 @@ pub struct RawEngine {
     pub num_blocks: i64,
     pub kv_cache_mib: i64,
     pub prefix_caching: bool,
+    pub gptq_kernel: String,
+    pub gptq_fused_max_m: i64,
 }

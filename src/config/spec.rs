@@ -172,6 +172,10 @@ pub struct EngineSpec {
     pub kv_cache_mib: usize,
     /// Share full prompt blocks between records.
     pub prefix_caching: bool,
+    /// GPTQ kernel choice on CUDA.
+    pub gptq_kernel: crate::model::linear::GptqMode,
+    /// Largest M of the fused GPTQ kernel in `auto` mode.
+    pub gptq_fused_max_m: usize,
 }
 
 /// A validated job.
@@ -338,6 +342,18 @@ impl RawJob {
                     positive("engine.num_blocks", e.num_blocks)?
                 },
                 kv_cache_mib: positive("engine.kv_cache_mib", e.kv_cache_mib)?,
+                gptq_kernel: match e.gptq_kernel.as_str() {
+                    "auto" => crate::model::linear::GptqMode::Auto,
+                    "fused" => crate::model::linear::GptqMode::Fused,
+                    "dequant" => crate::model::linear::GptqMode::Dequant,
+                    "resident" => crate::model::linear::GptqMode::Resident,
+                    other => {
+                        return Err(Error::Config(format!(
+                            "engine.gptq_kernel is `{other}`, expected auto, fused, dequant or resident"
+                        )))
+                    }
+                },
+                gptq_fused_max_m: positive("engine.gptq_fused_max_m", e.gptq_fused_max_m)?,
                 prefix_caching: e.prefix_caching,
             },
         })

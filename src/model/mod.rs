@@ -8,7 +8,7 @@ pub mod quant;
 pub mod source;
 
 pub use checkpoint::Checkpoint;
-pub use mistral::{Mistral, MistralConfig, PagedKvCache, SeqChunk};
+pub use mistral::{LoadOptions, Mistral, MistralConfig, PagedKvCache, SeqChunk};
 pub use quant::{CheckpointFormat, QuantConfig};
 pub use source::{resolve_model_dir, HubSettings};
 
@@ -23,13 +23,9 @@ pub fn read_meta(dir: &Path) -> Result<(MistralConfig, Option<QuantConfig>)> {
     Ok((cfg, quant))
 }
 
-/// Loads a model directory's weights onto a device in the given dtype.
-pub fn load(
-    dir: &Path,
-    dtype: candle_core::DType,
-    device: &candle_core::Device,
-) -> Result<Mistral> {
+/// Loads a model directory's weights as the options say.
+pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Mistral> {
     let (cfg, quant) = read_meta(dir)?;
     let ck = Checkpoint::open(dir)?;
-    Mistral::load(&ck, &cfg, quant.as_ref(), dtype, device)
+    Mistral::load(&ck, &cfg, quant.as_ref(), opts)
 }

@@ -52,6 +52,35 @@ impl QuantConfig {
         }
     }
 
+    /// Parses a branch-style short name (`4bit-128g`, `8bit--1g`, also
+    /// TheBloke's `gptq-4bit-32g-actorder_True`), act-order on; `none` or
+    /// `main`-less names that say no bits give `None` (dense).
+    pub fn from_short_name(name: &str) -> Result<Option<Self>> {
+        let s = name.trim().trim_start_matches("gptq-");
+        if s == "none" || s == "f16" || s == "fp16" {
+            return Ok(None);
+        }
+        let bad = || {
+            Error::Config(format!(
+                "model.dummy_quant is `{name}`, expected none or <bits>bit-<group>g such as 4bit-128g or 8bit--1g"
+            ))
+        };
+        let (bits, rest) = s.split_once("bit-").ok_or_else(bad)?;
+        let bits: u32 = bits.parse().map_err(|_| bad())?;
+        let group = rest.split('g').next().ok_or_else(bad)?;
+        let group: i64 = group.parse().map_err(|_| bad())?;
+        if !(bits == 4 || bits == 8) || group == 0 || group < -1 {
+            return Err(bad());
+        }
+        Ok(Some(Self {
+            bits,
+            group_size: (group > 0).then_some(group as usize),
+            desc_act: !rest.contains("actorder_False"),
+            sym: true,
+            format: CheckpointFormat::Gptq,
+        }))
+    }
+
     /// Parses a JSON quantization object; `source` names the file for messages.
     pub fn from_json(v: &serde_json::Value, source: &str) -> Result<Self> {
         let method = v

@@ -39,7 +39,10 @@ fn check_model(model: &str, f16: bool) {
     } else {
         (DType::F32, 2e-3, 1e-2)
     };
-    let m = runner::model::load(&fx.join(model), dtype, &Device::Cpu).unwrap();
+    let m = runner::model::load(
+        &fx.join(model),
+        &runner::model::LoadOptions::new(dtype, &Device::Cpu),
+    ).unwrap();
     let path = reference_path(model, f16);
     let bytes = std::fs::read(fx.join(format!("references/{model}/{path}.safetensors"))).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();

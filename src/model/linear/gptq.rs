@@ -167,6 +167,76 @@ impl GptqWeight {
     }
 }
 
+/// What [`GptqWeight::random`] builds: random quantized values, v1 zeros
+/// in `[1, 2^bits]`, f16 scales in [0.002, 0.02) and, with act-order, a
+/// random permutation of equal-size groups (as GPTQ produces).
+#[derive(Debug, Clone, Copy)]
+pub struct RandomGptq {
+    /// 4 or 8.
+    pub bits: u32,
+    /// Rows per group, `None` for one group.
+    pub group_size: Option<usize>,
+    /// Input features (a multiple of 32 / bits).
+    pub k: usize,
+    /// Output features (a multiple of 32 / bits).
+    pub n: usize,
+    /// Shuffle rows over groups.
+    pub act_order: bool,
+    /// Seed of the generator.
+    pub seed: u64,
+}
+
+impl RandomGptq {
+    /// Builds the weight in the AutoGPTQ v1 layout.
+    pub fn build(&self) -> GptqWeight {
+        let (k, n, bits) = (self.k, self.n, self.bits);
+        let mut s = self.seed ^ 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        let pack = (32 / bits) as usize;
+        let max = 1u32 << bits;
+        let quant = QuantConfig {
+            bits,
+            group_size: self.group_size,
+            desc_act: self.act_order,
+            sym: false,
+            format: CheckpointFormat::Gptq,
+        };
+        let groups = quant.groups(k);
+        let pack_words = |vals: &mut dyn Iterator<Item = u32>, words: usize| -> Vec<i32> {
+            (0..words)
+                .map(|_| (0..pack).fold(0u32, |w, j| w | (vals.next().unwrap_or(0) << (j as u32 * bits))) as i32)
+                .collect()
+        };
+        let q: Vec<u32> = (0..k * n).map(|_| next() % max).collect(); // [K][N]
+        let mut qweight = vec![0i32; k / pack * n];
+        for r in 0..k / pack {
+            for c in 0..n {
+                let mut col = (0..pack).map(|j| q[(r * pack + j) * n + c]);
+                qweight[r * n + c] = pack_words(&mut col, 1)[0];
+            }
+        }
+        let mut stored = (0..groups * n).map(|_| next() % max).collect::<Vec<_>>().into_iter();
+        let qzeros = pack_words(&mut stored, groups * n / pack);
+        let scales = (0..groups * n)
+            .map(|_| half::f16::from_f32(0.002 + 0.018 * (next() % 10_000) as f32 / 10_000.0).to_f32())
+            .collect();
+        let gs = self.group_size.unwrap_or(k.max(1));
+        let mut g_idx: Vec<i32> = (0..k).map(|i| (i / gs) as i32).collect();
+        if self.act_order {
+            for i in (1..k).rev() {
+                let j = next() as usize % (i + 1);
+                g_idx.swap(i, j);
+            }
+        }
+        GptqWeight::new(k, n, quant, qweight, qzeros, scales, g_idx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,8 +5,10 @@
 //! clever, and the oracle for the CUDA kernels.
 
 pub mod gptq;
+pub mod tiled;
 
-pub use gptq::GptqWeight;
+pub use gptq::{GptqWeight, RandomGptq};
+pub use tiled::TiledGptq;
 
 use super::checkpoint::Checkpoint;
 use super::quant::QuantConfig;
@@ -18,16 +20,40 @@ use candle_core::{DType, Device, Tensor};
 pub enum LinearKind {
     /// A dense float weight.
     Dense,
-    /// A GPTQ weight (kept packed for the GPU path and for inspection).
+    /// A GPTQ weight dequantized for the CPU (packed copy kept for inspection).
     Gptq(Box<GptqWeight>),
+    /// A GPTQ weight in the CUDA kernels' tile layout.
+    #[cfg(feature = "cuda")]
+    GptqCuda(Box<crate::cuda::GptqGpu>),
+}
+
+/// How GPTQ products run on CUDA (`engine.gptq_kernel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GptqMode {
+    /// The fused kernel up to `engine.gptq_fused_max_m` tokens, dequantize +
+    /// cuBLAS above.
+    #[default]
+    Auto,
+    /// The fused kernel at every M: reduction order independent of the batch.
+    Fused,
+    /// Dequantize per product into f16 scratch, then cuBLAS.
+    Dequant,
+    /// Dequantize once at load and keep f16 weights (3.7x the memory).
+    Resident,
 }
 
 /// `y = x W^T` with W [out, in].
 #[derive(Debug, Clone)]
 pub struct Linear {
     kind: LinearKind,
-    /// [out, in] in the compute dtype.
-    weight: Tensor,
+    /// [out, in] in the compute dtype (dense and CPU GPTQ layers).
+    weight: Option<Tensor>,
+    /// Largest M of the fused GPTQ kernel in `Auto` mode.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fused_max_m: usize,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    mode: GptqMode,
 }
 
 /// What a loader needs to build one layer.
@@ -44,6 +70,10 @@ pub struct LinearSpec<'a> {
     pub dtype: DType,
     /// Target device.
     pub device: &'a Device,
+    /// GPTQ kernel choice on CUDA.
+    pub mode: GptqMode,
+    /// Largest M of the fused kernel in `Auto` mode.
+    pub fused_max_m: usize,
 }
 
 impl Linear {
@@ -58,27 +88,48 @@ impl Linear {
                     spec.dtype,
                     spec.device,
                 )?;
-                Ok(Self {
-                    kind: LinearKind::Dense,
-                    weight,
-                })
+                Ok(Self::dense(weight))
             }
             Some(q) => {
                 let g = GptqWeight::load(ck, spec.prefix, k, n, q)?;
-                Self::from_gptq(g, spec.dtype, spec.device)
+                Self::from_gptq(g, spec)
             }
         }
     }
 
-    /// Wraps a GPTQ weight, dequantizing it for the dense CPU matmul.
-    pub fn from_gptq(g: GptqWeight, dtype: DType, device: &Device) -> Result<Self> {
+    /// Wraps a GPTQ weight: repacked for the kernels on CUDA, dequantized
+    /// exactly for the dense CPU matmul otherwise.
+    pub fn from_gptq(g: GptqWeight, spec: &LinearSpec<'_>) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if spec.device.is_cuda() {
+            let tiled = TiledGptq::from_weight(&g)
+                .map_err(|e| crate::Error::Model(format!("{}: {e}", spec.prefix)))?;
+            let gpu = crate::cuda::GptqGpu::upload(&tiled, spec.device)?;
+            return Self::from_gpu(gpu, spec.mode, spec.fused_max_m);
+        }
         let (k, n) = (g.in_features, g.out_features);
         let weight = Tensor::from_vec(g.dequantize_nk(), (n, k), &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)?;
+            .to_dtype(spec.dtype)?
+            .to_device(spec.device)?;
         Ok(Self {
             kind: LinearKind::Gptq(Box::new(g)),
-            weight,
+            weight: Some(weight),
+            fused_max_m: spec.fused_max_m,
+            mode: spec.mode,
+        })
+    }
+
+    /// Wraps a GPU GPTQ layer (checkpoint or dummy).
+    #[cfg(feature = "cuda")]
+    pub fn from_gpu(mut gpu: crate::cuda::GptqGpu, mode: GptqMode, fused_max_m: usize) -> Result<Self> {
+        if mode == GptqMode::Resident {
+            gpu.make_resident()?;
+        }
+        Ok(Self {
+            kind: LinearKind::GptqCuda(Box::new(gpu)),
+            weight: None,
+            fused_max_m,
+            mode,
         })
     }
 
@@ -86,7 +137,9 @@ impl Linear {
     pub fn dense(weight: Tensor) -> Self {
         Self {
             kind: LinearKind::Dense,
-            weight,
+            weight: Some(weight),
+            fused_max_m: 0,
+            mode: GptqMode::Auto,
         }
     }
 
@@ -97,6 +150,22 @@ impl Linear {
 
     /// Applies the layer to x [T, in] -> [T, out].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight.t()?)?)
+        #[cfg(feature = "cuda")]
+        if let LinearKind::GptqCuda(g) = &self.kind {
+            use crate::cuda::GptqPath;
+            let path = match self.mode {
+                GptqMode::Auto => GptqPath::Auto {
+                    max_m: self.fused_max_m,
+                },
+                GptqMode::Fused => GptqPath::Fused,
+                GptqMode::Dequant | GptqMode::Resident => GptqPath::Dequant,
+            };
+            return g.forward(x, path);
+        }
+        let w = self
+            .weight
+            .as_ref()
+            .expect("dense and CPU GPTQ layers hold a weight");
+        Ok(x.matmul(&w.t()?)?)
     }
 }

@@ -6,18 +6,133 @@ use crate::kv::BlockId;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
-/// The paged KV cache storage of the CPU backend: per layer, keys and
-/// values as f32 rows `[num_blocks * block_size, kv_heads * head_dim]`,
-/// addressed through block tables. (f16/bf16 K/V convert to f32 exactly.)
+/// The paged KV cache storage: per layer, keys and values as rows
+/// `[num_blocks * block_size, kv_heads * head_dim]` addressed through block
+/// tables; f32 on the CPU, f16 on CUDA.
+#[derive(Debug)]
+pub enum PagedKvCache {
+    /// CPU storage.
+    Cpu(CpuKv),
+    /// GPU storage.
+    #[cfg(feature = "cuda")]
+    Cuda(super::cuda_attention::CudaKv),
+}
+
+/// One forward's batch layout, built once and shared by every layer.
+pub(super) struct Batch {
+    /// Position of every token of the batch [T] (u32).
+    pub positions: Tensor,
+    /// (start position, tokens, block table) per chunk.
+    pub chunks: Vec<(usize, usize, Vec<BlockId>)>,
+    /// GPU-only index tensors.
+    #[cfg(feature = "cuda")]
+    pub gpu: Option<super::cuda_attention::GpuBatch>,
+}
+
+impl PagedKvCache {
+    /// Bytes per block across all layers (K and V) for `elem` bytes per value.
+    pub fn bytes_per_block(
+        layers: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        elem: usize,
+    ) -> usize {
+        2 * elem * layers * block_size * kv_heads * head_dim
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        match self {
+            Self::Cpu(c) => c.block_size,
+            #[cfg(feature = "cuda")]
+            Self::Cuda(c) => c.block_size(),
+        }
+    }
+
+    /// Copies a whole block in every layer (copy-on-write).
+    pub fn copy_block(&mut self, from: BlockId, to: BlockId) -> Result<()> {
+        match self {
+            Self::Cpu(c) => {
+                c.copy_block(from, to);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Self::Cuda(c) => c.copy_block(from, to),
+        }
+    }
+
+    pub(super) fn prepare(&self, chunks: &[super::SeqChunk<'_>], dev: &Device) -> Result<Batch> {
+        let mut pos = Vec::new();
+        for c in chunks {
+            pos.extend((c.start_pos..c.start_pos + c.tokens.len()).map(|p| p as u32));
+        }
+        let t = pos.len();
+        let chunks_info: Vec<(usize, usize, Vec<BlockId>)> = chunks
+            .iter()
+            .map(|c| (c.start_pos, c.tokens.len(), c.blocks.to_vec()))
+            .collect();
+        #[cfg(feature = "cuda")]
+        let gpu = match self {
+            Self::Cuda(c) => Some(c.prepare(&chunks_info, dev)?),
+            Self::Cpu(_) => None,
+        };
+        Ok(Batch {
+            positions: Tensor::from_vec(pos, t, dev)?,
+            chunks: chunks_info,
+            #[cfg(feature = "cuda")]
+            gpu,
+        })
+    }
+
+    /// Writes the batch's k/v [T, kv_heads, d] and attends q [T, heads, d];
+    /// returns [T, heads*d].
+    pub(super) fn attention(
+        &mut self,
+        layer: usize,
+        batch: &Batch,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Cpu(c) => {
+                let mut outs = Vec::with_capacity(batch.chunks.len());
+                let mut off = 0;
+                for (start, n, blocks) in &batch.chunks {
+                    let (qc, kc, vc) = (q.narrow(0, off, *n)?, k.narrow(0, off, *n)?, v.narrow(0, off, *n)?);
+                    c.write(layer, blocks, *start, &kc, &vc)?;
+                    let (kall, vall) = c.gather(layer, blocks, start + n, q.device())?;
+                    outs.push(attend(&qc, &kall, &vall, *start, window)?);
+                    off += n;
+                }
+                Ok(Tensor::cat(&outs, 0)?)
+            }
+            #[cfg(feature = "cuda")]
+            Self::Cuda(c) => c.attention(
+                layer,
+                batch.gpu.as_ref().expect("a CUDA cache prepares GPU batches"),
+                &batch.chunks,
+                q,
+                k,
+                v,
+                window,
+            ),
+        }
+    }
+}
+
+/// The CPU storage: f32 rows per layer. (f16/bf16 K/V convert to f32 exactly.)
 #[derive(Debug, Clone)]
-pub struct PagedKvCache {
+pub struct CpuKv {
     block_size: usize,
     kv_heads: usize,
     head_dim: usize,
     layers: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
-impl PagedKvCache {
+impl CpuKv {
     /// Zeroed storage for `num_blocks` blocks in each of `layers` layers.
     pub fn new(
         layers: usize,
@@ -35,21 +150,6 @@ impl PagedKvCache {
         }
     }
 
-    /// Bytes per block across all layers (K and V).
-    pub fn bytes_per_block(
-        layers: usize,
-        block_size: usize,
-        kv_heads: usize,
-        head_dim: usize,
-    ) -> usize {
-        2 * 4 * layers * block_size * kv_heads * head_dim
-    }
-
-    /// Tokens per block.
-    pub fn block_size(&self) -> usize {
-        self.block_size
-    }
-
     fn slot(&self, blocks: &[BlockId], pos: usize) -> Result<usize> {
         let b = blocks.get(pos / self.block_size).ok_or_else(|| {
             Error::Model(format!(
@@ -62,7 +162,7 @@ impl PagedKvCache {
     }
 
     /// Copies a whole block in every layer (copy-on-write).
-    pub fn copy_block(&mut self, from: BlockId, to: BlockId) {
+    fn copy_block(&mut self, from: BlockId, to: BlockId) {
         let n = self.block_size * self.kv_heads * self.head_dim;
         let (f, t) = (from.0 as usize * n, to.0 as usize * n);
         for (k, v) in &mut self.layers {
@@ -117,11 +217,11 @@ impl PagedKvCache {
     }
 }
 
-/// cos/sin tables [n, head_dim/2] for positions `start..start+n` (computed in
-/// f32, cast to the compute dtype as HF does).
+/// cos/sin tables [positions, head_dim/2] (computed in f32, cast to the
+/// compute dtype as HF does); rows are picked per token with the batch's
+/// positions.
 pub(super) fn rope_tables(
-    start: usize,
-    n: usize,
+    positions: usize,
     head_dim: usize,
     theta: f64,
     dtype: DType,
@@ -131,14 +231,17 @@ pub(super) fn rope_tables(
     let inv: Vec<f32> = (0..half)
         .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
         .collect();
-    let mut freqs = Vec::with_capacity(n * half);
-    for p in start..start + n {
+    let mut freqs = Vec::with_capacity(positions * half);
+    for p in 0..positions {
         for &f in &inv {
             freqs.push(p as f32 * f);
         }
     }
-    let f = Tensor::from_vec(freqs, (n, half), dev)?;
-    Ok((f.cos()?.to_dtype(dtype)?, f.sin()?.to_dtype(dtype)?))
+    let f = Tensor::from_vec(freqs, (positions, half), &Device::Cpu)?;
+    Ok((
+        f.cos()?.to_dtype(dtype)?.to_device(dev)?,
+        f.sin()?.to_dtype(dtype)?.to_device(dev)?,
+    ))
 }
 
 /// Rotate-half RoPE on x [n, heads, head_dim].

@@ -6,12 +6,14 @@
 
 mod attention;
 mod config;
+#[cfg(feature = "cuda")]
+mod cuda_attention;
 
-pub use attention::PagedKvCache;
+pub use attention::{CpuKv, PagedKvCache};
 pub use config::MistralConfig;
 
 use super::checkpoint::Checkpoint;
-use super::linear::{Linear, LinearSpec};
+use super::linear::{GptqMode, Linear, LinearSpec, RandomGptq};
 use super::quant::QuantConfig;
 use crate::kv::BlockId;
 use crate::Result;
@@ -30,6 +32,38 @@ pub struct SeqChunk<'a> {
     pub blocks: &'a [BlockId],
 }
 
+/// How weights are placed and computed.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Target device.
+    pub device: Device,
+    /// GPTQ kernel choice on CUDA.
+    pub gptq_mode: GptqMode,
+    /// Largest M of the fused GPTQ kernel in `Auto` mode.
+    pub fused_max_m: usize,
+}
+
+impl LoadOptions {
+    /// Defaults for a dtype and device.
+    pub fn new(dtype: DType, device: &Device) -> Self {
+        Self {
+            dtype,
+            device: device.clone(),
+            gptq_mode: GptqMode::Auto,
+            fused_max_m: 32,
+        }
+    }
+}
+
+/// Where weights come from: a checkpoint, or random values of the exact
+/// shapes and quantization (`load_format = "dummy"`, for benchmarks).
+enum Source<'a> {
+    Checkpoint(&'a Checkpoint),
+    Dummy { seed: u64 },
+}
+
 /// RMSNorm in HF order: normalise in f32, cast back, multiply by the weight.
 #[derive(Debug, Clone)]
 struct RmsNorm {
@@ -38,13 +72,30 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Returns (norm(x + add), x + add); on CUDA one fused kernel.
+    fn add_forward(&self, x: &Tensor, add: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && x.dtype() == DType::F16 {
+            return crate::cuda::rmsnorm_add(x, add, &self.weight, self.eps);
+        }
+        let x = match add {
+            Some(a) => (x + a)?,
+            None => x.clone(),
+        };
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+        Ok((normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?, x))
     }
+}
+
+fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if gate.device().is_cuda() && gate.dtype() == DType::F16 {
+        return crate::cuda::silu_mul(gate, up);
+    }
+    Ok((gate.silu()? * up)?)
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +122,9 @@ pub struct Mistral {
     lm_head: Linear,
     dtype: DType,
     device: Device,
+    /// RoPE tables [max_position_embeddings, head_dim/2].
+    cos: Tensor,
+    sin: Tensor,
 }
 
 impl Mistral {
@@ -79,30 +133,71 @@ impl Mistral {
         ck: &Checkpoint,
         cfg: &MistralConfig,
         quant: Option<&QuantConfig>,
-        dtype: DType,
-        device: &Device,
+        opts: &LoadOptions,
     ) -> Result<Self> {
+        Self::build(&Source::Checkpoint(ck), cfg, quant, opts)
+    }
+
+    /// Random weights with the exact shapes and quantization of `cfg` and
+    /// `quant`, generated on the device (no files read).
+    pub fn dummy(
+        cfg: &MistralConfig,
+        quant: Option<&QuantConfig>,
+        opts: &LoadOptions,
+        seed: u64,
+    ) -> Result<Self> {
+        Self::build(&Source::Dummy { seed }, cfg, quant, opts)
+    }
+
+    fn build(
+        src: &Source<'_>,
+        cfg: &MistralConfig,
+        quant: Option<&QuantConfig>,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let (dtype, device) = (opts.dtype, &opts.device);
         let h = cfg.hidden_size;
         let qd = cfg.num_attention_heads * cfg.head_dim;
         let kvd = cfg.num_key_value_heads * cfg.head_dim;
+        let counter = std::cell::Cell::new(0u64);
+        let next_seed = |base: u64| {
+            counter.set(counter.get() + 1);
+            base.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ counter.get()
+        };
+        let float = |name: &str, shape: &[usize], lo: f32, hi: f32| -> Result<Tensor> {
+            match src {
+                Source::Checkpoint(ck) => ck.float(name, shape, dtype, device),
+                Source::Dummy { seed } => dummy_float(shape, lo, hi, next_seed(*seed), opts),
+            }
+        };
         let norm = |name: String| -> Result<RmsNorm> {
             Ok(RmsNorm {
-                weight: ck.float(&name, &[h], dtype, device)?,
+                weight: float(&name, &[h], 0.9, 1.1)?,
                 eps: cfg.rms_norm_eps,
             })
         };
         let lin = |prefix: String, k: usize, n: usize| -> Result<Linear> {
-            Linear::load(
-                ck,
-                &LinearSpec {
-                    prefix: &prefix,
-                    in_features: k,
-                    out_features: n,
-                    quant,
-                    dtype,
-                    device,
-                },
-            )
+            let spec = LinearSpec {
+                prefix: &prefix,
+                in_features: k,
+                out_features: n,
+                quant,
+                dtype,
+                device,
+                mode: opts.gptq_mode,
+                fused_max_m: opts.fused_max_m,
+            };
+            match (src, quant) {
+                (Source::Checkpoint(ck), _) => Linear::load(ck, &spec),
+                (Source::Dummy { seed }, None) => Ok(Linear::dense(dummy_float(
+                    &[n, k],
+                    -0.05,
+                    0.05,
+                    next_seed(*seed),
+                    opts,
+                )?)),
+                (Source::Dummy { seed }, Some(q)) => dummy_gptq(&spec, q, next_seed(*seed)),
+            }
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -119,17 +214,23 @@ impl Mistral {
                 down: lin(format!("{p}.mlp.down_proj"), cfg.intermediate_size, h)?,
             });
         }
-        let embed = ck.float(
-            "model.embed_tokens.weight",
-            &[cfg.vocab_size, h],
+        let embed = float("model.embed_tokens.weight", &[cfg.vocab_size, h], -0.05, 0.05)?;
+        let has_head = match src {
+            Source::Checkpoint(ck) => ck.contains("lm_head.weight"),
+            Source::Dummy { .. } => true,
+        };
+        let lm_head = if cfg.tie_word_embeddings && !has_head {
+            Linear::dense(embed.clone())
+        } else {
+            Linear::dense(float("lm_head.weight", &[cfg.vocab_size, h], -0.05, 0.05)?)
+        };
+        let (cos, sin) = attention::rope_tables(
+            cfg.max_position_embeddings,
+            cfg.head_dim,
+            cfg.rope_theta,
             dtype,
             device,
         )?;
-        let lm_head = if cfg.tie_word_embeddings && !ck.contains("lm_head.weight") {
-            Linear::dense(embed.clone())
-        } else {
-            Linear::dense(ck.float("lm_head.weight", &[cfg.vocab_size, h], dtype, device)?)
-        };
         Ok(Self {
             cfg: cfg.clone(),
             quant: quant.cloned(),
@@ -139,6 +240,8 @@ impl Mistral {
             lm_head,
             dtype,
             device: device.clone(),
+            cos,
+            sin,
         })
     }
 
@@ -152,16 +255,53 @@ impl Mistral {
         self.quant.as_ref()
     }
 
-    /// Empty paged storage for `num_blocks` blocks of `block_size` tokens.
-    pub fn new_cache(&self, num_blocks: usize, block_size: usize) -> PagedKvCache {
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of K and V per cache block across all layers.
+    pub fn kv_bytes_per_block(&self, block_size: usize) -> usize {
         let c = &self.cfg;
-        PagedKvCache::new(
+        let elem = if self.device.is_cuda() { 2 } else { 4 };
+        PagedKvCache::bytes_per_block(
+            c.num_hidden_layers,
+            block_size,
+            c.num_key_value_heads,
+            c.head_dim,
+            elem,
+        )
+    }
+
+    /// Empty paged storage for `num_blocks` blocks of `block_size` tokens.
+    pub fn new_cache(&self, num_blocks: usize, block_size: usize) -> Result<PagedKvCache> {
+        let c = &self.cfg;
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() {
+            return Ok(PagedKvCache::Cuda(cuda_attention::CudaKv::new(
+                &cuda_attention::CudaKvShape {
+                    layers: c.num_hidden_layers,
+                    num_blocks,
+                    block_size,
+                    heads: c.num_attention_heads,
+                    kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                },
+                &self.device,
+            )?));
+        }
+        Ok(PagedKvCache::Cpu(CpuKv::new(
             c.num_hidden_layers,
             num_blocks,
             block_size,
             c.num_key_value_heads,
             c.head_dim,
-        )
+        )))
     }
 
     /// Runs a mixed batch. Returns f32 logits: for each chunk's last token
@@ -172,6 +312,7 @@ impl Mistral {
         cache: &mut PagedKvCache,
         all_logits: bool,
     ) -> Result<Tensor> {
+        let batch = cache.prepare(chunks, &self.device)?;
         let ids: Vec<u32> = chunks
             .iter()
             .flat_map(|c| c.tokens.iter().copied())
@@ -184,47 +325,26 @@ impl Mistral {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
+        let cos = self.cos.index_select(&batch.positions, 0)?;
+        let sin = self.sin.index_select(&batch.positions, 0)?;
+        let mut pending: Option<Tensor> = None; // the MLP output not yet added to x
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_norm.forward(&x)?;
-            let q = layer.q.forward(&h)?;
-            let k = layer.k.forward(&h)?;
-            let v = layer.v.forward(&h)?;
-            let mut outs = Vec::with_capacity(chunks.len());
-            let mut off = 0;
-            for c in chunks.iter() {
-                let n = c.tokens.len();
-                let qc = q.narrow(0, off, n)?.reshape((n, nh, hd))?;
-                let kc = k.narrow(0, off, n)?.reshape((n, nkv, hd))?;
-                let vc = v.narrow(0, off, n)?.reshape((n, nkv, hd))?;
-                let (cos, sin) = attention::rope_tables(
-                    c.start_pos,
-                    n,
-                    hd,
-                    self.cfg.rope_theta,
-                    self.dtype,
-                    &self.device,
-                )?;
-                let qc = attention::apply_rope(&qc, &cos, &sin)?;
-                let kc = attention::apply_rope(&kc, &cos, &sin)?;
-                cache.write(li, c.blocks, c.start_pos, &kc, &vc)?;
-                let (kall, vall) = cache.gather(li, c.blocks, c.start_pos + n, &self.device)?;
-                outs.push(attention::attend(
-                    &qc,
-                    &kall,
-                    &vall,
-                    c.start_pos,
-                    self.cfg.sliding_window,
-                )?);
-                off += n;
-            }
-            let attn = Tensor::cat(&outs, 0)?;
-            x = (x + layer.o.forward(&attn)?)?;
-            let h = layer.post_norm.forward(&x)?;
-            let act = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
-            x = (x + layer.down.forward(&act)?)?;
+            let (h, xr) = layer.input_norm.add_forward(&x, pending.as_ref())?;
+            x = xr;
+            let q = layer.q.forward(&h)?.reshape((total, nh, hd))?;
+            let k = layer.k.forward(&h)?.reshape((total, nkv, hd))?;
+            let v = layer.v.forward(&h)?.reshape((total, nkv, hd))?;
+            let q = attention::apply_rope(&q, &cos, &sin)?;
+            let k = attention::apply_rope(&k, &cos, &sin)?;
+            let attn = cache.attention(li, &batch, &q, &k, &v, self.cfg.sliding_window)?;
+            let o = layer.o.forward(&attn)?;
+            let (h, xr) = layer.post_norm.add_forward(&x, Some(&o))?;
+            x = xr;
+            let act = silu_mul(&layer.gate.forward(&h)?, &layer.up.forward(&h)?)?;
+            pending = Some(layer.down.forward(&act)?);
         }
-        let x = if all_logits {
-            x
+        let (x, pending) = if all_logits {
+            (x, pending)
         } else {
             let mut last = Vec::with_capacity(chunks.len());
             let mut off = 0u32;
@@ -233,9 +353,11 @@ impl Mistral {
                 last.push(off - 1);
             }
             let n = last.len();
-            x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?
+            let idx = Tensor::from_vec(last, n, &self.device)?;
+            let p = pending.map(|p| p.index_select(&idx, 0)).transpose()?;
+            (x.index_select(&idx, 0)?, p)
         };
-        let h = self.norm.forward(&x)?;
+        let (h, _) = self.norm.add_forward(&x, pending.as_ref())?;
         Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
     }
 
@@ -244,7 +366,7 @@ impl Mistral {
     pub fn logits_full(&self, tokens: &[u32]) -> Result<Tensor> {
         let bs = 16;
         let n = tokens.len().div_ceil(bs).max(1);
-        let mut cache = self.new_cache(n, bs);
+        let mut cache = self.new_cache(n, bs)?;
         let blocks: Vec<BlockId> = (0..n as u32).map(BlockId).collect();
         let chunk = [SeqChunk {
             tokens,
@@ -253,4 +375,46 @@ impl Mistral {
         }];
         self.forward(&chunk, &mut cache, true)
     }
+}
+
+/// Random float weights: uniform in [lo, hi).
+fn dummy_float(shape: &[usize], lo: f32, hi: f32, seed: u64, opts: &LoadOptions) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &opts.device {
+        let t = crate::cuda::fill_f16(d, shape, seed, lo, hi)?;
+        return Ok(t.to_dtype(opts.dtype)?);
+    }
+    let _ = seed;
+    Ok(Tensor::rand(lo, hi, shape, &Device::Cpu)?
+        .to_dtype(opts.dtype)?
+        .to_device(&opts.device)?)
+}
+
+/// A random GPTQ layer of the spec's shape and quantization.
+fn dummy_gptq(spec: &LinearSpec<'_>, q: &QuantConfig, seed: u64) -> Result<Linear> {
+    #[cfg(feature = "cuda")]
+    if spec.device.is_cuda() {
+        let g = crate::cuda::GptqGpu::dummy(
+            &crate::cuda::DummyGptq {
+                bits: q.bits,
+                group_size: q.group_size,
+                k: spec.in_features,
+                n: spec.out_features,
+                act_order: q.desc_act,
+                seed,
+            },
+            spec.device,
+        )?;
+        return Linear::from_gpu(g, spec.mode, spec.fused_max_m);
+    }
+    let w = RandomGptq {
+        bits: q.bits,
+        group_size: q.group_size,
+        k: spec.in_features,
+        n: spec.out_features,
+        act_order: q.desc_act,
+        seed,
+    }
+    .build();
+    Linear::from_gptq(w, spec)
 }

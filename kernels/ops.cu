@@ -1,0 +1,76 @@
+// Fused small ops, in HF's f16 order of roundings, and random fills for
+// dummy weights.
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+// One block per row of H. With `add` non-null: res = x + add (f16, as HF's
+// residual add), written to res_out; then out = w * f16(r * rsqrt(mean(r^2) + eps))
+// with the mean in f32.
+extern "C" __global__ void rmsnorm_add(const half* __restrict__ x, const half* __restrict__ add,
+                                       const half* __restrict__ w, half* __restrict__ out,
+                                       half* __restrict__ res_out, int H, float eps) {
+  __shared__ float red[32];
+  size_t base = (size_t)blockIdx.x * H;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) {
+    half r = x[base + i];
+    if (add != nullptr) {
+      r = __hadd(r, add[base + i]);
+      res_out[base + i] = r;
+    }
+    float f = __half2float(r);
+    ss += f * f;
+  }
+  int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (lane == 0) red[wp] = ss;
+  __syncthreads();
+  ss = 0.f;
+  for (int k = 0; k < nw; k++) ss += red[k];
+  float inv = rsqrtf(ss / H + eps);
+  for (int i = threadIdx.x; i < H; i += blockDim.x) {
+    half r = add != nullptr ? res_out[base + i] : x[base + i];
+    half nrm = __float2half(__half2float(r) * inv);
+    out[base + i] = __hmul(w[i], nrm);
+  }
+}
+
+// out = f16(silu(gate)) * up, rounded as torch does in f16.
+extern "C" __global__ void silu_mul(const half* __restrict__ gate, const half* __restrict__ up,
+                                    half* __restrict__ out, size_t n) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float g = __half2float(gate[i]);
+  half s = __float2half(g / (1.f + expf(-g)));
+  out[i] = __hmul(s, up[i]);
+}
+
+__device__ __forceinline__ uint32_t mix(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return (uint32_t)((z ^ (z >> 31)) >> 32);
+}
+
+// Random 32-bit words (packed quantized weights).
+extern "C" __global__ void fill_u32(uint32_t* out, size_t n, uint64_t seed) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = mix(seed * 0x100000001b3ull + i);
+}
+
+// Uniform f16 in [lo, hi).
+extern "C" __global__ void fill_f16(half* out, size_t n, uint64_t seed, float lo, float hi) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = __float2half(lo + (hi - lo) * (mix(seed * 0x100000001b3ull + i) * 2.3283064e-10f));
+}
+
+// Dummy GPTQ group parameters: half2(scale, 1024 + zero), scale uniform in
+// [0.002, 0.02), zero uniform in [1, 2^bits] (AutoGPTQ v1 zeros are stored - 1).
+extern "C" __global__ void fill_sz(half2* out, size_t n, uint64_t seed, int bits) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  uint32_t a = mix(seed * 0x100000001b3ull + 2 * i), b = mix(seed * 0x100000001b3ull + 2 * i + 1);
+  float s = 0.002f + 0.018f * (a * 2.3283064e-10f);
+  int z = 1 + (int)(b % (1u << bits));
+  out[i] = __halves2half2(__float2half(s), __float2half(1024.f + z));
+}

@@ -1,0 +1,398 @@
+//! CUDA glue: our kernels (kernels/*.cu, compiled to PTX by build.rs and
+//! embedded) launched on candle's stream, over candle tensors. The only
+//! module with `unsafe`; every block says why it holds.
+
+mod gptq;
+
+pub use gptq::{DummyGptq, GptqGpu, GptqPath};
+
+use crate::{Error, Result};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Device, Shape, Storage, Tensor};
+use half::f16;
+use std::sync::OnceLock;
+
+/// One kernel file's PTX for the two targets.
+pub(crate) struct Ptx {
+    name: &'static str,
+    sm80: &'static str,
+    sm90: &'static str,
+}
+
+macro_rules! ptx {
+    ($name:literal) => {
+        Ptx {
+            name: $name,
+            sm80: include_str!(concat!(env!("OUT_DIR"), "/", $name, "_sm80.ptx")),
+            sm90: include_str!(concat!(env!("OUT_DIR"), "/", $name, "_sm90.ptx")),
+        }
+    };
+}
+
+pub(crate) const GPTQ: Ptx = ptx!("gptq");
+pub(crate) const ATTENTION: Ptx = ptx!("attention");
+pub(crate) const OPS: Ptx = ptx!("ops");
+
+/// The CUDA device of a tensor.
+pub(crate) fn device_of(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        other => Err(Error::Model(format!(
+            "a CUDA kernel was given a tensor on {other:?}"
+        ))),
+    }
+}
+
+/// The CUDA device behind a candle device.
+pub(crate) fn cuda(dev: &Device) -> Result<CudaDevice> {
+    match dev {
+        Device::Cuda(d) => Ok(d.clone()),
+        other => Err(Error::Model(format!("expected a CUDA device, got {other:?}"))),
+    }
+}
+
+fn is_sm90(dev: &CudaDevice) -> bool {
+    static SM90: OnceLock<bool> = OnceLock::new();
+    *SM90.get_or_init(|| {
+        dev.cuda_stream()
+            .context()
+            .compute_capability()
+            .map(|(major, _)| major >= 9)
+            .unwrap_or(false)
+    })
+}
+
+/// Launches `name` of `module` with `args` pushed by `push`.
+pub(crate) fn launch(
+    dev: &CudaDevice,
+    module: &Ptx,
+    name: &str,
+    cfg: LaunchConfig,
+    push: impl FnOnce(&mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'_>),
+) -> Result<()> {
+    let (mname, ptx) = if is_sm90(dev) {
+        (format!("runner_{}_sm90", module.name), module.sm90)
+    } else {
+        (format!("runner_{}_sm80", module.name), module.sm80)
+    };
+    let func = dev.get_or_load_custom_func(name, &mname, ptx)?;
+    let mut b = func.builder();
+    push(&mut b);
+    // SAFETY: every caller passes device pointers of live, contiguous
+    // buffers whose sizes match the kernel's indexing for the given launch
+    // shape, and scalars of the exact C types the kernel declares.
+    unsafe { b.launch(cfg) }
+        .map_err(|e| Error::Model(format!("cuda kernel {name} failed to launch: {e}")))?;
+    Ok(())
+}
+
+/// Device address of a contiguous CUDA tensor's first element.
+pub(crate) fn ptr<T: CudaDType>(t: &Tensor) -> Result<u64> {
+    if !t.is_contiguous() {
+        return Err(Error::Model(format!(
+            "a CUDA kernel needs a contiguous tensor, got shape {:?} strides {:?}",
+            t.dims(),
+            t.stride()
+        )));
+    }
+    let (st, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*st else {
+        return Err(Error::Model("a CUDA kernel was given a CPU tensor".into()));
+    };
+    let slice = T::as_cuda_slice(cs)?;
+    let stream = cs.device.cuda_stream();
+    let (p, _sync) = slice.device_ptr(&stream);
+    Ok(p + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
+}
+
+/// A fresh uninitialised tensor whose every element the next kernel writes.
+pub(crate) fn empty<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    dev: &CudaDevice,
+    shape: impl Into<Shape>,
+) -> Result<Tensor> {
+    let shape = shape.into();
+    // SAFETY: the memory is uninitialised; callers launch a kernel that
+    // writes every element before anything reads the tensor.
+    let slice = unsafe { dev.alloc::<T>(shape.elem_count()) }?;
+    Ok(Tensor::from_storage(
+        Storage::Cuda(T::wrap_cuda_slice(slice, dev.clone())),
+        shape,
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+/// A zeroed tensor.
+pub(crate) fn zeros(dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result<Tensor> {
+    Ok(Tensor::zeros(shape, dtype, &Device::Cuda(dev.clone()))?)
+}
+
+fn grid(n: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn check_f16(t: &Tensor, what: &str) -> Result<()> {
+    if t.dtype() != DType::F16 {
+        return Err(Error::Model(format!(
+            "{what}: the CUDA kernels take f16, got {:?} (set model.dtype = \"float16\")",
+            t.dtype()
+        )));
+    }
+    Ok(())
+}
+
+/// RMSNorm in HF's order, optionally after a residual add:
+/// returns (normed, x + add) (the second is x itself without `add`).
+pub fn rmsnorm_add(
+    x: &Tensor,
+    add: Option<&Tensor>,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    check_f16(x, "rmsnorm")?;
+    let dev = device_of(x)?;
+    let (rows, h) = x.dims2()?;
+    let x = x.contiguous()?;
+    let out = empty::<f16>(&dev, (rows, h))?;
+    let res = match add {
+        Some(_) => empty::<f16>(&dev, (rows, h))?,
+        None => x.clone(),
+    };
+    let add = add.map(|a| a.contiguous()).transpose()?;
+    let (px, pw, po) = (ptr::<f16>(&x)?, ptr::<f16>(weight)?, ptr::<f16>(&out)?);
+    let pa = add.as_ref().map(ptr::<f16>).transpose()?.unwrap_or(0);
+    let pr = if add.is_some() { ptr::<f16>(&res)? } else { 0 };
+    let (hh, e) = (h as i32, eps as f32);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch(&dev, &OPS, "rmsnorm_add", cfg, |b| {
+        b.arg(&px).arg(&pa).arg(&pw).arg(&po).arg(&pr).arg(&hh).arg(&e);
+    })?;
+    Ok((out, res))
+}
+
+/// f16(silu(gate)) * up, elementwise.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    check_f16(gate, "silu_mul")?;
+    let dev = device_of(gate)?;
+    let (g, u) = (gate.contiguous()?, up.contiguous()?);
+    let out = empty::<f16>(&dev, g.shape().clone())?;
+    let n = g.elem_count();
+    let (pg, pu, po, nn) = (ptr::<f16>(&g)?, ptr::<f16>(&u)?, ptr::<f16>(&out)?, n);
+    launch(&dev, &OPS, "silu_mul", grid(n, 256), |b| {
+        b.arg(&pg).arg(&pu).arg(&po).arg(&nn);
+    })?;
+    Ok(out)
+}
+
+/// Writes k/v rows [n, row] into the cache tensors [slots, row] at `slots`.
+pub fn kv_write(k: &Tensor, v: &Tensor, kc: &Tensor, vc: &Tensor, slots: &Tensor) -> Result<()> {
+    check_f16(k, "kv_write")?;
+    let dev = device_of(k)?;
+    let (n, row) = k.dims2()?;
+    if row % 8 != 0 {
+        return Err(Error::Model(format!(
+            "kv_write: row of {row} halves is not a multiple of 8"
+        )));
+    }
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let p = [
+        ptr::<f16>(&k)?,
+        ptr::<f16>(&v)?,
+        ptr::<f16>(kc)?,
+        ptr::<f16>(vc)?,
+        ptr::<u32>(slots)?,
+    ];
+    let (ni, ri) = (n as i32, row as i32);
+    launch(&dev, &ATTENTION, "kv_write", grid(n * row / 8, 256), |b| {
+        for x in &p {
+            b.arg(x);
+        }
+        b.arg(&ni).arg(&ri);
+    })?;
+    Ok(())
+}
+
+/// What the decode kernel needs beside the tensors.
+pub struct DecodeShape {
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Tokens per cache block.
+    pub block_size: usize,
+    /// Sliding window (0: none).
+    pub window: usize,
+    /// Longest visible key range in the batch.
+    pub max_keys: usize,
+}
+
+/// Keys per partition of the decode kernel (PART in kernels/attention.cu).
+pub const DECODE_PART: usize = 512;
+
+/// Decode attention: q [B, heads*D] (one token per sequence), block tables
+/// [B, max_blocks] u32, ctx_lens [B] u32 (keys including the query's own);
+/// returns [B, heads*D].
+pub fn paged_decode(
+    q: &Tensor,
+    kc: &Tensor,
+    vc: &Tensor,
+    tables: &Tensor,
+    ctx_lens: &Tensor,
+    s: &DecodeShape,
+) -> Result<Tensor> {
+    check_f16(q, "paged_decode")?;
+    let dev = device_of(q)?;
+    let b = q.dim(0)?;
+    let g = s.heads / s.kv_heads;
+    if !(1..=8).contains(&g) || ![16, 32, 64, 128].contains(&s.head_dim) {
+        return Err(Error::Model(format!(
+            "paged_decode: {} query heads per kv head (max 8) and head_dim {} (16/32/64/128) are not supported",
+            g, s.head_dim
+        )));
+    }
+    let parts = s.max_keys.div_ceil(DECODE_PART).max(1);
+    let q = q.contiguous()?;
+    let po = zeros(&dev, DType::F32, (b, s.heads, parts, s.head_dim))?;
+    let pml = zeros(&dev, DType::F32, (b, s.heads, parts, 2))?;
+    let out = empty::<f16>(&dev, (b, s.heads * s.head_dim))?;
+    let p = [
+        ptr::<f16>(&q)?,
+        ptr::<f16>(kc)?,
+        ptr::<f16>(vc)?,
+        ptr::<u32>(tables)?,
+        ptr::<u32>(ctx_lens)?,
+        ptr::<f32>(&po)?,
+        ptr::<f32>(&pml)?,
+    ];
+    let ints = [
+        s.heads as i32,
+        s.kv_heads as i32,
+        tables.dim(1)? as i32,
+        s.block_size as i32,
+        s.window as i32,
+    ];
+    let scale = 1.0f32 / (s.head_dim as f32).sqrt();
+    let pi = parts as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (s.kv_heads as u32, b as u32, parts as u32),
+        block_dim: (32 * g as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = format!("paged_decode_d{}", s.head_dim);
+    launch(&dev, &ATTENTION, &name, cfg, |bld| {
+        for x in &p {
+            bld.arg(x);
+        }
+        for x in &ints {
+            bld.arg(x);
+        }
+        bld.arg(&scale).arg(&pi);
+    })?;
+    let (ppo, ppml, pout) = (ptr::<f32>(&po)?, ptr::<f32>(&pml)?, ptr::<f16>(&out)?);
+    let (d, pi) = (s.head_dim as i32, parts as i32);
+    let cfg = LaunchConfig {
+        grid_dim: ((b * s.heads) as u32, 1, 1),
+        block_dim: (s.head_dim as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch(&dev, &ATTENTION, "paged_decode_combine", cfg, |bld| {
+        bld.arg(&ppo).arg(&ppml).arg(&pout).arg(&d).arg(&pi);
+    })?;
+    Ok(out)
+}
+
+/// In place on f16 scores [R, L] (row r: query at position start + r % n):
+/// scale, causal + window mask, softmax in f32, back to f16.
+pub fn masked_softmax(scores: &Tensor, n: usize, start: usize, window: usize, scale: f32) -> Result<()> {
+    check_f16(scores, "masked_softmax")?;
+    let dev = device_of(scores)?;
+    let l = scores.dim(scores.rank() - 1)?;
+    let rows = scores.elem_count() / l;
+    let ps = ptr::<f16>(scores)?;
+    let ints = [l as i32, n as i32, start as i32, window as i32];
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch(&dev, &ATTENTION, "masked_softmax", cfg, |b| {
+        b.arg(&ps);
+        for x in &ints {
+            b.arg(x);
+        }
+        b.arg(&scale);
+    })
+}
+
+/// Random u32 words (as a U32 tensor) for dummy quantized weights.
+pub(crate) fn fill_u32(dev: &CudaDevice, n: usize, seed: u64) -> Result<Tensor> {
+    let t = empty::<u32>(dev, n)?;
+    let p = ptr::<u32>(&t)?;
+    launch(dev, &OPS, "fill_u32", grid(n, 256), |b| {
+        b.arg(&p).arg(&n).arg(&seed);
+    })?;
+    Ok(t)
+}
+
+/// Uniform f16 values in [lo, hi).
+pub fn fill_f16(dev: &CudaDevice, shape: impl Into<Shape>, seed: u64, lo: f32, hi: f32) -> Result<Tensor> {
+    let shape = shape.into();
+    let n = shape.elem_count();
+    let t = empty::<f16>(dev, shape)?;
+    let p = ptr::<f16>(&t)?;
+    launch(dev, &OPS, "fill_f16", grid(n, 256), |b| {
+        b.arg(&p).arg(&n).arg(&seed).arg(&lo).arg(&hi);
+    })?;
+    Ok(t)
+}
+
+/// Dummy group parameters half2(scale, 1024 + zero) for `pairs` entries.
+pub(crate) fn fill_sz(dev: &CudaDevice, pairs: usize, seed: u64, bits: u32) -> Result<Tensor> {
+    let t = empty::<f16>(dev, 2 * pairs)?;
+    let p = ptr::<f16>(&t)?;
+    let bi = bits as i32;
+    launch(dev, &OPS, "fill_sz", grid(pairs, 256), |b| {
+        b.arg(&p).arg(&pairs).arg(&seed).arg(&bi);
+    })?;
+    Ok(t)
+}
+
+/// (free, total) bytes of device memory.
+pub fn mem_info() -> Result<(usize, usize)> {
+    candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+        .map_err(|e| Error::Model(format!("cuMemGetInfo failed: {e}")))
+}
+
+/// Waits for the device's stream.
+pub fn synchronize(dev: &Device) -> Result<()> {
+    Ok(dev.synchronize()?)
+}
+
+/// Wraps raw storage (used by the GPTQ module).
+pub(crate) fn wrap<T: CudaDType>(
+    dev: &CudaDevice,
+    slice: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    shape: impl Into<Shape>,
+) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(CudaStorage {
+            slice: T::wrap_cuda_slice(slice, dev.clone()).slice,
+            device: dev.clone(),
+        }),
+        shape,
+        BackpropOp::none(),
+        false,
+    )
+}

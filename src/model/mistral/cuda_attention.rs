@@ -1,0 +1,220 @@
+//! The paged KV cache on the GPU (f16 rows per layer) and attention over it:
+//! one batched decode kernel for every single-token chunk, and for prefill
+//! chunks HF's eager f16 arithmetic (cuBLAS q.k^T, the fused masked softmax,
+//! cuBLAS p.v) over the chunk's gathered keys.
+
+use crate::cuda::{self, DecodeShape};
+use crate::kv::BlockId;
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+
+/// GPU storage of the paged cache.
+#[derive(Debug)]
+pub struct CudaKv {
+    block_size: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    heads: usize,
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+/// Index tensors of one forward, shared by every layer.
+pub(crate) struct GpuBatch {
+    /// Cache row of every token [T].
+    slots: Tensor,
+    /// Single-token chunks, batched for the decode kernel.
+    decode: Option<Decode>,
+    /// Per chunk: the cache rows of positions 0..start+n (prefill chunks only).
+    keys: Vec<Option<Tensor>>,
+}
+
+struct Decode {
+    rows: Tensor,
+    tables: Tensor,
+    ctx: Tensor,
+    max_keys: usize,
+}
+
+/// Sizes of the cache.
+pub struct CudaKvShape {
+    /// Layers.
+    pub layers: usize,
+    /// Blocks.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+}
+
+impl CudaKv {
+    /// Zeroed f16 storage.
+    pub fn new(s: &CudaKvShape, dev: &Device) -> Result<Self> {
+        let rows = s.num_blocks * s.block_size;
+        let row = s.kv_heads * s.head_dim;
+        let mut layers = Vec::with_capacity(s.layers);
+        for _ in 0..s.layers {
+            layers.push((
+                Tensor::zeros((rows, row), DType::F16, dev)?,
+                Tensor::zeros((rows, row), DType::F16, dev)?,
+            ));
+        }
+        Ok(Self {
+            block_size: s.block_size,
+            kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+            heads: s.heads,
+            layers,
+        })
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn slot(&self, blocks: &[BlockId], pos: usize) -> u32 {
+        blocks[pos / self.block_size].0 * self.block_size as u32 + (pos % self.block_size) as u32
+    }
+
+    /// Copies a block's rows in every layer.
+    pub fn copy_block(&mut self, from: BlockId, to: BlockId) -> Result<()> {
+        let bs = self.block_size as u32;
+        let dev = self.layers[0].0.device().clone();
+        let src = Tensor::from_vec((0..bs).map(|i| from.0 * bs + i).collect::<Vec<_>>(), bs as usize, &dev)?;
+        let dst = Tensor::from_vec((0..bs).map(|i| to.0 * bs + i).collect::<Vec<_>>(), bs as usize, &dev)?;
+        for (kc, vc) in &self.layers {
+            let k = kc.index_select(&src, 0)?;
+            let v = vc.index_select(&src, 0)?;
+            cuda::kv_write(&k, &v, kc, vc, &dst)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn prepare(&self, chunks: &[(usize, usize, Vec<BlockId>)], dev: &Device) -> Result<GpuBatch> {
+        let mut slots = Vec::new();
+        let mut rows = Vec::new();
+        let mut ctx = Vec::new();
+        let mut tables: Vec<&[BlockId]> = Vec::new();
+        let mut keys = Vec::with_capacity(chunks.len());
+        let mut off = 0u32;
+        for (start, n, blocks) in chunks {
+            slots.extend((*start..start + n).map(|p| self.slot(blocks, p)));
+            if *n == 1 {
+                rows.push(off);
+                ctx.push((start + 1) as u32);
+                tables.push(blocks);
+                keys.push(None);
+            } else {
+                let k: Vec<u32> = (0..start + n).map(|p| self.slot(blocks, p)).collect();
+                let len = k.len();
+                keys.push(Some(Tensor::from_vec(k, len, dev)?));
+            }
+            off += *n as u32;
+        }
+        let decode = if rows.is_empty() {
+            None
+        } else {
+            let maxb = tables.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
+            let mut flat = vec![0u32; tables.len() * maxb];
+            for (i, t) in tables.iter().enumerate() {
+                for (j, b) in t.iter().enumerate() {
+                    flat[i * maxb + j] = b.0;
+                }
+            }
+            let bd = rows.len();
+            let max_keys = *ctx.iter().max().unwrap_or(&1) as usize;
+            Some(Decode {
+                rows: Tensor::from_vec(rows, bd, dev)?,
+                tables: Tensor::from_vec(flat, (bd, maxb), dev)?,
+                ctx: Tensor::from_vec(ctx, bd, dev)?,
+                max_keys,
+            })
+        };
+        let t = slots.len();
+        Ok(GpuBatch {
+            slots: Tensor::from_vec(slots, t, dev)?,
+            decode,
+            keys,
+        })
+    }
+
+    /// Writes k/v and attends; q [T, heads, d], k/v [T, kv_heads, d].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention(
+        &mut self,
+        layer: usize,
+        b: &GpuBatch,
+        chunks: &[(usize, usize, Vec<BlockId>)],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let (t, nh, d) = q.dims3()?;
+        let nkv = self.kv_heads;
+        let row = nkv * d;
+        let (kc, vc) = &self.layers[layer];
+        cuda::kv_write(&k.reshape((t, row))?, &v.reshape((t, row))?, kc, vc, &b.slots)?;
+        let q2 = q.reshape((t, nh * d))?;
+        let dec = match &b.decode {
+            Some(dd) => Some(cuda::paged_decode(
+                &q2.index_select(&dd.rows, 0)?,
+                kc,
+                vc,
+                &dd.tables,
+                &dd.ctx,
+                &DecodeShape {
+                    heads: self.heads,
+                    kv_heads: nkv,
+                    head_dim: d,
+                    block_size: self.block_size,
+                    window: window.unwrap_or(0),
+                    max_keys: window.map_or(dd.max_keys, |w| dd.max_keys.min(w)),
+                },
+            )?),
+            None => None,
+        };
+        let g = nh / nkv;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut pieces: Vec<Tensor> = Vec::new();
+        let (mut off, mut di, mut run) = (0usize, 0usize, 0usize);
+        for ((start, n, _), keys) in chunks.iter().zip(&b.keys) {
+            match keys {
+                None => run += 1,
+                Some(keys) => {
+                    if run > 0 {
+                        pieces.push(dec.as_ref().expect("decode rows").narrow(0, di, run)?);
+                        di += run;
+                        run = 0;
+                    }
+                    let l = keys.dim(0)?;
+                    let kall = kc.index_select(keys, 0)?.reshape((l, nkv, d))?.transpose(0, 1)?.contiguous()?;
+                    let vall = vc.index_select(keys, 0)?.reshape((l, nkv, d))?.transpose(0, 1)?.contiguous()?;
+                    let qc = q
+                        .narrow(0, off, *n)?
+                        .transpose(0, 1)?
+                        .contiguous()?
+                        .reshape((nkv, g * n, d))?;
+                    let scores = qc.matmul(&kall.t()?)?.contiguous()?; // [kv, g*n, L]
+                    cuda::masked_softmax(&scores, *n, *start, window.unwrap_or(0), scale)?;
+                    let o = scores.matmul(&vall)?; // [kv, g*n, d]
+                    pieces.push(o.reshape((nh, *n, d))?.transpose(0, 1)?.reshape((*n, nh * d))?);
+                }
+            }
+            off += n;
+        }
+        if run > 0 {
+            pieces.push(dec.as_ref().expect("decode rows").narrow(0, di, run)?);
+        }
+        Ok(if pieces.len() == 1 {
+            pieces.pop().expect("one piece")
+        } else {
+            Tensor::cat(&pieces, 0)?
+        })
+    }
+}
