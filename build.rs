@@ -35,7 +35,10 @@ fn main() {
                 .unwrap_or_else(|e| {
                     panic!("cannot run {} ({e}); install a CUDA toolkit (kernels/cuda-toolchain.sh) or set CUDA_HOME", nvcc.display())
                 });
-            assert!(status.success(), "nvcc failed on kernels/{k}.cu for compute_{arch}");
+            assert!(
+                status.success(),
+                "nvcc failed on kernels/{k}.cu for compute_{arch}"
+            );
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct JobSummary {
     pub cached_prompt_tokens: usize,
     /// Preemptions by recompute.
     pub preemptions: usize,
+    /// Most device memory in use at any step (CUDA; 0 on the CPU).
+    pub peak_device_bytes: usize,
 }
 
 /// The candle device for a configured device.
@@ -231,6 +233,21 @@ impl Engine {
         })
     }
 
+    /// Runs records whose prompts are already token ids (benchmarks).
+    pub fn run_tokens(
+        &self,
+        items: Vec<(InputRecord, Vec<u32>)>,
+        sink: &mut ParquetSink,
+    ) -> Result<JobSummary> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Prepared>>(items.len().max(1));
+        for (rec, ids) in items {
+            tx.send(Ok((rec, Ok(ids))))
+                .expect("the receiver lives until the loop ends");
+        }
+        drop(tx);
+        self.step_loop(&rx, sink)
+    }
+
     /// Tokenizes a record and checks that it fits the KV cache.
     fn prepare(
         &self,
@@ -357,6 +374,12 @@ impl Engine {
             drop(chunks);
             sched.commit(&plan);
             sum.steps += 1;
+            #[cfg(feature = "cuda")]
+            if self.model.device().is_cuda() {
+                if let Ok((free, total)) = crate::cuda::mem_info() {
+                    sum.peak_device_bytes = sum.peak_device_bytes.max(total - free);
+                }
+            }
             let (used, free) = sched.blocks();
             let stats = sched.stats();
             tracing::debug!(

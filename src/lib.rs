@@ -6,6 +6,7 @@
 //! Parquet row per record. Module dependencies point one way:
 //! `cli -> engine -> {scheduler, kv, model, sampler, output, input, prompt} -> config`.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "cuda")]

@@ -1,6 +1,7 @@
 //! Command-line verbs. This is the only layer that reads the environment;
 //! everything below receives resolved settings.
 
+mod bench;
 mod inspect;
 mod submit;
 
@@ -35,6 +36,30 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Benchmarks: workloads W1-W4 on dummy weights of the job's model
+    /// config, and (CUDA) the kernel benches. See BENCHMARKS.md.
+    Bench {
+        /// The job file whose model config and engine settings to use.
+        job: PathBuf,
+        /// Workloads to run (W1..W4, comma-separated); none = kernels only.
+        #[arg(long, value_delimiter = ',')]
+        workload: Vec<String>,
+        /// Fraction of each workload's prompts (quick runs).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Directory with tokenizer.json (default: the model directory).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Also run the GEMM and attention kernel benches (CUDA).
+        #[arg(long)]
+        kernels: bool,
+        /// Write the results as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Override a setting (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Print a model's architecture, quantization and tensor inventory.
     Inspect {
         /// A local model directory or a hub repo id.
@@ -50,6 +75,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Submit { job, set } => submit::submit(&load_job(&job, set)?, &hub_settings()),
         Command::Validate { job, set } => submit::validate(&load_job(&job, set)?, &hub_settings()),
+        Command::Bench {
+            job,
+            workload,
+            scale,
+            tokenizer,
+            kernels,
+            json,
+            set,
+        } => {
+            let spec = load_job(&job, set)?;
+            let tok = tokenizer
+                .or_else(|| spec.model.local_dir.clone())
+                .unwrap_or_else(|| PathBuf::from("."));
+            bench::bench(
+                &spec,
+                &bench::BenchArgs {
+                    workloads: &workload,
+                    scale,
+                    tokenizer: &tok,
+                    kernels,
+                    json: json.as_deref(),
+                },
+            )
+        }
         Command::Inspect { model, revision } => {
             inspect::inspect(&model, &revision, &hub_settings())
         }

@@ -2,7 +2,7 @@
 //! once per product, dequantized in registers) and the dequantize-then-cuBLAS
 //! path, over weights in the tile layout of [`TiledGptq`].
 
-use super::{device_of, empty, launch, ptr, GPTQ};
+use super::{device_of, empty, launch, ptr, Arg, GPTQ};
 use crate::model::linear::TiledGptq;
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
@@ -149,14 +149,9 @@ impl GptqGpu {
             shared_mem_bytes: 0,
         };
         let name = format!("gptq_dequant_b{}", self.bits);
-        launch(&dev, &GPTQ, &name, cfg, |b| {
-            for x in &p {
-                b.arg(x);
-            }
-            for x in &d {
-                b.arg(x);
-            }
-        })?;
+        let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
+        args.extend(d.iter().map(|&x| Arg::I(x)));
+        launch(&dev, &GPTQ, &name, cfg, &args)?;
         Ok(wt)
     }
 
@@ -212,25 +207,29 @@ impl GptqGpu {
             shared_mem_bytes: 0,
         };
         let name = format!("gptq_mma_b{}_m{mt}", self.bits);
-        launch(&dev, &GPTQ, &name, cfg, |b| {
-            for v in &p {
-                b.arg(v);
-            }
-            b.arg(&mi);
-            for v in &d {
-                b.arg(v);
-            }
-        })?;
+        let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
+        args.push(Arg::I(mi));
+        args.extend(d.iter().map(|&x| Arg::I(x)));
+        launch(&dev, &GPTQ, &name, cfg, &args)?;
         let mn = m * self.n;
-        let (pp, po, mni, si) = (ptr::<f32>(&part)?, ptr::<f16>(&out)?, mn as i32, splits as i32);
+        let (pp, po, mni, si) = (
+            ptr::<f32>(&part)?,
+            ptr::<f16>(&out)?,
+            mn as i32,
+            splits as i32,
+        );
         let cfg = LaunchConfig {
             grid_dim: ((mn as u32).div_ceil(256), 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch(&dev, &GPTQ, "gptq_reduce", cfg, |b| {
-            b.arg(&pp).arg(&po).arg(&mni).arg(&si);
-        })?;
+        launch(
+            &dev,
+            &GPTQ,
+            "gptq_reduce",
+            cfg,
+            &[Arg::P(pp), Arg::P(po), Arg::I(mni), Arg::I(si)],
+        )?;
         Ok(out)
     }
 }

@@ -49,7 +49,9 @@ pub(crate) fn device_of(t: &Tensor) -> Result<CudaDevice> {
 pub(crate) fn cuda(dev: &Device) -> Result<CudaDevice> {
     match dev {
         Device::Cuda(d) => Ok(d.clone()),
-        other => Err(Error::Model(format!("expected a CUDA device, got {other:?}"))),
+        other => Err(Error::Model(format!(
+            "expected a CUDA device, got {other:?}"
+        ))),
     }
 }
 
@@ -64,13 +66,26 @@ fn is_sm90(dev: &CudaDevice) -> bool {
     })
 }
 
-/// Launches `name` of `module` with `args` pushed by `push`.
+/// A kernel argument, pushed with its exact C type.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg {
+    /// A device pointer.
+    P(u64),
+    /// `int`.
+    I(i32),
+    /// `float`.
+    F(f32),
+    /// `size_t` / `uint64_t`.
+    U(u64),
+}
+
+/// Launches `name` of `module` with `args`.
 pub(crate) fn launch(
     dev: &CudaDevice,
     module: &Ptx,
     name: &str,
     cfg: LaunchConfig,
-    push: impl FnOnce(&mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'_>),
+    args: &[Arg],
 ) -> Result<()> {
     let (mname, ptx) = if is_sm90(dev) {
         (format!("runner_{}_sm90", module.name), module.sm90)
@@ -79,7 +94,13 @@ pub(crate) fn launch(
     };
     let func = dev.get_or_load_custom_func(name, &mname, ptx)?;
     let mut b = func.builder();
-    push(&mut b);
+    for a in args {
+        match a {
+            Arg::P(v) | Arg::U(v) => b.arg(v),
+            Arg::I(v) => b.arg(v),
+            Arg::F(v) => b.arg(v),
+        };
+    }
     // SAFETY: every caller passes device pointers of live, contiguous
     // buffers whose sizes match the kernel's indexing for the given launch
     // shape, and scalars of the exact C types the kernel declares.
@@ -174,9 +195,14 @@ pub fn rmsnorm_add(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch(&dev, &OPS, "rmsnorm_add", cfg, |b| {
-        b.arg(&px).arg(&pa).arg(&pw).arg(&po).arg(&pr).arg(&hh).arg(&e);
-    })?;
+    use Arg::*;
+    launch(
+        &dev,
+        &OPS,
+        "rmsnorm_add",
+        cfg,
+        &[P(px), P(pa), P(pw), P(po), P(pr), I(hh), F(e)],
+    )?;
     Ok((out, res))
 }
 
@@ -188,9 +214,14 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let out = empty::<f16>(&dev, g.shape().clone())?;
     let n = g.elem_count();
     let (pg, pu, po, nn) = (ptr::<f16>(&g)?, ptr::<f16>(&u)?, ptr::<f16>(&out)?, n);
-    launch(&dev, &OPS, "silu_mul", grid(n, 256), |b| {
-        b.arg(&pg).arg(&pu).arg(&po).arg(&nn);
-    })?;
+    use Arg::*;
+    launch(
+        &dev,
+        &OPS,
+        "silu_mul",
+        grid(n, 256),
+        &[P(pg), P(pu), P(po), U(nn as u64)],
+    )?;
     Ok(out)
 }
 
@@ -213,12 +244,9 @@ pub fn kv_write(k: &Tensor, v: &Tensor, kc: &Tensor, vc: &Tensor, slots: &Tensor
         ptr::<u32>(slots)?,
     ];
     let (ni, ri) = (n as i32, row as i32);
-    launch(&dev, &ATTENTION, "kv_write", grid(n * row / 8, 256), |b| {
-        for x in &p {
-            b.arg(x);
-        }
-        b.arg(&ni).arg(&ri);
-    })?;
+    let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
+    args.extend([Arg::I(ni), Arg::I(ri)]);
+    launch(&dev, &ATTENTION, "kv_write", grid(n * row / 8, 256), &args)?;
     Ok(())
 }
 
@@ -291,15 +319,10 @@ pub fn paged_decode(
         shared_mem_bytes: 0,
     };
     let name = format!("paged_decode_d{}", s.head_dim);
-    launch(&dev, &ATTENTION, &name, cfg, |bld| {
-        for x in &p {
-            bld.arg(x);
-        }
-        for x in &ints {
-            bld.arg(x);
-        }
-        bld.arg(&scale).arg(&pi);
-    })?;
+    let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
+    args.extend(ints.iter().map(|&x| Arg::I(x)));
+    args.extend([Arg::F(scale), Arg::I(pi)]);
+    launch(&dev, &ATTENTION, &name, cfg, &args)?;
     let (ppo, ppml, pout) = (ptr::<f32>(&po)?, ptr::<f32>(&pml)?, ptr::<f16>(&out)?);
     let (d, pi) = (s.head_dim as i32, parts as i32);
     let cfg = LaunchConfig {
@@ -307,15 +330,26 @@ pub fn paged_decode(
         block_dim: (s.head_dim as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch(&dev, &ATTENTION, "paged_decode_combine", cfg, |bld| {
-        bld.arg(&ppo).arg(&ppml).arg(&pout).arg(&d).arg(&pi);
-    })?;
+    use Arg::*;
+    launch(
+        &dev,
+        &ATTENTION,
+        "paged_decode_combine",
+        cfg,
+        &[P(ppo), P(ppml), P(pout), I(d), I(pi)],
+    )?;
     Ok(out)
 }
 
 /// In place on f16 scores [R, L] (row r: query at position start + r % n):
 /// scale, causal + window mask, softmax in f32, back to f16.
-pub fn masked_softmax(scores: &Tensor, n: usize, start: usize, window: usize, scale: f32) -> Result<()> {
+pub fn masked_softmax(
+    scores: &Tensor,
+    n: usize,
+    start: usize,
+    window: usize,
+    scale: f32,
+) -> Result<()> {
     check_f16(scores, "masked_softmax")?;
     let dev = device_of(scores)?;
     let l = scores.dim(scores.rank() - 1)?;
@@ -327,34 +361,47 @@ pub fn masked_softmax(scores: &Tensor, n: usize, start: usize, window: usize, sc
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch(&dev, &ATTENTION, "masked_softmax", cfg, |b| {
-        b.arg(&ps);
-        for x in &ints {
-            b.arg(x);
-        }
-        b.arg(&scale);
-    })
+    let mut args = vec![Arg::P(ps)];
+    args.extend(ints.iter().map(|&x| Arg::I(x)));
+    args.push(Arg::F(scale));
+    launch(&dev, &ATTENTION, "masked_softmax", cfg, &args)
 }
 
 /// Random u32 words (as a U32 tensor) for dummy quantized weights.
 pub(crate) fn fill_u32(dev: &CudaDevice, n: usize, seed: u64) -> Result<Tensor> {
     let t = empty::<u32>(dev, n)?;
     let p = ptr::<u32>(&t)?;
-    launch(dev, &OPS, "fill_u32", grid(n, 256), |b| {
-        b.arg(&p).arg(&n).arg(&seed);
-    })?;
+    use Arg::*;
+    launch(
+        dev,
+        &OPS,
+        "fill_u32",
+        grid(n, 256),
+        &[P(p), U(n as u64), U(seed)],
+    )?;
     Ok(t)
 }
 
 /// Uniform f16 values in [lo, hi).
-pub fn fill_f16(dev: &CudaDevice, shape: impl Into<Shape>, seed: u64, lo: f32, hi: f32) -> Result<Tensor> {
+pub fn fill_f16(
+    dev: &CudaDevice,
+    shape: impl Into<Shape>,
+    seed: u64,
+    lo: f32,
+    hi: f32,
+) -> Result<Tensor> {
     let shape = shape.into();
     let n = shape.elem_count();
     let t = empty::<f16>(dev, shape)?;
     let p = ptr::<f16>(&t)?;
-    launch(dev, &OPS, "fill_f16", grid(n, 256), |b| {
-        b.arg(&p).arg(&n).arg(&seed).arg(&lo).arg(&hi);
-    })?;
+    use Arg::*;
+    launch(
+        dev,
+        &OPS,
+        "fill_f16",
+        grid(n, 256),
+        &[P(p), U(n as u64), U(seed), F(lo), F(hi)],
+    )?;
     Ok(t)
 }
 
@@ -363,9 +410,14 @@ pub(crate) fn fill_sz(dev: &CudaDevice, pairs: usize, seed: u64, bits: u32) -> R
     let t = empty::<f16>(dev, 2 * pairs)?;
     let p = ptr::<f16>(&t)?;
     let bi = bits as i32;
-    launch(dev, &OPS, "fill_sz", grid(pairs, 256), |b| {
-        b.arg(&p).arg(&pairs).arg(&seed).arg(&bi);
-    })?;
+    use Arg::*;
+    launch(
+        dev,
+        &OPS,
+        "fill_sz",
+        grid(pairs, 256),
+        &[P(p), U(pairs as u64), U(seed), I(bi)],
+    )?;
     Ok(t)
 }
 

@@ -2,7 +2,7 @@
 //! under batching, chunked prefill and preemption; the prefix cache
 //! computing a shared system prompt once.
 
-use crate::common::{fixtures, rows, runner, write_job, Row, MODELS};
+use crate::common::{fixtures, rows, runner, write_job, Row, ALL_MODELS};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -67,7 +67,7 @@ fn field(log: &str, key: &str) -> u64 {
 fn greedy_outputs_do_not_depend_on_batching_chunking_or_preemption() {
     let tmp = tempfile::tempdir().unwrap();
     mixed_prompts(tmp.path());
-    let model = MODELS[1];
+    let model = ALL_MODELS[1];
     let (one, _) = run(
         tmp.path(),
         model,
@@ -124,10 +124,10 @@ fn a_shared_system_prompt_is_computed_once() {
         "engine.max_num_seqs=16",
         "engine.block_size=16",
     ];
-    let (on, log) = run(tmp.path(), MODELS[0], "shared.jsonl", &sets);
+    let (on, log) = run(tmp.path(), ALL_MODELS[0], "shared.jsonl", &sets);
     let mut off_sets = sets.to_vec();
     off_sets.push("engine.prefix_caching=false");
-    let (off, _) = run(tmp.path(), MODELS[0], "shared.jsonl", &off_sets);
+    let (off, _) = run(tmp.path(), ALL_MODELS[0], "shared.jsonl", &off_sets);
     let prompt_len = on["0"].prompt_tokens as u64;
     assert!(
         prompt_len >= 200,

@@ -4,9 +4,13 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The fixtures directory (`../shared/fixtures` beside the checkout).
+/// The fixtures directory (`../shared/fixtures` beside the checkout, or
+/// `TEST_FIXTURES_DIR` when the test binary runs elsewhere, e.g. on a GPU
+/// machine).
 pub fn fixtures() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    let p = std::env::var_os("TEST_FIXTURES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
     assert!(
         p.is_dir(),
         "fixtures missing at {}: the tests need ../shared/fixtures",
@@ -16,12 +20,34 @@ pub fn fixtures() -> PathBuf {
 }
 
 /// The four fixture models.
-pub const MODELS: &[&str] = &[
+pub const ALL_MODELS: &[&str] = &[
     "tiny-mistral-fp16",
     "tiny-mistral-gptq-4bit-128g-actorder_True",
     "tiny-mistral-gptq-4bit-32g-actorder_True",
     "tiny-mistral-gptq-8bit--1g-actorder_True",
 ];
+
+/// The fixture models a run checks: all four, or the comma-separated
+/// `TEST_MODELS` (a GPU machine gets the fixtures in two transfers); the
+/// choice is printed so that a partial run says so.
+pub fn models() -> Vec<&'static str> {
+    match std::env::var("TEST_MODELS") {
+        Ok(list) => {
+            let chosen: Vec<&'static str> = ALL_MODELS
+                .iter()
+                .copied()
+                .filter(|m| list.split(',').any(|x| x.trim() == *m))
+                .collect();
+            assert!(
+                !chosen.is_empty(),
+                "TEST_MODELS={list} names no fixture model"
+            );
+            eprintln!("TEST_MODELS: checking {chosen:?} of {ALL_MODELS:?}");
+            chosen
+        }
+        Err(_) => ALL_MODELS.to_vec(),
+    }
+}
 
 /// The reference path of a model for a dtype.
 pub fn reference_path(model: &str, f16: bool) -> &'static str {
@@ -48,7 +74,10 @@ pub struct Run {
 
 /// Runs `runner ARGS` in `cwd` with a clean RUNNER_* environment.
 pub fn runner(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_runner"));
+    let bin = std::env::var_os("TEST_RUNNER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_runner")));
+    let mut cmd = Command::new(bin);
     cmd.current_dir(cwd)
         .args(args)
         .env("NO_COLOR", "1")

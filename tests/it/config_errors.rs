@@ -1,7 +1,7 @@
 //! Bad jobs and bad model directories: each gives one error line naming
 //! the key, file or tensor at fault.
 
-use crate::common::{error_line, fixtures, runner, write_job, MODELS};
+use crate::common::{error_line, fixtures, runner, write_job, ALL_MODELS};
 use std::path::Path;
 
 /// A copy of a fixture model directory whose files are symlinks, except
@@ -38,7 +38,7 @@ fn run_case(c: &Case) {
     let model = if tmp.path().join("model").is_dir() {
         tmp.path().join("model")
     } else {
-        fixtures().join(MODELS[1])
+        fixtures().join(ALL_MODELS[1])
     };
     let job = write_job(
         tmp.path(),
@@ -122,7 +122,7 @@ fn bad_configs_and_models_name_the_culprit() {
         Case {
             name: "pickle-only checkpoint",
             setup: |d| {
-                model_copy(&d.join("model"), MODELS[0], &["model.safetensors"]);
+                model_copy(&d.join("model"), ALL_MODELS[0], &["model.safetensors"]);
                 std::fs::write(d.join("model/pytorch_model.bin"), b"not really").unwrap();
                 ("submit", String::new(), vec![])
             },
@@ -134,11 +134,11 @@ fn bad_configs_and_models_name_the_culprit() {
             setup: |d| {
                 model_copy(
                     &d.join("model"),
-                    MODELS[1],
+                    ALL_MODELS[1],
                     &["config.json", "quantize_config.json"],
                 );
                 let mut cfg: serde_json::Value = serde_json::from_str(
-                    &std::fs::read_to_string(fixtures().join(MODELS[1]).join("config.json"))
+                    &std::fs::read_to_string(fixtures().join(ALL_MODELS[1]).join("config.json"))
                         .unwrap(),
                 )
                 .unwrap();
@@ -155,9 +155,9 @@ fn bad_configs_and_models_name_the_culprit() {
         Case {
             name: "tensor shape mismatch",
             setup: |d| {
-                model_copy(&d.join("model"), MODELS[1], &["model.safetensors"]);
-                let bytes =
-                    std::fs::read(fixtures().join(MODELS[1]).join("model.safetensors")).unwrap();
+                model_copy(&d.join("model"), ALL_MODELS[1], &["model.safetensors"]);
+                let bytes = std::fs::read(fixtures().join(ALL_MODELS[1]).join("model.safetensors"))
+                    .unwrap();
                 let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
                 let bad = "model.layers.1.mlp.down_proj.scales";
                 let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = vec![];
@@ -192,7 +192,7 @@ fn bad_configs_and_models_name_the_culprit() {
         Case {
             name: "not a mistral",
             setup: |d| {
-                model_copy(&d.join("model"), MODELS[0], &["config.json"]);
+                model_copy(&d.join("model"), ALL_MODELS[0], &["config.json"]);
                 std::fs::write(d.join("model/config.json"), r#"{"model_type": "llama"}"#).unwrap();
                 ("validate", String::new(), vec![])
             },
@@ -209,7 +209,7 @@ fn bad_configs_and_models_name_the_culprit() {
 fn environment_overrides_name_the_variable() {
     let tmp = tempfile::tempdir().unwrap();
     with_prompts(tmp.path());
-    let job = write_job(tmp.path(), &fixtures().join(MODELS[1]), "p.jsonl", "");
+    let job = write_job(tmp.path(), &fixtures().join(ALL_MODELS[1]), "p.jsonl", "");
     let run = runner(
         tmp.path(),
         &["validate", job.to_str().unwrap()],

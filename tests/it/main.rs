@@ -4,5 +4,7 @@
 mod batching;
 mod common;
 mod config_errors;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod reference_logits;
 mod submit_greedy;

@@ -3,7 +3,7 @@
 //! fp32 forward (max |diff| <= 2e-3), f16 against GPTQModel's fp16 inference
 //! (<= 0.05), the tolerances the fixture README states.
 
-use crate::common::{fixtures, json, reference_path, MODELS};
+use crate::common::{fixtures, json, reference_path, ALL_MODELS};
 use candle_core::{DType, Device};
 use safetensors::SafeTensors;
 
@@ -32,7 +32,8 @@ fn i64s(st: &SafeTensors, name: &str) -> Vec<i64> {
         .collect()
 }
 
-fn check_model(model: &str, f16: bool) {
+/// Checks one model's logits on `device` against its reference.
+pub fn check_model(model: &str, f16: bool, device: &Device) {
     let fx = fixtures();
     let (dtype, tol, argmax_margin) = if f16 {
         (DType::F16, 0.05f32, 0.1f32)
@@ -41,8 +42,9 @@ fn check_model(model: &str, f16: bool) {
     };
     let m = runner::model::load(
         &fx.join(model),
-        &runner::model::LoadOptions::new(dtype, &Device::Cpu),
-    ).unwrap();
+        &runner::model::LoadOptions::new(dtype, device),
+    )
+    .unwrap();
     let path = reference_path(model, f16);
     let bytes = std::fs::read(fx.join(format!("references/{model}/{path}.safetensors"))).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -106,15 +108,15 @@ fn check_model(model: &str, f16: bool) {
 
 #[test]
 fn f32_logits_match_exact_dequantized_reference() {
-    for m in MODELS {
-        check_model(m, false);
+    for m in crate::common::models() {
+        check_model(m, false, &Device::Cpu);
     }
 }
 
 #[test]
 fn f16_logits_match_gptqmodel_fp16_inference() {
-    for m in MODELS {
-        check_model(m, true);
+    for m in crate::common::models() {
+        check_model(m, true, &Device::Cpu);
     }
 }
 
@@ -122,7 +124,7 @@ fn f16_logits_match_gptqmodel_fp16_inference() {
 fn chat_rendering_and_tokenization_match_reference_ids() {
     let fx = fixtures();
     let seqs = json(&fx.join("references/sequences.json"));
-    let p = runner::prompt::Prompter::load(&fx.join(MODELS[1]), &[32000]).unwrap();
+    let p = runner::prompt::Prompter::load(&fx.join(ALL_MODELS[1]), &[32000]).unwrap();
     assert_eq!(p.stop_ids(), &[32000]);
     for (name, g) in seqs["generation_prompts"].as_object().unwrap() {
         let messages: Vec<runner::prompt::Message> =

@@ -3,7 +3,7 @@
 //! step whose reference top1-top2 margin is below 0.1, as the fixture README
 //! says), plus the output schema as pyarrow reads it.
 
-use crate::common::{fixtures, json, reference_path, rows, runner, write_job, MODELS};
+use crate::common::{fixtures, json, reference_path, rows, runner, write_job, ALL_MODELS};
 
 fn write_prompts(dir: &std::path::Path) {
     let seqs = json(&fixtures().join("references/sequences.json"));
@@ -15,7 +15,9 @@ fn write_prompts(dir: &std::path::Path) {
     std::fs::write(dir.join("prompts.jsonl"), lines).unwrap();
 }
 
-fn check(model: &str, f16: bool) {
+/// Runs the fixture prompts through `runner submit` with extra `--set`s and
+/// checks the greedy tokens.
+pub fn check(model: &str, f16: bool, sets: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     write_prompts(tmp.path());
     let job = write_job(
@@ -29,11 +31,11 @@ fn check(model: &str, f16: bool) {
     } else {
         "model.dtype=f32"
     };
-    let run = runner(
-        tmp.path(),
-        &["submit", job.to_str().unwrap(), "--set", dtype],
-        &[],
-    );
+    let mut args = vec!["submit", job.to_str().unwrap(), "--set", dtype];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let run = runner(tmp.path(), &args, &[]);
     assert!(run.ok, "{model}: submit failed:\n{}", run.stderr);
     let gens = json(&fixtures().join("references/generations.json"));
     let refs = &gens["results"][format!("{model}/{}", reference_path(model, f16))];
@@ -84,15 +86,15 @@ fn check(model: &str, f16: bool) {
 
 #[test]
 fn greedy_f32_matches_reference_generations() {
-    for m in MODELS {
-        check(m, false);
+    for m in crate::common::models() {
+        check(m, false, &[]);
     }
 }
 
 #[test]
 fn greedy_f16_matches_reference_generations() {
-    for m in MODELS {
-        check(m, true);
+    for m in crate::common::models() {
+        check(m, true, &[]);
     }
 }
 
@@ -130,7 +132,7 @@ const SCHEMA: &[(&str, &str)] = &[
 fn example_generate_job_writes_parquet_that_pyarrow_reads() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let model = fixtures().join(MODELS[1]);
+    let model = fixtures().join(ALL_MODELS[1]);
     let out = tmp.path().join("out");
     let run = runner(
         tmp.path(),

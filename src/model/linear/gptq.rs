@@ -209,7 +209,11 @@ impl RandomGptq {
         let groups = quant.groups(k);
         let pack_words = |vals: &mut dyn Iterator<Item = u32>, words: usize| -> Vec<i32> {
             (0..words)
-                .map(|_| (0..pack).fold(0u32, |w, j| w | (vals.next().unwrap_or(0) << (j as u32 * bits))) as i32)
+                .map(|_| {
+                    (0..pack).fold(0u32, |w, j| {
+                        w | (vals.next().unwrap_or(0) << (j as u32 * bits))
+                    }) as i32
+                })
                 .collect()
         };
         let q: Vec<u32> = (0..k * n).map(|_| next() % max).collect(); // [K][N]
@@ -220,10 +224,15 @@ impl RandomGptq {
                 qweight[r * n + c] = pack_words(&mut col, 1)[0];
             }
         }
-        let mut stored = (0..groups * n).map(|_| next() % max).collect::<Vec<_>>().into_iter();
+        let mut stored = (0..groups * n)
+            .map(|_| next() % max)
+            .collect::<Vec<_>>()
+            .into_iter();
         let qzeros = pack_words(&mut stored, groups * n / pack);
         let scales = (0..groups * n)
-            .map(|_| half::f16::from_f32(0.002 + 0.018 * (next() % 10_000) as f32 / 10_000.0).to_f32())
+            .map(|_| {
+                half::f16::from_f32(0.002 + 0.018 * (next() % 10_000) as f32 / 10_000.0).to_f32()
+            })
             .collect();
         let gs = self.group_size.unwrap_or(k.max(1));
         let mut g_idx: Vec<i32> = (0..k).map(|i| (i / gs) as i32).collect();

@@ -121,7 +121,11 @@ impl Linear {
 
     /// Wraps a GPU GPTQ layer (checkpoint or dummy).
     #[cfg(feature = "cuda")]
-    pub fn from_gpu(mut gpu: crate::cuda::GptqGpu, mode: GptqMode, fused_max_m: usize) -> Result<Self> {
+    pub fn from_gpu(
+        mut gpu: crate::cuda::GptqGpu,
+        mode: GptqMode,
+        fused_max_m: usize,
+    ) -> Result<Self> {
         if mode == GptqMode::Resident {
             gpu.make_resident()?;
         }

@@ -101,7 +101,11 @@ impl PagedKvCache {
                 let mut outs = Vec::with_capacity(batch.chunks.len());
                 let mut off = 0;
                 for (start, n, blocks) in &batch.chunks {
-                    let (qc, kc, vc) = (q.narrow(0, off, *n)?, k.narrow(0, off, *n)?, v.narrow(0, off, *n)?);
+                    let (qc, kc, vc) = (
+                        q.narrow(0, off, *n)?,
+                        k.narrow(0, off, *n)?,
+                        v.narrow(0, off, *n)?,
+                    );
                     c.write(layer, blocks, *start, &kc, &vc)?;
                     let (kall, vall) = c.gather(layer, blocks, start + n, q.device())?;
                     outs.push(attend(&qc, &kall, &vall, *start, window)?);
@@ -112,7 +116,10 @@ impl PagedKvCache {
             #[cfg(feature = "cuda")]
             Self::Cuda(c) => c.attention(
                 layer,
-                batch.gpu.as_ref().expect("a CUDA cache prepares GPU batches"),
+                batch
+                    .gpu
+                    .as_ref()
+                    .expect("a CUDA cache prepares GPU batches"),
                 &batch.chunks,
                 q,
                 k,

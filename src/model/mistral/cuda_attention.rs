@@ -85,8 +85,16 @@ impl CudaKv {
     pub fn copy_block(&mut self, from: BlockId, to: BlockId) -> Result<()> {
         let bs = self.block_size as u32;
         let dev = self.layers[0].0.device().clone();
-        let src = Tensor::from_vec((0..bs).map(|i| from.0 * bs + i).collect::<Vec<_>>(), bs as usize, &dev)?;
-        let dst = Tensor::from_vec((0..bs).map(|i| to.0 * bs + i).collect::<Vec<_>>(), bs as usize, &dev)?;
+        let src = Tensor::from_vec(
+            (0..bs).map(|i| from.0 * bs + i).collect::<Vec<_>>(),
+            bs as usize,
+            &dev,
+        )?;
+        let dst = Tensor::from_vec(
+            (0..bs).map(|i| to.0 * bs + i).collect::<Vec<_>>(),
+            bs as usize,
+            &dev,
+        )?;
         for (kc, vc) in &self.layers {
             let k = kc.index_select(&src, 0)?;
             let v = vc.index_select(&src, 0)?;
@@ -95,7 +103,11 @@ impl CudaKv {
         Ok(())
     }
 
-    pub(crate) fn prepare(&self, chunks: &[(usize, usize, Vec<BlockId>)], dev: &Device) -> Result<GpuBatch> {
+    pub(crate) fn prepare(
+        &self,
+        chunks: &[(usize, usize, Vec<BlockId>)],
+        dev: &Device,
+    ) -> Result<GpuBatch> {
         let mut slots = Vec::new();
         let mut rows = Vec::new();
         let mut ctx = Vec::new();
@@ -159,7 +171,13 @@ impl CudaKv {
         let nkv = self.kv_heads;
         let row = nkv * d;
         let (kc, vc) = &self.layers[layer];
-        cuda::kv_write(&k.reshape((t, row))?, &v.reshape((t, row))?, kc, vc, &b.slots)?;
+        cuda::kv_write(
+            &k.reshape((t, row))?,
+            &v.reshape((t, row))?,
+            kc,
+            vc,
+            &b.slots,
+        )?;
         let q2 = q.reshape((t, nh * d))?;
         let dec = match &b.decode {
             Some(dd) => Some(cuda::paged_decode(
@@ -193,8 +211,16 @@ impl CudaKv {
                         run = 0;
                     }
                     let l = keys.dim(0)?;
-                    let kall = kc.index_select(keys, 0)?.reshape((l, nkv, d))?.transpose(0, 1)?.contiguous()?;
-                    let vall = vc.index_select(keys, 0)?.reshape((l, nkv, d))?.transpose(0, 1)?.contiguous()?;
+                    let kall = kc
+                        .index_select(keys, 0)?
+                        .reshape((l, nkv, d))?
+                        .transpose(0, 1)?
+                        .contiguous()?;
+                    let vall = vc
+                        .index_select(keys, 0)?
+                        .reshape((l, nkv, d))?
+                        .transpose(0, 1)?
+                        .contiguous()?;
                     let qc = q
                         .narrow(0, off, *n)?
                         .transpose(0, 1)?
@@ -203,7 +229,11 @@ impl CudaKv {
                     let scores = qc.matmul(&kall.t()?)?.contiguous()?; // [kv, g*n, L]
                     cuda::masked_softmax(&scores, *n, *start, window.unwrap_or(0), scale)?;
                     let o = scores.matmul(&vall)?; // [kv, g*n, d]
-                    pieces.push(o.reshape((nh, *n, d))?.transpose(0, 1)?.reshape((*n, nh * d))?);
+                    pieces.push(
+                        o.reshape((nh, *n, d))?
+                            .transpose(0, 1)?
+                            .reshape((*n, nh * d))?,
+                    );
                 }
             }
             off += n;

@@ -156,6 +156,11 @@ impl Mistral {
         opts: &LoadOptions,
     ) -> Result<Self> {
         let (dtype, device) = (opts.dtype, &opts.device);
+        if device.is_cuda() && dtype != DType::F16 {
+            return Err(crate::Error::Config(format!(
+                "model.dtype is {dtype:?} but the CUDA kernels run f16; set model.dtype = \"f16\" with engine.device = cuda"
+            )));
+        }
         let h = cfg.hidden_size;
         let qd = cfg.num_attention_heads * cfg.head_dim;
         let kvd = cfg.num_key_value_heads * cfg.head_dim;
@@ -214,7 +219,12 @@ impl Mistral {
                 down: lin(format!("{p}.mlp.down_proj"), cfg.intermediate_size, h)?,
             });
         }
-        let embed = float("model.embed_tokens.weight", &[cfg.vocab_size, h], -0.05, 0.05)?;
+        let embed = float(
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, h],
+            -0.05,
+            0.05,
+        )?;
         let has_head = match src {
             Source::Checkpoint(ck) => ck.contains("lm_head.weight"),
             Source::Dummy { .. } => true,

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds dev/bundle.tar.xz for benches/device.sh: the `cuda` release binary,
+# the integration-test binary and the fixture folders named as arguments
+# (references and the tokenizer always), under 64 MiB in all.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source kernels/cuda-env.sh
+cargo build --release --features cuda
+it=$(cargo test --release --features cuda --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import sys,json
+for l in sys.stdin:
+  m=json.loads(l)
+  if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="it" and m.get("executable"): print(m["executable"])')
+s=$(mktemp -d); mkdir -p "$s/fixtures" dev
+cp target/release/runner "$s/runner"; cp "$it" "$s/it"; strip "$s/runner" "$s/it"
+FX=${FIXTURES:-../shared/fixtures}
+cp -r "$FX/references" "$FX/tokenizer" "$FX/README.md" "$s/fixtures/"
+for m in "$@"; do cp -r "$FX/$m" "$s/fixtures/"; done
+tar cf - -C "$s" . | xz -T2 -6 > dev/bundle.tar.xz
+git rev-parse --short HEAD > dev/COMMIT
+ls -la dev/bundle.tar.xz

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One GPU-machine session: unpacks dev/bundle.tar.xz (built by
+# benches/bundle.sh: stripped `runner` + `it` test binaries built with
+# --features cuda, and fixture folders), then runs the steps named in $STEPS
+# (comma-separated): tests, kernels, W1..W4 (at $SCALE of their prompts),
+# peer (HF transformers at batch 256). Logs and JSON land in $OUT.
+set -uo pipefail
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
+B=/tmp/rb
+mkdir -p "$B" && tar xJf dev/bundle.tar.xz -C "$B" || exit 1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+echo "commit $(cat dev/COMMIT 2>/dev/null)"
+export TEST_FIXTURES_DIR=$B/fixtures TEST_RUNNER_BIN=$B/runner
+TOK=$(ls -d "$B"/fixtures/tiny-mistral-* | head -1)
+for s in ${STEPS//,/ }; do
+  echo "== $s $(date +%T)"
+  case $s in
+    tests) timeout 300 "$B/it" gpu:: --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|rel err|differ" ;;
+    kernels) timeout 300 "$B/runner" bench jobs/bench.toml --kernels --tokenizer "$TOK" \
+        ${QUANT:+--set model.dummy_quant=$QUANT} --json "$OUT/kernels${QUANT:+-$QUANT}.json" 2>&1 | grep -v INFO ;;
+    W*) timeout ${WTIME:-300} "$B/runner" bench jobs/bench.toml --workload "$s" --scale "${SCALE:-1}" --tokenizer "$TOK" \
+        ${QUANT:+--set model.dummy_quant=$QUANT} ${SEQS:+--set engine.max_num_seqs=$SEQS} \
+        --json "$OUT/$s.json" 2>&1 | grep -v " INFO " | tail -5 ;;
+    peer) PYTHONUNBUFFERED=1 timeout 300 python3 benches/hf_peer.py --batch 256 2>&1 | tail -3 | tee "$OUT/peer.json" ;;
+  esac
+done

@@ -1,0 +1,218 @@
+//! `runner bench`: the synthetic workloads W1-W4 on random weights of the
+//! job's shapes (`load_format = "dummy"`, `ignore_eos`), and on CUDA the
+//! kernel benches (GPTQ products against cuBLAS f16, decode attention
+//! against the copy bandwidth), each against ceilings measured in the same
+//! process.
+
+use crate::config::{GenerationParams, JobSpec};
+use crate::engine::{Engine, JobSummary};
+use crate::input::{InputRecord, PromptInput, RecordBody};
+use crate::model::{Mistral, QuantConfig};
+use crate::output::ParquetSink;
+use crate::prompt::Prompter;
+use crate::{Error, Result};
+use serde::Serialize;
+use std::path::Path;
+
+/// FLOPs of the linear layers per token of Mistral-7B (2 x parameters).
+pub const GFLOP_PER_TOKEN: f64 = 14.2;
+
+/// One synthetic workload.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Workload {
+    /// W1..W4.
+    pub name: &'static str,
+    /// Prompts.
+    pub prompts: usize,
+    /// Tokens shared by every prompt (W4).
+    pub shared_prefix: usize,
+    /// Tokens of each prompt beside the shared prefix.
+    pub own: usize,
+    /// Generated tokens per prompt.
+    pub out: usize,
+}
+
+/// The four workloads.
+pub const WORKLOADS: [Workload; 4] = [
+    Workload {
+        name: "W1",
+        prompts: 2048,
+        shared_prefix: 0,
+        own: 128,
+        out: 128,
+    },
+    Workload {
+        name: "W2",
+        prompts: 512,
+        shared_prefix: 0,
+        own: 128,
+        out: 2048,
+    },
+    Workload {
+        name: "W3",
+        prompts: 1024,
+        shared_prefix: 0,
+        own: 2048,
+        out: 128,
+    },
+    Workload {
+        name: "W4",
+        prompts: 2000,
+        shared_prefix: 1024,
+        own: 64,
+        out: 16,
+    },
+];
+
+/// Result of one workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadResult {
+    /// The workload (after scaling).
+    pub workload: Workload,
+    /// Generated tokens per second.
+    pub output_tok_s: f64,
+    /// Prompt + generated tokens per second.
+    pub total_tok_s: f64,
+    /// Most device memory in use (GiB).
+    pub peak_gpu_gib: f64,
+    /// Achieved linear-layer FLOP rate over the measured f16 matmul rate.
+    pub compute_floor_fraction: f64,
+    /// The engine's summary.
+    #[serde(skip)]
+    pub summary: JobSummary,
+    /// Wall seconds.
+    pub wall_s: f64,
+    /// Prefix-cache hit tokens.
+    pub prefix_hit_tokens: usize,
+}
+
+/// Prompt token ids of a workload: random ids in [100, 32000), W4's
+/// shared prefix identical across prompts.
+pub fn prompts(w: &Workload, seed: u64) -> Vec<Vec<u32>> {
+    let mut s = seed | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        100 + (s % 31_900) as u32
+    };
+    let prefix: Vec<u32> = (0..w.shared_prefix).map(|_| next()).collect();
+    (0..w.prompts)
+        .map(|_| {
+            let mut p = prefix.clone();
+            p.extend((0..w.own).map(|_| next()));
+            p
+        })
+        .collect()
+}
+
+/// Loads the dummy model of `spec` (config from `model.id`'s directory,
+/// tokenizer from `tokenizer_dir`) into an engine.
+pub fn engine(spec: &JobSpec, tokenizer_dir: &Path) -> Result<Engine> {
+    let dir = spec.model.local_dir.as_ref().ok_or_else(|| {
+        Error::Config(
+            "runner bench needs model.id to be a local directory with a config.json".into(),
+        )
+    })?;
+    let (cfg, quant) = crate::model::read_meta(dir)?;
+    let quant = match &spec.model.dummy_quant {
+        Some(name) => QuantConfig::from_short_name(name)?,
+        None => quant,
+    };
+    let opts = crate::model::LoadOptions {
+        dtype: spec.model.dtype.candle(),
+        device: crate::engine::candle_device(spec.engine.device)?,
+        gptq_mode: spec.engine.gptq_kernel,
+        fused_max_m: spec.engine.gptq_fused_max_m,
+    };
+    let model = Mistral::dummy(&cfg, quant.as_ref(), &opts, 0x5eed)?;
+    let prompter = Prompter::load(tokenizer_dir, &cfg.eos_token_ids)?;
+    Ok(Engine::assemble(model, prompter, spec)?.0)
+}
+
+/// Runs one workload through `engine`, output rows into a scratch directory.
+pub fn run_workload(
+    engine: &Engine,
+    spec: &JobSpec,
+    w: &Workload,
+    matmul_tflops: f64,
+) -> Result<WorkloadResult> {
+    let params = GenerationParams {
+        max_new_tokens: w.out,
+        ignore_eos: true,
+        temperature: 0.0,
+        ..spec.generation.clone()
+    };
+    let items: Vec<(InputRecord, Vec<u32>)> = prompts(w, 17)
+        .into_iter()
+        .enumerate()
+        .map(|(i, ids)| {
+            (
+                InputRecord {
+                    row: i as u64,
+                    id: format!("{}-{i}", w.name),
+                    body: Ok(RecordBody {
+                        prompt: PromptInput::Text {
+                            system: None,
+                            user: String::new(),
+                        },
+                        params: params.clone(),
+                    }),
+                },
+                ids,
+            )
+        })
+        .collect();
+    let tmp = std::env::temp_dir().join(format!("runner-bench-{}-{}", w.name, std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let meta = crate::output::JobMeta {
+        job_id: format!("bench-{}", w.name),
+        model_id: spec.model.id.clone(),
+        revision: spec.model.revision.clone(),
+        quant_bits: None,
+        quant_group_size: None,
+        quant_act_order: None,
+    };
+    let mut sink = ParquetSink::create(&tmp, meta, false, 1 << 20)?;
+    let sum = engine.run_tokens(items, &mut sink)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let total = (sum.prompt_tokens + sum.completion_tokens) as f64;
+    let wall = sum.wall_s.max(1e-9);
+    let achieved = total * GFLOP_PER_TOKEN * 1e9 / wall;
+    Ok(WorkloadResult {
+        workload: *w,
+        output_tok_s: sum.completion_tokens as f64 / wall,
+        total_tok_s: total / wall,
+        peak_gpu_gib: sum.peak_device_bytes as f64 / (1u64 << 30) as f64,
+        compute_floor_fraction: if matmul_tflops > 0.0 {
+            achieved / (matmul_tflops * 1e12)
+        } else {
+            0.0
+        },
+        wall_s: sum.wall_s,
+        prefix_hit_tokens: sum.prefix_hit_tokens,
+        summary: sum,
+    })
+}
+
+#[cfg(feature = "cuda")]
+pub mod kernels;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn w4_prompts_share_the_prefix_and_have_the_stated_lengths() {
+        let w = WORKLOADS[3];
+        let p = prompts(&w, 1);
+        assert_eq!(p.len(), 2000);
+        assert!(p.iter().all(|x| x.len() == 1024 + 64));
+        assert!(p.iter().all(|x| x[..1024] == p[0][..1024]));
+        assert_ne!(p[0][1024..], p[1][1024..]);
+        let w1 = prompts(&WORKLOADS[0], 1);
+        assert!(w1
+            .iter()
+            .all(|x| x.len() == 128 && x.iter().all(|&t| (100..32_000).contains(&t))));
+    }
+}

@@ -1,0 +1,190 @@
+//! Kernel benches on CUDA: GPTQ products (fused, dequantize + cuBLAS)
+//! against cuBLAS f16 on Mistral-7B's shapes, decode attention against the
+//! device-to-device copy bandwidth, and the two ceilings themselves.
+
+use crate::cuda::{self, DecodeShape, DummyGptq, GptqGpu, GptqPath};
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Median seconds per call of `f` (3 warm-up calls, 5 repeats of `iters`).
+pub fn time(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut v = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..iters {
+            f()?;
+        }
+        dev.synchronize()?;
+        v.push(t.elapsed().as_secs_f64() / iters as f64);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Ok(v[2])
+}
+
+/// cuBLAS f16 matmul rate at 8192^3 (TFLOP/s).
+pub fn matmul_tflops(dev: &Device) -> Result<f64> {
+    let n = 8192;
+    let cd = cuda::cuda(dev)?;
+    let a = cuda::fill_f16(&cd, (n, n), 1, -1.0, 1.0)?;
+    let b = cuda::fill_f16(&cd, (n, n), 2, -1.0, 1.0)?;
+    let t = time(dev, 10, || {
+        a.matmul(&b)?;
+        Ok(())
+    })?;
+    Ok(2.0 * (n as f64).powi(3) / t / 1e12)
+}
+
+/// Device-to-device copy bandwidth (bytes read + written per second, GB/s).
+pub fn copy_gbs(dev: &Device) -> Result<f64> {
+    let n = 1usize << 29; // 1 GiB of f16
+    let a = cuda::fill_f16(&cuda::cuda(dev)?, n, 3, -1.0, 1.0)?;
+    let t = time(dev, 10, || {
+        a.copy()?;
+        Ok(())
+    })?;
+    Ok(2.0 * (n * 2) as f64 / t / 1e9)
+}
+
+/// One GEMM measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct GemmRow {
+    /// Layer shape name.
+    pub shape: &'static str,
+    /// Tokens.
+    pub m: usize,
+    /// Inputs.
+    pub k: usize,
+    /// Outputs.
+    pub n: usize,
+    /// Fused kernel TFLOP/s.
+    pub fused: f64,
+    /// Dequantize + cuBLAS TFLOP/s.
+    pub dequant: f64,
+    /// cuBLAS f16 TFLOP/s on the same shape.
+    pub cublas: f64,
+    /// Fused kernel's bytes moved (weights + activations) per second, GB/s.
+    pub fused_gbs: f64,
+}
+
+/// Mistral-7B's linear shapes (K, N).
+pub const SHAPES: [(&str, usize, usize); 5] = [
+    ("q/o", 4096, 4096),
+    ("k/v", 4096, 1024),
+    ("gate/up", 4096, 14336),
+    ("down", 14336, 4096),
+    ("qkv fused", 4096, 6144),
+];
+
+/// GPTQ products against cuBLAS f16 for `bits`/`group` at each M.
+pub fn gemm_table(
+    dev: &Device,
+    bits: u32,
+    group: Option<usize>,
+    ms: &[usize],
+) -> Result<Vec<GemmRow>> {
+    let cd = cuda::cuda(dev)?;
+    let mut rows = Vec::new();
+    for (name, k, n) in SHAPES {
+        let g = GptqGpu::dummy(
+            &DummyGptq {
+                bits,
+                group_size: group,
+                k,
+                n,
+                act_order: true,
+                seed: 9,
+            },
+            dev,
+        )?;
+        let w16 = cuda::fill_f16(&cd, (k, n), 4, -0.05, 0.05)?;
+        for &m in ms {
+            let x = cuda::fill_f16(&cd, (m, k), 5 + m as u64, -1.0, 1.0)?;
+            let iters = if m <= 64 { 50 } else { 10 };
+            let tf = time(dev, iters, || {
+                g.forward(&x, GptqPath::Fused)?;
+                Ok(())
+            })?;
+            let td = time(dev, iters, || {
+                g.forward(&x, GptqPath::Dequant)?;
+                Ok(())
+            })?;
+            let tc = time(dev, iters, || {
+                x.matmul(&w16)?;
+                Ok(())
+            })?;
+            let flop = 2.0 * (m * k * n) as f64;
+            let bytes = (g.weight_bytes() + 2 * m * k + 2 * m * n) as f64;
+            rows.push(GemmRow {
+                shape: name,
+                m,
+                k,
+                n,
+                fused: flop / tf / 1e12,
+                dequant: flop / td / 1e12,
+                cublas: flop / tc / 1e12,
+                fused_gbs: bytes / tf / 1e9,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// One decode-attention measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttnRow {
+    /// Sequences.
+    pub batch: usize,
+    /// Keys per sequence.
+    pub ctx: usize,
+    /// K/V bytes read per second, GB/s.
+    pub gbs: f64,
+    /// Microseconds per call (one layer).
+    pub us: f64,
+}
+
+/// Decode attention on Mistral-7B's heads (32 q, 8 kv, d 128, blocks of 16).
+pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<AttnRow>> {
+    let cd = cuda::cuda(dev)?;
+    let (nh, nkv, d, bs) = (32, 8, 128, 16);
+    let mut rows = Vec::new();
+    for &(b, ctx) in cases {
+        let per = ctx.div_ceil(bs);
+        let blocks = b * per;
+        let kc = cuda::fill_f16(&cd, (blocks * bs, nkv * d), 6, -1.0, 1.0)?;
+        let vc = cuda::fill_f16(&cd, (blocks * bs, nkv * d), 7, -1.0, 1.0)?;
+        let q = cuda::fill_f16(&cd, (b, nh * d), 8, -1.0, 1.0)?;
+        // Interleave the sequences' blocks, as a long-running cache does.
+        let tables: Vec<u32> = (0..b)
+            .flat_map(|i| (0..per).map(move |j| (j * b + i) as u32))
+            .collect();
+        let tables = Tensor::from_vec(tables, (b, per), dev)?;
+        let ctxs = Tensor::from_vec(vec![ctx as u32; b], b, dev)?;
+        let shape = DecodeShape {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+            block_size: bs,
+            window: 0,
+            max_keys: ctx,
+        };
+        let t = time(dev, 20, || {
+            cuda::paged_decode(&q, &kc, &vc, &tables, &ctxs, &shape)?;
+            Ok(())
+        })?;
+        let bytes = (b * ctx * nkv * d * 2 * 2) as f64;
+        rows.push(AttnRow {
+            batch: b,
+            ctx,
+            gbs: bytes / t / 1e9,
+            us: t * 1e6,
+        });
+    }
+    let _ = DType::F16;
+    Ok(rows)
+}

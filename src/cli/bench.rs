@@ -1,0 +1,112 @@
+//! `runner bench`: workloads W1-W4 on dummy weights and, on CUDA, the
+//! kernel benches; prints a table and optionally writes JSON.
+
+use crate::bench::{self, WORKLOADS};
+use crate::config::JobSpec;
+use std::path::Path;
+
+/// What `runner bench` was asked to do.
+pub struct BenchArgs<'a> {
+    /// Workload names (W1..W4), empty for none.
+    pub workloads: &'a [String],
+    /// Fraction of each workload's prompts to run (quick checks).
+    pub scale: f64,
+    /// Directory with tokenizer.json.
+    pub tokenizer: &'a Path,
+    /// Also run the kernel benches (CUDA).
+    pub kernels: bool,
+    /// Write the results here as JSON.
+    pub json: Option<&'a Path>,
+}
+
+/// Runs the benches of `args` with the engine settings of `spec`.
+pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
+    let mut report = serde_json::Map::new();
+    report.insert(
+        "commit".into(),
+        option_env!("RUNNER_GIT_COMMIT").unwrap_or("unknown").into(),
+    );
+    #[allow(unused_mut)]
+    let mut matmul = 0.0;
+    #[cfg(not(feature = "cuda"))]
+    if args.kernels {
+        anyhow::bail!("--kernels needs a binary built with the `cuda` feature");
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let dev = crate::engine::candle_device(spec.engine.device)?;
+        if dev.is_cuda() {
+            matmul = bench::kernels::matmul_tflops(&dev)?;
+            let copy = bench::kernels::copy_gbs(&dev)?;
+            println!("ceilings: cuBLAS f16 8192^3 {matmul:.0} TFLOP/s, d2d copy {copy:.0} GB/s");
+            report.insert("matmul_tflops".into(), matmul.into());
+            report.insert("copy_gbs".into(), copy.into());
+            if args.kernels {
+                let q = crate::model::QuantConfig::from_short_name(
+                    spec.model.dummy_quant.as_deref().unwrap_or("4bit-128g"),
+                )?
+                .unwrap_or(crate::model::QuantConfig {
+                    bits: 4,
+                    group_size: Some(128),
+                    desc_act: true,
+                    sym: true,
+                    format: crate::model::CheckpointFormat::Gptq,
+                });
+                let ms = [1, 16, 64, 256, 1024, 4096];
+                let rows = bench::kernels::gemm_table(&dev, q.bits, q.group_size, &ms)?;
+                println!("GEMM {} (TFLOP/s; fused GB/s):", q.short_name());
+                println!(
+                    "{:<10} {:>5} {:>8} {:>8} {:>8} {:>7} {:>8}",
+                    "shape", "M", "fused", "deq+cub", "cuBLAS", "f/cub", "f GB/s"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<10} {:>5} {:>8.1} {:>8.1} {:>8.1} {:>6.2}x {:>8.0}",
+                        r.shape,
+                        r.m,
+                        r.fused,
+                        r.dequant,
+                        r.cublas,
+                        r.fused / r.cublas,
+                        r.fused_gbs
+                    );
+                }
+                report.insert("gemm".into(), serde_json::to_value(&rows)?);
+                let att = bench::kernels::attention_table(
+                    &dev,
+                    &[(64, 512), (256, 1024), (256, 2048), (32, 8192)],
+                )?;
+                println!("decode attention (32 q / 8 kv heads, d 128): batch ctx GB/s us  (copy {copy:.0} GB/s)");
+                for r in &att {
+                    println!("  {:>4} {:>5} {:>7.0} {:>8.1}", r.batch, r.ctx, r.gbs, r.us);
+                }
+                report.insert("attention".into(), serde_json::to_value(&att)?);
+            }
+        }
+    }
+    if !args.workloads.is_empty() {
+        let engine = bench::engine(spec, args.tokenizer)?;
+        let mut results = Vec::new();
+        for name in args.workloads {
+            let mut w = *WORKLOADS
+                .iter()
+                .find(|w| w.name.eq_ignore_ascii_case(name))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("unknown workload `{name}`, expected W1, W2, W3 or W4")
+                })?;
+            w.prompts = ((w.prompts as f64 * args.scale).round() as usize).max(1);
+            let r = bench::run_workload(&engine, spec, &w, matmul)?;
+            println!(
+                "{}: {} prompts x ({}+{} in, {} out): {:.0} output tok/s, {:.0} total tok/s, {:.1} s, peak GPU {:.1} GiB, {:.1}% of the compute floor, {} prefix-hit tokens, {} preemptions",
+                w.name, w.prompts, w.shared_prefix, w.own, w.out, r.output_tok_s, r.total_tok_s, r.wall_s,
+                r.peak_gpu_gib, 100.0 * r.compute_floor_fraction, r.prefix_hit_tokens, r.summary.preemptions
+            );
+            results.push(r);
+        }
+        report.insert("workloads".into(), serde_json::to_value(&results)?);
+    }
+    if let Some(p) = args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}

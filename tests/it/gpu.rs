@@ -1,0 +1,345 @@
+//! The CUDA path (built with `--features cuda`; these tests need a GPU and
+//! fail, never skip, without one). Every kernel against its CPU twin on
+//! fresh random inputs at several sizes, tile multiples or not; the fixture
+//! checkpoints' logits and greedy tokens on the GPU.
+
+use candle_core::{DType, Device, Tensor};
+use half::f16;
+use runner::cuda::{self, DecodeShape, GptqGpu, GptqPath};
+use runner::model::linear::{RandomGptq, TiledGptq};
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("the `cuda` feature's tests need a CUDA GPU")
+}
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn f16s(&mut self, n: usize, scale: f32) -> Vec<f16> {
+        (0..n).map(|_| f16::from_f32(self.next() * scale)).collect()
+    }
+}
+
+fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|v| v.is_finite()), "non-finite output");
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - b).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| b * b).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn host(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn gptq_kernels_match_the_exact_cpu_dequantization() {
+    let dev = gpu();
+    let mut rng = Lcg(42);
+    for (bits, group, k, n) in [
+        (4, Some(128), 1024, 768),
+        (4, Some(32), 200, 96),
+        (4, Some(64), 512, 200),
+        (4, None, 128, 24),
+        (8, None, 384, 100),
+        (8, Some(32), 96, 40),
+        (8, Some(128), 1024, 256),
+    ] {
+        let w = RandomGptq {
+            bits,
+            group_size: group,
+            k,
+            n,
+            act_order: true,
+            seed: k as u64 * 31 + n as u64,
+        }
+        .build();
+        // The oracle: GPTQ's f16 weights from the plain CPU dequantization.
+        let w16: Vec<f16> = w
+            .dequantize_nk()
+            .iter()
+            .map(|&v| f16::from_f32(v))
+            .collect(); // [N, K]
+        let g = GptqGpu::upload(&TiledGptq::from_weight(&w).unwrap(), &dev).unwrap();
+        let wt = g
+            .dequantize()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for kk in 0..k {
+            for nn in 0..n {
+                assert_eq!(
+                    wt[kk][nn],
+                    w16[nn * k + kk].to_f32(),
+                    "dequant kernel, bits {bits} group {group:?} k {kk} n {nn}"
+                );
+            }
+        }
+        for m in [1usize, 7, 16, 33, 100] {
+            let x = rng.f16s(m * k, 1.0);
+            let want: Vec<f64> = (0..m)
+                .flat_map(|i| {
+                    let (x, w16) = (&x, &w16);
+                    (0..n).map(move |j| {
+                        (0..k)
+                            .map(|kk| x[i * k + kk].to_f64() * w16[j * k + kk].to_f64())
+                            .sum::<f64>()
+                    })
+                })
+                .collect();
+            let xt = Tensor::from_vec(x, (m, k), &dev).unwrap();
+            for path in [GptqPath::Fused, GptqPath::Dequant] {
+                let y = host(&g.forward(&xt, path).unwrap());
+                let e = rel_err(&y, &want);
+                assert!(
+                    e < 2e-3,
+                    "{path:?} bits {bits} group {group:?} k {k} n {n} m {m}: rel err {e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_gptq_rows_do_not_depend_on_the_batch() {
+    let dev = gpu();
+    let mut rng = Lcg(7);
+    let (k, n) = (1024, 512);
+    let w = RandomGptq {
+        bits: 4,
+        group_size: Some(128),
+        k,
+        n,
+        act_order: true,
+        seed: 3,
+    }
+    .build();
+    let g = GptqGpu::upload(&TiledGptq::from_weight(&w).unwrap(), &dev).unwrap();
+    let x = Tensor::from_vec(rng.f16s(200 * k, 1.0), (200, k), &dev).unwrap();
+    let full = host(&g.forward(&x, GptqPath::Fused).unwrap());
+    for m in [1usize, 8, 9, 16, 17, 64] {
+        let part = host(
+            &g.forward(&x.narrow(0, 0, m).unwrap(), GptqPath::Fused)
+                .unwrap(),
+        );
+        assert_eq!(
+            part,
+            full[..m * n].to_vec(),
+            "rows of M={m} vs M=200 differ"
+        );
+    }
+}
+
+#[test]
+fn paged_decode_matches_a_float64_reference() {
+    let dev = gpu();
+    let mut rng = Lcg(11);
+    for (nh, nkv, d, bs, window) in [
+        (32usize, 8usize, 128usize, 16usize, 0usize),
+        (8, 2, 16, 16, 64),
+        (32, 8, 128, 16, 700),
+        (8, 2, 64, 8, 0),
+    ] {
+        let ctx = [1usize, 17, 300, 1100, 2500];
+        let blocks_per: Vec<usize> = ctx.iter().map(|c| c.div_ceil(bs)).collect();
+        let total: usize = blocks_per.iter().sum();
+        // Shuffled block ids, so tables are not contiguous.
+        let mut ids: Vec<u32> = (0..total as u32).collect();
+        for i in (1..ids.len()).rev() {
+            let j = ((rng.next() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
+            ids.swap(i, j);
+        }
+        let maxb = *blocks_per.iter().max().unwrap();
+        let mut tables = vec![0u32; ctx.len() * maxb];
+        let mut at = 0;
+        for (b, &nb) in blocks_per.iter().enumerate() {
+            tables[b * maxb..b * maxb + nb].copy_from_slice(&ids[at..at + nb]);
+            at += nb;
+        }
+        let row = nkv * d;
+        let kc = rng.f16s(total * bs * row, 1.0);
+        let vc = rng.f16s(total * bs * row, 1.0);
+        let q = rng.f16s(ctx.len() * nh * d, 1.0);
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut want = Vec::new();
+        for (b, &c) in ctx.iter().enumerate() {
+            let pos = c - 1;
+            let lo = if window > 0 {
+                (pos + 1).saturating_sub(window)
+            } else {
+                0
+            };
+            for h in 0..nh {
+                let kvh = h / (nh / nkv);
+                let slot = |j: usize| tables[b * maxb + j / bs] as usize * bs + j % bs;
+                let qv = &q[(b * nh + h) * d..(b * nh + h + 1) * d];
+                let s: Vec<f64> = (lo..=pos)
+                    .map(|j| {
+                        let kr = &kc[slot(j) * row + kvh * d..][..d];
+                        qv.iter()
+                            .zip(kr)
+                            .map(|(a, b)| a.to_f64() * b.to_f64())
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for dd in 0..d {
+                    let o: f64 = (lo..=pos)
+                        .zip(&e)
+                        .map(|(j, p)| p / z * vc[slot(j) * row + kvh * d + dd].to_f64())
+                        .sum();
+                    want.push(o);
+                }
+            }
+        }
+        let t = |v: Vec<f16>, shape: (usize, usize)| Tensor::from_vec(v, shape, &dev).unwrap();
+        let out = cuda::paged_decode(
+            &t(q, (ctx.len(), nh * d)),
+            &t(kc, (total * bs, row)),
+            &t(vc, (total * bs, row)),
+            &Tensor::from_vec(tables, (ctx.len(), maxb), &dev).unwrap(),
+            &Tensor::from_vec(
+                ctx.iter().map(|&c| c as u32).collect::<Vec<_>>(),
+                ctx.len(),
+                &dev,
+            )
+            .unwrap(),
+            &DecodeShape {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: d,
+                block_size: bs,
+                window,
+                max_keys: if window > 0 { 2500.min(window) } else { 2500 },
+            },
+        )
+        .unwrap();
+        let e = rel_err(&host(&out), &want);
+        assert!(
+            e < 2e-3,
+            "decode nh {nh} nkv {nkv} d {d} window {window}: rel err {e}"
+        );
+    }
+}
+
+#[test]
+fn fused_norm_and_silu_match_the_cpu_ops() {
+    let dev = gpu();
+    let mut rng = Lcg(5);
+    for (rows, h) in [(1usize, 4096usize), (37, 128), (5, 1000)] {
+        let x = rng.f16s(rows * h, 2.0);
+        let a = rng.f16s(rows * h, 2.0);
+        let w = rng.f16s(h, 1.0);
+        let cpu =
+            |v: &Vec<f16>, s: (usize, usize)| Tensor::from_vec(v.clone(), s, &Device::Cpu).unwrap();
+        let (xc, ac, wc) = (
+            cpu(&x, (rows, h)),
+            cpu(&a, (rows, h)),
+            Tensor::from_vec(w.clone(), h, &Device::Cpu).unwrap(),
+        );
+        let r = (&xc + &ac).unwrap();
+        let rf = r.to_dtype(DType::F32).unwrap();
+        let var = rf.sqr().unwrap().mean_keepdim(1).unwrap();
+        let want = rf
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap()
+            .broadcast_mul(&wc)
+            .unwrap();
+        let (xg, ag, wg) = (
+            xc.to_device(&dev).unwrap(),
+            ac.to_device(&dev).unwrap(),
+            wc.to_device(&dev).unwrap(),
+        );
+        let (out, res) = cuda::rmsnorm_add(&xg, Some(&ag), &wg, 1e-5).unwrap();
+        assert_eq!(host(&res), host(&r), "residual add");
+        let (got, want) = (host(&out), host(&want));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1e-2))
+            .fold(0f32, f32::max);
+        assert!(worst < 2e-3, "rmsnorm rows {rows} h {h}: worst rel {worst}");
+        let sm = cuda::silu_mul(&xg, &ag).unwrap();
+        let want = (xc.silu().unwrap() * &ac).unwrap();
+        let (got, want) = (host(&sm), host(&want));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1e-2))
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 2e-3,
+            "silu_mul rows {rows} h {h}: worst rel {worst}"
+        );
+    }
+}
+
+#[test]
+fn fixture_logits_on_the_gpu_match_gptqmodel_fp16() {
+    let dev = gpu();
+    for m in crate::common::models() {
+        crate::reference_logits::check_model(m, true, &dev);
+    }
+}
+
+#[test]
+fn gpu_logits_match_the_cpu_path() {
+    let dev = gpu();
+    let fx = crate::common::fixtures();
+    let seqs = crate::common::json(&fx.join("references/sequences.json"));
+    for m in crate::common::models() {
+        let load = |d: &Device| {
+            runner::model::load(&fx.join(m), &runner::model::LoadOptions::new(DType::F16, d))
+                .unwrap()
+        };
+        let (cpu, gpu_m) = (load(&Device::Cpu), load(&dev));
+        for (name, ids) in seqs["sequences"].as_object().unwrap() {
+            let ids: Vec<u32> = ids
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let a = host(&cpu.logits_full(&ids).unwrap());
+            let b = host(&gpu_m.logits_full(&ids).unwrap());
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 0.05,
+                "{m} {name}: GPU vs CPU f16 logits differ by {worst}"
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_submit_on_the_gpu_matches_reference_generations() {
+    for m in crate::common::models() {
+        crate::submit_greedy::check(m, true, &["engine.device=cuda"]);
+    }
+}
