@@ -21,9 +21,9 @@
 // `scales * (q - zeros)` computed in f16 by AutoGPTQ/GPTQModel. `sz[g][n]`
 // holds half2(scale, 1024 + zero).
 //
-// The activation x [M, K] (original column order) is gathered through
-// `perm` (sorted position -> original column, -1 for padding) into shared
-// memory. The reduction order of every output element is fixed: k-tiles in
+// The activation x [M, K] (original column order) is first gathered through
+// `perm` (sorted position -> original column, -1 for padding) into xp
+// [Mp, Kp] by gptq_permute_x, then read into shared memory per block. The reduction order of every output element is fixed: k-tiles in
 // order inside a split, splits summed in order by gptq_reduce, whatever M is.
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -60,25 +60,37 @@ __device__ __forceinline__ void dequant_tile(const uint32_t* w, half2 s0, half2 
   }
 }
 
+// xp[m][k] = x[m][perm[k]] (0 for padded rows/positions): the activation in
+// sorted-K order, rows padded to the token slabs, so that the product kernel
+// fills shared memory with contiguous 16-byte loads.
+extern "C" __global__ void gptq_permute_x(const half* __restrict__ x, const int* __restrict__ perm,
+                                          half* __restrict__ xp, int M, int K, int Mp, int Kp) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (size_t)Mp * Kp) return;
+  int m = i / Kp, k = i % Kp;
+  int src = perm[k];
+  xp[i] = (m < M && src >= 0) ? x[(size_t)m * K + src] : __float2half(0.f);
+}
+
 // One block: 4 warps, each one 16-column tile (64 columns per block), over
 // the sorted positions [blockIdx.y * KSPLIT_K, +KSPLIT_K), for token slab
-// blockIdx.z (MT*8 tokens). Writes f32 partials part[blockIdx.y][m][n].
+// blockIdx.z (MT*8 tokens of xp). Writes f32 partials part[blockIdx.y][m][n].
 template <int BITS, int MT>
-__device__ void gptq_mma_impl(const half* __restrict__ x, const int* __restrict__ perm,
-                              const int4* __restrict__ qt, const half2* __restrict__ sz,
-                              float* __restrict__ part, int M, int K, int N, int Np, int Kp,
-                              int gs, int G) {
+__device__ void gptq_mma_impl(const half* __restrict__ xp, const int4* __restrict__ qt,
+                              const half2* __restrict__ sz, float* __restrict__ part, int M,
+                              int N, int Np, int Kp, int gs, int G) {
   constexpr int STRIDE = KSPLIT_K + 8;  // halves; +16 bytes avoids bank conflicts
   __shared__ __align__(16) half xs[MT * 8 * STRIDE];
   const int kbase = blockIdx.y * KSPLIT_K;
   const int klen = min(KSPLIT_K, Kp - kbase);
   const int mbase = blockIdx.z * MT * 8;
-  for (int i = threadIdx.x; i < MT * 8 * klen; i += blockDim.x) {
-    int m = i / klen, kk = i % klen;
-    int src = perm[kbase + kk];
-    half v = __float2half(0.f);
-    if (mbase + m < M && src >= 0) v = x[(size_t)(mbase + m) * K + src];
-    xs[m * STRIDE + kk] = v;
+  {
+    const int vecs = klen / 8;  // int4 per row
+    for (int i = threadIdx.x; i < MT * 8 * vecs; i += blockDim.x) {
+      int m = i / vecs, c = i % vecs;
+      *reinterpret_cast<int4*>(xs + m * STRIDE + c * 8) =
+          *reinterpret_cast<const int4*>(xp + (size_t)(mbase + m) * Kp + kbase + c * 8);
+    }
   }
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -89,6 +101,7 @@ __device__ void gptq_mma_impl(const half* __restrict__ x, const int* __restrict_
   // k per int4 load: 64 for 4-bit (4 tiles), 32 for 8-bit (2 tiles).
   constexpr int KPL = BITS == 4 ? 64 : 32;
   constexpr int TPL = KPL / 16;
+  constexpr int DEPTH = 4;  // int4 loads in flight per lane
   const int KQ = Kp / KPL;
   float acc[MT][4];
 #pragma unroll
@@ -99,32 +112,39 @@ __device__ void gptq_mma_impl(const half* __restrict__ x, const int* __restrict_
   const int steps = klen / KPL;
   int cur = -1;
   half2 s0, z0, s1, z1;
-  int4 nxt = steps > 0 ? src[0] : make_int4(0, 0, 0, 0);
-  for (int q = 0; q < steps; q++) {
-    int4 w4 = nxt;
-    if (q + 1 < steps) nxt = src[(size_t)(q + 1) * 32];
-    const uint32_t w[4] = {(uint32_t)w4.x, (uint32_t)w4.y, (uint32_t)w4.z, (uint32_t)w4.w};
+  int4 buf[DEPTH];
 #pragma unroll
-    for (int j = 0; j < TPL; j++) {
-      const int kk = q * KPL + j * 16;  // within the block's range
-      int grp = min((kbase + kk) / gs, G - 1);
-      if (grp != cur) {
-        cur = grp;
-        half2 a = sz[(size_t)grp * Np + n0 + g];
-        half2 b = sz[(size_t)grp * Np + n0 + g + 8];
-        s0 = __low2half2(a);
-        z0 = __high2half2(a);
-        s1 = __low2half2(b);
-        z1 = __high2half2(b);
-      }
-      uint32_t a[4];
-      dequant_tile<BITS>(BITS == 4 ? &w[j] : &w[2 * j], s0, z0, s1, z1, a);
+  for (int d = 0; d < DEPTH; d++) buf[d] = d < steps ? src[(size_t)d * 32] : make_int4(0, 0, 0, 0);
+  for (int q0 = 0; q0 < steps; q0 += DEPTH) {
 #pragma unroll
-      for (int mt = 0; mt < MT; mt++) {
-        const half* row = xs + (mt * 8 + g) * STRIDE + kk + 2 * t;
-        uint32_t b0 = *reinterpret_cast<const uint32_t*>(row);
-        uint32_t b1 = *reinterpret_cast<const uint32_t*>(row + 8);
-        mma_16816(acc[mt], a, b0, b1);
+    for (int d = 0; d < DEPTH; d++) {
+      const int q = q0 + d;
+      if (q >= steps) break;
+      int4 w4 = buf[d];
+      if (q + DEPTH < steps) buf[d] = src[(size_t)(q + DEPTH) * 32];
+      const uint32_t w[4] = {(uint32_t)w4.x, (uint32_t)w4.y, (uint32_t)w4.z, (uint32_t)w4.w};
+#pragma unroll
+      for (int j = 0; j < TPL; j++) {
+        const int kk = q * KPL + j * 16;  // within the block's range
+        int grp = min((kbase + kk) / gs, G - 1);
+        if (grp != cur) {
+          cur = grp;
+          half2 a = sz[(size_t)grp * Np + n0 + g];
+          half2 b = sz[(size_t)grp * Np + n0 + g + 8];
+          s0 = __low2half2(a);
+          z0 = __high2half2(a);
+          s1 = __low2half2(b);
+          z1 = __high2half2(b);
+        }
+        uint32_t a[4];
+        dequant_tile<BITS>(BITS == 4 ? &w[j] : &w[2 * j], s0, z0, s1, z1, a);
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+          const half* row = xs + (mt * 8 + g) * STRIDE + kk + 2 * t;
+          uint32_t b0 = *reinterpret_cast<const uint32_t*>(row);
+          uint32_t b1 = *reinterpret_cast<const uint32_t*>(row + 8);
+          mma_16816(acc[mt], a, b0, b1);
+        }
       }
     }
   }
@@ -140,12 +160,11 @@ __device__ void gptq_mma_impl(const half* __restrict__ x, const int* __restrict_
   }
 }
 
-#define GPTQ_MMA(BITS, MT)                                                                      \
-  extern "C" __global__ void __launch_bounds__(128)                                            \
-      gptq_mma_b##BITS##_m##MT(const half* x, const int* perm, const int4* qt, const half2* sz, \
-                               float* part, int M, int K, int N, int Np, int Kp, int gs,        \
-                               int G) {                                                         \
-    gptq_mma_impl<BITS, MT>(x, perm, qt, sz, part, M, K, N, Np, Kp, gs, G);                     \
+#define GPTQ_MMA(BITS, MT)                                                                 \
+  extern "C" __global__ void __launch_bounds__(128)                                       \
+      gptq_mma_b##BITS##_m##MT(const half* xp, const int4* qt, const half2* sz, float* part, \
+                               int M, int N, int Np, int Kp, int gs, int G) {              \
+    gptq_mma_impl<BITS, MT>(xp, qt, sz, part, M, N, Np, Kp, gs, G);                         \
   }
 GPTQ_MMA(4, 1)
 GPTQ_MMA(4, 2)

@@ -178,7 +178,9 @@ pub fn run_workload(
     let _ = std::fs::remove_dir_all(&tmp);
     let total = (sum.prompt_tokens + sum.completion_tokens) as f64;
     let wall = sum.wall_s.max(1e-9);
-    let achieved = total * GFLOP_PER_TOKEN * 1e9 / wall;
+    // Tokens served from the prefix cache cost no linear-layer FLOPs.
+    let computed = total - sum.prefix_hit_tokens as f64;
+    let achieved = computed * GFLOP_PER_TOKEN * 1e9 / wall;
     Ok(WorkloadResult {
         workload: *w,
         output_tok_s: sum.completion_tokens as f64 / wall,

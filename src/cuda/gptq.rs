@@ -19,7 +19,10 @@ pub enum GptqPath {
     Fused,
     /// Dequantize to f16 into a scratch buffer, then cuBLAS.
     Dequant,
-    /// Fused up to `max_m` tokens, dequantize + cuBLAS above.
+    /// cuBLAS on the f16 weights dequantized at load.
+    Resident,
+    /// Fused up to `max_m` tokens; above, cuBLAS on the f16 weights
+    /// dequantized at load (or per product when none are resident).
     Auto {
         /// Largest M for the fused kernel.
         max_m: usize,
@@ -124,8 +127,8 @@ impl GptqGpu {
         ]
     }
 
-    /// Dequantizes once and keeps W^T in f16 (3.7x the memory of 4-bit);
-    /// products then go to cuBLAS at every M.
+    /// Dequantizes once and keeps W^T in f16 beside the packed weight (3.7x
+    /// the memory of 4-bit), for the cuBLAS products at large M.
     pub fn make_resident(&mut self) -> Result<()> {
         self.resident = Some(self.dequantize()?);
         Ok(())
@@ -164,18 +167,17 @@ impl GptqGpu {
             )));
         }
         let m = x.dim(0)?;
-        if let Some(wt) = &self.resident {
-            return Ok(x.matmul(wt)?);
-        }
         let fused = match path {
             GptqPath::Fused => true,
-            GptqPath::Dequant => false,
+            GptqPath::Dequant | GptqPath::Resident => false,
             GptqPath::Auto { max_m } => m <= max_m,
         };
         if fused {
-            self.fused(x)
-        } else {
-            Ok(x.matmul(&self.dequantize()?)?)
+            return self.fused(x);
+        }
+        match (&self.resident, path) {
+            (Some(wt), GptqPath::Auto { .. } | GptqPath::Resident) => Ok(x.matmul(wt)?),
+            _ => Ok(x.matmul(&self.dequantize()?)?),
         }
     }
 
@@ -190,17 +192,35 @@ impl GptqGpu {
         };
         let splits = self.kp.div_ceil(KSPLIT);
         let slabs = m.div_ceil(mt * 8);
+        let mp = slabs * mt * 8;
+        let xp = empty::<f16>(&dev, (mp, self.kp))?;
+        let (px, pperm, pxp) = (ptr::<f16>(&x)?, ptr::<u32>(&self.perm)?, ptr::<f16>(&xp)?);
+        let total = mp * self.kp;
+        let cfg = LaunchConfig {
+            grid_dim: ((total as u32).div_ceil(256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let dims = [m as i32, self.k as i32, mp as i32, self.kp as i32];
+        let mut args = vec![Arg::P(px), Arg::P(pperm), Arg::P(pxp)];
+        args.extend(dims.iter().map(|&v| Arg::I(v)));
+        launch(&dev, &GPTQ, "gptq_permute_x", cfg, &args)?;
         let part = empty::<f32>(&dev, (splits, m, self.n))?;
         let out = empty::<f16>(&dev, (m, self.n))?;
         let p = [
-            ptr::<f16>(&x)?,
-            ptr::<u32>(&self.perm)?,
+            pxp,
             ptr::<u32>(&self.qt)?,
             ptr::<f16>(&self.sz)?,
             ptr::<f32>(&part)?,
         ];
-        let mi = m as i32;
-        let d = self.dims();
+        let ints = [
+            m as i32,
+            self.n as i32,
+            self.np as i32,
+            self.kp as i32,
+            self.gs as i32,
+            self.groups as i32,
+        ];
         let cfg = LaunchConfig {
             grid_dim: ((self.np / 64) as u32, splits as u32, slabs as u32),
             block_dim: (128, 1, 1),
@@ -208,8 +228,7 @@ impl GptqGpu {
         };
         let name = format!("gptq_mma_b{}_m{mt}", self.bits);
         let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
-        args.push(Arg::I(mi));
-        args.extend(d.iter().map(|&x| Arg::I(x)));
+        args.extend(ints.iter().map(|&x| Arg::I(x)));
         launch(&dev, &GPTQ, &name, cfg, &args)?;
         let mn = m * self.n;
         let (pp, po, mni, si) = (

@@ -105,8 +105,18 @@ fn gptq_kernels_match_the_exact_cpu_dequantization() {
                 })
                 .collect();
             let xt = Tensor::from_vec(x, (m, k), &dev).unwrap();
-            for path in [GptqPath::Fused, GptqPath::Dequant] {
-                let y = host(&g.forward(&xt, path).unwrap());
+            for path in [
+                GptqPath::Fused,
+                GptqPath::Dequant,
+                GptqPath::Resident,
+                GptqPath::Auto { max_m: 16 },
+            ] {
+                let layer = if path == GptqPath::Dequant || path == GptqPath::Fused {
+                    &g
+                } else {
+                    &resident
+                };
+                let y = host(&layer.forward(&xt, path).unwrap());
                 let e = rel_err(&y, &want);
                 assert!(
                     e < 2e-3,
