@@ -433,6 +433,7 @@ pub fn synchronize(dev: &Device) -> Result<()> {
 }
 
 /// Wraps raw storage (used by the GPTQ module).
+#[allow(dead_code)]
 pub(crate) fn wrap<T: CudaDType>(
     dev: &CudaDevice,
     slice: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,

@@ -76,6 +76,8 @@ fn gptq_kernels_match_the_exact_cpu_dequantization() {
             .map(|&v| f16::from_f32(v))
             .collect(); // [N, K]
         let g = GptqGpu::upload(&TiledGptq::from_weight(&w).unwrap(), &dev).unwrap();
+        let mut resident = g.clone();
+        resident.make_resident().unwrap();
         let wt = g
             .dequantize()
             .unwrap()

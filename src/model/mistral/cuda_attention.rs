@@ -13,7 +13,6 @@ use candle_core::{DType, Device, Tensor};
 pub struct CudaKv {
     block_size: usize,
     kv_heads: usize,
-    head_dim: usize,
     heads: usize,
     layers: Vec<(Tensor, Tensor)>,
 }
@@ -66,7 +65,6 @@ impl CudaKv {
         Ok(Self {
             block_size: s.block_size,
             kv_heads: s.kv_heads,
-            head_dim: s.head_dim,
             heads: s.heads,
             layers,
         })
