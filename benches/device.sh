@@ -2,8 +2,9 @@
 # One GPU-machine session: unpacks dev/bundle.tar.xz (built by
 # benches/bundle.sh: stripped `runner` + `it` test binaries built with
 # --features cuda, and fixture folders), then runs the steps named in $STEPS
-# (comma-separated): tests, kernels, W1..W4 (at $SCALE of their prompts),
-# peer (HF transformers at batch 256). Logs and JSON land in $OUT.
+# (comma-separated): tests, kernels, W1..W4 (at $SCALE of their prompts;
+# W1@512 = max_num_seqs 512, default 256), peer / peer512 (HF transformers
+# at batch 256 / 512). Logs and JSON land in $OUT.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
 B=/tmp/rb
@@ -19,9 +20,11 @@ for s in ${STEPS//,/ }; do
     tests) timeout 300 "$B/it" gpu:: --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|rel err|differ" ;;
     kernels) timeout 300 "$B/runner" bench jobs/bench.toml --kernels --tokenizer "$TOK" \
         ${QUANT:+--set model.dummy_quant=$QUANT} --json "$OUT/kernels${QUANT:+-$QUANT}.json" 2>&1 | grep -v INFO ;;
-    W*) timeout ${WTIME:-300} "$B/runner" bench jobs/bench.toml --workload "$s" --scale "${SCALE:-1}" --tokenizer "$TOK" \
-        ${QUANT:+--set model.dummy_quant=$QUANT} ${SEQS:+--set engine.max_num_seqs=$SEQS} \
-        --json "$OUT/$s.json" 2>&1 | grep -v " INFO " | tail -5 ;;
-    peer) PYTHONUNBUFFERED=1 timeout 300 python3 benches/hf_peer.py --batch 256 2>&1 | tail -3 | tee "$OUT/peer.json" ;;
+    W*) w=${s%%@*}; seqs=${s#*@}; [[ $seqs == "$s" ]] && seqs=256
+      timeout ${WTIME:-300} "$B/runner" bench jobs/bench.toml --workload "$w" --scale "${SCALE:-1}" --tokenizer "$TOK" \
+        ${QUANT:+--set model.dummy_quant=$QUANT} --set engine.max_num_seqs=$seqs \
+        --json "$OUT/$w-$seqs.json" 2>&1 | grep -v " INFO " | tail -5 ;;
+    peer*) b=${s#peer}; b=${b:-256}
+      PYTHONUNBUFFERED=1 timeout 300 python3 benches/hf_peer.py --batch "$b" 2>&1 | tail -1 | tee "$OUT/peer$b.json" ;;
   esac
 done

@@ -74,3 +74,32 @@ extern "C" __global__ void fill_sz(half2* out, size_t n, uint64_t seed, int bits
   int z = 1 + (int)(b % (1u << bits));
   out[i] = __halves2half2(__float2half(s), __float2half(1024.f + z));
 }
+
+// Rotate-half RoPE on q [T, nq*D] and k [T, nk*D] for token positions pos[T],
+// in HF's f16 order: out1 = x1*c + (-x2)*s, out2 = x2*c + x1*s, each product
+// and the sum rounded to f16. cos/sin: [positions, D/2] tables.
+extern "C" __global__ void rope_qk(const half* __restrict__ q, const half* __restrict__ k,
+                                   const half* __restrict__ cos, const half* __restrict__ sin,
+                                   const unsigned* __restrict__ pos, half* __restrict__ qo,
+                                   half* __restrict__ ko, int T, int nq, int nk, int D) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  int half_d = D / 2;
+  size_t per_t = (size_t)(nq + nk) * half_d;
+  if (i >= (size_t)T * per_t) return;
+  int t = i / per_t;
+  int r = i % per_t;
+  int h = r / half_d, j = r % half_d;
+  const half* src;
+  half* dst;
+  if (h < nq) {
+    src = q + ((size_t)t * nq + h) * D;
+    dst = qo + ((size_t)t * nq + h) * D;
+  } else {
+    src = k + ((size_t)t * nk + (h - nq)) * D;
+    dst = ko + ((size_t)t * nk + (h - nq)) * D;
+  }
+  half c = cos[(size_t)pos[t] * half_d + j], s = sin[(size_t)pos[t] * half_d + j];
+  half x1 = src[j], x2 = src[j + half_d];
+  dst[j] = __hadd(__hmul(x1, c), __hmul(__hneg(x2), s));
+  dst[j + half_d] = __hadd(__hmul(x2, c), __hmul(x1, s));
+}

@@ -178,9 +178,9 @@ pub fn run_workload(
     let _ = std::fs::remove_dir_all(&tmp);
     let total = (sum.prompt_tokens + sum.completion_tokens) as f64;
     let wall = sum.wall_s.max(1e-9);
-    // Tokens served from the prefix cache cost no linear-layer FLOPs.
-    let computed = total - sum.prefix_hit_tokens as f64;
-    let achieved = computed * GFLOP_PER_TOKEN * 1e9 / wall;
+    // Useful work only: tokens served from the prefix cache and preemption
+    // recomputes are not counted (forward_tokens says what ran).
+    let achieved = total.min(sum.forward_tokens as f64) * GFLOP_PER_TOKEN * 1e9 / wall;
     Ok(WorkloadResult {
         workload: *w,
         output_tok_s: sum.completion_tokens as f64 / wall,

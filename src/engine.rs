@@ -38,12 +38,19 @@ pub struct JobSummary {
     pub preemptions: usize,
     /// Most device memory in use at any step (CUDA; 0 on the CPU).
     pub peak_device_bytes: usize,
+    /// Tokens run through the model (prefill chunks, recomputes, decodes).
+    pub forward_tokens: usize,
 }
 
 /// The candle device for a configured device.
 pub fn candle_device(d: Device) -> Result<candle_core::Device> {
     match d {
         Device::Cpu => Ok(candle_core::Device::Cpu),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => crate::cuda::single_stream_device(n).map_err(|e| {
+            Error::Config(format!("engine.device is cuda:{n} but it cannot be used ({e})"))
+        }),
+        #[cfg(not(feature = "cuda"))]
         Device::Cuda(n) => candle_core::Device::new_cuda(n).map_err(|e| {
             Error::Config(format!(
                 "engine.device is cuda:{n} but it cannot be used ({e}); this binary needs the `cuda` feature and a GPU"
@@ -374,6 +381,7 @@ impl Engine {
             drop(chunks);
             sched.commit(&plan);
             sum.steps += 1;
+            sum.forward_tokens += plan.chunks.iter().map(|c| c.len).sum::<usize>();
             #[cfg(feature = "cuda")]
             if self.model.device().is_cuda() {
                 if let Ok((free, total)) = crate::cuda::mem_info() {

@@ -421,6 +421,54 @@ pub(crate) fn fill_sz(dev: &CudaDevice, pairs: usize, seed: u64, bits: u32) -> R
     Ok(t)
 }
 
+/// HF-order f16 RoPE of q [T, nq*D] and k [T, nk*D] at `positions` [T]
+/// (u32) with full cos/sin tables [P, D/2]; returns (q, k).
+pub fn rope_qk(
+    q: &Tensor,
+    k: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    positions: &Tensor,
+    head_dim: usize,
+) -> Result<(Tensor, Tensor)> {
+    check_f16(q, "rope_qk")?;
+    let dev = device_of(q)?;
+    let (t, qw) = q.dims2()?;
+    let kw = k.dim(1)?;
+    let (q, k) = (q.contiguous()?, k.contiguous()?);
+    let qo = empty::<f16>(&dev, (t, qw))?;
+    let ko = empty::<f16>(&dev, (t, kw))?;
+    let (nq, nk) = (qw / head_dim, kw / head_dim);
+    let p = [
+        ptr::<f16>(&q)?,
+        ptr::<f16>(&k)?,
+        ptr::<f16>(cos)?,
+        ptr::<f16>(sin)?,
+        ptr::<u32>(positions)?,
+        ptr::<f16>(&qo)?,
+        ptr::<f16>(&ko)?,
+    ];
+    let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
+    args.extend([t as i32, nq as i32, nk as i32, head_dim as i32].map(Arg::I));
+    let pairs = t * (nq + nk) * head_dim / 2;
+    launch(&dev, &OPS, "rope_qk", grid(pairs, 256), &args)?;
+    Ok((qo, ko))
+}
+
+/// A CUDA device whose tensors skip candle's per-use event tracking: this
+/// crate runs every kernel on the device's one stream, where stream order
+/// already orders all uses.
+pub fn single_stream_device(ordinal: usize) -> Result<Device> {
+    let dev = Device::new_cuda(ordinal)?;
+    if let Device::Cuda(d) = &dev {
+        // SAFETY: every tensor of this device is created and used on its
+        // single stream (candle's and our kernels alike), so no cross-stream
+        // synchronisation is ever needed.
+        unsafe { d.disable_event_tracking() };
+    }
+    Ok(dev)
+}
+
 /// (free, total) bytes of device memory.
 pub fn mem_info() -> Result<(usize, usize)> {
     candle_core::cuda_backend::cudarc::driver::result::mem_get_info()

@@ -335,17 +335,28 @@ impl Mistral {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
-        let cos = self.cos.index_select(&batch.positions, 0)?;
-        let sin = self.sin.index_select(&batch.positions, 0)?;
+        let (cos, sin) = if self.fused_ops() {
+            (self.cos.clone(), self.sin.clone()) // the kernel indexes the full tables
+        } else {
+            (
+                self.cos.index_select(&batch.positions, 0)?,
+                self.sin.index_select(&batch.positions, 0)?,
+            )
+        };
         let mut pending: Option<Tensor> = None; // the MLP output not yet added to x
         for (li, layer) in self.layers.iter().enumerate() {
             let (h, xr) = layer.input_norm.add_forward(&x, pending.as_ref())?;
             x = xr;
-            let q = layer.q.forward(&h)?.reshape((total, nh, hd))?;
-            let k = layer.k.forward(&h)?.reshape((total, nkv, hd))?;
+            let (q, k) = self.rope(
+                &layer.q.forward(&h)?,
+                &layer.k.forward(&h)?,
+                &batch,
+                &cos,
+                &sin,
+            )?;
+            let q = q.reshape((total, nh, hd))?;
+            let k = k.reshape((total, nkv, hd))?;
             let v = layer.v.forward(&h)?.reshape((total, nkv, hd))?;
-            let q = attention::apply_rope(&q, &cos, &sin)?;
-            let k = attention::apply_rope(&k, &cos, &sin)?;
             let attn = cache.attention(li, &batch, &q, &k, &v, self.cfg.sliding_window)?;
             let o = layer.o.forward(&attn)?;
             let (h, xr) = layer.post_norm.add_forward(&x, Some(&o))?;
@@ -369,6 +380,34 @@ impl Mistral {
         };
         let (h, _) = self.norm.add_forward(&x, pending.as_ref())?;
         Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
+    }
+
+    /// Whether the fused CUDA kernels run this model's small ops.
+    fn fused_ops(&self) -> bool {
+        cfg!(feature = "cuda") && self.device.is_cuda() && self.dtype == DType::F16
+    }
+
+    /// RoPE of q [T, heads*d] and k [T, kv_heads*d] at the batch's positions;
+    /// `cos`/`sin` are the full tables for the fused kernel, else per-token rows.
+    fn rope(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        batch: &attention::Batch,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (t, hd) = (q.dim(0)?, self.cfg.head_dim);
+        #[cfg(feature = "cuda")]
+        if self.fused_ops() {
+            return crate::cuda::rope_qk(q, k, cos, sin, &batch.positions, hd);
+        }
+        let _ = batch;
+        let q =
+            attention::apply_rope(&q.reshape((t, self.cfg.num_attention_heads, hd))?, cos, sin)?;
+        let k =
+            attention::apply_rope(&k.reshape((t, self.cfg.num_key_value_heads, hd))?, cos, sin)?;
+        Ok((q.reshape((t, ()))?, k.reshape((t, ()))?))
     }
 
     /// f32 logits [tokens, vocab] for every position of one sequence run
