@@ -355,3 +355,138 @@ fn greedy_submit_on_the_gpu_matches_reference_generations() {
         crate::submit_greedy::check(m, true, &["engine.device=cuda"]);
     }
 }
+
+#[test]
+fn rope_kernel_matches_hf_f16_order() {
+    let dev = gpu();
+    let mut rng = Lcg(21);
+    for (t, nq, nk, d) in [
+        (5usize, 32usize, 8usize, 128usize),
+        (33, 8, 2, 16),
+        (1, 4, 4, 64),
+    ] {
+        let positions: Vec<u32> = (0..t as u32).map(|i| (i * 37 + 5) % 3000).collect();
+        let half_d = d / 2;
+        let p = 3000;
+        let cos = rng.f16s(p * half_d, 1.0);
+        let sin = rng.f16s(p * half_d, 1.0);
+        let q = rng.f16s(t * nq * d, 2.0);
+        let k = rng.f16s(t * nk * d, 2.0);
+        let rot = |x: &[f16], heads: usize| -> Vec<f16> {
+            let mut out = x.to_vec();
+            for (ti, &pos) in positions.iter().enumerate() {
+                let pp = pos as usize;
+                for h in 0..heads {
+                    let base = (ti * heads + h) * d;
+                    for j in 0..half_d {
+                        let (c, s) = (cos[pp * half_d + j], sin[pp * half_d + j]);
+                        let (x1, x2) = (x[base + j], x[base + j + half_d]);
+                        out[base + j] = x1 * c + (-x2) * s;
+                        out[base + j + half_d] = x2 * c + x1 * s;
+                    }
+                }
+            }
+            out
+        };
+        let (wq, wk) = (rot(&q, nq), rot(&k, nk));
+        let up = |v: Vec<f16>, s: (usize, usize)| Tensor::from_vec(v, s, &dev).unwrap();
+        let (gq, gk) = cuda::rope_qk(
+            &up(q, (t, nq * d)),
+            &up(k, (t, nk * d)),
+            &up(cos, (p, half_d)),
+            &up(sin, (p, half_d)),
+            &Tensor::from_vec(positions, t, &dev).unwrap(),
+            d,
+        )
+        .unwrap();
+        for (got, want, what) in [(host(&gq), wq, "q"), (host(&gk), wk, "k")] {
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                let ulp = f16::from_f32(b.to_f32().abs()).to_f32() * 2f32.powi(-10);
+                assert!(
+                    (a - b.to_f32()).abs() <= ulp.max(6e-8),
+                    "rope {what} t {t} d {d} at {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn masked_softmax_matches_a_float64_reference() {
+    let dev = gpu();
+    let mut rng = Lcg(31);
+    for (rows_per_q, n, start, window, l) in [
+        (4usize, 7usize, 0usize, 0usize, 7usize),
+        (4, 16, 100, 0, 116),
+        (8, 33, 50, 64, 83),
+        (2, 300, 0, 100, 300),
+    ] {
+        let r = rows_per_q * n;
+        let scores = rng.f16s(r * l, 8.0);
+        let scale = 1.0 / 128f32.sqrt();
+        let sh = f16::from_f32(scale);
+        let mut want = vec![0f64; r * l];
+        for row in 0..r {
+            let i = start + row % n;
+            let lo = if window > 0 {
+                (i + 1).saturating_sub(window)
+            } else {
+                0
+            };
+            let vals: Vec<f64> = (lo..=i)
+                .map(|j| (scores[row * l + j] * sh).to_f64())
+                .collect();
+            let mx = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = vals.iter().map(|v| (v - mx).exp()).sum();
+            for (j, v) in (lo..=i).zip(&vals) {
+                want[row * l + j] = (v - mx).exp() / z;
+            }
+        }
+        let t = Tensor::from_vec(scores, (r, l), &dev).unwrap();
+        cuda::masked_softmax(&t, n, start, window, scale).unwrap();
+        let got = host(&t);
+        for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (*a as f64 - b).abs() <= 1e-3 * b.max(1e-3),
+                "softmax n {n} start {start} window {window} at {idx}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn kv_write_puts_every_row_in_its_slot() {
+    let dev = gpu();
+    let mut rng = Lcg(41);
+    let (slots_total, row, n) = (512usize, 8 * 128usize, 77usize);
+    let mut slots: Vec<u32> = (0..slots_total as u32).collect();
+    for i in (1..slots.len()).rev() {
+        let j = ((rng.next() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
+        slots.swap(i, j);
+    }
+    slots.truncate(n);
+    let k = rng.f16s(n * row, 1.0);
+    let v = rng.f16s(n * row, 1.0);
+    let init = rng.f16s(slots_total * row, 1.0);
+    let kc = Tensor::from_vec(init.clone(), (slots_total, row), &dev).unwrap();
+    let vc = Tensor::from_vec(init.clone(), (slots_total, row), &dev).unwrap();
+    cuda::kv_write(
+        &Tensor::from_vec(k.clone(), (n, row), &dev).unwrap(),
+        &Tensor::from_vec(v.clone(), (n, row), &dev).unwrap(),
+        &kc,
+        &vc,
+        &Tensor::from_vec(slots.clone(), n, &dev).unwrap(),
+    )
+    .unwrap();
+    let (hk, hv) = (host(&kc), host(&vc));
+    let mut expect_k: Vec<f32> = init.iter().map(|x| x.to_f32()).collect();
+    let mut expect_v = expect_k.clone();
+    for (i, &s) in slots.iter().enumerate() {
+        for c in 0..row {
+            expect_k[s as usize * row + c] = k[i * row + c].to_f32();
+            expect_v[s as usize * row + c] = v[i * row + c].to_f32();
+        }
+    }
+    assert_eq!(hk, expect_k, "keys");
+    assert_eq!(hv, expect_v, "values: untouched slots keep their contents");
+}
