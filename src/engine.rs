@@ -40,6 +40,9 @@ pub struct JobSummary {
     pub peak_device_bytes: usize,
     /// Tokens run through the model (prefill chunks, recomputes, decodes).
     pub forward_tokens: usize,
+    /// The run stopped early on request (a signal); in-flight records were
+    /// dropped unwritten and run again on resume.
+    pub interrupted: bool,
 }
 
 /// The candle device for a configured device.
@@ -67,6 +70,7 @@ pub struct Engine {
     sched: SchedulerConfig,
     include_token_ids: bool,
     defaults: GenerationParams,
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// A sampled token, or the logits to sample it from on the host.
@@ -165,9 +169,16 @@ impl Engine {
                 },
                 include_token_ids: spec.output.include_token_ids,
                 defaults: spec.generation.clone(),
+                stop: None,
             },
             meta,
         ))
+    }
+
+    /// Stops the run (after the current step, finished records flushed)
+    /// once `flag` is set.
+    pub fn set_stop_flag(&mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.stop = Some(flag);
     }
 
     /// The model.
@@ -297,6 +308,14 @@ impl Engine {
         let lookahead = 4 * self.sched.max_num_seqs;
         let ctx = self.model.config().max_position_embeddings;
         loop {
+            if self
+                .stop
+                .as_ref()
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                sum.interrupted = true;
+                break;
+            }
             // Read ahead and tokenize; a window sorted by prompt tokens puts
             // records sharing a prefix next to each other.
             if !exhausted && sched.waiting() < self.sched.max_num_seqs {

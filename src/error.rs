@@ -40,6 +40,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The run was stopped by a signal; the output is resumable.
+    #[error("{0}")]
+    Interrupted(String),
     /// Tensor backend error.
     #[error("tensor backend: {0}")]
     Candle(#[from] candle_core::Error),
@@ -57,11 +60,13 @@ impl Error {
         }
     }
 
-    /// Process exit code for this error class (2: bad job or input, 3: model, 1: other).
+    /// Process exit code for this error class (2: bad job or input, 3: model,
+    /// 130: interrupted by a signal, 1: other).
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::Input(_) => 2,
             Error::Model(_) | Error::Tensor { .. } => 3,
+            Error::Interrupted(_) => 130,
             _ => 1,
         }
     }

@@ -27,6 +27,14 @@ enum Command {
         /// Override a setting, e.g. --set engine.device=cuda (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Discard an output written by a different job (or by this one) and start over.
+        #[arg(long)]
+        restart: bool,
+    },
+    /// Print the progress and figures of a job's output directory (running, finished or dead).
+    Status {
+        /// The job's output directory.
+        output: PathBuf,
     },
     /// Resolve and check a job without loading weights; print the resolved job.
     Validate {
@@ -73,7 +81,10 @@ enum Command {
 /// Runs the parsed command.
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
-        Command::Submit { job, set } => submit::submit(&load_job(&job, set)?, &hub_settings()),
+        Command::Submit { job, set, restart } => {
+            submit::submit(&load_job(&job, set)?, &hub_settings(), restart)
+        }
+        Command::Status { output } => submit::status(&output),
         Command::Validate { job, set } => submit::validate(&load_job(&job, set)?, &hub_settings()),
         Command::Bench {
             job,

@@ -3,7 +3,10 @@
 
 mod parquet;
 
-pub use self::parquet::{schema, ParquetSink};
+pub mod manifest;
+
+pub use self::manifest::{Manifest, OutputLock, PartStats};
+pub use self::parquet::{existing_parts, schema, ParquetSink};
 
 /// Why a completion ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

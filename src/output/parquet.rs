@@ -2,7 +2,7 @@
 //! (`part-NNNNN-<job>.parquet`), each written to a temporary name, fsynced
 //! and renamed, so a part is either whole or absent.
 
-use super::{JobMeta, OutputRow};
+use super::{JobMeta, OutputRow, PartStats};
 use crate::{Error, Result};
 use arrow::array::{
     ArrayRef, BooleanArray, Float64Array, Int32Array, ListArray, RecordBatch, StringArray,
@@ -64,6 +64,8 @@ pub struct ParquetSink {
     rows: Vec<OutputRow>,
     next_part: usize,
     written: usize,
+    on_row: Option<Box<dyn FnMut(&OutputRow) + Send>>,
+    on_part: Option<Box<dyn FnMut(PartStats) -> Result<()> + Send>>,
 }
 
 impl ParquetSink {
@@ -84,19 +86,47 @@ impl ParquetSink {
                 existing.len()
             )));
         }
+        Self::resume(dir, meta, include_token_ids, flush_every, 0)
+    }
+
+    /// A sink into a directory that may already hold parts (a resumed job):
+    /// new parts are numbered from `first_part`.
+    pub fn resume(
+        dir: &Path,
+        meta: JobMeta,
+        include_token_ids: bool,
+        flush_every: usize,
+        first_part: usize,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             meta,
             include_token_ids,
             flush_every,
             rows: Vec::new(),
-            next_part: 0,
+            next_part: first_part,
             written: 0,
+            on_row: None,
+            on_part: None,
         })
+    }
+
+    /// Called with every row pushed (progress).
+    pub fn on_row(&mut self, f: Box<dyn FnMut(&OutputRow) + Send>) {
+        self.on_row = Some(f);
+    }
+
+    /// Called after every part file is durably in place (manifest updates).
+    pub fn on_part(&mut self, f: Box<dyn FnMut(PartStats) -> Result<()> + Send>) {
+        self.on_part = Some(f);
     }
 
     /// Adds a row; writes a part when `flush_every` rows are buffered.
     pub fn push(&mut self, row: OutputRow) -> Result<()> {
+        if let Some(f) = &mut self.on_row {
+            f(&row);
+        }
         self.rows.push(row);
         if self.rows.len() >= self.flush_every {
             self.flush()?;
@@ -136,9 +166,20 @@ impl ParquetSink {
         if let Ok(d) = std::fs::File::open(&self.dir) {
             let _ = d.sync_all();
         }
+        let stats = PartStats {
+            file: name,
+            rows: self.rows.len(),
+            ok: self.rows.iter().filter(|r| r.status == "ok").count(),
+            errors: self.rows.iter().filter(|r| r.status != "ok").count(),
+            prompt_tokens: self.rows.iter().map(|r| r.prompt_tokens as usize).sum(),
+            completion_tokens: self.rows.iter().map(|r| r.completion_tokens as usize).sum(),
+        };
         self.written += self.rows.len();
         self.rows.clear();
         self.next_part += 1;
+        if let Some(f) = &mut self.on_part {
+            f(stats)?;
+        }
         Ok(())
     }
 
