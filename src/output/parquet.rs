@@ -55,6 +55,11 @@ pub fn schema(include_token_ids: bool) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// Called with every row pushed.
+pub type RowHook = Box<dyn FnMut(&OutputRow) + Send>;
+/// Called after each part file is in place.
+pub type PartHook = Box<dyn FnMut(PartStats) -> Result<()> + Send>;
+
 /// Buffers rows and writes them as part files.
 pub struct ParquetSink {
     dir: PathBuf,
@@ -64,8 +69,8 @@ pub struct ParquetSink {
     rows: Vec<OutputRow>,
     next_part: usize,
     written: usize,
-    on_row: Option<Box<dyn FnMut(&OutputRow) + Send>>,
-    on_part: Option<Box<dyn FnMut(PartStats) -> Result<()> + Send>>,
+    on_row: Option<RowHook>,
+    on_part: Option<PartHook>,
 }
 
 impl ParquetSink {
@@ -113,12 +118,12 @@ impl ParquetSink {
     }
 
     /// Called with every row pushed (progress).
-    pub fn on_row(&mut self, f: Box<dyn FnMut(&OutputRow) + Send>) {
+    pub fn on_row(&mut self, f: RowHook) {
         self.on_row = Some(f);
     }
 
     /// Called after every part file is durably in place (manifest updates).
-    pub fn on_part(&mut self, f: Box<dyn FnMut(PartStats) -> Result<()> + Send>) {
+    pub fn on_part(&mut self, f: PartHook) {
         self.on_part = Some(f);
     }
 
