@@ -128,6 +128,7 @@ pub fn submit(spec: &JobSpec, hub: &HubSettings, restart: bool) -> anyhow::Resul
     // Job-level checks first, before any model work.
     check_writable(&out)?;
     let _lock = OutputLock::acquire(&out)?;
+    let total = prescan(spec)?;
     let fp = fingerprint(spec)?;
     let hash = manifest::job_hash(&fp);
     let old = Manifest::read(&out)?;
@@ -165,7 +166,6 @@ pub fn submit(spec: &JobSpec, hub: &HubSettings, restart: bool) -> anyhow::Resul
             "removed temporary files of an interrupted write"
         );
     }
-    let total = prescan(spec)?;
     let (done, parts) = manifest::scan_parts(&out)?;
     let prev_wall = match &old {
         Some(m) if !restart => m.wall_s,

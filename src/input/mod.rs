@@ -136,7 +136,7 @@ impl RecordBuilder {
                         return Err(format!(
                             "record {id}: `{}` is {}, expected a string",
                             s.prompt_column,
-                            kind(other)
+                            describe(other)
                         ))
                     }
                 };
@@ -216,6 +216,14 @@ fn messages(id: &str, col: &str, v: &Value) -> std::result::Result<Vec<Message>,
             }
         })
         .collect()
+}
+
+/// A cell's kind for messages, naming Arrow types that have no JSON form.
+pub fn describe(v: &Value) -> String {
+    match v.get("arrow_type").and_then(|t| t.as_str()) {
+        Some(t) if v.as_object().is_some_and(|o| o.len() == 1) => t.to_string(),
+        _ => kind(v).to_string(),
+    }
 }
 
 /// A JSON value's kind for messages.

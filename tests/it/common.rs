@@ -210,3 +210,16 @@ pub fn write_job(dir: &Path, model: &Path, input: &str, extra: &str) -> PathBuf 
     .unwrap();
     p
 }
+
+/// Part files in an output directory (0 when it does not exist yet).
+pub fn part_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |rd| {
+        rd.flatten()
+            .filter(|e| {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                n.starts_with("part-") && n.ends_with(".parquet")
+            })
+            .count()
+    })
+}

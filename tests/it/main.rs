@@ -7,4 +7,5 @@ mod config_errors;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod reference_logits;
+mod resume;
 mod submit_greedy;
