@@ -3,6 +3,7 @@
 
 mod bench;
 mod inspect;
+mod merge;
 mod submit;
 
 use crate::config::{self, JobSpec, Overrides};
@@ -30,6 +31,14 @@ enum Command {
         /// Discard an output written by a different job (or by this one) and start over.
         #[arg(long)]
         restart: bool,
+    },
+    /// Compact a job's part files into one Parquet file in input order.
+    Merge {
+        /// The job's output directory.
+        output: PathBuf,
+        /// The merged file (default: `<output>.parquet` beside the directory).
+        #[arg(long, short)]
+        into: Option<PathBuf>,
     },
     /// Print the progress and figures of a job's output directory (running, finished or dead).
     Status {
@@ -85,6 +94,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             submit::submit(&load_job(&job, set)?, &hub_settings(), restart)
         }
         Command::Status { output } => submit::status(&output),
+        Command::Merge { output, into } => merge::merge(&output, into.as_deref()).map(|_| ()),
         Command::Validate { job, set } => submit::validate(&load_job(&job, set)?, &hub_settings()),
         Command::Bench {
             job,

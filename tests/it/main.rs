@@ -1,11 +1,13 @@
 //! Integration tests: the real `runner` binary and library on the fixtures
 //! in `../shared/fixtures` (GPTQModel checkpoints and its reference outputs).
 
+mod bad_input;
 mod batching;
 mod common;
 mod config_errors;
 #[cfg(feature = "cuda")]
 mod gpu;
+mod input_fuzz;
 mod reference_logits;
 mod resume;
 mod submit_greedy;
