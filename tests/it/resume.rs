@@ -120,6 +120,14 @@ fn kill_9_at_random_moments_then_resume_loses_and_duplicates_nothing() {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         kills += 1;
+        if kills == 1 && out.join("_manifest.json").exists() {
+            let st = runner(tmp.path(), &["status", out.to_str().unwrap()], &[]);
+            assert!(
+                st.ok && st.stdout.contains("state       dead"),
+                "status of a killed job:\n{}",
+                st.stdout
+            );
+        }
         moments.push(format!("{wait:.2}s"));
     }
     eprintln!("killed {kills} times at {moments:?}");
@@ -330,4 +338,40 @@ fn job_level_input_problems_fail_before_any_model_work() {
             "{file}: failed only after loading the model"
         );
     }
+}
+
+#[test]
+fn a_second_signal_exits_at_once_and_the_output_still_resumes() {
+    let want = reference();
+    let tmp = tempfile::tempdir().unwrap();
+    let j = job(tmp.path(), "out");
+    let out = tmp.path().join("out");
+    let child = spawn(tmp.path(), &j, &[]);
+    let t = Instant::now();
+    while crate::common::part_files(&out) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "no part written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    for _ in 0..2 {
+        assert!(Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+    let res = child.wait_with_output().unwrap();
+    assert_eq!(
+        res.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let run = runner(
+        tmp.path(),
+        &["submit", j.to_str().unwrap(), "--set", "model.dtype=f32"],
+        &[],
+    );
+    assert!(run.ok, "{}", run.stderr);
+    assert_same_output(&out, &want);
 }
