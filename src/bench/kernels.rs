@@ -2,7 +2,8 @@
 //! against cuBLAS f16 on Mistral-7B's shapes, decode attention against the
 //! device-to-device copy bandwidth, and the two ceilings themselves.
 
-use crate::cuda::{self, DecodeShape, DummyGptq, GptqGpu, GptqPath};
+use crate::cuda::{self, DecodeShape, GptqGpu, GptqPath};
+use crate::model::linear::RandomGptq;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -92,7 +93,7 @@ pub fn gemm_table(
     let mut rows = Vec::new();
     for (name, k, n) in SHAPES {
         let g = GptqGpu::dummy(
-            &DummyGptq {
+            &RandomGptq {
                 bits,
                 group_size: group,
                 k,

@@ -3,7 +3,7 @@
 //! path, over weights in the tile layout of [`TiledGptq`].
 
 use super::{device_of, empty, launch, ptr, Arg, GPTQ};
-use crate::model::linear::TiledGptq;
+use crate::model::linear::{RandomGptq, TiledGptq};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{DType, Device, Tensor};
@@ -67,7 +67,9 @@ impl GptqGpu {
 
     /// Random weights with the exact shapes and layout of a (K, N) layer,
     /// generated on the GPU; `act_order` shuffles K over the groups.
-    pub fn dummy(spec: &DummyGptq, dev: &Device) -> Result<Self> {
+    /// (Generated on the device: the same shapes as [`RandomGptq::build`],
+    /// not the same values.)
+    pub fn dummy(spec: &RandomGptq, dev: &Device) -> Result<Self> {
         let cd = super::cuda(dev)?;
         let (k, n) = (spec.k, spec.n);
         let kp = k.div_ceil(crate::model::linear::tiled::PAD) * crate::model::linear::tiled::PAD;
@@ -251,21 +253,4 @@ impl GptqGpu {
         )?;
         Ok(out)
     }
-}
-
-/// Shapes of a dummy GPTQ layer.
-#[derive(Debug, Clone, Copy)]
-pub struct DummyGptq {
-    /// 4 or 8.
-    pub bits: u32,
-    /// Rows per group, `None` for one group.
-    pub group_size: Option<usize>,
-    /// Input features.
-    pub k: usize,
-    /// Output features.
-    pub n: usize,
-    /// Shuffle K over the groups.
-    pub act_order: bool,
-    /// Seed.
-    pub seed: u64,
 }

@@ -4,7 +4,7 @@
 
 mod gptq;
 
-pub use gptq::{DummyGptq, GptqGpu, GptqPath};
+pub use gptq::{GptqGpu, GptqPath};
 
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};

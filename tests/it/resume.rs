@@ -54,6 +54,17 @@ fn spawn(dir: &Path, job: &Path, extra: &[&str]) -> Child {
     cmd.spawn().expect("runner starts")
 }
 
+/// Starts a submit and returns once its first part file is in place.
+fn spawn_until_first_part(dir: &Path, job: &Path, out: &Path) -> Child {
+    let child = spawn(dir, job, &[]);
+    let t = Instant::now();
+    while crate::common::part_files(out) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "no part written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 fn by_id(rows: Vec<Row>) -> BTreeMap<String, Row> {
     let n = rows.len();
     let m: BTreeMap<String, Row> = rows.into_iter().map(|r| (r.id.clone(), r)).collect();
@@ -159,12 +170,7 @@ fn sigterm_stops_cleanly_and_resume_finishes() {
     let tmp = tempfile::tempdir().unwrap();
     let j = job(tmp.path(), "out");
     let out = tmp.path().join("out");
-    let child = spawn(tmp.path(), &j, &[]);
-    let t = Instant::now();
-    while crate::common::part_files(&out) == 0 {
-        assert!(t.elapsed() < Duration::from_secs(60), "no part written");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = spawn_until_first_part(tmp.path(), &j, &out);
     let st = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -346,12 +352,7 @@ fn a_second_signal_exits_at_once_and_the_output_still_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let j = job(tmp.path(), "out");
     let out = tmp.path().join("out");
-    let child = spawn(tmp.path(), &j, &[]);
-    let t = Instant::now();
-    while crate::common::part_files(&out) == 0 {
-        assert!(t.elapsed() < Duration::from_secs(60), "no part written");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = spawn_until_first_part(tmp.path(), &j, &out);
     let pid = child.id().to_string();
     for _ in 0..2 {
         assert!(Command::new("kill")

@@ -167,7 +167,7 @@ impl GptqWeight {
     }
 }
 
-/// What [`GptqWeight::random`] builds: random quantized values, v1 zeros
+/// A random GPTQ layer's shape and quantization; [`RandomGptq::build`] makes it: random quantized values, v1 zeros
 /// in `[1, 2^bits]`, f16 scales in [0.002, 0.02) and, with act-order, a
 /// random permutation of equal-size groups (as GPTQ produces).
 #[derive(Debug, Clone, Copy)]

@@ -441,29 +441,18 @@ fn dummy_float(shape: &[usize], lo: f32, hi: f32, seed: u64, opts: &LoadOptions)
 
 /// A random GPTQ layer of the spec's shape and quantization.
 fn dummy_gptq(spec: &LinearSpec<'_>, q: &QuantConfig, seed: u64) -> Result<Linear> {
-    #[cfg(feature = "cuda")]
-    if spec.device.is_cuda() {
-        let g = crate::cuda::GptqGpu::dummy(
-            &crate::cuda::DummyGptq {
-                bits: q.bits,
-                group_size: q.group_size,
-                k: spec.in_features,
-                n: spec.out_features,
-                act_order: q.desc_act,
-                seed,
-            },
-            spec.device,
-        )?;
-        return Linear::from_gpu(g, spec.mode, spec.fused_max_m);
-    }
-    let w = RandomGptq {
+    let shape = RandomGptq {
         bits: q.bits,
         group_size: q.group_size,
         k: spec.in_features,
         n: spec.out_features,
         act_order: q.desc_act,
         seed,
+    };
+    #[cfg(feature = "cuda")]
+    if spec.device.is_cuda() {
+        let g = crate::cuda::GptqGpu::dummy(&shape, spec.device)?;
+        return Linear::from_gpu(g, spec.mode, spec.fused_max_m);
     }
-    .build();
-    Linear::from_gptq(w, spec)
+    Linear::from_gptq(shape.build(), spec)
 }
