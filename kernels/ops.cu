@@ -100,6 +100,6 @@ extern "C" __global__ void rope_qk(const half* __restrict__ q, const half* __res
   }
   half c = cos[(size_t)pos[t] * half_d + j], s = sin[(size_t)pos[t] * half_d + j];
   half x1 = src[j], x2 = src[j + half_d];
-  dst[j] = __hadd(__hmul(x1, c), __hmul(__hneg(x2), s));
-  dst[j + half_d] = __hadd(__hmul(x2, c), __hmul(x1, s));
+  dst[j] = __hadd_rn(__hmul_rn(x1, c), __hmul_rn(__hneg(x2), s));
+  dst[j + half_d] = __hadd_rn(__hmul_rn(x2, c), __hmul_rn(x1, s));
 }
