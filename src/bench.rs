@@ -157,6 +157,7 @@ pub fn run_workload(
                             user: String::new(),
                         },
                         params: params.clone(),
+                        reference: None,
                     }),
                 },
                 ids,
@@ -172,6 +173,7 @@ pub fn run_workload(
         quant_bits: None,
         quant_group_size: None,
         quant_act_order: None,
+        metrics: vec![],
     };
     let mut sink = ParquetSink::create(&tmp, meta, false, 1 << 20)?;
     let sum = engine.run_tokens(items, &mut sink)?;

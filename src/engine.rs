@@ -71,6 +71,7 @@ pub struct Engine {
     include_token_ids: bool,
     defaults: GenerationParams,
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    scorer: crate::scoring::Scorer,
 }
 
 /// A sampled token, or the logits to sample it from on the host.
@@ -84,6 +85,7 @@ type Prepared = (InputRecord, std::result::Result<Vec<u32>, String>);
 
 struct Seq {
     rec_id: String,
+    reference: Option<String>,
     row: u64,
     params: GenerationParams,
     prompt_len: usize,
@@ -154,6 +156,7 @@ impl Engine {
             quant_bits: q.map(|q| q.bits as i32),
             quant_group_size: q.map(|q| q.group_size.map_or(-1, |g| g as i32)),
             quant_act_order: q.map(|q| q.desc_act),
+            metrics: spec.scoring.metrics.clone(),
         };
         Ok((
             Self {
@@ -170,6 +173,7 @@ impl Engine {
                 include_token_ids: spec.output.include_token_ids,
                 defaults: spec.generation.clone(),
                 stop: None,
+                scorer: crate::scoring::Scorer::new(&spec.scoring),
             },
             meta,
         ))
@@ -352,6 +356,11 @@ impl Engine {
                                 prompt.clone(),
                                 Seq {
                                     rng: RecordRng::new(params.seed, &rec.id),
+                                    reference: rec
+                                        .body
+                                        .as_ref()
+                                        .ok()
+                                        .and_then(|b| b.reference.clone()),
                                     rec_id: rec.id,
                                     row: rec.row,
                                     params,
@@ -548,7 +557,11 @@ impl Engine {
             text.truncate(cut);
         }
         let admitted = s.admitted.unwrap_or(now);
+        let scores = self.scorer.score(&text, s.reference.as_deref());
         Ok(OutputRow {
+            reference: s.reference.clone(),
+            scores: scores.values.iter().map(|v| v.1).collect(),
+            extracted: scores.extracted,
             id: s.rec_id,
             input_row: s.row,
             completion: Some(text),
@@ -589,6 +602,9 @@ pub fn error_row(
 ) -> OutputRow {
     let p = rec.body.as_ref().map_or(defaults, |b| &b.params);
     OutputRow {
+        reference: rec.body.as_ref().ok().and_then(|b| b.reference.clone()),
+        scores: Vec::new(),
+        extracted: None,
         id: rec.id.clone(),
         input_row: rec.row,
         completion: None,

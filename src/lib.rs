@@ -18,8 +18,10 @@ pub mod kv;
 pub mod model;
 pub mod output;
 pub mod prompt;
+pub mod report;
 pub mod sampler;
 pub mod scheduler;
+pub mod scoring;
 
 pub use error::{Error, Result};
 

@@ -5,6 +5,7 @@ mod bench;
 mod inspect;
 mod merge;
 mod submit;
+mod sweep;
 
 use crate::config::{self, JobSpec, Overrides};
 use crate::model::HubSettings;
@@ -31,6 +32,11 @@ enum Command {
         /// Discard an output written by a different job (or by this one) and start over.
         #[arg(long)]
         restart: bool,
+    },
+    /// Rebuild a sweep's report.md / report.parquet from its variants' data.
+    Report {
+        /// The sweep's output directory.
+        output: PathBuf,
     },
     /// Compact a job's part files into one Parquet file in input order.
     Merge {
@@ -94,6 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             submit::submit(&load_job(&job, set)?, &hub_settings(), restart)
         }
         Command::Status { output } => submit::status(&output),
+        Command::Report { output } => sweep::write_report(&output),
         Command::Merge { output, into } => merge::merge(&output, into.as_deref()).map(|_| ()),
         Command::Validate { job, set } => submit::validate(&load_job(&job, set)?, &hub_settings()),
         Command::Bench {

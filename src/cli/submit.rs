@@ -121,8 +121,17 @@ fn next_part_index(dir: &Path) -> crate::Result<usize> {
         .map_or(0, |m| m + 1))
 }
 
-/// Runs a job end to end, resuming into an output that holds part of it.
+/// Runs a job, or each variant of a sweep job, end to end, resuming into an
+/// output that holds part of it.
 pub fn submit(spec: &JobSpec, hub: &HubSettings, restart: bool) -> anyhow::Result<()> {
+    match &spec.sweep {
+        None => run_one(spec, hub, restart),
+        Some(sw) => super::sweep::run(spec, sw, hub, restart),
+    }
+}
+
+/// Runs one model's job (a plain job, or one sweep variant).
+pub fn run_one(spec: &JobSpec, hub: &HubSettings, restart: bool) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let out = spec.output.path.clone();
     // Job-level checks first, before any model work.
@@ -183,6 +192,12 @@ pub fn submit(spec: &JobSpec, hub: &HubSettings, restart: bool) -> anyhow::Resul
         updated_unix: 0,
         wall_s: prev_wall,
     };
+    if !restart && !done.is_empty() && done.len() >= total {
+        man.state = "finished".into();
+        man.write(&out)?;
+        tracing::info!(records = total, output = %out.display(), "already complete: nothing to run");
+        return Ok(());
+    }
     man.write(&out)?;
     if !done.is_empty() {
         tracing::info!(
@@ -200,7 +215,9 @@ pub fn submit(spec: &JobSpec, hub: &HubSettings, restart: bool) -> anyhow::Resul
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
 
+    let load_start = Instant::now();
     let (mut engine, meta) = Engine::load(spec, hub)?;
+    let load_s = load_start.elapsed().as_secs_f64();
     engine.set_stop_flag(Arc::clone(&stop));
     tracing::info!(
         model = %spec.model.id,
@@ -229,7 +246,7 @@ pub fn submit(spec: &JobSpec, hub: &HubSettings, restart: bool) -> anyhow::Resul
         let mut snap = m.clone();
         snap.wall_s = wall;
         snap.write(&out2)?;
-        write_metrics(&out2, &snap, None)
+        write_metrics(&out2, &snap, None, load_s)
     }));
     let mut input = crate::input::open(&spec.input, &spec.generation)?;
     let mut todo = std::iter::from_fn(move || loop {
@@ -249,7 +266,7 @@ pub fn submit(spec: &JobSpec, hub: &HubSettings, restart: bool) -> anyhow::Resul
     }
     .into();
     man.write(&out)?;
-    write_metrics(&out, &man, Some(&sum))?;
+    write_metrics(&out, &man, Some(&sum), load_s)?;
     log_summary(&man, &sum, &out);
     if sum.interrupted {
         return Err(Error::Interrupted(format!(
@@ -264,7 +281,12 @@ pub fn submit(spec: &JobSpec, hub: &HubSettings, restart: bool) -> anyhow::Resul
     Ok(())
 }
 
-fn write_metrics(dir: &Path, m: &Manifest, run: Option<&JobSummary>) -> crate::Result<()> {
+fn write_metrics(
+    dir: &Path,
+    m: &Manifest,
+    run: Option<&JobSummary>,
+    load_s: f64,
+) -> crate::Result<()> {
     let completion = m.sum(|p| p.completion_tokens);
     let mut v = serde_json::json!({
         "state": m.state,
@@ -285,7 +307,7 @@ fn write_metrics(dir: &Path, m: &Manifest, run: Option<&JobSummary>) -> crate::R
             "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
             "steps": s.steps, "wall_s": s.wall_s, "prefix_hit_tokens": s.prefix_hit_tokens,
             "preemptions": s.preemptions, "interrupted": s.interrupted,
-            "peak_device_bytes": s.peak_device_bytes,
+            "peak_device_bytes": s.peak_device_bytes, "load_s": load_s,
         });
     }
     manifest::write_atomic(dir, METRICS, &serde_json::to_vec_pretty(&v).expect("json"))

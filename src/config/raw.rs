@@ -14,6 +14,33 @@ pub struct RawJob {
     pub generation: RawGeneration,
     pub output: RawOutput,
     pub engine: RawEngine,
+    pub scoring: RawScoring,
+    #[serde(default)]
+    pub sweep: Option<RawSweep>,
+}
+
+/// `[scoring]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawScoring {
+    pub reference_column: String,
+    pub metrics: Vec<String>,
+    pub normalize: Vec<String>,
+    pub regex: String,
+}
+
+/// `[sweep]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawSweep {
+    #[serde(default)]
+    pub revisions: Vec<String>,
+    #[serde(default)]
+    pub models: Vec<RelativePathBuf>,
+    #[serde(default)]
+    pub baseline: Option<String>,
 }
 
 /// `[model]`

@@ -89,6 +89,8 @@ pub struct InputSpec {
     pub messages_column: String,
     /// Column with a per-record system prompt.
     pub system_column: String,
+    /// Column with a per-record reference answer (read when present).
+    pub reference_column: String,
 }
 
 /// Sampling and stopping parameters; job-level defaults, overridable per record.
@@ -193,6 +195,68 @@ pub struct JobSpec {
     pub output: OutputSpec,
     #[allow(missing_docs)]
     pub engine: EngineSpec,
+    #[allow(missing_docs)]
+    pub scoring: ScoringSpec,
+    /// Model variants of a sweep (`None`: one model).
+    pub sweep: Option<SweepSpec>,
+}
+
+/// `[scoring]`, resolved.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScoringSpec {
+    /// Column with each record's reference answer.
+    pub reference_column: String,
+    /// Metrics to compute per record.
+    pub metrics: Vec<Metric>,
+    /// Normalisations applied before comparing.
+    pub normalize: Vec<String>,
+    /// Extraction pattern of `regex_match`.
+    pub regex: String,
+}
+
+/// A per-record metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Normalised completion equals normalised reference.
+    ExactMatch,
+    /// Normalised completion contains normalised reference.
+    Contains,
+    /// The last regex match of completion equals that of the reference.
+    RegexMatch,
+}
+
+impl Metric {
+    /// Its name in jobs and output columns (`score_<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::ExactMatch => "exact_match",
+            Metric::Contains => "contains",
+            Metric::RegexMatch => "regex_match",
+        }
+    }
+}
+
+/// One model variant of a sweep.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Variant {
+    /// Its name: the revision, or the directory's base name.
+    pub name: String,
+    /// `model.id` for this variant.
+    pub id: String,
+    /// `model.revision` for this variant.
+    pub revision: String,
+    /// Local directory, when the variant is one.
+    pub local_dir: Option<PathBuf>,
+}
+
+/// `[sweep]`, resolved.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SweepSpec {
+    /// The variants, in run order.
+    pub variants: Vec<Variant>,
+    /// The variant the others are compared with.
+    pub baseline: Option<String>,
 }
 
 fn positive(field: &str, v: i64) -> Result<usize> {
@@ -306,6 +370,19 @@ impl RawJob {
                 e.max_prompt_tokens
             )));
         }
+        let scoring = resolve_scoring(self.scoring)?;
+        let model_for_sweep = ModelSpec {
+            id: id.clone(),
+            local_dir: local_dir.clone(),
+            revision: self.model.revision.clone(),
+            dtype,
+            load_format,
+            dummy_quant: self.model.dummy_quant.clone(),
+        };
+        let sweep = self
+            .sweep
+            .map(|sw| resolve_sweep(sw, &model_for_sweep))
+            .transpose()?;
         Ok(JobSpec {
             job_file: job_file.to_path_buf(),
             model: ModelSpec {
@@ -323,6 +400,7 @@ impl RawJob {
                 prompt_column: self.input.prompt_column,
                 messages_column: self.input.messages_column,
                 system_column: self.input.system_column,
+                reference_column: scoring.reference_column.clone(),
             },
             generation,
             output: OutputSpec {
@@ -356,6 +434,115 @@ impl RawJob {
                 gptq_fused_max_m: positive("engine.gptq_fused_max_m", e.gptq_fused_max_m)?,
                 prefix_caching: e.prefix_caching,
             },
+            scoring,
+            sweep,
         })
     }
+}
+
+fn resolve_scoring(r: super::raw::RawScoring) -> Result<ScoringSpec> {
+    let metrics = r
+        .metrics
+        .iter()
+        .map(|m| match m.as_str() {
+            "exact_match" => Ok(Metric::ExactMatch),
+            "contains" => Ok(Metric::Contains),
+            "regex_match" => Ok(Metric::RegexMatch),
+            other => Err(Error::Config(format!(
+                "scoring.metrics holds `{other}`, expected exact_match, contains or regex_match"
+            ))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for n in &r.normalize {
+        if ![
+            "lowercase",
+            "strip_punctuation",
+            "collapse_whitespace",
+            "strip",
+        ]
+        .contains(&n.as_str())
+        {
+            return Err(Error::Config(format!(
+                "scoring.normalize holds `{n}`, expected lowercase, strip_punctuation, collapse_whitespace or strip"
+            )));
+        }
+    }
+    if metrics.contains(&Metric::RegexMatch) {
+        regex::Regex::new(&r.regex).map_err(|e| {
+            Error::Config(format!("scoring.regex `{}` is not a regex: {e}", r.regex))
+        })?;
+    }
+    Ok(ScoringSpec {
+        reference_column: r.reference_column,
+        metrics,
+        normalize: r.normalize,
+        regex: r.regex,
+    })
+}
+
+fn resolve_sweep(r: super::raw::RawSweep, model: &ModelSpec) -> Result<SweepSpec> {
+    let mut variants = Vec::new();
+    for rev in &r.revisions {
+        variants.push(Variant {
+            name: rev.clone(),
+            id: model.id.clone(),
+            revision: rev.clone(),
+            local_dir: None,
+        });
+    }
+    for m in &r.models {
+        let dir = m.relative();
+        if !dir.is_dir() {
+            return Err(Error::Config(format!(
+                "sweep.models holds {}, which is not a directory",
+                m.original().display()
+            )));
+        }
+        let name = dir.file_name().map_or_else(
+            || dir.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        variants.push(Variant {
+            name,
+            id: m.original().display().to_string(),
+            revision: model.revision.clone(),
+            local_dir: Some(dir),
+        });
+    }
+    if variants.is_empty() {
+        return Err(Error::Config(
+            "[sweep] names no revisions and no models".into(),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for v in &variants {
+        if !seen.insert(v.name.clone()) {
+            return Err(Error::Config(format!(
+                "sweep variant name `{}` appears twice; variant directories are named after it",
+                v.name
+            )));
+        }
+        if v.name.contains('/') || v.name.starts_with('.') {
+            return Err(Error::Config(format!(
+                "sweep variant name `{}` is not a valid directory name",
+                v.name
+            )));
+        }
+    }
+    if let Some(b) = &r.baseline {
+        if !variants.iter().any(|v| &v.name == b) {
+            return Err(Error::Config(format!(
+                "sweep.baseline is `{b}`, expected one of the variants: {}",
+                variants
+                    .iter()
+                    .map(|v| v.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    Ok(SweepSpec {
+        variants,
+        baseline: r.baseline,
+    })
 }

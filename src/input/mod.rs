@@ -34,6 +34,8 @@ pub struct RecordBody {
     pub prompt: PromptInput,
     /// Generation parameters after per-record overrides.
     pub params: GenerationParams,
+    /// The reference answer (scoring), when the row has one.
+    pub reference: Option<String>,
 }
 
 /// One input row.
@@ -186,7 +188,23 @@ impl RecordBuilder {
             }
         }
         p.validate(&format!("record {id}: "))?;
-        Ok(RecordBody { prompt, params: p })
+        let reference = match obj.get(&s.reference_column) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) => Some(t.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            Some(other) => {
+                return Err(format!(
+                    "record {id}: `{}` is {}, expected a string or number",
+                    s.reference_column,
+                    describe(other)
+                ))
+            }
+        };
+        Ok(RecordBody {
+            prompt,
+            params: p,
+            reference,
+        })
     }
 }
 

@@ -52,6 +52,7 @@ impl ParquetSource {
             spec.prompt_column.clone(),
             spec.messages_column.clone(),
             spec.system_column.clone(),
+            spec.reference_column.clone(),
         ];
         columns.extend(OVERRIDE_COLUMNS.iter().map(|c| c.to_string()));
         columns.retain(|c| has(c));

@@ -45,6 +45,8 @@ pub struct JobMeta {
     pub quant_group_size: Option<i32>,
     /// Act-order, `None` for dense.
     pub quant_act_order: Option<bool>,
+    /// Scoring metrics (their columns are added when any).
+    pub metrics: Vec<crate::config::Metric>,
 }
 
 /// One output row.
@@ -88,4 +90,10 @@ pub struct OutputRow {
     pub total_ms: f64,
     /// Generated ids (written when `output.include_token_ids`).
     pub completion_token_ids: Vec<u32>,
+    /// The record's reference answer (scoring jobs).
+    pub reference: Option<String>,
+    /// Scores in the order of the job's metrics (`None`: no reference or an error row).
+    pub scores: Vec<Option<f64>>,
+    /// The answer `regex_match` extracted from the completion.
+    pub extracted: Option<String>,
 }

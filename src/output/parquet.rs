@@ -3,6 +3,7 @@
 //! and renamed, so a part is either whole or absent.
 
 use super::{JobMeta, OutputRow, PartStats};
+use crate::config::Metric;
 use crate::{Error, Result};
 use arrow::array::{
     ArrayRef, BooleanArray, Float64Array, Int32Array, ListArray, RecordBatch, StringArray,
@@ -15,8 +16,9 @@ use parquet::file::properties::WriterProperties;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The output schema; `completion_token_ids` only when asked for.
-pub fn schema(include_token_ids: bool) -> SchemaRef {
+/// The output schema; `completion_token_ids` only when asked for, the
+/// scoring columns only when the job scores.
+pub fn schema(include_token_ids: bool, metrics: &[Metric]) -> SchemaRef {
     let s = |n: &str, null: bool| Field::new(n, DataType::Utf8, null);
     let mut fields = vec![
         s("id", false),
@@ -45,6 +47,19 @@ pub fn schema(include_token_ids: bool) -> SchemaRef {
         s("runner_version", false),
         s("job_id", false),
     ];
+    if !metrics.is_empty() {
+        fields.push(s("reference", true));
+        for m in metrics {
+            fields.push(Field::new(
+                format!("score_{}", m.name()),
+                DataType::Float64,
+                true,
+            ));
+        }
+        if metrics.contains(&Metric::RegexMatch) {
+            fields.push(s("extracted_answer", true));
+        }
+    }
     if include_token_ids {
         fields.push(Field::new(
             "completion_token_ids",
@@ -235,6 +250,19 @@ impl ParquetSink {
             same(crate::VERSION),
             same(&m.job_id),
         ];
+        if !m.metrics.is_empty() {
+            cols.push(strs(&|x| x.reference.clone()));
+            for i in 0..m.metrics.len() {
+                cols.push(Arc::new(Float64Array::from(
+                    r.iter()
+                        .map(|x| x.scores.get(i).copied().flatten())
+                        .collect::<Vec<_>>(),
+                )));
+            }
+            if m.metrics.contains(&Metric::RegexMatch) {
+                cols.push(strs(&|x| x.extracted.clone()));
+            }
+        }
         if self.include_token_ids {
             let lists = ListArray::from_iter_primitive::<arrow::datatypes::UInt32Type, _, _>(
                 r.iter().map(|x| {
@@ -248,7 +276,7 @@ impl ParquetSink {
             );
             cols.push(Arc::new(lists));
         }
-        RecordBatch::try_new(schema(self.include_token_ids), cols)
+        RecordBatch::try_new(schema(self.include_token_ids, &m.metrics), cols)
             .map_err(|e| Error::Output(format!("building output batch: {e}")))
     }
 }

@@ -15,6 +15,7 @@ fn spec(path: &std::path::Path, format: InputFormat) -> InputSpec {
         prompt_column: "prompt".into(),
         messages_column: "messages".into(),
         system_column: "system".into(),
+        reference_column: "reference".into(),
     }
 }
 

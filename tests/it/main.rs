@@ -11,3 +11,4 @@ mod input_fuzz;
 mod reference_logits;
 mod resume;
 mod submit_greedy;
+mod sweep;

@@ -1,0 +1,146 @@
+//! Per-record scores against a reference answer: exact match and contains
+//! after configurable normalisation, and regex-extracted answer match (the
+//! last match of a pattern, e.g. the last number). Scores are 1.0 / 0.0,
+//! `None` without a reference.
+
+use crate::config::{Metric, ScoringSpec};
+use regex::Regex;
+
+/// A compiled scoring configuration.
+#[derive(Debug, Clone)]
+pub struct Scorer {
+    spec: ScoringSpec,
+    regex: Option<Regex>,
+}
+
+/// One record's scores, in the order of the job's metrics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scores {
+    /// (metric, score) pairs; `None` when the record has no reference.
+    pub values: Vec<(Metric, Option<f64>)>,
+    /// What `regex_match` extracted from the completion.
+    pub extracted: Option<String>,
+}
+
+impl Scorer {
+    /// Compiles the job's scoring (the regex is checked at config time).
+    pub fn new(spec: &ScoringSpec) -> Self {
+        let regex = spec
+            .metrics
+            .contains(&Metric::RegexMatch)
+            .then(|| Regex::new(&spec.regex).expect("validated at config time"));
+        Self {
+            spec: spec.clone(),
+            regex,
+        }
+    }
+
+    /// The metrics scored.
+    pub fn metrics(&self) -> &[Metric] {
+        &self.spec.metrics
+    }
+
+    /// Applies the configured normalisations.
+    pub fn normalize(&self, s: &str) -> String {
+        let mut t = s.to_string();
+        for n in &self.spec.normalize {
+            t = match n.as_str() {
+                "lowercase" => t.to_lowercase(),
+                "strip_punctuation" => t.chars().filter(|c| !c.is_ascii_punctuation()).collect(),
+                "collapse_whitespace" => t.split_whitespace().collect::<Vec<_>>().join(" "),
+                "strip" => t.trim().to_string(),
+                _ => t,
+            };
+        }
+        t.trim().to_string()
+    }
+
+    /// The last match of the pattern (its first group when it has one).
+    pub fn extract(&self, s: &str) -> Option<String> {
+        let re = self.regex.as_ref()?;
+        re.captures_iter(s).last().map(|c| {
+            c.get(1)
+                .or_else(|| c.get(0))
+                .map_or(String::new(), |m| m.as_str().to_string())
+        })
+    }
+
+    /// Scores a completion against an optional reference.
+    pub fn score(&self, completion: &str, reference: Option<&str>) -> Scores {
+        let extracted = self.extract(completion);
+        let values = self
+            .spec
+            .metrics
+            .iter()
+            .map(|&m| {
+                let v = reference.map(|r| {
+                    let hit = match m {
+                        Metric::ExactMatch => self.normalize(completion) == self.normalize(r),
+                        Metric::Contains => self.normalize(completion).contains(&self.normalize(r)),
+                        Metric::RegexMatch => {
+                            let want = self.extract(r).unwrap_or_else(|| r.trim().to_string());
+                            extracted.as_deref() == Some(want.as_str())
+                        }
+                    };
+                    if hit {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                });
+                (m, v)
+            })
+            .collect();
+        Scores { values, extracted }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scorer(metrics: Vec<Metric>) -> Scorer {
+        Scorer::new(&ScoringSpec {
+            reference_column: "reference".into(),
+            metrics,
+            normalize: vec![
+                "lowercase".into(),
+                "strip_punctuation".into(),
+                "collapse_whitespace".into(),
+            ],
+            regex: r"(-?\d+(?:\.\d+)?)".into(),
+        })
+    }
+
+    #[test]
+    fn metrics_follow_their_definitions() {
+        let s = scorer(vec![
+            Metric::ExactMatch,
+            Metric::Contains,
+            Metric::RegexMatch,
+        ]);
+        let v =
+            |c: &str, r: Option<&str>| s.score(c, r).values.iter().map(|x| x.1).collect::<Vec<_>>();
+        assert_eq!(
+            v("  Paris. ", Some("paris")),
+            vec![Some(1.0), Some(1.0), Some(0.0)]
+        );
+        assert_eq!(
+            v("The capital is Paris!", Some("Paris")),
+            vec![Some(0.0), Some(1.0), Some(0.0)]
+        );
+        assert_eq!(
+            v("12 + 30 = 42", Some("42")),
+            vec![Some(0.0), Some(1.0), Some(1.0)]
+        );
+        assert_eq!(
+            v("it is 42 or 43", Some("The answer: 42")),
+            vec![Some(0.0), Some(0.0), Some(0.0)]
+        );
+        assert_eq!(v("anything", None), vec![None, None, None]);
+        assert_eq!(
+            s.score("x 3.5 then 7", None).extracted.as_deref(),
+            Some("7")
+        );
+    }
+}
