@@ -59,7 +59,7 @@ fn variant_rows(dir: &Path) -> BTreeMap<String, VRow> {
     let mut out = BTreeMap::new();
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let p = e.path();
-        if !p.extension().is_some_and(|x| x == "parquet") {
+        if p.extension().is_none_or(|x| x != "parquet") {
             continue;
         }
         let f = std::fs::File::open(&p).unwrap();
