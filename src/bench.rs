@@ -158,6 +158,7 @@ pub fn run_workload(
                         },
                         params: params.clone(),
                         reference: None,
+                        continuation: None,
                     }),
                 },
                 ids,
@@ -174,6 +175,7 @@ pub fn run_workload(
         quant_group_size: None,
         quant_act_order: None,
         metrics: vec![],
+        loglikelihood: false,
     };
     let mut sink = ParquetSink::create(&tmp, meta, false, 1 << 20)?;
     let sum = engine.run_tokens(items, &mut sink)?;

@@ -72,6 +72,7 @@ pub struct Engine {
     defaults: GenerationParams,
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     scorer: crate::scoring::Scorer,
+    loglikelihood: bool,
 }
 
 /// A sampled token, or the logits to sample it from on the host.
@@ -157,6 +158,7 @@ impl Engine {
             quant_group_size: q.map(|q| q.group_size.map_or(-1, |g| g as i32)),
             quant_act_order: q.map(|q| q.desc_act),
             metrics: spec.scoring.metrics.clone(),
+            loglikelihood: spec.scoring.loglikelihood,
         };
         Ok((
             Self {
@@ -174,6 +176,7 @@ impl Engine {
                 defaults: spec.generation.clone(),
                 stop: None,
                 scorer: crate::scoring::Scorer::new(&spec.scoring),
+                loglikelihood: spec.scoring.loglikelihood,
             },
             meta,
         ))
@@ -234,6 +237,9 @@ impl Engine {
         job_system: &str,
         sink: &mut ParquetSink,
     ) -> Result<JobSummary> {
+        if self.loglikelihood {
+            return self.run_loglikelihood(input, job_system, sink);
+        }
         let capacity = self.sched.num_blocks * self.sched.block_size;
         // Reading and tokenizing upcoming records overlaps with model work.
         std::thread::scope(|scope| {
@@ -268,6 +274,117 @@ impl Engine {
         }
         drop(tx);
         self.step_loop(&rx, sink)
+    }
+
+    /// Loglikelihood mode: for each record, the summed log-probability of
+    /// its continuation after its rendered prompt (no generation), one
+    /// record at a time through the paged forward.
+    fn run_loglikelihood(
+        &self,
+        input: &mut (dyn Iterator<Item = Result<InputRecord>> + Send),
+        job_system: &str,
+        sink: &mut ParquetSink,
+    ) -> Result<JobSummary> {
+        let start = Instant::now();
+        let mut sum = JobSummary::default();
+        let ctx = self.model.config().max_position_embeddings;
+        for rec in input {
+            if self
+                .stop
+                .as_ref()
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                sum.interrupted = true;
+                break;
+            }
+            let rec = rec?;
+            let t0 = Instant::now();
+            let scored = self
+                .continuation_tokens(&rec, job_system)
+                .and_then(|(prompt, all)| {
+                    if all.len() > ctx {
+                        return Err(format!(
+                            "record {}: prompt + continuation has {} tokens, the context is {ctx}",
+                            rec.id,
+                            all.len()
+                        ));
+                    }
+                    let logits = self
+                        .model
+                        .logits_full(&all)
+                        .and_then(|l| Ok(l.to_vec2::<f32>()?))
+                        .map_err(|e| format!("record {}: {e}", rec.id))?;
+                    let (ll, n) = crate::scoring::loglikelihood(&logits, &all, prompt);
+                    Ok((prompt, all.len(), ll, n))
+                });
+            sum.records += 1;
+            let row = match scored {
+                Err(msg) => {
+                    sum.errors += 1;
+                    error_row(&rec, msg, 0.0, &self.defaults)
+                }
+                Ok((prompt, total, ll, n)) => {
+                    sum.ok += 1;
+                    sum.prompt_tokens += prompt;
+                    sum.steps += 1;
+                    sum.forward_tokens += total;
+                    let mut row = error_row(&rec, String::new(), 0.0, &self.defaults);
+                    row.status = "ok";
+                    row.error = None;
+                    row.finish_reason = crate::output::FinishReason::Scored.as_str();
+                    row.prompt_tokens = prompt as u32;
+                    row.total_ms = ms(t0, Instant::now());
+                    row.loglikelihood = Some((ll, n as u32));
+                    row
+                }
+            };
+            sink.push(row)?;
+        }
+        sink.flush()?;
+        sum.wall_s = start.elapsed().as_secs_f64();
+        Ok(sum)
+    }
+
+    /// (prompt length, prompt + continuation tokens) of a record: the
+    /// continuation's tokens are those that encoding prompt + continuation
+    /// adds after the prompt's own encoding.
+    fn continuation_tokens(
+        &self,
+        rec: &InputRecord,
+        job_system: &str,
+    ) -> std::result::Result<(usize, Vec<u32>), String> {
+        let body = rec.body.as_ref().map_err(|e| e.clone())?;
+        let cont = body.continuation.as_deref().ok_or_else(|| {
+            format!(
+                "record {}: the continuation is missing or null, expected a string (scoring.mode = loglikelihood)",
+                rec.id
+            )
+        })?;
+        if cont.is_empty() {
+            return Err(format!("record {}: the continuation is empty", rec.id));
+        }
+        let prompt = self.tokenize(rec, job_system)?;
+        let messages = match &body.prompt {
+            PromptInput::Messages(m) => m.clone(),
+            PromptInput::Text { system, user } => {
+                Prompter::messages(system.as_deref(), job_system, user)
+            }
+        };
+        let text = self
+            .prompter
+            .render(&messages)
+            .map_err(|e| format!("record {}: {e}", rec.id))?;
+        let all = self
+            .prompter
+            .encode(&format!("{text}{cont}"))
+            .map_err(|e| format!("record {}: {e}", rec.id))?;
+        if all.len() <= prompt.len() || all[..prompt.len()] != prompt[..] {
+            return Err(format!(
+                "record {}: the continuation does not tokenize as an extension of the prompt",
+                rec.id
+            ));
+        }
+        Ok((prompt.len(), all))
     }
 
     /// Tokenizes a record and checks that it fits the KV cache.
@@ -562,6 +679,7 @@ impl Engine {
             reference: s.reference.clone(),
             scores: scores.values.iter().map(|v| v.1).collect(),
             extracted: scores.extracted,
+            loglikelihood: None,
             id: s.rec_id,
             input_row: s.row,
             completion: Some(text),
@@ -605,6 +723,7 @@ pub fn error_row(
         reference: rec.body.as_ref().ok().and_then(|b| b.reference.clone()),
         scores: Vec::new(),
         extracted: None,
+        loglikelihood: None,
         id: rec.id.clone(),
         input_row: rec.row,
         completion: None,

@@ -95,12 +95,29 @@ impl Scorer {
     }
 }
 
+/// Sum of log-softmax (computed in f64) of `tokens[i]` under the logits of
+/// position `i - 1`, for `i` in `start..tokens.len()`; and the count.
+pub fn loglikelihood(logits: &[Vec<f32>], tokens: &[u32], start: usize) -> (f64, usize) {
+    let mut sum = 0.0;
+    let mut n = 0;
+    for i in start.max(1)..tokens.len() {
+        let row = &logits[i - 1];
+        let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = mx + row.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+        sum += row[tokens[i] as usize] as f64 - lse;
+        n += 1;
+    }
+    (sum, n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn scorer(metrics: Vec<Metric>) -> Scorer {
         Scorer::new(&ScoringSpec {
+            loglikelihood: false,
+            continuation_column: "continuation".into(),
             reference_column: "reference".into(),
             metrics,
             normalize: vec![

@@ -24,6 +24,8 @@ pub struct RawJob {
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct RawScoring {
+    pub mode: String,
+    pub continuation_column: String,
     pub reference_column: String,
     pub metrics: Vec<String>,
     pub normalize: Vec<String>,

@@ -91,6 +91,8 @@ pub struct InputSpec {
     pub system_column: String,
     /// Column with a per-record reference answer (read when present).
     pub reference_column: String,
+    /// Column with a continuation to score (loglikelihood mode).
+    pub continuation_column: String,
 }
 
 /// Sampling and stopping parameters; job-level defaults, overridable per record.
@@ -204,6 +206,10 @@ pub struct JobSpec {
 /// `[scoring]`, resolved.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ScoringSpec {
+    /// Generate (and score against references) or score given continuations.
+    pub loglikelihood: bool,
+    /// Column with the continuation of loglikelihood mode.
+    pub continuation_column: String,
     /// Column with each record's reference answer.
     pub reference_column: String,
     /// Metrics to compute per record.
@@ -401,6 +407,7 @@ impl RawJob {
                 messages_column: self.input.messages_column,
                 system_column: self.input.system_column,
                 reference_column: scoring.reference_column.clone(),
+                continuation_column: scoring.continuation_column.clone(),
             },
             generation,
             output: OutputSpec {
@@ -472,7 +479,18 @@ fn resolve_scoring(r: super::raw::RawScoring) -> Result<ScoringSpec> {
             Error::Config(format!("scoring.regex `{}` is not a regex: {e}", r.regex))
         })?;
     }
+    let loglikelihood = match r.mode.as_str() {
+        "generate" => false,
+        "loglikelihood" => true,
+        other => {
+            return Err(Error::Config(format!(
+                "scoring.mode is `{other}`, expected generate or loglikelihood"
+            )))
+        }
+    };
     Ok(ScoringSpec {
+        loglikelihood,
+        continuation_column: r.continuation_column,
         reference_column: r.reference_column,
         metrics,
         normalize: r.normalize,

@@ -36,6 +36,8 @@ pub struct RecordBody {
     pub params: GenerationParams,
     /// The reference answer (scoring), when the row has one.
     pub reference: Option<String>,
+    /// The continuation to score (loglikelihood mode), when the row has one.
+    pub continuation: Option<String>,
 }
 
 /// One input row.
@@ -200,10 +202,22 @@ impl RecordBuilder {
                 ))
             }
         };
+        let continuation = match obj.get(&s.continuation_column) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) => Some(t.clone()),
+            Some(other) => {
+                return Err(format!(
+                    "record {id}: `{}` is {}, expected a string",
+                    s.continuation_column,
+                    describe(other)
+                ))
+            }
+        };
         Ok(RecordBody {
             prompt,
             params: p,
             reference,
+            continuation,
         })
     }
 }

@@ -53,6 +53,7 @@ impl ParquetSource {
             spec.messages_column.clone(),
             spec.system_column.clone(),
             spec.reference_column.clone(),
+            spec.continuation_column.clone(),
         ];
         columns.extend(OVERRIDE_COLUMNS.iter().map(|c| c.to_string()));
         columns.retain(|c| has(c));

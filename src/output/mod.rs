@@ -17,6 +17,8 @@ pub enum FinishReason {
     Length,
     /// The record could not be run.
     Error,
+    /// Loglikelihood mode: the continuation was scored, nothing generated.
+    Scored,
 }
 
 impl FinishReason {
@@ -26,6 +28,7 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::Error => "error",
+            FinishReason::Scored => "scored",
         }
     }
 }
@@ -47,6 +50,8 @@ pub struct JobMeta {
     pub quant_act_order: Option<bool>,
     /// Scoring metrics (their columns are added when any).
     pub metrics: Vec<crate::config::Metric>,
+    /// Loglikelihood mode (adds `ll_sum`, `ll_mean`, `ll_tokens`).
+    pub loglikelihood: bool,
 }
 
 /// One output row.
@@ -96,4 +101,6 @@ pub struct OutputRow {
     pub scores: Vec<Option<f64>>,
     /// The answer `regex_match` extracted from the completion.
     pub extracted: Option<String>,
+    /// Loglikelihood mode: (sum of log-probabilities, continuation tokens).
+    pub loglikelihood: Option<(f64, u32)>,
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 /// The output schema; `completion_token_ids` only when asked for, the
 /// scoring columns only when the job scores.
-pub fn schema(include_token_ids: bool, metrics: &[Metric]) -> SchemaRef {
+pub fn schema(include_token_ids: bool, metrics: &[Metric], loglikelihood: bool) -> SchemaRef {
     let s = |n: &str, null: bool| Field::new(n, DataType::Utf8, null);
     let mut fields = vec![
         s("id", false),
@@ -59,6 +59,11 @@ pub fn schema(include_token_ids: bool, metrics: &[Metric]) -> SchemaRef {
         if metrics.contains(&Metric::RegexMatch) {
             fields.push(s("extracted_answer", true));
         }
+    }
+    if loglikelihood {
+        fields.push(Field::new("ll_sum", DataType::Float64, true));
+        fields.push(Field::new("ll_mean", DataType::Float64, true));
+        fields.push(Field::new("ll_tokens", DataType::UInt32, true));
     }
     if include_token_ids {
         fields.push(Field::new(
@@ -263,6 +268,20 @@ impl ParquetSink {
                 cols.push(strs(&|x| x.extracted.clone()));
             }
         }
+        if m.loglikelihood {
+            let ll = |f: &dyn Fn((f64, u32)) -> f64| -> ArrayRef {
+                Arc::new(Float64Array::from(
+                    r.iter().map(|x| x.loglikelihood.map(f)).collect::<Vec<_>>(),
+                ))
+            };
+            cols.push(ll(&|(s, _)| s));
+            cols.push(ll(&|(s, n)| s / n.max(1) as f64));
+            cols.push(Arc::new(UInt32Array::from(
+                r.iter()
+                    .map(|x| x.loglikelihood.map(|l| l.1))
+                    .collect::<Vec<_>>(),
+            )));
+        }
         if self.include_token_ids {
             let lists = ListArray::from_iter_primitive::<arrow::datatypes::UInt32Type, _, _>(
                 r.iter().map(|x| {
@@ -276,8 +295,11 @@ impl ParquetSink {
             );
             cols.push(Arc::new(lists));
         }
-        RecordBatch::try_new(schema(self.include_token_ids, &m.metrics), cols)
-            .map_err(|e| Error::Output(format!("building output batch: {e}")))
+        RecordBatch::try_new(
+            schema(self.include_token_ids, &m.metrics, m.loglikelihood),
+            cols,
+        )
+        .map_err(|e| Error::Output(format!("building output batch: {e}")))
     }
 }
 

@@ -16,6 +16,7 @@ fn spec(path: &std::path::Path, format: InputFormat) -> InputSpec {
         messages_column: "messages".into(),
         system_column: "system".into(),
         reference_column: "reference".into(),
+        continuation_column: "continuation".into(),
     }
 }
 

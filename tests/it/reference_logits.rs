@@ -148,3 +148,78 @@ fn chat_rendering_and_tokenization_match_reference_ids() {
         .unwrap();
     assert_eq!(text, seqs["chatml_text"].as_str().unwrap());
 }
+
+/// Loglikelihood scoring against the references: the log-softmax of a
+/// continuation token after a reference sequence is the reference's
+/// full-vocabulary last logits minus its logsumexp; a continuation of
+/// several tokens sums such terms where the reference's top-8 holds them.
+#[test]
+fn loglikelihood_matches_reference_log_softmax() {
+    let fx = fixtures();
+    let seqs = json(&fx.join("references/sequences.json"));
+    let mut checked = 0;
+    for model in crate::common::models() {
+        let m = runner::model::load(
+            &fx.join(model),
+            &runner::model::LoadOptions::new(DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let path = reference_path(model, false);
+        let bytes =
+            std::fs::read(fx.join(format!("references/{model}/{path}.safetensors"))).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        for (name, ids) in seqs["sequences"].as_object().unwrap() {
+            let ids: Vec<u32> = ids
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let t = ids.len();
+            let last = f32s(&st, &format!("{name}.logits_last"));
+            let lse = f32s(&st, &format!("{name}.logsumexp"));
+            let top_ids = i64s(&st, &format!("{name}.topk_ids"));
+            let top_vals = f32s(&st, &format!("{name}.topk_vals"));
+            // One-token continuations after the whole sequence.
+            for x in [
+                top_ids[(t - 1) * 8] as u32,
+                top_ids[(t - 1) * 8 + 5] as u32,
+                1000,
+                31999,
+            ] {
+                let mut all = ids.clone();
+                all.push(x);
+                let logits = m.logits_full(&all).unwrap().to_vec2::<f32>().unwrap();
+                let (ll, n) = runner::scoring::loglikelihood(&logits, &all, t);
+                let want = last[x as usize] as f64 - lse[t - 1] as f64;
+                assert_eq!(n, 1);
+                assert!(
+                    (ll - want).abs() <= 4e-3,
+                    "{model} {name} token {x}: {ll} vs {want}"
+                );
+                checked += 1;
+            }
+            // The sequence's own tail, from the first position whose every
+            // next token is in the reference's top-8.
+            let logits = m.logits_full(&ids).unwrap().to_vec2::<f32>().unwrap();
+            let known = |i: usize| {
+                (0..8)
+                    .find(|&j| top_ids[(i - 1) * 8 + j] as u32 == ids[i])
+                    .map(|j| top_vals[(i - 1) * 8 + j])
+            };
+            if let Some(k) = (1..t).find(|&k| (k..t).all(|i| known(i).is_some())) {
+                let want: f64 = (k..t)
+                    .map(|i| known(i).unwrap() as f64 - lse[i - 1] as f64)
+                    .sum();
+                let (ll, n) = runner::scoring::loglikelihood(&logits, &ids, k);
+                assert_eq!(n, t - k);
+                assert!(
+                    (ll - want).abs() <= 4e-3 * n as f64,
+                    "{model} {name} tail from {k}: {ll} vs {want}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} loglikelihood checks");
+}

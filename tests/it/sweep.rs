@@ -321,3 +321,119 @@ fn a_sweep_killed_midway_resumes_the_unfinished_variant_and_skips_the_finished()
     }
     assert_eq!(report_rows(&out).len(), 4);
 }
+
+#[test]
+fn loglikelihood_mode_scores_continuations_without_generating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rows_in = [
+        (
+            "a",
+            "What is the capital of France?",
+            Some(" Paris is the capital."),
+        ),
+        ("b", "Count to three.", Some("1 2 3")),
+        ("c", "No continuation here.", None),
+    ];
+    let mut s = String::new();
+    for (id, p, c) in rows_in {
+        s.push_str(&serde_json::json!({"id": id, "prompt": p, "continuation": c}).to_string());
+        s.push('\n');
+    }
+    std::fs::write(tmp.path().join("ll.jsonl"), s).unwrap();
+    let model = fixtures().join(ALL_MODELS[1]);
+    let job = crate::common::write_job(tmp.path(), &model, "ll.jsonl", "[model]\n");
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("[model]\n\n", "");
+    let text = text.replacen("[model]\n", "[model]\ndtype = \"f32\"\n", 1)
+        + "[output]\npath = \"ll\"\n\n[scoring]\nmode = \"loglikelihood\"\n";
+    std::fs::write(&job, text).unwrap();
+    let run = runner(tmp.path(), &["submit", job.to_str().unwrap()], &[]);
+    assert!(run.ok, "{}", run.stderr);
+    let f = |d: &Path| -> Vec<serde_json::Value> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            if e.path().extension().is_none_or(|x| x != "parquet") {
+                continue;
+            }
+            let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                std::fs::File::open(e.path()).unwrap(),
+            )
+            .unwrap()
+            .build()
+            .unwrap();
+            for b in r {
+                let b = b.unwrap();
+                for i in 0..b.num_rows() {
+                    let s = |n: &str| {
+                        b.column_by_name(n)
+                            .unwrap()
+                            .as_string::<i32>()
+                            .value(i)
+                            .to_string()
+                    };
+                    let fl = |n: &str| {
+                        let c = b
+                            .column_by_name(n)
+                            .unwrap()
+                            .as_primitive::<Float64Type>()
+                            .clone();
+                        c.is_valid(i).then(|| c.value(i))
+                    };
+                    let n = b
+                        .column_by_name("ll_tokens")
+                        .unwrap()
+                        .as_primitive::<UInt32Type>()
+                        .clone();
+                    v.push(serde_json::json!({"id": s("id"), "status": s("status"), "finish": s("finish_reason"),
+                        "sum": fl("ll_sum"), "mean": fl("ll_mean"), "n": n.is_valid(i).then(|| n.value(i))}));
+                }
+            }
+        }
+        v
+    };
+    let out = f(&tmp.path().join("ll"));
+    assert_eq!(out.len(), 3);
+    let m = runner::model::load(
+        &model,
+        &runner::model::LoadOptions::new(candle_core::DType::F32, &candle_core::Device::Cpu),
+    )
+    .unwrap();
+    let p = runner::prompt::Prompter::load(&model, &[32000]).unwrap();
+    for (id, prompt, cont) in rows_in {
+        let row = out.iter().find(|r| r["id"] == id).unwrap();
+        let Some(cont) = cont else {
+            assert_eq!(row["status"], "error", "{id}");
+            continue;
+        };
+        assert_eq!(
+            (row["status"].as_str(), row["finish"].as_str()),
+            (Some("ok"), Some("scored")),
+            "{id}"
+        );
+        // Independently: render, encode with and without the continuation, sum log-softmax in f64.
+        let text = p
+            .render(&runner::prompt::Prompter::messages(None, "", prompt))
+            .unwrap();
+        let ctx = p.encode(&text).unwrap();
+        let all = p.encode(&format!("{text}{cont}")).unwrap();
+        let logits = m.logits_full(&all).unwrap().to_vec2::<f32>().unwrap();
+        let mut want = 0.0f64;
+        for i in ctx.len()..all.len() {
+            let row = &logits[i - 1];
+            let z: f64 = row.iter().map(|&v| (v as f64).exp()).sum();
+            want += row[all[i] as usize] as f64 - z.ln();
+        }
+        let n = (all.len() - ctx.len()) as u64;
+        assert_eq!(row["n"].as_u64(), Some(n), "{id}");
+        assert!(
+            (row["sum"].as_f64().unwrap() - want).abs() < 1e-6 * want.abs().max(1.0),
+            "{id}: {} vs {want}",
+            row["sum"]
+        );
+        assert!(
+            (row["mean"].as_f64().unwrap() * n as f64 - want).abs() < 1e-6 * want.abs().max(1.0),
+            "{id}"
+        );
+    }
+}
