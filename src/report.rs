@@ -3,6 +3,8 @@
 //! agreement with the baseline's greedy tokens), rebuilt from the variants'
 //! output rows and metrics alone, as `report.md` and `report.parquet`.
 
+pub mod plot;
+
 use crate::output::manifest::{self, METRICS};
 use crate::{Error, Result};
 use arrow::array::{Array, AsArray, Float64Array, RecordBatch, StringArray, UInt64Array};
@@ -280,6 +282,42 @@ pub fn write(out: &Path, info: &SweepInfo, rows: &[VariantReport]) -> Result<()>
             r.load_s,
             fmt_opt(r.agreement, 3),
             fmt_opt(r.mean_first_divergence, 2)
+        ));
+    }
+    // The plot: the first metric (else agreement) against output tok/s.
+    let (ylabel, ys): (String, Vec<f64>) = match metric_names.first() {
+        Some(m) => (
+            format!("{m} mean"),
+            rows.iter()
+                .map(|r| {
+                    r.metrics
+                        .iter()
+                        .find(|x| &x.name == m)
+                        .map_or(f64::NAN, |x| x.mean)
+                })
+                .collect(),
+        ),
+        None => (
+            "agreement with the baseline".into(),
+            rows.iter()
+                .map(|r| r.agreement.unwrap_or(f64::NAN))
+                .collect(),
+        ),
+    };
+    let points: Vec<(f64, f64)> = rows.iter().map(|r| r.output_tok_s).zip(ys).collect();
+    plot::write(&out.join("report.png"), &points)?;
+    md.push_str(&format!(
+        "\n![{ylabel} against output tok/s](report.png)\n\nreport.png: {ylabel} (y) against output tok/s (x); points numbered:\n\n"
+    ));
+    for (i, r) in rows.iter().enumerate() {
+        let c = plot::PALETTE[i % plot::PALETTE.len()];
+        md.push_str(&format!(
+            "{}. {} (rgb {}, {}, {})\n",
+            i + 1,
+            r.variant,
+            c[0],
+            c[1],
+            c[2]
         ));
     }
     manifest::write_atomic(out, "report.md", md.as_bytes())?;

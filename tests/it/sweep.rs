@@ -250,6 +250,16 @@ fn sweep_report_matches_figures_computed_from_the_rows() {
         md.contains("| variant | records | errors |") && md.contains(ALL_MODELS[2]),
         "{md}"
     );
+    // The plot: a 720x480 PNG with one coloured point per variant.
+    let dec = png::Decoder::new(std::fs::File::open(out.join("report.png")).unwrap());
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (720, 480));
+    for c in &runner::report::plot::PALETTE[..4] {
+        assert!(buf.chunks(3).any(|p| p == c), "a point of colour {c:?}");
+    }
+    assert!(md.contains("](report.png)"), "{md}");
     // `runner report` rebuilds the same figures from the data.
     std::fs::remove_file(out.join("report.parquet")).unwrap();
     let run = runner(tmp.path(), &["report", out.to_str().unwrap()], &[]);
