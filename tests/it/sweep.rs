@@ -447,3 +447,33 @@ fn loglikelihood_mode_scores_continuations_without_generating() {
         );
     }
 }
+
+#[test]
+fn offline_sweep_names_the_missing_revision() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("eval.jsonl"),
+        "{\"id\": \"q\", \"prompt\": \"hi\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("job.toml"),
+        "[model]\nid = \"TheBloke/Mistral-7B-OpenOrca-GPTQ\"\n\n[input]\npath = \"eval.jsonl\"\n\n[output]\npath = \"out\"\n\n[sweep]\nrevisions = [\"gptq-4bit-32g-actorder_True\", \"main\"]\nbaseline = \"main\"\n",
+    )
+    .unwrap();
+    let cache = tmp.path().join("hf");
+    let run = runner(
+        tmp.path(),
+        &["submit", "job.toml"],
+        &[
+            ("HF_HUB_OFFLINE", "1"),
+            ("HF_HOME", cache.to_str().unwrap()),
+        ],
+    );
+    let e = crate::common::error_line(&run);
+    assert!(
+        e.contains("revision gptq-4bit-32g-actorder_True is not in the HF cache")
+            && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
+    );
+}
