@@ -16,7 +16,8 @@ pub fn run(spec: &JobSpec, sw: &SweepSpec, hub: &HubSettings, restart: bool) -> 
         baseline: sw.baseline.clone(),
     };
     crate::output::manifest::write_atomic(&out, SWEEP, &serde_json::to_vec_pretty(&info)?)?;
-    for (i, v) in sw.variants.iter().enumerate() {
+    let variant_spec = |i: usize, device: Option<crate::config::Device>| {
+        let v = &sw.variants[i];
         let mut vs = spec.clone();
         vs.sweep = None;
         vs.model.id = v.id.clone();
@@ -25,8 +26,47 @@ pub fn run(spec: &JobSpec, sw: &SweepSpec, hub: &HubSettings, restart: bool) -> 
         vs.output.path = report::variant_dir(&out, &v.name);
         // Agreement with the baseline compares greedy tokens.
         vs.output.include_token_ids = true;
-        tracing::info!(variant = %v.name, n = i + 1, of = sw.variants.len(), "sweep variant");
-        super::submit::run_one(&vs, hub, restart)?;
+        if let Some(d) = device {
+            vs.engine.device = d;
+        }
+        tracing::info!(variant = %v.name, n = i + 1, of = sw.variants.len(), device = ?vs.engine.device, "sweep variant");
+        vs
+    };
+    if sw.devices.len() <= 1 {
+        for i in 0..sw.variants.len() {
+            super::submit::run_one(&variant_spec(i, sw.devices.first().copied()), hub, restart)?;
+        }
+    } else {
+        // One worker per device takes the next variant until none is left.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<anyhow::Result<()>> = std::thread::scope(|s| {
+            let workers: Vec<_> = sw
+                .devices
+                .iter()
+                .map(|&d| {
+                    let (next, variant_spec) = (&next, &variant_spec);
+                    s.spawn(move || -> anyhow::Result<()> {
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            if i >= sw.variants.len() {
+                                return Ok(());
+                            }
+                            super::submit::run_one(&variant_spec(i, Some(d)), hub, restart)?;
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a sweep worker panicked")))
+                })
+                .collect()
+        });
+        for r in results {
+            r?;
+        }
     }
     write_report(&out)
 }

@@ -43,6 +43,8 @@ pub struct RawSweep {
     pub models: Vec<RelativePathBuf>,
     #[serde(default)]
     pub baseline: Option<String>,
+    #[serde(default)]
+    pub devices: Vec<String>,
 }
 
 /// `[model]`

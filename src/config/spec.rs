@@ -263,6 +263,9 @@ pub struct SweepSpec {
     pub variants: Vec<Variant>,
     /// The variant the others are compared with.
     pub baseline: Option<String>,
+    /// Devices that run variants concurrently (one variant per device at a
+    /// time); empty: every variant on `engine.device`, one after another.
+    pub devices: Vec<Device>,
 }
 
 fn positive(field: &str, v: i64) -> Result<usize> {
@@ -559,8 +562,20 @@ fn resolve_sweep(r: super::raw::RawSweep, model: &ModelSpec) -> Result<SweepSpec
             )));
         }
     }
+    let devices = r
+        .devices
+        .iter()
+        .map(|d| {
+            parse_device(d).map_err(|_| {
+                Error::Config(format!(
+                    "sweep.devices holds `{d}`, expected cpu, cuda or cuda:N"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(SweepSpec {
         variants,
         baseline: r.baseline,
+        devices,
     })
 }

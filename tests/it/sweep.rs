@@ -21,7 +21,8 @@ const EVAL: &[(&str, &str, &str)] = &[
     ("q8", "Spell cat.", "cat"),
 ];
 
-fn setup(dir: &Path) -> std::path::PathBuf {
+/// Writes the eval set and a sweep job; `devices` goes to `sweep.devices`.
+fn setup(dir: &Path, devices: &str) -> std::path::PathBuf {
     let mut s = String::new();
     for (id, p, r) in EVAL {
         s.push_str(&serde_json::json!({"id": id, "prompt": p, "reference": r}).to_string());
@@ -37,7 +38,7 @@ fn setup(dir: &Path) -> std::path::PathBuf {
     std::fs::write(
         &job,
         format!(
-            "[model]\nid = \"{}\"\ndtype = \"f32\"\n\n[input]\npath = \"eval.jsonl\"\n\n[generation]\nmax_new_tokens = 8\n\n[output]\npath = \"sweep\"\n\n[scoring]\nmetrics = [\"exact_match\", \"contains\", \"regex_match\"]\nregex = '(\\w+)\\s*$'\n\n[sweep]\nmodels = [{}]\nbaseline = \"{}\"\n",
+            "[model]\nid = \"{}\"\ndtype = \"f32\"\n\n[input]\npath = \"eval.jsonl\"\n\n[generation]\nmax_new_tokens = 8\n\n[output]\npath = \"sweep\"\n\n[scoring]\nmetrics = [\"exact_match\", \"contains\", \"regex_match\"]\nregex = '(\\w+)\\s*$'\n\n[sweep]\nmodels = [{}]\nbaseline = \"{}\"\ndevices = [{devices}]\n",
             fx.join(ALL_MODELS[0]).display(),
             models.join(", "),
             ALL_MODELS[0]
@@ -156,7 +157,8 @@ fn close(a: f64, b: f64) -> bool {
 #[test]
 fn sweep_report_matches_figures_computed_from_the_rows() {
     let tmp = tempfile::tempdir().unwrap();
-    let job = setup(tmp.path());
+    // Two workers run the four variants concurrently.
+    let job = setup(tmp.path(), "\"cpu\", \"cpu\"");
     let run = runner(tmp.path(), &["submit", job.to_str().unwrap()], &[]);
     assert!(run.ok, "{}", run.stderr);
     let out = tmp.path().join("sweep");
@@ -270,7 +272,7 @@ fn sweep_report_matches_figures_computed_from_the_rows() {
 #[test]
 fn a_sweep_killed_midway_resumes_the_unfinished_variant_and_skips_the_finished() {
     let tmp = tempfile::tempdir().unwrap();
-    let job = setup(tmp.path());
+    let job = setup(tmp.path(), "");
     let out = tmp.path().join("sweep");
     let bin = std::env::var_os("TEST_RUNNER_BIN")
         .map(std::path::PathBuf::from)
