@@ -198,12 +198,8 @@ impl Engine {
         &self.prompter
     }
 
-    /// Renders and tokenizes a record, checking its length.
-    pub fn tokenize(
-        &self,
-        rec: &InputRecord,
-        job_system: &str,
-    ) -> std::result::Result<Vec<u32>, String> {
+    /// A record's prompt through the chat template.
+    fn render(&self, rec: &InputRecord, job_system: &str) -> std::result::Result<String, String> {
         let body = rec.body.as_ref().map_err(|e| e.clone())?;
         let messages = match &body.prompt {
             PromptInput::Messages(m) => m.clone(),
@@ -211,10 +207,18 @@ impl Engine {
                 Prompter::messages(system.as_deref(), job_system, user)
             }
         };
-        let text = self
-            .prompter
+        self.prompter
             .render(&messages)
-            .map_err(|e| format!("record {}: {e}", rec.id))?;
+            .map_err(|e| format!("record {}: {e}", rec.id))
+    }
+
+    /// Renders and tokenizes a record, checking its length.
+    pub fn tokenize(
+        &self,
+        rec: &InputRecord,
+        job_system: &str,
+    ) -> std::result::Result<Vec<u32>, String> {
+        let text = self.render(rec, job_system)?;
         let ids = self
             .prompter
             .encode(&text)
@@ -364,16 +368,7 @@ impl Engine {
             return Err(format!("record {}: the continuation is empty", rec.id));
         }
         let prompt = self.tokenize(rec, job_system)?;
-        let messages = match &body.prompt {
-            PromptInput::Messages(m) => m.clone(),
-            PromptInput::Text { system, user } => {
-                Prompter::messages(system.as_deref(), job_system, user)
-            }
-        };
-        let text = self
-            .prompter
-            .render(&messages)
-            .map_err(|e| format!("record {}: {e}", rec.id))?;
+        let text = self.render(rec, job_system)?;
         let all = self
             .prompter
             .encode(&format!("{text}{cont}"))

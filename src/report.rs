@@ -77,12 +77,7 @@ fn read_rows(dir: &Path) -> Result<Rows> {
         scores: Vec::new(),
     };
     for p in crate::output::existing_parts(dir)? {
-        let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-            .and_then(|b| b.build())
-            .map_err(|e| Error::Output(format!("{}: {e}", p.display())))?;
-        for b in reader {
-            let b = b.map_err(|e| Error::Output(format!("{}: {e}", p.display())))?;
+        for b in crate::output::read_part(&p)? {
             let id = b.column_by_name("id").map(|c| c.as_string::<i32>().clone());
             let st = b
                 .column_by_name("status")

@@ -26,13 +26,7 @@ pub fn merge(dir: &Path, into: Option<&Path>) -> anyhow::Result<PathBuf> {
     }
     let mut batches: Vec<RecordBatch> = Vec::new();
     for p in crate::output::existing_parts(dir)? {
-        let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
-        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-            .and_then(|b| b.build())
-            .map_err(|e| Error::Output(format!("{}: {e}", p.display())))?;
-        for b in r {
-            batches.push(b.map_err(|e| Error::Output(format!("{}: {e}", p.display())))?);
-        }
+        batches.extend(crate::output::read_part(&p)?);
     }
     let first = batches
         .first()

@@ -268,10 +268,7 @@ pub fn scan_parts(dir: &Path) -> Result<(HashSet<String>, Vec<PartStats>)> {
     let mut ids = HashSet::new();
     let mut stats = Vec::new();
     for p in super::parquet::existing_parts(dir)? {
-        let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-            .and_then(|b| b.build())
-            .map_err(|e| Error::Output(format!("{}: unreadable part ({e})", p.display())))?;
+        let batches = super::parquet::read_part(&p)?;
         let mut st = PartStats {
             file: p
                 .file_name()
@@ -280,8 +277,7 @@ pub fn scan_parts(dir: &Path) -> Result<(HashSet<String>, Vec<PartStats>)> {
                 .to_string(),
             ..Default::default()
         };
-        for batch in reader {
-            let b = batch.map_err(|e| Error::Output(format!("{}: {e}", p.display())))?;
+        for b in batches {
             let col = |n: &str| {
                 b.column_by_name(n)
                     .ok_or_else(|| Error::Output(format!("{}: no `{n}` column", p.display())))

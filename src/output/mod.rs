@@ -6,7 +6,7 @@ mod parquet;
 pub mod manifest;
 
 pub use self::manifest::{Manifest, OutputLock, PartStats};
-pub use self::parquet::{existing_parts, schema, ParquetSink};
+pub use self::parquet::{existing_parts, read_part, schema, ParquetSink};
 
 /// Why a completion ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

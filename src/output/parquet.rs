@@ -317,3 +317,13 @@ pub fn existing_parts(dir: &Path) -> Result<Vec<PathBuf>> {
     v.sort();
     Ok(v)
 }
+
+/// The record batches of one part file.
+pub fn read_part(path: &Path) -> Result<Vec<RecordBatch>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        .and_then(|b| b.build())
+        .map_err(|e| Error::Output(format!("{}: unreadable part ({e})", path.display())))?
+        .map(|b| b.map_err(|e| Error::Output(format!("{}: {e}", path.display()))))
+        .collect()
+}
