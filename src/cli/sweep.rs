@@ -32,16 +32,20 @@ pub fn run(spec: &JobSpec, sw: &SweepSpec, hub: &HubSettings, restart: bool) -> 
         tracing::info!(variant = %v.name, n = i + 1, of = sw.variants.len(), device = ?vs.engine.device, "sweep variant");
         vs
     };
-    if sw.devices.len() <= 1 {
+    let devices = if sw.all_gpus {
+        visible_gpus()?
+    } else {
+        sw.devices.clone()
+    };
+    if devices.len() <= 1 {
         for i in 0..sw.variants.len() {
-            super::submit::run_one(&variant_spec(i, sw.devices.first().copied()), hub, restart)?;
+            super::submit::run_one(&variant_spec(i, devices.first().copied()), hub, restart)?;
         }
     } else {
         // One worker per device takes the next variant until none is left.
         let next = std::sync::atomic::AtomicUsize::new(0);
         let results: Vec<anyhow::Result<()>> = std::thread::scope(|s| {
-            let workers: Vec<_> = sw
-                .devices
+            let workers: Vec<_> = devices
                 .iter()
                 .map(|&d| {
                     let (next, variant_spec) = (&next, &variant_spec);
@@ -69,6 +73,20 @@ pub fn run(spec: &JobSpec, sw: &SweepSpec, hub: &HubSettings, restart: bool) -> 
         }
     }
     write_report(&out)
+}
+
+/// Every visible CUDA device (`sweep.devices = ["auto"]`).
+fn visible_gpus() -> anyhow::Result<Vec<crate::config::Device>> {
+    #[cfg(feature = "cuda")]
+    {
+        let n = candle_core::cuda_backend::cudarc::driver::CudaContext::device_count().map_err(
+            |e| anyhow::anyhow!("sweep.devices = auto: cannot count CUDA devices ({e})"),
+        )?;
+        tracing::info!(gpus = n, "sweep variants run concurrently, one per GPU");
+        Ok((0..n as usize).map(crate::config::Device::Cuda).collect())
+    }
+    #[cfg(not(feature = "cuda"))]
+    anyhow::bail!("sweep.devices = auto needs a binary built with the `cuda` feature")
 }
 
 /// Rebuilds the report of a sweep output from its data (`runner report`).

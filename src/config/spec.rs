@@ -266,6 +266,8 @@ pub struct SweepSpec {
     /// Devices that run variants concurrently (one variant per device at a
     /// time); empty: every variant on `engine.device`, one after another.
     pub devices: Vec<Device>,
+    /// `devices = ["auto"]`: every visible GPU (resolved when the sweep runs).
+    pub all_gpus: bool,
 }
 
 fn positive(field: &str, v: i64) -> Result<usize> {
@@ -562,9 +564,16 @@ fn resolve_sweep(r: super::raw::RawSweep, model: &ModelSpec) -> Result<SweepSpec
             )));
         }
     }
+    let all_gpus = r.devices.iter().any(|d| d == "auto");
+    if all_gpus && r.devices.len() > 1 {
+        return Err(Error::Config(
+            "sweep.devices: \"auto\" (every visible GPU) stands alone".into(),
+        ));
+    }
     let devices = r
         .devices
         .iter()
+        .filter(|d| *d != "auto")
         .map(|d| {
             parse_device(d).map_err(|_| {
                 Error::Config(format!(
@@ -577,5 +586,6 @@ fn resolve_sweep(r: super::raw::RawSweep, model: &ModelSpec) -> Result<SweepSpec
         variants,
         baseline: r.baseline,
         devices,
+        all_gpus,
     })
 }
