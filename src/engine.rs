@@ -638,7 +638,21 @@ impl Engine {
             return Ok(Some(FinishReason::Stop));
         }
         if !s.params.stop.is_empty() {
-            let text = self.prompter.decode(generated)?;
+            // Checked every step, so a stop string can only end in the newest
+            // token: decoding a tail window that covers the longest stop string
+            // (a character takes at most 4 byte-fallback tokens) plus margin
+            // for the decoder's handling of the window's first token is enough.
+            let longest = s
+                .params
+                .stop
+                .iter()
+                .map(|st| st.chars().count())
+                .max()
+                .unwrap_or(0);
+            let window = 4 * longest + 4;
+            let text = self
+                .prompter
+                .decode(&generated[generated.len().saturating_sub(window)..])?;
             if s.params.stop.iter().any(|st| text.contains(st.as_str())) {
                 return Ok(Some(FinishReason::Stop));
             }

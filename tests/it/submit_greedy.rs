@@ -196,3 +196,88 @@ print(json.dumps({"schema": [[f.name, str(f.type)] for f in t.schema], "rows": t
     assert_eq!(v["status"], serde_json::json!(["ok"]));
     assert_eq!(v["quant_bits"], serde_json::json!([4]));
 }
+
+/// A stop string taken from late in the model's own greedy completion
+/// (beyond the tail window the stop check decodes): the run stops at its
+/// first occurrence and the completion is the text before it.
+#[test]
+fn stop_strings_end_the_completion_at_their_first_occurrence() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_prompts(tmp.path());
+    let model = fixtures().join(ALL_MODELS[1]);
+    let job_text = |out: &str, stop: Option<&str>| {
+        let stop = stop.map_or(String::new(), |s| {
+            format!("stop = [{}]\n", serde_json::to_string(s).unwrap())
+        });
+        format!(
+            "[output]\npath = \"{out}\"\ninclude_token_ids = true\n\n[generation]\nmax_new_tokens = 120\n{stop}"
+        )
+    };
+    let submit = |text: String| {
+        let job = write_job(tmp.path(), &model, "prompts.jsonl", &text);
+        let run = runner(
+            tmp.path(),
+            &["submit", job.to_str().unwrap(), "--set", "model.dtype=f32"],
+            &[],
+        );
+        assert!(run.ok, "{}", run.stderr);
+    };
+    submit(job_text("free", None));
+    let free = rows(&tmp.path().join("free"));
+    // The substring (6 to 10 characters) of any completion whose first
+    // occurrence comes latest: the greedy text repeats itself a lot.
+    let mut best: Option<(usize, String)> = None;
+    for r in &free {
+        let text = r.completion.as_deref().unwrap();
+        let chars: Vec<char> = text.chars().collect();
+        for len in [6, 8, 10] {
+            for p in 0..chars.len().saturating_sub(len) {
+                let cand: String = chars[p..p + len].iter().collect();
+                let first = text[..text.find(cand.as_str()).unwrap()].chars().count();
+                if first == p && best.as_ref().is_none_or(|b| p > b.0) {
+                    best = Some((p, cand));
+                }
+            }
+        }
+    }
+    let (_, stop) = best.expect("completions");
+    submit(job_text("stopped", Some(&stop)));
+    let stopped = rows(&tmp.path().join("stopped"));
+    assert_eq!(stopped.len(), free.len());
+    for r in &stopped {
+        let f = free.iter().find(|x| x.id == r.id).unwrap();
+        let full = f.completion.as_deref().unwrap();
+        match full.find(&stop) {
+            Some(at) => {
+                assert_eq!(
+                    r.finish_reason, "stop",
+                    "{}: stop {stop:?} in {full:?}",
+                    r.id
+                );
+                assert_eq!(
+                    r.completion.as_deref(),
+                    Some(&full[..at]),
+                    "{}: the text before the stop",
+                    r.id
+                );
+                assert_eq!(
+                    r.token_ids[..],
+                    f.token_ids[..r.token_ids.len()],
+                    "{}: the same tokens up to the stop",
+                    r.id
+                );
+            }
+            None => assert_eq!(
+                r.token_ids, f.token_ids,
+                "{}: no stop string, same completion",
+                r.id
+            ),
+        }
+    }
+    assert!(
+        stopped
+            .iter()
+            .any(|r| r.finish_reason == "stop" && r.token_ids.len() > 44),
+        "some record stops beyond the decoded tail window"
+    );
+}
