@@ -446,12 +446,13 @@ pub fn status(dir: &Path) -> anyhow::Result<()> {
 pub fn validate(spec: &JobSpec, hub: &HubSettings) -> anyhow::Result<()> {
     if let Some(dir) = &spec.model.local_dir {
         let (cfg, quant) = crate::model::read_meta(dir)?;
-        crate::model::Checkpoint::open(dir)?;
+        let ck = crate::model::Checkpoint::open(dir)?;
+        crate::model::check_checkpoint(&ck, &cfg, quant.as_ref())?;
         tracing::info!(
             layers = cfg.num_hidden_layers,
             hidden = cfg.hidden_size,
             quant = %quant.map_or("none".into(), |q| q.short_name()),
-            "model directory ok"
+            "model directory ok (every tensor's shape and dtype checked)"
         );
     } else {
         tracing::info!(

@@ -170,6 +170,19 @@ impl Checkpoint {
         Ok(t.to_dtype(dtype)?.to_device(dev)?)
     }
 
+    /// Checks a tensor's shape and dtype without reading its data.
+    pub fn check(&self, name: &str, shape: &[usize], dtypes: &[Dtype]) -> Result<()> {
+        let raw = self.raw(name)?;
+        raw.expect_shape(name, shape)?;
+        if !dtypes.contains(&raw.dtype) {
+            return Err(raw.err(
+                name,
+                format!("dtype is {:?}, expected one of {dtypes:?}", raw.dtype),
+            ));
+        }
+        Ok(())
+    }
+
     /// An i32 tensor checked against an expected shape.
     pub fn i32s(&self, name: &str, shape: &[usize]) -> Result<Vec<i32>> {
         let raw = self.raw(name)?;

@@ -31,6 +31,35 @@ struct Case {
     code: i32,
 }
 
+/// Copies a GPTQ fixture with one tensor (`down_proj.scales` of layer 1)
+/// eight columns short.
+fn write_bad_scales(d: &Path) {
+    model_copy(&d.join("model"), ALL_MODELS[1], &["model.safetensors"]);
+    let bytes = std::fs::read(fixtures().join(ALL_MODELS[1]).join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let bad = "model.layers.1.mlp.down_proj.scales";
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = vec![];
+    for (name, view) in st.tensors() {
+        let mut shape = view.shape().to_vec();
+        let mut data = view.data().to_vec();
+        if name == bad {
+            shape[1] -= 8;
+            data.truncate(shape.iter().product::<usize>() * 2);
+        }
+        owned.push((name, view.dtype(), shape, data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, dt, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &d.join("model/model.safetensors")).unwrap();
+}
+
 fn run_case(c: &Case) {
     let tmp = tempfile::tempdir().unwrap();
     with_prompts(tmp.path());
@@ -155,33 +184,20 @@ fn bad_configs_and_models_name_the_culprit() {
         Case {
             name: "tensor shape mismatch",
             setup: |d| {
-                model_copy(&d.join("model"), ALL_MODELS[1], &["model.safetensors"]);
-                let bytes = std::fs::read(fixtures().join(ALL_MODELS[1]).join("model.safetensors"))
-                    .unwrap();
-                let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-                let bad = "model.layers.1.mlp.down_proj.scales";
-                let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = vec![];
-                for (name, view) in st.tensors() {
-                    let mut shape = view.shape().to_vec();
-                    let mut data = view.data().to_vec();
-                    if name == bad {
-                        shape[1] -= 8;
-                        data.truncate(shape.iter().product::<usize>() * 2);
-                    }
-                    owned.push((name, view.dtype(), shape, data));
-                }
-                let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
-                    .iter()
-                    .map(|(n, dt, s, d)| {
-                        (
-                            n.clone(),
-                            safetensors::tensor::TensorView::new(*dt, s.clone(), d).unwrap(),
-                        )
-                    })
-                    .collect();
-                safetensors::serialize_to_file(views, None, &d.join("model/model.safetensors"))
-                    .unwrap();
+                write_bad_scales(d);
                 ("submit", String::new(), vec![])
+            },
+            expect: &[
+                "tensor `model.layers.1.mlp.down_proj.scales`",
+                "shape is [3, 120], expected [3, 128]",
+            ],
+            code: 3,
+        },
+        Case {
+            name: "tensor shape mismatch found by validate",
+            setup: |d| {
+                write_bad_scales(d);
+                ("validate", String::new(), vec![])
             },
             expect: &[
                 "tensor `model.layers.1.mlp.down_proj.scales`",

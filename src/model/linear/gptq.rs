@@ -90,6 +90,42 @@ impl GptqWeight {
         ))
     }
 
+    /// Checks `prefix.{qweight,qzeros,scales,g_idx}` shapes and dtypes as
+    /// [`GptqWeight::load`] does, without reading the data (`runner validate`).
+    pub fn check(
+        ck: &Checkpoint,
+        prefix: &str,
+        k: usize,
+        n: usize,
+        quant: &QuantConfig,
+    ) -> Result<()> {
+        use safetensors::Dtype;
+        let pack = quant.pack();
+        if k % pack != 0 || n % pack != 0 {
+            return Err(Error::Model(format!(
+                "{prefix}: shape {k}x{n} is not a multiple of {pack} values per word"
+            )));
+        }
+        let g = quant.groups(k);
+        ck.check(&format!("{prefix}.qweight"), &[k / pack, n], &[Dtype::I32])?;
+        ck.check(&format!("{prefix}.qzeros"), &[g, n / pack], &[Dtype::I32])?;
+        ck.check(
+            &format!("{prefix}.scales"),
+            &[g, n],
+            &[Dtype::F16, Dtype::F32],
+        )?;
+        let gname = format!("{prefix}.g_idx");
+        if ck.contains(&gname) {
+            ck.check(&gname, &[k], &[Dtype::I32])?;
+        }
+        if ck.contains(&format!("{prefix}.bias")) {
+            return Err(Error::Model(format!(
+                "{prefix}.bias: biased linear layers are not part of Mistral"
+            )));
+        }
+        Ok(())
+    }
+
     /// Builds a weight from already-checked parts.
     pub fn new(
         k: usize,

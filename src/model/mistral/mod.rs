@@ -162,8 +162,6 @@ impl Mistral {
             )));
         }
         let h = cfg.hidden_size;
-        let qd = cfg.num_attention_heads * cfg.head_dim;
-        let kvd = cfg.num_key_value_heads * cfg.head_dim;
         let counter = std::cell::Cell::new(0u64);
         let next_seed = |base: u64| {
             counter.set(counter.get() + 1);
@@ -207,16 +205,18 @@ impl Mistral {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let [q, k, v, o, gate, up, down] =
+                linear_shapes(cfg).map(|(name, k, n)| lin(format!("{p}.{name}"), k, n));
             layers.push(Layer {
                 input_norm: norm(format!("{p}.input_layernorm.weight"))?,
-                q: lin(format!("{p}.self_attn.q_proj"), h, qd)?,
-                k: lin(format!("{p}.self_attn.k_proj"), h, kvd)?,
-                v: lin(format!("{p}.self_attn.v_proj"), h, kvd)?,
-                o: lin(format!("{p}.self_attn.o_proj"), qd, h)?,
+                q: q?,
+                k: k?,
+                v: v?,
+                o: o?,
                 post_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
-                gate: lin(format!("{p}.mlp.gate_proj"), h, cfg.intermediate_size)?,
-                up: lin(format!("{p}.mlp.up_proj"), h, cfg.intermediate_size)?,
-                down: lin(format!("{p}.mlp.down_proj"), cfg.intermediate_size, h)?,
+                gate: gate?,
+                up: up?,
+                down: down?,
             });
         }
         let embed = float(
@@ -424,6 +424,57 @@ impl Mistral {
         }];
         self.forward(&chunk, &mut cache, true)
     }
+}
+
+/// A decoder layer's linear layers: (name under `model.layers.N.`, in, out),
+/// in the order q, k, v, o, gate, up, down.
+fn linear_shapes(cfg: &MistralConfig) -> [(&'static str, usize, usize); 7] {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let qd = cfg.num_attention_heads * cfg.head_dim;
+    let kvd = cfg.num_key_value_heads * cfg.head_dim;
+    [
+        ("self_attn.q_proj", h, qd),
+        ("self_attn.k_proj", h, kvd),
+        ("self_attn.v_proj", h, kvd),
+        ("self_attn.o_proj", qd, h),
+        ("mlp.gate_proj", h, i),
+        ("mlp.up_proj", h, i),
+        ("mlp.down_proj", i, h),
+    ]
+}
+
+/// Checks every tensor's name, shape and dtype against the architecture
+/// and quantization without reading weights (`runner validate`).
+pub fn check_checkpoint(
+    ck: &Checkpoint,
+    cfg: &MistralConfig,
+    quant: Option<&QuantConfig>,
+) -> Result<()> {
+    use safetensors::Dtype;
+    let h = cfg.hidden_size;
+    let floats = [Dtype::F16, Dtype::BF16, Dtype::F32];
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        ck.check(&format!("{p}.input_layernorm.weight"), &[h], &floats)?;
+        ck.check(
+            &format!("{p}.post_attention_layernorm.weight"),
+            &[h],
+            &floats,
+        )?;
+        for (name, k, n) in linear_shapes(cfg) {
+            let prefix = format!("{p}.{name}");
+            match quant {
+                None => ck.check(&format!("{prefix}.weight"), &[n, k], &floats)?,
+                Some(q) => super::linear::GptqWeight::check(ck, &prefix, k, n, q)?,
+            }
+        }
+    }
+    ck.check("model.embed_tokens.weight", &[cfg.vocab_size, h], &floats)?;
+    ck.check("model.norm.weight", &[h], &floats)?;
+    if !cfg.tie_word_embeddings || ck.contains("lm_head.weight") {
+        ck.check("lm_head.weight", &[cfg.vocab_size, h], &floats)?;
+    }
+    Ok(())
 }
 
 /// Random float weights: uniform in [lo, hi).
