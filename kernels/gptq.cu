@@ -28,10 +28,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-// Sorted positions of K per block (a multiple of 64): 1024 up to 16 tokens
-// (more weight loads per warp for the activation tile read), 512 for 32.
-#define KSPLIT_FOR(MT) ((MT) <= 2 ? 1024 : 512)
-#define WARPS 8  // 16-column tiles per block: 128 columns share one activation tile
+#define KSPLIT_K 512  // sorted positions of K per block (multiple of 64)
 
 __device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -75,10 +72,10 @@ extern "C" __global__ void gptq_permute_x(const half* __restrict__ x, const int*
   xp[i] = (m < M && src >= 0) ? x[(size_t)m * K + src] : __float2half(0.f);
 }
 
-// One block: WARPS warps, each one 16-column tile (128 columns per block),
-// over the sorted positions [blockIdx.y * KSPLIT_K, +KSPLIT_K), for token slab
+// One block: 4 warps, each one 16-column tile (64 columns per block), over
+// the sorted positions [blockIdx.y * KSPLIT_K, +KSPLIT_K), for token slab
 // blockIdx.z (MT*8 tokens of xp). Writes f32 partials part[blockIdx.y][m][n].
-template <int BITS, int MT, int KSPLIT_K = KSPLIT_FOR(MT)>
+template <int BITS, int MT>
 __device__ void gptq_mma_impl(const half* __restrict__ xp, const int4* __restrict__ qt,
                               const half2* __restrict__ sz, float* __restrict__ part, int M,
                               int N, int Np, int Kp, int gs, int G) {
@@ -98,7 +95,7 @@ __device__ void gptq_mma_impl(const half* __restrict__ xp, const int4* __restric
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int nt = blockIdx.x * WARPS + warp;
+  const int nt = blockIdx.x * 4 + warp;
   const int n0 = nt * 16;
   if (n0 >= Np) return;
   // k per int4 load: 64 for 4-bit (4 tiles), 32 for 8-bit (2 tiles).
@@ -164,7 +161,7 @@ __device__ void gptq_mma_impl(const half* __restrict__ xp, const int4* __restric
 }
 
 #define GPTQ_MMA(BITS, MT)                                                                 \
-  extern "C" __global__ void __launch_bounds__(32 * WARPS)                                \
+  extern "C" __global__ void __launch_bounds__(128)                                       \
       gptq_mma_b##BITS##_m##MT(const half* xp, const int4* qt, const half2* sz, float* part, \
                                int M, int N, int Np, int Kp, int gs, int G) {              \
     gptq_mma_impl<BITS, MT>(xp, qt, sz, part, M, N, Np, Kp, gs, G);                         \

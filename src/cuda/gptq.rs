@@ -9,18 +9,8 @@ use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 
-/// Sorted positions of K per block for a token tile count (KSPLIT_FOR in
-/// kernels/gptq.cu).
-fn ksplit(mt: usize) -> usize {
-    if mt <= 2 {
-        1024
-    } else {
-        512
-    }
-}
-
-/// Columns per block of the fused kernel (WARPS x 16 in kernels/gptq.cu).
-const BLOCK_COLS: usize = 128;
+/// Sorted positions of K per block (KSPLIT_K in kernels/gptq.cu).
+const KSPLIT: usize = 512;
 
 /// Which kernel path computes a product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,7 +192,7 @@ impl GptqGpu {
             9..=16 => 2,
             _ => 4,
         };
-        let splits = self.kp.div_ceil(ksplit(mt));
+        let splits = self.kp.div_ceil(KSPLIT);
         let slabs = m.div_ceil(mt * 8);
         let mp = slabs * mt * 8;
         let xp = empty::<f16>(&dev, (mp, self.kp))?;
@@ -234,8 +224,8 @@ impl GptqGpu {
             self.groups as i32,
         ];
         let cfg = LaunchConfig {
-            grid_dim: (self.np.div_ceil(BLOCK_COLS) as u32, splits as u32, slabs as u32),
-            block_dim: (BLOCK_COLS as u32 * 2, 1, 1),
+            grid_dim: ((self.np / 64) as u32, splits as u32, slabs as u32),
+            block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
         let name = format!("gptq_mma_b{}_m{mt}", self.bits);
