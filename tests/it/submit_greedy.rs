@@ -281,3 +281,51 @@ fn stop_strings_end_the_completion_at_their_first_occurrence() {
         "some record stops beyond the decoded tail window"
     );
 }
+
+/// `runner bench` on the CPU with dummy weights of a fixture's config:
+/// the workload runs end to end and the JSON carries its figures.
+#[test]
+fn bench_runs_a_scaled_workload_on_dummy_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = fixtures().join(ALL_MODELS[2]);
+    let json = tmp.path().join("bench.json");
+    let run = runner(
+        tmp.path(),
+        &[
+            "bench",
+            repo.join("jobs/bench.toml").to_str().unwrap(),
+            "--workload",
+            "W1,W4",
+            "--scale",
+            "0.002",
+            "--tokenizer",
+            model.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+            "--set",
+            &format!("model.id={}", model.display()),
+            "--set",
+            "engine.device=cpu",
+            "--set",
+            "model.dtype=f32",
+            "--set",
+            "engine.kv_cache_mib=256",
+        ],
+        &[],
+    );
+    assert!(run.ok, "{}", run.stderr);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let w = v["workloads"].as_array().unwrap();
+    assert_eq!(w.len(), 2);
+    assert_eq!(w[0]["workload"]["prompts"], 4);
+    assert!(w[0]["output_tok_s"].as_f64().unwrap() > 0.0);
+    // W1: 4 prompts x 128 generated tokens, ignore_eos.
+    assert!(
+        (w[0]["output_tok_s"].as_f64().unwrap() * w[0]["wall_s"].as_f64().unwrap() - 512.0).abs()
+            < 1.0
+    );
+    // W4 shares a 1024-token prefix: later prompts hit the prefix cache.
+    assert!(w[1]["prefix_hit_tokens"].as_u64().unwrap() >= 1024);
+}
