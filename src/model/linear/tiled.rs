@@ -112,33 +112,63 @@ impl TiledGptq {
     }
 
     /// Packs q(n, sorted k) into tile words.
-    fn pack_tiles(bits: u32, kp: usize, np: usize, q: impl Fn(usize, usize) -> u32) -> Vec<u32> {
+    fn pack_tiles(
+        bits: u32,
+        kp: usize,
+        np: usize,
+        q: impl Fn(usize, usize) -> u32 + Sync,
+    ) -> Vec<u32> {
         let kpl = k_per_load(bits);
         let kq = kp / kpl;
-        let mut words = vec![0u32; np / 16 * kq * 32 * 4];
-        for nt in 0..np / 16 {
-            for qi in 0..kq {
-                for lane in 0..32 {
-                    let (g, t) = (lane / 4, lane % 4);
-                    let base = ((nt * kq + qi) * 32 + lane) * 4;
-                    for j in 0..kpl / 16 {
-                        let k0 = qi * kpl + j * 16;
-                        for i in 0..8 {
-                            let (ro, co) = frag(i);
-                            let v = q(nt * 16 + g + ro, k0 + 2 * t + co);
-                            let r = i >> 1;
-                            if bits == 4 {
-                                words[base + j] |= v << (4 * (r + 4 * (i & 1)));
-                            } else {
-                                let byte = (r & 1) + 2 * (i & 1);
-                                words[base + 2 * j + (r >> 1)] |= v << (8 * byte);
-                            }
+        let per_tile = kq * 32 * 4; // words of one 16-column tile
+        let mut words = vec![0u32; np / 16 * per_tile];
+        // Column tiles own disjoint word ranges: pack them on every core
+        // (a 7B checkpoint is ~7e9 values).
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let tiles_per_thread = (np / 16).div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            for (c, chunk) in words.chunks_mut(tiles_per_thread * per_tile).enumerate() {
+                let q = &q;
+                s.spawn(move || {
+                    for (ti, tile) in chunk.chunks_mut(per_tile).enumerate() {
+                        let nt = c * tiles_per_thread + ti;
+                        Self::pack_tile(bits, kq, nt, tile, q);
+                    }
+                });
+            }
+        });
+        words
+    }
+
+    /// Packs one 16-column tile (all of K) into its words.
+    fn pack_tile(
+        bits: u32,
+        kq: usize,
+        nt: usize,
+        words: &mut [u32],
+        q: &impl Fn(usize, usize) -> u32,
+    ) {
+        let kpl = k_per_load(bits);
+        for qi in 0..kq {
+            for lane in 0..32 {
+                let (g, t) = (lane / 4, lane % 4);
+                let base = (qi * 32 + lane) * 4;
+                for j in 0..kpl / 16 {
+                    let k0 = qi * kpl + j * 16;
+                    for i in 0..8 {
+                        let (ro, co) = frag(i);
+                        let v = q(nt * 16 + g + ro, k0 + 2 * t + co);
+                        let r = i >> 1;
+                        if bits == 4 {
+                            words[base + j] |= v << (4 * (r + 4 * (i & 1)));
+                        } else {
+                            let byte = (r & 1) + 2 * (i & 1);
+                            words[base + 2 * j + (r >> 1)] |= v << (8 * byte);
                         }
                     }
                 }
             }
         }
-        words
     }
 
     /// Decodes the tile layout the way the kernels do (f16 arithmetic
