@@ -103,3 +103,77 @@ extern "C" __global__ void rope_qk(const half* __restrict__ q, const half* __res
   dst[j] = __hadd_rn(__hmul_rn(x1, c), __hmul_rn(__hneg(x2), s));
   dst[j + half_d] = __hadd_rn(__hmul_rn(x2, c), __hmul_rn(x1, s));
 }
+
+// Top-k candidates of each row of f32 logits, in the host sampler's order:
+// value v / t descending, ties by lower token id; non-finite values skipped.
+// One block per row; k rounds, each the block-wide best among the elements
+// that come after the previous pick in that order. ids/vals [rows, k];
+// a row with fewer than k finite values pads with id 0xffffffff.
+extern "C" __global__ void topk_rows(const float* __restrict__ logits, const float* __restrict__ temps,
+                                     unsigned* __restrict__ ids, float* __restrict__ vals, int V,
+                                     int k) {
+  __shared__ float bv[32];
+  __shared__ unsigned bi[32];
+  __shared__ float pv_s;
+  __shared__ unsigned pi_s;
+  const float* row = logits + (size_t)blockIdx.x * V;
+  const float t = temps[blockIdx.x];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  float pv = INFINITY;
+  unsigned pi = 0;
+  bool first = true;
+  for (int r = 0; r < k; r++) {
+    float best = -INFINITY;
+    unsigned besti = 0xffffffffu;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+      float v = row[i];
+      if (!isfinite(v)) continue;
+      v = v / t;
+      bool after = first || v < pv || (v == pv && (unsigned)i > pi);
+      if (!after) continue;
+      if (v > best || (v == best && (unsigned)i < besti)) {
+        best = v;
+        besti = i;
+      }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      float ov = __shfl_xor_sync(0xffffffffu, best, o);
+      unsigned oi = __shfl_xor_sync(0xffffffffu, besti, o);
+      if (ov > best || (ov == best && oi < besti)) {
+        best = ov;
+        besti = oi;
+      }
+    }
+    if (lane == 0) {
+      bv[w] = best;
+      bi[w] = besti;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float b = bv[0];
+      unsigned bix = bi[0];
+      for (int j = 1; j < nw; j++) {
+        if (bv[j] > b || (bv[j] == b && bi[j] < bix)) {
+          b = bv[j];
+          bix = bi[j];
+        }
+      }
+      pv_s = b;
+      pi_s = bix;
+      ids[(size_t)blockIdx.x * k + r] = bix;
+      vals[(size_t)blockIdx.x * k + r] = b;
+    }
+    __syncthreads();
+    pv = pv_s;
+    pi = pi_s;
+    first = false;
+    if (pi == 0xffffffffu) {
+      // No finite value left: pad the rest.
+      for (int rr = r + 1 + threadIdx.x; rr < k; rr += blockDim.x) {
+        ids[(size_t)blockIdx.x * k + rr] = 0xffffffffu;
+        vals[(size_t)blockIdx.x * k + rr] = -INFINITY;
+      }
+      break;
+    }
+  }
+}

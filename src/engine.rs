@@ -79,7 +79,15 @@ pub struct Engine {
 enum Picked {
     Token(u32),
     Logits(Vec<f32>),
+    /// The GPU's top-k `(token, logit / t)` in the host sampler's order.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Candidates(Vec<(u32, f32)>),
 }
+
+#[cfg(feature = "cuda")]
+use crate::cuda::TOPK_MAX;
+#[cfg(not(feature = "cuda"))]
+const TOPK_MAX: usize = 64;
 
 /// A record read and tokenized ahead of the step loop.
 type Prepared = (InputRecord, std::result::Result<Vec<u32>, String>);
@@ -562,6 +570,9 @@ impl Engine {
                     Some(Picked::Logits(mut row)) => {
                         sampler::sample(&mut row, sched.tokens(c.seq), &s.params, &mut s.rng)
                     }
+                    Some(Picked::Candidates(cand)) => {
+                        sampler::sample_sorted(&cand, &s.params, &mut s.rng)
+                    }
                     None => unreachable!("every sampling chunk has a pick"),
                 };
                 sched.push_token(c.seq, tok);
@@ -597,25 +608,75 @@ impl Engine {
         chunks: &[crate::scheduler::Chunk],
         seqs: &HashMap<SeqId, Seq>,
     ) -> Result<Vec<Option<Picked>>> {
-        let on_device = |c: &crate::scheduler::Chunk| {
-            let p = &seqs[&c.seq].params;
-            logits.device().is_cuda() && p.temperature == 0.0 && p.repetition_penalty == 1.0
-        };
+        #[derive(PartialEq)]
+        enum Where {
+            Skip,
+            DeviceArgmax,
+            DeviceTopK,
+            Host,
+        }
+        let cuda = logits.device().is_cuda();
+        let route: Vec<Where> = chunks
+            .iter()
+            .map(|c| {
+                let p = &seqs[&c.seq].params;
+                if !c.samples {
+                    Where::Skip
+                } else if !cuda || p.repetition_penalty != 1.0 {
+                    Where::Host
+                } else if p.temperature == 0.0 {
+                    Where::DeviceArgmax
+                } else if cfg!(feature = "cuda") && p.top_k >= 1 && p.top_k <= TOPK_MAX {
+                    Where::DeviceTopK
+                } else {
+                    Where::Host
+                }
+            })
+            .collect();
         let mut out: Vec<Option<Picked>> = (0..chunks.len()).map(|_| None).collect();
-        if chunks.iter().any(|c| c.samples && on_device(c)) {
+        if route.contains(&Where::DeviceArgmax) {
             let ids = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
-            for (i, c) in chunks.iter().enumerate() {
-                if c.samples && on_device(c) {
+            for (i, r) in route.iter().enumerate() {
+                if *r == Where::DeviceArgmax {
                     out[i] = Some(Picked::Token(ids[i]));
                 }
             }
         }
-        let host: Vec<u32> = chunks
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.samples && !on_device(c))
-            .map(|(i, _)| i as u32)
-            .collect();
+        let rows_of = |w: Where| -> Vec<u32> {
+            route
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| **r == w)
+                .map(|(i, _)| i as u32)
+                .collect()
+        };
+        #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+        let mut host = rows_of(Where::Host);
+        #[cfg(feature = "cuda")]
+        {
+            let topk = rows_of(Where::DeviceTopK);
+            if !topk.is_empty() {
+                // Only each row's top-k candidates cross PCIe; the host draws
+                // from them exactly as from its own sorted, truncated list.
+                let n = topk.len();
+                let idx = candle_core::Tensor::from_vec(topk.clone(), n, logits.device())?;
+                let params: Vec<&GenerationParams> = topk
+                    .iter()
+                    .map(|&i| &seqs[&chunks[i as usize].seq].params)
+                    .collect();
+                let k = params.iter().map(|p| p.top_k).max().unwrap_or(1);
+                let temps: Vec<f32> = params.iter().map(|p| p.temperature as f32).collect();
+                let cands = crate::cuda::topk_rows(&logits.index_select(&idx, 0)?, &temps, k)?;
+                for ((i, mut c), p) in topk.into_iter().zip(cands).zip(params) {
+                    c.truncate(p.top_k);
+                    if c.is_empty() {
+                        host.push(i); // no finite logit: the host sampler's fallback
+                    } else {
+                        out[i as usize] = Some(Picked::Candidates(c));
+                    }
+                }
+            }
+        }
         if !host.is_empty() {
             let n = host.len();
             let idx = candle_core::Tensor::from_vec(host.clone(), n, logits.device())?;

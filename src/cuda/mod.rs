@@ -455,6 +455,53 @@ pub fn rope_qk(
     Ok((qo, ko))
 }
 
+/// Most candidates the GPU top-k selection returns per row.
+pub const TOPK_MAX: usize = 64;
+
+/// Per row of f32 logits [R, V]: the `k` best `(token, logit / t)` in the
+/// host sampler's order (value descending, ties by lower id), non-finite
+/// logits skipped; rows with fewer finite values get shorter lists.
+pub fn topk_rows(logits: &Tensor, temps: &[f32], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    let dev = device_of(logits)?;
+    let logits = logits.contiguous()?;
+    let (r, v) = logits.dims2()?;
+    if !(1..=TOPK_MAX).contains(&k) || temps.len() != r {
+        return Err(Error::Model(format!(
+            "topk_rows: k is {k} (1..={TOPK_MAX}) for {r} rows and {} temperatures",
+            temps.len()
+        )));
+    }
+    let t = Tensor::from_vec(temps.to_vec(), r, logits.device())?;
+    let ids = empty::<u32>(&dev, (r, k))?;
+    let vals = empty::<f32>(&dev, (r, k))?;
+    let args = [
+        Arg::P(ptr::<f32>(&logits)?),
+        Arg::P(ptr::<f32>(&t)?),
+        Arg::P(ptr::<u32>(&ids)?),
+        Arg::P(ptr::<f32>(&vals)?),
+        Arg::I(v as i32),
+        Arg::I(k as i32),
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (r as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch(&dev, &OPS, "topk_rows", cfg, &args)?;
+    let ids = ids.to_vec2::<u32>()?;
+    let vals = vals.to_vec2::<f32>()?;
+    Ok(ids
+        .into_iter()
+        .zip(vals)
+        .map(|(i, v)| {
+            i.into_iter()
+                .zip(v)
+                .take_while(|(id, _)| *id != u32::MAX)
+                .collect()
+        })
+        .collect())
+}
+
 /// A CUDA device whose tensors skip candle's per-use event tracking: this
 /// crate runs every kernel on the device's one stream, where stream order
 /// already orders all uses.

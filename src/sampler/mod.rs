@@ -94,6 +94,14 @@ pub fn sample(
     if params.top_k > 0 && params.top_k < cand.len() {
         cand.truncate(params.top_k);
     }
+    sample_sorted(&cand, params, rng)
+}
+
+/// The draw from candidates `(token, logit / temperature)` already sorted
+/// (value descending, ties by lower id) and cut to top-k: softmax, top-p,
+/// one uniform from the record's RNG. The GPU top-k path calls this on the
+/// candidates it selected, so both paths draw identically.
+pub fn sample_sorted(cand: &[(u32, f32)], params: &GenerationParams, rng: &mut RecordRng) -> u32 {
     let max = cand[0].1;
     let mut probs: Vec<f64> = cand.iter().map(|(_, v)| ((v - max) as f64).exp()).collect();
     let sum: f64 = probs.iter().sum();
@@ -194,5 +202,40 @@ mod tests {
             .map(|_| sample(&mut [0.0, 0.1, 0.2], &[], &params(1.0, 0, 1.0), &mut rng))
             .collect();
         assert_eq!(picks.len(), 3);
+    }
+
+    #[test]
+    fn drawing_from_the_top_k_prefix_equals_the_full_sampler() {
+        let mut g = RecordRng::new(3, "logits");
+        for case in 0..200u64 {
+            let logits: Vec<f32> = (0..500)
+                .map(|i| {
+                    if i % 97 == 0 {
+                        f32::NEG_INFINITY
+                    } else {
+                        (g.next_f64() * 8.0 - 4.0) as f32
+                    }
+                })
+                .collect();
+            let p = GenerationParams {
+                temperature: 0.7,
+                top_k: 1 + (case as usize % 64),
+                top_p: if case % 2 == 0 { 1.0 } else { 0.9 },
+                ..params(0.7, 0, 1.0)
+            };
+            let mut r1 = RecordRng::new(case, "x");
+            let mut r2 = r1.clone();
+            let want = sample(&mut logits.clone(), &[], &p, &mut r1);
+            // What the GPU returns: the top-k of (id, v / t), value desc, ties by id.
+            let mut cand: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.is_finite())
+                .map(|(i, &v)| (i as u32, v / 0.7f32))
+                .collect();
+            cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            cand.truncate(p.top_k);
+            assert_eq!(sample_sorted(&cand, &p, &mut r2), want, "case {case}");
+        }
     }
 }
