@@ -196,6 +196,13 @@ impl Engine {
         self.stop = Some(flag);
     }
 
+    /// Whether the stop flag (a signal) is set.
+    fn stop_requested(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// The model.
     pub fn model(&self) -> &Mistral {
         &self.model
@@ -301,11 +308,7 @@ impl Engine {
         let mut sum = JobSummary::default();
         let ctx = self.model.config().max_position_embeddings;
         for rec in input {
-            if self
-                .stop
-                .as_ref()
-                .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
-            {
+            if self.stop_requested() {
                 sum.interrupted = true;
                 break;
             }
@@ -432,11 +435,7 @@ impl Engine {
         let lookahead = 4 * self.sched.max_num_seqs;
         let ctx = self.model.config().max_position_embeddings;
         loop {
-            if self
-                .stop
-                .as_ref()
-                .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
-            {
+            if self.stop_requested() {
                 sum.interrupted = true;
                 break;
             }

@@ -55,12 +55,18 @@ pub(crate) fn cuda(dev: &Device) -> Result<CudaDevice> {
     }
 }
 
+/// Whether a device is Hopper or newer, asked once per device ordinal (a
+/// host may mix GPU generations, e.g. a sweep over several cards).
 fn is_sm90(dev: &CudaDevice) -> bool {
-    static SM90: OnceLock<bool> = OnceLock::new();
-    *SM90.get_or_init(|| {
-        dev.cuda_stream()
-            .context()
-            .compute_capability()
+    static SM90: OnceLock<std::sync::Mutex<std::collections::HashMap<usize, bool>>> =
+        OnceLock::new();
+    let ctx = dev.cuda_stream().context().clone();
+    let mut known = SM90
+        .get_or_init(Default::default)
+        .lock()
+        .expect("sm90 cache");
+    *known.entry(ctx.ordinal()).or_insert_with(|| {
+        ctx.compute_capability()
             .map(|(major, _)| major >= 9)
             .unwrap_or(false)
     })

@@ -59,6 +59,15 @@ pub fn reference_path(model: &str, f16: bool) -> &'static str {
     }
 }
 
+/// A JSON array of token ids.
+pub fn token_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("a JSON array of token ids")
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
 /// Reads a JSON file.
 pub fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()

@@ -328,12 +328,7 @@ fn gpu_logits_match_the_cpu_path() {
         };
         let (cpu, gpu_m) = (load(&Device::Cpu), load(&dev));
         for (name, ids) in seqs["sequences"].as_object().unwrap() {
-            let ids: Vec<u32> = ids
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
+            let ids: Vec<u32> = crate::common::token_ids(ids);
             let a = host(&cpu.logits_full(&ids).unwrap());
             let b = host(&gpu_m.logits_full(&ids).unwrap());
             let worst = a

@@ -52,12 +52,7 @@ pub fn check_model(model: &str, f16: bool, device: &Device) {
     let seqs = seqs["sequences"].as_object().unwrap();
     assert_eq!(seqs.len(), 5);
     for (name, ids) in seqs {
-        let ids: Vec<u32> = ids
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let ids: Vec<u32> = crate::common::token_ids(ids);
         let want_ids: Vec<u32> = i64s(&st, &format!("{name}.input_ids"))
             .iter()
             .map(|&x| x as u32)
@@ -129,12 +124,7 @@ fn chat_rendering_and_tokenization_match_reference_ids() {
     for (name, g) in seqs["generation_prompts"].as_object().unwrap() {
         let messages: Vec<runner::prompt::Message> =
             serde_json::from_value(g["messages"].clone()).unwrap();
-        let ids: Vec<u32> = g["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let ids: Vec<u32> = crate::common::token_ids(&g["ids"]);
         let text = p.render(&messages).unwrap();
         assert_eq!(p.encode(&text).unwrap(), ids, "{name}");
     }
@@ -169,12 +159,7 @@ fn loglikelihood_matches_reference_log_softmax() {
             std::fs::read(fx.join(format!("references/{model}/{path}.safetensors"))).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         for (name, ids) in seqs["sequences"].as_object().unwrap() {
-            let ids: Vec<u32> = ids
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
+            let ids: Vec<u32> = crate::common::token_ids(ids);
             let t = ids.len();
             let last = f32s(&st, &format!("{name}.logits_last"));
             let lse = f32s(&st, &format!("{name}.logsumexp"));

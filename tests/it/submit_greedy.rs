@@ -56,12 +56,7 @@ pub fn check(model: &str, f16: bool, sets: &[&str]) {
             "{}",
             r.id
         );
-        let ids: Vec<u32> = want["generated_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let ids: Vec<u32> = crate::common::token_ids(&want["generated_ids"]);
         let margins: Vec<f64> = want["top1_top2_logit_margin_per_step"]
             .as_array()
             .unwrap()
