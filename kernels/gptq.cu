@@ -21,14 +21,12 @@
 // `scales * (q - zeros)` computed in f16 by AutoGPTQ/GPTQModel. `sz[g][n]`
 // holds half2(scale, 1024 + zero).
 //
-// The activation x [M, K] (original column order) is first gathered through
-// `perm` (sorted position -> original column, -1 for padding) into xp
-// [Mp, Kp] by gptq_permute_x, then read into shared memory per block. The reduction order of every output element is fixed: k-tiles in
-// order inside a split, splits summed in order by gptq_reduce, whatever M is.
+// The activation x [M, K] (original column order) is read through `perm`
+// (sorted position -> original column, -1 for padding): gathered inside the
+// product kernel for small M, or first copied into xp [Mp, Kp] by
+// gptq_permute_x. The reduction order is described at gptq_gemm_impl.
 #include <cuda_fp16.h>
 #include <stdint.h>
-
-#define KSPLIT_K 512  // sorted positions of K per block (multiple of 64)
 
 __device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -72,116 +70,238 @@ extern "C" __global__ void gptq_permute_x(const half* __restrict__ x, const int*
   xp[i] = (m < M && src >= 0) ? x[(size_t)m * K + src] : __float2half(0.f);
 }
 
-// One block: 4 warps, each one 16-column tile (64 columns per block), over
-// the sorted positions [blockIdx.y * KSPLIT_K, +KSPLIT_K), for token slab
-// blockIdx.z (MT*8 tokens of xp). Writes f32 partials part[blockIdx.y][m][n].
-template <int BITS, int MT>
-__device__ void gptq_mma_impl(const half* __restrict__ xp, const int4* __restrict__ qt,
-                              const half2* __restrict__ sz, float* __restrict__ part, int M,
-                              int N, int Np, int Kp, int gs, int G) {
-  constexpr int STRIDE = KSPLIT_K + 8;  // halves; +16 bytes avoids bank conflicts
-  __shared__ __align__(16) half xs[MT * 8 * STRIDE];
-  const int kbase = blockIdx.y * KSPLIT_K;
-  const int klen = min(KSPLIT_K, Kp - kbase);
-  const int mbase = blockIdx.z * MT * 8;
-  {
-    const int vecs = klen / 8;  // int4 per row
-    for (int i = threadIdx.x; i < MT * 8 * vecs; i += blockDim.x) {
-      int m = i / vecs, c = i % vecs;
-      *reinterpret_cast<int4*>(xs + m * STRIDE + c * 8) =
-          *reinterpret_cast<const int4*>(xp + (size_t)(mbase + m) * Kp + kbase + c * 8);
-    }
-  }
-  __syncthreads();
+// The product kernel. One block = 8 warps over a block-column of 16*C
+// output columns (C tiles of 16) and a K range of 8*KS sorted positions
+// (blockIdx.y); warp w takes the KS positions [(8y + w) KS, +KS) for all C
+// tiles, so each activation fragment feeds C mmas and each lane issues all
+// its 2C int4 weight loads before the first mma. Tokens come in slabs of
+// MT*8 (blockIdx.z).
+//
+// GATHER: x is [M, K] in original column order, gathered through `perm`
+// (sorted position -> original column, -1 for padding) while the fragments
+// are built (small M: saves the permute launch). Otherwise x is xp [Mp, Kp]
+// from gptq_permute_x.
+//
+// Reduction order of every output element, whatever M, MT, C or GATHER:
+// the k tiles of a warp's range in order (in the mma accumulator), then the
+// 8 warps of a block in order, then the blocks along K in order. With more
+// than one block along K, each block writes its f32 partial to
+// part[split][m][n]; the last block of a (column, slab) tile to arrive
+// (counted in `counters`, which it resets to zero for the next launch)
+// sums the partials in split order and writes f16. So the result is
+// deterministic and the same row of x gives the same output at any M.
+#define GEMM_WARPS 8
+
+template <int BITS>
+struct GemmConst {
+  static constexpr int KPL = BITS == 4 ? 64 : 32;  // k per int4 load
+  static constexpr int TPL = KPL / 16;             // 16-k tiles per load
+  static constexpr int KS = 2 * KPL;               // sorted positions per warp
+  static constexpr int KT = KS / 16;               // k tiles per warp
+};
+
+template <int BITS, int MT, int C, bool GATHER>
+__device__ void gptq_gemm_impl(const half* __restrict__ x, const int* __restrict__ perm,
+                               const int4* __restrict__ qt, const half2* __restrict__ sz,
+                               float* __restrict__ part, unsigned* __restrict__ counters,
+                               half* __restrict__ out, int M, int K, int N, int Np, int Kp,
+                               int gs, int G, int splits) {
+  using GC = GemmConst<BITS>;
+  constexpr int KS = GC::KS, KT = GC::KT, KPL = GC::KPL, TPL = GC::TPL;
+  constexpr int BK = GEMM_WARPS * KS;  // sorted positions per block
+  constexpr int LPC = KS / KPL;        // int4 loads per column tile per warp
+  constexpr int VALS = C * MT * 4;     // accumulators per lane
+  constexpr int PER = VALS * 32;       // outputs of a block (padded tile)
+  __shared__ int perm_s[GATHER ? BK : 1];
+  __shared__ float red[GEMM_WARPS * PER];
+  __shared__ bool last;
+
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int nt = blockIdx.x * 4 + warp;
-  const int n0 = nt * 16;
-  if (n0 >= Np) return;
-  // k per int4 load: 64 for 4-bit (4 tiles), 32 for 8-bit (2 tiles).
-  constexpr int KPL = BITS == 4 ? 64 : 32;
-  constexpr int TPL = KPL / 16;
-  constexpr int DEPTH = 4;  // int4 loads in flight per lane
+  const int kblock = blockIdx.y * BK;
+  const int kb = kblock + warp * KS;  // this warp's first sorted position
+  const int nt0 = blockIdx.x * C;     // first 16-column tile
+  const int mbase = blockIdx.z * MT * 8;
   const int KQ = Kp / KPL;
-  float acc[MT][4];
+
+  // 1. Every weight load of this warp, in flight at once.
+  int4 wq[C][LPC];
 #pragma unroll
-  for (int i = 0; i < MT; i++)
+  for (int c = 0; c < C; c++)
 #pragma unroll
-    for (int j = 0; j < 4; j++) acc[i][j] = 0.f;
-  const int4* src = qt + ((size_t)nt * KQ + kbase / KPL) * 32 + lane;
-  const int steps = klen / KPL;
-  int cur = -1;
-  half2 s0, z0, s1, z1;
-  int4 buf[DEPTH];
+    for (int l = 0; l < LPC; l++)
+      wq[c][l] = kb + l * KPL < Kp
+                     ? __ldg(qt + ((size_t)(nt0 + c) * KQ + kb / KPL + l) * 32 + lane)
+                     : make_int4(0, 0, 0, 0);
+
+  // 2. The group parameters of the range's first group.
+  int cur = min(min(kb, Kp - 1) / gs, G - 1);
+  half2 s0[C], z0[C], s1[C], z1[C];
 #pragma unroll
-  for (int d = 0; d < DEPTH; d++) buf[d] = d < steps ? src[(size_t)d * 32] : make_int4(0, 0, 0, 0);
-  for (int q0 = 0; q0 < steps; q0 += DEPTH) {
+  for (int c = 0; c < C; c++) {
+    const int n0 = (nt0 + c) * 16;
+    half2 a = __ldg(sz + (size_t)cur * Np + n0 + g);
+    half2 b = __ldg(sz + (size_t)cur * Np + n0 + g + 8);
+    s0[c] = __low2half2(a);
+    z0[c] = __high2half2(a);
+    s1[c] = __low2half2(b);
+    z1[c] = __high2half2(b);
+  }
+
+  if (GATHER) {
+    for (int i = threadIdx.x; i < BK; i += blockDim.x)
+      perm_s[i] = kblock + i < Kp ? perm[kblock + i] : -1;
+    __syncthreads();
+  }
+
+  float acc[C][MT][4];
 #pragma unroll
-    for (int d = 0; d < DEPTH; d++) {
-      const int q = q0 + d;
-      if (q >= steps) break;
-      int4 w4 = buf[d];
-      if (q + DEPTH < steps) buf[d] = src[(size_t)(q + DEPTH) * 32];
-      const uint32_t w[4] = {(uint32_t)w4.x, (uint32_t)w4.y, (uint32_t)w4.z, (uint32_t)w4.w};
+  for (int c = 0; c < C; c++)
 #pragma unroll
-      for (int j = 0; j < TPL; j++) {
-        const int kk = q * KPL + j * 16;  // within the block's range
-        int grp = min((kbase + kk) / gs, G - 1);
-        if (grp != cur) {
-          cur = grp;
-          half2 a = sz[(size_t)grp * Np + n0 + g];
-          half2 b = sz[(size_t)grp * Np + n0 + g + 8];
-          s0 = __low2half2(a);
-          z0 = __high2half2(a);
-          s1 = __low2half2(b);
-          z1 = __high2half2(b);
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) acc[c][mt][r] = 0.f;
+
+#pragma unroll
+  for (int j = 0; j < KT; j++) {
+    const int k0 = kb + j * 16;
+    if (k0 >= Kp) break;  // uniform over the warp
+    // Activation fragments: b0 = x[tok g][k0+2t, +1], b1 = the same at k0+8.
+    uint32_t b[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+      const int tok = mbase + mt * 8 + g;
+      if (GATHER) {
+        const int kl = k0 - kblock + 2 * t;
+        half v[4] = {__float2half(0.f), __float2half(0.f), __float2half(0.f),
+                     __float2half(0.f)};
+        if (tok < M) {
+          const half* row = x + (size_t)tok * K;
+          const int p[4] = {perm_s[kl], perm_s[kl + 1], perm_s[kl + 8], perm_s[kl + 9]};
+#pragma unroll
+          for (int i = 0; i < 4; i++)
+            if (p[i] >= 0) v[i] = __ldg(row + p[i]);
         }
-        uint32_t a[4];
-        dequant_tile<BITS>(BITS == 4 ? &w[j] : &w[2 * j], s0, z0, s1, z1, a);
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++) {
-          const half* row = xs + (mt * 8 + g) * STRIDE + kk + 2 * t;
-          uint32_t b0 = *reinterpret_cast<const uint32_t*>(row);
-          uint32_t b1 = *reinterpret_cast<const uint32_t*>(row + 8);
-          mma_16816(acc[mt], a, b0, b1);
-        }
+        b[mt][0] = h2u(__halves2half2(v[0], v[1]));
+        b[mt][1] = h2u(__halves2half2(v[2], v[3]));
+      } else {
+        const half* row = x + (size_t)tok * Kp + k0 + 2 * t;
+        b[mt][0] = __ldg(reinterpret_cast<const unsigned int*>(row));
+        b[mt][1] = __ldg(reinterpret_cast<const unsigned int*>(row + 8));
       }
     }
-  }
-  float* out = part + (size_t)blockIdx.y * M * N;
+    const int grp = min(k0 / gs, G - 1);
+    if (grp != cur) {  // uniform over the warp
+      cur = grp;
 #pragma unroll
-  for (int mt = 0; mt < MT; mt++) {
-    int m = mbase + mt * 8 + 2 * t;
-    int na = n0 + g, nb = n0 + g + 8;
-    if (m < M && na < N) out[(size_t)m * N + na] = acc[mt][0];
-    if (m + 1 < M && na < N) out[(size_t)(m + 1) * N + na] = acc[mt][1];
-    if (m < M && nb < N) out[(size_t)m * N + nb] = acc[mt][2];
-    if (m + 1 < M && nb < N) out[(size_t)(m + 1) * N + nb] = acc[mt][3];
+      for (int c = 0; c < C; c++) {
+        const int n0 = (nt0 + c) * 16;
+        half2 a = __ldg(sz + (size_t)grp * Np + n0 + g);
+        half2 bb = __ldg(sz + (size_t)grp * Np + n0 + g + 8);
+        s0[c] = __low2half2(a);
+        z0[c] = __high2half2(a);
+        s1[c] = __low2half2(bb);
+        z1[c] = __high2half2(bb);
+      }
+    }
+    const int l = j / TPL, jt = j % TPL;
+#pragma unroll
+    for (int c = 0; c < C; c++) {
+      const uint32_t w[4] = {(uint32_t)wq[c][l].x, (uint32_t)wq[c][l].y,
+                             (uint32_t)wq[c][l].z, (uint32_t)wq[c][l].w};
+      uint32_t a[4];
+      dequant_tile<BITS>(BITS == 4 ? &w[jt] : &w[2 * jt], s0[c], z0[c], s1[c], z1[c], a);
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++) mma_16816(acc[c][mt], a, b[mt][0], b[mt][1]);
+    }
   }
+
+  // 3. The 8 warps' sums, in warp order. red[w * PER + e], e = (c, mt, r, lane).
+#pragma unroll
+  for (int c = 0; c < C; c++)
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int r = 0; r < 4; r++)
+        red[warp * PER + ((c * MT + mt) * 4 + r) * 32 + lane] = acc[c][mt][r];
+  __syncthreads();
+  // Element e -> (column n, token m) of the C fragment (rows = columns n).
+  auto coord = [&](int e, int& n, int& m) {
+    const int ln = e & 31, r = (e >> 5) & 3, mt = (e >> 7) % MT, c = (e >> 7) / MT;
+    n = (nt0 + c) * 16 + (ln >> 2) + ((r & 2) ? 8 : 0);
+    m = mbase + mt * 8 + 2 * (ln & 3) + (r & 1);
+  };
+  float sum[(PER + 255) / 256];
+#pragma unroll
+  for (int i = 0; i < (PER + 255) / 256; i++) {
+    const int e = threadIdx.x + i * 256;
+    float s = 0.f;
+    if (e < PER) {
+#pragma unroll
+      for (int w = 0; w < GEMM_WARPS; w++) s += red[w * PER + e];
+    }
+    sum[i] = s;
+  }
+  if (splits == 1) {
+#pragma unroll
+    for (int i = 0; i < (PER + 255) / 256; i++) {
+      const int e = threadIdx.x + i * 256;
+      int n, m;
+      coord(e, n, m);
+      if (e < PER && m < M && n < N) out[(size_t)m * N + n] = __float2half(sum[i]);
+    }
+    return;
+  }
+  const size_t MN = (size_t)M * N;
+#pragma unroll
+  for (int i = 0; i < (PER + 255) / 256; i++) {
+    const int e = threadIdx.x + i * 256;
+    int n, m;
+    coord(e, n, m);
+    if (e < PER && m < M && n < N) part[blockIdx.y * MN + (size_t)m * N + n] = sum[i];
+  }
+  __threadfence();
+  __syncthreads();
+  unsigned* cnt = counters + blockIdx.z * gridDim.x + blockIdx.x;
+  if (threadIdx.x == 0) last = atomicAdd(cnt, 1u) == (unsigned)splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+#pragma unroll
+  for (int i = 0; i < (PER + 255) / 256; i++) {
+    const int e = threadIdx.x + i * 256;
+    int n, m;
+    coord(e, n, m);
+    if (e < PER && m < M && n < N) {
+      float s = 0.f;
+      for (int y = 0; y < splits; y++) s += __ldcg(part + y * MN + (size_t)m * N + n);
+      out[(size_t)m * N + n] = __float2half(s);
+    }
+  }
+  if (threadIdx.x == 0) *cnt = 0u;
 }
 
-#define GPTQ_MMA(BITS, MT)                                                                 \
-  extern "C" __global__ void __launch_bounds__(128)                                       \
-      gptq_mma_b##BITS##_m##MT(const half* xp, const int4* qt, const half2* sz, float* part, \
-                               int M, int N, int Np, int Kp, int gs, int G) {              \
-    gptq_mma_impl<BITS, MT>(xp, qt, sz, part, M, N, Np, Kp, gs, G);                         \
+#define GPTQ_GEMM(BITS, MT, C, GATHER)                                                         \
+  extern "C" __global__ void __launch_bounds__(256, 2)                                        \
+      gptq_gemm_b##BITS##_m##MT##_c##C##_g##GATHER(                                           \
+          const half* x, const int* perm, const int4* qt, const half2* sz, float* part,        \
+          unsigned* counters, half* out, int M, int K, int N, int Np, int Kp, int gs, int G,   \
+          int splits) {                                                                        \
+    gptq_gemm_impl<BITS, MT, C, GATHER>(x, perm, qt, sz, part, counters, out, M, K, N, Np, Kp, \
+                                        gs, G, splits);                                        \
   }
-GPTQ_MMA(4, 1)
-GPTQ_MMA(4, 2)
-GPTQ_MMA(4, 4)
-GPTQ_MMA(8, 1)
-GPTQ_MMA(8, 2)
-GPTQ_MMA(8, 4)
-
-// out[m][n] = f16(sum over splits in order of part[s][m][n]).
-extern "C" __global__ void gptq_reduce(const float* __restrict__ part, half* __restrict__ out,
-                                       int MN, int splits) {
-  int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= MN) return;
-  float s = 0.f;
-  for (int j = 0; j < splits; j++) s += part[(size_t)j * MN + i];
-  out[i] = __float2half(s);
-}
+#define GPTQ_GEMM_C(BITS, MT, GATHER) \
+  GPTQ_GEMM(BITS, MT, 1, GATHER)      \
+  GPTQ_GEMM(BITS, MT, 2, GATHER)      \
+  GPTQ_GEMM(BITS, MT, 4, GATHER)
+GPTQ_GEMM_C(4, 1, 0)
+GPTQ_GEMM_C(4, 1, 1)
+GPTQ_GEMM_C(4, 2, 0)
+GPTQ_GEMM_C(4, 2, 1)
+GPTQ_GEMM_C(8, 1, 0)
+GPTQ_GEMM_C(8, 1, 1)
+GPTQ_GEMM_C(8, 2, 0)
+GPTQ_GEMM_C(8, 2, 1)
 
 // Dequantizes the whole weight into f16 W^T [K, N] in original row order
 // (row perm[k] for sorted position k; padding is skipped), for the cuBLAS

@@ -52,7 +52,9 @@ pub fn copy_gbs(dev: &Device) -> Result<f64> {
     Ok(2.0 * (n * 2) as f64 / t / 1e9)
 }
 
-/// One GEMM measurement.
+/// One GEMM measurement. Wall figures include the host's launch cost
+/// (candle's allocations, our launches); device figures come from CUDA
+/// graphs of the same calls ([`cuda::graph_time`]), the kernels alone.
 #[derive(Debug, Clone, Serialize)]
 pub struct GemmRow {
     /// Layer shape name.
@@ -63,14 +65,26 @@ pub struct GemmRow {
     pub k: usize,
     /// Outputs.
     pub n: usize,
-    /// Fused kernel TFLOP/s.
+    /// Fused kernel TFLOP/s (wall).
     pub fused: f64,
-    /// Dequantize + cuBLAS TFLOP/s.
+    /// Dequantize + cuBLAS TFLOP/s (wall).
     pub dequant: f64,
-    /// cuBLAS f16 TFLOP/s on the same shape.
+    /// cuBLAS f16 TFLOP/s on the same shape (wall).
     pub cublas: f64,
-    /// Fused kernel's bytes moved (weights + activations) per second, GB/s.
+    /// Fused kernel's bytes moved (weights + activations) per second, GB/s (wall).
     pub fused_gbs: f64,
+    /// Fused product as the engine runs it, device µs per call.
+    pub fused_dev_us: Option<f64>,
+    /// Fused with the activation gathered in the product kernel (M <= 16), device µs.
+    pub gather_dev_us: Option<f64>,
+    /// Fused with the permute kernel first (M <= 16), device µs.
+    pub permute_dev_us: Option<f64>,
+    /// cuBLAS f16, device µs per call.
+    pub cublas_dev_us: Option<f64>,
+    /// cuBLAS device time over the fused product's.
+    pub dev_speedup: Option<f64>,
+    /// Fused product's weight + activation bytes per device second, GB/s.
+    pub fused_dev_gbs: Option<f64>,
 }
 
 /// Mistral-7B's linear shapes (K, N).
@@ -119,6 +133,29 @@ pub fn gemm_table(
                 x.matmul(&w16)?;
                 Ok(())
             })?;
+            let us = |t: Option<f64>| t.map(|t| t * 1e6);
+            let fdev = us(cuda::graph_time(dev, iters, || {
+                g.forward(&x, GptqPath::Fused)?;
+                Ok(())
+            })?);
+            let cdev = us(cuda::graph_time(dev, iters, || {
+                x.matmul(&w16)?;
+                Ok(())
+            })?);
+            let (gdev, pdev) = if m <= 16 {
+                (
+                    us(cuda::graph_time(dev, iters, || {
+                        g.fused_with(&x, true)?;
+                        Ok(())
+                    })?),
+                    us(cuda::graph_time(dev, iters, || {
+                        g.fused_with(&x, false)?;
+                        Ok(())
+                    })?),
+                )
+            } else {
+                (None, None)
+            };
             let flop = 2.0 * (m * k * n) as f64;
             let bytes = (g.weight_bytes() + 2 * m * k + 2 * m * n) as f64;
             rows.push(GemmRow {
@@ -130,6 +167,12 @@ pub fn gemm_table(
                 dequant: flop / td / 1e12,
                 cublas: flop / tc / 1e12,
                 fused_gbs: bytes / tf / 1e9,
+                fused_dev_us: fdev,
+                gather_dev_us: gdev,
+                permute_dev_us: pdev,
+                cublas_dev_us: cdev,
+                dev_speedup: fdev.zip(cdev).map(|(f, c)| c / f),
+                fused_dev_gbs: fdev.map(|f| bytes / f / 1e3),
             });
         }
     }

@@ -52,23 +52,43 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                     sym: true,
                     format: crate::model::CheckpointFormat::Gptq,
                 });
-                let ms = [1, 16, 64, 256, 1024, 4096];
+                let ms = [1, 4, 8, 16, 64, 256, 1024, 4096];
                 let rows = bench::kernels::gemm_table(&dev, q.bits, q.group_size, &ms)?;
-                println!("GEMM {} (TFLOP/s; fused GB/s):", q.short_name());
                 println!(
-                    "{:<10} {:>5} {:>8} {:>8} {:>8} {:>7} {:>8}",
-                    "shape", "M", "fused", "deq+cub", "cuBLAS", "f/cub", "f GB/s"
+                    "GEMM {} (wall TFLOP/s; device µs per call from CUDA graphs):",
+                    q.short_name()
                 );
+                println!(
+                    "{:<10} {:>5} {:>7} {:>7} {:>7} {:>6} | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6}",
+                    "shape",
+                    "M",
+                    "fused",
+                    "deq+cub",
+                    "cuBLAS",
+                    "f/cub",
+                    "fused us",
+                    "gath us",
+                    "perm us",
+                    "cuBLAS",
+                    "cub/f",
+                    "GB/s"
+                );
+                let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
                 for r in &rows {
                     println!(
-                        "{:<10} {:>5} {:>8.1} {:>8.1} {:>8.1} {:>6.2}x {:>8.0}",
+                        "{:<10} {:>5} {:>7.1} {:>7.1} {:>7.1} {:>5.2}x | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6}",
                         r.shape,
                         r.m,
                         r.fused,
                         r.dequant,
                         r.cublas,
                         r.fused / r.cublas,
-                        r.fused_gbs
+                        opt(r.fused_dev_us),
+                        opt(r.gather_dev_us),
+                        opt(r.permute_dev_us),
+                        opt(r.cublas_dev_us),
+                        r.dev_speedup.map_or("-".into(), |v| format!("{v:.2}x")),
+                        r.fused_dev_gbs.map_or("-".into(), |v| format!("{v:.0}")),
                     );
                 }
                 report.insert("gemm".into(), serde_json::to_value(&rows)?);

@@ -6,11 +6,51 @@ use super::{device_of, empty, launch, ptr, Arg, GPTQ};
 use crate::model::linear::{RandomGptq, TiledGptq};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Tensor};
 use half::f16;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
-/// Sorted positions of K per block (KSPLIT_K in kernels/gptq.cu).
-const KSPLIT: usize = 512;
+/// Sorted positions of K per block of the product kernel (8 warps x two
+/// int4 loads: `GEMM_WARPS * KS` in kernels/gptq.cu).
+fn block_k(bits: u32) -> usize {
+    if bits == 4 {
+        1024
+    } else {
+        512
+    }
+}
+
+/// Tokens per launch of the product kernel (bounds the split-K workspace).
+const CHUNK: usize = 128;
+/// Token slabs per chunk (16 tokens each at MT = 2).
+const CHUNK_SLABS: usize = CHUNK / 16;
+/// Up to this many tokens the product kernel gathers the activation through
+/// the act-order permutation itself; above, a permute kernel runs first.
+pub const GATHER_MAX_M: usize = 4;
+/// Blocks a product should have before wider column tiles are used.
+const MIN_BLOCKS: usize = 128;
+
+/// One f32 workspace per CUDA stream (split-K partials and the permuted
+/// activation), grown to the largest layer at load: kernels on one stream
+/// run in order, so every layer can share it.
+fn scratch(dev: &CudaDevice, elems: usize) -> Result<Tensor> {
+    static SCRATCH: OnceLock<Mutex<HashMap<usize, Tensor>>> = OnceLock::new();
+    let key = dev.cuda_stream().cu_stream() as usize;
+    let mut map = SCRATCH
+        .get_or_init(Default::default)
+        .lock()
+        .expect("gptq scratch");
+    if let Some(t) = map.get(&key) {
+        if t.elem_count() >= elems {
+            return Ok(t.clone());
+        }
+    }
+    let t = super::zeros(dev, DType::F32, elems.max(1))?;
+    map.insert(key, t.clone());
+    Ok(t)
+}
 
 /// Which kernel path computes a product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,13 +84,16 @@ pub struct GptqGpu {
     sz: Tensor,
     /// W^T [K, N] f16 when dequantized once at load.
     resident: Option<Tensor>,
+    /// Arrival counters of the split-K reduction, one per (column block,
+    /// slab); zero between launches.
+    counters: Tensor,
 }
 
 impl GptqGpu {
     /// Uploads a repacked weight.
     pub fn upload(t: &TiledGptq, dev: &Device) -> Result<Self> {
         let perm: Vec<u32> = t.perm.iter().map(|&p| p as u32).collect();
-        Ok(Self {
+        Self {
             bits: t.bits,
             k: t.k,
             n: t.n,
@@ -62,7 +105,9 @@ impl GptqGpu {
             qt: Tensor::from_vec(t.words.clone(), t.words.len(), dev)?,
             sz: Tensor::from_vec(t.sz.clone(), t.sz.len(), dev)?,
             resident: None,
-        })
+            counters: Tensor::zeros(1, DType::U32, dev)?,
+        }
+        .with_workspace()
     }
 
     /// Random weights with the exact shapes and layout of a (K, N) layer,
@@ -88,7 +133,7 @@ impl GptqGpu {
             }
         }
         order.resize(kp, u32::MAX);
-        Ok(Self {
+        Self {
             bits: spec.bits,
             k,
             n,
@@ -100,7 +145,43 @@ impl GptqGpu {
             qt: super::fill_u32(&cd, words, spec.seed)?,
             sz: super::fill_sz(&cd, groups * np, spec.seed ^ 0x5a5a, spec.bits)?,
             resident: None,
-        })
+            counters: Tensor::zeros(1, DType::U32, dev)?,
+        }
+        .with_workspace()
+    }
+
+    /// Sizes the counters and the stream's shared workspace for this layer
+    /// (at load, before the KV cache takes the free memory).
+    fn with_workspace(mut self) -> Result<Self> {
+        let dev = device_of(&self.qt)?;
+        self.counters = super::zeros(&dev, DType::U32, self.col_blocks() * CHUNK_SLABS)?;
+        scratch(&dev, self.scratch_elems())?;
+        Ok(self)
+    }
+
+    /// Blocks along K of the product kernel.
+    fn splits(&self) -> usize {
+        self.kp.div_ceil(block_k(self.bits))
+    }
+
+    /// 16-column tiles per warp: the widest (fewest activation re-reads)
+    /// that still gives the product `MIN_BLOCKS` blocks. A function of the
+    /// shape only, and it does not change the reduction order.
+    fn cols_per_warp(&self) -> usize {
+        [4, 2]
+            .into_iter()
+            .find(|&c| self.np / (16 * c) * self.splits() >= MIN_BLOCKS)
+            .unwrap_or(1)
+    }
+
+    fn col_blocks(&self) -> usize {
+        self.np / (16 * self.cols_per_warp())
+    }
+
+    /// f32 elements of workspace: partials [splits, CHUNK, N], then the
+    /// permuted activation [CHUNK, Kp] in f16.
+    fn scratch_elems(&self) -> usize {
+        self.splits() * CHUNK * self.n + CHUNK * self.kp / 2
     }
 
     /// Input features.
@@ -184,73 +265,80 @@ impl GptqGpu {
     }
 
     fn fused(&self, x: &Tensor) -> Result<Tensor> {
+        let m = x.dim(0)?;
+        self.fused_with(x, m <= GATHER_MAX_M)
+    }
+
+    /// The fused product, gathering the activation inside the product
+    /// kernel (`gather`) or through the permute kernel first. Both give
+    /// the same bits; public for the kernel bench.
+    pub fn fused_with(&self, x: &Tensor, gather: bool) -> Result<Tensor> {
         let dev = device_of(x)?;
         let x = x.contiguous()?;
         let m = x.dim(0)?;
-        let mt = match m {
-            0..=8 => 1,
-            9..=16 => 2,
-            _ => 4,
-        };
-        let splits = self.kp.div_ceil(KSPLIT);
-        let slabs = m.div_ceil(mt * 8);
-        let mp = slabs * mt * 8;
-        let xp = empty::<f16>(&dev, (mp, self.kp))?;
-        let (px, pperm, pxp) = (ptr::<f16>(&x)?, ptr::<u32>(&self.perm)?, ptr::<f16>(&xp)?);
-        let total = mp * self.kp;
-        let cfg = LaunchConfig {
-            grid_dim: ((total as u32).div_ceil(256), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let dims = [m as i32, self.k as i32, mp as i32, self.kp as i32];
-        let mut args = vec![Arg::P(px), Arg::P(pperm), Arg::P(pxp)];
-        args.extend(dims.iter().map(|&v| Arg::I(v)));
-        launch(&dev, &GPTQ, "gptq_permute_x", cfg, &args)?;
-        let part = empty::<f32>(&dev, (splits, m, self.n))?;
         let out = empty::<f16>(&dev, (m, self.n))?;
-        let p = [
-            pxp,
+        if m == 0 {
+            return Ok(out);
+        }
+        let ws = scratch(&dev, self.scratch_elems())?;
+        let pws = ptr::<f32>(&ws)?;
+        let pxp = pws + (self.splits() * CHUNK * self.n * 4) as u64;
+        let (px, pout) = (ptr::<f16>(&x)?, ptr::<f16>(&out)?);
+        let (pperm, pqt, psz, pcnt) = (
+            ptr::<u32>(&self.perm)?,
             ptr::<u32>(&self.qt)?,
             ptr::<f16>(&self.sz)?,
-            ptr::<f32>(&part)?,
-        ];
-        let ints = [
-            m as i32,
-            self.n as i32,
-            self.np as i32,
-            self.kp as i32,
-            self.gs as i32,
-            self.groups as i32,
-        ];
-        let cfg = LaunchConfig {
-            grid_dim: ((self.np / 64) as u32, splits as u32, slabs as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let name = format!("gptq_mma_b{}_m{mt}", self.bits);
-        let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
-        args.extend(ints.iter().map(|&x| Arg::I(x)));
-        launch(&dev, &GPTQ, &name, cfg, &args)?;
-        let mn = m * self.n;
-        let (pp, po, mni, si) = (
-            ptr::<f32>(&part)?,
-            ptr::<f16>(&out)?,
-            mn as i32,
-            splits as i32,
+            ptr::<u32>(&self.counters)?,
         );
-        let cfg = LaunchConfig {
-            grid_dim: ((mn as u32).div_ceil(256), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch(
-            &dev,
-            &GPTQ,
-            "gptq_reduce",
-            cfg,
-            &[Arg::P(pp), Arg::P(po), Arg::I(mni), Arg::I(si)],
-        )?;
+        let c = self.cols_per_warp();
+        for m0 in (0..m).step_by(CHUNK) {
+            let mc = CHUNK.min(m - m0);
+            let mt = if mc <= 8 { 1 } else { 2 };
+            let slabs = mc.div_ceil(8 * mt);
+            let xc = px + (m0 * self.k * 2) as u64;
+            let xin = if gather {
+                xc
+            } else {
+                let mp = slabs * 8 * mt;
+                let cfg = LaunchConfig {
+                    grid_dim: (((mp * self.kp) as u32).div_ceil(256), 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let dims = [mc as i32, self.k as i32, mp as i32, self.kp as i32];
+                let mut args = vec![Arg::P(xc), Arg::P(pperm), Arg::P(pxp)];
+                args.extend(dims.iter().map(|&v| Arg::I(v)));
+                launch(&dev, &GPTQ, "gptq_permute_x", cfg, &args)?;
+                pxp
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (self.col_blocks() as u32, self.splits() as u32, slabs as u32),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut args = vec![
+                Arg::P(xin),
+                Arg::P(pperm),
+                Arg::P(pqt),
+                Arg::P(psz),
+                Arg::P(pws),
+                Arg::P(pcnt),
+                Arg::P(pout + (m0 * self.n * 2) as u64),
+            ];
+            let ints = [
+                mc,
+                self.k,
+                self.n,
+                self.np,
+                self.kp,
+                self.gs,
+                self.groups,
+                self.splits(),
+            ];
+            args.extend(ints.iter().map(|&v| Arg::I(v as i32)));
+            let name = format!("gptq_gemm_b{}_m{mt}_c{c}_g{}", self.bits, u8::from(gather));
+            launch(&dev, &GPTQ, &name, cfg, &args)?;
+        }
         Ok(out)
     }
 }

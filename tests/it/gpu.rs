@@ -59,6 +59,9 @@ fn gptq_kernels_match_the_exact_cpu_dequantization() {
         (8, None, 384, 100),
         (8, Some(32), 96, 40),
         (8, Some(128), 1024, 256),
+        // More than one block along K (split-K reduction), ragged last block.
+        (4, Some(128), 2304, 200),
+        (8, Some(64), 1344, 136),
     ] {
         let w = RandomGptq {
             bits,
@@ -94,7 +97,10 @@ fn gptq_kernels_match_the_exact_cpu_dequantization() {
                 );
             }
         }
-        for m in [1usize, 7, 16, 33, 100] {
+        for m in [1usize, 3, 7, 16, 33, 100, 300] {
+            if m == 300 && k < 2000 {
+                continue; // chunking over M: once per bit width is enough
+            }
             let x = rng.f16s(m * k, 1.0);
             let want: Vec<f64> = (0..m)
                 .flat_map(|i| {
@@ -133,29 +139,38 @@ fn gptq_kernels_match_the_exact_cpu_dequantization() {
 fn fused_gptq_rows_do_not_depend_on_the_batch() {
     let dev = gpu();
     let mut rng = Lcg(7);
-    let (k, n) = (1024, 512);
-    let w = RandomGptq {
-        bits: 4,
-        group_size: Some(128),
-        k,
-        n,
-        act_order: true,
-        seed: 3,
-    }
-    .build();
-    let g = GptqGpu::upload(&TiledGptq::from_weight(&w).unwrap(), &dev).unwrap();
-    let x = Tensor::from_vec(rng.f16s(200 * k, 1.0), (200, k), &dev).unwrap();
-    let full = host(&g.forward(&x, GptqPath::Fused).unwrap());
-    for m in [1usize, 8, 9, 16, 17, 64] {
-        let part = host(
-            &g.forward(&x.narrow(0, 0, m).unwrap(), GptqPath::Fused)
-                .unwrap(),
-        );
-        assert_eq!(
-            part,
-            full[..m * n].to_vec(),
-            "rows of M={m} vs M=200 differ"
-        );
+    // K of 2560: three blocks along K (4-bit: 1024 per block), the last
+    // one ragged; 8-bit: five.
+    let (k, n) = (2560, 512);
+    for bits in [4, 8] {
+        let w = RandomGptq {
+            bits,
+            group_size: Some(128),
+            k,
+            n,
+            act_order: true,
+            seed: 3,
+        }
+        .build();
+        let g = GptqGpu::upload(&TiledGptq::from_weight(&w).unwrap(), &dev).unwrap();
+        let x = Tensor::from_vec(rng.f16s(300 * k, 1.0), (300, k), &dev).unwrap();
+        let full = host(&g.forward(&x, GptqPath::Fused).unwrap());
+        for m in [1usize, 3, 4, 5, 8, 9, 16, 17, 64, 129] {
+            let xm = x.narrow(0, 0, m).unwrap();
+            let part = host(&g.forward(&xm, GptqPath::Fused).unwrap());
+            assert_eq!(
+                part,
+                full[..m * n].to_vec(),
+                "{bits}-bit: rows of M={m} vs M=300 differ"
+            );
+            if m <= 16 {
+                // The in-kernel gather and the permute kernel: same bits.
+                for gather in [true, false] {
+                    let y = host(&g.fused_with(&xm, gather).unwrap());
+                    assert_eq!(y, part, "{bits}-bit M={m} gather={gather}");
+                }
+            }
+        }
     }
 }
 
