@@ -36,8 +36,9 @@ const MIN_BLOCKS: usize = 128;
 /// activation), grown to the largest layer at load: kernels on one stream
 /// run in order, so every layer can share it.
 fn scratch(dev: &CudaDevice, elems: usize) -> Result<Tensor> {
-    static SCRATCH: OnceLock<Mutex<HashMap<usize, Tensor>>> = OnceLock::new();
-    let key = dev.cuda_stream().cu_stream() as usize;
+    static SCRATCH: OnceLock<Mutex<HashMap<(usize, usize), Tensor>>> = OnceLock::new();
+    let stream = dev.cuda_stream();
+    let key = (stream.context().ordinal(), stream.cu_stream() as usize);
     let mut map = SCRATCH
         .get_or_init(Default::default)
         .lock()

@@ -9,7 +9,7 @@ use runner::cuda::{self, DecodeShape, GptqGpu, GptqPath};
 use runner::model::linear::{RandomGptq, TiledGptq};
 
 fn gpu() -> Device {
-    Device::new_cuda(0).expect("the `cuda` feature's tests need a CUDA GPU")
+    runner::cuda::single_stream_device(0).expect("the `cuda` feature's tests need a CUDA GPU")
 }
 
 struct Lcg(u64);
