@@ -21,10 +21,10 @@
 // `scales * (q - zeros)` computed in f16 by AutoGPTQ/GPTQModel. `sz[g][n]`
 // holds half2(scale, 1024 + zero).
 //
-// The activation x [M, K] (original column order) is read through `perm`
-// (sorted position -> original column, -1 for padding): gathered inside the
-// product kernel for small M, or first copied into xp [Mp, Kp] by
-// gptq_permute_x. The reduction order is described at gptq_gemm_impl.
+// The activation x [M, K] (original column order) is first copied through
+// `perm` (sorted position -> original column, -1 for padding) into xp
+// [Mp, Kp] by gptq_permute_x. The reduction order is described at
+// gptq_gemm_impl.
 #include <cuda_fp16.h>
 #include <stdint.h>
 
@@ -70,89 +70,66 @@ extern "C" __global__ void gptq_permute_x(const half* __restrict__ x, const int*
   xp[i] = (m < M && src >= 0) ? x[(size_t)m * K + src] : __float2half(0.f);
 }
 
-// The product kernel. One block = 8 warps over a block-column of 16*C
-// output columns (C tiles of 16) and a K range of 8*KS sorted positions
-// (blockIdx.y); warp w takes the KS positions [(8y + w) KS, +KS) for all C
-// tiles, so each activation fragment feeds C mmas and each lane issues all
-// its 2C int4 weight loads before the first mma. Tokens come in slabs of
-// MT*8 (blockIdx.z).
+// The product kernel. A block is 8 warps over C tiles of 16 output columns
+// (blockIdx.x) and one of `splits` ranges of K (blockIdx.y); warp w takes
+// the `kw` sorted positions [(8y + w) kw, +kw) and streams them chunk by
+// chunk (one int4 per lane per column tile: 64 k at 4-bit, 32 k at 8-bit),
+// keeping DEPTH int4 loads (and their group parameters) in flight. Tokens
+// come in slabs of MT*8 (blockIdx.z); activation rows past M are not read.
 //
-// GATHER: x is [M, K] in original column order, gathered through `perm`
-// (sorted position -> original column, -1 for padding) while the fragments
-// are built (small M: saves the permute launch). Otherwise x is xp [Mp, Kp]
-// from gptq_permute_x.
+// x is xp [Mp, Kp] from gptq_permute_x (sorted order, rows padded).
 //
-// Reduction order of every output element, whatever M, MT, C or GATHER:
-// the k tiles of a warp's range in order (in the mma accumulator), then the
-// 8 warps of a block in order, then the blocks along K in order. With more
-// than one block along K, each block writes its f32 partial to
-// part[split][m][n]; the last block of a (column, slab) tile to arrive
-// (counted in `counters`, which it resets to zero for the next launch)
-// sums the partials in split order and writes f16. So the result is
-// deterministic and the same row of x gives the same output at any M.
+// Reduction order of every output element, for given (kw, splits), which
+// depend on the layer's shape only (src/cuda/gptq.rs): the k tiles of a
+// warp's range in order (in the mma accumulator), then the 8 warps of a
+// block in order, then the `splits` blocks along K in order. With more than
+// one, each block writes its f32 partial to part[split][m][n] and the last
+// block of a (column, slab) tile to arrive (counted in `counters`, which it
+// resets to zero for the next launch) sums them in split order. So the
+// result is deterministic, and a row of x gives the same output at any M,
+// whatever C, MT or DEPTH the launch used.
 #define GEMM_WARPS 8
 
-template <int BITS>
-struct GemmConst {
-  static constexpr int KPL = BITS == 4 ? 64 : 32;  // k per int4 load
-  static constexpr int TPL = KPL / 16;             // 16-k tiles per load
-  static constexpr int KS = 2 * KPL;               // sorted positions per warp
-  static constexpr int KT = KS / 16;               // k tiles per warp
-};
-
-template <int BITS, int MT, int C, bool GATHER>
-__device__ void gptq_gemm_impl(const half* __restrict__ x, const int* __restrict__ perm,
-                               const int4* __restrict__ qt, const half2* __restrict__ sz,
-                               float* __restrict__ part, unsigned* __restrict__ counters,
-                               half* __restrict__ out, int M, int K, int N, int Np, int Kp,
-                               int gs, int G, int splits) {
-  using GC = GemmConst<BITS>;
-  constexpr int KS = GC::KS, KT = GC::KT, KPL = GC::KPL, TPL = GC::TPL;
-  constexpr int BK = GEMM_WARPS * KS;  // sorted positions per block
-  constexpr int LPC = KS / KPL;        // int4 loads per column tile per warp
-  constexpr int VALS = C * MT * 4;     // accumulators per lane
-  constexpr int PER = VALS * 32;       // outputs of a block (padded tile)
-  __shared__ int perm_s[GATHER ? BK : 1];
+template <int BITS, int MT, int C, int DEPTH>
+__device__ void gptq_gemm_impl(const half* __restrict__ xp, const int4* __restrict__ qt,
+                               const half2* __restrict__ sz, float* __restrict__ part,
+                               unsigned* __restrict__ counters, half* __restrict__ out, int M,
+                               int N, int Np, int Kp, int gs, int G, int kw, int splits) {
+  constexpr int KPL = BITS == 4 ? 64 : 32;  // k per int4 load
+  constexpr int TPL = KPL / 16;             // 16-k tiles per load
+  constexpr int AHEAD = DEPTH / C;          // chunks in flight
+  constexpr int PER = C * MT * 4 * 32;      // outputs of a block (padded tile)
   __shared__ float red[GEMM_WARPS * PER];
   __shared__ bool last;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int kblock = blockIdx.y * BK;
-  const int kb = kblock + warp * KS;  // this warp's first sorted position
-  const int nt0 = blockIdx.x * C;     // first 16-column tile
+  const int kb = (blockIdx.y * GEMM_WARPS + warp) * kw;
+  const int nch = max(0, min(kw, Kp - kb)) / KPL;  // chunks of this warp
+  const int nt0 = blockIdx.x * C;
   const int mbase = blockIdx.z * MT * 8;
   const int KQ = Kp / KPL;
+  auto group_of = [&](int k) { return min(k / gs, G - 1); };
 
-  // 1. Every weight load of this warp, in flight at once.
-  int4 wq[C][LPC];
+  // In flight: the weights of AHEAD chunks and the group parameters of each
+  // chunk's first group (a chunk spans a second group only for 4-bit with
+  // groups of 32, whose parameters are then loaded when needed).
+  int4 wbuf[AHEAD][C];
+  half2 sbuf[AHEAD][C][2];  // rows g, g + 8
+  auto issue = [&](int slot, int i) {
+    const int k0 = kb + i * KPL;
+    const int ga = group_of(k0);
 #pragma unroll
-  for (int c = 0; c < C; c++)
+    for (int c = 0; c < C; c++) {
+      const int n0 = (nt0 + c) * 16;
+      wbuf[slot][c] = __ldg(qt + ((size_t)(nt0 + c) * KQ + kb / KPL + i) * 32 + lane);
+      sbuf[slot][c][0] = __ldg(sz + (size_t)ga * Np + n0 + g);
+      sbuf[slot][c][1] = __ldg(sz + (size_t)ga * Np + n0 + g + 8);
+    }
+  };
 #pragma unroll
-    for (int l = 0; l < LPC; l++)
-      wq[c][l] = kb + l * KPL < Kp
-                     ? __ldg(qt + ((size_t)(nt0 + c) * KQ + kb / KPL + l) * 32 + lane)
-                     : make_int4(0, 0, 0, 0);
-
-  // 2. The group parameters of the range's first group.
-  int cur = min(min(kb, Kp - 1) / gs, G - 1);
-  half2 s0[C], z0[C], s1[C], z1[C];
-#pragma unroll
-  for (int c = 0; c < C; c++) {
-    const int n0 = (nt0 + c) * 16;
-    half2 a = __ldg(sz + (size_t)cur * Np + n0 + g);
-    half2 b = __ldg(sz + (size_t)cur * Np + n0 + g + 8);
-    s0[c] = __low2half2(a);
-    z0[c] = __high2half2(a);
-    s1[c] = __low2half2(b);
-    z1[c] = __high2half2(b);
-  }
-
-  if (GATHER) {
-    for (int i = threadIdx.x; i < BK; i += blockDim.x)
-      perm_s[i] = kblock + i < Kp ? perm[kblock + i] : -1;
-    __syncthreads();
-  }
+  for (int a = 0; a < AHEAD; a++)
+    if (a < nch) issue(a, a);
 
   float acc[C][MT][4];
 #pragma unroll
@@ -162,61 +139,63 @@ __device__ void gptq_gemm_impl(const half* __restrict__ x, const int* __restrict
 #pragma unroll
       for (int r = 0; r < 4; r++) acc[c][mt][r] = 0.f;
 
+  for (int i0 = 0; i0 < nch; i0 += AHEAD) {
 #pragma unroll
-  for (int j = 0; j < KT; j++) {
-    const int k0 = kb + j * 16;
-    if (k0 >= Kp) break;  // uniform over the warp
-    // Activation fragments: b0 = x[tok g][k0+2t, +1], b1 = the same at k0+8.
-    uint32_t b[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
-      const int tok = mbase + mt * 8 + g;
-      if (GATHER) {
-        const int kl = k0 - kblock + 2 * t;
-        half v[4] = {__float2half(0.f), __float2half(0.f), __float2half(0.f),
-                     __float2half(0.f)};
-        if (tok < M) {
-          const half* row = x + (size_t)tok * K;
-          const int p[4] = {perm_s[kl], perm_s[kl + 1], perm_s[kl + 8], perm_s[kl + 9]};
-#pragma unroll
-          for (int i = 0; i < 4; i++)
-            if (p[i] >= 0) v[i] = __ldg(row + p[i]);
-        }
-        b[mt][0] = h2u(__halves2half2(v[0], v[1]));
-        b[mt][1] = h2u(__halves2half2(v[2], v[3]));
-      } else {
-        const half* row = x + (size_t)tok * Kp + k0 + 2 * t;
-        b[mt][0] = __ldg(reinterpret_cast<const unsigned int*>(row));
-        b[mt][1] = __ldg(reinterpret_cast<const unsigned int*>(row + 8));
-      }
-    }
-    const int grp = min(k0 / gs, G - 1);
-    if (grp != cur) {  // uniform over the warp
-      cur = grp;
+    for (int a = 0; a < AHEAD; a++) {
+      const int i = i0 + a;
+      if (i >= nch) break;  // uniform over the warp
+      int4 w4[C];
+      half2 s4[C][2];
 #pragma unroll
       for (int c = 0; c < C; c++) {
-        const int n0 = (nt0 + c) * 16;
-        half2 a = __ldg(sz + (size_t)grp * Np + n0 + g);
-        half2 bb = __ldg(sz + (size_t)grp * Np + n0 + g + 8);
-        s0[c] = __low2half2(a);
-        z0[c] = __high2half2(a);
-        s1[c] = __low2half2(bb);
-        z1[c] = __high2half2(bb);
+        w4[c] = wbuf[a][c];
+        s4[c][0] = sbuf[a][c][0];
+        s4[c][1] = sbuf[a][c][1];
       }
-    }
-    const int l = j / TPL, jt = j % TPL;
+      if (i + AHEAD < nch) issue(a, i + AHEAD);
+      const int k0 = kb + i * KPL;
+      const int ga = group_of(k0);
 #pragma unroll
-    for (int c = 0; c < C; c++) {
-      const uint32_t w[4] = {(uint32_t)wq[c][l].x, (uint32_t)wq[c][l].y,
-                             (uint32_t)wq[c][l].z, (uint32_t)wq[c][l].w};
-      uint32_t a[4];
-      dequant_tile<BITS>(BITS == 4 ? &w[jt] : &w[2 * jt], s0[c], z0[c], s1[c], z1[c], a);
+      for (int jt = 0; jt < TPL; jt++) {
+        const int kk = k0 + jt * 16;
+        uint32_t b[MT][2];
 #pragma unroll
-      for (int mt = 0; mt < MT; mt++) mma_16816(acc[c][mt], a, b[mt][0], b[mt][1]);
+        for (int mt = 0; mt < MT; mt++) {
+          const int tok = mbase + mt * 8 + g;
+          if (tok < M) {
+            const half* row = xp + (size_t)tok * Kp + kk + 2 * t;
+            b[mt][0] = __ldg(reinterpret_cast<const unsigned int*>(row));
+            b[mt][1] = __ldg(reinterpret_cast<const unsigned int*>(row + 8));
+          } else {
+            b[mt][0] = 0u;
+            b[mt][1] = 0u;
+          }
+        }
+        const int grp = group_of(kk);
+#pragma unroll
+        for (int c = 0; c < C; c++) {
+          half2 lo, hi;  // (scale, 1024 + zero) of rows g and g + 8
+          if (grp == ga) {
+            lo = s4[c][0];
+            hi = s4[c][1];
+          } else {
+            const int n0 = (nt0 + c) * 16;
+            lo = __ldg(sz + (size_t)grp * Np + n0 + g);
+            hi = __ldg(sz + (size_t)grp * Np + n0 + g + 8);
+          }
+          const uint32_t w[4] = {(uint32_t)w4[c].x, (uint32_t)w4[c].y, (uint32_t)w4[c].z,
+                                 (uint32_t)w4[c].w};
+          uint32_t af[4];
+          dequant_tile<BITS>(BITS == 4 ? &w[jt] : &w[2 * jt], __low2half2(lo), __high2half2(lo),
+                             __low2half2(hi), __high2half2(hi), af);
+#pragma unroll
+          for (int mt = 0; mt < MT; mt++) mma_16816(acc[c][mt], af, b[mt][0], b[mt][1]);
+        }
+      }
     }
   }
 
-  // 3. The 8 warps' sums, in warp order. red[w * PER + e], e = (c, mt, r, lane).
+  // The 8 warps' sums, in warp order. red[w * PER + e], e = (c, mt, r, lane).
 #pragma unroll
   for (int c = 0; c < C; c++)
 #pragma unroll
@@ -231,10 +210,11 @@ __device__ void gptq_gemm_impl(const half* __restrict__ x, const int* __restrict
     n = (nt0 + c) * 16 + (ln >> 2) + ((r & 2) ? 8 : 0);
     m = mbase + mt * 8 + 2 * (ln & 3) + (r & 1);
   };
-  float sum[(PER + 255) / 256];
+  constexpr int EPT = (PER + GEMM_WARPS * 32 - 1) / (GEMM_WARPS * 32);  // elements per thread
+  float sum[EPT];
 #pragma unroll
-  for (int i = 0; i < (PER + 255) / 256; i++) {
-    const int e = threadIdx.x + i * 256;
+  for (int i = 0; i < EPT; i++) {
+    const int e = threadIdx.x + i * GEMM_WARPS * 32;
     float s = 0.f;
     if (e < PER) {
 #pragma unroll
@@ -244,8 +224,8 @@ __device__ void gptq_gemm_impl(const half* __restrict__ x, const int* __restrict
   }
   if (splits == 1) {
 #pragma unroll
-    for (int i = 0; i < (PER + 255) / 256; i++) {
-      const int e = threadIdx.x + i * 256;
+    for (int i = 0; i < EPT; i++) {
+      const int e = threadIdx.x + i * GEMM_WARPS * 32;
       int n, m;
       coord(e, n, m);
       if (e < PER && m < M && n < N) out[(size_t)m * N + n] = __float2half(sum[i]);
@@ -254,8 +234,8 @@ __device__ void gptq_gemm_impl(const half* __restrict__ x, const int* __restrict
   }
   const size_t MN = (size_t)M * N;
 #pragma unroll
-  for (int i = 0; i < (PER + 255) / 256; i++) {
-    const int e = threadIdx.x + i * 256;
+  for (int i = 0; i < EPT; i++) {
+    const int e = threadIdx.x + i * GEMM_WARPS * 32;
     int n, m;
     coord(e, n, m);
     if (e < PER && m < M && n < N) part[blockIdx.y * MN + (size_t)m * N + n] = sum[i];
@@ -268,8 +248,8 @@ __device__ void gptq_gemm_impl(const half* __restrict__ x, const int* __restrict
   if (!last) return;
   __threadfence();
 #pragma unroll
-  for (int i = 0; i < (PER + 255) / 256; i++) {
-    const int e = threadIdx.x + i * 256;
+  for (int i = 0; i < EPT; i++) {
+    const int e = threadIdx.x + i * GEMM_WARPS * 32;
     int n, m;
     coord(e, n, m);
     if (e < PER && m < M && n < N) {
@@ -281,27 +261,26 @@ __device__ void gptq_gemm_impl(const half* __restrict__ x, const int* __restrict
   if (threadIdx.x == 0) *cnt = 0u;
 }
 
-#define GPTQ_GEMM(BITS, MT, C, GATHER)                                                         \
-  extern "C" __global__ void __launch_bounds__(256, 2)                                        \
-      gptq_gemm_b##BITS##_m##MT##_c##C##_g##GATHER(                                           \
-          const half* x, const int* perm, const int4* qt, const half2* sz, float* part,        \
-          unsigned* counters, half* out, int M, int K, int N, int Np, int Kp, int gs, int G,   \
-          int splits) {                                                                        \
-    gptq_gemm_impl<BITS, MT, C, GATHER>(x, perm, qt, sz, part, counters, out, M, K, N, Np, Kp, \
-                                        gs, G, splits);                                        \
+#define GPTQ_GEMM(BITS, MT, C, DEPTH)                                                           \
+  extern "C" __global__ void __launch_bounds__(GEMM_WARPS * 32, 2)                             \
+      gptq_gemm_b##BITS##_m##MT##_c##C##_d##DEPTH(                                             \
+          const half* xp, const int4* qt, const half2* sz, float* part, unsigned* counters,     \
+          half* out, int M, int N, int Np, int Kp, int gs, int G, int kw, int splits) {         \
+    gptq_gemm_impl<BITS, MT, C, DEPTH>(xp, qt, sz, part, counters, out, M, N, Np, Kp, gs, G, kw, \
+                                       splits);                                                 \
   }
-#define GPTQ_GEMM_C(BITS, MT, GATHER) \
-  GPTQ_GEMM(BITS, MT, 1, GATHER)      \
-  GPTQ_GEMM(BITS, MT, 2, GATHER)      \
-  GPTQ_GEMM(BITS, MT, 4, GATHER)
-GPTQ_GEMM_C(4, 1, 0)
-GPTQ_GEMM_C(4, 1, 1)
-GPTQ_GEMM_C(4, 2, 0)
-GPTQ_GEMM_C(4, 2, 1)
-GPTQ_GEMM_C(8, 1, 0)
-GPTQ_GEMM_C(8, 1, 1)
-GPTQ_GEMM_C(8, 2, 0)
-GPTQ_GEMM_C(8, 2, 1)
+#define GPTQ_GEMM_C(BITS, MT, DEPTH) \
+  GPTQ_GEMM(BITS, MT, 1, DEPTH)      \
+  GPTQ_GEMM(BITS, MT, 2, DEPTH)      \
+  GPTQ_GEMM(BITS, MT, 4, DEPTH)
+GPTQ_GEMM_C(4, 1, 4)
+GPTQ_GEMM_C(4, 1, 8)
+GPTQ_GEMM_C(4, 2, 4)
+GPTQ_GEMM_C(4, 2, 8)
+GPTQ_GEMM_C(8, 1, 4)
+GPTQ_GEMM_C(8, 1, 8)
+GPTQ_GEMM_C(8, 2, 4)
+GPTQ_GEMM_C(8, 2, 8)
 
 // Dequantizes the whole weight into f16 W^T [K, N] in original row order
 // (row perm[k] for sorted position k; padding is skipped), for the cuBLAS

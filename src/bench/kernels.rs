@@ -75,10 +75,9 @@ pub struct GemmRow {
     pub fused_gbs: f64,
     /// Fused product as the engine runs it, device µs per call.
     pub fused_dev_us: Option<f64>,
-    /// Fused with the activation gathered in the product kernel (M <= 16), device µs.
-    pub gather_dev_us: Option<f64>,
-    /// Fused with the permute kernel first (M <= 16), device µs.
-    pub permute_dev_us: Option<f64>,
+    /// M <= 16: device µs of every (column tiles per warp, loads in flight)
+    /// launch choice of the fused kernel.
+    pub variants: Vec<(usize, usize, Option<f64>)>,
     /// cuBLAS f16, device µs per call.
     pub cublas_dev_us: Option<f64>,
     /// cuBLAS device time over the fused product's.
@@ -142,20 +141,16 @@ pub fn gemm_table(
                 x.matmul(&w16)?;
                 Ok(())
             })?);
-            let (gdev, pdev) = if m <= 16 {
-                (
-                    us(cuda::graph_time(dev, iters, || {
-                        g.fused_with(&x, true)?;
+            let mut variants = Vec::new();
+            if m <= 16 {
+                for (c, d) in [(1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8)] {
+                    let t = cuda::graph_time(dev, iters, || {
+                        g.fused_tuned(&x, c, d)?;
                         Ok(())
-                    })?),
-                    us(cuda::graph_time(dev, iters, || {
-                        g.fused_with(&x, false)?;
-                        Ok(())
-                    })?),
-                )
-            } else {
-                (None, None)
-            };
+                    })?;
+                    variants.push((c, d, us(t)));
+                }
+            }
             let flop = 2.0 * (m * k * n) as f64;
             let bytes = (g.weight_bytes() + 2 * m * k + 2 * m * n) as f64;
             rows.push(GemmRow {
@@ -168,8 +163,7 @@ pub fn gemm_table(
                 cublas: flop / tc / 1e12,
                 fused_gbs: bytes / tf / 1e9,
                 fused_dev_us: fdev,
-                gather_dev_us: gdev,
-                permute_dev_us: pdev,
+                variants,
                 cublas_dev_us: cdev,
                 dev_speedup: fdev.zip(cdev).map(|(f, c)| c / f),
                 fused_dev_gbs: fdev.map(|f| bytes / f / 1e3),

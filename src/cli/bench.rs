@@ -67,14 +67,19 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                     "cuBLAS",
                     "f/cub",
                     "fused us",
-                    "gath us",
-                    "perm us",
+                    "best us",
+                    "(c,d)",
                     "cuBLAS",
                     "cub/f",
                     "GB/s"
                 );
                 let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
                 for r in &rows {
+                    let best = r
+                        .variants
+                        .iter()
+                        .filter_map(|&(c, d, t)| t.map(|t| (t, c, d)))
+                        .min_by(|a, b| a.0.total_cmp(&b.0));
                     println!(
                         "{:<10} {:>5} {:>7.1} {:>7.1} {:>7.1} {:>5.2}x | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6}",
                         r.shape,
@@ -84,8 +89,8 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                         r.cublas,
                         r.fused / r.cublas,
                         opt(r.fused_dev_us),
-                        opt(r.gather_dev_us),
-                        opt(r.permute_dev_us),
+                        opt(best.map(|b| b.0)),
+                        best.map_or("-".into(), |b| format!("({},{})", b.1, b.2)),
                         opt(r.cublas_dev_us),
                         r.dev_speedup.map_or("-".into(), |v| format!("{v:.2}x")),
                         r.fused_dev_gbs.map_or("-".into(), |v| format!("{v:.0}")),

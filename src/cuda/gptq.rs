@@ -12,25 +12,38 @@ use half::f16;
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
-/// Sorted positions of K per block of the product kernel (8 warps x two
-/// int4 loads: `GEMM_WARPS * KS` in kernels/gptq.cu).
-fn block_k(bits: u32) -> usize {
-    if bits == 4 {
-        1024
-    } else {
-        512
-    }
-}
-
+/// Warps per block of the product kernel (GEMM_WARPS in kernels/gptq.cu).
+const WARPS: usize = 8;
 /// Tokens per launch of the product kernel (bounds the split-K workspace).
 const CHUNK: usize = 128;
 /// Token slabs per chunk (16 tokens each at MT = 2).
 const CHUNK_SLABS: usize = CHUNK / 16;
-/// Up to this many tokens the product kernel gathers the activation through
-/// the act-order permutation itself; above, a permute kernel runs first.
-pub const GATHER_MAX_M: usize = 4;
-/// Blocks a product should have before wider column tiles are used.
-const MIN_BLOCKS: usize = 128;
+
+/// Launch parameters that do not change results (column tiles per warp,
+/// loads in flight) and the block count the K split aims for, overridable
+/// for kernel tuning: RUNNER_GPTQ_C (1, 2, 4), RUNNER_GPTQ_DEPTH (4, 8),
+/// RUNNER_GPTQ_BLOCKS.
+struct Tune {
+    c: Option<usize>,
+    depth: Option<usize>,
+    blocks: usize,
+}
+
+fn tune() -> &'static Tune {
+    static T: OnceLock<Tune> = OnceLock::new();
+    T.get_or_init(|| {
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+        };
+        Tune {
+            c: var("RUNNER_GPTQ_C").filter(|c| [1, 2, 4].contains(c)),
+            depth: var("RUNNER_GPTQ_DEPTH").filter(|d| [4, 8].contains(d)),
+            blocks: var("RUNNER_GPTQ_BLOCKS").unwrap_or(256).max(1),
+        }
+    })
+}
 
 /// One f32 workspace per CUDA stream (split-K partials and the permuted
 /// activation), grown to the largest layer at load: kernels on one stream
@@ -155,28 +168,44 @@ impl GptqGpu {
     /// (at load, before the KV cache takes the free memory).
     fn with_workspace(mut self) -> Result<Self> {
         let dev = device_of(&self.qt)?;
-        self.counters = super::zeros(&dev, DType::U32, self.col_blocks() * CHUNK_SLABS)?;
+        self.counters = super::zeros(&dev, DType::U32, self.np / 16 * CHUNK_SLABS)?;
         scratch(&dev, self.scratch_elems())?;
         Ok(self)
     }
 
+    /// k per int4 load (one chunk of a warp's range).
+    fn kpl(&self) -> usize {
+        if self.bits == 4 {
+            64
+        } else {
+            32
+        }
+    }
+
+    /// Sorted positions per warp: the K split that gives the product about
+    /// `Tune::blocks` blocks of one column tile. A function of the shape
+    /// only: it fixes the reduction order.
+    fn warp_k(&self) -> usize {
+        let kpl = self.kpl();
+        let tiles = self.np / 16;
+        let max_splits = (self.kp / (WARPS * kpl)).max(1);
+        let want = tune().blocks.div_ceil(tiles).clamp(1, max_splits);
+        self.kp.div_ceil(WARPS * want).div_ceil(kpl) * kpl
+    }
+
     /// Blocks along K of the product kernel.
     fn splits(&self) -> usize {
-        self.kp.div_ceil(block_k(self.bits))
+        self.kp.div_ceil(WARPS * self.warp_k())
     }
 
-    /// 16-column tiles per warp: the widest (fewest activation re-reads)
-    /// that still gives the product `MIN_BLOCKS` blocks. A function of the
-    /// shape only, and it does not change the reduction order.
-    fn cols_per_warp(&self) -> usize {
-        [4, 2]
-            .into_iter()
-            .find(|&c| self.np / (16 * c) * self.splits() >= MIN_BLOCKS)
-            .unwrap_or(1)
-    }
-
-    fn col_blocks(&self) -> usize {
-        self.np / (16 * self.cols_per_warp())
+    /// 16-column tiles per warp at `m` tokens: more tiles share each
+    /// activation fragment (fewer re-reads from L2) but give fewer blocks.
+    fn cols_per_warp(&self, m: usize) -> usize {
+        tune().c.unwrap_or(match m {
+            0..=8 => 1,
+            9..=16 => 2,
+            _ => 4,
+        })
     }
 
     /// f32 elements of workspace: partials [splits, CHUNK, N], then the
@@ -266,14 +295,20 @@ impl GptqGpu {
     }
 
     fn fused(&self, x: &Tensor) -> Result<Tensor> {
-        let m = x.dim(0)?;
-        self.fused_with(x, m <= GATHER_MAX_M)
+        let c = self.cols_per_warp(x.dim(0)?);
+        let depth = tune().depth.unwrap_or(if c == 1 { 8 } else { 4 });
+        self.fused_tuned(x, c, depth)
     }
 
-    /// The fused product, gathering the activation inside the product
-    /// kernel (`gather`) or through the permute kernel first. Both give
-    /// the same bits; public for the kernel bench.
-    pub fn fused_with(&self, x: &Tensor, gather: bool) -> Result<Tensor> {
+    /// The fused product with `c` column tiles per warp (1, 2, 4) and
+    /// `depth` int4 loads in flight per lane (4, 8): any choice gives the
+    /// same bits (public for the kernel bench and its tests).
+    pub fn fused_tuned(&self, x: &Tensor, c: usize, depth: usize) -> Result<Tensor> {
+        if ![1, 2, 4].contains(&c) || ![4, 8].contains(&depth) {
+            return Err(Error::Model(format!(
+                "gptq kernel: {c} column tiles per warp (1, 2, 4) and depth {depth} (4, 8) are not built"
+            )));
+        }
         let dev = device_of(x)?;
         let x = x.contiguous()?;
         let m = x.dim(0)?;
@@ -291,35 +326,35 @@ impl GptqGpu {
             ptr::<f16>(&self.sz)?,
             ptr::<u32>(&self.counters)?,
         );
-        let c = self.cols_per_warp();
         for m0 in (0..m).step_by(CHUNK) {
             let mc = CHUNK.min(m - m0);
             let mt = if mc <= 8 { 1 } else { 2 };
             let slabs = mc.div_ceil(8 * mt);
-            let xc = px + (m0 * self.k * 2) as u64;
-            let xin = if gather {
-                xc
-            } else {
-                let mp = slabs * 8 * mt;
-                let cfg = LaunchConfig {
-                    grid_dim: (((mp * self.kp) as u32).div_ceil(256), 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let dims = [mc as i32, self.k as i32, mp as i32, self.kp as i32];
-                let mut args = vec![Arg::P(xc), Arg::P(pperm), Arg::P(pxp)];
-                args.extend(dims.iter().map(|&v| Arg::I(v)));
-                launch(&dev, &GPTQ, "gptq_permute_x", cfg, &args)?;
-                pxp
-            };
+            let mp = slabs * 8 * mt;
             let cfg = LaunchConfig {
-                grid_dim: (self.col_blocks() as u32, self.splits() as u32, slabs as u32),
+                grid_dim: (((mp * self.kp) as u32).div_ceil(256), 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
+            let dims = [mc as i32, self.k as i32, mp as i32, self.kp as i32];
             let mut args = vec![
-                Arg::P(xin),
+                Arg::P(px + (m0 * self.k * 2) as u64),
                 Arg::P(pperm),
+                Arg::P(pxp),
+            ];
+            args.extend(dims.iter().map(|&v| Arg::I(v)));
+            launch(&dev, &GPTQ, "gptq_permute_x", cfg, &args)?;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    (self.np / (16 * c)) as u32,
+                    self.splits() as u32,
+                    slabs as u32,
+                ),
+                block_dim: ((WARPS * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut args = vec![
+                Arg::P(pxp),
                 Arg::P(pqt),
                 Arg::P(psz),
                 Arg::P(pws),
@@ -328,16 +363,16 @@ impl GptqGpu {
             ];
             let ints = [
                 mc,
-                self.k,
                 self.n,
                 self.np,
                 self.kp,
                 self.gs,
                 self.groups,
+                self.warp_k(),
                 self.splits(),
             ];
             args.extend(ints.iter().map(|&v| Arg::I(v as i32)));
-            let name = format!("gptq_gemm_b{}_m{mt}_c{c}_g{}", self.bits, u8::from(gather));
+            let name = format!("gptq_gemm_b{}_m{mt}_c{c}_d{depth}", self.bits);
             launch(&dev, &GPTQ, &name, cfg, &args)?;
         }
         Ok(out)

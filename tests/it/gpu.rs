@@ -163,11 +163,12 @@ fn fused_gptq_rows_do_not_depend_on_the_batch() {
                 full[..m * n].to_vec(),
                 "{bits}-bit: rows of M={m} vs M=300 differ"
             );
-            if m <= 16 {
-                // The in-kernel gather and the permute kernel: same bits.
-                for gather in [true, false] {
-                    let y = host(&g.fused_with(&xm, gather).unwrap());
-                    assert_eq!(y, part, "{bits}-bit M={m} gather={gather}");
+            if m <= 17 {
+                // Every launch choice (column tiles per warp, loads in
+                // flight): the same bits.
+                for (c, d) in [(1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8)] {
+                    let y = host(&g.fused_tuned(&xm, c, d).unwrap());
+                    assert_eq!(y, part, "{bits}-bit M={m} c={c} depth={d}");
                 }
             }
         }
