@@ -77,7 +77,11 @@ extern "C" __global__ void gptq_permute_x(const half* __restrict__ x, const int*
 // keeping DEPTH int4 loads (and their group parameters) in flight. Tokens
 // come in slabs of MT*8 (blockIdx.z); activation rows past M are not read.
 //
-// x is xp [Mp, Kp] from gptq_permute_x (sorted order, rows padded).
+// STAGE (up to 8 tokens, one launch): x is the activation [M, K] in
+// original column order; the block first gathers its K range of every row
+// through `perm` into shared memory (rows padded by 8 halves against bank
+// conflicts), while the first weight loads are in flight. Otherwise x is xp
+// [Mp, Kp] from gptq_permute_x (sorted order, rows padded).
 //
 // Reduction order of every output element, for given (kw, splits), which
 // depend on the layer's shape only (src/cuda/gptq.rs): the k tiles of a
@@ -90,11 +94,12 @@ extern "C" __global__ void gptq_permute_x(const half* __restrict__ x, const int*
 // whatever C, MT or DEPTH the launch used.
 #define GEMM_WARPS 8
 
-template <int BITS, int MT, int C, int DEPTH>
-__device__ void gptq_gemm_impl(const half* __restrict__ xp, const int4* __restrict__ qt,
-                               const half2* __restrict__ sz, float* __restrict__ part,
-                               unsigned* __restrict__ counters, half* __restrict__ out, int M,
-                               int N, int Np, int Kp, int gs, int G, int kw, int splits) {
+template <int BITS, int MT, int C, int DEPTH, bool STAGE>
+__device__ void gptq_gemm_impl(const half* __restrict__ xp, const int* __restrict__ perm,
+                               const int4* __restrict__ qt, const half2* __restrict__ sz,
+                               float* __restrict__ part, unsigned* __restrict__ counters,
+                               half* __restrict__ out, int M, int K, int N, int Np, int Kp,
+                               int gs, int G, int kw, int splits) {
   constexpr int KPL = BITS == 4 ? 64 : 32;  // k per int4 load
   constexpr int TPL = KPL / 16;             // 16-k tiles per load
   constexpr int AHEAD = DEPTH / C;          // chunks in flight
@@ -131,6 +136,20 @@ __device__ void gptq_gemm_impl(const half* __restrict__ xp, const int4* __restri
   for (int a = 0; a < AHEAD; a++)
     if (a < nch) issue(a, a);
 
+  extern __shared__ half xs[];  // STAGE: [M][BK + 8]
+  const int BK = GEMM_WARPS * kw, RS = BK + 8;
+  const int kblock = blockIdx.y * BK;
+  if (STAGE) {
+    const int len = min(BK, Kp - kblock);
+#pragma unroll 4
+    for (int p = threadIdx.x; p < len; p += blockDim.x) {
+      const int src = perm[kblock + p];
+      for (int m = 0; m < M; m++)
+        xs[m * RS + p] = src >= 0 ? __ldg(xp + (size_t)m * K + src) : __float2half(0.f);
+    }
+    __syncthreads();
+  }
+
   float acc[C][MT][4];
 #pragma unroll
   for (int c = 0; c < C; c++)
@@ -162,7 +181,11 @@ __device__ void gptq_gemm_impl(const half* __restrict__ xp, const int4* __restri
 #pragma unroll
         for (int mt = 0; mt < MT; mt++) {
           const int tok = mbase + mt * 8 + g;
-          if (tok < M) {
+          if (STAGE) {
+            const half* row = xs + tok * RS + (kk - kblock) + 2 * t;
+            b[mt][0] = tok < M ? *reinterpret_cast<const unsigned int*>(row) : 0u;
+            b[mt][1] = tok < M ? *reinterpret_cast<const unsigned int*>(row + 8) : 0u;
+          } else if (tok < M) {
             const half* row = xp + (size_t)tok * Kp + kk + 2 * t;
             b[mt][0] = __ldg(reinterpret_cast<const unsigned int*>(row));
             b[mt][1] = __ldg(reinterpret_cast<const unsigned int*>(row + 8));
@@ -261,26 +284,31 @@ __device__ void gptq_gemm_impl(const half* __restrict__ xp, const int4* __restri
   if (threadIdx.x == 0) *cnt = 0u;
 }
 
-#define GPTQ_GEMM(BITS, MT, C, DEPTH)                                                           \
+#define GPTQ_GEMM(BITS, MT, C, DEPTH, STAGE)                                                  \
   extern "C" __global__ void __launch_bounds__(GEMM_WARPS * 32, 2)                             \
-      gptq_gemm_b##BITS##_m##MT##_c##C##_d##DEPTH(                                             \
-          const half* xp, const int4* qt, const half2* sz, float* part, unsigned* counters,     \
-          half* out, int M, int N, int Np, int Kp, int gs, int G, int kw, int splits) {         \
-    gptq_gemm_impl<BITS, MT, C, DEPTH>(xp, qt, sz, part, counters, out, M, N, Np, Kp, gs, G, kw, \
-                                       splits);                                                 \
+      gptq_gemm_b##BITS##_m##MT##_c##C##_d##DEPTH##_s##STAGE(                                  \
+          const half* xp, const int* perm, const int4* qt, const half2* sz, float* part,        \
+          unsigned* counters, half* out, int M, int K, int N, int Np, int Kp, int gs, int G,   \
+          int kw, int splits) {                                                                \
+    gptq_gemm_impl<BITS, MT, C, DEPTH, STAGE>(xp, perm, qt, sz, part, counters, out, M, K, N, \
+                                              Np, Kp, gs, G, kw, splits);                       \
   }
-#define GPTQ_GEMM_C(BITS, MT, DEPTH) \
-  GPTQ_GEMM(BITS, MT, 1, DEPTH)      \
-  GPTQ_GEMM(BITS, MT, 2, DEPTH)      \
-  GPTQ_GEMM(BITS, MT, 4, DEPTH)
-GPTQ_GEMM_C(4, 1, 4)
-GPTQ_GEMM_C(4, 1, 8)
-GPTQ_GEMM_C(4, 2, 4)
-GPTQ_GEMM_C(4, 2, 8)
-GPTQ_GEMM_C(8, 1, 4)
-GPTQ_GEMM_C(8, 1, 8)
-GPTQ_GEMM_C(8, 2, 4)
-GPTQ_GEMM_C(8, 2, 8)
+#define GPTQ_GEMM_C(BITS, MT, DEPTH, STAGE) \
+  GPTQ_GEMM(BITS, MT, 1, DEPTH, STAGE)      \
+  GPTQ_GEMM(BITS, MT, 2, DEPTH, STAGE)      \
+  GPTQ_GEMM(BITS, MT, 4, DEPTH, STAGE)
+GPTQ_GEMM_C(4, 1, 4, 0)
+GPTQ_GEMM_C(4, 1, 8, 0)
+GPTQ_GEMM_C(4, 2, 4, 0)
+GPTQ_GEMM_C(4, 2, 8, 0)
+GPTQ_GEMM_C(8, 1, 4, 0)
+GPTQ_GEMM_C(8, 1, 8, 0)
+GPTQ_GEMM_C(8, 2, 4, 0)
+GPTQ_GEMM_C(8, 2, 8, 0)
+GPTQ_GEMM_C(4, 1, 4, 1)
+GPTQ_GEMM_C(4, 1, 8, 1)
+GPTQ_GEMM_C(8, 1, 4, 1)
+GPTQ_GEMM_C(8, 1, 8, 1)
 
 // Dequantizes the whole weight into f16 W^T [K, N] in original row order
 // (row perm[k] for sorted position k; padding is skipped), for the cuBLAS

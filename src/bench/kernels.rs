@@ -75,9 +75,9 @@ pub struct GemmRow {
     pub fused_gbs: f64,
     /// Fused product as the engine runs it, device µs per call.
     pub fused_dev_us: Option<f64>,
-    /// M <= 16: device µs of every (column tiles per warp, loads in flight)
-    /// launch choice of the fused kernel.
-    pub variants: Vec<(usize, usize, Option<f64>)>,
+    /// M <= 16: device µs of every (column tiles per warp, loads in flight,
+    /// staged activation) launch choice of the fused kernel.
+    pub variants: Vec<(usize, usize, bool, Option<f64>)>,
     /// cuBLAS f16, device µs per call.
     pub cublas_dev_us: Option<f64>,
     /// cuBLAS device time over the fused product's.
@@ -143,12 +143,17 @@ pub fn gemm_table(
             })?);
             let mut variants = Vec::new();
             if m <= 16 {
-                for (c, d) in [(1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8)] {
-                    let t = cuda::graph_time(dev, iters, || {
-                        g.fused_tuned(&x, c, d)?;
-                        Ok(())
-                    })?;
-                    variants.push((c, d, us(t)));
+                for stage in [false, true] {
+                    if stage && m > cuda::STAGE_MAX_M {
+                        continue;
+                    }
+                    for (c, d) in [(1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8)] {
+                        let t = cuda::graph_time(dev, iters, || {
+                            g.fused_tuned(&x, c, d, stage)?;
+                            Ok(())
+                        })?;
+                        variants.push((c, d, stage, us(t)));
+                    }
                 }
             }
             let flop = 2.0 * (m * k * n) as f64;

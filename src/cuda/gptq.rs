@@ -19,6 +19,12 @@ const CHUNK: usize = 128;
 /// Token slabs per chunk (16 tokens each at MT = 2).
 const CHUNK_SLABS: usize = CHUNK / 16;
 
+/// Largest sorted range per block (bounds the staged activation).
+const STAGE_K: usize = 4096;
+/// Up to this many tokens the product kernel gathers the activation itself
+/// (one launch); above, the permute kernel runs first.
+pub const STAGE_MAX_M: usize = 8;
+
 /// Launch parameters that do not change results (column tiles per warp,
 /// loads in flight) and the block count the K split aims for, overridable
 /// for kernel tuning: RUNNER_GPTQ_C (1, 2, 4), RUNNER_GPTQ_DEPTH (4, 8),
@@ -189,7 +195,13 @@ impl GptqGpu {
         let kpl = self.kpl();
         let tiles = self.np / 16;
         let max_splits = (self.kp / (WARPS * kpl)).max(1);
-        let want = tune().blocks.div_ceil(tiles).clamp(1, max_splits);
+        // Blocks of at most 4096 positions: up to 8 tokens of that range
+        // fit in shared memory (the staged launch).
+        let want = tune()
+            .blocks
+            .div_ceil(tiles)
+            .max(self.kp.div_ceil(STAGE_K))
+            .clamp(1, max_splits);
         self.kp.div_ceil(WARPS * want).div_ceil(kpl) * kpl
     }
 
@@ -295,18 +307,27 @@ impl GptqGpu {
     }
 
     fn fused(&self, x: &Tensor) -> Result<Tensor> {
-        let c = self.cols_per_warp(x.dim(0)?);
+        let m = x.dim(0)?;
+        let c = self.cols_per_warp(m);
         let depth = tune().depth.unwrap_or(if c == 1 { 8 } else { 4 });
-        self.fused_tuned(x, c, depth)
+        self.fused_tuned(x, c, depth, m <= STAGE_MAX_M)
     }
 
-    /// The fused product with `c` column tiles per warp (1, 2, 4) and
-    /// `depth` int4 loads in flight per lane (4, 8): any choice gives the
-    /// same bits (public for the kernel bench and its tests).
-    pub fn fused_tuned(&self, x: &Tensor, c: usize, depth: usize) -> Result<Tensor> {
+    /// The fused product with `c` column tiles per warp (1, 2, 4), `depth`
+    /// int4 loads in flight per lane (4, 8), and the activation gathered by
+    /// the product kernel itself (`stage`, up to [`STAGE_MAX_M`] tokens) or
+    /// by the permute kernel first: every choice gives the same bits
+    /// (public for the kernel bench and its tests).
+    pub fn fused_tuned(&self, x: &Tensor, c: usize, depth: usize, stage: bool) -> Result<Tensor> {
         if ![1, 2, 4].contains(&c) || ![4, 8].contains(&depth) {
             return Err(Error::Model(format!(
                 "gptq kernel: {c} column tiles per warp (1, 2, 4) and depth {depth} (4, 8) are not built"
+            )));
+        }
+        if stage && x.dim(0)? > STAGE_MAX_M {
+            return Err(Error::Model(format!(
+                "gptq kernel: the staged launch takes up to {STAGE_MAX_M} tokens, got {}",
+                x.dim(0)?
             )));
         }
         let dev = device_of(x)?;
@@ -331,19 +352,21 @@ impl GptqGpu {
             let mt = if mc <= 8 { 1 } else { 2 };
             let slabs = mc.div_ceil(8 * mt);
             let mp = slabs * 8 * mt;
-            let cfg = LaunchConfig {
-                grid_dim: (((mp * self.kp) as u32).div_ceil(256), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
+            let xc = px + (m0 * self.k * 2) as u64;
+            let (xin, smem) = if stage {
+                (xc, mc * (WARPS * self.warp_k() + 8) * 2)
+            } else {
+                let cfg = LaunchConfig {
+                    grid_dim: (((mp * self.kp) as u32).div_ceil(256), 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let dims = [mc as i32, self.k as i32, mp as i32, self.kp as i32];
+                let mut args = vec![Arg::P(xc), Arg::P(pperm), Arg::P(pxp)];
+                args.extend(dims.iter().map(|&v| Arg::I(v)));
+                launch(&dev, &GPTQ, "gptq_permute_x", cfg, &args)?;
+                (pxp, 0)
             };
-            let dims = [mc as i32, self.k as i32, mp as i32, self.kp as i32];
-            let mut args = vec![
-                Arg::P(px + (m0 * self.k * 2) as u64),
-                Arg::P(pperm),
-                Arg::P(pxp),
-            ];
-            args.extend(dims.iter().map(|&v| Arg::I(v)));
-            launch(&dev, &GPTQ, "gptq_permute_x", cfg, &args)?;
             let cfg = LaunchConfig {
                 grid_dim: (
                     (self.np / (16 * c)) as u32,
@@ -351,10 +374,11 @@ impl GptqGpu {
                     slabs as u32,
                 ),
                 block_dim: ((WARPS * 32) as u32, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: smem as u32,
             };
             let mut args = vec![
-                Arg::P(pxp),
+                Arg::P(xin),
+                Arg::P(pperm),
                 Arg::P(pqt),
                 Arg::P(psz),
                 Arg::P(pws),
@@ -363,6 +387,7 @@ impl GptqGpu {
             ];
             let ints = [
                 mc,
+                self.k,
                 self.n,
                 self.np,
                 self.kp,
@@ -372,7 +397,11 @@ impl GptqGpu {
                 self.splits(),
             ];
             args.extend(ints.iter().map(|&v| Arg::I(v as i32)));
-            let name = format!("gptq_gemm_b{}_m{mt}_c{c}_d{depth}", self.bits);
+            let name = format!(
+                "gptq_gemm_b{}_m{mt}_c{c}_d{depth}_s{}",
+                self.bits,
+                u8::from(stage)
+            );
             launch(&dev, &GPTQ, &name, cfg, &args)?;
         }
         Ok(out)

@@ -4,7 +4,7 @@
 
 mod gptq;
 
-pub use gptq::{GptqGpu, GptqPath};
+pub use gptq::{GptqGpu, GptqPath, STAGE_MAX_M};
 
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
@@ -99,6 +99,14 @@ pub(crate) fn launch(
         (format!("runner_{}_sm80", module.name), module.sm80)
     };
     let func = dev.get_or_load_custom_func(name, &mname, ptx)?;
+    if cfg.shared_mem_bytes > 48 * 1024 {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+        func.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            cfg.shared_mem_bytes as i32,
+        )
+        .map_err(|e| Error::Model(format!("cuda kernel {name}: shared memory: {e}")))?;
+    }
     let mut b = func.builder();
     for a in args {
         match a {

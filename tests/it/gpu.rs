@@ -167,8 +167,13 @@ fn fused_gptq_rows_do_not_depend_on_the_batch() {
                 // Every launch choice (column tiles per warp, loads in
                 // flight): the same bits.
                 for (c, d) in [(1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8)] {
-                    let y = host(&g.fused_tuned(&xm, c, d).unwrap());
-                    assert_eq!(y, part, "{bits}-bit M={m} c={c} depth={d}");
+                    for stage in [false, true] {
+                        if stage && m > cuda::STAGE_MAX_M {
+                            continue;
+                        }
+                        let y = host(&g.fused_tuned(&xm, c, d, stage).unwrap());
+                        assert_eq!(y, part, "{bits}-bit M={m} c={c} depth={d} stage={stage}");
+                    }
                 }
             }
         }
