@@ -139,9 +139,10 @@ fn gptq_kernels_match_the_exact_cpu_dequantization() {
 fn fused_gptq_rows_do_not_depend_on_the_batch() {
     let dev = gpu();
     let mut rng = Lcg(7);
-    // K of 2560: three blocks along K (4-bit: 1024 per block), the last
-    // one ragged; 8-bit: five.
-    let (k, n) = (2560, 512);
+    // K of 4160: two blocks along K of 2560 sorted positions, the last one
+    // ragged; up to 8 staged tokens of such a block fill more than the
+    // 48 KiB of shared memory a kernel gets without opting in.
+    let (k, n) = (4160, 4096);
     for bits in [4, 8] {
         let w = RandomGptq {
             bits,
