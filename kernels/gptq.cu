@@ -74,14 +74,16 @@ extern "C" __global__ void gptq_permute_x(const half* __restrict__ x, const int*
 // (blockIdx.x) and one of `splits` ranges of K (blockIdx.y); warp w takes
 // the `kw` sorted positions [(8y + w) kw, +kw) and streams them chunk by
 // chunk (one int4 per lane per column tile: 64 k at 4-bit, 32 k at 8-bit),
-// keeping DEPTH int4 loads (and their group parameters) in flight. Tokens
+// keeping 4 int4 loads (and their group parameters) in flight. Tokens
 // come in slabs of MT*8 (blockIdx.z); activation rows past M are not read.
 //
-// STAGE (up to 8 tokens, one launch): x is the activation [M, K] in
-// original column order; the block first gathers its K range of every row
-// through `perm` into shared memory (rows padded by 8 halves against bank
-// conflicts), while the first weight loads are in flight. Otherwise x is xp
-// [Mp, Kp] from gptq_permute_x (sorted order, rows padded).
+// The activation: STAGE 0 reads xp [Mp, Kp] from gptq_permute_x (sorted
+// order, rows padded) in the stream loop. STAGE 2 first copies the block's
+// K range of the slab's rows of xp into shared memory (16-byte loads, all
+// in flight at once), STAGE 1 gathers it from x [M, K] in original column
+// order through `perm` (up to 8 tokens: one launch, no permute kernel).
+// Staged rows are padded by 8 halves against bank conflicts; the copy or
+// gather overlaps the first weight loads.
 //
 // Reduction order of every output element, for given (kw, splits), which
 // depend on the layer's shape only (src/cuda/gptq.rs): the k tiles of a
@@ -91,10 +93,10 @@ extern "C" __global__ void gptq_permute_x(const half* __restrict__ x, const int*
 // block of a (column, slab) tile to arrive (counted in `counters`, which it
 // resets to zero for the next launch) sums them in split order. So the
 // result is deterministic, and a row of x gives the same output at any M,
-// whatever C, MT or DEPTH the launch used.
+// whatever C, MT or STAGE the launch used.
 #define GEMM_WARPS 8
 
-template <int BITS, int MT, int C, int DEPTH, bool STAGE>
+template <int BITS, int MT, int C, int STAGE>
 __device__ void gptq_gemm_impl(const half* __restrict__ xp, const int* __restrict__ perm,
                                const int4* __restrict__ qt, const half2* __restrict__ sz,
                                float* __restrict__ part, unsigned* __restrict__ counters,
@@ -102,6 +104,7 @@ __device__ void gptq_gemm_impl(const half* __restrict__ xp, const int* __restric
                                int gs, int G, int kw, int splits) {
   constexpr int KPL = BITS == 4 ? 64 : 32;  // k per int4 load
   constexpr int TPL = KPL / 16;             // 16-k tiles per load
+  constexpr int DEPTH = 4;                  // int4 weight loads in flight per lane
   constexpr int AHEAD = DEPTH / C;          // chunks in flight
   constexpr int PER = C * MT * 4 * 32;      // outputs of a block (padded tile)
   __shared__ float red[GEMM_WARPS * PER];
@@ -136,16 +139,37 @@ __device__ void gptq_gemm_impl(const half* __restrict__ xp, const int* __restric
   for (int a = 0; a < AHEAD; a++)
     if (a < nch) issue(a, a);
 
-  extern __shared__ half xs[];  // STAGE: [M][BK + 8]
+  extern __shared__ half xs[];  // STAGE: [rows][BK + 8]
   const int BK = GEMM_WARPS * kw, RS = BK + 8;
   const int kblock = blockIdx.y * BK;
-  if (STAGE) {
+  const int rows = min(MT * 8, M - mbase);
+  if (STAGE == 1) {  // MT = 1, one slab: rows = M <= 8
     const int len = min(BK, Kp - kblock);
-#pragma unroll 4
-    for (int p = threadIdx.x; p < len; p += blockDim.x) {
-      const int src = perm[kblock + p];
-      for (int m = 0; m < M; m++)
-        xs[m * RS + p] = src >= 0 ? __ldg(xp + (size_t)m * K + src) : __float2half(0.f);
+    constexpr int PP = 4096 / (GEMM_WARPS * 32);  // positions per thread (BK <= 4096)
+    int src[PP];
+#pragma unroll
+    for (int u = 0; u < PP; u++) {
+      const int p = threadIdx.x + u * GEMM_WARPS * 32;
+      src[u] = p < len ? __ldg(perm + kblock + p) : -1;
+    }
+    for (int m = 0; m < rows; m++) {
+      const half* row = xp + (size_t)m * K;
+      half v[PP];
+#pragma unroll
+      for (int u = 0; u < PP; u++) v[u] = src[u] >= 0 ? __ldg(row + src[u]) : __float2half(0.f);
+#pragma unroll
+      for (int u = 0; u < PP; u++) {
+        const int p = threadIdx.x + u * GEMM_WARPS * 32;
+        if (p < len) xs[m * RS + p] = v[u];
+      }
+    }
+    __syncthreads();
+  } else if (STAGE == 2) {
+    const int vecs = min(BK, Kp - kblock) / 8;  // int4 per row (Kp, BK multiples of 64)
+    for (int i = threadIdx.x; i < rows * vecs; i += GEMM_WARPS * 32) {
+      const int m = i / vecs, v = i % vecs;
+      *reinterpret_cast<int4*>(xs + m * RS + v * 8) =
+          __ldg(reinterpret_cast<const int4*>(xp + (size_t)(mbase + m) * Kp + kblock) + v);
     }
     __syncthreads();
   }
@@ -182,7 +206,7 @@ __device__ void gptq_gemm_impl(const half* __restrict__ xp, const int* __restric
         for (int mt = 0; mt < MT; mt++) {
           const int tok = mbase + mt * 8 + g;
           if (STAGE) {
-            const half* row = xs + tok * RS + (kk - kblock) + 2 * t;
+            const half* row = xs + (tok - mbase) * RS + (kk - kblock) + 2 * t;
             b[mt][0] = tok < M ? *reinterpret_cast<const unsigned int*>(row) : 0u;
             b[mt][1] = tok < M ? *reinterpret_cast<const unsigned int*>(row + 8) : 0u;
           } else if (tok < M) {
@@ -284,31 +308,29 @@ __device__ void gptq_gemm_impl(const half* __restrict__ xp, const int* __restric
   if (threadIdx.x == 0) *cnt = 0u;
 }
 
-#define GPTQ_GEMM(BITS, MT, C, DEPTH, STAGE)                                                  \
+#define GPTQ_GEMM(BITS, MT, C, STAGE)                                                         \
   extern "C" __global__ void __launch_bounds__(GEMM_WARPS * 32, 2)                             \
-      gptq_gemm_b##BITS##_m##MT##_c##C##_d##DEPTH##_s##STAGE(                                  \
+      gptq_gemm_b##BITS##_m##MT##_c##C##_s##STAGE(                                             \
           const half* xp, const int* perm, const int4* qt, const half2* sz, float* part,        \
           unsigned* counters, half* out, int M, int K, int N, int Np, int Kp, int gs, int G,   \
           int kw, int splits) {                                                                \
-    gptq_gemm_impl<BITS, MT, C, DEPTH, STAGE>(xp, perm, qt, sz, part, counters, out, M, K, N, \
-                                              Np, Kp, gs, G, kw, splits);                       \
+    gptq_gemm_impl<BITS, MT, C, STAGE>(xp, perm, qt, sz, part, counters, out, M, K, N, Np, Kp, \
+                                       gs, G, kw, splits);                                     \
   }
-#define GPTQ_GEMM_C(BITS, MT, DEPTH, STAGE) \
-  GPTQ_GEMM(BITS, MT, 1, DEPTH, STAGE)      \
-  GPTQ_GEMM(BITS, MT, 2, DEPTH, STAGE)      \
-  GPTQ_GEMM(BITS, MT, 4, DEPTH, STAGE)
-GPTQ_GEMM_C(4, 1, 4, 0)
-GPTQ_GEMM_C(4, 1, 8, 0)
-GPTQ_GEMM_C(4, 2, 4, 0)
-GPTQ_GEMM_C(4, 2, 8, 0)
-GPTQ_GEMM_C(8, 1, 4, 0)
-GPTQ_GEMM_C(8, 1, 8, 0)
-GPTQ_GEMM_C(8, 2, 4, 0)
-GPTQ_GEMM_C(8, 2, 8, 0)
-GPTQ_GEMM_C(4, 1, 4, 1)
-GPTQ_GEMM_C(4, 1, 8, 1)
-GPTQ_GEMM_C(8, 1, 4, 1)
-GPTQ_GEMM_C(8, 1, 8, 1)
+#define GPTQ_GEMM_C(BITS, MT, STAGE) \
+  GPTQ_GEMM(BITS, MT, 1, STAGE)      \
+  GPTQ_GEMM(BITS, MT, 2, STAGE)      \
+  GPTQ_GEMM(BITS, MT, 4, STAGE)
+GPTQ_GEMM_C(4, 1, 0)
+GPTQ_GEMM_C(4, 1, 1)
+GPTQ_GEMM_C(4, 1, 2)
+GPTQ_GEMM_C(4, 2, 0)
+GPTQ_GEMM_C(4, 2, 2)
+GPTQ_GEMM_C(8, 1, 0)
+GPTQ_GEMM_C(8, 1, 1)
+GPTQ_GEMM_C(8, 1, 2)
+GPTQ_GEMM_C(8, 2, 0)
+GPTQ_GEMM_C(8, 2, 2)
 
 // Dequantizes the whole weight into f16 W^T [K, N] in original row order
 // (row perm[k] for sorted position k; padding is skipped), for the cuBLAS

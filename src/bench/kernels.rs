@@ -75,9 +75,9 @@ pub struct GemmRow {
     pub fused_gbs: f64,
     /// Fused product as the engine runs it, device µs per call.
     pub fused_dev_us: Option<f64>,
-    /// M <= 16: device µs of every (column tiles per warp, loads in flight,
-    /// staged activation) launch choice of the fused kernel.
-    pub variants: Vec<(usize, usize, bool, Option<f64>)>,
+    /// M <= 16: device µs of every (column tiles per warp, activation
+    /// stage) launch choice of the fused kernel.
+    pub variants: Vec<(usize, u8, Option<f64>)>,
     /// cuBLAS f16, device µs per call.
     pub cublas_dev_us: Option<f64>,
     /// cuBLAS device time over the fused product's.
@@ -143,16 +143,16 @@ pub fn gemm_table(
             })?);
             let mut variants = Vec::new();
             if m <= 16 {
-                for stage in [false, true] {
-                    if stage && m > cuda::STAGE_MAX_M {
+                for stage in [0u8, 1, 2] {
+                    if stage == 1 && m > cuda::STAGE_MAX_M {
                         continue;
                     }
-                    for (c, d) in [(1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8)] {
+                    for c in [1, 2, 4] {
                         let t = cuda::graph_time(dev, iters, || {
-                            g.fused_tuned(&x, c, d, stage)?;
+                            g.fused_tuned(&x, c, stage)?;
                             Ok(())
                         })?;
-                        variants.push((c, d, stage, us(t)));
+                        variants.push((c, stage, us(t)));
                     }
                 }
             }

@@ -78,7 +78,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                     let best = r
                         .variants
                         .iter()
-                        .filter_map(|&(c, d, st, t)| t.map(|t| (t, c, d, st)))
+                        .filter_map(|&(c, st, t)| t.map(|t| (t, c, st)))
                         .min_by(|a, b| a.0.total_cmp(&b.0));
                     println!(
                         "{:<10} {:>5} {:>7.1} {:>7.1} {:>7.1} {:>5.2}x | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6}",
@@ -90,7 +90,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                         r.fused / r.cublas,
                         opt(r.fused_dev_us),
                         opt(best.map(|b| b.0)),
-                        best.map_or("-".into(), |b| format!("({},{},{})", b.1, b.2, u8::from(b.3))),
+                        best.map_or("-".into(), |b| format!("(c{},s{})", b.1, b.2)),
                         opt(r.cublas_dev_us),
                         r.dev_speedup.map_or("-".into(), |v| format!("{v:.2}x")),
                         r.fused_dev_gbs.map_or("-".into(), |v| format!("{v:.0}")),

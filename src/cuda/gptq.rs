@@ -25,13 +25,13 @@ const STAGE_K: usize = 4096;
 /// (one launch); above, the permute kernel runs first.
 pub const STAGE_MAX_M: usize = 8;
 
-/// Launch parameters that do not change results (column tiles per warp,
-/// loads in flight) and the block count the K split aims for, overridable
-/// for kernel tuning: RUNNER_GPTQ_C (1, 2, 4), RUNNER_GPTQ_DEPTH (4, 8),
-/// RUNNER_GPTQ_BLOCKS.
+/// Launch choices that do not change results, overridable for kernel
+/// tuning: RUNNER_GPTQ_C (column tiles per warp: 1, 2, 4), RUNNER_GPTQ_STAGE
+/// (0, 1, 2: see kernels/gptq.cu), RUNNER_GPTQ_BLOCKS (the block count the K
+/// split aims for; this one does change the reduction order).
 struct Tune {
     c: Option<usize>,
-    depth: Option<usize>,
+    stage: Option<u8>,
     blocks: usize,
 }
 
@@ -45,11 +45,16 @@ fn tune() -> &'static Tune {
         };
         Tune {
             c: var("RUNNER_GPTQ_C").filter(|c| [1, 2, 4].contains(c)),
-            depth: var("RUNNER_GPTQ_DEPTH").filter(|d| [4, 8].contains(d)),
+            stage: var("RUNNER_GPTQ_STAGE")
+                .filter(|s| *s <= 2)
+                .map(|s| s as u8),
             blocks: var("RUNNER_GPTQ_BLOCKS").unwrap_or(256).max(1),
         }
     })
 }
+
+/// Largest dynamic shared memory the staged launches ask for.
+const STAGE_SMEM: usize = 100 * 1024;
 
 /// One f32 workspace per CUDA stream (split-K partials and the permuted
 /// activation), grown to the largest layer at load: kernels on one stream
@@ -210,14 +215,31 @@ impl GptqGpu {
         self.kp.div_ceil(WARPS * self.warp_k())
     }
 
-    /// 16-column tiles per warp at `m` tokens: more tiles share each
-    /// activation fragment (fewer re-reads from L2) but give fewer blocks.
-    fn cols_per_warp(&self, m: usize) -> usize {
-        tune().c.unwrap_or(match m {
-            0..=8 => 1,
-            9..=16 => 2,
-            _ => 4,
+    /// 16-column tiles per warp: more tiles share each activation fragment
+    /// (fewer re-reads) but give fewer blocks; the widest that keeps 96.
+    fn cols_per_warp(&self) -> usize {
+        tune().c.unwrap_or_else(|| {
+            [4, 2]
+                .into_iter()
+                .find(|&c| self.np / (16 * c) * self.splits() >= 96)
+                .unwrap_or(1)
         })
+    }
+
+    /// How the product kernel reads the activation at `m` tokens.
+    fn stage(&self, m: usize) -> u8 {
+        tune().stage.unwrap_or(if m <= STAGE_MAX_M {
+            1
+        } else if self.stage_smem(16) <= STAGE_SMEM {
+            2
+        } else {
+            0
+        })
+    }
+
+    /// Shared memory of a staged launch of `rows` tokens.
+    fn stage_smem(&self, rows: usize) -> usize {
+        rows * (WARPS * self.warp_k() + 8) * 2
     }
 
     /// f32 elements of workspace: partials [splits, CHUNK, N], then the
@@ -308,26 +330,20 @@ impl GptqGpu {
 
     fn fused(&self, x: &Tensor) -> Result<Tensor> {
         let m = x.dim(0)?;
-        let c = self.cols_per_warp(m);
-        let depth = tune().depth.unwrap_or(if c == 1 { 8 } else { 4 });
-        self.fused_tuned(x, c, depth, m <= STAGE_MAX_M)
+        self.fused_tuned(x, self.cols_per_warp(), self.stage(m))
     }
 
-    /// The fused product with `c` column tiles per warp (1, 2, 4), `depth`
-    /// int4 loads in flight per lane (4, 8), and the activation gathered by
-    /// the product kernel itself (`stage`, up to [`STAGE_MAX_M`] tokens) or
-    /// by the permute kernel first: every choice gives the same bits
-    /// (public for the kernel bench and its tests).
-    pub fn fused_tuned(&self, x: &Tensor, c: usize, depth: usize, stage: bool) -> Result<Tensor> {
-        if ![1, 2, 4].contains(&c) || ![4, 8].contains(&depth) {
+    /// The fused product with `c` column tiles per warp (1, 2, 4) and the
+    /// activation read as `stage` says (0: from the permute kernel's copy in
+    /// the stream loop, 1: gathered into shared memory by the product kernel
+    /// itself, up to [`STAGE_MAX_M`] tokens, 2: the permute kernel's copy
+    /// staged in shared memory): every choice gives the same bits (public
+    /// for the kernel bench and its tests).
+    pub fn fused_tuned(&self, x: &Tensor, c: usize, stage: u8) -> Result<Tensor> {
+        let m = x.dim(0)?;
+        if ![1, 2, 4].contains(&c) || stage > 2 || (stage == 1 && m > STAGE_MAX_M) {
             return Err(Error::Model(format!(
-                "gptq kernel: {c} column tiles per warp (1, 2, 4) and depth {depth} (4, 8) are not built"
-            )));
-        }
-        if stage && x.dim(0)? > STAGE_MAX_M {
-            return Err(Error::Model(format!(
-                "gptq kernel: the staged launch takes up to {STAGE_MAX_M} tokens, got {}",
-                x.dim(0)?
+                "gptq kernel: {c} column tiles per warp (1, 2, 4) with stage {stage} (0, 2; 1 up to {STAGE_MAX_M} tokens) at {m} tokens is not built"
             )));
         }
         let dev = device_of(x)?;
@@ -353,8 +369,8 @@ impl GptqGpu {
             let slabs = mc.div_ceil(8 * mt);
             let mp = slabs * 8 * mt;
             let xc = px + (m0 * self.k * 2) as u64;
-            let (xin, smem) = if stage {
-                (xc, mc * (WARPS * self.warp_k() + 8) * 2)
+            let (xin, smem) = if stage == 1 {
+                (xc, self.stage_smem(mc))
             } else {
                 let cfg = LaunchConfig {
                     grid_dim: (((mp * self.kp) as u32).div_ceil(256), 1, 1),
@@ -365,7 +381,12 @@ impl GptqGpu {
                 let mut args = vec![Arg::P(xc), Arg::P(pperm), Arg::P(pxp)];
                 args.extend(dims.iter().map(|&v| Arg::I(v)));
                 launch(&dev, &GPTQ, "gptq_permute_x", cfg, &args)?;
-                (pxp, 0)
+                let smem = if stage == 2 {
+                    self.stage_smem((8 * mt).min(mc))
+                } else {
+                    0
+                };
+                (pxp, smem)
             };
             let cfg = LaunchConfig {
                 grid_dim: (
@@ -397,11 +418,7 @@ impl GptqGpu {
                 self.splits(),
             ];
             args.extend(ints.iter().map(|&v| Arg::I(v as i32)));
-            let name = format!(
-                "gptq_gemm_b{}_m{mt}_c{c}_d{depth}_s{}",
-                self.bits,
-                u8::from(stage)
-            );
+            let name = format!("gptq_gemm_b{}_m{mt}_c{c}_s{stage}", self.bits);
             launch(&dev, &GPTQ, &name, cfg, &args)?;
         }
         Ok(out)
