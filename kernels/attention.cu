@@ -189,3 +189,247 @@ extern "C" __global__ void masked_softmax(half* __restrict__ scores, int L, int 
     s[j] = __float2half(pj);
   }
 }
+
+// Prefill attention over the paged cache, flash style (never materializes
+// the scores), head dims 16/32/64/128 (D): one block = 4 warps = 64 query
+// rows of one query head; each
+// warp owns 16 rows. Key tiles of 64 (K and V rows gathered from the cache
+// through the chunk's slot list) are double-buffered in shared memory with
+// cp.async. Per tile: S = Q K^T on tensor cores (mma m16n8k16, f32
+// accumulate), rounded as HF's eager f16 arithmetic rounds it (the f16
+// product times the f16 scale), causal + sliding-window mask, online
+// softmax in f32 (running max and sum per row), P rounded to f16 and
+// O += P V on tensor cores; O / l at the end. HF eager normalizes P before
+// rounding it, so results differ from it by f16 rounding only.
+//
+// tiles[i] = (first row of the tile in q/out, rows (<= 64), position of
+// the first row, offset of the chunk's slot list in `keys`); keys[off + j]
+// is the cache row of position j of that chunk's sequence.
+#define FP_KT 64
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  int bytes = valid ? 16 : 0;  // 0: zero-fill
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x2(uint32_t* r, const void* p) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const void* p) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
+  half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+template <int FP_D>
+__device__ void flash_prefill_impl(const half* __restrict__ q, const half* __restrict__ kc,
+                                   const half* __restrict__ vc, const unsigned* __restrict__ keys,
+                                   const int4* __restrict__ tiles, half* __restrict__ out,
+                                   int heads, int kv_heads, int window, float scale) {
+  constexpr int FP_RS = FP_D + 8;  // smem row stride in halves (no bank conflicts at 128)
+  constexpr int KS = FP_D / 16;    // k-steps of Q K^T
+  constexpr int DN = FP_D / 8;     // n-tiles of P V
+  extern __shared__ __align__(16) half smem[];  // [2 stages][K, V][64][FP_RS]
+  const int4 tile = tiles[blockIdx.x];
+  const int row0 = tile.x, rows = tile.y, pos0 = tile.z, koff = tile.w;
+  const int h = blockIdx.y, kvh = h / (heads / kv_heads);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const size_t qstride = (size_t)heads * FP_D, kvstride = (size_t)kv_heads * FP_D;
+
+  // Q fragments of this warp's 16 rows (A operand, 8 k-steps over d).
+  uint32_t qa[KS][4];
+  {
+    const int ra = warp * 16 + g, rb = ra + 8;
+    const half* qa_row = q + (size_t)(row0 + ra) * qstride + h * FP_D;
+    const half* qb_row = q + (size_t)(row0 + rb) * qstride + h * FP_D;
+#pragma unroll
+    for (int s = 0; s < KS; s++) {
+      const int c0 = s * 16 + 2 * t;
+      qa[s][0] = ra < rows ? *reinterpret_cast<const uint32_t*>(qa_row + c0) : 0u;
+      qa[s][1] = rb < rows ? *reinterpret_cast<const uint32_t*>(qb_row + c0) : 0u;
+      qa[s][2] = ra < rows ? *reinterpret_cast<const uint32_t*>(qa_row + c0 + 8) : 0u;
+      qa[s][3] = rb < rows ? *reinterpret_cast<const uint32_t*>(qb_row + c0 + 8) : 0u;
+    }
+  }
+  const int kmax = pos0 + rows - 1;  // last visible key of the tile
+  const int kmin = window > 0 ? max(0, pos0 - window + 1) : 0;
+  const int t0 = kmin / FP_KT, t1 = kmax / FP_KT;  // key tiles, inclusive
+
+  // Loads key tile `kt` into stage `st`: 64 rows x D/8 int4 per matrix.
+  auto load = [&](int kt, int st) {
+    half* ks = smem + st * 2 * FP_KT * FP_RS;
+    half* vs = ks + FP_KT * FP_RS;
+#pragma unroll
+    for (int i = 0; i < FP_D / 16; i++) {
+      const int idx = threadIdx.x + i * 128;
+      const int r = idx / DN, c = (idx % DN) * 8;
+      const int j = kt * FP_KT + r;
+      const bool ok = j <= kmax;
+      const size_t slot = ok ? keys[koff + j] : 0;
+      cp_async16(ks + r * FP_RS + c, kc + slot * kvstride + kvh * FP_D + c, ok);
+      cp_async16(vs + r * FP_RS + c, vc + slot * kvstride + kvh * FP_D + c, ok);
+    }
+  };
+
+  float o[DN][4];
+#pragma unroll
+  for (int i = 0; i < DN; i++)
+#pragma unroll
+    for (int r = 0; r < 4; r++) o[i][r] = 0.f;
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
+  const half sh = __float2half(scale);
+  const int qpos[2] = {pos0 + warp * 16 + g, pos0 + warp * 16 + g + 8};
+  const bool qok[2] = {warp * 16 + g < rows, warp * 16 + g + 8 < rows};
+
+  load(t0, 0);
+  cp_async_commit();
+  for (int kt = t0; kt <= t1; kt++) {
+    const int st = (kt - t0) & 1;
+    if (kt < t1) {
+      load(kt + 1, st ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const half* ks = smem + st * 2 * FP_KT * FP_RS;
+    const half* vs = ks + FP_KT * FP_RS;
+
+    // S = Q K^T: 8 n-tiles of 8 keys.
+    float s[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) s[j][r] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      if (KS == 1) {
+        uint32_t b[2];  // m0/m1: keys j*8.., d 0 (+8)
+        ldsm_x2(b, ks + (j * 8 + (lane & 7)) * FP_RS + ((lane >> 3) & 1) * 8);
+        mma16816(s[j], qa[0], b[0], b[1]);
+      } else {
+#pragma unroll
+        for (int s2 = 0; s2 < KS; s2 += 2) {
+          // m0/m1: keys j*8.., d 16*s2 (+8); m2/m3: d 16*(s2+1) (+8).
+          uint32_t b[4];
+          const int l = lane;
+          ldsm_x4(b, ks + (j * 8 + (l & 7)) * FP_RS + s2 * 16 + ((l >> 3) & 1) * 8 + (l >> 4) * 16);
+          mma16816(s[j], qa[s2], b[0], b[1]);
+          mma16816(s[j], qa[s2 + 1], b[2], b[3]);
+        }
+      }
+    }
+    // Round as HF (f16 product times f16 scale), mask, online softmax.
+    float mx[2] = {mrow[0], mrow[1]};
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) {
+        const int hr = r >> 1;
+        const int kp = kt * FP_KT + j * 8 + 2 * t + (r & 1);
+        const bool vis = qok[hr] && kp <= qpos[hr] && (window <= 0 || kp > qpos[hr] - window);
+        const float v = __half2float(__hmul(__float2half(s[j][r]), sh));
+        s[j][r] = vis ? v : -INFINITY;
+        mx[hr] = fmaxf(mx[hr], s[j][r]);
+      }
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+      mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
+      mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
+    }
+    float alpha[2], base[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+      base[hr] = mx[hr] == -INFINITY ? 0.f : mx[hr];
+      alpha[hr] = mrow[hr] == -INFINITY ? 0.f : expf(mrow[hr] - base[hr]);
+      mrow[hr] = mx[hr];
+      lrow[hr] *= alpha[hr];
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) {
+        const float p = expf(s[j][r] - base[r >> 1]);  // exp(-inf) = 0
+        s[j][r] = p;
+        lrow[r >> 1] += p;
+      }
+#pragma unroll
+    for (int i = 0; i < DN; i++) {
+      o[i][0] *= alpha[0];
+      o[i][1] *= alpha[0];
+      o[i][2] *= alpha[1];
+      o[i][3] *= alpha[1];
+    }
+    // O += P V: 4 k-steps of 16 keys, D/8 n-tiles of 8 dims.
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+      uint32_t pa[4] = {pack_h2(s[2 * kk][0], s[2 * kk][1]), pack_h2(s[2 * kk][2], s[2 * kk][3]),
+                        pack_h2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                        pack_h2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dn = 0; dn < DN; dn += 2) {
+        // m0/m1: keys 16kk (+8), dims dn*8; m2/m3: dims (dn+1)*8.
+        uint32_t b[4];
+        ldsm_x4_t(b, vs + (kk * 16 + (lane & 15)) * FP_RS + dn * 8 + (lane >> 4) * 8);
+        mma16816(o[dn], pa, b[0], b[1]);
+        mma16816(o[dn + 1], pa, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // the next iteration's load overwrites this stage
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; hr++) {
+    lrow[hr] += __shfl_xor_sync(0xffffffffu, lrow[hr], 1);
+    lrow[hr] += __shfl_xor_sync(0xffffffffu, lrow[hr], 2);
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; hr++) {
+    const int r = warp * 16 + g + hr * 8;
+    if (r >= rows) continue;
+    const float inv = lrow[hr] > 0.f ? 1.f / lrow[hr] : 0.f;
+    half* dst = out + (size_t)(row0 + r) * qstride + h * FP_D + 2 * t;
+#pragma unroll
+    for (int dn = 0; dn < DN; dn++)
+      *reinterpret_cast<half2*>(dst + dn * 8) =
+          __floats2half2_rn(o[dn][2 * hr] * inv, o[dn][2 * hr + 1] * inv);
+  }
+}
+
+#define FLASH_PREFILL(D)                                                                         \
+  extern "C" __global__ void __launch_bounds__(128) flash_prefill_d##D(                         \
+      const half* q, const half* kc, const half* vc, const unsigned* keys, const int4* tiles,   \
+      half* out, int heads, int kv_heads, int window, float scale) {                            \
+    flash_prefill_impl<D>(q, kc, vc, keys, tiles, out, heads, kv_heads, window, scale);         \
+  }
+FLASH_PREFILL(16)
+FLASH_PREFILL(32)
+FLASH_PREFILL(64)
+FLASH_PREFILL(128)

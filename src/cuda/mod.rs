@@ -383,6 +383,110 @@ pub fn masked_softmax(
     launch(&dev, &ATTENTION, "masked_softmax", cfg, &args)
 }
 
+/// One prefill chunk for [`flash_prefill`]: rows `row0..row0 + n` of q and
+/// of the output are the queries at positions `start..start + n` of a
+/// sequence whose cache rows for positions `0..start + n` are
+/// `keys[key_off..]`.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillChunk {
+    /// First row in q / out.
+    pub row0: usize,
+    /// Query rows.
+    pub n: usize,
+    /// Position of the first query.
+    pub start: usize,
+    /// Offset of the chunk's cache rows in the key list.
+    pub key_off: usize,
+}
+
+/// Query rows per block of the flash prefill kernel.
+pub const PREFILL_TILE: usize = 64;
+
+/// The flash prefill kernel's work list for `chunks`: tiles of up to 64
+/// query rows, most keys first (the long ones start first, the short ones
+/// fill the tail); returns (tiles as a [n, 4] u32 tensor, n).
+pub fn prefill_tiles(chunks: &[PrefillChunk], dev: &Device) -> Result<(Tensor, usize)> {
+    let mut tiles: Vec<[u32; 4]> = chunks
+        .iter()
+        .flat_map(|c| {
+            (0..c.n).step_by(PREFILL_TILE).map(move |r| {
+                [
+                    (c.row0 + r) as u32,
+                    PREFILL_TILE.min(c.n - r) as u32,
+                    (c.start + r) as u32,
+                    c.key_off as u32,
+                ]
+            })
+        })
+        .collect();
+    tiles.sort_by_key(|t| std::cmp::Reverse(t[1] + t[2]));
+    let n = tiles.len();
+    let flat: Vec<u32> = tiles.into_iter().flatten().collect();
+    Ok((Tensor::from_vec(flat, (n, 4), dev)?, n))
+}
+
+/// What the flash prefill kernel needs beside the tensors.
+pub struct PrefillShape {
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dimension (16, 32, 64, 128).
+    pub head_dim: usize,
+    /// Sliding window (0: none).
+    pub window: usize,
+}
+
+/// Flash attention for prefill chunks over the paged cache: q [T,
+/// heads*D]; kc/vc the cache [rows, kv_heads*D]; `keys` the chunks' cache
+/// rows (u32); `tiles` from [`prefill_tiles`]. Writes the chunks' rows of
+/// `out` [T, heads*D] (other rows are left as they are).
+pub fn flash_prefill(
+    q: &Tensor,
+    kc: &Tensor,
+    vc: &Tensor,
+    keys: &Tensor,
+    tiles: (&Tensor, usize),
+    out: &Tensor,
+    s: &PrefillShape,
+) -> Result<()> {
+    check_f16(q, "flash_prefill")?;
+    if ![16, 32, 64, 128].contains(&s.head_dim) || s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
+        return Err(Error::Model(format!(
+            "flash_prefill: head_dim {} (16/32/64/128) with {} heads over {} kv heads is not supported",
+            s.head_dim, s.heads, s.kv_heads
+        )));
+    }
+    if tiles.1 == 0 {
+        return Ok(());
+    }
+    let dev = device_of(q)?;
+    let q = q.contiguous()?;
+    let p = [
+        ptr::<f16>(&q)?,
+        ptr::<f16>(kc)?,
+        ptr::<f16>(vc)?,
+        ptr::<u32>(keys)?,
+        ptr::<u32>(tiles.0)?,
+        ptr::<f16>(out)?,
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (tiles.1 as u32, s.heads as u32, 1),
+        block_dim: (128, 1, 1),
+        // Two stages of a K and a V tile of 64 rows (padded by 8 halves).
+        shared_mem_bytes: (2 * 2 * PREFILL_TILE * (s.head_dim + 8) * 2) as u32,
+    };
+    let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
+    args.extend([
+        Arg::I(s.heads as i32),
+        Arg::I(s.kv_heads as i32),
+        Arg::I(s.window as i32),
+        Arg::F(1.0 / (s.head_dim as f32).sqrt()),
+    ]);
+    let name = format!("flash_prefill_d{}", s.head_dim);
+    launch(&dev, &ATTENTION, &name, cfg, &args)
+}
+
 /// Random u32 words (as a U32 tensor) for dummy quantized weights.
 pub(crate) fn fill_u32(dev: &CudaDevice, n: usize, seed: u64) -> Result<Tensor> {
     let t = empty::<u32>(dev, n)?;

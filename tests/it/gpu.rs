@@ -573,3 +573,107 @@ fn seeded_sampling_on_the_gpu_is_reproducible() {
     }
     assert_eq!(outs[0], outs[1], "same seed, same samples");
 }
+
+#[test]
+fn flash_prefill_matches_a_float64_reference() {
+    let dev = gpu();
+    let mut rng = Lcg(77);
+    let (nh, nkv) = (8usize, 2usize);
+    for (d, window) in [(16usize, 0usize), (16, 40), (64, 0), (128, 0), (128, 50)] {
+        // Two sequences' chunks: a first chunk of 70 queries (two tiles,
+        // the second ragged) and a later chunk of 33 queries after 100
+        // cached positions; the cache rows are scattered.
+        let chunks = [(0usize, 70usize), (100, 33)];
+        let t: usize = chunks.iter().map(|c| c.1).sum();
+        let total_keys: usize = chunks.iter().map(|c| c.0 + c.1).sum();
+        let cache_rows = total_keys + 37;
+        let row = nkv * d;
+        let kc = rng.f16s(cache_rows * row, 1.0);
+        let vc = rng.f16s(cache_rows * row, 1.0);
+        let q = rng.f16s(t * nh * d, 1.0);
+        // A permutation of the cache rows, handed out to the sequences.
+        let mut rows: Vec<u32> = (0..cache_rows as u32).collect();
+        for i in (1..rows.len()).rev() {
+            let j = (rng.next().abs() * 1e6) as usize % (i + 1);
+            rows.swap(i, j);
+        }
+        let mut keys = Vec::new();
+        let mut pc = Vec::new();
+        let mut row0 = 0;
+        for &(start, n) in &chunks {
+            pc.push(cuda::PrefillChunk {
+                row0,
+                n,
+                start,
+                key_off: keys.len(),
+            });
+            keys.extend_from_slice(&rows[keys.len()..keys.len() + start + n]);
+            row0 += n;
+        }
+        let scale = f16::from_f32(1.0 / (d as f32).sqrt());
+        let mut want = vec![0f64; t * nh * d];
+        for (c, &(start, n)) in pc.iter().zip(&chunks) {
+            for i in 0..n {
+                let pos = start + i;
+                let lo = if window > 0 {
+                    (pos + 1).saturating_sub(window)
+                } else {
+                    0
+                };
+                for h in 0..nh {
+                    let kvh = h / (nh / nkv);
+                    let qrow = &q[(c.row0 + i) * nh * d + h * d..][..d];
+                    let s: Vec<f64> = (lo..=pos)
+                        .map(|j| {
+                            let r = keys[c.key_off + j] as usize * row + kvh * d;
+                            let dot: f32 =
+                                (0..d).map(|e| qrow[e].to_f32() * kc[r + e].to_f32()).sum();
+                            (f16::from_f32(dot) * scale).to_f64()
+                        })
+                        .collect();
+                    let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|v| (v - mx).exp()).sum();
+                    for (jj, j) in (lo..=pos).enumerate() {
+                        let p = (s[jj] - mx).exp() / z;
+                        let r = keys[c.key_off + j] as usize * row + kvh * d;
+                        for e in 0..d {
+                            want[(c.row0 + i) * nh * d + h * d + e] += p * vc[r + e].to_f64();
+                        }
+                    }
+                }
+            }
+        }
+        let up = |v: Vec<f16>, s: (usize, usize)| Tensor::from_vec(v, s, &dev).unwrap();
+        let (kct, vct) = (up(kc, (cache_rows, row)), up(vc, (cache_rows, row)));
+        let qt = up(q, (t, nh * d));
+        let nk = keys.len();
+        let keyt = Tensor::from_vec(keys, nk, &dev).unwrap();
+        let (tiles, ntiles) = cuda::prefill_tiles(&pc, &dev).unwrap();
+        let out = Tensor::zeros((t, nh * d), DType::F16, &dev).unwrap();
+        cuda::flash_prefill(
+            &qt,
+            &kct,
+            &vct,
+            &keyt,
+            (&tiles, ntiles),
+            &out,
+            &cuda::PrefillShape {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: d,
+                window,
+            },
+        )
+        .unwrap();
+        let got = host(&out);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0f64, f64::max);
+        assert!(
+            got.iter().all(|v| v.is_finite()) && worst < 4e-3,
+            "flash prefill d {d} window {window}: max abs err {worst}"
+        );
+    }
+}

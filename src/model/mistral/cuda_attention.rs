@@ -1,9 +1,9 @@
 //! The paged KV cache on the GPU (f16 rows per layer) and attention over it:
-//! one batched decode kernel for every single-token chunk, and for prefill
-//! chunks HF's eager f16 arithmetic (cuBLAS q.k^T, the fused masked softmax,
-//! cuBLAS p.v) over the chunk's gathered keys.
+//! one batched decode kernel for every single-token chunk, and one flash
+//! prefill kernel for every longer chunk (head dims 16-128; HF's eager f16
+//! arithmetic over the gathered keys for any other).
 
-use crate::cuda::{self, DecodeShape};
+use crate::cuda::{self, DecodeShape, PrefillChunk, PrefillShape};
 use crate::kv::BlockId;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -23,8 +23,18 @@ pub(crate) struct GpuBatch {
     slots: Tensor,
     /// Single-token chunks, batched for the decode kernel.
     decode: Option<Decode>,
-    /// Per chunk: the cache rows of positions 0..start+n (prefill chunks only).
-    keys: Vec<Option<Tensor>>,
+    /// Prefill chunks: every chunk's cache rows of positions 0..start+n,
+    /// concatenated, and the flash kernel's tiles.
+    prefill: Option<Prefill>,
+    /// Per chunk: where its cache rows start in `prefill.keys` (prefill
+    /// chunks only).
+    key_off: Vec<Option<usize>>,
+}
+
+struct Prefill {
+    keys: Tensor,
+    tiles: Tensor,
+    ntiles: usize,
 }
 
 struct Decode {
@@ -110,7 +120,9 @@ impl CudaKv {
         let mut rows = Vec::new();
         let mut ctx = Vec::new();
         let mut tables: Vec<&[BlockId]> = Vec::new();
-        let mut keys = Vec::with_capacity(chunks.len());
+        let mut key_off = Vec::with_capacity(chunks.len());
+        let mut keys: Vec<u32> = Vec::new();
+        let mut prefill = Vec::new();
         let mut off = 0u32;
         for (start, n, blocks) in chunks {
             slots.extend((*start..start + n).map(|p| self.slot(blocks, p)));
@@ -118,11 +130,16 @@ impl CudaKv {
                 rows.push(off);
                 ctx.push((start + 1) as u32);
                 tables.push(blocks);
-                keys.push(None);
+                key_off.push(None);
             } else {
-                let k: Vec<u32> = (0..start + n).map(|p| self.slot(blocks, p)).collect();
-                let len = k.len();
-                keys.push(Some(Tensor::from_vec(k, len, dev)?));
+                key_off.push(Some(keys.len()));
+                prefill.push(PrefillChunk {
+                    row0: off as usize,
+                    n: *n,
+                    start: *start,
+                    key_off: keys.len(),
+                });
+                keys.extend((0..start + n).map(|p| self.slot(blocks, p)));
             }
             off += *n as u32;
         }
@@ -145,11 +162,23 @@ impl CudaKv {
                 max_keys,
             })
         };
+        let prefill = if prefill.is_empty() {
+            None
+        } else {
+            let (tiles, ntiles) = cuda::prefill_tiles(&prefill, dev)?;
+            let nk = keys.len();
+            Some(Prefill {
+                keys: Tensor::from_vec(keys, nk, dev)?,
+                tiles,
+                ntiles,
+            })
+        };
         let t = slots.len();
         Ok(GpuBatch {
             slots: Tensor::from_vec(slots, t, dev)?,
             decode,
-            keys,
+            prefill,
+            key_off,
         })
     }
 
@@ -195,45 +224,76 @@ impl CudaKv {
             )?),
             None => None,
         };
+        let flash = match &b.prefill {
+            Some(p) if [16, 32, 64, 128].contains(&d) => {
+                let out = cuda::empty::<half::f16>(&cuda::cuda(q.device())?, (t, nh * d))?;
+                cuda::flash_prefill(
+                    &q2,
+                    kc,
+                    vc,
+                    &p.keys,
+                    (&p.tiles, p.ntiles),
+                    &out,
+                    &PrefillShape {
+                        heads: nh,
+                        kv_heads: nkv,
+                        head_dim: d,
+                        window: window.unwrap_or(0),
+                    },
+                )?;
+                if dec.is_none() {
+                    return Ok(out);
+                }
+                Some(out)
+            }
+            _ => None,
+        };
         let g = nh / nkv;
         let scale = 1.0 / (d as f32).sqrt();
         let mut pieces: Vec<Tensor> = Vec::new();
         let (mut off, mut di, mut run) = (0usize, 0usize, 0usize);
-        for ((start, n, _), keys) in chunks.iter().zip(&b.keys) {
-            match keys {
-                None => run += 1,
-                Some(keys) => {
-                    if run > 0 {
-                        pieces.push(dec.as_ref().expect("decode rows").narrow(0, di, run)?);
-                        di += run;
-                        run = 0;
-                    }
-                    let l = keys.dim(0)?;
-                    let kall = kc
-                        .index_select(keys, 0)?
-                        .reshape((l, nkv, d))?
-                        .transpose(0, 1)?
-                        .contiguous()?;
-                    let vall = vc
-                        .index_select(keys, 0)?
-                        .reshape((l, nkv, d))?
-                        .transpose(0, 1)?
-                        .contiguous()?;
-                    let qc = q
-                        .narrow(0, off, *n)?
-                        .transpose(0, 1)?
-                        .contiguous()?
-                        .reshape((nkv, g * n, d))?;
-                    let scores = qc.matmul(&kall.t()?)?.contiguous()?; // [kv, g*n, L]
-                    cuda::masked_softmax(&scores, *n, *start, window.unwrap_or(0), scale)?;
-                    let o = scores.matmul(&vall)?; // [kv, g*n, d]
-                    pieces.push(
-                        o.reshape((nh, *n, d))?
-                            .transpose(0, 1)?
-                            .reshape((*n, nh * d))?,
-                    );
-                }
+        for ((start, n, _), key_off) in chunks.iter().zip(&b.key_off) {
+            let Some(key_off) = key_off else {
+                run += 1;
+                off += n;
+                continue;
+            };
+            if run > 0 {
+                pieces.push(dec.as_ref().expect("decode rows").narrow(0, di, run)?);
+                di += run;
+                run = 0;
             }
+            if let Some(f) = &flash {
+                pieces.push(f.narrow(0, off, *n)?);
+                off += n;
+                continue;
+            }
+            let keys = &b.prefill.as_ref().expect("prefill keys").keys;
+            let l = start + n;
+            let keys = keys.narrow(0, *key_off, l)?;
+            let kall = kc
+                .index_select(&keys, 0)?
+                .reshape((l, nkv, d))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let vall = vc
+                .index_select(&keys, 0)?
+                .reshape((l, nkv, d))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let qc = q
+                .narrow(0, off, *n)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((nkv, g * n, d))?;
+            let scores = qc.matmul(&kall.t()?)?.contiguous()?; // [kv, g*n, L]
+            cuda::masked_softmax(&scores, *n, *start, window.unwrap_or(0), scale)?;
+            let o = scores.matmul(&vall)?; // [kv, g*n, d]
+            pieces.push(
+                o.reshape((nh, *n, d))?
+                    .transpose(0, 1)?
+                    .reshape((*n, nh * d))?,
+            );
             off += n;
         }
         if run > 0 {
