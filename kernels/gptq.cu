@@ -78,12 +78,11 @@ extern "C" __global__ void gptq_permute_x(const half* __restrict__ x, const int*
 // come in slabs of MT*8 (blockIdx.z); activation rows past M are not read.
 //
 // The activation: STAGE 0 reads xp [Mp, Kp] from gptq_permute_x (sorted
-// order, rows padded) in the stream loop. STAGE 2 first copies the block's
-// K range of the slab's rows of xp into shared memory (16-byte loads, all
-// in flight at once), STAGE 1 gathers it from x [M, K] in original column
-// order through `perm` (up to 8 tokens: one launch, no permute kernel).
-// Staged rows are padded by 8 halves against bank conflicts; the copy or
-// gather overlaps the first weight loads.
+// order, rows padded) in the stream loop. STAGE 1 (up to 8 tokens: one
+// launch, no permute kernel) first gathers the block's K range of x [M, K]
+// (original column order) through `perm` into shared memory, rows padded by
+// 8 halves against bank conflicts, while the first weight loads are in
+// flight.
 //
 // Reduction order of every output element, for given (kw, splits), which
 // depend on the layer's shape only (src/cuda/gptq.rs): the k tiles of a
@@ -162,14 +161,6 @@ __device__ void gptq_gemm_impl(const half* __restrict__ xp, const int* __restric
         const int p = threadIdx.x + u * GEMM_WARPS * 32;
         if (p < len) xs[m * RS + p] = v[u];
       }
-    }
-    __syncthreads();
-  } else if (STAGE == 2) {
-    const int vecs = min(BK, Kp - kblock) / 8;  // int4 per row (Kp, BK multiples of 64)
-    for (int i = threadIdx.x; i < rows * vecs; i += GEMM_WARPS * 32) {
-      const int m = i / vecs, v = i % vecs;
-      *reinterpret_cast<int4*>(xs + m * RS + v * 8) =
-          __ldg(reinterpret_cast<const int4*>(xp + (size_t)(mbase + m) * Kp + kblock) + v);
     }
     __syncthreads();
   }
@@ -323,14 +314,10 @@ __device__ void gptq_gemm_impl(const half* __restrict__ xp, const int* __restric
   GPTQ_GEMM(BITS, MT, 4, STAGE)
 GPTQ_GEMM_C(4, 1, 0)
 GPTQ_GEMM_C(4, 1, 1)
-GPTQ_GEMM_C(4, 1, 2)
 GPTQ_GEMM_C(4, 2, 0)
-GPTQ_GEMM_C(4, 2, 2)
 GPTQ_GEMM_C(8, 1, 0)
 GPTQ_GEMM_C(8, 1, 1)
-GPTQ_GEMM_C(8, 1, 2)
 GPTQ_GEMM_C(8, 2, 0)
-GPTQ_GEMM_C(8, 2, 2)
 
 // Dequantizes the whole weight into f16 W^T [K, N] in original row order
 // (row perm[k] for sorted position k; padding is skipped), for the cuBLAS

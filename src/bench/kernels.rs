@@ -143,7 +143,7 @@ pub fn gemm_table(
             })?);
             let mut variants = Vec::new();
             if m <= 16 {
-                for stage in [0u8, 1, 2] {
+                for stage in [0u8, 1] {
                     if stage == 1 && m > cuda::STAGE_MAX_M {
                         continue;
                     }

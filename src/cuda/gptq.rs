@@ -46,15 +46,12 @@ fn tune() -> &'static Tune {
         Tune {
             c: var("RUNNER_GPTQ_C").filter(|c| [1, 2, 4].contains(c)),
             stage: var("RUNNER_GPTQ_STAGE")
-                .filter(|s| *s <= 2)
+                .filter(|s| *s <= 1)
                 .map(|s| s as u8),
             blocks: var("RUNNER_GPTQ_BLOCKS").unwrap_or(256).max(1),
         }
     })
 }
-
-/// Largest dynamic shared memory the staged launches ask for.
-const STAGE_SMEM: usize = 100 * 1024;
 
 /// One f32 workspace per CUDA stream (split-K partials and the permuted
 /// activation), grown to the largest layer at load: kernels on one stream
@@ -226,15 +223,12 @@ impl GptqGpu {
         })
     }
 
-    /// How the product kernel reads the activation at `m` tokens.
+    /// How the product kernel reads the activation at `m` tokens: gathered
+    /// by the product kernel for a single token (one launch); above, the
+    /// gather's cost grows with the rows and the permute kernel is faster
+    /// (measured: BENCHMARKS.md).
     fn stage(&self, m: usize) -> u8 {
-        tune().stage.unwrap_or(if m <= STAGE_MAX_M {
-            1
-        } else if self.stage_smem(16) <= STAGE_SMEM {
-            2
-        } else {
-            0
-        })
+        tune().stage.unwrap_or(u8::from(m <= 1))
     }
 
     /// Shared memory of a staged launch of `rows` tokens.
@@ -334,16 +328,19 @@ impl GptqGpu {
     }
 
     /// The fused product with `c` column tiles per warp (1, 2, 4) and the
-    /// activation read as `stage` says (0: from the permute kernel's copy in
-    /// the stream loop, 1: gathered into shared memory by the product kernel
-    /// itself, up to [`STAGE_MAX_M`] tokens, 2: the permute kernel's copy
-    /// staged in shared memory): every choice gives the same bits (public
-    /// for the kernel bench and its tests).
+    /// activation read as `stage` says (0: from the permute kernel's copy,
+    /// 1: gathered into shared memory by the product kernel itself, up to
+    /// [`STAGE_MAX_M`] tokens): every choice gives the same bits (public for
+    /// the kernel bench and its tests).
     pub fn fused_tuned(&self, x: &Tensor, c: usize, stage: u8) -> Result<Tensor> {
         let m = x.dim(0)?;
-        if ![1, 2, 4].contains(&c) || stage > 2 || (stage == 1 && m > STAGE_MAX_M) {
+        let staged_k = WARPS * self.warp_k();
+        if ![1, 2, 4].contains(&c)
+            || stage > 1
+            || (stage == 1 && (m > STAGE_MAX_M || staged_k > STAGE_K))
+        {
             return Err(Error::Model(format!(
-                "gptq kernel: {c} column tiles per warp (1, 2, 4) with stage {stage} (0, 2; 1 up to {STAGE_MAX_M} tokens) at {m} tokens is not built"
+                "gptq kernel: {c} column tiles per warp (1, 2, 4) with stage {stage} (0; 1 up to {STAGE_MAX_M} tokens and {STAGE_K} positions per block) at {m} tokens and {staged_k} positions is not built"
             )));
         }
         let dev = device_of(x)?;
@@ -381,12 +378,7 @@ impl GptqGpu {
                 let mut args = vec![Arg::P(xc), Arg::P(pperm), Arg::P(pxp)];
                 args.extend(dims.iter().map(|&v| Arg::I(v)));
                 launch(&dev, &GPTQ, "gptq_permute_x", cfg, &args)?;
-                let smem = if stage == 2 {
-                    self.stage_smem((8 * mt).min(mc))
-                } else {
-                    0
-                };
-                (pxp, smem)
+                (pxp, 0)
             };
             let cfg = LaunchConfig {
                 grid_dim: (
