@@ -2,7 +2,7 @@
 # One GPU-machine session: unpacks dev/bundle.tar.xz (built by
 # benches/bundle.sh: stripped `runner` + `it` test binaries built with
 # --features cuda, and fixture folders), then runs the steps named in $STEPS
-# (comma-separated): tests, kernels, W1..W4 (at $SCALE of their prompts;
+# (comma-separated): tests, kernels (kernels:<branch>, e.g. kernels:8bit-32g), W1..W4 (at $SCALE of their prompts;
 # W1@512 = max_num_seqs 512, default 256), peer / peer512 (HF transformers
 # at batch 256 / 512). Logs and JSON land in $OUT.
 set -uo pipefail
@@ -20,6 +20,8 @@ for s in ${STEPS//,/ }; do
     tests) timeout 300 "$B/it" gpu:: --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|rel err|differ" ;;
     kernels) timeout 300 "$B/runner" bench jobs/bench.toml --kernels --tokenizer "$TOK" \
         ${QUANT:+--set model.dummy_quant=$QUANT} --json "$OUT/kernels${QUANT:+-$QUANT}.json" 2>&1 | grep -v INFO ;;
+    kernels:*) q=${s#kernels:}; timeout 300 "$B/runner" bench jobs/bench.toml --kernels --tokenizer "$TOK" \
+        --set model.dummy_quant=$q --json "$OUT/kernels-$q.json" 2>&1 | grep -v INFO ;;
     W*) w=${s%%@*}; seqs=${s#*@}; [[ $seqs == "$s" ]] && seqs=256
       timeout ${WTIME:-300} "$B/runner" bench jobs/bench.toml --workload "$w" --scale "${SCALE:-1}" --tokenizer "$TOK" \
         ${QUANT:+--set model.dummy_quant=$QUANT} --set engine.max_num_seqs=$seqs \
