@@ -24,7 +24,11 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
     let mut report = serde_json::Map::new();
     report.insert(
         "commit".into(),
-        option_env!("RUNNER_GIT_COMMIT").unwrap_or("unknown").into(),
+        std::env::var("RUNNER_COMMIT")
+            .ok()
+            .or(option_env!("RUNNER_GIT_COMMIT").map(str::to_string))
+            .unwrap_or_else(|| "unknown".into())
+            .into(),
     );
     #[allow(unused_mut)]
     let mut matmul = 0.0;

@@ -224,11 +224,11 @@ impl GptqGpu {
     }
 
     /// How the product kernel reads the activation at `m` tokens: gathered
-    /// by the product kernel for a single token (one launch); above, the
-    /// gather's cost grows with the rows and the permute kernel is faster
+    /// by the product kernel for a single token of a 4-bit layer (one
+    /// launch); above, and at 8-bit, the permute kernel first is faster
     /// (measured: BENCHMARKS.md).
     fn stage(&self, m: usize) -> u8 {
-        tune().stage.unwrap_or(u8::from(m <= 1))
+        tune().stage.unwrap_or(u8::from(m <= 1 && self.bits == 4))
     }
 
     /// Shared memory of a staged launch of `rows` tokens.
