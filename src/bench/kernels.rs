@@ -231,3 +231,62 @@ pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Att
     let _ = DType::F16;
     Ok(rows)
 }
+
+/// One prefill-attention measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefillRow {
+    /// Sequences (one chunk each, from position 0).
+    pub seqs: usize,
+    /// Prompt tokens per sequence.
+    pub tokens: usize,
+    /// Device µs per call (one layer), from a CUDA graph.
+    pub us: Option<f64>,
+    /// Causal attention TFLOP/s (QK^T and PV over the visible keys only).
+    pub tflops: Option<f64>,
+}
+
+/// Flash prefill attention on Mistral's heads (32 q, 8 kv, d 128, blocks of
+/// 16, cache rows interleaved across sequences).
+pub fn prefill_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<PrefillRow>> {
+    let cd = cuda::cuda(dev)?;
+    let (nh, nkv, d) = (32, 8, 128);
+    let mut rows = Vec::new();
+    for &(b, n) in cases {
+        let kc = cuda::fill_f16(&cd, (b * n, nkv * d), 6, -1.0, 1.0)?;
+        let vc = cuda::fill_f16(&cd, (b * n, nkv * d), 7, -1.0, 1.0)?;
+        let q = cuda::fill_f16(&cd, (b * n, nh * d), 8, -1.0, 1.0)?;
+        let keys: Vec<u32> = (0..b)
+            .flat_map(|i| (0..n).map(move |p| (p * b + i) as u32))
+            .collect();
+        let keys = Tensor::from_vec(keys, b * n, dev)?;
+        let chunks: Vec<cuda::PrefillChunk> = (0..b)
+            .map(|i| cuda::PrefillChunk {
+                row0: i * n,
+                n,
+                start: 0,
+                key_off: i * n,
+            })
+            .collect();
+        let (tiles, ntiles) = cuda::prefill_tiles(&chunks, dev)?;
+        let out = Tensor::zeros((b * n, nh * d), DType::F16, dev)?;
+        let shape = cuda::PrefillShape {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+            window: 0,
+        };
+        let t = cuda::graph_time(dev, 10, || {
+            cuda::flash_prefill(&q, &kc, &vc, &keys, (&tiles, ntiles), &out, &shape)
+        })?;
+        // Visible (query, key) pairs: n (n + 1) / 2 per head and sequence;
+        // 2 FLOP per multiply-add, QK^T and PV.
+        let flop = (b * nh) as f64 * (n * (n + 1) / 2) as f64 * d as f64 * 4.0;
+        rows.push(PrefillRow {
+            seqs: b,
+            tokens: n,
+            us: t.map(|t| t * 1e6),
+            tflops: t.map(|t| flop / t / 1e12),
+        });
+    }
+    Ok(rows)
+}

@@ -110,6 +110,20 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                     println!("  {:>4} {:>5} {:>7.0} {:>8.1}", r.batch, r.ctx, r.gbs, r.us);
                 }
                 report.insert("attention".into(), serde_json::to_value(&att)?);
+                let pre = bench::kernels::prefill_table(&dev, &[(4, 2048), (16, 512), (1, 4096)])?;
+                println!(
+                    "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens us TFLOP/s  (cuBLAS {matmul:.0})"
+                );
+                for r in &pre {
+                    println!(
+                        "  {:>4} {:>5} {:>9} {:>7}",
+                        r.seqs,
+                        r.tokens,
+                        r.us.map_or("-".into(), |v| format!("{v:.0}")),
+                        r.tflops.map_or("-".into(), |v| format!("{v:.0}"))
+                    );
+                }
+                report.insert("prefill".into(), serde_json::to_value(&pre)?);
             }
         }
     }
