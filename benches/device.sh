@@ -11,8 +11,8 @@ B=/tmp/rb
 mkdir -p "$B" && tar xJf dev/bundle.tar.xz -C "$B" || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
-export RUNNER_COMMIT=$(cat dev/COMMIT 2>/dev/null)  # recorded in the bench JSON
-echo "commit $RUNNER_COMMIT"
+export BENCH_COMMIT=$(cat dev/COMMIT 2>/dev/null)  # recorded in the bench JSON
+echo "commit $BENCH_COMMIT"
 export TEST_FIXTURES_DIR=$B/fixtures TEST_RUNNER_BIN=$B/runner
 TOK=$(ls -d "$B"/fixtures/tiny-mistral-* | head -1)
 for s in ${STEPS//,/ }; do

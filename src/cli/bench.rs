@@ -24,7 +24,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
     let mut report = serde_json::Map::new();
     report.insert(
         "commit".into(),
-        std::env::var("RUNNER_COMMIT")
+        std::env::var("BENCH_COMMIT")
             .ok()
             .or(option_env!("RUNNER_GIT_COMMIT").map(str::to_string))
             .unwrap_or_else(|| "unknown".into())

@@ -26,8 +26,8 @@ const STAGE_K: usize = 4096;
 pub const STAGE_MAX_M: usize = 8;
 
 /// Launch choices that do not change results, overridable for kernel
-/// tuning: RUNNER_GPTQ_C (column tiles per warp: 1, 2, 4), RUNNER_GPTQ_STAGE
-/// (0, 1, 2: see kernels/gptq.cu), RUNNER_GPTQ_BLOCKS (the block count the K
+/// tuning: GPTQ_KERNEL_C (column tiles per warp: 1, 2, 4), GPTQ_KERNEL_STAGE
+/// (0, 1: see kernels/gptq.cu), GPTQ_KERNEL_BLOCKS (the block count the K
 /// split aims for; this one does change the reduction order).
 struct Tune {
     c: Option<usize>,
@@ -44,11 +44,11 @@ fn tune() -> &'static Tune {
                 .and_then(|v| v.parse::<usize>().ok())
         };
         Tune {
-            c: var("RUNNER_GPTQ_C").filter(|c| [1, 2, 4].contains(c)),
-            stage: var("RUNNER_GPTQ_STAGE")
+            c: var("GPTQ_KERNEL_C").filter(|c| [1, 2, 4].contains(c)),
+            stage: var("GPTQ_KERNEL_STAGE")
                 .filter(|s| *s <= 1)
                 .map(|s| s as u8),
-            blocks: var("RUNNER_GPTQ_BLOCKS").unwrap_or(256).max(1),
+            blocks: var("GPTQ_KERNEL_BLOCKS").unwrap_or(256).max(1),
         }
     })
 }
