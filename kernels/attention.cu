@@ -153,43 +153,6 @@ extern "C" __global__ void paged_decode_combine(const float* __restrict__ part_o
   out[bh * D + d] = __float2half(l > 0.f ? o / l : 0.f);
 }
 
-// Prefill scores -> probabilities, as HF eager attention in f16: the raw f16
-// q.k^T times the f16 scale (rounded), the causal + window mask, softmax in
-// f32, rounded to f16. scores [R, L] with row r a query at position
-// start + (r % n); one block per row.
-extern "C" __global__ void masked_softmax(half* __restrict__ scores, int L, int n, int start,
-                                          int window, float scale) {
-  __shared__ float red[32];
-  size_t r = blockIdx.x;
-  half* s = scores + r * L;
-  int i = start + (int)(r % n);
-  int lo = window > 0 ? max(0, i - window + 1) : 0;
-  half sh = __float2half(scale);
-  float mx = -FLT_MAX;
-  for (int j = threadIdx.x; j < L; j += blockDim.x)
-    if (j >= lo && j <= i) mx = fmaxf(mx, __half2float(__hmul(s[j], sh)));
-  int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  if (lane == 0) red[w] = mx;
-  __syncthreads();
-  mx = -FLT_MAX;
-  for (int k = 0; k < nw; k++) mx = fmaxf(mx, red[k]);
-  __syncthreads();
-  float sum = 0.f;
-  for (int j = threadIdx.x; j < L; j += blockDim.x)
-    if (j >= lo && j <= i) sum += expf(__half2float(__hmul(s[j], sh)) - mx);
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (lane == 0) red[w] = sum;
-  __syncthreads();
-  sum = 0.f;
-  for (int k = 0; k < nw; k++) sum += red[k];
-  float inv = 1.f / sum;
-  for (int j = threadIdx.x; j < L; j += blockDim.x) {
-    float pj = (j >= lo && j <= i) ? expf(__half2float(__hmul(s[j], sh)) - mx) * inv : 0.f;
-    s[j] = __float2half(pj);
-  }
-}
-
 // Prefill attention over the paged cache, flash style (never materializes
 // the scores), head dims 16/32/64/128 (D): one block = 4 warps = 64 query
 // rows of one query head; each

@@ -357,32 +357,6 @@ pub fn paged_decode(
     Ok(out)
 }
 
-/// In place on f16 scores [R, L] (row r: query at position start + r % n):
-/// scale, causal + window mask, softmax in f32, back to f16.
-pub fn masked_softmax(
-    scores: &Tensor,
-    n: usize,
-    start: usize,
-    window: usize,
-    scale: f32,
-) -> Result<()> {
-    check_f16(scores, "masked_softmax")?;
-    let dev = device_of(scores)?;
-    let l = scores.dim(scores.rank() - 1)?;
-    let rows = scores.elem_count() / l;
-    let ps = ptr::<f16>(scores)?;
-    let ints = [l as i32, n as i32, start as i32, window as i32];
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut args = vec![Arg::P(ps)];
-    args.extend(ints.iter().map(|&x| Arg::I(x)));
-    args.push(Arg::F(scale));
-    launch(&dev, &ATTENTION, "masked_softmax", cfg, &args)
-}
-
 /// One prefill chunk for [`flash_prefill`]: rows `row0..row0 + n` of q and
 /// of the output are the queries at positions `start..start + n` of a
 /// sequence whose cache rows for positions `0..start + n` are

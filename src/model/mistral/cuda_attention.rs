@@ -1,7 +1,6 @@
 //! The paged KV cache on the GPU (f16 rows per layer) and attention over it:
 //! one batched decode kernel for every single-token chunk, and one flash
-//! prefill kernel for every longer chunk (head dims 16-128; HF's eager f16
-//! arithmetic over the gathered keys for any other).
+//! prefill kernel for every longer chunk (head dims 16, 32, 64, 128).
 
 use crate::cuda::{self, DecodeShape, PrefillChunk, PrefillShape};
 use crate::kv::BlockId;
@@ -26,9 +25,8 @@ pub(crate) struct GpuBatch {
     /// Prefill chunks: every chunk's cache rows of positions 0..start+n,
     /// concatenated, and the flash kernel's tiles.
     prefill: Option<Prefill>,
-    /// Per chunk: where its cache rows start in `prefill.keys` (prefill
-    /// chunks only).
-    key_off: Vec<Option<usize>>,
+    /// Per chunk: whether it is a prefill chunk (more than one token).
+    is_prefill: Vec<bool>,
 }
 
 struct Prefill {
@@ -63,6 +61,13 @@ pub struct CudaKvShape {
 impl CudaKv {
     /// Zeroed f16 storage.
     pub fn new(s: &CudaKvShape, dev: &Device) -> Result<Self> {
+        // The attention kernels are built for these head dims (Mistral-7B: 128).
+        if ![16, 32, 64, 128].contains(&s.head_dim) {
+            return Err(crate::Error::Model(format!(
+                "head_dim {} is not supported on CUDA (16, 32, 64 or 128)",
+                s.head_dim
+            )));
+        }
         let rows = s.num_blocks * s.block_size;
         let row = s.kv_heads * s.head_dim;
         let mut layers = Vec::with_capacity(s.layers);
@@ -120,7 +125,7 @@ impl CudaKv {
         let mut rows = Vec::new();
         let mut ctx = Vec::new();
         let mut tables: Vec<&[BlockId]> = Vec::new();
-        let mut key_off = Vec::with_capacity(chunks.len());
+        let mut is_prefill = Vec::with_capacity(chunks.len());
         let mut keys: Vec<u32> = Vec::new();
         let mut prefill = Vec::new();
         let mut off = 0u32;
@@ -130,9 +135,9 @@ impl CudaKv {
                 rows.push(off);
                 ctx.push((start + 1) as u32);
                 tables.push(blocks);
-                key_off.push(None);
+                is_prefill.push(false);
             } else {
-                key_off.push(Some(keys.len()));
+                is_prefill.push(true);
                 prefill.push(PrefillChunk {
                     row0: off as usize,
                     n: *n,
@@ -178,7 +183,7 @@ impl CudaKv {
             slots: Tensor::from_vec(slots, t, dev)?,
             decode,
             prefill,
-            key_off,
+            is_prefill,
         })
     }
 
@@ -225,7 +230,7 @@ impl CudaKv {
             None => None,
         };
         let flash = match &b.prefill {
-            Some(p) if [16, 32, 64, 128].contains(&d) => {
+            Some(p) => {
                 let out = cuda::empty::<half::f16>(&cuda::cuda(q.device())?, (t, nh * d))?;
                 cuda::flash_prefill(
                     &q2,
@@ -246,54 +251,23 @@ impl CudaKv {
                 }
                 Some(out)
             }
-            _ => None,
+            None => None,
         };
-        let g = nh / nkv;
-        let scale = 1.0 / (d as f32).sqrt();
+        // Mixed batch: the chunks' rows in order, from the two kernels.
         let mut pieces: Vec<Tensor> = Vec::new();
         let (mut off, mut di, mut run) = (0usize, 0usize, 0usize);
-        for ((start, n, _), key_off) in chunks.iter().zip(&b.key_off) {
-            let Some(key_off) = key_off else {
+        for ((_, n, _), prefill) in chunks.iter().zip(&b.is_prefill) {
+            if !prefill {
                 run += 1;
                 off += n;
                 continue;
-            };
+            }
             if run > 0 {
                 pieces.push(dec.as_ref().expect("decode rows").narrow(0, di, run)?);
                 di += run;
                 run = 0;
             }
-            if let Some(f) = &flash {
-                pieces.push(f.narrow(0, off, *n)?);
-                off += n;
-                continue;
-            }
-            let keys = &b.prefill.as_ref().expect("prefill keys").keys;
-            let l = start + n;
-            let keys = keys.narrow(0, *key_off, l)?;
-            let kall = kc
-                .index_select(&keys, 0)?
-                .reshape((l, nkv, d))?
-                .transpose(0, 1)?
-                .contiguous()?;
-            let vall = vc
-                .index_select(&keys, 0)?
-                .reshape((l, nkv, d))?
-                .transpose(0, 1)?
-                .contiguous()?;
-            let qc = q
-                .narrow(0, off, *n)?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((nkv, g * n, d))?;
-            let scores = qc.matmul(&kall.t()?)?.contiguous()?; // [kv, g*n, L]
-            cuda::masked_softmax(&scores, *n, *start, window.unwrap_or(0), scale)?;
-            let o = scores.matmul(&vall)?; // [kv, g*n, d]
-            pieces.push(
-                o.reshape((nh, *n, d))?
-                    .transpose(0, 1)?
-                    .reshape((*n, nh * d))?,
-            );
+            pieces.push(flash.as_ref().expect("prefill rows").narrow(0, off, *n)?);
             off += n;
         }
         if run > 0 {
