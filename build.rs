@@ -12,6 +12,7 @@ fn main() {
     for k in KERNELS {
         println!("cargo:rerun-if-changed=kernels/{k}.cu");
     }
+    println!("cargo:rerun-if-changed=kernels/mma.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;

@@ -8,6 +8,8 @@
 #include <float.h>
 #include <stdint.h>
 
+#include "mma.cuh"
+
 // Copies n rows of `row` halves (k and v) to their cache slots.
 extern "C" __global__ void kv_write(const half* __restrict__ k, const half* __restrict__ v,
                                     half* __restrict__ kc, half* __restrict__ vc,
@@ -198,13 +200,6 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const void* p) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(s));
 }
-__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
   half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&h);
@@ -297,7 +292,7 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
       if (KS == 1) {
         uint32_t b[2];  // m0/m1: keys j*8.., d 0 (+8)
         ldsm_x2(b, ks + (j * 8 + (lane & 7)) * FP_RS + ((lane >> 3) & 1) * 8);
-        mma16816(s[j], qa[0], b[0], b[1]);
+        mma_16816(s[j], qa[0], b[0], b[1]);
       } else {
 #pragma unroll
         for (int s2 = 0; s2 < KS; s2 += 2) {
@@ -305,8 +300,8 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
           uint32_t b[4];
           const int l = lane;
           ldsm_x4(b, ks + (j * 8 + (l & 7)) * FP_RS + s2 * 16 + ((l >> 3) & 1) * 8 + (l >> 4) * 16);
-          mma16816(s[j], qa[s2], b[0], b[1]);
-          mma16816(s[j], qa[s2 + 1], b[2], b[3]);
+          mma_16816(s[j], qa[s2], b[0], b[1]);
+          mma_16816(s[j], qa[s2 + 1], b[2], b[3]);
         }
       }
     }
@@ -362,8 +357,8 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
         // m0/m1: keys 16kk (+8), dims dn*8; m2/m3: dims (dn+1)*8.
         uint32_t b[4];
         ldsm_x4_t(b, vs + (kk * 16 + (lane & 15)) * FP_RS + dn * 8 + (lane >> 4) * 8);
-        mma16816(o[dn], pa, b[0], b[1]);
-        mma16816(o[dn + 1], pa, b[2], b[3]);
+        mma_16816(o[dn], pa, b[0], b[1]);
+        mma_16816(o[dn + 1], pa, b[2], b[3]);
       }
     }
     __syncthreads();  // the next iteration's load overwrites this stage
