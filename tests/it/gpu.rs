@@ -499,6 +499,11 @@ fn gpu_topk_matches_the_host_samplers_order() {
 #[test]
 fn seeded_sampling_on_the_gpu_is_reproducible() {
     let fx = crate::common::fixtures();
+    // A quantized fixture among those this run checks (TEST_MODELS).
+    let model = crate::common::models()
+        .into_iter()
+        .find(|m| m.contains("gptq"))
+        .expect("TEST_MODELS names a GPTQ fixture");
     let tmp = tempfile::tempdir().unwrap();
     let mut s = String::new();
     for i in 0..6 {
@@ -513,7 +518,7 @@ fn seeded_sampling_on_the_gpu_is_reproducible() {
     for out in ["a", "b"] {
         let job = crate::common::write_job(
             tmp.path(),
-            &fx.join(crate::common::ALL_MODELS[1]),
+            &fx.join(model),
             "p.jsonl",
             &format!(
                 "[generation]\nmax_new_tokens = 12\ntemperature = 0.8\ntop_k = 20\ntop_p = 0.95\nseed = 7\n\n[output]\npath = \"{out}\"\ninclude_token_ids = true\n\n[engine]\ndevice = \"cuda\"\n"
