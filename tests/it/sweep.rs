@@ -406,6 +406,38 @@ fn loglikelihood_mode_scores_continuations_without_generating() {
     };
     let out = f(&tmp.path().join("ll"));
     assert_eq!(out.len(), 3);
+    // The two scored records share one forward by default; one record per
+    // forward (max_num_seqs = 1) must give the same scores.
+    let single = runner(
+        tmp.path(),
+        &[
+            "submit",
+            job.to_str().unwrap(),
+            "--set",
+            "engine.max_num_seqs=1",
+            "--set",
+            "output.path=\"ll1\"",
+        ],
+        &[],
+    );
+    assert!(single.ok, "{}", single.stderr);
+    let one = f(&tmp.path().join("ll1"));
+    for r in &out {
+        let o = one.iter().find(|o| o["id"] == r["id"]).unwrap();
+        assert_eq!(
+            (&r["status"], &r["n"]),
+            (&o["status"], &o["n"]),
+            "{}",
+            r["id"]
+        );
+        if let (Some(a), Some(b)) = (r["sum"].as_f64(), o["sum"].as_f64()) {
+            assert!(
+                (a - b).abs() < 1e-6 * a.abs().max(1.0),
+                "{}: batched {a} vs alone {b}",
+                r["id"]
+            );
+        }
+    }
     let m = runner::model::load(
         &model,
         &runner::model::LoadOptions::new(candle_core::DType::F32, &candle_core::Device::Cpu),

@@ -413,16 +413,35 @@ impl Mistral {
     /// f32 logits [tokens, vocab] for every position of one sequence run
     /// from an empty cache (reference comparisons, loglikelihood scoring).
     pub fn logits_full(&self, tokens: &[u32]) -> Result<Tensor> {
+        self.logits_full_batch(&[tokens])
+    }
+
+    /// f32 logits for every position of several sequences run together in
+    /// one forward from an empty cache: [sum of lengths, vocab], the
+    /// sequences' rows in order.
+    pub fn logits_full_batch(&self, seqs: &[&[u32]]) -> Result<Tensor> {
         let bs = 16;
-        let n = tokens.len().div_ceil(bs).max(1);
-        let mut cache = self.new_cache(n, bs)?;
-        let blocks: Vec<BlockId> = (0..n as u32).map(BlockId).collect();
-        let chunk = [SeqChunk {
-            tokens,
-            start_pos: 0,
-            blocks: &blocks,
-        }];
-        self.forward(&chunk, &mut cache, true)
+        let per: Vec<usize> = seqs.iter().map(|t| t.len().div_ceil(bs).max(1)).collect();
+        let mut cache = self.new_cache(per.iter().sum(), bs)?;
+        let mut next = 0u32;
+        let blocks: Vec<Vec<BlockId>> = per
+            .iter()
+            .map(|&n| {
+                let b = (next..next + n as u32).map(BlockId).collect();
+                next += n as u32;
+                b
+            })
+            .collect();
+        let chunks: Vec<SeqChunk<'_>> = seqs
+            .iter()
+            .zip(&blocks)
+            .map(|(tokens, blocks)| SeqChunk {
+                tokens,
+                start_pos: 0,
+                blocks,
+            })
+            .collect();
+        self.forward(&chunks, &mut cache, true)
     }
 }
 

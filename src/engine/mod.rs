@@ -62,6 +62,8 @@ pub fn candle_device(d: Device) -> Result<candle_core::Device> {
     }
 }
 
+mod loglikelihood;
+
 /// A model with its prompter, ready to run records.
 pub struct Engine {
     model: Mistral,
@@ -293,71 +295,6 @@ impl Engine {
         }
         drop(tx);
         self.step_loop(&rx, sink)
-    }
-
-    /// Loglikelihood mode: for each record, the summed log-probability of
-    /// its continuation after its rendered prompt (no generation), one
-    /// record at a time through the paged forward.
-    fn run_loglikelihood(
-        &self,
-        input: &mut (dyn Iterator<Item = Result<InputRecord>> + Send),
-        job_system: &str,
-        sink: &mut ParquetSink,
-    ) -> Result<JobSummary> {
-        let start = Instant::now();
-        let mut sum = JobSummary::default();
-        let ctx = self.model.config().max_position_embeddings;
-        for rec in input {
-            if self.stop_requested() {
-                sum.interrupted = true;
-                break;
-            }
-            let rec = rec?;
-            let t0 = Instant::now();
-            let scored = self
-                .continuation_tokens(&rec, job_system)
-                .and_then(|(prompt, all)| {
-                    if all.len() > ctx {
-                        return Err(format!(
-                            "record {}: prompt + continuation has {} tokens, the context is {ctx}",
-                            rec.id,
-                            all.len()
-                        ));
-                    }
-                    let logits = self
-                        .model
-                        .logits_full(&all)
-                        .and_then(|l| Ok(l.to_vec2::<f32>()?))
-                        .map_err(|e| format!("record {}: {e}", rec.id))?;
-                    let (ll, n) = crate::scoring::loglikelihood(&logits, &all, prompt);
-                    Ok((prompt, all.len(), ll, n))
-                });
-            sum.records += 1;
-            let row = match scored {
-                Err(msg) => {
-                    sum.errors += 1;
-                    error_row(&rec, msg, 0.0, &self.defaults)
-                }
-                Ok((prompt, total, ll, n)) => {
-                    sum.ok += 1;
-                    sum.prompt_tokens += prompt;
-                    sum.steps += 1;
-                    sum.forward_tokens += total;
-                    let mut row = error_row(&rec, String::new(), 0.0, &self.defaults);
-                    row.status = "ok";
-                    row.error = None;
-                    row.finish_reason = crate::output::FinishReason::Scored.as_str();
-                    row.prompt_tokens = prompt as u32;
-                    row.total_ms = ms(t0, Instant::now());
-                    row.loglikelihood = Some((ll, n as u32));
-                    row
-                }
-            };
-            sink.push(row)?;
-        }
-        sink.flush()?;
-        sum.wall_s = start.elapsed().as_secs_f64();
-        Ok(sum)
     }
 
     /// (prompt length, prompt + continuation tokens) of a record: the
