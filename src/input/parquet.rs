@@ -1,5 +1,6 @@
 //! Parquet input, read batch by batch. Only the columns the job uses are
-//! converted (to JSON values, so both formats share one record builder).
+//! read and converted (to JSON values, so both formats share one record
+//! builder).
 
 use super::{InputRecord, RecordBuilder, OVERRIDE_COLUMNS};
 use crate::{Error, Result};
@@ -9,6 +10,7 @@ use arrow::datatypes::{
 };
 use arrow::datatypes::{UInt16Type, UInt32Type, UInt64Type, UInt8Type};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::ProjectionMask;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
@@ -58,7 +60,14 @@ impl ParquetSource {
         columns.extend(OVERRIDE_COLUMNS.iter().map(|c| c.to_string()));
         columns.retain(|c| has(c));
         columns.dedup();
+        // Read only those columns: datasets often carry many others.
+        let roots: Vec<usize> = columns
+            .iter()
+            .filter_map(|c| schema.index_of(c).ok())
+            .collect();
+        let mask = ProjectionMask::roots(b.parquet_schema(), roots);
         let reader = b
+            .with_projection(mask)
             .with_batch_size(1024)
             .build()
             .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
