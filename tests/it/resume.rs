@@ -29,7 +29,7 @@ fn job(dir: &Path, out: &str) -> std::path::PathBuf {
         &fixtures().join(ALL_MODELS[1]),
         "p.jsonl",
         &format!(
-            "[generation]\nmax_new_tokens = 12\n\n[output]\npath = \"{out}\"\ninclude_token_ids = true\nflush_every = 8\n\n[engine]\nmax_num_seqs = 16\n"
+            "[generation]\nmax_new_tokens = 24\n\n[output]\npath = \"{out}\"\ninclude_token_ids = true\nflush_every = 8\n\n[engine]\nmax_num_seqs = 16\n"
         ),
     )
 }
@@ -280,7 +280,7 @@ fn a_changed_job_is_refused_unless_restart() {
     let e = error_line(&run);
     assert!(
         e.contains("holds 240 rows of a different job")
-            && e.contains("generation.max_new_tokens: 12 -> 5")
+            && e.contains("generation.max_new_tokens: 24 -> 5")
             && e.contains("--restart"),
         "{e}"
     );

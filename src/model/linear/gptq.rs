@@ -37,6 +37,58 @@ fn unpack(word: i32, j: usize, bits: u32) -> u32 {
 }
 
 impl GptqWeight {
+    /// The layers side by side along N (one product for layers that share
+    /// an input, e.g. q/k/v), when they can be: the same quantization and
+    /// input size, the same act-order groups (`g_idx`: GPTQ gives layers
+    /// that see the same input the same permutation), and widths that are
+    /// whole packed zero words. `None` otherwise.
+    pub fn concat_n(parts: &[&GptqWeight]) -> Option<GptqWeight> {
+        let first = parts.first()?;
+        let pack = first.quant.pack();
+        if parts.iter().any(|p| {
+            p.quant != first.quant
+                || p.in_features != first.in_features
+                || p.g_idx != first.g_idx
+                || p.out_features % pack != 0
+        }) {
+            return None;
+        }
+        let n: usize = parts.iter().map(|p| p.out_features).sum();
+        let rows = |v: fn(&GptqWeight) -> (&[i32], usize)| -> Vec<i32> {
+            let height = v(first).0.len() / v(first).1;
+            (0..height)
+                .flat_map(|r| {
+                    parts.iter().flat_map(move |p| {
+                        let (data, w) = v(p);
+                        data[r * w..(r + 1) * w].iter().copied()
+                    })
+                })
+                .collect()
+        };
+        let qweight = rows(|p| (&p.qweight, p.out_features));
+        let qzeros = rows(|p| (&p.qzeros, p.out_features / p.quant.pack()));
+        let groups = first.scales.len() / first.out_features;
+        let scales = (0..groups)
+            .flat_map(|g| {
+                parts.iter().flat_map(move |p| {
+                    p.scales[g * p.out_features..(g + 1) * p.out_features]
+                        .iter()
+                        .copied()
+                })
+            })
+            .collect();
+        Some(GptqWeight {
+            in_features: first.in_features,
+            out_features: n,
+            quant: first.quant.clone(),
+            qweight,
+            qzeros,
+            scales,
+            g_idx: first.g_idx.clone(),
+            symmetric_zeros: parts.iter().all(|p| p.symmetric_zeros),
+        })
+    }
+
     /// Loads `prefix.{qweight,qzeros,scales,g_idx}` and checks every shape
     /// and dtype against (K, N) and the quantization. A missing `g_idx`
     /// (checkpoints without act-order) means `k / group_size`.
@@ -285,6 +337,40 @@ impl RandomGptq {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concat_n_puts_the_layers_side_by_side() {
+        for (bits, group) in [(4, Some(32)), (8, None), (4, Some(64))] {
+            let build = |n, seed| {
+                RandomGptq {
+                    bits,
+                    group_size: group,
+                    k: 256,
+                    n,
+                    act_order: true,
+                    seed,
+                }
+                .build()
+            };
+            let (a, mut b, mut c) = (build(64, 1), build(16, 2), build(32, 3));
+            b.g_idx = a.g_idx.clone();
+            c.g_idx = a.g_idx.clone();
+            let joined = GptqWeight::concat_n(&[&a, &b, &c]).expect("same groups");
+            assert_eq!(joined.out_features, 112);
+            let want: Vec<f32> = [&a, &b, &c]
+                .iter()
+                .flat_map(|w| w.dequantize_nk()) // [N, K]: rows append
+                .collect();
+            assert_eq!(joined.dequantize_nk(), want, "{bits}-bit {group:?}");
+            // Different act-order groups cannot share one product (one
+            // group: every g_idx is all zeros, so any layers can).
+            let d = build(16, 4);
+            if group.is_some() {
+                assert!(d.g_idx != a.g_idx);
+                assert!(GptqWeight::concat_n(&[&a, &d]).is_none());
+            }
+        }
+    }
 
     /// Independent packer: puts value j of each word at bits [j*bits, (j+1)*bits).
     fn pack_along(values: &[u32], bits: u32) -> Vec<i32> {

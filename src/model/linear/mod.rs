@@ -77,6 +77,91 @@ pub struct LinearSpec<'a> {
     pub fused_max_m: usize,
 }
 
+/// Layers that share an input (q/k/v, gate/up): one product when they can
+/// be fused, whose output columns are the parts' outputs side by side.
+#[derive(Debug, Clone)]
+pub enum Proj {
+    /// One layer; the parts' output widths.
+    Fused(Linear, Vec<usize>),
+    /// The parts as separate layers.
+    Split(Vec<Linear>),
+}
+
+impl Proj {
+    /// Loads the layers of `specs` (same input size) from a checkpoint,
+    /// checking every tensor's shape: dense weights are always fused;
+    /// GPTQ ones when [`GptqWeight::concat_n`] can join them.
+    pub fn load(ck: &Checkpoint, specs: &[LinearSpec<'_>]) -> Result<Self> {
+        let widths: Vec<usize> = specs.iter().map(|s| s.out_features).collect();
+        let Some(first) = specs.first() else {
+            return Ok(Self::Split(Vec::new()));
+        };
+        let name = specs.iter().map(|s| s.prefix).collect::<Vec<_>>().join("+");
+        let fused_spec = LinearSpec {
+            prefix: &name,
+            in_features: first.in_features,
+            out_features: widths.iter().sum(),
+            quant: first.quant,
+            dtype: first.dtype,
+            device: first.device,
+            mode: first.mode,
+            fused_max_m: first.fused_max_m,
+        };
+        match first.quant {
+            None => {
+                let parts = specs
+                    .iter()
+                    .map(|s| {
+                        ck.float(
+                            &format!("{}.weight", s.prefix),
+                            &[s.out_features, s.in_features],
+                            s.dtype,
+                            s.device,
+                        )
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Self::Fused(Linear::dense(Tensor::cat(&parts, 0)?), widths))
+            }
+            Some(q) => {
+                let parts = specs
+                    .iter()
+                    .map(|s| GptqWeight::load(ck, s.prefix, s.in_features, s.out_features, q))
+                    .collect::<Result<Vec<_>>>()?;
+                let refs: Vec<&GptqWeight> = parts.iter().collect();
+                match GptqWeight::concat_n(&refs) {
+                    Some(w) => Ok(Self::Fused(Linear::from_gptq(w, &fused_spec)?, widths)),
+                    None => Ok(Self::Split(
+                        parts
+                            .into_iter()
+                            .zip(specs)
+                            .map(|(w, s)| Linear::from_gptq(w, s))
+                            .collect::<Result<Vec<_>>>()?,
+                    )),
+                }
+            }
+        }
+    }
+
+    /// The parts' outputs for x [T, in], each [T, width], contiguous.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Split(layers) => layers.iter().map(|l| l.forward(x)).collect(),
+            Self::Fused(layer, widths) => {
+                let y = layer.forward(x)?;
+                let mut off = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        let part = y.narrow(1, off, w)?.contiguous()?;
+                        off += w;
+                        Ok(part)
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
 impl Linear {
     /// Loads a layer from a checkpoint, checking every tensor's shape.
     pub fn load(ck: &Checkpoint, spec: &LinearSpec<'_>) -> Result<Self> {

@@ -13,7 +13,7 @@ pub use attention::{CpuKv, PagedKvCache};
 pub use config::MistralConfig;
 
 use super::checkpoint::Checkpoint;
-use super::linear::{GptqMode, Linear, LinearSpec, RandomGptq};
+use super::linear::{GptqMode, Linear, LinearSpec, Proj, RandomGptq};
 use super::quant::QuantConfig;
 use crate::kv::BlockId;
 use crate::Result;
@@ -101,13 +101,12 @@ fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 struct Layer {
     input_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k, v (one product when the checkpoint allows).
+    qkv: Proj,
     o: Linear,
     post_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
+    /// gate, up (likewise).
+    gate_up: Proj,
     down: Linear,
 }
 
@@ -202,21 +201,45 @@ impl Mistral {
                 (Source::Dummy { seed }, Some(q)) => dummy_gptq(&spec, q, next_seed(*seed)),
             }
         };
+        // Layers sharing an input: one product when the checkpoint allows
+        // (dummy weights: always, as GPTQ's shared act-order would give).
+        let proj = |p: &str, parts: &[(&str, usize, usize)]| -> Result<Proj> {
+            let names: Vec<String> = parts.iter().map(|(nm, _, _)| format!("{p}.{nm}")).collect();
+            let specs: Vec<LinearSpec<'_>> = names
+                .iter()
+                .zip(parts)
+                .map(|(name, &(_, k, n))| LinearSpec {
+                    prefix: name,
+                    in_features: k,
+                    out_features: n,
+                    quant,
+                    dtype,
+                    device,
+                    mode: opts.gptq_mode,
+                    fused_max_m: opts.fused_max_m,
+                })
+                .collect();
+            match src {
+                Source::Checkpoint(ck) => Proj::load(ck, &specs),
+                Source::Dummy { .. } => {
+                    let widths: Vec<usize> = parts.iter().map(|&(_, _, n)| n).collect();
+                    let fused = lin(names.join("+"), parts[0].1, widths.iter().sum())?;
+                    Ok(Proj::Fused(fused, widths))
+                }
+            }
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let [q, k, v, o, gate, up, down] =
-                linear_shapes(cfg).map(|(name, k, n)| lin(format!("{p}.{name}"), k, n));
+            let shapes = linear_shapes(cfg);
+            let (o, down) = (shapes[3], shapes[6]);
             layers.push(Layer {
                 input_norm: norm(format!("{p}.input_layernorm.weight"))?,
-                q: q?,
-                k: k?,
-                v: v?,
-                o: o?,
+                qkv: proj(&p, &shapes[0..3])?,
+                o: lin(format!("{p}.{}", o.0), o.1, o.2)?,
                 post_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
-                gate: gate?,
-                up: up?,
-                down: down?,
+                gate_up: proj(&p, &shapes[4..6])?,
+                down: lin(format!("{p}.{}", down.0), down.1, down.2)?,
             });
         }
         let embed = float(
@@ -347,21 +370,17 @@ impl Mistral {
         for (li, layer) in self.layers.iter().enumerate() {
             let (h, xr) = layer.input_norm.add_forward(&x, pending.as_ref())?;
             x = xr;
-            let (q, k) = self.rope(
-                &layer.q.forward(&h)?,
-                &layer.k.forward(&h)?,
-                &batch,
-                &cos,
-                &sin,
-            )?;
+            let qkv = layer.qkv.forward(&h)?;
+            let (q, k) = self.rope(&qkv[0], &qkv[1], &batch, &cos, &sin)?;
             let q = q.reshape((total, nh, hd))?;
             let k = k.reshape((total, nkv, hd))?;
-            let v = layer.v.forward(&h)?.reshape((total, nkv, hd))?;
+            let v = qkv[2].reshape((total, nkv, hd))?;
             let attn = cache.attention(li, &batch, &q, &k, &v, self.cfg.sliding_window)?;
             let o = layer.o.forward(&attn)?;
             let (h, xr) = layer.post_norm.add_forward(&x, Some(&o))?;
             x = xr;
-            let act = silu_mul(&layer.gate.forward(&h)?, &layer.up.forward(&h)?)?;
+            let gu = layer.gate_up.forward(&h)?;
+            let act = silu_mul(&gu[0], &gu[1])?;
             pending = Some(layer.down.forward(&act)?);
         }
         let (x, pending) = if all_logits {
