@@ -88,14 +88,33 @@ pub enum Proj {
 }
 
 impl Proj {
+    /// Whether layers sharing an input are fused on `device`: on the CPU
+    /// only. On CUDA the fused product measured slower end to end (W1 on an
+    /// H100: 12,177 against 15,323 output tok/s, BENCHMARKS.md): its output
+    /// is split by strided copies, which cost more at prefill sizes than the
+    /// launches they save; kernels that read the fused output in place are
+    /// the way to fuse there.
+    pub fn fuses_on(device: &Device) -> bool {
+        device.is_cpu()
+    }
+
     /// Loads the layers of `specs` (same input size) from a checkpoint,
-    /// checking every tensor's shape: dense weights are always fused;
-    /// GPTQ ones when [`GptqWeight::concat_n`] can join them.
+    /// checking every tensor's shape. Where [`Proj::fuses_on`] the device,
+    /// dense weights are always fused and GPTQ ones when
+    /// [`GptqWeight::concat_n`] can join them.
     pub fn load(ck: &Checkpoint, specs: &[LinearSpec<'_>]) -> Result<Self> {
         let widths: Vec<usize> = specs.iter().map(|s| s.out_features).collect();
         let Some(first) = specs.first() else {
             return Ok(Self::Split(Vec::new()));
         };
+        if !Self::fuses_on(first.device) {
+            return Ok(Self::Split(
+                specs
+                    .iter()
+                    .map(|s| Linear::load(ck, s))
+                    .collect::<Result<Vec<_>>>()?,
+            ));
+        }
         let name = specs.iter().map(|s| s.prefix).collect::<Vec<_>>().join("+");
         let fused_spec = LinearSpec {
             prefix: &name,

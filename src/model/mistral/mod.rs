@@ -202,7 +202,8 @@ impl Mistral {
             }
         };
         // Layers sharing an input: one product when the checkpoint allows
-        // (dummy weights: always, as GPTQ's shared act-order would give).
+        // (dummy weights: always, as GPTQ's shared act-order would give),
+        // on the devices where that is faster (`Proj::fuses_on`).
         let proj = |p: &str, parts: &[(&str, usize, usize)]| -> Result<Proj> {
             let names: Vec<String> = parts.iter().map(|(nm, _, _)| format!("{p}.{nm}")).collect();
             let specs: Vec<LinearSpec<'_>> = names
@@ -221,11 +222,17 @@ impl Mistral {
                 .collect();
             match src {
                 Source::Checkpoint(ck) => Proj::load(ck, &specs),
-                Source::Dummy { .. } => {
+                Source::Dummy { .. } if Proj::fuses_on(device) => {
                     let widths: Vec<usize> = parts.iter().map(|&(_, _, n)| n).collect();
                     let fused = lin(names.join("+"), parts[0].1, widths.iter().sum())?;
                     Ok(Proj::Fused(fused, widths))
                 }
+                Source::Dummy { .. } => Ok(Proj::Split(
+                    parts
+                        .iter()
+                        .map(|&(nm, k, n)| lin(format!("{p}.{nm}"), k, n))
+                        .collect::<Result<Vec<_>>>()?,
+                )),
             }
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
