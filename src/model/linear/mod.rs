@@ -58,6 +58,7 @@ pub struct Linear {
 }
 
 /// What a loader needs to build one layer.
+#[derive(Clone, Copy)]
 pub struct LinearSpec<'a> {
     /// Tensor name prefix, e.g. `model.layers.0.self_attn.q_proj`.
     pub prefix: &'a str,

@@ -178,16 +178,22 @@ impl Mistral {
                 eps: cfg.rms_norm_eps,
             })
         };
+        let base = LinearSpec {
+            prefix: "",
+            in_features: 0,
+            out_features: 0,
+            quant,
+            dtype,
+            device,
+            mode: opts.gptq_mode,
+            fused_max_m: opts.fused_max_m,
+        };
         let lin = |prefix: String, k: usize, n: usize| -> Result<Linear> {
             let spec = LinearSpec {
                 prefix: &prefix,
                 in_features: k,
                 out_features: n,
-                quant,
-                dtype,
-                device,
-                mode: opts.gptq_mode,
-                fused_max_m: opts.fused_max_m,
+                ..base
             };
             match (src, quant) {
                 (Source::Checkpoint(ck), _) => Linear::load(ck, &spec),
@@ -213,11 +219,7 @@ impl Mistral {
                     prefix: name,
                     in_features: k,
                     out_features: n,
-                    quant,
-                    dtype,
-                    device,
-                    mode: opts.gptq_mode,
-                    fused_max_m: opts.fused_max_m,
+                    ..base
                 })
                 .collect();
             match src {
