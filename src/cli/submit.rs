@@ -137,8 +137,17 @@ pub fn run_one(spec: &JobSpec, hub: &HubSettings, restart: bool) -> anyhow::Resu
     // Job-level checks first, before any model work.
     check_writable(&out)?;
     let _lock = OutputLock::acquire(&out)?;
-    let total = prescan(spec)?;
-    let fp = fingerprint(spec)?;
+    // The duplicate-id prescan and the input's sha256 (in the fingerprint)
+    // each read the whole input: side by side.
+    let (total, fp) = std::thread::scope(|s| {
+        let fp = s.spawn(|| fingerprint(spec));
+        let total = prescan(spec);
+        (
+            total,
+            fp.join().expect("the fingerprint thread does not panic"),
+        )
+    });
+    let (total, fp) = (total?, fp?);
     let hash = manifest::job_hash(&fp);
     let old = Manifest::read(&out)?;
     let on_disk = crate::output::existing_parts(&out)?;
