@@ -345,7 +345,6 @@ impl GptqGpu {
         }
         let dev = device_of(x)?;
         let x = x.contiguous()?;
-        let m = x.dim(0)?;
         let out = empty::<f16>(&dev, (m, self.n))?;
         if m == 0 {
             return Ok(out);

@@ -119,13 +119,8 @@ impl Proj {
         let name = specs.iter().map(|s| s.prefix).collect::<Vec<_>>().join("+");
         let fused_spec = LinearSpec {
             prefix: &name,
-            in_features: first.in_features,
             out_features: widths.iter().sum(),
-            quant: first.quant,
-            dtype: first.dtype,
-            device: first.device,
-            mode: first.mode,
-            fused_max_m: first.fused_max_m,
+            ..*first
         };
         match first.quant {
             None => {

@@ -22,11 +22,9 @@ pub(crate) struct GpuBatch {
     slots: Tensor,
     /// Single-token chunks, batched for the decode kernel.
     decode: Option<Decode>,
-    /// Prefill chunks: every chunk's cache rows of positions 0..start+n,
-    /// concatenated, and the flash kernel's tiles.
+    /// Prefill chunks (more than one token): every chunk's cache rows of
+    /// positions 0..start+n, concatenated, and the flash kernel's tiles.
     prefill: Option<Prefill>,
-    /// Per chunk: whether it is a prefill chunk (more than one token).
-    is_prefill: Vec<bool>,
 }
 
 struct Prefill {
@@ -125,7 +123,6 @@ impl CudaKv {
         let mut rows = Vec::new();
         let mut ctx = Vec::new();
         let mut tables: Vec<&[BlockId]> = Vec::new();
-        let mut is_prefill = Vec::with_capacity(chunks.len());
         let mut keys: Vec<u32> = Vec::new();
         let mut prefill = Vec::new();
         let mut off = 0u32;
@@ -135,9 +132,7 @@ impl CudaKv {
                 rows.push(off);
                 ctx.push((start + 1) as u32);
                 tables.push(blocks);
-                is_prefill.push(false);
             } else {
-                is_prefill.push(true);
                 prefill.push(PrefillChunk {
                     row0: off as usize,
                     n: *n,
@@ -183,7 +178,6 @@ impl CudaKv {
             slots: Tensor::from_vec(slots, t, dev)?,
             decode,
             prefill,
-            is_prefill,
         })
     }
 
@@ -256,8 +250,8 @@ impl CudaKv {
         // Mixed batch: the chunks' rows in order, from the two kernels.
         let mut pieces: Vec<Tensor> = Vec::new();
         let (mut off, mut di, mut run) = (0usize, 0usize, 0usize);
-        for ((_, n, _), prefill) in chunks.iter().zip(&b.is_prefill) {
-            if !prefill {
+        for (_, n, _) in chunks {
+            if *n == 1 {
                 run += 1;
                 off += n;
                 continue;
