@@ -14,9 +14,6 @@ use crate::{Error, Result};
 use serde::Serialize;
 use std::path::Path;
 
-/// FLOPs of the linear layers per token of Mistral-7B (2 x parameters).
-pub const GFLOP_PER_TOKEN: f64 = 14.2;
-
 /// One synthetic workload.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Workload {
@@ -121,7 +118,7 @@ pub fn engine(spec: &JobSpec, tokenizer_dir: &Path) -> Result<Engine> {
     };
     let opts = crate::model::LoadOptions {
         dtype: spec.model.dtype.candle(),
-        device: crate::engine::candle_device(spec.engine.device)?,
+        device: crate::engine::candle_device(spec.engine.device, spec.model.dtype)?,
         gptq_mode: spec.engine.gptq_kernel,
         fused_max_m: spec.engine.gptq_fused_max_m,
     };
@@ -184,7 +181,8 @@ pub fn run_workload(
     let wall = sum.wall_s.max(1e-9);
     // Useful work only: tokens served from the prefix cache and preemption
     // recomputes are not counted (forward_tokens says what ran).
-    let achieved = total.min(sum.forward_tokens as f64) * GFLOP_PER_TOKEN * 1e9 / wall;
+    let flops = engine.model().config().flops_per_token();
+    let achieved = total.min(sum.forward_tokens as f64) * flops / wall;
     Ok(WorkloadResult {
         workload: *w,
         output_tok_s: sum.completion_tokens as f64 / wall,

@@ -43,6 +43,13 @@ pub enum Error {
     /// The run was stopped by a signal; the output is resumable.
     #[error("{0}")]
     Interrupted(String),
+    /// The GPU failed at run time (a kernel launch, an allocation, the
+    /// driver): not the model's fault, often worth a retry.
+    #[error("device: {0}")]
+    Device(String),
+    /// The engine broke one of its own invariants (a bug, not bad input).
+    #[error("engine: {0}")]
+    Engine(String),
     /// Tensor backend error.
     #[error("tensor backend: {0}")]
     Candle(#[from] candle_core::Error),
@@ -61,11 +68,12 @@ impl Error {
     }
 
     /// Process exit code for this error class (2: bad job or input, 3: model,
-    /// 130: interrupted by a signal, 1: other).
+    /// 4: the GPU failed at run time, 130: interrupted by a signal, 1: other).
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::Input(_) => 2,
             Error::Model(_) | Error::Tensor { .. } => 3,
+            Error::Device(_) => 4,
             Error::Interrupted(_) => 130,
             _ => 1,
         }

@@ -4,7 +4,7 @@
 //! them through one Mistral implementation whose linear layers are dense or
 //! GPTQ, samples per record with a per-record seeded RNG, and writes one
 //! Parquet row per record. Module dependencies point one way:
-//! `cli -> engine -> {scheduler, kv, model, sampler, output, input, prompt} -> config`.
+//! `cli -> job -> engine -> {scheduler, kv, model, sampler, output, input, prompt} -> config`.
 
 pub mod bench;
 pub mod cli;
@@ -14,6 +14,7 @@ pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod input;
+pub mod job;
 pub mod kv;
 pub mod model;
 pub mod output;

@@ -5,7 +5,8 @@
 
 pub mod plot;
 
-use crate::output::manifest::{self, METRICS};
+use crate::job::Metrics;
+use crate::output::write_atomic;
 use crate::{Error, Result};
 use arrow::array::{Array, AsArray, Float64Array, RecordBatch, StringArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Float64Type, Schema, UInt32Type};
@@ -50,12 +51,14 @@ pub struct VariantReport {
     pub errors: usize,
     /// Metric means.
     pub metrics: Vec<MetricSummary>,
-    /// Generated tokens per second of generation wall time.
-    pub output_tok_s: f64,
-    /// Peak GPU memory of its last run (GiB; 0 on the CPU).
-    pub peak_gpu_gib: f64,
+    /// Generated tokens per second of generation wall time (`None`: no
+    /// metrics file yet).
+    pub output_tok_s: Option<f64>,
+    /// Peak GPU memory of its last run (GiB; 0 on the CPU; `None`: no run
+    /// has ended).
+    pub peak_gpu_gib: Option<f64>,
     /// Model load seconds of its last run.
-    pub load_s: f64,
+    pub load_s: Option<f64>,
     /// Records ok in both this variant and the baseline.
     pub compared: usize,
     /// Share of those whose greedy tokens are identical to the baseline's.
@@ -156,10 +159,11 @@ pub fn build(out: &Path) -> Result<(SweepInfo, Vec<VariantReport>)> {
         } else {
             None
         };
-        let metrics: serde_json::Value = std::fs::read_to_string(dir.join(METRICS))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(serde_json::Value::Null);
+        let metrics = if dir.is_dir() {
+            Metrics::read(&dir)?
+        } else {
+            None
+        };
         data.push((v.clone(), rows, metrics));
     }
     let base = info
@@ -194,14 +198,7 @@ pub fn build(out: &Path) -> Result<(SweepInfo, Vec<VariantReport>)> {
                 }
             }
         }
-        let num = |k: &str| metrics.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-        let last = |k: &str| {
-            metrics
-                .get("last_run")
-                .and_then(|r| r.get(k))
-                .and_then(|v| v.as_f64())
-                .unwrap_or(0.0)
-        };
+        let last = metrics.as_ref().and_then(|m| m.last_run.as_ref());
         out_rows.push(VariantReport {
             variant: name.clone(),
             records: rows.status.len(),
@@ -219,9 +216,9 @@ pub fn build(out: &Path) -> Result<(SweepInfo, Vec<VariantReport>)> {
                     }
                 })
                 .collect(),
-            output_tok_s: num("output_tok_s"),
-            peak_gpu_gib: last("peak_device_bytes") / (1u64 << 30) as f64,
-            load_s: last("load_s"),
+            output_tok_s: metrics.as_ref().map(|m| m.output_tok_s),
+            peak_gpu_gib: last.map(|r| r.peak_device_bytes as f64 / (1u64 << 30) as f64),
+            load_s: last.map(|r| r.load_s),
             compared,
             agreement: (base.is_some() && compared > 0).then(|| same as f64 / compared as f64),
             mean_first_divergence: (!div.is_empty())
@@ -271,10 +268,10 @@ pub fn write(out: &Path, info: &SweepInfo, rows: &[VariantReport]) -> Result<()>
             }
         }
         md.push_str(&format!(
-            " {:.1} | {:.2} | {:.2} | {} | {} |\n",
-            r.output_tok_s,
-            r.peak_gpu_gib,
-            r.load_s,
+            " {} | {} | {} | {} | {} |\n",
+            fmt_opt(r.output_tok_s, 1),
+            fmt_opt(r.peak_gpu_gib, 2),
+            fmt_opt(r.load_s, 2),
             fmt_opt(r.agreement, 3),
             fmt_opt(r.mean_first_divergence, 2)
         ));
@@ -299,7 +296,11 @@ pub fn write(out: &Path, info: &SweepInfo, rows: &[VariantReport]) -> Result<()>
                 .collect(),
         ),
     };
-    let points: Vec<(f64, f64)> = rows.iter().map(|r| r.output_tok_s).zip(ys).collect();
+    let points: Vec<(f64, f64)> = rows
+        .iter()
+        .map(|r| r.output_tok_s.unwrap_or(f64::NAN))
+        .zip(ys)
+        .collect();
     plot::write(&out.join("report.png"), &points)?;
     md.push_str(&format!(
         "\n![{ylabel} against output tok/s](report.png)\n\nreport.png: {ylabel} (y) against output tok/s (x); points numbered:\n\n"
@@ -315,7 +316,7 @@ pub fn write(out: &Path, info: &SweepInfo, rows: &[VariantReport]) -> Result<()>
             c[2]
         ));
     }
-    manifest::write_atomic(out, "report.md", md.as_bytes())?;
+    write_atomic(out, "report.md", md.as_bytes())?;
 
     let mut fields = vec![
         Field::new("variant", DataType::Utf8, false),
@@ -356,9 +357,9 @@ pub fn write(out: &Path, info: &SweepInfo, rows: &[VariantReport]) -> Result<()>
         )
     };
     for (f, c) in [
-        f64col("output_tok_s", &|r| Some(r.output_tok_s)),
-        f64col("peak_gpu_gib", &|r| Some(r.peak_gpu_gib)),
-        f64col("load_s", &|r| Some(r.load_s)),
+        f64col("output_tok_s", &|r| r.output_tok_s),
+        f64col("peak_gpu_gib", &|r| r.peak_gpu_gib),
+        f64col("load_s", &|r| r.load_s),
         f64col("agreement", &|r| r.agreement),
         f64col("mean_first_divergence", &|r| r.mean_first_divergence),
     ] {
@@ -374,5 +375,5 @@ pub fn write(out: &Path, info: &SweepInfo, rows: &[VariantReport]) -> Result<()>
         .map_err(|e| Error::Output(format!("report.parquet: {e}")))?;
     w.close()
         .map_err(|e| Error::Output(format!("report.parquet: {e}")))?;
-    manifest::write_atomic(out, "report.parquet", &buf)
+    write_atomic(out, "report.parquet", &buf)
 }

@@ -52,7 +52,7 @@ impl Scorer {
                 _ => t,
             };
         }
-        t.trim().to_string()
+        t
     }
 
     /// The last match of the pattern (its first group when it has one).
@@ -101,13 +101,17 @@ pub fn loglikelihood(logits: &[Vec<f32>], tokens: &[u32], start: usize) -> (f64,
     let mut sum = 0.0;
     let mut n = 0;
     for i in start.max(1)..tokens.len() {
-        let row = &logits[i - 1];
-        let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = mx + row.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
-        sum += row[tokens[i] as usize] as f64 - lse;
+        sum += token_logprob(&logits[i - 1], tokens[i]);
         n += 1;
     }
     (sum, n)
+}
+
+/// The log-probability of `token` under one logits row (log-softmax in f64).
+pub fn token_logprob(row: &[f32], token: u32) -> f64 {
+    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = mx + row.iter().map(|&v| (v as f64 - mx).exp()).sum::<f64>().ln();
+    row[token as usize] as f64 - lse
 }
 
 #[cfg(test)]

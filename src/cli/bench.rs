@@ -38,7 +38,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
     }
     #[cfg(feature = "cuda")]
     {
-        let dev = crate::engine::candle_device(spec.engine.device)?;
+        let dev = crate::engine::candle_device(spec.engine.device, spec.model.dtype)?;
         if dev.is_cuda() {
             matmul = bench::kernels::matmul_tflops(&dev)?;
             let copy = bench::kernels::copy_gbs(&dev)?;
@@ -46,16 +46,12 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
             report.insert("matmul_tflops".into(), matmul.into());
             report.insert("copy_gbs".into(), copy.into());
             if args.kernels {
-                let q = crate::model::QuantConfig::from_short_name(
-                    spec.model.dummy_quant.as_deref().unwrap_or("4bit-128g"),
-                )?
-                .unwrap_or(crate::model::QuantConfig {
-                    bits: 4,
-                    group_size: Some(128),
-                    desc_act: true,
-                    sym: true,
-                    format: crate::model::CheckpointFormat::Gptq,
-                });
+                let name = spec.model.dummy_quant.as_deref().unwrap_or("4bit-128g");
+                let q = crate::model::QuantConfig::from_short_name(name)?.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--kernels benches GPTQ products: model.dummy_quant is `{name}`, expected a quantization such as 4bit-128g or 8bit--1g"
+                    )
+                })?;
                 let ms = [1, 4, 8, 16, 64, 256, 1024, 4096];
                 let rows = bench::kernels::gemm_table(&dev, q.bits, q.group_size, &ms)?;
                 println!(

@@ -3,9 +3,7 @@
 
 mod bench;
 mod inspect;
-mod merge;
 mod submit;
-mod sweep;
 
 use crate::config::{self, JobSpec, Overrides};
 use crate::model::HubSettings;
@@ -100,8 +98,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             submit::submit(&load_job(&job, set)?, &hub_settings(), restart)
         }
         Command::Status { output } => submit::status(&output),
-        Command::Report { output } => sweep::write_report(&output),
-        Command::Merge { output, into } => merge::merge(&output, into.as_deref()).map(|_| ()),
+        Command::Report { output } => Ok(crate::job::sweep::write_report(&output)?),
+        Command::Merge { output, into } => {
+            Ok(crate::job::merge(&output, into.as_deref()).map(drop)?)
+        }
         Command::Validate { job, set } => submit::validate(&load_job(&job, set)?, &hub_settings()),
         Command::Bench {
             job,

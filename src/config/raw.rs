@@ -112,6 +112,7 @@ pub struct RawEngine {
     pub block_size: i64,
     pub num_blocks: i64,
     pub kv_cache_mib: i64,
+    pub gpu_memory_utilization: f64,
     pub prefix_caching: bool,
     pub gptq_kernel: String,
     pub gptq_fused_max_m: i64,

@@ -31,6 +31,9 @@ impl DType {
 /// Where the forward runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Device {
+    /// The first CUDA device when the binary has the `cuda` feature and
+    /// sees one (and the dtype is f16), else the CPU; chosen at load.
+    Auto,
     /// candle's CPU backend.
     Cpu,
     /// A CUDA device by ordinal.
@@ -170,10 +173,13 @@ pub struct EngineSpec {
     pub max_prompt_tokens: usize,
     /// Tokens per KV block.
     pub block_size: usize,
-    /// KV blocks; 0 = sized from max_num_seqs within `kv_cache_mib`.
+    /// KV blocks; 0 = sized automatically.
     pub num_blocks: usize,
-    /// Memory budget of the automatic KV cache size.
+    /// KV cache budget in MiB; 0 = what the device has left.
     pub kv_cache_mib: usize,
+    /// CUDA: the share of device memory weights, activations and the KV
+    /// cache may take together (automatic cache size).
+    pub gpu_memory_utilization: f64,
     /// Share full prompt blocks between records.
     pub prefix_caching: bool,
     /// GPTQ kernel choice on CUDA.
@@ -279,9 +285,10 @@ fn positive(field: &str, v: i64) -> Result<usize> {
     Ok(v as usize)
 }
 
-/// Parses `cpu`, `cuda`, `cuda:N`.
+/// Parses `auto`, `cpu`, `cuda`, `cuda:N`.
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
+        "auto" => Ok(Device::Auto),
         "cpu" => Ok(Device::Cpu),
         "cuda" => Ok(Device::Cuda(0)),
         _ => s
@@ -290,7 +297,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
             .map(Device::Cuda)
             .ok_or_else(|| {
                 Error::Config(format!(
-                    "engine.device is `{s}`, expected cpu, cuda or cuda:N"
+                    "engine.device is `{s}`, expected auto, cpu, cuda or cuda:N"
                 ))
             }),
     }
@@ -431,7 +438,18 @@ impl RawJob {
                 } else {
                     positive("engine.num_blocks", e.num_blocks)?
                 },
-                kv_cache_mib: positive("engine.kv_cache_mib", e.kv_cache_mib)?,
+                kv_cache_mib: match e.kv_cache_mib {
+                    0 => 0,
+                    n => positive("engine.kv_cache_mib", n)?,
+                },
+                gpu_memory_utilization: match e.gpu_memory_utilization {
+                    u if u > 0.0 && u <= 1.0 => u,
+                    u => {
+                        return Err(Error::Config(format!(
+                            "engine.gpu_memory_utilization is {u}, expected a value in (0, 1]"
+                        )))
+                    }
+                },
                 gptq_kernel: match e.gptq_kernel.as_str() {
                     "auto" => crate::model::linear::GptqMode::Auto,
                     "fused" => crate::model::linear::GptqMode::Fused,

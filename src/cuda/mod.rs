@@ -7,8 +7,8 @@ mod gptq;
 pub use gptq::{GptqGpu, GptqPath, STAGE_MAX_M};
 
 use crate::{Error, Result};
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::cuda_backend::cudarc::driver::{sys, DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Shape, Storage, Tensor};
 use half::f16;
@@ -107,7 +107,7 @@ pub(crate) fn launch(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             cfg.shared_mem_bytes as i32,
         )
-        .map_err(|e| Error::Model(format!("cuda kernel {name}: shared memory: {e}")))?;
+        .map_err(|e| Error::Device(format!("cuda kernel {name}: shared memory: {e}")))?;
     }
     let mut b = func.builder();
     for a in args {
@@ -121,7 +121,7 @@ pub(crate) fn launch(
     // buffers whose sizes match the kernel's indexing for the given launch
     // shape, and scalars of the exact C types the kernel declares.
     unsafe { b.launch(cfg) }
-        .map_err(|e| Error::Model(format!("cuda kernel {name} failed to launch: {e}")))?;
+        .map_err(|e| Error::Device(format!("cuda kernel {name} failed to launch: {e}")))?;
     Ok(())
 }
 
@@ -612,30 +612,70 @@ pub fn single_stream_device(ordinal: usize) -> Result<Device> {
 /// (free, total) bytes of device memory.
 pub fn mem_info() -> Result<(usize, usize)> {
     candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
-        .map_err(|e| Error::Model(format!("cuMemGetInfo failed: {e}")))
+        .map_err(|e| Error::Device(format!("cuMemGetInfo failed: {e}")))
 }
 
-/// Waits for the device's stream.
-pub fn synchronize(dev: &Device) -> Result<()> {
-    Ok(dev.synchronize()?)
+/// The device's default memory pool: candle allocates every tensor there
+/// (stream-ordered `cuMemAllocAsync`), so its counters are this process's
+/// own tensor memory.
+fn default_pool(dev: &Device) -> Result<sys::CUmemoryPool> {
+    let d = cuda(dev)?;
+    let ctx = d.cuda_stream().context().clone();
+    ctx.bind_to_thread()
+        .map_err(|e| Error::Device(format!("cuda: cannot bind the context: {e}")))?;
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out-pointer and the device handle comes from
+    // a live context.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(|e| Error::Device(format!("cuDeviceGetDefaultMemPool failed: {e}")))?;
+    Ok(pool)
 }
 
-/// Wraps raw storage (used by the GPTQ module).
-#[allow(dead_code)]
-pub(crate) fn wrap<T: CudaDType>(
-    dev: &CudaDevice,
-    slice: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-    shape: impl Into<Shape>,
-) -> Tensor {
-    Tensor::from_storage(
-        Storage::Cuda(CudaStorage {
-            slice: T::wrap_cuda_slice(slice, dev.clone()).slice,
-            device: dev.clone(),
-        }),
-        shape,
-        BackpropOp::none(),
-        false,
-    )
+fn pool_attr(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute) -> Result<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: the four USED/RESERVED attributes are 64-bit values and `v`
+    // is a live u64.
+    unsafe { sys::cuMemPoolGetAttribute(pool, attr, (&mut v as *mut u64).cast()) }
+        .result()
+        .map_err(|e| Error::Device(format!("cuMemPoolGetAttribute failed: {e}")))?;
+    Ok(v)
+}
+
+/// Tensor memory of this process on `dev`: (in use now, most in use since
+/// the last [`reset_memory_peak`]), in bytes.
+pub fn memory_usage(dev: &Device) -> Result<(u64, u64)> {
+    let pool = default_pool(dev)?;
+    Ok((
+        pool_attr(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+        )?,
+        pool_attr(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        )?,
+    ))
+}
+
+/// Starts a new peak measurement and returns memory the pool holds but
+/// does not use to the driver (so `mem_info` sees it as free).
+pub fn reset_memory_peak(dev: &Device) -> Result<()> {
+    dev.synchronize()?;
+    let pool = default_pool(dev)?;
+    let mut zero: u64 = 0;
+    // SAFETY: USED_MEM_HIGH is reset by writing a 64-bit zero; the pool is
+    // the device's default pool and outlives the call.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut zero as *mut u64).cast(),
+        )
+        .result()
+        .and_then(|_| sys::cuMemPoolTrimTo(pool, 0).result())
+    }
+    .map_err(|e| Error::Device(format!("cuda memory pool: {e}")))
 }
 
 /// Device seconds per call of `f`, from a CUDA graph of `iters` calls
@@ -672,7 +712,7 @@ pub fn graph_time(
     let replay = || -> Result<()> {
         graph
             .launch()
-            .map_err(|e| Error::Model(format!("cuda graph launch failed: {e}")))
+            .map_err(|e| Error::Device(format!("cuda graph launch failed: {e}")))
     };
     replay()?;
     dev.synchronize()?;

@@ -166,7 +166,7 @@ impl RecordBuilder {
             let Some(v) = obj.get(col).filter(|v| !v.is_null()) else {
                 continue;
             };
-            let bad = || format!("record {id}: `{col}` is {}, expected a number", kind(v));
+            let bad = || format!("record {id}: `{col}` is {}, expected a number", describe(v));
             match col {
                 "max_new_tokens" | "top_k" | "seed" => {
                     let n = v.as_i64().ok_or_else(bad)?;

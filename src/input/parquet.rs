@@ -135,6 +135,16 @@ fn unsupported(what: &str) -> Value {
     Value::Object(m)
 }
 
+/// A float cell: NaN and infinities are no JSON number, so they become a
+/// described value that every column's check refuses by name (never a
+/// null, which would silently mean "use the job default").
+fn float(x: f64) -> Value {
+    serde_json::Number::from_f64(x).map_or_else(
+        || serde_json::json!({ "arrow_type": format!("a non-finite float ({x})") }),
+        Value::Number,
+    )
+}
+
 /// One cell as JSON.
 pub fn to_json(a: &ArrayRef, i: usize) -> Value {
     if a.is_null(i) {
@@ -158,12 +168,8 @@ pub fn to_json(a: &ArrayRef, i: usize) -> Value {
         DataType::UInt16 => num!(UInt16Type),
         DataType::UInt32 => num!(UInt32Type),
         DataType::UInt64 => num!(UInt64Type),
-        DataType::Float32 => {
-            serde_json::Number::from_f64(a.as_primitive::<Float32Type>().value(i) as f64)
-                .map_or(Value::Null, Value::Number)
-        }
-        DataType::Float64 => serde_json::Number::from_f64(a.as_primitive::<Float64Type>().value(i))
-            .map_or(Value::Null, Value::Number),
+        DataType::Float32 => float(a.as_primitive::<Float32Type>().value(i) as f64),
+        DataType::Float64 => float(a.as_primitive::<Float64Type>().value(i)),
         DataType::List(_) => {
             let l = a.as_list::<i32>().value(i);
             Value::Array((0..l.len()).map(|j| to_json(&l, j)).collect())

@@ -83,20 +83,26 @@ impl BlockTable {
     }
 }
 
-/// Hash of a full block chained on its parent's (FNV-1a, stable).
-pub fn block_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |x: u64| {
-        for b in x.to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
-    eat(parent.map_or(0x5eed, |p| p));
-    for &t in tokens {
-        eat(t as u64);
+/// FNV-1a over bytes, continuing from `h` (start from [`FNV_OFFSET`]):
+/// stable across platforms and versions.
+pub fn fnv1a(mut h: u64, bytes: impl IntoIterator<Item = u8>) -> u64 {
+    for b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+/// FNV-1a's offset basis.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Hash of a full block chained on its parent's (FNV-1a, stable).
+pub fn block_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
+    let h = fnv1a(FNV_OFFSET, parent.map_or(0x5eed, |p| p).to_le_bytes());
+    tokens
+        .iter()
+        .fold(h, |h, &t| fnv1a(h, (t as u64).to_le_bytes()))
+}
 }
 
 impl BlockAllocator {

@@ -8,7 +8,9 @@ pub mod quant;
 pub mod source;
 
 pub use checkpoint::Checkpoint;
-pub use mistral::{check_checkpoint, LoadOptions, Mistral, MistralConfig, PagedKvCache, SeqChunk};
+pub use mistral::{
+    check_checkpoint, LoadOptions, LogitRows, Mistral, MistralConfig, PagedKvCache, SeqChunk,
+};
 pub use quant::{CheckpointFormat, QuantConfig};
 pub use source::{resolve_model_dir, HubSettings};
 

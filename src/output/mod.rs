@@ -1,12 +1,55 @@
 //! Output: one row per input record, written as Parquet part files into the
 //! job's output directory (see README for the schema).
 
+mod atomic;
 mod parquet;
 
-pub mod manifest;
+pub use self::atomic::write_atomic;
+pub use self::parquet::{existing_parts, read_part, schema, ParquetSink, PartHook, RowHook};
 
-pub use self::manifest::{Manifest, OutputLock, PartStats};
-pub use self::parquet::{existing_parts, read_part, schema, ParquetSink};
+/// Figures of one part file.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct PartStats {
+    /// File name inside the output directory.
+    pub file: String,
+    /// Rows.
+    pub rows: usize,
+    /// Rows with status ok.
+    pub ok: usize,
+    /// Rows with status error.
+    pub errors: usize,
+    /// Prompt tokens of its rows.
+    pub prompt_tokens: usize,
+    /// Generated tokens of its rows.
+    pub completion_tokens: usize,
+}
+
+/// Where finished rows go: the job's Parquet parts, or a vector in tests.
+pub trait RowSink {
+    /// Adds a row (written when the sink's buffer fills).
+    fn push(&mut self, row: OutputRow) -> crate::Result<()>;
+    /// Writes what is buffered.
+    fn flush(&mut self) -> crate::Result<()>;
+}
+
+impl RowSink for ParquetSink {
+    fn push(&mut self, row: OutputRow) -> crate::Result<()> {
+        ParquetSink::push(self, row)
+    }
+    fn flush(&mut self) -> crate::Result<()> {
+        ParquetSink::flush(self)
+    }
+}
+
+impl RowSink for Vec<OutputRow> {
+    fn push(&mut self, row: OutputRow) -> crate::Result<()> {
+        Vec::push(self, row);
+        Ok(())
+    }
+    fn flush(&mut self) -> crate::Result<()> {
+        Ok(())
+    }
+}
 
 /// Why a completion ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -88,7 +88,6 @@ pub struct ParquetSink {
     flush_every: usize,
     rows: Vec<OutputRow>,
     next_part: usize,
-    written: usize,
     on_row: Option<RowHook>,
     on_part: Option<PartHook>,
 }
@@ -131,7 +130,6 @@ impl ParquetSink {
             flush_every,
             rows: Vec::new(),
             next_part: first_part,
-            written: 0,
             on_row: None,
             on_part: None,
         })
@@ -157,11 +155,6 @@ impl ParquetSink {
             self.flush()?;
         }
         Ok(())
-    }
-
-    /// Rows written to disk so far.
-    pub fn written(&self) -> usize {
-        self.written
     }
 
     /// Writes buffered rows as one part file (nothing when empty).
@@ -199,7 +192,6 @@ impl ParquetSink {
             prompt_tokens: self.rows.iter().map(|r| r.prompt_tokens as usize).sum(),
             completion_tokens: self.rows.iter().map(|r| r.completion_tokens as usize).sum(),
         };
-        self.written += self.rows.len();
         self.rows.clear();
         self.next_part += 1;
         if let Some(f) = &mut self.on_part {

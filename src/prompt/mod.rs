@@ -21,7 +21,8 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>'
 /// Tokenizer plus chat template plus stop ids of one model.
 pub struct Prompter {
     tokenizer: tokenizers::Tokenizer,
-    template: String,
+    /// The chat template, compiled once (as `chat`).
+    env: minijinja::Environment<'static>,
     bos_token: String,
     eos_token: String,
     stop_ids: Vec<u32>,
@@ -68,15 +69,20 @@ impl Prompter {
         let eos_token = token_str("eos_token", "<|im_end|>");
         let mut stop_ids: Vec<u32> = config_eos.to_vec();
         for name in [eos_token.as_str(), "<|im_end|>"] {
-            if let Some(id) = tokenizer.token_to_id(name) {
-                stop_ids.push(id);
+            match tokenizer.token_to_id(name) {
+                Some(id) => stop_ids.push(id),
+                None if template.contains(name) => tracing::warn!(
+                    "the chat template writes {name} but {} has no such token: it is tokenized as text and does not end a completion",
+                    tk_path.display()
+                ),
+                None => {}
             }
         }
         stop_ids.sort_unstable();
         stop_ids.dedup();
         Ok(Self {
             tokenizer,
-            template,
+            env: compile_template(template)?,
             bos_token,
             eos_token,
             stop_ids,
@@ -90,10 +96,8 @@ impl Prompter {
 
     /// Renders messages with the chat template and a generation prompt.
     pub fn render(&self, messages: &[Message]) -> Result<String> {
-        let mut env = minijinja::Environment::new();
-        env.add_template("chat", &self.template)
-            .map_err(|e| Error::Prompt(format!("chat_template does not parse: {e}")))?;
-        let tmpl = env
+        let tmpl = self
+            .env
             .get_template("chat")
             .map_err(|e| Error::Prompt(e.to_string()))?;
         tmpl.render(minijinja::context! {
@@ -140,9 +144,41 @@ impl Prompter {
             .decode(ids, true)
             .map_err(|e| Error::Prompt(format!("tokenizer failed to decode: {e}")))
     }
+}
 
-    /// The id of a token by its text.
-    pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.tokenizer.token_to_id(token)
+/// The chat template compiled once, with what HF templates expect of
+/// Jinja: Python's string and dict methods (`.strip()`, `.items()`, ...)
+/// and `raise_exception(msg)`.
+fn compile_template(template: String) -> Result<minijinja::Environment<'static>> {
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template_owned("chat", template)
+        .map_err(|e| Error::Prompt(format!("chat_template does not parse: {e}")))?;
+    Ok(env)
+}
+
+/// What the engine's stop checks and row builder need of a tokenizer.
+pub trait Decoder: Sync {
+    /// Completion ids to text, special tokens skipped.
+    fn decode(&self, ids: &[u32]) -> Result<String>;
+    /// Token ids that end a completion.
+    fn stop_ids(&self) -> &[u32];
+}
+
+impl Decoder for Prompter {
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        Prompter::decode(self, ids)
+    }
+    fn stop_ids(&self) -> &[u32] {
+        Prompter::stop_ids(self)
     }
 }

@@ -15,11 +15,7 @@ impl RecordRng {
     /// Seeds from the job (or record) seed and the record id.
     pub fn new(seed: u64, record_id: &str) -> Self {
         // FNV-1a over the id, mixed with the seed.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in record_id.as_bytes() {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        let h = crate::kv::fnv1a(crate::kv::FNV_OFFSET, record_id.bytes());
         let mut rng = Self {
             state: seed ^ h.rotate_left(17),
         };

@@ -7,6 +7,10 @@
 //! recompute: its blocks are freed and it goes back to the front of the
 //! queue, keeping the tokens it generated.
 
+mod request;
+
+pub use request::{RecordRef, Request, RequestKind, Timings};
+
 use crate::kv::{BlockAllocator, BlockCopy, BlockId, BlockTable, KvStats};
 use std::collections::{HashMap, VecDeque};
 
@@ -27,20 +31,6 @@ pub struct SchedulerConfig {
     pub block_size: usize,
     /// Share full prompt blocks between sequences.
     pub prefix_caching: bool,
-}
-
-#[derive(Debug)]
-struct SeqState {
-    tokens: Vec<u32>,
-    computed: usize,
-    table: Option<BlockTable>,
-    cached_prompt_tokens: usize,
-    prompt_len: usize,
-    /// Hash of the first full block (for holding back sequences whose
-    /// prefix another sequence is computing right now).
-    first_block: Option<u64>,
-    /// Tokens whose blocks were committed after their forward.
-    committed: usize,
 }
 
 /// One sequence's part of a step.
@@ -84,7 +74,7 @@ pub struct Scheduler {
     waiting: VecDeque<SeqId>,
     /// Running sequences, oldest admission first.
     running: Vec<SeqId>,
-    seqs: HashMap<SeqId, SeqState>,
+    seqs: HashMap<SeqId, Request>,
     preemptions: u64,
 }
 
@@ -101,28 +91,12 @@ impl Scheduler {
         }
     }
 
-    /// Tokens the whole cache holds.
-    pub fn capacity_tokens(&self) -> usize {
-        self.cfg.num_blocks * self.cfg.block_size
-    }
-
-    /// Queues a sequence.
-    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>) {
-        assert!(!prompt.is_empty(), "empty prompt");
+    /// Queues a request.
+    pub fn add(&mut self, id: SeqId, mut req: Request) {
         let bs = self.cfg.block_size;
-        let first_block = (prompt.len() > bs).then(|| crate::kv::block_hash(None, &prompt[..bs]));
-        self.seqs.insert(
-            id,
-            SeqState {
-                first_block,
-                committed: 0,
-                prompt_len: prompt.len(),
-                tokens: prompt,
-                computed: 0,
-                table: None,
-                cached_prompt_tokens: 0,
-            },
-        );
+        let prefix = req.reusable_prefix();
+        req.first_block = (prefix.len() > bs).then(|| crate::kv::block_hash(None, &prefix[..bs]));
+        self.seqs.insert(id, req);
         self.waiting.push_back(id);
     }
 
@@ -159,6 +133,16 @@ impl Scheduler {
         }
     }
 
+    /// A request in flight.
+    pub fn request(&self, id: SeqId) -> &Request {
+        &self.seqs[&id]
+    }
+
+    /// A request in flight, for the engine's part of its state.
+    pub fn request_mut(&mut self, id: SeqId) -> &mut Request {
+        self.seqs.get_mut(&id).expect("known sequence")
+    }
+
     /// A sequence's tokens (prompt + generated).
     pub fn tokens(&self, id: SeqId) -> &[u32] {
         &self.seqs[&id].tokens
@@ -176,22 +160,18 @@ impl Scheduler {
 
     /// Appends a sampled token.
     pub fn push_token(&mut self, id: SeqId, token: u32) {
-        self.seqs
-            .get_mut(&id)
-            .expect("known sequence")
-            .tokens
-            .push(token);
+        self.request_mut(id).tokens.push(token);
     }
 
-    /// Removes a finished sequence and frees its blocks.
-    pub fn finish(&mut self, id: SeqId) {
-        if let Some(s) = self.seqs.remove(&id) {
-            if let Some(t) = s.table {
-                self.alloc.free(t);
-            }
+    /// Removes a finished request, frees its blocks and hands it back.
+    pub fn finish(&mut self, id: SeqId) -> Option<Request> {
+        let mut req = self.seqs.remove(&id)?;
+        if let Some(t) = req.table.take() {
+            self.alloc.free(t);
         }
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&w| w != id);
+        Some(req)
     }
 
     fn preempt_youngest(&mut self, plan: &mut StepPlan) -> Option<SeqId> {
@@ -269,7 +249,7 @@ impl Scheduler {
                 break;
             }
             let s = self.seqs.get_mut(&id).expect("waiting sequence");
-            let (table, reused) = self.alloc.start(&s.tokens);
+            let (table, reused) = self.alloc.start(s.reusable_prefix());
             let rest = s.tokens.len() - reused;
             let need = s.tokens.len().div_ceil(self.cfg.block_size) - table.blocks().len();
             if need > self.alloc.available() {
@@ -277,7 +257,11 @@ impl Scheduler {
                 break;
             }
             self.waiting.pop_front();
-            if s.table.is_none() && s.tokens.len() == s.prompt_len {
+            let first_admission = match s.kind {
+                RequestKind::Generate => s.tokens.len() == s.prompt_len,
+                RequestKind::Score => s.cached_prompt_tokens == 0,
+            };
+            if s.table.is_none() && first_admission {
                 s.cached_prompt_tokens = reused;
             }
             s.computed = reused;
@@ -312,7 +296,7 @@ impl Scheduler {
             }
             // Whole blocks `id` could reuse from `o` once `o` commits them.
             let bs = self.cfg.block_size;
-            let limit = o.prompt_len.min(s.prompt_len) - 1;
+            let limit = o.prompt_len.min(s.prompt_len).saturating_sub(1);
             let common = o.tokens[..limit]
                 .iter()
                 .zip(&s.tokens[..limit])
@@ -353,6 +337,21 @@ impl Scheduler {
 mod tests {
     use super::*;
 
+    fn bare(prompt: Vec<u32>) -> Request {
+        let params = crate::config::GenerationParams {
+            max_new_tokens: 1,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            stop: vec![],
+            system_prompt: String::new(),
+            ignore_eos: false,
+        };
+        Request::generate(RecordRef::default(), prompt, params)
+    }
+
     fn cfg(num_blocks: usize, max_num_seqs: usize, max_batch_tokens: usize) -> SchedulerConfig {
         SchedulerConfig {
             max_num_seqs,
@@ -368,7 +367,7 @@ mod tests {
         for i in 0..n {
             s.add(
                 SeqId(i),
-                (0..prompt_len as u32).map(|t| t + i as u32 % 2).collect(),
+                bare((0..prompt_len as u32).map(|t| t + i as u32 % 2).collect()),
             );
         }
         let mut done = vec![vec![]; n as usize];
@@ -413,7 +412,7 @@ mod tests {
     fn shared_prompts_hit_the_prefix_cache() {
         let mut s = Scheduler::new(cfg(200, 8, 1000));
         for i in 0..4 {
-            s.add(SeqId(i), (0..17).collect());
+            s.add(SeqId(i), bare((0..17).collect()));
         }
         // The first computes the shared prefix; the others wait for it and
         // then reuse its 16 tokens.

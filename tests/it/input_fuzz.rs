@@ -123,3 +123,39 @@ proptest! {
         }
     }
 }
+
+/// A NaN or infinite override cell is an error row naming the column, not
+/// a silent fallback to the job default (engine v2 issue, item 8).
+#[test]
+fn non_finite_override_cells_become_error_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("in.parquet");
+    let id: ArrayRef = Arc::new(Int64Array::from(vec![0, 1, 2, 3]));
+    let prompt: ArrayRef = Arc::new(StringArray::from(vec!["a", "b", "c", "d"]));
+    let temp: ArrayRef = Arc::new(Float64Array::from(vec![
+        Some(f64::NAN),
+        Some(f64::INFINITY),
+        None,
+        Some(0.5),
+    ]));
+    let batch = RecordBatch::try_from_iter([("id", id), ("prompt", prompt), ("temperature", temp)])
+        .unwrap();
+    let f = std::fs::File::create(&p).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let recs: Vec<_> = runner::input::open(&spec(&p, InputFormat::Parquet), &defaults())
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    for (r, what) in recs[..2].iter().zip(["NaN", "inf"]) {
+        let e = r.body.as_ref().unwrap_err();
+        assert!(
+            e.contains("`temperature` is a non-finite float") && e.contains(what),
+            "{e}"
+        );
+    }
+    // A null cell still means "the job default"; a finite one overrides.
+    assert_eq!(recs[2].body.as_ref().unwrap().params.temperature, 0.0);
+    assert_eq!(recs[3].body.as_ref().unwrap().params.temperature, 0.5);
+}

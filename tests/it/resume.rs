@@ -218,21 +218,25 @@ fn a_live_lock_refuses_and_a_stale_lock_is_taken_over() {
     let j = job(tmp.path(), "out");
     let out = tmp.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
-    let host = runner::output::manifest::host_name();
+    let host = runner::job::host_name();
     let me = std::process::id();
     std::fs::write(
         out.join(".lock"),
         format!(r#"{{"pid":{me},"host":"{host}","since_unix":0}}"#),
     )
     .unwrap();
+    // A live lock: this process holds the OS lock on the file.
+    let held = std::fs::File::open(out.join(".lock")).unwrap();
+    held.try_lock().unwrap();
     let run = runner(tmp.path(), &["submit", j.to_str().unwrap()], &[]);
+    drop(held);
     let e = error_line(&run);
     assert!(
         e.contains(&format!("is locked by pid {me} on host {host}")),
         "{e}"
     );
     assert!(out.join(".lock").exists(), "a live lock is left alone");
-    // pid above any pid_max: certainly dead.
+    // pid above any pid_max, and nobody holds the file: its writer is gone.
     std::fs::write(
         out.join(".lock"),
         format!(r#"{{"pid":4000000000,"host":"{host}","since_unix":0}}"#),

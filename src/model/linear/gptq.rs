@@ -248,11 +248,6 @@ impl GptqWeight {
         }
         out
     }
-
-    /// Bytes of the packed representation (qweight + qzeros + f16 scales + g_idx).
-    pub fn packed_bytes(&self) -> usize {
-        4 * (self.qweight.len() + self.qzeros.len() + self.g_idx.len()) + 2 * self.scales.len()
-    }
 }
 
 /// A random GPTQ layer's shape and quantization; [`RandomGptq::build`] makes it: random quantized values, v1 zeros

@@ -211,11 +211,6 @@ impl TiledGptq {
         }
         out
     }
-
-    /// Bytes of the packed words (the weight traffic of one product).
-    pub fn packed_bytes(&self) -> usize {
-        self.words.len() * 4
-    }
 }
 
 #[cfg(test)]

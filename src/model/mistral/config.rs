@@ -122,6 +122,18 @@ impl MistralConfig {
         })
     }
 
+    /// FLOPs of one token through the linear layers and the LM head
+    /// (2 per weight; attention's own FLOPs, which grow with the context,
+    /// are not counted).
+    pub fn flops_per_token(&self) -> f64 {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * i;
+        let weights = self.num_hidden_layers * per_layer + self.vocab_size * h;
+        2.0 * weights as f64
+    }
+
     /// Reads `dir/config.json` as raw JSON (for quantization) and parsed.
     pub fn read(dir: &Path) -> Result<(Self, Value)> {
         let path = dir.join("config.json");
@@ -130,23 +142,15 @@ impl MistralConfig {
             .map_err(|e| Error::Model(format!("{}: invalid JSON: {e}", path.display())))?;
         Ok((Self::from_json(&v, &path.display().to_string())?, v))
     }
+}
 
-    /// Mistral-7B (v0.1 / OpenOrca) shapes, for dummy weights.
-    pub fn mistral_7b() -> Self {
-        Self {
-            vocab_size: 32002,
-            hidden_size: 4096,
-            intermediate_size: 14336,
-            num_hidden_layers: 32,
-            num_attention_heads: 32,
-            num_key_value_heads: 8,
-            head_dim: 128,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            sliding_window: Some(4096),
-            max_position_embeddings: 32768,
-            tie_word_embeddings: false,
-            eos_token_ids: vec![32000],
-        }
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mistral_7b_costs_14_2_gflop_per_token() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/mistral-7b-openorca");
+        let (cfg, _) = super::MistralConfig::read(&dir).unwrap();
+        let g = cfg.flops_per_token() / 1e9;
+        assert!((g - 14.2).abs() < 0.05, "{g} GFLOP per token");
     }
 }

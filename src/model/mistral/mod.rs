@@ -32,6 +32,18 @@ pub struct SeqChunk<'a> {
     pub blocks: &'a [BlockId],
 }
 
+/// Which rows of a forward's batch get logits.
+#[derive(Debug, Clone, Copy)]
+pub enum LogitRows<'a> {
+    /// Every token of every chunk (reference comparisons).
+    All,
+    /// The last token of each chunk.
+    LastOfEachChunk,
+    /// These rows of the flattened batch, in this order (the engine's
+    /// sampling and scoring rows); only they go through the LM head.
+    These(&'a [u32]),
+}
+
 /// How weights are placed and computed.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -352,7 +364,7 @@ impl Mistral {
         &self,
         chunks: &[SeqChunk<'_>],
         cache: &mut PagedKvCache,
-        all_logits: bool,
+        rows: LogitRows<'_>,
     ) -> Result<Tensor> {
         let batch = cache.prepare(chunks, &self.device)?;
         let ids: Vec<u32> = chunks
@@ -392,19 +404,27 @@ impl Mistral {
             let act = silu_mul(&gu[0], &gu[1])?;
             pending = Some(layer.down.forward(&act)?);
         }
-        let (x, pending) = if all_logits {
-            (x, pending)
-        } else {
-            let mut last = Vec::with_capacity(chunks.len());
-            let mut off = 0u32;
-            for c in chunks.iter() {
-                off += c.tokens.len() as u32;
-                last.push(off - 1);
+        let pick = match rows {
+            LogitRows::All => None,
+            LogitRows::LastOfEachChunk => Some(
+                chunks
+                    .iter()
+                    .scan(0u32, |off, c| {
+                        *off += c.tokens.len() as u32;
+                        Some(*off - 1)
+                    })
+                    .collect::<Vec<u32>>(),
+            ),
+            LogitRows::These(r) => Some(r.to_vec()),
+        };
+        let (x, pending) = match pick {
+            None => (x, pending),
+            Some(pick) => {
+                let n = pick.len();
+                let idx = Tensor::from_vec(pick, n, &self.device)?;
+                let p = pending.map(|p| p.index_select(&idx, 0)).transpose()?;
+                (x.index_select(&idx, 0)?, p)
             }
-            let n = last.len();
-            let idx = Tensor::from_vec(last, n, &self.device)?;
-            let p = pending.map(|p| p.index_select(&idx, 0)).transpose()?;
-            (x.index_select(&idx, 0)?, p)
         };
         let (h, _) = self.norm.add_forward(&x, pending.as_ref())?;
         Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
@@ -469,7 +489,7 @@ impl Mistral {
                 blocks,
             })
             .collect();
-        self.forward(&chunks, &mut cache, true)
+        self.forward(&chunks, &mut cache, LogitRows::All)
     }
 }
 
@@ -531,8 +551,19 @@ fn dummy_float(shape: &[usize], lo: f32, hi: f32, seed: u64, opts: &LoadOptions)
         let t = crate::cuda::fill_f16(d, shape, seed, lo, hi)?;
         return Ok(t.to_dtype(opts.dtype)?);
     }
-    let _ = seed;
-    Ok(Tensor::rand(lo, hi, shape, &Device::Cpu)?
+    // SplitMix64 from the seed: the same seed gives the same weights.
+    let mut state = seed;
+    let data: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            let u = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32;
+            lo + (hi - lo) * u
+        })
+        .collect();
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?
         .to_dtype(opts.dtype)?
         .to_device(&opts.device)?)
 }

@@ -2,21 +2,32 @@
 //! another on one device (weights freed between them), each a resumable
 //! sub-job in `OUTPUT/variant=<name>/`, then the report.
 
-use crate::config::{JobSpec, SweepSpec};
+use super::Progress;
+use crate::config::{Device, JobSpec, SweepSpec};
 use crate::model::HubSettings;
 use crate::report::{self, SweepInfo, SWEEP};
+use crate::{Error, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// Runs every variant (finished ones are skipped without loading weights),
 /// then writes `report.md` / `report.parquet`.
-pub fn run(spec: &JobSpec, sw: &SweepSpec, hub: &HubSettings, restart: bool) -> anyhow::Result<()> {
+pub fn run(
+    spec: &JobSpec,
+    sw: &SweepSpec,
+    hub: &HubSettings,
+    restart: bool,
+    progress: Arc<dyn Progress>,
+) -> Result<()> {
     let out = spec.output.path.clone();
-    std::fs::create_dir_all(&out).map_err(|e| crate::Error::io(&out, e))?;
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let info = SweepInfo {
         variants: sw.variants.iter().map(|v| v.name.clone()).collect(),
         baseline: sw.baseline.clone(),
     };
-    crate::output::manifest::write_atomic(&out, SWEEP, &serde_json::to_vec_pretty(&info)?)?;
-    let variant_spec = |i: usize, device: Option<crate::config::Device>| {
+    let bytes = serde_json::to_vec_pretty(&info).expect("sweep info serializes");
+    crate::output::write_atomic(&out, SWEEP, &bytes)?;
+    let variant_spec = |i: usize, device: Option<Device>| {
         let v = &sw.variants[i];
         let mut vs = spec.clone();
         vs.sweep = None;
@@ -33,29 +44,32 @@ pub fn run(spec: &JobSpec, sw: &SweepSpec, hub: &HubSettings, restart: bool) -> 
         vs
     };
     let devices = if sw.all_gpus {
-        visible_gpus()?
+        crate::engine::visible_gpus()?
     } else {
         sw.devices.clone()
     };
     if devices.len() <= 1 {
         for i in 0..sw.variants.len() {
-            super::submit::run_one(&variant_spec(i, devices.first().copied()), hub, restart)?;
+            let vs = variant_spec(i, devices.first().copied());
+            super::run_one(&vs, hub, restart, Arc::clone(&progress))?;
         }
     } else {
         // One worker per device takes the next variant until none is left.
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: Vec<anyhow::Result<()>> = std::thread::scope(|s| {
+        let next = AtomicUsize::new(0);
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
             let workers: Vec<_> = devices
                 .iter()
                 .map(|&d| {
                     let (next, variant_spec) = (&next, &variant_spec);
-                    s.spawn(move || -> anyhow::Result<()> {
+                    let progress = Arc::clone(&progress);
+                    s.spawn(move || -> Result<()> {
                         loop {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let i = next.fetch_add(1, Ordering::SeqCst);
                             if i >= sw.variants.len() {
                                 return Ok(());
                             }
-                            super::submit::run_one(&variant_spec(i, Some(d)), hub, restart)?;
+                            let vs = variant_spec(i, Some(d));
+                            super::run_one(&vs, hub, restart, Arc::clone(&progress))?;
                         }
                     })
                 })
@@ -64,7 +78,7 @@ pub fn run(spec: &JobSpec, sw: &SweepSpec, hub: &HubSettings, restart: bool) -> 
                 .into_iter()
                 .map(|w| {
                     w.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a sweep worker panicked")))
+                        .unwrap_or_else(|_| Err(Error::Engine("a sweep worker panicked".into())))
                 })
                 .collect()
         });
@@ -75,22 +89,8 @@ pub fn run(spec: &JobSpec, sw: &SweepSpec, hub: &HubSettings, restart: bool) -> 
     write_report(&out)
 }
 
-/// Every visible CUDA device (`sweep.devices = ["auto"]`).
-fn visible_gpus() -> anyhow::Result<Vec<crate::config::Device>> {
-    #[cfg(feature = "cuda")]
-    {
-        let n = candle_core::cuda_backend::cudarc::driver::CudaContext::device_count().map_err(
-            |e| anyhow::anyhow!("sweep.devices = auto: cannot count CUDA devices ({e})"),
-        )?;
-        tracing::info!(gpus = n, "sweep variants run concurrently, one per GPU");
-        Ok((0..n as usize).map(crate::config::Device::Cuda).collect())
-    }
-    #[cfg(not(feature = "cuda"))]
-    anyhow::bail!("sweep.devices = auto needs a binary built with the `cuda` feature")
-}
-
 /// Rebuilds the report of a sweep output from its data (`runner report`).
-pub fn write_report(out: &std::path::Path) -> anyhow::Result<()> {
+pub fn write_report(out: &std::path::Path) -> Result<()> {
     let (info, rows) = report::build(out)?;
     report::write(out, &info, &rows)?;
     tracing::info!(

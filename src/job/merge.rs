@@ -2,23 +2,23 @@
 //! file in input order (sorted by `input_row`), written atomically beside
 //! the directory; the parts stay, so the output remains resumable.
 
-use crate::output::{manifest, Manifest};
-use crate::Error;
+use super::{JobState, Manifest, MANIFEST};
+use crate::output::write_atomic;
+use crate::{Error, Result};
 use arrow::array::RecordBatch;
 use std::path::{Path, PathBuf};
 
 /// Merges `dir`'s parts into `into` (default: `<dir>.parquet`).
-pub fn merge(dir: &Path, into: Option<&Path>) -> anyhow::Result<PathBuf> {
+pub fn merge(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
     let m = Manifest::read(dir)?.ok_or_else(|| {
         Error::Output(format!(
-            "{} has no {}: not the output of a runner job",
+            "{} has no {MANIFEST}: not the output of a runner job",
             dir.display(),
-            manifest::MANIFEST
         ))
     })?;
-    if m.state != "finished" {
+    if m.state != JobState::Finished {
         tracing::warn!(
-            state = %m.state,
+            state = m.state.as_str(),
             rows = m.rows(),
             of = m.total_records,
             "merging an unfinished job: the file holds only the rows written so far"
@@ -32,19 +32,23 @@ pub fn merge(dir: &Path, into: Option<&Path>) -> anyhow::Result<PathBuf> {
         .first()
         .ok_or_else(|| Error::Output(format!("{} holds no rows yet", dir.display())))?;
     let schema = first.schema();
-    let all = arrow::compute::concat_batches(&schema, &batches)?;
+    let arrow_err =
+        |e: arrow::error::ArrowError| Error::Output(format!("merging {}: {e}", dir.display()));
+    let all = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_err)?;
     let order = arrow::compute::sort_to_indices(
         all.column_by_name("input_row")
             .ok_or_else(|| Error::Output("parts have no input_row column".into()))?,
         None,
         None,
-    )?;
+    )
+    .map_err(arrow_err)?;
     let cols = all
         .columns()
         .iter()
         .map(|c| arrow::compute::take(c, &order, None))
-        .collect::<Result<Vec<_>, _>>()?;
-    let sorted = RecordBatch::try_new(schema.clone(), cols)?;
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(arrow_err)?;
+    let sorted = RecordBatch::try_new(schema.clone(), cols).map_err(arrow_err)?;
     let dst = match into {
         Some(p) => p.to_path_buf(),
         None => {
@@ -63,10 +67,12 @@ pub fn merge(dir: &Path, into: Option<&Path>) -> anyhow::Result<PathBuf> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "merged.parquet".into());
     let mut buf = Vec::new();
-    let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, schema, None)?;
-    w.write(&sorted)?;
-    w.close()?;
-    manifest::write_atomic(parent, &fname, &buf)?;
+    let pq_err =
+        |e: parquet::errors::ParquetError| Error::Output(format!("writing {}: {e}", dst.display()));
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, schema, None).map_err(pq_err)?;
+    w.write(&sorted).map_err(pq_err)?;
+    w.close().map_err(pq_err)?;
+    write_atomic(parent, &fname, &buf)?;
     tracing::info!(rows = sorted.num_rows(), file = %dst.display(), "merged");
     Ok(dst)
 }

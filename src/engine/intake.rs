@@ -1,0 +1,99 @@
+//! Admission from the reader: prepared records become requests (a
+//! look-ahead window sorted by prompt tokens puts records that share a
+//! prefix next to each other); records that cannot run become error rows.
+
+use super::rows::error_row;
+use super::step::Pipeline;
+use super::tokenize::Prepared;
+use crate::config::GenerationParams;
+use crate::output::RowSink;
+use crate::scheduler::{RecordRef, Request};
+use crate::Result;
+use std::sync::mpsc::{Receiver, TryRecvError};
+
+/// Reads prepared records into the pipeline.
+pub struct Intake<'a> {
+    rx: &'a Receiver<Result<Prepared>>,
+    defaults: &'a GenerationParams,
+    /// Records looked at together before sorting.
+    lookahead: usize,
+    /// Keep this many requests waiting.
+    want_waiting: usize,
+    /// Score requests instead of generation requests.
+    score: bool,
+    exhausted: bool,
+}
+
+impl<'a> Intake<'a> {
+    /// Intake from `rx`; `max_num_seqs` sets the window (4x) and how many
+    /// requests are kept waiting.
+    pub fn new(
+        rx: &'a Receiver<Result<Prepared>>,
+        defaults: &'a GenerationParams,
+        max_num_seqs: usize,
+        score: bool,
+    ) -> Self {
+        Self {
+            rx,
+            defaults,
+            lookahead: 4 * max_num_seqs,
+            want_waiting: max_num_seqs,
+            score,
+            exhausted: false,
+        }
+    }
+
+    /// Reads what is ready (waiting for one record when nothing else is
+    /// in flight) and queues it; a fatal input error ends the run.
+    pub fn fill(&mut self, pipe: &mut Pipeline<'_>, sink: &mut dyn RowSink) -> Result<()> {
+        if self.exhausted || pipe.sched.waiting() >= self.want_waiting {
+            return Ok(());
+        }
+        let mut fresh: Vec<Request> = Vec::new();
+        while fresh.len() < self.lookahead {
+            let next = if fresh.is_empty() && pipe.sched.is_empty() {
+                self.rx.recv().ok()
+            } else {
+                match self.rx.try_recv() {
+                    Ok(x) => Some(x),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => None,
+                }
+            };
+            let Some(item) = next else {
+                self.exhausted = true;
+                break;
+            };
+            let (rec, tokens) = item?;
+            match tokens {
+                Err(msg) => {
+                    tracing::warn!(record = %rec.id, "{msg}");
+                    pipe.sum.errors += 1;
+                    pipe.sum.records += 1;
+                    sink.push(error_row(&rec, msg, pipe.elapsed_ms(), self.defaults))?;
+                }
+                Ok(t) => {
+                    let (params, reference) = match rec.body {
+                        Ok(b) => (b.params, b.reference),
+                        Err(_) => (self.defaults.clone(), None),
+                    };
+                    let record = RecordRef {
+                        id: rec.id,
+                        row: rec.row,
+                        reference,
+                    };
+                    fresh.push(if self.score {
+                        Request::score(record, t.tokens, t.prompt_len, params)
+                    } else {
+                        Request::generate(record, t.tokens, params)
+                    });
+                }
+            }
+        }
+        fresh.sort_by(|a, b| a.tokens().cmp(b.tokens()));
+        for req in fresh {
+            pipe.add(req);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,125 @@
+//! Sampler picks: the next token of every sampling chunk, chosen on the
+//! device where the settings allow (greedy argmax; top-k candidates on
+//! CUDA), else from the row's logits on the host.
+
+use super::runner::StepLogits;
+use crate::config::GenerationParams;
+use crate::scheduler::{RequestKind, Scheduler, StepPlan};
+use crate::Result;
+use candle_core::Tensor;
+
+/// A sampled token, or what to sample it from on the host.
+#[derive(Debug)]
+pub enum Picked {
+    /// Chosen on the device (greedy).
+    Token(u32),
+    /// The row's logits, for the host sampler.
+    Logits(Vec<f32>),
+    /// The device's top-k `(token, logit / t)` in the host sampler's order.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Candidates(Vec<(u32, f32)>),
+}
+
+#[cfg(feature = "cuda")]
+use crate::cuda::TOPK_MAX;
+#[cfg(not(feature = "cuda"))]
+const TOPK_MAX: usize = 64;
+
+#[derive(Debug, PartialEq)]
+enum Route {
+    Skip,
+    DeviceArgmax,
+    DeviceTopK,
+    Host,
+}
+
+fn route(cuda: bool, p: &GenerationParams) -> Route {
+    if !cuda || p.repetition_penalty != 1.0 {
+        Route::Host
+    } else if p.temperature == 0.0 {
+        Route::DeviceArgmax
+    } else if cfg!(feature = "cuda") && p.top_k >= 1 && p.top_k <= TOPK_MAX {
+        Route::DeviceTopK
+    } else {
+        Route::Host
+    }
+}
+
+/// Per chunk of the plan: the pick of a generation chunk that samples,
+/// `None` for every other chunk.
+pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<Option<Picked>>> {
+    let cuda = out.logits.device().is_cuda();
+    let routes: Vec<Route> = plan
+        .chunks
+        .iter()
+        .zip(&out.spans)
+        .map(|(c, &(_, n))| {
+            let req = sched.request(c.seq);
+            if req.kind != RequestKind::Generate || n == 0 {
+                Route::Skip
+            } else {
+                route(cuda, &req.params)
+            }
+        })
+        .collect();
+    let chunks_of =
+        |want: Route| -> Vec<usize> { (0..routes.len()).filter(|&i| routes[i] == want).collect() };
+    let row = |i: usize| out.spans[i].0 as u32;
+    let mut picks: Vec<Option<Picked>> = (0..routes.len()).map(|_| None).collect();
+    let argmax = chunks_of(Route::DeviceArgmax);
+    if !argmax.is_empty() {
+        let ids = out
+            .logits
+            .argmax(candle_core::D::Minus1)?
+            .to_vec1::<u32>()?;
+        for i in argmax {
+            picks[i] = Some(Picked::Token(ids[row(i) as usize]));
+        }
+    }
+    let mut host = chunks_of(Route::Host);
+    let topk = chunks_of(Route::DeviceTopK);
+    if !topk.is_empty() {
+        let params: Vec<&GenerationParams> = topk
+            .iter()
+            .map(|&i| &sched.request(plan.chunks[i].seq).params)
+            .collect();
+        let rows = select(&out.logits, topk.iter().map(|&i| row(i)).collect())?;
+        let cands = device_topk(&rows, &params)?;
+        for ((i, mut c), p) in topk.into_iter().zip(cands).zip(params) {
+            c.truncate(p.top_k);
+            if c.is_empty() {
+                host.push(i); // no finite logit: the host sampler's fallback
+            } else {
+                picks[i] = Some(Picked::Candidates(c));
+            }
+        }
+    }
+    if !host.is_empty() {
+        let rows = select(&out.logits, host.iter().map(|&i| row(i)).collect())?;
+        for (i, r) in host.into_iter().zip(rows.to_vec2::<f32>()?) {
+            picks[i] = Some(Picked::Logits(r));
+        }
+    }
+    Ok(picks)
+}
+
+/// Rows of a logits tensor, on its device.
+fn select(logits: &Tensor, rows: Vec<u32>) -> Result<Tensor> {
+    let n = rows.len();
+    let idx = Tensor::from_vec(rows, n, logits.device())?;
+    Ok(logits.index_select(&idx, 0)?)
+}
+
+/// Each row's top-k candidates, computed on the GPU: only they cross PCIe,
+/// and the host draws from them exactly as from its own sorted list.
+#[cfg(feature = "cuda")]
+fn device_topk(rows: &Tensor, params: &[&GenerationParams]) -> Result<Vec<Vec<(u32, f32)>>> {
+    let k = params.iter().map(|p| p.top_k).max().unwrap_or(1);
+    let temps: Vec<f32> = params.iter().map(|p| p.temperature as f32).collect();
+    crate::cuda::topk_rows(rows, &temps, k)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_topk(_: &Tensor, _: &[&GenerationParams]) -> Result<Vec<Vec<(u32, f32)>>> {
+    unreachable!("top-k runs on the device only in CUDA builds")
+}

@@ -1,0 +1,98 @@
+//! The model runner: turns a scheduled step into one forward and hands back
+//! the logits rows the step's requests asked for. It owns the device-side
+//! state of a batch (the paged KV cache; CUDA graphs will live here).
+
+use crate::model::{LogitRows, Mistral, PagedKvCache, SeqChunk};
+use crate::scheduler::{Scheduler, StepPlan};
+use crate::Result;
+use candle_core::Tensor;
+
+/// The logits of one step.
+#[derive(Debug)]
+pub struct StepLogits {
+    /// f32 `[rows, vocab]`, on the runner's device.
+    pub logits: Tensor,
+    /// Per chunk of the plan: its first row in `logits` and its row count
+    /// (the sampled row of a generation chunk, the scored rows of a scoring
+    /// chunk, none for a mid-prefill chunk).
+    pub spans: Vec<(usize, usize)>,
+}
+
+/// Runs the model over a step.
+pub trait ModelRunner {
+    /// Does the plan's block copies, runs its chunks through the model and
+    /// returns the logits of the rows that `logit_rows` names.
+    fn execute(&mut self, plan: &StepPlan, sched: &Scheduler) -> Result<StepLogits>;
+
+    /// The most device memory this process's tensors took since the cache
+    /// was sized (0 where not measured).
+    fn peak_device_bytes(&self) -> usize {
+        0
+    }
+}
+
+/// The rows of a step's flattened batch that need logits, and each chunk's
+/// span of them.
+pub fn logit_rows(plan: &StepPlan, sched: &Scheduler) -> (Vec<u32>, Vec<(usize, usize)>) {
+    let mut rows = Vec::new();
+    let mut spans = Vec::with_capacity(plan.chunks.len());
+    let mut offset = 0;
+    for c in &plan.chunks {
+        let (from, to) = sched.request(c.seq).logit_rows(c.start, c.len);
+        spans.push((rows.len(), to - from));
+        rows.extend((from..to).map(|r| (offset + r) as u32));
+        offset += c.len;
+    }
+    (rows, spans)
+}
+
+/// The Mistral model over its paged cache.
+pub struct MistralRunner<'m> {
+    model: &'m Mistral,
+    cache: PagedKvCache,
+}
+
+impl<'m> MistralRunner<'m> {
+    /// A runner with an empty cache of `num_blocks` blocks.
+    pub fn new(model: &'m Mistral, num_blocks: usize, block_size: usize) -> Result<Self> {
+        Ok(Self {
+            cache: model.new_cache(num_blocks, block_size)?,
+            model,
+        })
+    }
+}
+
+impl ModelRunner for MistralRunner<'_> {
+    fn execute(&mut self, plan: &StepPlan, sched: &Scheduler) -> Result<StepLogits> {
+        for c in &plan.copies {
+            self.cache.copy_block(c.from, c.to)?;
+        }
+        let chunks: Vec<SeqChunk<'_>> = plan
+            .chunks
+            .iter()
+            .map(|c| SeqChunk {
+                tokens: &sched.tokens(c.seq)[c.start..c.start + c.len],
+                start_pos: c.start,
+                blocks: sched.block_table(c.seq),
+            })
+            .collect();
+        let (rows, spans) = logit_rows(plan, sched);
+        // A step of mid-prefill chunks only still takes one row through the
+        // LM head (no zero-row products); no span points at it.
+        let pick: &[u32] = if rows.is_empty() { &[0] } else { &rows };
+        let logits = self
+            .model
+            .forward(&chunks, &mut self.cache, LogitRows::These(pick))?;
+        Ok(StepLogits { logits, spans })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn peak_device_bytes(&self) -> usize {
+        let dev = self.model.device();
+        // The device's memory pool: this process's own tensors, highest
+        // since the cache was sized.
+        let peak = dev.is_cuda().then(|| crate::cuda::memory_usage(dev));
+        peak.and_then(|r| r.ok())
+            .map_or(0, |(_, high)| high as usize)
+    }
+}

@@ -1,0 +1,117 @@
+//! One engine step as a pipeline: schedule -> `ModelRunner::execute` ->
+//! sampler picks -> scheduler update -> finished requests -> rows -> sink.
+
+use super::pick;
+use super::rows::{ms, RowBuilder};
+use super::runner::ModelRunner;
+use super::update::{self, StopRule};
+use super::JobSummary;
+use crate::output::RowSink;
+use crate::scheduler::{Request, Scheduler, SchedulerConfig, SeqId, StepPlan};
+use crate::Result;
+use std::time::Instant;
+
+/// The state one run's steps share.
+pub struct Pipeline<'a> {
+    /// Owns every request in flight.
+    pub sched: Scheduler,
+    /// When a generation is done.
+    pub stops: StopRule<'a>,
+    /// Finished requests to rows.
+    pub rows: RowBuilder<'a>,
+    /// The run's counters.
+    pub sum: JobSummary,
+    start: Instant,
+    next_id: u64,
+}
+
+impl<'a> Pipeline<'a> {
+    /// An empty pipeline.
+    pub fn new(cfg: SchedulerConfig, stops: StopRule<'a>, rows: RowBuilder<'a>) -> Self {
+        Self {
+            sched: Scheduler::new(cfg),
+            stops,
+            rows,
+            sum: JobSummary::default(),
+            start: Instant::now(),
+            next_id: 0,
+        }
+    }
+
+    /// Milliseconds since the run started.
+    pub fn elapsed_ms(&self) -> f64 {
+        ms(self.start, Instant::now())
+    }
+
+    /// Queues a request.
+    pub fn add(&mut self, req: Request) -> SeqId {
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.sched.add(id, req);
+        id
+    }
+
+    /// Runs one step; writes the rows of the requests it finished.
+    pub fn step(&mut self, runner: &mut dyn ModelRunner, sink: &mut dyn RowSink) -> Result<()> {
+        let plan = self.sched.schedule();
+        self.mark_admitted(&plan);
+        let out = runner.execute(&plan, &self.sched)?;
+        self.sched.commit(&plan);
+        self.count(&plan);
+        let picks = pick::pick(&out, &plan, &self.sched)?;
+        let finished = update::apply(&mut self.sched, &plan, &out, picks, &self.stops)?;
+        for (id, reason) in finished {
+            let req = self.sched.finish(id).expect("a finished request is known");
+            let row = self.rows.finished(req, reason)?;
+            self.sum.records += 1;
+            self.sum.ok += 1;
+            self.sum.prompt_tokens += row.prompt_tokens as usize;
+            self.sum.completion_tokens += row.completion_tokens as usize;
+            self.sum.cached_prompt_tokens += row.cached_prompt_tokens as usize;
+            sink.push(row)?;
+        }
+        Ok(())
+    }
+
+    /// Final counters, once no step is left.
+    pub fn finish(mut self, runner: &dyn ModelRunner) -> JobSummary {
+        self.sum.peak_device_bytes = runner.peak_device_bytes();
+        let stats = self.sched.stats();
+        self.sum.prefix_hit_tokens = stats.kv.hit_tokens as usize;
+        self.sum.preemptions = stats.preemptions as usize;
+        self.sum.wall_s = self.start.elapsed().as_secs_f64();
+        self.sum
+    }
+
+    fn mark_admitted(&mut self, plan: &StepPlan) {
+        let now = Instant::now();
+        let queue_ms = ms(self.start, now);
+        for c in &plan.chunks {
+            let t = &mut self.sched.request_mut(c.seq).timings;
+            if t.admitted.is_none() {
+                t.admitted = Some(now);
+                t.queue_ms = queue_ms;
+            }
+        }
+    }
+
+    fn count(&mut self, plan: &StepPlan) {
+        self.sum.steps += 1;
+        let tokens: usize = plan.chunks.iter().map(|c| c.len).sum();
+        self.sum.forward_tokens += tokens;
+        let decodes = plan.chunks.iter().filter(|c| c.len == 1 && c.samples);
+        let (used, free) = self.sched.blocks();
+        let stats = self.sched.stats();
+        tracing::debug!(
+            step = self.sum.steps,
+            seqs = plan.chunks.len(),
+            tokens,
+            decode_tokens = decodes.count(),
+            blocks_used = used,
+            blocks_free = free,
+            cache_hit_tokens = stats.kv.hit_tokens,
+            preemptions = stats.preemptions,
+            "step"
+        );
+    }
+}

@@ -1,0 +1,365 @@
+//! The step pipeline driven by a fake model runner whose logits are a
+//! function of each row's token history, and a fake decoder (token t is
+//! the letter `a + t`; token 31 is EOS).
+
+use super::intake::Intake;
+use super::rows::RowBuilder;
+use super::runner::{logit_rows, ModelRunner, StepLogits};
+use super::update::StopRule;
+use super::{drive, Pipeline, Prepared, Tokenized};
+use crate::config::{GenerationParams, ScoringSpec};
+use crate::input::{InputRecord, PromptInput, RecordBody};
+use crate::output::OutputRow;
+use crate::prompt::Decoder;
+use crate::scheduler::{Scheduler, SchedulerConfig, StepPlan};
+use crate::scoring::Scorer;
+use crate::Result;
+use candle_core::{Device, Tensor};
+
+const VOCAB: usize = 32;
+const EOS: u32 = 31;
+
+struct Letters;
+
+impl Decoder for Letters {
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        Ok(ids
+            .iter()
+            .filter(|&&t| t != EOS)
+            .map(|&t| (b'a' + (t % 26) as u8) as char)
+            .collect())
+    }
+    fn stop_ids(&self) -> &[u32] {
+        &[EOS]
+    }
+}
+
+/// The "model": the next token after a history is a hash of it; every other
+/// token gets a lower logit that also depends on the history.
+fn fake_logits(history: &[u32]) -> Vec<f32> {
+    let h = history
+        .iter()
+        .fold(7u64, |h, &t| h.wrapping_mul(31).wrapping_add(t as u64 + 1));
+    let next = (h % 29) as usize; // never EOS unless the test forces it
+    (0..VOCAB)
+        .map(|v| {
+            if v == next {
+                4.0
+            } else {
+                ((h >> (v % 16)) % 7) as f32 * 0.25 - 1.0
+            }
+        })
+        .collect()
+}
+
+/// Logits as `fake_logits` of each requested row's history, plus a count
+/// of the tokens it was asked to run.
+#[derive(Default)]
+struct FakeRunner {
+    tokens_run: usize,
+    eos_after: Option<usize>,
+}
+
+impl ModelRunner for FakeRunner {
+    fn execute(&mut self, plan: &StepPlan, sched: &Scheduler) -> Result<StepLogits> {
+        let (_, spans) = logit_rows(plan, sched);
+        let mut data = Vec::new();
+        for c in &plan.chunks {
+            let req = sched.request(c.seq);
+            let (from, to) = req.logit_rows(c.start, c.len);
+            for pos in c.start + from..c.start + to {
+                let history = &req.tokens()[..=pos];
+                let mut row = fake_logits(history);
+                if self.eos_after == Some(history.len() - req.prompt_len()) {
+                    row[EOS as usize] = 10.0;
+                }
+                data.extend(row);
+            }
+            self.tokens_run += c.len;
+        }
+        let rows = data.len() / VOCAB;
+        let logits = Tensor::from_vec(data, (rows, VOCAB), &Device::Cpu)?;
+        Ok(StepLogits { logits, spans })
+    }
+}
+
+fn params(max_new_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        max_new_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        repetition_penalty: 1.0,
+        seed: 0,
+        stop: vec![],
+        system_prompt: String::new(),
+        ignore_eos: false,
+    }
+}
+
+fn record(i: usize, p: GenerationParams) -> InputRecord {
+    InputRecord {
+        row: i as u64,
+        id: format!("r{i}"),
+        body: Ok(RecordBody {
+            prompt: PromptInput::Text {
+                system: None,
+                user: String::new(),
+            },
+            params: p,
+            reference: None,
+            continuation: None,
+        }),
+    }
+}
+
+fn sched_cfg(num_blocks: usize, max_num_seqs: usize, max_batch_tokens: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs,
+        max_batch_tokens,
+        num_blocks,
+        block_size: 4,
+        prefix_caching: true,
+    }
+}
+
+/// Runs prepared records through intake and steps; rows in write order
+/// and the pipeline's counters.
+fn run(
+    items: Vec<Prepared>,
+    cfg: SchedulerConfig,
+    runner: &mut FakeRunner,
+    score: bool,
+) -> (Vec<OutputRow>, super::JobSummary) {
+    let spec = ScoringSpec {
+        loglikelihood: score,
+        continuation_column: "continuation".into(),
+        reference_column: "reference".into(),
+        metrics: vec![],
+        normalize: vec![],
+        regex: String::new(),
+    };
+    let scorer = Scorer::new(&spec);
+    let rows = RowBuilder {
+        decoder: &Letters,
+        scorer: &scorer,
+        include_token_ids: true,
+    };
+    let stops = StopRule {
+        decoder: &Letters,
+        ctx: 64,
+    };
+    let mut pipe = Pipeline::new(cfg, stops, rows);
+    let (tx, rx) = std::sync::mpsc::sync_channel(items.len().max(1));
+    for it in items {
+        tx.send(Ok(it)).unwrap();
+    }
+    drop(tx);
+    let defaults = params(4);
+    let mut intake = Intake::new(&rx, &defaults, cfg.max_num_seqs, score);
+    let mut sink: Vec<OutputRow> = Vec::new();
+    drive(&mut pipe, &mut intake, runner, &mut sink, &|| false).unwrap();
+    (sink, pipe.finish(runner))
+}
+
+fn gen_items(prompts: &[Vec<u32>], p: &GenerationParams) -> Vec<Prepared> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let tok = Tokenized {
+                tokens: t.clone(),
+                prompt_len: t.len(),
+            };
+            (record(i, p.clone()), Ok(tok))
+        })
+        .collect()
+}
+
+/// What greedy decoding of the fake model gives for a prompt.
+fn expected(prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut t = prompt.to_vec();
+    for _ in 0..n {
+        let row = fake_logits(&t);
+        t.push(crate::sampler::argmax(&row));
+    }
+    t[prompt.len()..].to_vec()
+}
+
+fn prompts(n: usize, len: usize) -> Vec<Vec<u32>> {
+    (0..n)
+        .map(|i| (0..len as u32).map(|t| (t * 3 + i as u32) % 29).collect())
+        .collect()
+}
+
+#[test]
+fn records_are_admitted_in_sorted_prompt_order_one_at_a_time() {
+    let ps = vec![vec![5, 1, 2], vec![1, 2, 3], vec![3, 3, 3]];
+    let (rows, _) = run(
+        gen_items(&ps, &params(2)),
+        sched_cfg(64, 1, 64),
+        &mut FakeRunner::default(),
+        false,
+    );
+    let order: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(order, ["r1", "r2", "r0"]);
+    assert!(rows.windows(2).all(|w| w[0].queue_ms <= w[1].queue_ms));
+}
+
+#[test]
+fn preemption_and_recompute_give_the_same_tokens_as_a_roomy_cache() {
+    let ps = prompts(6, 10);
+    let p = params(12);
+    let (roomy, s1) = run(
+        gen_items(&ps, &p),
+        sched_cfg(200, 8, 1000),
+        &mut FakeRunner::default(),
+        false,
+    );
+    let mut tight_runner = FakeRunner::default();
+    let (tight, s2) = run(
+        gen_items(&ps, &p),
+        sched_cfg(12, 4, 5),
+        &mut tight_runner,
+        false,
+    );
+    assert!(s2.preemptions > 0, "the tight cache must preempt");
+    assert_eq!(s1.preemptions, 0);
+    assert!(
+        tight_runner.tokens_run > s1.forward_tokens,
+        "recompute reruns tokens"
+    );
+    for rows in [&roomy, &tight] {
+        assert_eq!(rows.len(), 6);
+        for r in rows.iter() {
+            let i = r.input_row as usize;
+            assert_eq!(
+                r.completion_token_ids,
+                expected(&ps[i], 12),
+                "record {}",
+                r.id
+            );
+            assert_eq!(r.finish_reason, "length");
+        }
+    }
+}
+
+#[test]
+fn a_stop_string_ends_the_completion_and_is_trimmed() {
+    let ps = prompts(1, 6);
+    let full = expected(&ps[0], 8);
+    let text = Letters.decode(&full).unwrap();
+    // Stop at the text of the third generated token.
+    let stop = text[2..3].to_string();
+    let first = text.find(&stop).unwrap();
+    let mut p = params(8);
+    p.stop = vec![stop];
+    let (rows, _) = run(
+        gen_items(&ps, &p),
+        sched_cfg(64, 4, 64),
+        &mut FakeRunner::default(),
+        false,
+    );
+    assert_eq!(rows[0].finish_reason, "stop");
+    assert_eq!(rows[0].completion.as_deref(), Some(&text[..first]));
+    assert_eq!(rows[0].completion_tokens as usize, first + 1);
+}
+
+#[test]
+fn eos_gives_stop_unless_ignored_and_length_caps_the_rest() {
+    let ps = prompts(2, 5);
+    let mut runner = FakeRunner {
+        eos_after: Some(3),
+        ..Default::default()
+    };
+    let (rows, _) = run(
+        gen_items(&ps, &params(10)),
+        sched_cfg(64, 4, 64),
+        &mut runner,
+        false,
+    );
+    for r in &rows {
+        assert_eq!((r.finish_reason, r.completion_tokens), ("stop", 4));
+        assert_eq!(r.completion_token_ids[3], EOS);
+    }
+    let mut p = params(10);
+    p.ignore_eos = true;
+    let mut runner = FakeRunner {
+        eos_after: Some(3),
+        ..Default::default()
+    };
+    let (rows, _) = run(gen_items(&ps, &p), sched_cfg(64, 4, 64), &mut runner, false);
+    for r in &rows {
+        assert_eq!((r.finish_reason, r.completion_tokens), ("length", 10));
+    }
+}
+
+#[test]
+fn records_that_cannot_run_become_error_rows_and_the_rest_run() {
+    let ps = prompts(3, 4);
+    let mut items = gen_items(&ps, &params(3));
+    items[1].1 = Err("record r1: prompt has 9 tokens, max_prompt_tokens is 4".into());
+    let (rows, sum) = run(
+        items,
+        sched_cfg(64, 4, 64),
+        &mut FakeRunner::default(),
+        false,
+    );
+    assert_eq!((sum.records, sum.ok, sum.errors), (3, 2, 1));
+    let bad = rows.iter().find(|r| r.id == "r1").unwrap();
+    assert_eq!((bad.status, bad.finish_reason), ("error", "error"));
+    assert!(bad
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("max_prompt_tokens is 4"));
+    assert_eq!(rows.iter().filter(|r| r.status == "ok").count(), 2);
+}
+
+/// Scoring: prompt + continuation; each continuation token's log-probability
+/// under the fake model, summed.
+fn expected_score(tokens: &[u32], prompt_len: usize) -> f64 {
+    (prompt_len..tokens.len())
+        .map(|i| crate::scoring::token_logprob(&fake_logits(&tokens[..i]), tokens[i]))
+        .sum()
+}
+
+#[test]
+fn score_requests_match_a_direct_computation_and_share_the_prefix_cache() {
+    // Four choices after one shared 9-token question (a multiple-choice eval).
+    let question: Vec<u32> = (0..9).map(|t| (t * 5 + 1) % 29).collect();
+    let items: Vec<Prepared> = (0..4u32)
+        .map(|i| {
+            let mut tokens = question.clone();
+            tokens.extend([i + 2, i + 3, 7]);
+            let tok = Tokenized {
+                tokens,
+                prompt_len: question.len(),
+            };
+            (record(i as usize, params(1)), Ok(tok))
+        })
+        .collect();
+    let want: Vec<f64> = items
+        .iter()
+        .map(|(_, t)| expected_score(&t.as_ref().unwrap().tokens, 9))
+        .collect();
+    for cfg in [
+        sched_cfg(64, 8, 64),
+        sched_cfg(64, 8, 5),
+        sched_cfg(8, 2, 7),
+    ] {
+        let (rows, sum) = run(items.clone(), cfg, &mut FakeRunner::default(), true);
+        assert_eq!(rows.len(), 4);
+        for r in &rows {
+            let (ll, n) = r.loglikelihood.unwrap();
+            assert_eq!(n, 3);
+            assert!((ll - want[r.input_row as usize]).abs() < 1e-9, "{cfg:?}");
+            assert_eq!((r.finish_reason, r.completion_tokens), ("scored", 0));
+        }
+        if cfg.num_blocks == 64 {
+            // The 8 tokens of the question's two full blocks come from the
+            // cache for the three choices after the first.
+            assert_eq!(sum.prefix_hit_tokens, 3 * 8, "{cfg:?}");
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Records to token ids: the chat template, the length checks, and the
+//! continuation of a scoring record. Runs on the reader thread.
+
+use crate::input::{InputRecord, PromptInput};
+use crate::prompt::Prompter;
+
+/// A record's tokens, ready to become a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tokenized {
+    /// Prompt tokens, then (scoring) the continuation's.
+    pub tokens: Vec<u32>,
+    /// Where the prompt ends.
+    pub prompt_len: usize,
+}
+
+/// A record read and tokenized ahead of the step loop, or why it cannot run.
+pub type Prepared = (InputRecord, std::result::Result<Tokenized, String>);
+
+/// Tokenizes records for one job.
+pub struct Tokenizer<'a> {
+    /// Template and tokenizer.
+    pub prompter: &'a Prompter,
+    /// The job's system prompt (records without their own).
+    pub job_system: &'a str,
+    /// Longest accepted prompt.
+    pub max_prompt_tokens: usize,
+    /// The model's context length.
+    pub ctx: usize,
+    /// Tokens the whole KV cache holds.
+    pub capacity: usize,
+    /// Score the continuation column instead of generating.
+    pub score: bool,
+}
+
+impl Tokenizer<'_> {
+    /// The record's tokens, checked against the prompt limit, the context
+    /// and the cache.
+    pub fn prepare(&self, rec: &InputRecord) -> std::result::Result<Tokenized, String> {
+        let t = if self.score {
+            self.continuation_tokens(rec)?
+        } else {
+            let tokens = self.prompt_tokens(rec)?;
+            Tokenized {
+                prompt_len: tokens.len(),
+                tokens,
+            }
+        };
+        let need = if self.score {
+            if t.tokens.len() > self.ctx {
+                return Err(format!(
+                    "record {}: prompt + continuation has {} tokens, the context is {}",
+                    rec.id,
+                    t.tokens.len(),
+                    self.ctx
+                ));
+            }
+            t.tokens.len()
+        } else {
+            let params = &rec
+                .body
+                .as_ref()
+                .expect("tokenized records have a body")
+                .params;
+            t.prompt_len + params.max_new_tokens.min(self.ctx - t.prompt_len)
+        };
+        if need > self.capacity {
+            return Err(format!(
+                "record {}: prompt ({}) + {} needs {need} cache tokens, the KV cache holds {} (engine.num_blocks x engine.block_size)",
+                rec.id,
+                t.prompt_len,
+                if self.score { "continuation" } else { "max_new_tokens" },
+                self.capacity
+            ));
+        }
+        Ok(t)
+    }
+
+    /// A record's prompt through the chat template.
+    fn render(&self, rec: &InputRecord) -> std::result::Result<String, String> {
+        let body = rec.body.as_ref().map_err(|e| e.clone())?;
+        let messages = match &body.prompt {
+            PromptInput::Messages(m) => m.clone(),
+            PromptInput::Text { system, user } => {
+                Prompter::messages(system.as_deref(), self.job_system, user)
+            }
+        };
+        self.prompter
+            .render(&messages)
+            .map_err(|e| format!("record {}: {e}", rec.id))
+    }
+
+    /// Renders and tokenizes a record's prompt, checking its length.
+    fn prompt_tokens(&self, rec: &InputRecord) -> std::result::Result<Vec<u32>, String> {
+        let text = self.render(rec)?;
+        self.encode_prompt(rec, &text)
+    }
+
+    fn encode_prompt(
+        &self,
+        rec: &InputRecord,
+        text: &str,
+    ) -> std::result::Result<Vec<u32>, String> {
+        let ids = self
+            .prompter
+            .encode(text)
+            .map_err(|e| format!("record {}: {e}", rec.id))?;
+        if ids.len() > self.max_prompt_tokens {
+            return Err(format!(
+                "record {}: prompt has {} tokens, max_prompt_tokens is {}",
+                rec.id,
+                ids.len(),
+                self.max_prompt_tokens
+            ));
+        }
+        Ok(ids)
+    }
+
+    /// Prompt + continuation tokens: the continuation's tokens are those
+    /// that encoding prompt + continuation adds after the prompt's own
+    /// encoding.
+    fn continuation_tokens(&self, rec: &InputRecord) -> std::result::Result<Tokenized, String> {
+        let body = rec.body.as_ref().map_err(|e| e.clone())?;
+        let cont = body.continuation.as_deref().ok_or_else(|| {
+            format!(
+                "record {}: the continuation is missing or null, expected a string (scoring.mode = loglikelihood)",
+                rec.id
+            )
+        })?;
+        if cont.is_empty() {
+            return Err(format!("record {}: the continuation is empty", rec.id));
+        }
+        let text = self.render(rec)?;
+        let prompt = self.encode_prompt(rec, &text)?;
+        let all = self
+            .prompter
+            .encode(&format!("{text}{cont}"))
+            .map_err(|e| format!("record {}: {e}", rec.id))?;
+        if all.len() <= prompt.len() || all[..prompt.len()] != prompt[..] {
+            return Err(format!(
+                "record {}: the continuation does not tokenize as an extension of the prompt",
+                rec.id
+            ));
+        }
+        Ok(Tokenized {
+            prompt_len: prompt.len(),
+            tokens: all,
+        })
+    }
+}

@@ -1,0 +1,125 @@
+//! The scheduler update: a step's picks become tokens of their requests,
+//! scored rows become log-probabilities, and the requests that are done
+//! are named with why.
+
+use super::pick::Picked;
+use super::runner::StepLogits;
+use crate::output::FinishReason;
+use crate::prompt::Decoder;
+use crate::sampler;
+use crate::scheduler::{Request, RequestKind, Scheduler, SeqId, StepPlan};
+use crate::{Error, Result};
+use candle_core::Tensor;
+use std::time::Instant;
+
+/// When a generation ends: stop tokens, stop strings, length, context.
+pub struct StopRule<'a> {
+    /// Decodes the tail for stop strings; gives the stop token ids.
+    pub decoder: &'a dyn Decoder,
+    /// The model's context length.
+    pub ctx: usize,
+}
+
+impl StopRule<'_> {
+    /// Why `req` (whose newest token is `tok`) is finished, if it is.
+    pub fn check(&self, req: &Request, tok: u32) -> Result<Option<FinishReason>> {
+        let p = &req.params;
+        if !p.ignore_eos && self.decoder.stop_ids().contains(&tok) {
+            return Ok(Some(FinishReason::Stop));
+        }
+        let generated = req.generated();
+        if !p.stop.is_empty() {
+            // Checked every step, so a stop string can only end in the newest
+            // token: decoding a tail window that covers the longest stop string
+            // (a character takes at most 4 byte-fallback tokens) plus margin
+            // for the decoder's handling of the window's first token is enough.
+            let longest = p.stop.iter().map(|s| s.chars().count()).max();
+            let window = 4 * longest.unwrap_or(0) + 4;
+            let tail = &generated[generated.len().saturating_sub(window)..];
+            let text = self.decoder.decode(tail)?;
+            if p.stop.iter().any(|s| text.contains(s.as_str())) {
+                return Ok(Some(FinishReason::Stop));
+            }
+        }
+        if generated.len() >= p.max_new_tokens || req.tokens().len() >= self.ctx {
+            return Ok(Some(FinishReason::Length));
+        }
+        Ok(None)
+    }
+}
+
+/// Applies a step's picks and scored rows to the requests; returns the
+/// requests that finished in this step, in chunk order.
+pub fn apply(
+    sched: &mut Scheduler,
+    plan: &StepPlan,
+    out: &StepLogits,
+    picks: Vec<Option<Picked>>,
+    stops: &StopRule<'_>,
+) -> Result<Vec<(SeqId, FinishReason)>> {
+    record_scores(sched, plan, out)?;
+    let now = Instant::now();
+    let mut finished = Vec::new();
+    for (c, pick) in plan.chunks.iter().zip(picks) {
+        if !c.samples {
+            continue; // mid-prefill chunk: nothing to do yet
+        }
+        if sched.request(c.seq).kind == RequestKind::Score {
+            finished.push((c.seq, FinishReason::Scored));
+            continue;
+        }
+        let history = sched.tokens(c.seq).to_vec();
+        let req = sched.request_mut(c.seq);
+        let tok = match pick {
+            Some(Picked::Token(t)) => t,
+            Some(Picked::Logits(mut row)) => {
+                sampler::sample(&mut row, &history, &req.params, &mut req.rng)
+            }
+            Some(Picked::Candidates(cand)) => {
+                sampler::sample_sorted(&cand, &req.params, &mut req.rng)
+            }
+            None => unreachable!("every sampling chunk of a generation request has a pick"),
+        };
+        req.timings.first_token.get_or_insert(now);
+        sched.push_token(c.seq, tok);
+        if let Some(reason) = stops.check(sched.request(c.seq), tok)? {
+            finished.push((c.seq, reason));
+        }
+    }
+    Ok(finished)
+}
+
+/// Stores the log-probability of each continuation token whose row ran in
+/// this step (rows cross to the host once, for all scoring chunks).
+fn record_scores(sched: &mut Scheduler, plan: &StepPlan, out: &StepLogits) -> Result<()> {
+    let mut rows = Vec::new();
+    let mut wanted = Vec::new(); // (chunk, first row of the chunk's span)
+    for (i, c) in plan.chunks.iter().enumerate() {
+        let (first, n) = out.spans[i];
+        if n > 0 && sched.request(c.seq).kind == RequestKind::Score {
+            wanted.push(i);
+            rows.extend((first..first + n).map(|r| r as u32));
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let n = rows.len();
+    let idx = Tensor::from_vec(rows, n, out.logits.device())?;
+    let host = out.logits.index_select(&idx, 0)?.to_vec2::<f32>()?;
+    let mut host = host.into_iter();
+    for i in wanted {
+        let c = plan.chunks[i];
+        let req = sched.request_mut(c.seq);
+        let (from, to) = req.logit_rows(c.start, c.len);
+        let first_scored = req.prompt_len().max(1);
+        for pos in c.start + from..c.start + to {
+            let row = host.next().ok_or_else(|| {
+                Error::Engine("the step returned fewer scored rows than asked".into())
+            })?;
+            let lp = crate::scoring::token_logprob(&row, req.tokens()[pos + 1]);
+            req.token_logprobs[pos + 1 - first_scored] = Some(lp);
+        }
+    }
+    Ok(())
+}

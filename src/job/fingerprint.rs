@@ -1,0 +1,86 @@
+//! What makes two runs the same job (resume refuses anything else), and
+//! the input prescan that finds duplicate ids before any model work.
+
+use crate::config::JobSpec;
+use crate::{Error, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// What identifies a job for resume: model, generation, input content and
+/// output schema (not engine settings, which do not change results' meaning).
+pub fn fingerprint(spec: &JobSpec) -> Result<BTreeMap<String, String>> {
+    let mut fp = BTreeMap::new();
+    let m = &spec.model;
+    fp.insert("model.id".into(), m.id.clone());
+    fp.insert("model.revision".into(), m.revision.clone());
+    fp.insert("model.dtype".into(), format!("{:?}", m.dtype));
+    fp.insert("model.load_format".into(), format!("{:?}", m.load_format));
+    fp.insert("model.dummy_quant".into(), format!("{:?}", m.dummy_quant));
+    let g = serde_json::to_value(&spec.generation).expect("generation serializes");
+    if let serde_json::Value::Object(o) = g {
+        for (k, v) in o {
+            fp.insert(format!("generation.{k}"), v.to_string());
+        }
+    }
+    let i = &spec.input;
+    fp.insert("input.path".into(), i.path.display().to_string());
+    fp.insert("input.format".into(), format!("{:?}", i.format));
+    fp.insert(
+        "input.columns".into(),
+        format!(
+            "id={} prompt={} messages={} system={}",
+            i.id_column, i.prompt_column, i.messages_column, i.system_column
+        ),
+    );
+    fp.insert("input.sha256".into(), file_hash(&i.path)?);
+    fp.insert(
+        "output.include_token_ids".into(),
+        spec.output.include_token_ids.to_string(),
+    );
+    Ok(fp)
+}
+
+/// Reads every record id once: duplicate ids are a job-level error, found
+/// before any model work. Returns the number of records.
+pub fn prescan(spec: &JobSpec) -> Result<usize> {
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut n = 0;
+    for rec in crate::input::open(&spec.input, &spec.generation)? {
+        let rec = rec?;
+        if let Some(first) = seen.insert(rec.id.clone(), rec.row) {
+            return Err(Error::Input(format!(
+                "input {} has duplicate record id `{}` (rows {first} and {}); ids must be unique for resume to skip written records",
+                spec.input.path.display(),
+                rec.id,
+                rec.row
+            )));
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// sha256 hex of a fingerprint's canonical JSON.
+pub fn job_hash(fp: &BTreeMap<String, String>) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(
+        serde_json::to_vec(fp).expect("map serializes"),
+    ))
+}
+
+/// sha256 hex of a file's bytes.
+pub fn file_hash(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}

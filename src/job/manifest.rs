@@ -1,0 +1,89 @@
+//! `_manifest.json`: the job hash and fingerprint, the parts with their
+//! counts, the state; rewritten atomically after every part.
+
+use super::lock::now_unix;
+use super::JobState;
+use crate::output::{write_atomic, PartStats};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Name of the manifest file in the output directory.
+pub const MANIFEST: &str = "_manifest.json";
+
+/// `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// sha256 of the fingerprint.
+    pub job_hash: String,
+    /// What makes two jobs the same job (model, generation, input).
+    pub fingerprint: BTreeMap<String, String>,
+    /// Where the job stands.
+    pub state: JobState,
+    /// Records in the input.
+    pub total_records: usize,
+    /// Part files written so far, in order.
+    pub parts: Vec<PartStats>,
+    /// Process that last ran the job.
+    pub pid: u32,
+    /// Its host.
+    pub host: String,
+    /// The job file.
+    pub job_file: String,
+    /// Seconds since the epoch of the last update.
+    pub updated_unix: u64,
+    /// Generation wall time over all runs so far.
+    pub wall_s: f64,
+}
+
+impl Manifest {
+    /// Rows written.
+    pub fn rows(&self) -> usize {
+        self.parts.iter().map(|p| p.rows).sum()
+    }
+
+    /// Sum of a part figure.
+    pub fn sum(&self, f: impl Fn(&PartStats) -> usize) -> usize {
+        self.parts.iter().map(f).sum()
+    }
+
+    /// Reads `dir/_manifest.json`, `None` when absent.
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let p = dir.join(MANIFEST);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::Output(format!("{}: unreadable manifest ({e})", p.display())))
+    }
+
+    /// Writes `dir/_manifest.json` atomically (tmp, fsync, rename, fsync dir).
+    pub fn write(&mut self, dir: &Path) -> Result<()> {
+        self.updated_unix = now_unix();
+        write_atomic(
+            dir,
+            MANIFEST,
+            &serde_json::to_vec_pretty(self).expect("manifest serializes"),
+        )
+    }
+
+    /// What differs from another fingerprint, as `key: old -> new` lines.
+    pub fn changes(&self, new: &BTreeMap<String, String>) -> Vec<String> {
+        let keys: std::collections::BTreeSet<&String> =
+            self.fingerprint.keys().chain(new.keys()).collect();
+        keys.into_iter()
+            .filter(|k| self.fingerprint.get(*k) != new.get(*k))
+            .map(|k| {
+                let show = |v: Option<&String>| v.map_or("(none)".to_string(), |s| s.clone());
+                format!(
+                    "{k}: {} -> {}",
+                    show(self.fingerprint.get(k)),
+                    show(new.get(k))
+                )
+            })
+            .collect()
+    }
+}

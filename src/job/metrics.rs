@@ -1,0 +1,125 @@
+//! `_metrics.json`: one typed struct that the writer, `runner status` and
+//! the sweep report share.
+
+use super::manifest::Manifest;
+use super::JobState;
+use crate::engine::JobSummary;
+use crate::output::write_atomic;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Name of the metrics file in the output directory.
+pub const METRICS: &str = "_metrics.json";
+
+/// The job's figures over all its runs, and the last run's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Where the job stands.
+    pub state: JobState,
+    /// Records in the input.
+    pub total_records: usize,
+    /// Rows in the output.
+    pub records_written: usize,
+    /// Rows with status ok.
+    pub ok: usize,
+    /// Rows with status error.
+    pub errors: usize,
+    /// Prompt tokens of the rows.
+    pub prompt_tokens: usize,
+    /// Generated tokens of the rows.
+    pub completion_tokens: usize,
+    /// Part files.
+    pub parts: usize,
+    /// Generation wall time over all runs.
+    pub wall_s: f64,
+    /// completion_tokens / wall_s.
+    pub output_tok_s: f64,
+    /// When the manifest was last written (seconds since the epoch).
+    pub updated_unix: u64,
+    /// The last run, once it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<LastRun>,
+}
+
+/// Figures of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastRun {
+    /// Rows written by this run.
+    pub records: usize,
+    /// Of which ok.
+    pub ok: usize,
+    /// Of which errors.
+    pub errors: usize,
+    /// Prompt tokens of its ok rows.
+    pub prompt_tokens: usize,
+    /// Tokens it generated.
+    pub completion_tokens: usize,
+    /// Forward passes.
+    pub steps: usize,
+    /// Its generation wall time.
+    pub wall_s: f64,
+    /// Prompt tokens served from the prefix cache.
+    pub prefix_hit_tokens: usize,
+    /// Preemptions by recompute.
+    pub preemptions: usize,
+    /// Stopped by a signal.
+    pub interrupted: bool,
+    /// Most device memory its tensors took (0 on the CPU).
+    pub peak_device_bytes: usize,
+    /// Model load time.
+    pub load_s: f64,
+}
+
+impl Metrics {
+    /// The figures of a manifest, with the run that just ended if any.
+    pub fn new(m: &Manifest, run: Option<(&JobSummary, f64)>) -> Self {
+        let completion = m.sum(|p| p.completion_tokens);
+        Self {
+            state: m.state,
+            total_records: m.total_records,
+            records_written: m.rows(),
+            ok: m.sum(|p| p.ok),
+            errors: m.sum(|p| p.errors),
+            prompt_tokens: m.sum(|p| p.prompt_tokens),
+            completion_tokens: completion,
+            parts: m.parts.len(),
+            wall_s: m.wall_s,
+            output_tok_s: completion as f64 / m.wall_s.max(1e-9),
+            updated_unix: m.updated_unix,
+            last_run: run.map(|(s, load_s)| LastRun {
+                records: s.records,
+                ok: s.ok,
+                errors: s.errors,
+                prompt_tokens: s.prompt_tokens,
+                completion_tokens: s.completion_tokens,
+                steps: s.steps,
+                wall_s: s.wall_s,
+                prefix_hit_tokens: s.prefix_hit_tokens,
+                preemptions: s.preemptions,
+                interrupted: s.interrupted,
+                peak_device_bytes: s.peak_device_bytes,
+                load_s,
+            }),
+        }
+    }
+
+    /// Writes `dir/_metrics.json` atomically.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).expect("metrics serialize");
+        write_atomic(dir, METRICS, &bytes)
+    }
+
+    /// Reads `dir/_metrics.json`: `None` when absent, an error naming the
+    /// file when it cannot be read or parsed (never zeros).
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let p = dir.join(METRICS);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::Output(format!("{}: unreadable metrics ({e})", p.display())))
+    }
+}

@@ -1,0 +1,299 @@
+//! A job's lifecycle around the engine: the output's lock, the job's
+//! fingerprint, the manifest, the resume scan, signals and the metrics file;
+//! sweeps are built on it. The CLI parses, calls [`submit`] and prints.
+//!
+//! Submit is resumable: the output directory holds Parquet parts written
+//! atomically, `_manifest.json` (job hash, parts, counts) rewritten
+//! atomically after each part, `_metrics.json`, and `.lock`. A second submit
+//! of the same job skips the ids already written; a changed job is refused
+//! unless `restart`.
+
+mod fingerprint;
+mod lock;
+mod manifest;
+mod merge;
+mod metrics;
+mod resume;
+mod signals;
+mod status;
+pub mod sweep;
+
+pub use fingerprint::{file_hash, fingerprint, job_hash, prescan};
+pub use lock::{host_name, now_unix, LockInfo, OutputLock, LOCK};
+pub use manifest::{Manifest, MANIFEST};
+pub use merge::merge;
+pub use metrics::{LastRun, Metrics, METRICS};
+pub use resume::{clear_output, next_part_index, remove_stale_tmp, scan_parts};
+pub use signals::INTERRUPTED_EXIT;
+pub use status::{JobStatus, Liveness};
+
+use crate::config::JobSpec;
+use crate::engine::{Engine, JobSummary};
+use crate::model::HubSettings;
+use crate::output::ParquetSink;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Where a job stands, as its manifest records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// A run is writing it (or died doing so: see [`Liveness`]).
+    Running,
+    /// Every record is written.
+    Finished,
+    /// Stopped by a signal; resumable.
+    Interrupted,
+}
+
+impl JobState {
+    /// The state as written in the manifest.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Finished => "finished",
+            JobState::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// What a run reports as it goes (the CLI's progress bar or log lines).
+pub trait Progress: Send + Sync {
+    /// The run starts with `remaining` records to write.
+    fn start(&self, remaining: u64);
+    /// A row was written with this many generated tokens.
+    fn row(&self, completion_tokens: u64);
+    /// The run ended.
+    fn finish(&self);
+}
+
+/// Runs a job, or each variant of a sweep job, end to end, resuming into
+/// an output that holds part of it.
+pub fn submit(
+    spec: &JobSpec,
+    hub: &HubSettings,
+    restart: bool,
+    progress: Arc<dyn Progress>,
+) -> Result<()> {
+    match &spec.sweep {
+        None => run_one(spec, hub, restart, progress),
+        Some(sw) => sweep::run(spec, sw, hub, restart, progress),
+    }
+}
+
+/// What the output already holds, once the job's identity is checked.
+struct Prepared {
+    manifest: Manifest,
+    done: HashSet<String>,
+}
+
+/// Runs one model's job (a plain job, or one sweep variant).
+pub fn run_one(
+    spec: &JobSpec,
+    hub: &HubSettings,
+    restart: bool,
+    progress: Arc<dyn Progress>,
+) -> Result<()> {
+    let out = spec.output.path.clone();
+    // Job-level checks first, before any model work.
+    resume::check_writable(&out)?;
+    let _lock = OutputLock::acquire(&out)?;
+    let Some(prep) = prepare(spec, &out, restart)? else {
+        return Ok(()); // already complete
+    };
+    let stop = signals::stop_flag()?;
+    let load_start = Instant::now();
+    let (mut engine, meta) = Engine::load(spec, hub)?;
+    let load_s = load_start.elapsed().as_secs_f64();
+    engine.set_stop_flag(stop);
+    tracing::info!(
+        model = %spec.model.id,
+        quant = %engine.model().quant().map_or("none".into(), |q| q.short_name()),
+        load_s,
+        job_id = %meta.job_id,
+        "model loaded"
+    );
+    let first_part = next_part_index(&out)?;
+    let mut sink = ParquetSink::resume(
+        &out,
+        meta,
+        spec.output.include_token_ids,
+        spec.output.flush_every,
+        first_part,
+    )?;
+    let remaining = prep.manifest.total_records.saturating_sub(prep.done.len());
+    progress.start(remaining as u64);
+    let p = Arc::clone(&progress);
+    sink.on_row(Box::new(move |row| p.row(row.completion_tokens as u64)));
+    let shared = Arc::new(Mutex::new(prep.manifest));
+    sink.on_part(part_hook(Arc::clone(&shared), &out));
+    let mut input = crate::input::open(&spec.input, &spec.generation)?;
+    let done = prep.done;
+    let mut todo = std::iter::from_fn(move || loop {
+        match input.next()? {
+            Ok(r) if done.contains(&r.id) => continue,
+            other => return Some(other),
+        }
+    });
+    let sum = engine.run(&mut todo, &spec.generation.system_prompt, &mut sink)?;
+    progress.finish();
+    let man = shared.lock().expect("manifest lock").clone();
+    finish(spec, &out, man, &sum, load_s)
+}
+
+/// Checks the job against what the output holds (refusing a different
+/// job unless `restart`), clears it on `restart`, and writes the running
+/// manifest. `None`: every record is already written.
+fn prepare(spec: &JobSpec, out: &Path, restart: bool) -> Result<Option<Prepared>> {
+    // The duplicate-id prescan and the input's sha256 (in the fingerprint)
+    // each read the whole input: side by side.
+    let (total, fp) = std::thread::scope(|s| {
+        let fp = s.spawn(|| fingerprint(spec));
+        let total = prescan(spec);
+        let fp = fp.join().expect("the fingerprint thread does not panic");
+        (total, fp)
+    });
+    let (total, fp) = (total?, fp?);
+    let old = Manifest::read(out)?;
+    check_same_job(out, old.as_ref(), &fp, restart)?;
+    if restart {
+        let n = clear_output(out)?;
+        if n > 0 {
+            tracing::warn!(parts = n, "--restart: discarded the previous output");
+        }
+    }
+    let stale = remove_stale_tmp(out)?;
+    if stale > 0 {
+        tracing::info!(
+            files = stale,
+            "removed temporary files of an interrupted write"
+        );
+    }
+    let (done, parts) = scan_parts(out)?;
+    let mut manifest = Manifest {
+        job_hash: job_hash(&fp),
+        fingerprint: fp,
+        state: JobState::Running,
+        total_records: total,
+        parts,
+        pid: std::process::id(),
+        host: host_name(),
+        job_file: spec.job_file.display().to_string(),
+        updated_unix: 0,
+        wall_s: old.filter(|_| !restart).map_or(0.0, |m| m.wall_s),
+    };
+    if !restart && !done.is_empty() && done.len() >= total {
+        manifest.state = JobState::Finished;
+        manifest.write(out)?;
+        tracing::info!(records = total, output = %out.display(), "already complete: nothing to run");
+        return Ok(None);
+    }
+    manifest.write(out)?;
+    if !done.is_empty() {
+        tracing::info!(
+            written = done.len(),
+            remaining = total.saturating_sub(done.len()),
+            "resuming: records already in the output are skipped"
+        );
+    }
+    Ok(Some(Prepared { manifest, done }))
+}
+
+/// Refuses an output that holds another job's rows (or rows of no
+/// resumable job), unless `restart`.
+fn check_same_job(
+    out: &Path,
+    old: Option<&Manifest>,
+    fp: &BTreeMap<String, String>,
+    restart: bool,
+) -> Result<()> {
+    if restart {
+        return Ok(());
+    }
+    match old {
+        Some(m) if m.job_hash != job_hash(fp) => Err(Error::Output(format!(
+            "output {} holds {} rows of a different job; changed: {}. Resume needs the same job; pass --restart to discard those rows and start over",
+            out.display(),
+            m.rows(),
+            m.changes(fp).join("; ")
+        ))),
+        None => {
+            let on_disk = crate::output::existing_parts(out)?;
+            if on_disk.is_empty() {
+                return Ok(());
+            }
+            Err(Error::Output(format!(
+                "output {} holds {} part file(s) but no {MANIFEST}: not written by a resumable job; pass --restart to discard them or choose another output.path",
+                out.display(),
+                on_disk.len()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// After each part is in place: the manifest and metrics files follow.
+fn part_hook(shared: Arc<Mutex<Manifest>>, out: &Path) -> crate::output::PartHook {
+    let (out, run_start) = (out.to_path_buf(), Instant::now());
+    Box::new(move |part| {
+        let mut m = shared.lock().expect("manifest lock");
+        m.parts.push(part);
+        let mut snap = m.clone();
+        snap.wall_s = m.wall_s + run_start.elapsed().as_secs_f64();
+        snap.write(&out)?;
+        Metrics::new(&snap, None).write(&out)
+    })
+}
+
+/// Marks the manifest finished or interrupted, writes the metrics, logs
+/// the summary; an interrupted run is an error that says how to resume.
+fn finish(
+    spec: &JobSpec,
+    out: &Path,
+    mut man: Manifest,
+    sum: &JobSummary,
+    load_s: f64,
+) -> Result<()> {
+    man.wall_s += sum.wall_s;
+    man.state = if sum.interrupted {
+        JobState::Interrupted
+    } else {
+        JobState::Finished
+    };
+    man.write(out)?;
+    Metrics::new(&man, Some((sum, load_s))).write(out)?;
+    log_summary(&man, sum, out);
+    if sum.interrupted {
+        return Err(Error::Interrupted(format!(
+            "stopped by a signal: {} of {} records are in {}; resume with `runner submit {}` (the same job continues where it stopped)",
+            man.rows(),
+            man.total_records,
+            out.display(),
+            spec.job_file.display()
+        )));
+    }
+    Ok(())
+}
+
+fn log_summary(m: &Manifest, s: &JobSummary, out: &Path) {
+    tracing::info!(
+        records = m.rows(),
+        of = m.total_records,
+        ok = m.sum(|p| p.ok),
+        errors = m.sum(|p| p.errors),
+        prompt_tokens = m.sum(|p| p.prompt_tokens),
+        completion_tokens = m.sum(|p| p.completion_tokens),
+        this_run_records = s.records,
+        prefix_hit_tokens = s.prefix_hit_tokens,
+        preemptions = s.preemptions,
+        wall_s = format!("{:.2}", s.wall_s),
+        output_tok_s = format!("{:.1}", s.completion_tokens as f64 / s.wall_s.max(1e-9)),
+        "job {}, output in {}",
+        m.state.as_str(),
+        out.display()
+    );
+}

@@ -1,0 +1,136 @@
+//! What a resumed job finds on disk: the ids and figures of the parts
+//! already written (the files are the authority after a crash), leftover
+//! temporary files, the next part number; and `--restart`.
+
+use crate::output::{existing_parts, read_part, PartStats};
+use crate::{Error, Result};
+use std::collections::HashSet;
+use std::path::Path;
+
+/// Figures of the part files on disk (ids and per-part stats), read back
+/// from the files themselves: the authority after a crash.
+pub fn scan_parts(dir: &Path) -> Result<(HashSet<String>, Vec<PartStats>)> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::UInt32Type;
+    let mut ids = HashSet::new();
+    let mut stats = Vec::new();
+    for p in existing_parts(dir)? {
+        let batches = read_part(&p)?;
+        let mut st = PartStats {
+            file: p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .to_string(),
+            ..Default::default()
+        };
+        for b in batches {
+            let col = |n: &str| {
+                b.column_by_name(n)
+                    .ok_or_else(|| Error::Output(format!("{}: no `{n}` column", p.display())))
+            };
+            let wrong = |n: &str, want: &str| {
+                Error::Output(format!(
+                    "{}: column `{n}` is not {want}: not a part file of this runner",
+                    p.display()
+                ))
+            };
+            let string = |n: &str| {
+                col(n)?
+                    .as_string_opt::<i32>()
+                    .cloned()
+                    .ok_or_else(|| wrong(n, "a string column"))
+            };
+            let count = |n: &str| {
+                col(n)?
+                    .as_primitive_opt::<UInt32Type>()
+                    .cloned()
+                    .ok_or_else(|| wrong(n, "a uint32 column"))
+            };
+            let (id, status) = (string("id")?, string("status")?);
+            let (pt, ct) = (count("prompt_tokens")?, count("completion_tokens")?);
+            for i in 0..b.num_rows() {
+                if !ids.insert(id.value(i).to_string()) {
+                    return Err(Error::Output(format!(
+                        "{}: record id `{}` is written twice in the output",
+                        dir.display(),
+                        id.value(i)
+                    )));
+                }
+                st.rows += 1;
+                if status.value(i) == "ok" {
+                    st.ok += 1;
+                } else {
+                    st.errors += 1;
+                }
+                st.prompt_tokens += pt.value(i) as usize;
+                st.completion_tokens += ct.value(i) as usize;
+            }
+        }
+        stats.push(st);
+    }
+    Ok((ids, stats))
+}
+
+/// Removes temporary files a killed writer left behind.
+pub fn remove_stale_tmp(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+    {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Creates the output directory and checks it takes files.
+pub fn check_writable(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::Output(format!(
+            "output.path {} cannot be created: {e}",
+            dir.display()
+        ))
+    })?;
+    let probe = dir.join(".write-probe");
+    std::fs::write(&probe, b"ok").map_err(|e| {
+        Error::Output(format!(
+            "output.path {} is not writable: {e}",
+            dir.display()
+        ))
+    })?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+/// Removes a previous run's parts, manifest and metrics (`--restart`).
+pub fn clear_output(dir: &Path) -> Result<usize> {
+    let parts = existing_parts(dir)?;
+    for p in &parts {
+        std::fs::remove_file(p).map_err(|e| Error::io(p, e))?;
+    }
+    for f in [super::MANIFEST, super::METRICS] {
+        let p = dir.join(f);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(parts.len())
+}
+
+/// The number of the next part file.
+pub fn next_part_index(dir: &Path) -> Result<usize> {
+    Ok(existing_parts(dir)?
+        .iter()
+        .filter_map(|p| {
+            let n = p.file_name()?.to_str()?;
+            n.strip_prefix("part-")?.get(..5)?.parse::<usize>().ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1))
+}

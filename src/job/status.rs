@@ -1,0 +1,62 @@
+//! Where a job's output stands, for `runner status`: the manifest's
+//! figures, and whether a live process holds the lock.
+
+use super::lock::{now_unix, LockInfo, OutputLock};
+use super::manifest::{Manifest, MANIFEST};
+use super::JobState;
+use crate::{Error, Result};
+use std::path::Path;
+
+/// Whether anything is running the job now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Liveness {
+    /// A live process holds the output's lock.
+    Running(LockInfo),
+    /// The manifest says running but nothing holds the lock: its writer
+    /// died (resubmit to resume).
+    Dead,
+    /// Finished or interrupted, as the manifest says.
+    Ended(JobState),
+}
+
+/// The status of one job output.
+#[derive(Debug, Clone)]
+pub struct JobStatus {
+    /// The manifest as on disk.
+    pub manifest: Manifest,
+    /// Running, dead or ended.
+    pub liveness: Liveness,
+    /// Seconds since the manifest was written.
+    pub updated_s_ago: u64,
+}
+
+impl JobStatus {
+    /// Reads the status of the output in `dir`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let manifest = Manifest::read(dir)?.ok_or_else(|| {
+            Error::Output(format!(
+                "{} has no {MANIFEST}: not the output of a runner job",
+                dir.display()
+            ))
+        })?;
+        let liveness = match (OutputLock::holder(dir), manifest.state) {
+            (Some(holder), _) => Liveness::Running(holder),
+            (None, JobState::Running) => Liveness::Dead,
+            (None, s) => Liveness::Ended(s),
+        };
+        Ok(Self {
+            updated_s_ago: now_unix().saturating_sub(manifest.updated_unix),
+            manifest,
+            liveness,
+        })
+    }
+
+    /// The state in words.
+    pub fn state_line(&self) -> String {
+        match &self.liveness {
+            Liveness::Running(l) => format!("running (pid {} on {})", l.pid, l.host),
+            Liveness::Dead => "dead (stopped without finishing; resubmit to resume)".into(),
+            Liveness::Ended(s) => s.as_str().to_string(),
+        }
+    }
+}
