@@ -103,7 +103,6 @@ pub fn block_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
         .iter()
         .fold(h, |h, &t| fnv1a(h, (t as u64).to_le_bytes()))
 }
-}
 
 impl BlockAllocator {
     /// `num_blocks` blocks of `block_size` tokens; prefix caching on or off.

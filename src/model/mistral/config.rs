@@ -148,7 +148,8 @@ impl MistralConfig {
 mod tests {
     #[test]
     fn mistral_7b_costs_14_2_gflop_per_token() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/mistral-7b-openorca");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/mistral-7b-openorca");
         let (cfg, _) = super::MistralConfig::read(&dir).unwrap();
         let g = cfg.flops_per_token() / 1e9;
         assert!((g - 14.2).abs() < 0.05, "{g} GFLOP per token");
