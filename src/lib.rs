@@ -6,11 +6,10 @@
 //! Parquet row per record. Module dependencies point one way:
 //! `cli -> job -> engine -> {scheduler, kv, model, sampler, output, input, prompt} -> config`.
 
+pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod config;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod input;
@@ -24,6 +23,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod scoring;
 
+pub use backend::cuda;
 pub use error::{Error, Result};
 
 /// Version string written into every output row.

@@ -3,7 +3,7 @@
 //! last match of a pattern, e.g. the last number). Scores are 1.0 / 0.0,
 //! `None` without a reference.
 
-use crate::config::{Metric, ScoringSpec};
+use crate::config::{Metric, Normalize, ScoringSpec};
 use regex::Regex;
 
 /// A compiled scoring configuration.
@@ -44,12 +44,13 @@ impl Scorer {
     pub fn normalize(&self, s: &str) -> String {
         let mut t = s.to_string();
         for n in &self.spec.normalize {
-            t = match n.as_str() {
-                "lowercase" => t.to_lowercase(),
-                "strip_punctuation" => t.chars().filter(|c| !c.is_ascii_punctuation()).collect(),
-                "collapse_whitespace" => t.split_whitespace().collect::<Vec<_>>().join(" "),
-                "strip" => t.trim().to_string(),
-                _ => t,
+            t = match n {
+                Normalize::Lowercase => t.to_lowercase(),
+                Normalize::StripPunctuation => {
+                    t.chars().filter(|c| !c.is_ascii_punctuation()).collect()
+                }
+                Normalize::CollapseWhitespace => t.split_whitespace().collect::<Vec<_>>().join(" "),
+                Normalize::Strip => t.trim().to_string(),
             };
         }
         t
@@ -118,19 +119,35 @@ pub fn token_logprob(row: &[f32], token: u32) -> f64 {
 mod tests {
     use super::*;
 
-    fn scorer(metrics: Vec<Metric>) -> Scorer {
+    fn scorer_with(metrics: Vec<Metric>, normalize: Vec<Normalize>) -> Scorer {
         Scorer::new(&ScoringSpec {
             loglikelihood: false,
             continuation_column: "continuation".into(),
             reference_column: "reference".into(),
             metrics,
-            normalize: vec![
-                "lowercase".into(),
-                "strip_punctuation".into(),
-                "collapse_whitespace".into(),
-            ],
+            normalize,
             regex: r"(-?\d+(?:\.\d+)?)".into(),
         })
+    }
+
+    fn scorer(metrics: Vec<Metric>) -> Scorer {
+        let n = vec![
+            Normalize::Lowercase,
+            Normalize::StripPunctuation,
+            Normalize::CollapseWhitespace,
+        ];
+        scorer_with(metrics, n)
+    }
+
+    /// `strip` is a normalisation like the others: without it (and without
+    /// collapse_whitespace) surrounding spaces count (engine v2 issue, item 8).
+    #[test]
+    fn strip_can_be_turned_off() {
+        let none = scorer_with(vec![Metric::ExactMatch], vec![]);
+        assert_eq!(none.normalize(" Paris "), " Paris ");
+        assert_eq!(none.score(" Paris ", Some("Paris")).values[0].1, Some(0.0));
+        let strip = scorer_with(vec![Metric::ExactMatch], vec![Normalize::Strip]);
+        assert_eq!(strip.score(" Paris ", Some("Paris")).values[0].1, Some(1.0));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! against cuBLAS f16 on Mistral-7B's shapes, decode attention against the
 //! device-to-device copy bandwidth, and the two ceilings themselves.
 
-use crate::cuda::{self, DecodeShape, GptqGpu, GptqPath};
+use crate::cuda::{self, DecodeShape, GptqGpu};
+use crate::model::linear::GptqMode;
 use crate::model::linear::RandomGptq;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -121,11 +122,11 @@ pub fn gemm_table(
             let x = cuda::fill_f16(&cd, (m, k), 5 + m as u64, -1.0, 1.0)?;
             let iters = if m <= 64 { 50 } else { 10 };
             let tf = time(dev, iters, || {
-                g.forward(&x, GptqPath::Fused)?;
+                g.forward(&x, GptqMode::Fused)?;
                 Ok(())
             })?;
             let td = time(dev, iters, || {
-                g.forward(&x, GptqPath::Dequant)?;
+                g.forward(&x, GptqMode::Dequant)?;
                 Ok(())
             })?;
             let tc = time(dev, iters, || {
@@ -134,7 +135,7 @@ pub fn gemm_table(
             })?;
             let us = |t: Option<f64>| t.map(|t| t * 1e6);
             let fdev = us(cuda::graph_time(dev, iters, || {
-                g.forward(&x, GptqPath::Fused)?;
+                g.forward(&x, GptqMode::Fused)?;
                 Ok(())
             })?);
             let cdev = us(cuda::graph_time(dev, iters, || {

@@ -10,7 +10,7 @@ mod spec;
 pub use raw::RawJob;
 pub use spec::{
     DType, Device, EngineSpec, GenerationParams, InputFormat, InputSpec, JobSpec, LoadFormat,
-    Metric, ModelSpec, OutputSpec, ScoringSpec, SweepSpec, Variant,
+    Metric, ModelSpec, Normalize, OutputSpec, ScoringSpec, SweepSpec, Variant,
 };
 
 use crate::{Error, Result};

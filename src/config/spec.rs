@@ -182,10 +182,8 @@ pub struct EngineSpec {
     pub gpu_memory_utilization: f64,
     /// Share full prompt blocks between records.
     pub prefix_caching: bool,
-    /// GPTQ kernel choice on CUDA.
+    /// GPTQ kernel choice on CUDA (`auto` carries `gptq_fused_max_m`).
     pub gptq_kernel: crate::model::linear::GptqMode,
-    /// Largest M of the fused GPTQ kernel in `auto` mode.
-    pub gptq_fused_max_m: usize,
 }
 
 /// A validated job.
@@ -220,10 +218,25 @@ pub struct ScoringSpec {
     pub reference_column: String,
     /// Metrics to compute per record.
     pub metrics: Vec<Metric>,
-    /// Normalisations applied before comparing.
-    pub normalize: Vec<String>,
+    /// Normalisations applied before comparing, in order.
+    pub normalize: Vec<Normalize>,
     /// Extraction pattern of `regex_match`.
     pub regex: String,
+}
+
+/// A text normalisation applied before comparing a completion with its
+/// reference (`scoring.normalize`, applied in the order given).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalize {
+    /// Lowercase (Unicode).
+    Lowercase,
+    /// Remove ASCII punctuation.
+    StripPunctuation,
+    /// Runs of whitespace become one space; leading and trailing removed.
+    CollapseWhitespace,
+    /// Leading and trailing whitespace removed.
+    Strip,
 }
 
 /// A per-record metric.
@@ -451,7 +464,9 @@ impl RawJob {
                     }
                 },
                 gptq_kernel: match e.gptq_kernel.as_str() {
-                    "auto" => crate::model::linear::GptqMode::Auto,
+                    "auto" => crate::model::linear::GptqMode::Auto {
+                        max_m: positive("engine.gptq_fused_max_m", e.gptq_fused_max_m)?,
+                    },
                     "fused" => crate::model::linear::GptqMode::Fused,
                     "dequant" => crate::model::linear::GptqMode::Dequant,
                     "resident" => crate::model::linear::GptqMode::Resident,
@@ -461,7 +476,6 @@ impl RawJob {
                         )))
                     }
                 },
-                gptq_fused_max_m: positive("engine.gptq_fused_max_m", e.gptq_fused_max_m)?,
                 prefix_caching: e.prefix_caching,
             },
             scoring,
@@ -483,20 +497,19 @@ fn resolve_scoring(r: super::raw::RawScoring) -> Result<ScoringSpec> {
             ))),
         })
         .collect::<Result<Vec<_>>>()?;
-    for n in &r.normalize {
-        if ![
-            "lowercase",
-            "strip_punctuation",
-            "collapse_whitespace",
-            "strip",
-        ]
-        .contains(&n.as_str())
-        {
-            return Err(Error::Config(format!(
-                "scoring.normalize holds `{n}`, expected lowercase, strip_punctuation, collapse_whitespace or strip"
-            )));
-        }
-    }
+    let normalize = r
+        .normalize
+        .iter()
+        .map(|n| match n.as_str() {
+            "lowercase" => Ok(Normalize::Lowercase),
+            "strip_punctuation" => Ok(Normalize::StripPunctuation),
+            "collapse_whitespace" => Ok(Normalize::CollapseWhitespace),
+            "strip" => Ok(Normalize::Strip),
+            other => Err(Error::Config(format!(
+                "scoring.normalize holds `{other}`, expected lowercase, strip_punctuation, collapse_whitespace or strip"
+            ))),
+        })
+        .collect::<Result<Vec<_>>>()?;
     if metrics.contains(&Metric::RegexMatch) {
         regex::Regex::new(&r.regex).map_err(|e| {
             Error::Config(format!("scoring.regex `{}` is not a regex: {e}", r.regex))
@@ -516,7 +529,7 @@ fn resolve_scoring(r: super::raw::RawScoring) -> Result<ScoringSpec> {
         continuation_column: r.continuation_column,
         reference_column: r.reference_column,
         metrics,
-        normalize: r.normalize,
+        normalize,
         regex: r.regex,
     })
 }

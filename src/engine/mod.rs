@@ -8,7 +8,6 @@
 //! loglikelihood scoring are two kinds of one request.
 
 mod intake;
-mod memory;
 mod pick;
 mod rows;
 pub mod runner;
@@ -18,7 +17,7 @@ mod tests;
 mod tokenize;
 mod update;
 
-pub use memory::{candle_device, visible_gpus, CPU_CACHE_FRACTION};
+pub use crate::backend::device::{candle_device, visible_gpus, CPU_CACHE_FRACTION};
 pub use rows::error_row;
 pub use step::Pipeline;
 pub use tokenize::{Prepared, Tokenized};
@@ -94,7 +93,6 @@ impl Engine {
             dtype: spec.model.dtype.candle(),
             device,
             gptq_mode: spec.engine.gptq_kernel,
-            fused_max_m: spec.engine.gptq_fused_max_m,
         };
         let model = match spec.model.load_format {
             crate::config::LoadFormat::Auto => crate::model::load(&dir, &opts)?,
@@ -118,7 +116,7 @@ impl Engine {
             0 => ctx - 1,
             n => n.min(ctx - 1),
         };
-        let num_blocks = memory::cache_blocks(&model, spec)?;
+        let num_blocks = crate::backend::device::cache_blocks(&model, spec)?;
         let q = model.quant();
         let meta = JobMeta {
             job_id: uuid::Uuid::new_v4().to_string(),

@@ -16,14 +16,10 @@ pub enum Picked {
     /// The row's logits, for the host sampler.
     Logits(Vec<f32>),
     /// The device's top-k `(token, logit / t)` in the host sampler's order.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     Candidates(Vec<(u32, f32)>),
 }
 
-#[cfg(feature = "cuda")]
 use crate::cuda::TOPK_MAX;
-#[cfg(not(feature = "cuda"))]
-const TOPK_MAX: usize = 64;
 
 #[derive(Debug, PartialEq)]
 enum Route {
@@ -38,7 +34,7 @@ fn route(cuda: bool, p: &GenerationParams) -> Route {
         Route::Host
     } else if p.temperature == 0.0 {
         Route::DeviceArgmax
-    } else if cfg!(feature = "cuda") && p.top_k >= 1 && p.top_k <= TOPK_MAX {
+    } else if p.top_k >= 1 && p.top_k <= TOPK_MAX {
         Route::DeviceTopK
     } else {
         Route::Host
@@ -112,14 +108,8 @@ fn select(logits: &Tensor, rows: Vec<u32>) -> Result<Tensor> {
 
 /// Each row's top-k candidates, computed on the GPU: only they cross PCIe,
 /// and the host draws from them exactly as from its own sorted list.
-#[cfg(feature = "cuda")]
 fn device_topk(rows: &Tensor, params: &[&GenerationParams]) -> Result<Vec<Vec<(u32, f32)>>> {
     let k = params.iter().map(|p| p.top_k).max().unwrap_or(1);
     let temps: Vec<f32> = params.iter().map(|p| p.temperature as f32).collect();
     crate::cuda::topk_rows(rows, &temps, k)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn device_topk(_: &Tensor, _: &[&GenerationParams]) -> Result<Vec<Vec<(u32, f32)>>> {
-    unreachable!("top-k runs on the device only in CUDA builds")
 }

@@ -3,7 +3,7 @@
 
 use crate::config::GenerationParams;
 use crate::input::InputRecord;
-use crate::output::{FinishReason, OutputRow};
+use crate::output::{FinishReason, OutputRow, RowStatus};
 use crate::prompt::Decoder;
 use crate::scheduler::{RecordRef, Request};
 use crate::scoring::Scorer;
@@ -26,8 +26,8 @@ impl RowBuilder<'_> {
         let now = Instant::now();
         let admitted = req.timings.admitted.unwrap_or(now);
         let mut row = base_row(&req.record, &req.params);
-        row.status = "ok";
-        row.finish_reason = reason.as_str();
+        row.status = RowStatus::Ok;
+        row.finish_reason = reason;
         row.prompt_tokens = req.prompt_len() as u32;
         row.cached_prompt_tokens = req.cached_prompt_tokens() as u32;
         row.queue_ms = req.timings.queue_ms;
@@ -86,8 +86,8 @@ fn base_row(record: &RecordRef, p: &GenerationParams) -> OutputRow {
         id: record.id.clone(),
         input_row: record.row,
         completion: None,
-        finish_reason: FinishReason::Error.as_str(),
-        status: "error",
+        finish_reason: FinishReason::Error,
+        status: RowStatus::Error,
         error: None,
         prompt_tokens: 0,
         completion_tokens: 0,

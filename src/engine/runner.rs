@@ -86,7 +86,6 @@ impl ModelRunner for MistralRunner<'_> {
         Ok(StepLogits { logits, spans })
     }
 
-    #[cfg(feature = "cuda")]
     fn peak_device_bytes(&self) -> usize {
         let dev = self.model.device();
         // The device's memory pool: this process's own tensors, highest

@@ -9,7 +9,7 @@ use super::update::StopRule;
 use super::{drive, Pipeline, Prepared, Tokenized};
 use crate::config::{GenerationParams, ScoringSpec};
 use crate::input::{InputRecord, PromptInput, RecordBody};
-use crate::output::OutputRow;
+use crate::output::{FinishReason, OutputRow, RowStatus};
 use crate::prompt::Decoder;
 use crate::scheduler::{Scheduler, SchedulerConfig, StepPlan};
 use crate::scoring::Scorer;
@@ -239,7 +239,7 @@ fn preemption_and_recompute_give_the_same_tokens_as_a_roomy_cache() {
                 "record {}",
                 r.id
             );
-            assert_eq!(r.finish_reason, "length");
+            assert_eq!(r.finish_reason, FinishReason::Length);
         }
     }
 }
@@ -260,7 +260,7 @@ fn a_stop_string_ends_the_completion_and_is_trimmed() {
         &mut FakeRunner::default(),
         false,
     );
-    assert_eq!(rows[0].finish_reason, "stop");
+    assert_eq!(rows[0].finish_reason, FinishReason::Stop);
     assert_eq!(rows[0].completion.as_deref(), Some(&text[..first]));
     assert_eq!(rows[0].completion_tokens as usize, first + 1);
 }
@@ -279,7 +279,10 @@ fn eos_gives_stop_unless_ignored_and_length_caps_the_rest() {
         false,
     );
     for r in &rows {
-        assert_eq!((r.finish_reason, r.completion_tokens), ("stop", 4));
+        assert_eq!(
+            (r.finish_reason, r.completion_tokens),
+            (FinishReason::Stop, 4)
+        );
         assert_eq!(r.completion_token_ids[3], EOS);
     }
     let mut p = params(10);
@@ -290,7 +293,10 @@ fn eos_gives_stop_unless_ignored_and_length_caps_the_rest() {
     };
     let (rows, _) = run(gen_items(&ps, &p), sched_cfg(64, 4, 64), &mut runner, false);
     for r in &rows {
-        assert_eq!((r.finish_reason, r.completion_tokens), ("length", 10));
+        assert_eq!(
+            (r.finish_reason, r.completion_tokens),
+            (FinishReason::Length, 10)
+        );
     }
 }
 
@@ -307,13 +313,16 @@ fn records_that_cannot_run_become_error_rows_and_the_rest_run() {
     );
     assert_eq!((sum.records, sum.ok, sum.errors), (3, 2, 1));
     let bad = rows.iter().find(|r| r.id == "r1").unwrap();
-    assert_eq!((bad.status, bad.finish_reason), ("error", "error"));
+    assert_eq!(
+        (bad.status, bad.finish_reason),
+        (RowStatus::Error, FinishReason::Error)
+    );
     assert!(bad
         .error
         .as_deref()
         .unwrap()
         .contains("max_prompt_tokens is 4"));
-    assert_eq!(rows.iter().filter(|r| r.status == "ok").count(), 2);
+    assert_eq!(rows.iter().filter(|r| r.status == RowStatus::Ok).count(), 2);
 }
 
 /// Scoring: prompt + continuation; each continuation token's log-probability
@@ -354,7 +363,10 @@ fn score_requests_match_a_direct_computation_and_share_the_prefix_cache() {
             let (ll, n) = r.loglikelihood.unwrap();
             assert_eq!(n, 3);
             assert!((ll - want[r.input_row as usize]).abs() < 1e-9, "{cfg:?}");
-            assert_eq!((r.finish_reason, r.completion_tokens), ("scored", 0));
+            assert_eq!(
+                (r.finish_reason, r.completion_tokens),
+                (FinishReason::Scored, 0)
+            );
         }
         if cfg.num_blocks == 64 {
             // The 8 tokens of the question's two full blocks come from the

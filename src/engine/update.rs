@@ -68,16 +68,12 @@ pub fn apply(
             finished.push((c.seq, FinishReason::Scored));
             continue;
         }
-        let history = sched.tokens(c.seq).to_vec();
         let req = sched.request_mut(c.seq);
+        let (history, params, rng) = req.sampling_parts();
         let tok = match pick {
             Some(Picked::Token(t)) => t,
-            Some(Picked::Logits(mut row)) => {
-                sampler::sample(&mut row, &history, &req.params, &mut req.rng)
-            }
-            Some(Picked::Candidates(cand)) => {
-                sampler::sample_sorted(&cand, &req.params, &mut req.rng)
-            }
+            Some(Picked::Logits(mut row)) => sampler::sample(&mut row, history, params, rng),
+            Some(Picked::Candidates(cand)) => sampler::sample_sorted(&cand, params, rng),
             None => unreachable!("every sampling chunk of a generation request has a pick"),
         };
         req.timings.first_token.get_or_insert(now);

@@ -76,6 +76,25 @@ impl FinishReason {
     }
 }
 
+/// Whether a record ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowStatus {
+    /// It ran: the row holds its completion or score.
+    Ok,
+    /// It could not run: the row's `error` says why.
+    Error,
+}
+
+impl RowStatus {
+    /// The string written to the output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowStatus::Ok => "ok",
+            RowStatus::Error => "error",
+        }
+    }
+}
+
 /// Per-job values repeated on every row.
 #[derive(Debug, Clone)]
 pub struct JobMeta {
@@ -106,10 +125,10 @@ pub struct OutputRow {
     pub input_row: u64,
     /// Generated text (stop strings trimmed); `None` for errors.
     pub completion: Option<String>,
-    /// stop | length | error
-    pub finish_reason: &'static str,
-    /// ok | error
-    pub status: &'static str,
+    /// Why the completion ended (`error` for error rows).
+    pub finish_reason: FinishReason,
+    /// Whether the record ran.
+    pub status: RowStatus,
     /// Error message for status = error.
     pub error: Option<String>,
     /// Prompt length in tokens (0 when it never got tokenized).

@@ -2,7 +2,7 @@
 //! (`part-NNNNN-<job>.parquet`), each written to a temporary name, fsynced
 //! and renamed, so a part is either whole or absent.
 
-use super::{JobMeta, OutputRow, PartStats};
+use super::{JobMeta, OutputRow, PartStats, RowStatus};
 use crate::config::Metric;
 use crate::{Error, Result};
 use arrow::array::{
@@ -187,8 +187,16 @@ impl ParquetSink {
         let stats = PartStats {
             file: name,
             rows: self.rows.len(),
-            ok: self.rows.iter().filter(|r| r.status == "ok").count(),
-            errors: self.rows.iter().filter(|r| r.status != "ok").count(),
+            ok: self
+                .rows
+                .iter()
+                .filter(|r| r.status == RowStatus::Ok)
+                .count(),
+            errors: self
+                .rows
+                .iter()
+                .filter(|r| r.status == RowStatus::Error)
+                .count(),
             prompt_tokens: self.rows.iter().map(|r| r.prompt_tokens as usize).sum(),
             completion_tokens: self.rows.iter().map(|r| r.completion_tokens as usize).sum(),
         };
@@ -220,8 +228,8 @@ impl ParquetSink {
                 r.iter().map(|x| x.input_row).collect::<Vec<_>>(),
             )),
             strs(&|x| x.completion.clone()),
-            strs(&|x| Some(x.finish_reason.to_string())),
-            strs(&|x| Some(x.status.to_string())),
+            strs(&|x| Some(x.finish_reason.as_str().to_string())),
+            strs(&|x| Some(x.status.as_str().to_string())),
             strs(&|x| x.error.clone()),
             u32s(&|x| x.prompt_tokens),
             u32s(&|x| x.completion_tokens),

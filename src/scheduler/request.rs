@@ -176,6 +176,12 @@ impl Request {
         }
     }
 
+    /// What the host sampler needs at once: the token history (for the
+    /// repetition penalty), the parameters and the record's RNG.
+    pub fn sampling_parts(&mut self) -> (&[u32], &GenerationParams, &mut RecordRng) {
+        (&self.tokens, &self.params, &mut self.rng)
+    }
+
     /// Whether every continuation token has its log-probability.
     pub fn fully_scored(&self) -> bool {
         self.token_logprobs.iter().all(Option::is_some)

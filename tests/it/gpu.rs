@@ -5,7 +5,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use half::f16;
-use runner::cuda::{self, DecodeShape, GptqGpu, GptqPath};
+use runner::cuda::{self, DecodeShape, GptqGpu};
+use runner::model::linear::GptqMode;
 use runner::model::linear::{RandomGptq, TiledGptq};
 
 fn gpu() -> Device {
@@ -114,12 +115,12 @@ fn gptq_kernels_match_the_exact_cpu_dequantization() {
                 .collect();
             let xt = Tensor::from_vec(x, (m, k), &dev).unwrap();
             for path in [
-                GptqPath::Fused,
-                GptqPath::Dequant,
-                GptqPath::Resident,
-                GptqPath::Auto { max_m: 16 },
+                GptqMode::Fused,
+                GptqMode::Dequant,
+                GptqMode::Resident,
+                GptqMode::Auto { max_m: 16 },
             ] {
-                let layer = if path == GptqPath::Dequant || path == GptqPath::Fused {
+                let layer = if path == GptqMode::Dequant || path == GptqMode::Fused {
                     &g
                 } else {
                     &resident
@@ -155,10 +156,10 @@ fn fused_gptq_rows_do_not_depend_on_the_batch() {
         .build();
         let g = GptqGpu::upload(&TiledGptq::from_weight(&w).unwrap(), &dev).unwrap();
         let x = Tensor::from_vec(rng.f16s(300 * k, 1.0), (300, k), &dev).unwrap();
-        let full = host(&g.forward(&x, GptqPath::Fused).unwrap());
+        let full = host(&g.forward(&x, GptqMode::Fused).unwrap());
         for m in [1usize, 3, 4, 5, 8, 9, 16, 17, 64, 129] {
             let xm = x.narrow(0, 0, m).unwrap();
-            let part = host(&g.forward(&xm, GptqPath::Fused).unwrap());
+            let part = host(&g.forward(&xm, GptqMode::Fused).unwrap());
             assert_eq!(
                 part,
                 full[..m * n].to_vec(),

@@ -20,22 +20,25 @@ use candle_core::{DType, Device, Tensor};
 pub enum LinearKind {
     /// A dense float weight.
     Dense,
-    /// A GPTQ weight dequantized for the CPU (packed copy kept for inspection).
-    Gptq(Box<GptqWeight>),
+    /// A GPTQ weight dequantized once for the CPU's dense product.
+    Gptq,
     /// A GPTQ weight in the CUDA kernels' tile layout.
-    #[cfg(feature = "cuda")]
     GptqCuda(Box<crate::cuda::GptqGpu>),
 }
 
-/// How GPTQ products run on CUDA (`engine.gptq_kernel`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+/// How GPTQ products run on CUDA (`engine.gptq_kernel`): the one GPTQ
+/// mode, from the config to the kernel launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GptqMode {
-    /// The fused kernel up to `engine.gptq_fused_max_m` tokens; above,
-    /// cuBLAS on f16 weights dequantized once at load and kept beside the
-    /// packed ones (packed + 3.7x: about 18.5 GB for Mistral-7B 4-bit).
-    #[default]
-    Auto,
+    /// The fused kernel up to `max_m` tokens (`engine.gptq_fused_max_m`);
+    /// above, cuBLAS on f16 weights dequantized once at load and kept
+    /// beside the packed ones (packed + 3.7x: about 18.5 GB for Mistral-7B
+    /// 4-bit), or per product when none are resident.
+    Auto {
+        /// Largest M of the fused kernel.
+        max_m: usize,
+    },
     /// The fused kernel at every M: reduction order independent of the batch.
     Fused,
     /// Dequantize per product into f16 scratch, then cuBLAS.
@@ -44,16 +47,19 @@ pub enum GptqMode {
     Resident,
 }
 
+impl Default for GptqMode {
+    fn default() -> Self {
+        GptqMode::Auto { max_m: 32 }
+    }
+}
+
 /// `y = x W^T` with W [out, in].
 #[derive(Debug, Clone)]
 pub struct Linear {
     kind: LinearKind,
     /// [out, in] in the compute dtype (dense and CPU GPTQ layers).
     weight: Option<Tensor>,
-    /// Largest M of the fused GPTQ kernel in `Auto` mode.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fused_max_m: usize,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    /// The GPTQ product's path on CUDA.
     mode: GptqMode,
 }
 
@@ -74,8 +80,6 @@ pub struct LinearSpec<'a> {
     pub device: &'a Device,
     /// GPTQ kernel choice on CUDA.
     pub mode: GptqMode,
-    /// Largest M of the fused kernel in `Auto` mode.
-    pub fused_max_m: usize,
 }
 
 /// Layers that share an input (q/k/v, gate/up): one product when they can
@@ -201,39 +205,33 @@ impl Linear {
     /// Wraps a GPTQ weight: repacked for the kernels on CUDA, dequantized
     /// exactly for the dense CPU matmul otherwise.
     pub fn from_gptq(g: GptqWeight, spec: &LinearSpec<'_>) -> Result<Self> {
-        #[cfg(feature = "cuda")]
         if spec.device.is_cuda() {
             let tiled = TiledGptq::from_weight(&g)
                 .map_err(|e| crate::Error::Model(format!("{}: {e}", spec.prefix)))?;
             let gpu = crate::cuda::GptqGpu::upload(&tiled, spec.device)?;
-            return Self::from_gpu(gpu, spec.mode, spec.fused_max_m);
+            return Self::from_gpu(gpu, spec.mode);
         }
         let (k, n) = (g.in_features, g.out_features);
         let weight = Tensor::from_vec(g.dequantize_nk(), (n, k), &Device::Cpu)?
             .to_dtype(spec.dtype)?
             .to_device(spec.device)?;
+        // The packed weight is dropped: the CPU multiplies the exact
+        // dequantization.
         Ok(Self {
-            kind: LinearKind::Gptq(Box::new(g)),
+            kind: LinearKind::Gptq,
             weight: Some(weight),
-            fused_max_m: spec.fused_max_m,
             mode: spec.mode,
         })
     }
 
     /// Wraps a GPU GPTQ layer (checkpoint or dummy).
-    #[cfg(feature = "cuda")]
-    pub fn from_gpu(
-        mut gpu: crate::cuda::GptqGpu,
-        mode: GptqMode,
-        fused_max_m: usize,
-    ) -> Result<Self> {
-        if matches!(mode, GptqMode::Resident | GptqMode::Auto) {
+    pub fn from_gpu(mut gpu: crate::cuda::GptqGpu, mode: GptqMode) -> Result<Self> {
+        if matches!(mode, GptqMode::Resident | GptqMode::Auto { .. }) {
             gpu.make_resident()?;
         }
         Ok(Self {
             kind: LinearKind::GptqCuda(Box::new(gpu)),
             weight: None,
-            fused_max_m,
             mode,
         })
     }
@@ -243,8 +241,7 @@ impl Linear {
         Self {
             kind: LinearKind::Dense,
             weight: Some(weight),
-            fused_max_m: 0,
-            mode: GptqMode::Auto,
+            mode: GptqMode::default(),
         }
     }
 
@@ -255,18 +252,8 @@ impl Linear {
 
     /// Applies the layer to x [T, in] -> [T, out].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
         if let LinearKind::GptqCuda(g) = &self.kind {
-            use crate::cuda::GptqPath;
-            let path = match self.mode {
-                GptqMode::Auto => GptqPath::Auto {
-                    max_m: self.fused_max_m,
-                },
-                GptqMode::Fused => GptqPath::Fused,
-                GptqMode::Dequant => GptqPath::Dequant,
-                GptqMode::Resident => GptqPath::Resident,
-            };
-            return g.forward(x, path);
+            return g.forward(x, self.mode);
         }
         let w = self
             .weight

@@ -14,8 +14,7 @@ pub enum PagedKvCache {
     /// CPU storage.
     Cpu(CpuKv),
     /// GPU storage.
-    #[cfg(feature = "cuda")]
-    Cuda(super::cuda_attention::CudaKv),
+    Cuda(crate::cuda::CudaKv),
 }
 
 /// One forward's batch layout, built once and shared by every layer.
@@ -25,8 +24,7 @@ pub(super) struct Batch {
     /// (start position, tokens, block table) per chunk.
     pub chunks: Vec<(usize, usize, Vec<BlockId>)>,
     /// GPU-only index tensors.
-    #[cfg(feature = "cuda")]
-    pub gpu: Option<super::cuda_attention::GpuBatch>,
+    pub gpu: Option<crate::cuda::GpuBatch>,
 }
 
 impl PagedKvCache {
@@ -45,7 +43,6 @@ impl PagedKvCache {
     pub fn block_size(&self) -> usize {
         match self {
             Self::Cpu(c) => c.block_size,
-            #[cfg(feature = "cuda")]
             Self::Cuda(c) => c.block_size(),
         }
     }
@@ -57,7 +54,6 @@ impl PagedKvCache {
                 c.copy_block(from, to);
                 Ok(())
             }
-            #[cfg(feature = "cuda")]
             Self::Cuda(c) => c.copy_block(from, to),
         }
     }
@@ -72,7 +68,6 @@ impl PagedKvCache {
             .iter()
             .map(|c| (c.start_pos, c.tokens.len(), c.blocks.to_vec()))
             .collect();
-        #[cfg(feature = "cuda")]
         let gpu = match self {
             Self::Cuda(c) => Some(c.prepare(&chunks_info, dev)?),
             Self::Cpu(_) => None,
@@ -80,7 +75,6 @@ impl PagedKvCache {
         Ok(Batch {
             positions: Tensor::from_vec(pos, t, dev)?,
             chunks: chunks_info,
-            #[cfg(feature = "cuda")]
             gpu,
         })
     }
@@ -113,7 +107,6 @@ impl PagedKvCache {
                 }
                 Ok(Tensor::cat(&outs, 0)?)
             }
-            #[cfg(feature = "cuda")]
             Self::Cuda(c) => c.attention(
                 layer,
                 batch

@@ -6,8 +6,6 @@
 
 mod attention;
 mod config;
-#[cfg(feature = "cuda")]
-mod cuda_attention;
 
 pub use attention::{CpuKv, PagedKvCache};
 pub use config::MistralConfig;
@@ -53,8 +51,6 @@ pub struct LoadOptions {
     pub device: Device,
     /// GPTQ kernel choice on CUDA.
     pub gptq_mode: GptqMode,
-    /// Largest M of the fused GPTQ kernel in `Auto` mode.
-    pub fused_max_m: usize,
 }
 
 impl LoadOptions {
@@ -63,8 +59,7 @@ impl LoadOptions {
         Self {
             dtype,
             device: device.clone(),
-            gptq_mode: GptqMode::Auto,
-            fused_max_m: 32,
+            gptq_mode: GptqMode::default(),
         }
     }
 }
@@ -86,7 +81,6 @@ struct RmsNorm {
 impl RmsNorm {
     /// Returns (norm(x + add), x + add); on CUDA one fused kernel.
     fn add_forward(&self, x: &Tensor, add: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
-        #[cfg(feature = "cuda")]
         if x.device().is_cuda() && x.dtype() == DType::F16 {
             return crate::cuda::rmsnorm_add(x, add, &self.weight, self.eps);
         }
@@ -103,7 +97,6 @@ impl RmsNorm {
 }
 
 fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
     if gate.device().is_cuda() && gate.dtype() == DType::F16 {
         return crate::cuda::silu_mul(gate, up);
     }
@@ -198,7 +191,6 @@ impl Mistral {
             dtype,
             device,
             mode: opts.gptq_mode,
-            fused_max_m: opts.fused_max_m,
         };
         let lin = |prefix: String, k: usize, n: usize| -> Result<Linear> {
             let spec = LinearSpec {
@@ -335,10 +327,9 @@ impl Mistral {
     /// Empty paged storage for `num_blocks` blocks of `block_size` tokens.
     pub fn new_cache(&self, num_blocks: usize, block_size: usize) -> Result<PagedKvCache> {
         let c = &self.cfg;
-        #[cfg(feature = "cuda")]
         if self.device.is_cuda() {
-            return Ok(PagedKvCache::Cuda(cuda_attention::CudaKv::new(
-                &cuda_attention::CudaKvShape {
+            return Ok(PagedKvCache::Cuda(crate::cuda::CudaKv::new(
+                &crate::cuda::CudaKvShape {
                     layers: c.num_hidden_layers,
                     num_blocks,
                     block_size,
@@ -432,7 +423,7 @@ impl Mistral {
 
     /// Whether the fused CUDA kernels run this model's small ops.
     fn fused_ops(&self) -> bool {
-        cfg!(feature = "cuda") && self.device.is_cuda() && self.dtype == DType::F16
+        self.device.is_cuda() && self.dtype == DType::F16
     }
 
     /// RoPE of q [T, heads*d] and k [T, kv_heads*d] at the batch's positions;
@@ -446,11 +437,9 @@ impl Mistral {
         sin: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let (t, hd) = (q.dim(0)?, self.cfg.head_dim);
-        #[cfg(feature = "cuda")]
         if self.fused_ops() {
             return crate::cuda::rope_qk(q, k, cos, sin, &batch.positions, hd);
         }
-        let _ = batch;
         let q =
             attention::apply_rope(&q.reshape((t, self.cfg.num_attention_heads, hd))?, cos, sin)?;
         let k =
@@ -546,7 +535,6 @@ pub fn check_checkpoint(
 
 /// Random float weights: uniform in [lo, hi).
 fn dummy_float(shape: &[usize], lo: f32, hi: f32, seed: u64, opts: &LoadOptions) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = &opts.device {
         let t = crate::cuda::fill_f16(d, shape, seed, lo, hi)?;
         return Ok(t.to_dtype(opts.dtype)?);
@@ -578,10 +566,9 @@ fn dummy_gptq(spec: &LinearSpec<'_>, q: &QuantConfig, seed: u64) -> Result<Linea
         act_order: q.desc_act,
         seed,
     };
-    #[cfg(feature = "cuda")]
     if spec.device.is_cuda() {
         let g = crate::cuda::GptqGpu::dummy(&shape, spec.device)?;
-        return Linear::from_gpu(g, spec.mode, spec.fused_max_m);
+        return Linear::from_gpu(g, spec.mode);
     }
     Linear::from_gptq(shape.build(), spec)
 }

@@ -2,7 +2,7 @@
 //! one batched decode kernel for every single-token chunk, and one flash
 //! prefill kernel for every longer chunk (head dims 16, 32, 64, 128).
 
-use crate::cuda::{self, DecodeShape, PrefillChunk, PrefillShape};
+use super::{self as cuda, DecodeShape, PrefillChunk, PrefillShape};
 use crate::kv::BlockId;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -60,7 +60,7 @@ impl CudaKv {
     /// Zeroed f16 storage.
     pub fn new(s: &CudaKvShape, dev: &Device) -> Result<Self> {
         // The attention kernels are built for these head dims (Mistral-7B: 128).
-        if ![16, 32, 64, 128].contains(&s.head_dim) {
+        if !crate::backend::HEAD_DIMS.contains(&s.head_dim) {
             return Err(crate::Error::Model(format!(
                 "head_dim {} is not supported on CUDA (16, 32, 64 or 128)",
                 s.head_dim
@@ -88,8 +88,17 @@ impl CudaKv {
         self.block_size
     }
 
-    fn slot(&self, blocks: &[BlockId], pos: usize) -> u32 {
-        blocks[pos / self.block_size].0 * self.block_size as u32 + (pos % self.block_size) as u32
+    /// The cache row of position `pos`; an error (as on the CPU) when the
+    /// block table does not cover it.
+    fn slot(&self, blocks: &[BlockId], pos: usize) -> Result<u32> {
+        let b = blocks.get(pos / self.block_size).ok_or_else(|| {
+            crate::Error::Engine(format!(
+                "kv cache: position {pos} is past the sequence's {} blocks of {}",
+                blocks.len(),
+                self.block_size
+            ))
+        })?;
+        Ok(b.0 * self.block_size as u32 + (pos % self.block_size) as u32)
     }
 
     /// Copies a block's rows in every layer.
@@ -127,7 +136,9 @@ impl CudaKv {
         let mut prefill = Vec::new();
         let mut off = 0u32;
         for (start, n, blocks) in chunks {
-            slots.extend((*start..start + n).map(|p| self.slot(blocks, p)));
+            for p in *start..start + n {
+                slots.push(self.slot(blocks, p)?);
+            }
             if *n == 1 {
                 rows.push(off);
                 ctx.push((start + 1) as u32);
@@ -139,7 +150,9 @@ impl CudaKv {
                     start: *start,
                     key_off: keys.len(),
                 });
-                keys.extend((0..start + n).map(|p| self.slot(blocks, p)));
+                for p in 0..start + n {
+                    keys.push(self.slot(blocks, p)?);
+                }
             }
             off += *n as u32;
         }

@@ -3,6 +3,7 @@
 //! path, over weights in the tile layout of [`TiledGptq`].
 
 use super::{device_of, empty, launch, ptr, Arg, GPTQ};
+use crate::model::linear::GptqMode;
 use crate::model::linear::{RandomGptq, TiledGptq};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
@@ -72,23 +73,6 @@ fn scratch(dev: &CudaDevice, elems: usize) -> Result<Tensor> {
     let t = super::zeros(dev, DType::F32, elems.max(1))?;
     map.insert(key, t.clone());
     Ok(t)
-}
-
-/// Which kernel path computes a product.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GptqPath {
-    /// The fused kernel at every M (reduction order independent of M).
-    Fused,
-    /// Dequantize to f16 into a scratch buffer, then cuBLAS.
-    Dequant,
-    /// cuBLAS on the f16 weights dequantized at load.
-    Resident,
-    /// Fused up to `max_m` tokens; above, cuBLAS on the f16 weights
-    /// dequantized at load (or per product when none are resident).
-    Auto {
-        /// Largest M for the fused kernel.
-        max_m: usize,
-    },
 }
 
 /// A GPTQ layer resident on the GPU.
@@ -300,7 +284,7 @@ impl GptqGpu {
     }
 
     /// y [M, N] = x [M, K] W^T, x in f16.
-    pub fn forward(&self, x: &Tensor, path: GptqPath) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, path: GptqMode) -> Result<Tensor> {
         if x.dtype() != DType::F16 {
             return Err(Error::Model(format!(
                 "GPTQ on CUDA takes f16 activations, got {:?} (set model.dtype = \"float16\")",
@@ -309,15 +293,15 @@ impl GptqGpu {
         }
         let m = x.dim(0)?;
         let fused = match path {
-            GptqPath::Fused => true,
-            GptqPath::Dequant | GptqPath::Resident => false,
-            GptqPath::Auto { max_m } => m <= max_m,
+            GptqMode::Fused => true,
+            GptqMode::Dequant | GptqMode::Resident => false,
+            GptqMode::Auto { max_m } => m <= max_m,
         };
         if fused {
             return self.fused(x);
         }
         match (&self.resident, path) {
-            (Some(wt), GptqPath::Auto { .. } | GptqPath::Resident) => Ok(x.matmul(wt)?),
+            (Some(wt), GptqMode::Auto { .. } | GptqMode::Resident) => Ok(x.matmul(wt)?),
             _ => Ok(x.matmul(&self.dequantize()?)?),
         }
     }

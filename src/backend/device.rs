@@ -37,40 +37,22 @@ pub fn candle_device(d: Device, dtype: DType) -> Result<candle_core::Device> {
 }
 
 /// Every visible CUDA device (`sweep.devices = ["auto"]`).
-#[cfg(feature = "cuda")]
 pub fn visible_gpus() -> Result<Vec<Device>> {
-    let n =
-        candle_core::cuda_backend::cudarc::driver::CudaContext::device_count().map_err(|e| {
-            Error::Device(format!(
-                "sweep.devices = auto: cannot count CUDA devices ({e})"
-            ))
-        })?;
+    let n = crate::cuda::device_count().map_err(|e| {
+        Error::Config(format!(
+            "sweep.devices = auto: cannot count CUDA devices ({e})"
+        ))
+    })?;
     tracing::info!(gpus = n, "sweep variants run concurrently, one per GPU");
-    Ok((0..n as usize).map(Device::Cuda).collect())
+    Ok((0..n).map(Device::Cuda).collect())
 }
 
-/// Every visible CUDA device: none without the `cuda` feature.
-#[cfg(not(feature = "cuda"))]
-pub fn visible_gpus() -> Result<Vec<Device>> {
-    Err(Error::Config(
-        "sweep.devices = auto needs a binary built with the `cuda` feature".into(),
-    ))
-}
-
-#[cfg(feature = "cuda")]
 fn cuda_device(n: usize) -> Result<candle_core::Device> {
     crate::cuda::single_stream_device(n).map_err(|e| {
         Error::Config(format!(
             "engine.device is cuda:{n} but it cannot be used ({e})"
         ))
     })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_device(n: usize) -> Result<candle_core::Device> {
-    Err(Error::Config(format!(
-        "engine.device is cuda:{n} but this binary was built without the `cuda` feature"
-    )))
 }
 
 /// KV blocks of the job's cache: `engine.num_blocks`; else what
@@ -142,7 +124,6 @@ fn available_ram() -> Result<usize> {
         })
 }
 
-#[cfg(feature = "cuda")]
 fn gpu_free_for_cache(model: &Mistral, spec: &JobSpec) -> Result<usize> {
     let dev = model.device();
     let act = profile_forward(model, spec)?;
@@ -168,12 +149,6 @@ fn gpu_free_for_cache(model: &Mistral, spec: &JobSpec) -> Result<usize> {
     Ok(bytes)
 }
 
-#[cfg(not(feature = "cuda"))]
-fn gpu_free_for_cache(_: &Mistral, _: &JobSpec) -> Result<usize> {
-    unreachable!("a CUDA model needs the cuda feature")
-}
-
-#[cfg(feature = "cuda")]
 fn gib(b: usize) -> String {
     format!("{:.2}", b as f64 / (1u64 << 30) as f64)
 }
@@ -182,7 +157,6 @@ fn gib(b: usize) -> String {
 /// of `max_batch_tokens - (max_num_seqs - 1)` tokens beside `max_num_seqs -
 /// 1` single tokens, every sequence taking a logits row. Returns the bytes
 /// above what the weights and the forward's own scratch cache hold.
-#[cfg(feature = "cuda")]
 fn profile_forward(model: &Mistral, spec: &JobSpec) -> Result<usize> {
     use crate::kv::BlockId;
     use crate::model::{LogitRows, SeqChunk};

@@ -2,9 +2,12 @@
 //! embedded) launched on candle's stream, over candle tensors. The only
 //! module with `unsafe`; every block says why it holds.
 
+mod attention;
 mod gptq;
 
-pub use gptq::{GptqGpu, GptqPath, STAGE_MAX_M};
+pub use attention::{CudaKv, CudaKvShape, GpuBatch};
+
+pub use gptq::{GptqGpu, STAGE_MAX_M};
 
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::{sys, DevicePtr, LaunchConfig, PushKernelArg};
@@ -300,7 +303,7 @@ pub fn paged_decode(
     let dev = device_of(q)?;
     let b = q.dim(0)?;
     let g = s.heads / s.kv_heads;
-    if !(1..=8).contains(&g) || ![16, 32, 64, 128].contains(&s.head_dim) {
+    if !(1..=8).contains(&g) || !crate::backend::HEAD_DIMS.contains(&s.head_dim) {
         return Err(Error::Model(format!(
             "paged_decode: {} query heads per kv head (max 8) and head_dim {} (16/32/64/128) are not supported",
             g, s.head_dim
@@ -425,7 +428,10 @@ pub fn flash_prefill(
     s: &PrefillShape,
 ) -> Result<()> {
     check_f16(q, "flash_prefill")?;
-    if ![16, 32, 64, 128].contains(&s.head_dim) || s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
+    if !crate::backend::HEAD_DIMS.contains(&s.head_dim)
+        || s.kv_heads == 0
+        || s.heads % s.kv_heads != 0
+    {
         return Err(Error::Model(format!(
             "flash_prefill: head_dim {} (16/32/64/128) with {} heads over {} kv heads is not supported",
             s.head_dim, s.heads, s.kv_heads
@@ -607,6 +613,13 @@ pub fn single_stream_device(ordinal: usize) -> Result<Device> {
     // synchronisation is ever needed.
     unsafe { d.disable_event_tracking() };
     Ok(Device::Cuda(d))
+}
+
+/// Visible CUDA devices.
+pub fn device_count() -> Result<usize> {
+    candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
+        .map(|n| n as usize)
+        .map_err(|e| Error::Device(format!("cannot count CUDA devices: {e}")))
 }
 
 /// (free, total) bytes of device memory.

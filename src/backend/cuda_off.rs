@@ -1,0 +1,176 @@
+//! The CUDA backend's face in a build without the `cuda` feature: the same
+//! items, so that callers never say `cfg`. Its types cannot be built (they
+//! are uninhabited) and its functions fail naming the missing feature; no
+//! CUDA device exists in such a build, so the model never reaches them.
+
+use crate::kv::BlockId;
+use crate::model::linear::{GptqMode, RandomGptq, TiledGptq};
+use crate::{Error, Result};
+use candle_core::{CudaDevice, Device, Shape, Tensor};
+
+fn off<T>() -> Result<T> {
+    Err(Error::Device(
+        "this binary was built without the `cuda` feature".into(),
+    ))
+}
+
+/// Largest top-k the device sampler takes.
+pub const TOPK_MAX: usize = 64;
+
+/// A CUDA device: none in this build.
+pub fn single_stream_device(_ordinal: usize) -> Result<Device> {
+    off()
+}
+
+/// Visible CUDA devices: none in this build.
+pub fn device_count() -> Result<usize> {
+    off()
+}
+
+/// (free, total) device memory: none in this build.
+pub fn mem_info() -> Result<(usize, usize)> {
+    off()
+}
+
+/// This process's device memory: none in this build.
+pub fn memory_usage(_dev: &Device) -> Result<(u64, u64)> {
+    off()
+}
+
+/// Starts a device-memory peak measurement: none in this build.
+pub fn reset_memory_peak(_dev: &Device) -> Result<()> {
+    off()
+}
+
+/// The fused RMSNorm + residual kernel: not in this build.
+pub fn rmsnorm_add(
+    _x: &Tensor,
+    _add: Option<&Tensor>,
+    _weight: &Tensor,
+    _eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    off()
+}
+
+/// The fused SiLU-mul kernel: not in this build.
+pub fn silu_mul(_gate: &Tensor, _up: &Tensor) -> Result<Tensor> {
+    off()
+}
+
+/// The fused RoPE kernel: not in this build.
+pub fn rope_qk(
+    _q: &Tensor,
+    _k: &Tensor,
+    _cos: &Tensor,
+    _sin: &Tensor,
+    _positions: &Tensor,
+    _head_dim: usize,
+) -> Result<(Tensor, Tensor)> {
+    off()
+}
+
+/// Random f16 values on a CUDA device: not in this build.
+pub fn fill_f16(
+    _dev: &CudaDevice,
+    _shape: impl Into<Shape>,
+    _seed: u64,
+    _lo: f32,
+    _hi: f32,
+) -> Result<Tensor> {
+    off()
+}
+
+/// The device top-k sampler: not in this build.
+pub fn topk_rows(_logits: &Tensor, _temps: &[f32], _k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    off()
+}
+
+/// A GPTQ layer on the GPU: cannot exist in this build.
+#[derive(Debug, Clone)]
+pub enum GptqGpu {}
+
+impl GptqGpu {
+    /// Uploads a tiled layer: not in this build.
+    pub fn upload(_t: &TiledGptq, _dev: &Device) -> Result<Self> {
+        off()
+    }
+
+    /// A random layer: not in this build.
+    pub fn dummy(_spec: &RandomGptq, _dev: &Device) -> Result<Self> {
+        off()
+    }
+
+    /// Keeps f16 weights beside the packed ones.
+    pub fn make_resident(&mut self) -> Result<()> {
+        match *self {}
+    }
+
+    /// The product.
+    pub fn forward(&self, _x: &Tensor, _mode: GptqMode) -> Result<Tensor> {
+        match *self {}
+    }
+}
+
+/// Sizes of a GPU cache.
+pub struct CudaKvShape {
+    /// Layers.
+    pub layers: usize,
+    /// Blocks.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+}
+
+/// The paged cache on the GPU: cannot exist in this build.
+#[derive(Debug)]
+pub enum CudaKv {}
+
+/// A forward's GPU index tensors: cannot exist in this build.
+pub enum GpuBatch {}
+
+impl CudaKv {
+    /// Zeroed storage: not in this build.
+    pub fn new(_s: &CudaKvShape, _dev: &Device) -> Result<Self> {
+        off()
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        match *self {}
+    }
+
+    /// Copies a block's rows in every layer.
+    pub fn copy_block(&mut self, _from: BlockId, _to: BlockId) -> Result<()> {
+        match *self {}
+    }
+
+    /// A forward's index tensors.
+    pub(crate) fn prepare(
+        &self,
+        _chunks: &[(usize, usize, Vec<BlockId>)],
+        _dev: &Device,
+    ) -> Result<GpuBatch> {
+        match *self {}
+    }
+
+    /// Writes k/v and attends q.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention(
+        &mut self,
+        _layer: usize,
+        _b: &GpuBatch,
+        _chunks: &[(usize, usize, Vec<BlockId>)],
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _window: Option<usize>,
+    ) -> Result<Tensor> {
+        match *self {}
+    }
+}
