@@ -30,6 +30,32 @@ pub struct QuantConfig {
     pub format: CheckpointFormat,
 }
 
+/// `quantize_config.json` (or `config.json`'s `quantization_config`) as
+/// AutoGPTQ / GPTQModel / transformers write it.
+#[derive(Debug, serde::Deserialize)]
+struct RawQuant {
+    quant_method: Option<String>,
+    bits: Option<u32>,
+    #[serde(default = "one_group")]
+    group_size: i64,
+    #[serde(default)]
+    desc_act: bool,
+    #[serde(default = "yes")]
+    sym: bool,
+    checkpoint_format: Option<String>,
+    format: Option<String>,
+    #[serde(default)]
+    is_marlin_format: bool,
+}
+
+fn one_group() -> i64 {
+    -1
+}
+
+fn yes() -> bool {
+    true
+}
+
 impl QuantConfig {
     /// Values per 32-bit word.
     pub fn pack(&self) -> usize {
@@ -83,16 +109,15 @@ impl QuantConfig {
 
     /// Parses a JSON quantization object; `source` names the file for messages.
     pub fn from_json(v: &serde_json::Value, source: &str) -> Result<Self> {
-        let method = v
-            .get("quant_method")
-            .and_then(|m| m.as_str())
-            .unwrap_or("gptq");
+        let raw: RawQuant = serde_json::from_value(v.clone())
+            .map_err(|e| Error::Model(format!("{source}: {e}")))?;
+        let method = raw.quant_method.as_deref().unwrap_or("gptq");
         if method != "gptq" {
             return Err(Error::Model(format!(
                 "{source}: quant_method is `{method}`, only gptq is supported"
             )));
         }
-        let bits = v.get("bits").and_then(|b| b.as_u64()).ok_or_else(|| {
+        let bits = raw.bits.ok_or_else(|| {
             Error::Model(format!("{source}: `bits` is missing or not an integer"))
         })?;
         if bits != 4 && bits != 8 {
@@ -100,10 +125,9 @@ impl QuantConfig {
                 "{source}: bits is {bits}, expected 4 or 8"
             )));
         }
-        let gs = v.get("group_size").and_then(|g| g.as_i64()).unwrap_or(-1);
-        let group_size = match gs {
+        let group_size = match raw.group_size {
             -1 => None,
-            g if g > 0 && (g as u64) % (32 / bits) == 0 => Some(g as usize),
+            g if g > 0 && (g as u64) % (32 / bits as u64) == 0 => Some(g as usize),
             g => {
                 return Err(Error::Model(format!(
                     "{source}: group_size is {g}, expected -1 or a positive multiple of {}",
@@ -111,10 +135,10 @@ impl QuantConfig {
                 )))
             }
         };
-        let format = match v
-            .get("checkpoint_format")
-            .or_else(|| v.get("format"))
-            .and_then(|f| f.as_str())
+        let format = match raw
+            .checkpoint_format
+            .or(raw.format)
+            .as_deref()
             .unwrap_or("gptq")
         {
             "gptq" => CheckpointFormat::Gptq,
@@ -125,16 +149,16 @@ impl QuantConfig {
                 )))
             }
         };
-        if v.get("is_marlin_format").and_then(|m| m.as_bool()) == Some(true) {
+        if raw.is_marlin_format {
             return Err(Error::Model(format!(
                 "{source}: is_marlin_format is true; Marlin-repacked checkpoints are not supported"
             )));
         }
         Ok(Self {
-            bits: bits as u32,
+            bits,
             group_size,
-            desc_act: v.get("desc_act").and_then(|d| d.as_bool()).unwrap_or(false),
-            sym: v.get("sym").and_then(|s| s.as_bool()).unwrap_or(true),
+            desc_act: raw.desc_act,
+            sym: raw.sym,
             format,
         })
     }

@@ -1,7 +1,7 @@
 //! Mistral architecture hyper-parameters from `config.json`.
 
 use crate::{Error, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
 
@@ -36,37 +36,74 @@ pub struct MistralConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
-fn req(v: &Value, key: &str, src: &str) -> Result<usize> {
-    v.get(key)
-        .and_then(|x| x.as_u64())
-        .map(|x| x as usize)
-        .ok_or_else(|| {
-            Error::Model(format!(
-                "{src}: `{key}` is missing or not a positive integer"
-            ))
-        })
+/// `config.json` as Hugging Face writes it (the keys this model reads;
+/// others are ignored).
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    model_type: String,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RopeParameters>,
+    sliding_window: Option<usize>,
+    #[serde(default = "default_ctx")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    eos_token_id: Option<EosIds>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RopeParameters {
+    rope_theta: Option<f64>,
+}
+
+/// `eos_token_id`: one id or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum EosIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+fn default_ctx() -> usize {
+    32768
 }
 
 impl MistralConfig {
     /// Parses a `config.json` value; `src` names the file in messages.
     pub fn from_json(v: &Value, src: &str) -> Result<Self> {
-        let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
-        if model_type != "mistral" {
+        let hf: HfConfig =
+            serde_json::from_value(v.clone()).map_err(|e| Error::Model(format!("{src}: {e}")))?;
+        if hf.model_type != "mistral" {
             return Err(Error::Model(format!(
-                "{src}: model_type is `{model_type}`, expected mistral"
+                "{src}: model_type is `{}`, expected mistral",
+                hf.model_type
             )));
         }
-        let hidden_size = req(v, "hidden_size", src)?;
-        let num_attention_heads = req(v, "num_attention_heads", src)?;
-        let head_dim = match v.get("head_dim").and_then(|x| x.as_u64()) {
-            Some(d) => d as usize,
-            None => hidden_size / num_attention_heads.max(1),
+        let req = |x: Option<usize>, key: &str| {
+            x.filter(|&x| x > 0).ok_or_else(|| {
+                Error::Model(format!(
+                    "{src}: `{key}` is missing or not a positive integer"
+                ))
+            })
         };
-        let num_key_value_heads = v
-            .get("num_key_value_heads")
-            .and_then(|x| x.as_u64())
-            .map(|x| x as usize)
-            .unwrap_or(num_attention_heads);
+        let hidden_size = req(hf.hidden_size, "hidden_size")?;
+        let num_attention_heads = req(hf.num_attention_heads, "num_attention_heads")?;
+        let head_dim = hf.head_dim.unwrap_or(hidden_size / num_attention_heads);
+        let num_key_value_heads = hf.num_key_value_heads.unwrap_or(num_attention_heads);
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(Error::Model(format!(
                 "{src}: num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
@@ -77,48 +114,28 @@ impl MistralConfig {
                 "{src}: head_dim {head_dim} is odd, RoPE needs it even"
             )));
         }
-        let rope_theta = v
-            .get("rope_theta")
-            .and_then(|x| x.as_f64())
-            .or_else(|| {
-                v.pointer("/rope_parameters/rope_theta")
-                    .and_then(|x| x.as_f64())
-            })
+        let rope_theta = hf
+            .rope_theta
+            .or(hf.rope_parameters.and_then(|r| r.rope_theta))
             .unwrap_or(10000.0);
-        let eos_token_ids = match v.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_u64().map(|x| x as u32))
-                .collect(),
-            _ => vec![],
-        };
         Ok(Self {
-            vocab_size: req(v, "vocab_size", src)?,
+            vocab_size: req(hf.vocab_size, "vocab_size")?,
             hidden_size,
-            intermediate_size: req(v, "intermediate_size", src)?,
-            num_hidden_layers: req(v, "num_hidden_layers", src)?,
+            intermediate_size: req(hf.intermediate_size, "intermediate_size")?,
+            num_hidden_layers: req(hf.num_hidden_layers, "num_hidden_layers")?,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: v
-                .get("rms_norm_eps")
-                .and_then(|x| x.as_f64())
-                .unwrap_or(1e-5),
+            rms_norm_eps: hf.rms_norm_eps,
             rope_theta,
-            sliding_window: v
-                .get("sliding_window")
-                .and_then(|x| x.as_u64())
-                .map(|x| x as usize),
-            max_position_embeddings: v
-                .get("max_position_embeddings")
-                .and_then(|x| x.as_u64())
-                .unwrap_or(32768) as usize,
-            tie_word_embeddings: v
-                .get("tie_word_embeddings")
-                .and_then(|x| x.as_bool())
-                .unwrap_or(false),
-            eos_token_ids,
+            sliding_window: hf.sliding_window,
+            max_position_embeddings: hf.max_position_embeddings,
+            tie_word_embeddings: hf.tie_word_embeddings,
+            eos_token_ids: match hf.eos_token_id {
+                Some(EosIds::One(id)) => vec![id],
+                Some(EosIds::Many(ids)) => ids,
+                None => vec![],
+            },
         })
     }
 
