@@ -18,6 +18,7 @@ pub mod kv;
 pub mod model;
 pub mod output;
 pub mod prompt;
+pub mod quant;
 pub mod report;
 pub mod sampler;
 pub mod scheduler;

@@ -4,7 +4,7 @@
 //! CUDA device exists in such a build, so the model never reaches them.
 
 use crate::kv::BlockId;
-use crate::model::linear::{GptqMode, RandomGptq, TiledGptq};
+use crate::quant::{GptqMode, RandomGptq, TiledGptq};
 use crate::{Error, Result};
 use candle_core::{CudaDevice, Device, Shape, Tensor};
 

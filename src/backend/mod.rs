@@ -17,8 +17,134 @@ pub mod cuda;
 #[path = "cuda_off.rs"]
 pub mod cuda;
 
+mod cache;
+mod cpu;
+mod cuda_ops;
 pub mod device;
+
+pub use cache::{Batch, KvShape, PagedKvCache, SeqChunk};
+pub use cpu::{rope_tables, CpuKv, CpuOps};
+pub use cuda_ops::CudaOps;
+
+use crate::quant::{GptqMode, GptqWeight, RandomGptq};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
 
 /// Head dims the attention kernels are built for (Mistral-7B's is 128);
 /// the CUDA cache refuses others when it is created.
 pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
+
+/// Where a layer's weights go.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerTarget<'a> {
+    /// The layer's name (for messages).
+    pub name: &'a str,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// The device.
+    pub device: &'a Device,
+    /// How its GPTQ products run (CUDA).
+    pub mode: GptqMode,
+}
+
+/// A linear layer's weight in the form its backend multiplies.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// A float weight `[out, in]`: dense checkpoints, and GPTQ dequantized
+    /// exactly once (the CPU's dense product).
+    Dense(Tensor),
+    /// The kernels' tile layout on the GPU, and how its products run.
+    Gpu(Box<cuda::GptqGpu>, GptqMode),
+}
+
+/// The ops the model is written against, one implementation per backend,
+/// chosen once when the model loads ([`ops_for`]).
+pub trait Ops: std::fmt::Debug + Send + Sync {
+    /// The backend's name for logs.
+    fn name(&self) -> &'static str;
+
+    /// `(rmsnorm(x + add) * weight, x + add)`, normalised in f32 as HF does.
+    fn rmsnorm_add(
+        &self,
+        x: &Tensor,
+        add: Option<&Tensor>,
+        weight: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor)>;
+
+    /// `silu(gate) * up`.
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
+
+    /// The RoPE tables this backend's `rope` takes for a forward's
+    /// positions (once per forward: the rows at the positions, or the full
+    /// tables for a kernel that indexes them).
+    fn rope_rows(&self, cos: &Tensor, sin: &Tensor, positions: &Tensor)
+        -> Result<(Tensor, Tensor)>;
+
+    /// Rotate-half RoPE of q `[T, heads*d]` and k `[T, kv_heads*d]` at the
+    /// forward's positions, with the tables from `rope_rows`;
+    /// `dims` = (heads, kv_heads, head_dim).
+    fn rope(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        tables: (&Tensor, &Tensor),
+        positions: &Tensor,
+        dims: (usize, usize, usize),
+    ) -> Result<(Tensor, Tensor)>;
+
+    /// Bytes of one cached K or V value.
+    fn kv_elem_bytes(&self) -> usize;
+
+    /// An empty paged KV cache on `dev`.
+    fn new_cache(&self, shape: &KvShape, dev: &Device) -> Result<PagedKvCache>;
+
+    /// A checkpoint's GPTQ layer in the form this backend multiplies.
+    fn gptq(&self, g: &GptqWeight, at: &LayerTarget<'_>) -> Result<LinearWeight>;
+
+    /// A random GPTQ layer of the spec's shape and quantization.
+    fn dummy_gptq(&self, spec: &RandomGptq, at: &LayerTarget<'_>) -> Result<LinearWeight>;
+
+    /// The largest top-k whose candidates this backend picks on the device
+    /// (0: sampling happens on the host from the full logits row).
+    fn device_top_k_max(&self) -> usize;
+
+    /// Each row's `k` most likely `(token, logit / temperature)`, in the
+    /// host sampler's order, picked on the device.
+    fn top_k_candidates(
+        &self,
+        rows: &Tensor,
+        temps: &[f32],
+        k: usize,
+    ) -> Result<Vec<Vec<(u32, f32)>>>;
+
+    /// The most device memory this process's tensors took since the last
+    /// measurement started (`None` where not measured).
+    fn peak_memory(&self, dev: &Device) -> Option<usize>;
+
+    /// Random float weights, uniform in `range`, the same for the same seed.
+    fn random(
+        &self,
+        shape: &[usize],
+        range: (f32, f32),
+        seed: u64,
+        at: &LayerTarget<'_>,
+    ) -> Result<Tensor>;
+}
+
+static CPU: CpuOps = CpuOps;
+static CUDA: CudaOps = CudaOps;
+
+/// The ops of a device: our kernels on CUDA (which run f16 only), candle's
+/// ops on the CPU.
+pub fn ops_for(device: &Device, dtype: DType) -> Result<&'static dyn Ops> {
+    if !device.is_cuda() {
+        return Ok(&CPU);
+    }
+    if dtype != DType::F16 {
+        return Err(Error::Config(format!(
+            "model.dtype is {dtype:?} but the CUDA kernels run f16; set model.dtype = \"f16\" with engine.device = cuda"
+        )));
+    }
+    Ok(&CUDA)
+}

@@ -3,8 +3,8 @@
 //! device-to-device copy bandwidth, and the two ceilings themselves.
 
 use crate::cuda::{self, DecodeShape, GptqGpu};
-use crate::model::linear::GptqMode;
 use crate::model::linear::RandomGptq;
+use crate::quant::GptqMode;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;

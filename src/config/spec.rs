@@ -183,7 +183,7 @@ pub struct EngineSpec {
     /// Share full prompt blocks between records.
     pub prefix_caching: bool,
     /// GPTQ kernel choice on CUDA (`auto` carries `gptq_fused_max_m`).
-    pub gptq_kernel: crate::model::linear::GptqMode,
+    pub gptq_kernel: crate::quant::GptqMode,
 }
 
 /// A validated job.
@@ -464,12 +464,12 @@ impl RawJob {
                     }
                 },
                 gptq_kernel: match e.gptq_kernel.as_str() {
-                    "auto" => crate::model::linear::GptqMode::Auto {
+                    "auto" => crate::quant::GptqMode::Auto {
                         max_m: positive("engine.gptq_fused_max_m", e.gptq_fused_max_m)?,
                     },
-                    "fused" => crate::model::linear::GptqMode::Fused,
-                    "dequant" => crate::model::linear::GptqMode::Dequant,
-                    "resident" => crate::model::linear::GptqMode::Resident,
+                    "fused" => crate::quant::GptqMode::Fused,
+                    "dequant" => crate::quant::GptqMode::Dequant,
+                    "resident" => crate::quant::GptqMode::Resident,
                     other => {
                         return Err(Error::Config(format!(
                             "engine.gptq_kernel is `{other}`, expected auto, fused, dequant or resident"

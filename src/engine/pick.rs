@@ -19,8 +19,6 @@ pub enum Picked {
     Candidates(Vec<(u32, f32)>),
 }
 
-use crate::cuda::TOPK_MAX;
-
 #[derive(Debug, PartialEq)]
 enum Route {
     Skip,
@@ -29,12 +27,14 @@ enum Route {
     Host,
 }
 
-fn route(cuda: bool, p: &GenerationParams) -> Route {
-    if !cuda || p.repetition_penalty != 1.0 {
+/// Where a row's token is picked: on the device when the backend samples
+/// there (`top_k_max > 0`) and no repetition penalty needs the history.
+fn route(top_k_max: usize, p: &GenerationParams) -> Route {
+    if top_k_max == 0 || p.repetition_penalty != 1.0 {
         Route::Host
     } else if p.temperature == 0.0 {
         Route::DeviceArgmax
-    } else if p.top_k >= 1 && p.top_k <= TOPK_MAX {
+    } else if p.top_k >= 1 && p.top_k <= top_k_max {
         Route::DeviceTopK
     } else {
         Route::Host
@@ -44,7 +44,7 @@ fn route(cuda: bool, p: &GenerationParams) -> Route {
 /// Per chunk of the plan: the pick of a generation chunk that samples,
 /// `None` for every other chunk.
 pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<Option<Picked>>> {
-    let cuda = out.logits.device().is_cuda();
+    let top_k_max = out.ops.device_top_k_max();
     let routes: Vec<Route> = plan
         .chunks
         .iter()
@@ -54,7 +54,7 @@ pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<
             if req.kind != RequestKind::Generate || n == 0 {
                 Route::Skip
             } else {
-                route(cuda, &req.params)
+                route(top_k_max, &req.params)
             }
         })
         .collect();
@@ -80,7 +80,11 @@ pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<
             .map(|&i| &sched.request(plan.chunks[i].seq).params)
             .collect();
         let rows = select(&out.logits, topk.iter().map(|&i| row(i)).collect())?;
-        let cands = device_topk(&rows, &params)?;
+        let k = params.iter().map(|p| p.top_k).max().unwrap_or(1);
+        let temps: Vec<f32> = params.iter().map(|p| p.temperature as f32).collect();
+        // Only each row's top-k candidates cross PCIe; the host draws from
+        // them exactly as from its own sorted, truncated list.
+        let cands = out.ops.top_k_candidates(&rows, &temps, k)?;
         for ((i, mut c), p) in topk.into_iter().zip(cands).zip(params) {
             c.truncate(p.top_k);
             if c.is_empty() {
@@ -104,12 +108,4 @@ fn select(logits: &Tensor, rows: Vec<u32>) -> Result<Tensor> {
     let n = rows.len();
     let idx = Tensor::from_vec(rows, n, logits.device())?;
     Ok(logits.index_select(&idx, 0)?)
-}
-
-/// Each row's top-k candidates, computed on the GPU: only they cross PCIe,
-/// and the host draws from them exactly as from its own sorted list.
-fn device_topk(rows: &Tensor, params: &[&GenerationParams]) -> Result<Vec<Vec<(u32, f32)>>> {
-    let k = params.iter().map(|p| p.top_k).max().unwrap_or(1);
-    let temps: Vec<f32> = params.iter().map(|p| p.temperature as f32).collect();
-    crate::cuda::topk_rows(rows, &temps, k)
 }

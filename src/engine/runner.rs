@@ -2,6 +2,7 @@
 //! the logits rows the step's requests asked for. It owns the device-side
 //! state of a batch (the paged KV cache; CUDA graphs will live here).
 
+use crate::backend::Ops;
 use crate::model::{LogitRows, Mistral, PagedKvCache, SeqChunk};
 use crate::scheduler::{Scheduler, StepPlan};
 use crate::Result;
@@ -12,6 +13,8 @@ use candle_core::Tensor;
 pub struct StepLogits {
     /// f32 `[rows, vocab]`, on the runner's device.
     pub logits: Tensor,
+    /// The ops of that device (where sampling candidates are picked).
+    pub ops: &'static dyn Ops,
     /// Per chunk of the plan: its first row in `logits` and its row count
     /// (the sampled row of a generation chunk, the scored rows of a scoring
     /// chunk, none for a mid-prefill chunk).
@@ -83,15 +86,17 @@ impl ModelRunner for MistralRunner<'_> {
         let logits = self
             .model
             .forward(&chunks, &mut self.cache, LogitRows::These(pick))?;
-        Ok(StepLogits { logits, spans })
+        Ok(StepLogits {
+            logits,
+            spans,
+            ops: self.model.ops(),
+        })
     }
 
     fn peak_device_bytes(&self) -> usize {
-        let dev = self.model.device();
-        // The device's memory pool: this process's own tensors, highest
-        // since the cache was sized.
-        let peak = dev.is_cuda().then(|| crate::cuda::memory_usage(dev));
-        peak.and_then(|r| r.ok())
-            .map_or(0, |(_, high)| high as usize)
+        self.model
+            .ops()
+            .peak_memory(self.model.device())
+            .unwrap_or(0)
     }
 }

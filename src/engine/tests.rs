@@ -79,7 +79,11 @@ impl ModelRunner for FakeRunner {
         }
         let rows = data.len() / VOCAB;
         let logits = Tensor::from_vec(data, (rows, VOCAB), &Device::Cpu)?;
-        Ok(StepLogits { logits, spans })
+        Ok(StepLogits {
+            logits,
+            spans,
+            ops: crate::backend::ops_for(&Device::Cpu, candle_core::DType::F32)?,
+        })
     }
 }
 

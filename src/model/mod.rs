@@ -4,14 +4,13 @@
 pub mod checkpoint;
 pub mod linear;
 pub mod mistral;
-pub mod quant;
 pub mod source;
 
+pub use crate::quant::{CheckpointFormat, QuantConfig};
 pub use checkpoint::Checkpoint;
 pub use mistral::{
     check_checkpoint, LoadOptions, LogitRows, Mistral, MistralConfig, PagedKvCache, SeqChunk,
 };
-pub use quant::{CheckpointFormat, QuantConfig};
 pub use source::{resolve_model_dir, HubSettings};
 
 use crate::Result;

@@ -3,8 +3,8 @@
 //! path, over weights in the tile layout of [`TiledGptq`].
 
 use super::{device_of, empty, launch, ptr, Arg, GPTQ};
-use crate::model::linear::GptqMode;
-use crate::model::linear::{RandomGptq, TiledGptq};
+use crate::quant::GptqMode;
+use crate::quant::{RandomGptq, TiledGptq};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::CudaDevice;
@@ -123,8 +123,8 @@ impl GptqGpu {
     pub fn dummy(spec: &RandomGptq, dev: &Device) -> Result<Self> {
         let cd = super::cuda(dev)?;
         let (k, n) = (spec.k, spec.n);
-        let kp = k.div_ceil(crate::model::linear::tiled::PAD) * crate::model::linear::tiled::PAD;
-        let np = n.div_ceil(crate::model::linear::tiled::PAD) * crate::model::linear::tiled::PAD;
+        let kp = k.div_ceil(crate::quant::tiled::PAD) * crate::quant::tiled::PAD;
+        let np = n.div_ceil(crate::quant::tiled::PAD) * crate::quant::tiled::PAD;
         let gs = spec.group_size.unwrap_or(kp);
         let groups = spec.group_size.map_or(1, |g| k.div_ceil(g));
         let words = np * kp * spec.bits as usize / 32;

@@ -4,63 +4,20 @@
 //! ([`GptqWeight::dequantize_nk`]) and multiplied densely: clear before
 //! clever, and the oracle for the CUDA kernels.
 
-pub mod gptq;
-pub mod tiled;
+mod load;
 
-pub use gptq::{GptqWeight, RandomGptq};
-pub use tiled::TiledGptq;
+pub use crate::quant::{GptqMode, GptqWeight, RandomGptq, TiledGptq};
 
 use super::checkpoint::Checkpoint;
-use super::quant::QuantConfig;
+use crate::backend::{LayerTarget, LinearWeight, Ops};
+use crate::quant::QuantConfig;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 
-/// How a linear layer's weight is stored.
-#[derive(Debug, Clone)]
-pub enum LinearKind {
-    /// A dense float weight.
-    Dense,
-    /// A GPTQ weight dequantized once for the CPU's dense product.
-    Gptq,
-    /// A GPTQ weight in the CUDA kernels' tile layout.
-    GptqCuda(Box<crate::cuda::GptqGpu>),
-}
-
-/// How GPTQ products run on CUDA (`engine.gptq_kernel`): the one GPTQ
-/// mode, from the config to the kernel launch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GptqMode {
-    /// The fused kernel up to `max_m` tokens (`engine.gptq_fused_max_m`);
-    /// above, cuBLAS on f16 weights dequantized once at load and kept
-    /// beside the packed ones (packed + 3.7x: about 18.5 GB for Mistral-7B
-    /// 4-bit), or per product when none are resident.
-    Auto {
-        /// Largest M of the fused kernel.
-        max_m: usize,
-    },
-    /// The fused kernel at every M: reduction order independent of the batch.
-    Fused,
-    /// Dequantize per product into f16 scratch, then cuBLAS.
-    Dequant,
-    /// Dequantize once at load and keep f16 weights (3.7x the memory).
-    Resident,
-}
-
-impl Default for GptqMode {
-    fn default() -> Self {
-        GptqMode::Auto { max_m: 32 }
-    }
-}
-
-/// `y = x W^T` with W [out, in].
+/// `y = x W^T` with W [out, in], in the form the backend multiplies.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    kind: LinearKind,
-    /// [out, in] in the compute dtype (dense and CPU GPTQ layers).
-    weight: Option<Tensor>,
-    /// The GPTQ product's path on CUDA.
-    mode: GptqMode,
+    weight: LinearWeight,
 }
 
 /// What a loader needs to build one layer.
@@ -80,6 +37,20 @@ pub struct LinearSpec<'a> {
     pub device: &'a Device,
     /// GPTQ kernel choice on CUDA.
     pub mode: GptqMode,
+    /// The backend's ops (how GPTQ weights are placed).
+    pub ops: &'static dyn Ops,
+}
+
+impl LinearSpec<'_> {
+    /// Where the layer's weights go.
+    pub fn target(&self) -> LayerTarget<'_> {
+        LayerTarget {
+            name: self.prefix,
+            dtype: self.dtype,
+            device: self.device,
+            mode: self.mode,
+        }
+    }
 }
 
 /// Layers that share an input (q/k/v, gate/up): one product when they can
@@ -202,63 +173,32 @@ impl Linear {
         }
     }
 
-    /// Wraps a GPTQ weight: repacked for the kernels on CUDA, dequantized
-    /// exactly for the dense CPU matmul otherwise.
+    /// Wraps a GPTQ weight in the backend's form: repacked for the kernels
+    /// on CUDA, dequantized exactly for the dense CPU product (the packed
+    /// weight is not kept).
     pub fn from_gptq(g: GptqWeight, spec: &LinearSpec<'_>) -> Result<Self> {
-        if spec.device.is_cuda() {
-            let tiled = TiledGptq::from_weight(&g)
-                .map_err(|e| crate::Error::Model(format!("{}: {e}", spec.prefix)))?;
-            let gpu = crate::cuda::GptqGpu::upload(&tiled, spec.device)?;
-            return Self::from_gpu(gpu, spec.mode);
-        }
-        let (k, n) = (g.in_features, g.out_features);
-        let weight = Tensor::from_vec(g.dequantize_nk(), (n, k), &Device::Cpu)?
-            .to_dtype(spec.dtype)?
-            .to_device(spec.device)?;
-        // The packed weight is dropped: the CPU multiplies the exact
-        // dequantization.
         Ok(Self {
-            kind: LinearKind::Gptq,
-            weight: Some(weight),
-            mode: spec.mode,
+            weight: spec.ops.gptq(&g, &spec.target())?,
         })
     }
 
-    /// Wraps a GPU GPTQ layer (checkpoint or dummy).
-    pub fn from_gpu(mut gpu: crate::cuda::GptqGpu, mode: GptqMode) -> Result<Self> {
-        if matches!(mode, GptqMode::Resident | GptqMode::Auto { .. }) {
-            gpu.make_resident()?;
-        }
-        Ok(Self {
-            kind: LinearKind::GptqCuda(Box::new(gpu)),
-            weight: None,
-            mode,
-        })
+    /// Wraps a weight the backend made.
+    pub fn from_weight(weight: LinearWeight) -> Self {
+        Self { weight }
     }
 
     /// Wraps a dense [out, in] weight.
     pub fn dense(weight: Tensor) -> Self {
         Self {
-            kind: LinearKind::Dense,
-            weight: Some(weight),
-            mode: GptqMode::default(),
+            weight: LinearWeight::Dense(weight),
         }
-    }
-
-    /// The storage kind.
-    pub fn kind(&self) -> &LinearKind {
-        &self.kind
     }
 
     /// Applies the layer to x [T, in] -> [T, out].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let LinearKind::GptqCuda(g) = &self.kind {
-            return g.forward(x, self.mode);
+        match &self.weight {
+            LinearWeight::Dense(w) => Ok(x.matmul(&w.t()?)?),
+            LinearWeight::Gpu(g, mode) => g.forward(x, *mode),
         }
-        let w = self
-            .weight
-            .as_ref()
-            .expect("dense and CPU GPTQ layers hold a weight");
-        Ok(x.matmul(&w.t()?)?)
     }
 }

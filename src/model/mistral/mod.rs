@@ -4,31 +4,18 @@
 //! single-token decodes mixed); linear layers see all tokens at once,
 //! attention runs per sequence against its own cache.
 
-mod attention;
 mod config;
 
-pub use attention::{CpuKv, PagedKvCache};
+pub use crate::backend::{PagedKvCache, SeqChunk};
 pub use config::MistralConfig;
 
 use super::checkpoint::Checkpoint;
 use super::linear::{GptqMode, Linear, LinearSpec, Proj, RandomGptq};
-use super::quant::QuantConfig;
+use crate::backend::{KvShape, LayerTarget, Ops};
 use crate::kv::BlockId;
+use crate::quant::QuantConfig;
 use crate::Result;
-use candle_core::{DType, Device, Tensor, D};
-
-/// One sequence's part of a forward: tokens at positions
-/// `start_pos..start_pos + tokens.len()`; the cache already holds positions
-/// `0..start_pos` in the sequence's blocks, and the chunk's K/V are written
-/// there too.
-pub struct SeqChunk<'a> {
-    /// Token ids of this chunk.
-    pub tokens: &'a [u32],
-    /// Position of the first token.
-    pub start_pos: usize,
-    /// The sequence's block table (covering at least `start_pos + tokens.len()`).
-    pub blocks: &'a [BlockId],
-}
+use candle_core::{DType, Device, Tensor};
 
 /// Which rows of a forward's batch get logits.
 #[derive(Debug, Clone, Copy)]
@@ -79,28 +66,15 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// Returns (norm(x + add), x + add); on CUDA one fused kernel.
-    fn add_forward(&self, x: &Tensor, add: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
-        if x.device().is_cuda() && x.dtype() == DType::F16 {
-            return crate::cuda::rmsnorm_add(x, add, &self.weight, self.eps);
-        }
-        let x = match add {
-            Some(a) => (x + a)?,
-            None => x.clone(),
-        };
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok((normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?, x))
+    /// Returns (norm(x + add), x + add).
+    fn add_forward(
+        &self,
+        ops: &dyn Ops,
+        x: &Tensor,
+        add: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        ops.rmsnorm_add(x, add, &self.weight, self.eps)
     }
-}
-
-fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.device().is_cuda() && gate.dtype() == DType::F16 {
-        return crate::cuda::silu_mul(gate, up);
-    }
-    Ok((gate.silu()? * up)?)
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +100,8 @@ pub struct Mistral {
     lm_head: Linear,
     dtype: DType,
     device: Device,
+    /// The backend's ops, chosen once at load.
+    ops: &'static dyn Ops,
     /// RoPE tables [max_position_embeddings, head_dim/2].
     cos: Tensor,
     sin: Tensor,
@@ -160,11 +136,13 @@ impl Mistral {
         opts: &LoadOptions,
     ) -> Result<Self> {
         let (dtype, device) = (opts.dtype, &opts.device);
-        if device.is_cuda() && dtype != DType::F16 {
-            return Err(crate::Error::Config(format!(
-                "model.dtype is {dtype:?} but the CUDA kernels run f16; set model.dtype = \"f16\" with engine.device = cuda"
-            )));
-        }
+        let ops = crate::backend::ops_for(device, dtype)?;
+        let at = |name: &'static str| LayerTarget {
+            name,
+            dtype,
+            device,
+            mode: opts.gptq_mode,
+        };
         let h = cfg.hidden_size;
         let counter = std::cell::Cell::new(0u64);
         let next_seed = |base: u64| {
@@ -174,7 +152,9 @@ impl Mistral {
         let float = |name: &str, shape: &[usize], lo: f32, hi: f32| -> Result<Tensor> {
             match src {
                 Source::Checkpoint(ck) => ck.float(name, shape, dtype, device),
-                Source::Dummy { seed } => dummy_float(shape, lo, hi, next_seed(*seed), opts),
+                Source::Dummy { seed } => {
+                    ops.random(shape, (lo, hi), next_seed(*seed), &at("dummy"))
+                }
             }
         };
         let norm = |name: String| -> Result<RmsNorm> {
@@ -191,6 +171,7 @@ impl Mistral {
             dtype,
             device,
             mode: opts.gptq_mode,
+            ops,
         };
         let lin = |prefix: String, k: usize, n: usize| -> Result<Linear> {
             let spec = LinearSpec {
@@ -201,12 +182,11 @@ impl Mistral {
             };
             match (src, quant) {
                 (Source::Checkpoint(ck), _) => Linear::load(ck, &spec),
-                (Source::Dummy { seed }, None) => Ok(Linear::dense(dummy_float(
+                (Source::Dummy { seed }, None) => Ok(Linear::dense(ops.random(
                     &[n, k],
-                    -0.05,
-                    0.05,
+                    (-0.05, 0.05),
                     next_seed(*seed),
-                    opts,
+                    &at("dummy"),
                 )?)),
                 (Source::Dummy { seed }, Some(q)) => dummy_gptq(&spec, q, next_seed(*seed)),
             }
@@ -270,7 +250,7 @@ impl Mistral {
         } else {
             Linear::dense(float("lm_head.weight", &[cfg.vocab_size, h], -0.05, 0.05)?)
         };
-        let (cos, sin) = attention::rope_tables(
+        let (cos, sin) = crate::backend::rope_tables(
             cfg.max_position_embeddings,
             cfg.head_dim,
             cfg.rope_theta,
@@ -286,6 +266,7 @@ impl Mistral {
             lm_head,
             dtype,
             device: device.clone(),
+            ops,
             cos,
             sin,
         })
@@ -306,6 +287,11 @@ impl Mistral {
         self.dtype
     }
 
+    /// The backend's ops.
+    pub fn ops(&self) -> &'static dyn Ops {
+        self.ops
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
@@ -314,7 +300,7 @@ impl Mistral {
     /// Bytes of K and V per cache block across all layers.
     pub fn kv_bytes_per_block(&self, block_size: usize) -> usize {
         let c = &self.cfg;
-        let elem = if self.device.is_cuda() { 2 } else { 4 };
+        let elem = self.ops.kv_elem_bytes();
         PagedKvCache::bytes_per_block(
             c.num_hidden_layers,
             block_size,
@@ -327,30 +313,19 @@ impl Mistral {
     /// Empty paged storage for `num_blocks` blocks of `block_size` tokens.
     pub fn new_cache(&self, num_blocks: usize, block_size: usize) -> Result<PagedKvCache> {
         let c = &self.cfg;
-        if self.device.is_cuda() {
-            return Ok(PagedKvCache::Cuda(crate::cuda::CudaKv::new(
-                &crate::cuda::CudaKvShape {
-                    layers: c.num_hidden_layers,
-                    num_blocks,
-                    block_size,
-                    heads: c.num_attention_heads,
-                    kv_heads: c.num_key_value_heads,
-                    head_dim: c.head_dim,
-                },
-                &self.device,
-            )?));
-        }
-        Ok(PagedKvCache::Cpu(CpuKv::new(
-            c.num_hidden_layers,
+        let shape = KvShape {
+            layers: c.num_hidden_layers,
             num_blocks,
             block_size,
-            c.num_key_value_heads,
-            c.head_dim,
-        )))
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        };
+        self.ops.new_cache(&shape, &self.device)
     }
 
-    /// Runs a mixed batch. Returns f32 logits: for each chunk's last token
-    /// ([chunks, vocab]), or for every token when `all_logits` ([tokens, vocab]).
+    /// Runs a mixed batch. Returns f32 logits of the rows `rows` names
+    /// (`[rows, vocab]`).
     pub fn forward(
         &self,
         chunks: &[SeqChunk<'_>],
@@ -365,36 +340,56 @@ impl Mistral {
         let total = ids.len();
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let (nh, nkv, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        );
-        let (cos, sin) = if self.fused_ops() {
-            (self.cos.clone(), self.sin.clone()) // the kernel indexes the full tables
-        } else {
-            (
-                self.cos.index_select(&batch.positions, 0)?,
-                self.sin.index_select(&batch.positions, 0)?,
-            )
-        };
+        let rope = self.ops.rope_rows(&self.cos, &self.sin, &batch.positions)?;
         let mut pending: Option<Tensor> = None; // the MLP output not yet added to x
         for (li, layer) in self.layers.iter().enumerate() {
-            let (h, xr) = layer.input_norm.add_forward(&x, pending.as_ref())?;
+            let (h, xr) = layer
+                .input_norm
+                .add_forward(self.ops, &x, pending.as_ref())?;
             x = xr;
-            let qkv = layer.qkv.forward(&h)?;
-            let (q, k) = self.rope(&qkv[0], &qkv[1], &batch, &cos, &sin)?;
-            let q = q.reshape((total, nh, hd))?;
-            let k = k.reshape((total, nkv, hd))?;
-            let v = qkv[2].reshape((total, nkv, hd))?;
-            let attn = cache.attention(li, &batch, &q, &k, &v, self.cfg.sliding_window)?;
+            let attn = self.attention(layer, li, &h, &batch, (&rope.0, &rope.1), cache)?;
             let o = layer.o.forward(&attn)?;
-            let (h, xr) = layer.post_norm.add_forward(&x, Some(&o))?;
+            let (h, xr) = layer.post_norm.add_forward(self.ops, &x, Some(&o))?;
             x = xr;
             let gu = layer.gate_up.forward(&h)?;
-            let act = silu_mul(&gu[0], &gu[1])?;
+            let act = self.ops.silu_mul(&gu[0], &gu[1])?;
             pending = Some(layer.down.forward(&act)?);
         }
+        self.logits(chunks, x, pending, rows)
+    }
+
+    /// One layer's attention block: q/k/v, RoPE, the cache write and
+    /// attention over the cache; [T, heads*d].
+    fn attention(
+        &self,
+        layer: &Layer,
+        li: usize,
+        h: &Tensor,
+        batch: &crate::backend::Batch,
+        rope: (&Tensor, &Tensor),
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let total = h.dim(0)?;
+        let qkv = layer.qkv.forward(h)?;
+        let (q, k) = self
+            .ops
+            .rope(&qkv[0], &qkv[1], rope, &batch.positions, (nh, nkv, hd))?;
+        let q = q.reshape((total, nh, hd))?;
+        let k = k.reshape((total, nkv, hd))?;
+        let v = qkv[2].reshape((total, nkv, hd))?;
+        cache.attention(li, batch, &q, &k, &v, c.sliding_window)
+    }
+
+    /// The final norm and the LM head over the rows `rows` names; f32.
+    fn logits(
+        &self,
+        chunks: &[SeqChunk<'_>],
+        x: Tensor,
+        pending: Option<Tensor>,
+        rows: LogitRows<'_>,
+    ) -> Result<Tensor> {
         let pick = match rows {
             LogitRows::All => None,
             LogitRows::LastOfEachChunk => Some(
@@ -417,34 +412,8 @@ impl Mistral {
                 (x.index_select(&idx, 0)?, p)
             }
         };
-        let (h, _) = self.norm.add_forward(&x, pending.as_ref())?;
+        let (h, _) = self.norm.add_forward(self.ops, &x, pending.as_ref())?;
         Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
-    }
-
-    /// Whether the fused CUDA kernels run this model's small ops.
-    fn fused_ops(&self) -> bool {
-        self.device.is_cuda() && self.dtype == DType::F16
-    }
-
-    /// RoPE of q [T, heads*d] and k [T, kv_heads*d] at the batch's positions;
-    /// `cos`/`sin` are the full tables for the fused kernel, else per-token rows.
-    fn rope(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        batch: &attention::Batch,
-        cos: &Tensor,
-        sin: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let (t, hd) = (q.dim(0)?, self.cfg.head_dim);
-        if self.fused_ops() {
-            return crate::cuda::rope_qk(q, k, cos, sin, &batch.positions, hd);
-        }
-        let q =
-            attention::apply_rope(&q.reshape((t, self.cfg.num_attention_heads, hd))?, cos, sin)?;
-        let k =
-            attention::apply_rope(&k.reshape((t, self.cfg.num_key_value_heads, hd))?, cos, sin)?;
-        Ok((q.reshape((t, ()))?, k.reshape((t, ()))?))
     }
 
     /// f32 logits [tokens, vocab] for every position of one sequence run
@@ -533,29 +502,6 @@ pub fn check_checkpoint(
     Ok(())
 }
 
-/// Random float weights: uniform in [lo, hi).
-fn dummy_float(shape: &[usize], lo: f32, hi: f32, seed: u64, opts: &LoadOptions) -> Result<Tensor> {
-    if let Device::Cuda(d) = &opts.device {
-        let t = crate::cuda::fill_f16(d, shape, seed, lo, hi)?;
-        return Ok(t.to_dtype(opts.dtype)?);
-    }
-    // SplitMix64 from the seed: the same seed gives the same weights.
-    let mut state = seed;
-    let data: Vec<f32> = (0..shape.iter().product::<usize>())
-        .map(|_| {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            let u = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32;
-            lo + (hi - lo) * u
-        })
-        .collect();
-    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?
-        .to_dtype(opts.dtype)?
-        .to_device(&opts.device)?)
-}
-
 /// A random GPTQ layer of the spec's shape and quantization.
 fn dummy_gptq(spec: &LinearSpec<'_>, q: &QuantConfig, seed: u64) -> Result<Linear> {
     let shape = RandomGptq {
@@ -566,9 +512,7 @@ fn dummy_gptq(spec: &LinearSpec<'_>, q: &QuantConfig, seed: u64) -> Result<Linea
         act_order: q.desc_act,
         seed,
     };
-    if spec.device.is_cuda() {
-        let g = crate::cuda::GptqGpu::dummy(&shape, spec.device)?;
-        return Linear::from_gpu(g, spec.mode);
-    }
-    Linear::from_gptq(shape.build(), spec)
+    Ok(Linear::from_weight(
+        spec.ops.dummy_gptq(&shape, &spec.target())?,
+    ))
 }

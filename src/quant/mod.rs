@@ -1,5 +1,15 @@
-//! GPTQ quantization metadata: `quantize_config.json` and/or `config.json`'s
-//! `quantization_config`, validated into a [`QuantConfig`].
+//! GPTQ as a format, below the model and the backend (pure CPU, no files
+//! but the metadata): the metadata (`quantize_config.json` and/or
+//! `config.json`'s `quantization_config`, validated into a
+//! [`QuantConfig`]), the packed weight with its exact dequantization
+//! (`gptq.rs`), the CUDA kernels' tile layout (`tiled.rs`), and how GPTQ
+//! products run ([`GptqMode`]).
+
+mod gptq;
+pub mod tiled;
+
+pub use gptq::{GptqWeight, RandomGptq};
+pub use tiled::TiledGptq;
 
 use crate::{Error, Result};
 use serde::Serialize;
@@ -218,5 +228,32 @@ mod tests {
         );
         let e = QuantConfig::from_json(&json!({"bits": 3}), "cfg.json").unwrap_err();
         assert_eq!(e.to_string(), "cfg.json: bits is 3, expected 4 or 8");
+    }
+}
+
+/// How GPTQ products run on CUDA (`engine.gptq_kernel`): the one GPTQ
+/// mode, from the config to the kernel launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GptqMode {
+    /// The fused kernel up to `max_m` tokens (`engine.gptq_fused_max_m`);
+    /// above, cuBLAS on f16 weights dequantized once at load and kept
+    /// beside the packed ones (packed + 3.7x: about 18.5 GB for Mistral-7B
+    /// 4-bit), or per product when none are resident.
+    Auto {
+        /// Largest M of the fused kernel.
+        max_m: usize,
+    },
+    /// The fused kernel at every M: reduction order independent of the batch.
+    Fused,
+    /// Dequantize per product into f16 scratch, then cuBLAS.
+    Dequant,
+    /// Dequantize once at load and keep f16 weights (3.7x the memory).
+    Resident,
+}
+
+impl Default for GptqMode {
+    fn default() -> Self {
+        GptqMode::Auto { max_m: 32 }
     }
 }

@@ -216,7 +216,7 @@ impl TiledGptq {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::linear::gptq::RandomGptq;
+    use crate::quant::RandomGptq;
 
     #[test]
     fn tile_layout_decodes_to_the_exact_f16_dequantization() {

@@ -1,132 +1,138 @@
-//! Rotary embeddings, the paged KV cache (CPU storage) and attention over
-//! it, with the
-//! sliding window `i - W < j <= i` (W keys including the query itself).
+//! The CPU backend: candle's ops in HF's order (the reference the CUDA
+//! kernels are tested against), the paged cache as f32 rows, attention over
+//! it, and GPTQ layers dequantized exactly once for a dense product.
 
+use super::cache::{KvShape, PagedKvCache};
+use super::{LayerTarget, LinearWeight, Ops};
 use crate::kv::BlockId;
+use crate::quant::{GptqWeight, RandomGptq};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 
-/// The paged KV cache storage: per layer, keys and values as rows
-/// `[num_blocks * block_size, kv_heads * head_dim]` addressed through block
-/// tables; f32 on the CPU, f16 on CUDA.
+/// candle's CPU ops.
 #[derive(Debug)]
-pub enum PagedKvCache {
-    /// CPU storage.
-    Cpu(CpuKv),
-    /// GPU storage.
-    Cuda(crate::cuda::CudaKv),
-}
+pub struct CpuOps;
 
-/// One forward's batch layout, built once and shared by every layer.
-pub(super) struct Batch {
-    /// Position of every token of the batch [T] (u32).
-    pub positions: Tensor,
-    /// (start position, tokens, block table) per chunk.
-    pub chunks: Vec<(usize, usize, Vec<BlockId>)>,
-    /// GPU-only index tensors.
-    pub gpu: Option<crate::cuda::GpuBatch>,
-}
-
-impl PagedKvCache {
-    /// Bytes per block across all layers (K and V) for `elem` bytes per value.
-    pub fn bytes_per_block(
-        layers: usize,
-        block_size: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        elem: usize,
-    ) -> usize {
-        2 * elem * layers * block_size * kv_heads * head_dim
+impl Ops for CpuOps {
+    fn name(&self) -> &'static str {
+        "cpu"
     }
 
-    /// Tokens per block.
-    pub fn block_size(&self) -> usize {
-        match self {
-            Self::Cpu(c) => c.block_size,
-            Self::Cuda(c) => c.block_size(),
-        }
-    }
-
-    /// Copies a whole block in every layer (copy-on-write).
-    pub fn copy_block(&mut self, from: BlockId, to: BlockId) -> Result<()> {
-        match self {
-            Self::Cpu(c) => {
-                c.copy_block(from, to);
-                Ok(())
-            }
-            Self::Cuda(c) => c.copy_block(from, to),
-        }
-    }
-
-    pub(super) fn prepare(&self, chunks: &[super::SeqChunk<'_>], dev: &Device) -> Result<Batch> {
-        let mut pos = Vec::new();
-        for c in chunks {
-            pos.extend((c.start_pos..c.start_pos + c.tokens.len()).map(|p| p as u32));
-        }
-        let t = pos.len();
-        let chunks_info: Vec<(usize, usize, Vec<BlockId>)> = chunks
-            .iter()
-            .map(|c| (c.start_pos, c.tokens.len(), c.blocks.to_vec()))
-            .collect();
-        let gpu = match self {
-            Self::Cuda(c) => Some(c.prepare(&chunks_info, dev)?),
-            Self::Cpu(_) => None,
+    fn rmsnorm_add(
+        &self,
+        x: &Tensor,
+        add: Option<&Tensor>,
+        weight: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let x = match add {
+            Some(a) => (x + a)?,
+            None => x.clone(),
         };
-        Ok(Batch {
-            positions: Tensor::from_vec(pos, t, dev)?,
-            chunks: chunks_info,
-            gpu,
-        })
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
+        Ok((normed.to_dtype(dtype)?.broadcast_mul(weight)?, x))
     }
 
-    /// Writes the batch's k/v [T, kv_heads, d] and attends q [T, heads, d];
-    /// returns [T, heads*d].
-    pub(super) fn attention(
-        &mut self,
-        layer: usize,
-        batch: &Batch,
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        Ok((gate.silu()? * up)?)
+    }
+
+    fn rope_rows(
+        &self,
+        cos: &Tensor,
+        sin: &Tensor,
+        positions: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        Ok((
+            cos.index_select(positions, 0)?,
+            sin.index_select(positions, 0)?,
+        ))
+    }
+
+    fn rope(
+        &self,
         q: &Tensor,
         k: &Tensor,
-        v: &Tensor,
-        window: Option<usize>,
+        (cos, sin): (&Tensor, &Tensor),
+        _positions: &Tensor,
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+    ) -> Result<(Tensor, Tensor)> {
+        let t = q.dim(0)?;
+        let q = apply_rope(&q.reshape((t, heads, head_dim))?, cos, sin)?;
+        let k = apply_rope(&k.reshape((t, kv_heads, head_dim))?, cos, sin)?;
+        Ok((q.reshape((t, ()))?, k.reshape((t, ()))?))
+    }
+
+    fn kv_elem_bytes(&self) -> usize {
+        4
+    }
+
+    fn device_top_k_max(&self) -> usize {
+        0
+    }
+
+    fn top_k_candidates(&self, _: &Tensor, _: &[f32], _: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        Err(Error::Engine("the CPU backend samples on the host".into()))
+    }
+
+    fn peak_memory(&self, _: &Device) -> Option<usize> {
+        None
+    }
+
+    fn new_cache(&self, s: &KvShape, _dev: &Device) -> Result<PagedKvCache> {
+        Ok(PagedKvCache::Cpu(CpuKv::new(
+            s.layers,
+            s.num_blocks,
+            s.block_size,
+            s.kv_heads,
+            s.head_dim,
+        )))
+    }
+
+    fn gptq(&self, g: &GptqWeight, at: &LayerTarget<'_>) -> Result<LinearWeight> {
+        let (k, n) = (g.in_features, g.out_features);
+        let w = Tensor::from_vec(g.dequantize_nk(), (n, k), &Device::Cpu)?;
+        Ok(LinearWeight::Dense(
+            w.to_dtype(at.dtype)?.to_device(at.device)?,
+        ))
+    }
+
+    fn dummy_gptq(&self, spec: &RandomGptq, at: &LayerTarget<'_>) -> Result<LinearWeight> {
+        self.gptq(&spec.build(), at)
+    }
+
+    fn random(
+        &self,
+        shape: &[usize],
+        (lo, hi): (f32, f32),
+        seed: u64,
+        at: &LayerTarget<'_>,
     ) -> Result<Tensor> {
-        match self {
-            Self::Cpu(c) => {
-                let mut outs = Vec::with_capacity(batch.chunks.len());
-                let mut off = 0;
-                for (start, n, blocks) in &batch.chunks {
-                    let (qc, kc, vc) = (
-                        q.narrow(0, off, *n)?,
-                        k.narrow(0, off, *n)?,
-                        v.narrow(0, off, *n)?,
-                    );
-                    c.write(layer, blocks, *start, &kc, &vc)?;
-                    let (kall, vall) = c.gather(layer, blocks, start + n, q.device())?;
-                    outs.push(attend(&qc, &kall, &vall, *start, window)?);
-                    off += n;
-                }
-                Ok(Tensor::cat(&outs, 0)?)
-            }
-            Self::Cuda(c) => c.attention(
-                layer,
-                batch
-                    .gpu
-                    .as_ref()
-                    .expect("a CUDA cache prepares GPU batches"),
-                &batch.chunks,
-                q,
-                k,
-                v,
-                window,
-            ),
-        }
+        // SplitMix64 from the seed: the same seed gives the same weights.
+        let mut state = seed;
+        let data: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|_| {
+                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                let u = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32;
+                lo + (hi - lo) * u
+            })
+            .collect();
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?
+            .to_dtype(at.dtype)?
+            .to_device(at.device)?)
     }
 }
 
 /// The CPU storage: f32 rows per layer. (f16/bf16 K/V convert to f32 exactly.)
 #[derive(Debug, Clone)]
 pub struct CpuKv {
-    block_size: usize,
+    pub(super) block_size: usize,
     kv_heads: usize,
     head_dim: usize,
     layers: Vec<(Vec<f32>, Vec<f32>)>,
@@ -162,7 +168,7 @@ impl CpuKv {
     }
 
     /// Copies a whole block in every layer (copy-on-write).
-    fn copy_block(&mut self, from: BlockId, to: BlockId) {
+    pub(super) fn copy_block(&mut self, from: BlockId, to: BlockId) {
         let n = self.block_size * self.kv_heads * self.head_dim;
         let (f, t) = (from.0 as usize * n, to.0 as usize * n);
         for (k, v) in &mut self.layers {
@@ -172,7 +178,7 @@ impl CpuKv {
     }
 
     /// Writes k/v [n, kv_heads, head_dim] at positions `start..start+n`.
-    pub(super) fn write(
+    fn write(
         &mut self,
         layer: usize,
         blocks: &[BlockId],
@@ -193,7 +199,7 @@ impl CpuKv {
     }
 
     /// Gathers positions `0..len` into contiguous k/v [len, kv_heads, head_dim].
-    pub(super) fn gather(
+    fn gather(
         &self,
         layer: usize,
         blocks: &[BlockId],
@@ -217,10 +223,39 @@ impl CpuKv {
     }
 }
 
+impl CpuKv {
+    /// Writes each chunk's k/v [n, kv_heads, d] into its blocks and attends
+    /// its q [n, heads, d] over positions `0..start + n`; [T, heads*d].
+    pub(super) fn attention(
+        &mut self,
+        layer: usize,
+        chunks: &[(usize, usize, Vec<BlockId>)],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        let mut outs = Vec::with_capacity(chunks.len());
+        let mut off = 0;
+        for (start, n, blocks) in chunks {
+            let (qc, kc, vc) = (
+                q.narrow(0, off, *n)?,
+                k.narrow(0, off, *n)?,
+                v.narrow(0, off, *n)?,
+            );
+            self.write(layer, blocks, *start, &kc, &vc)?;
+            let (kall, vall) = self.gather(layer, blocks, start + n, q.device())?;
+            outs.push(attend(&qc, &kall, &vall, *start, window)?);
+            off += n;
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+}
+
 /// cos/sin tables [positions, head_dim/2] (computed in f32, cast to the
 /// compute dtype as HF does); rows are picked per token with the batch's
 /// positions.
-pub(super) fn rope_tables(
+pub fn rope_tables(
     positions: usize,
     head_dim: usize,
     theta: f64,
@@ -245,7 +280,7 @@ pub(super) fn rope_tables(
 }
 
 /// Rotate-half RoPE on x [n, heads, head_dim].
-pub(super) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x = x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?; // [1, heads, n, d]
     let y = candle_nn::rotary_emb::rope(&x, cos, sin)?;
     Ok(y.squeeze(0)?.transpose(0, 1)?)

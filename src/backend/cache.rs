@@ -1,0 +1,142 @@
+//! The paged KV cache of one job, on the CPU or the GPU: per layer, keys
+//! and values as rows `[num_blocks * block_size, kv_heads * head_dim]`
+//! addressed through block tables, and attention over it with the sliding
+//! window `i - W < j <= i` (W keys including the query itself).
+
+use super::cpu::CpuKv;
+use crate::kv::BlockId;
+use crate::Result;
+use candle_core::{Device, Tensor};
+
+/// One sequence's part of a forward: tokens at positions
+/// `start_pos..start_pos + tokens.len()`; the cache already holds positions
+/// `0..start_pos` in the sequence's blocks, and the chunk's K/V are written
+/// there too.
+pub struct SeqChunk<'a> {
+    /// Token ids of this chunk.
+    pub tokens: &'a [u32],
+    /// Position of the first token.
+    pub start_pos: usize,
+    /// The sequence's block table (covering at least `start_pos + tokens.len()`).
+    pub blocks: &'a [BlockId],
+}
+
+/// Sizes of a paged cache.
+#[derive(Debug, Clone, Copy)]
+pub struct KvShape {
+    /// Layers.
+    pub layers: usize,
+    /// Blocks.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+}
+
+/// The paged KV cache storage: per layer, keys and values as rows
+/// `[num_blocks * block_size, kv_heads * head_dim]` addressed through block
+/// tables; f32 on the CPU, f16 on CUDA.
+#[derive(Debug)]
+pub enum PagedKvCache {
+    /// CPU storage.
+    Cpu(CpuKv),
+    /// GPU storage.
+    Cuda(super::cuda::CudaKv),
+}
+
+/// One forward's batch layout, built once and shared by every layer.
+pub struct Batch {
+    /// Position of every token of the batch [T] (u32).
+    pub positions: Tensor,
+    /// (start position, tokens, block table) per chunk.
+    pub chunks: Vec<(usize, usize, Vec<BlockId>)>,
+    /// GPU-only index tensors.
+    pub gpu: Option<super::cuda::GpuBatch>,
+}
+
+impl PagedKvCache {
+    /// Bytes per block across all layers (K and V) for `elem` bytes per value.
+    pub fn bytes_per_block(
+        layers: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        elem: usize,
+    ) -> usize {
+        2 * elem * layers * block_size * kv_heads * head_dim
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        match self {
+            Self::Cpu(c) => c.block_size,
+            Self::Cuda(c) => c.block_size(),
+        }
+    }
+
+    /// Copies a whole block in every layer (copy-on-write).
+    pub fn copy_block(&mut self, from: BlockId, to: BlockId) -> Result<()> {
+        match self {
+            Self::Cpu(c) => {
+                c.copy_block(from, to);
+                Ok(())
+            }
+            Self::Cuda(c) => c.copy_block(from, to),
+        }
+    }
+
+    /// The batch layout of a forward's chunks, built once for every layer.
+    pub fn prepare(&self, chunks: &[SeqChunk<'_>], dev: &Device) -> Result<Batch> {
+        let mut pos = Vec::new();
+        for c in chunks {
+            pos.extend((c.start_pos..c.start_pos + c.tokens.len()).map(|p| p as u32));
+        }
+        let t = pos.len();
+        let chunks_info: Vec<(usize, usize, Vec<BlockId>)> = chunks
+            .iter()
+            .map(|c| (c.start_pos, c.tokens.len(), c.blocks.to_vec()))
+            .collect();
+        let gpu = match self {
+            Self::Cuda(c) => Some(c.prepare(&chunks_info, dev)?),
+            Self::Cpu(_) => None,
+        };
+        Ok(Batch {
+            positions: Tensor::from_vec(pos, t, dev)?,
+            chunks: chunks_info,
+            gpu,
+        })
+    }
+
+    /// Writes the batch's k/v [T, kv_heads, d] and attends q [T, heads, d];
+    /// returns [T, heads*d].
+    pub fn attention(
+        &mut self,
+        layer: usize,
+        batch: &Batch,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Cpu(c) => c.attention(layer, &batch.chunks, q, k, v, window),
+            Self::Cuda(c) => c.attention(
+                layer,
+                batch
+                    .gpu
+                    .as_ref()
+                    .expect("a CUDA cache prepares GPU batches"),
+                &batch.chunks,
+                q,
+                k,
+                v,
+                window,
+            ),
+        }
+    }
+}
