@@ -5,6 +5,7 @@
 //! `RUNNER_*` environment variables (`__` separates sections), `--set` flags.
 
 mod raw;
+mod resolve;
 mod spec;
 
 pub use raw::RawJob;

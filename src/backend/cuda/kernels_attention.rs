@@ -1,0 +1,231 @@
+//! Launch wrappers of `kernels/attention.cu`: the cache write, paged decode
+//! attention and flash prefill over the paged cache.
+
+use super::{check_f16, cuda, device_of, empty, grid, launch, ptr, Arg, ATTENTION};
+use crate::{Error, Result};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::{DType, Device, Tensor};
+use half::f16;
+
+/// Writes k/v rows [n, row] into the cache tensors [slots, row] at `slots`.
+pub fn kv_write(k: &Tensor, v: &Tensor, kc: &Tensor, vc: &Tensor, slots: &Tensor) -> Result<()> {
+    check_f16(k, "kv_write")?;
+    let dev = device_of(k)?;
+    let (n, row) = k.dims2()?;
+    if row % 8 != 0 {
+        return Err(Error::Model(format!(
+            "kv_write: row of {row} halves is not a multiple of 8"
+        )));
+    }
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let p = [
+        ptr::<f16>(&k)?,
+        ptr::<f16>(&v)?,
+        ptr::<f16>(kc)?,
+        ptr::<f16>(vc)?,
+        ptr::<u32>(slots)?,
+    ];
+    let (ni, ri) = (n as i32, row as i32);
+    let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
+    args.extend([Arg::I(ni), Arg::I(ri)]);
+    launch(&dev, &ATTENTION, "kv_write", grid(n * row / 8, 256), &args)?;
+    Ok(())
+}
+
+/// What the decode kernel needs beside the tensors.
+pub struct DecodeShape {
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Tokens per cache block.
+    pub block_size: usize,
+    /// Sliding window (0: none).
+    pub window: usize,
+    /// Longest visible key range in the batch.
+    pub max_keys: usize,
+}
+
+/// Keys per partition of the decode kernel (PART in kernels/attention.cu).
+pub const DECODE_PART: usize = 512;
+
+/// Decode attention: q [B, heads*D] (one token per sequence), block tables
+/// [B, max_blocks] u32, ctx_lens [B] u32 (keys including the query's own);
+/// returns [B, heads*D].
+pub fn paged_decode(
+    q: &Tensor,
+    kc: &Tensor,
+    vc: &Tensor,
+    tables: &Tensor,
+    ctx_lens: &Tensor,
+    s: &DecodeShape,
+) -> Result<Tensor> {
+    check_f16(q, "paged_decode")?;
+    let dev = device_of(q)?;
+    let b = q.dim(0)?;
+    let g = s.heads / s.kv_heads;
+    if !(1..=8).contains(&g) || !crate::backend::HEAD_DIMS.contains(&s.head_dim) {
+        return Err(Error::Model(format!(
+            "paged_decode: {} query heads per kv head (max 8) and head_dim {} (16/32/64/128) are not supported",
+            g, s.head_dim
+        )));
+    }
+    let parts = s.max_keys.div_ceil(DECODE_PART).max(1);
+    let q = q.contiguous()?;
+    let po = zeros(&dev, DType::F32, (b, s.heads, parts, s.head_dim))?;
+    let pml = zeros(&dev, DType::F32, (b, s.heads, parts, 2))?;
+    let out = empty::<f16>(&dev, (b, s.heads * s.head_dim))?;
+    let p = [
+        ptr::<f16>(&q)?,
+        ptr::<f16>(kc)?,
+        ptr::<f16>(vc)?,
+        ptr::<u32>(tables)?,
+        ptr::<u32>(ctx_lens)?,
+        ptr::<f32>(&po)?,
+        ptr::<f32>(&pml)?,
+    ];
+    let ints = [
+        s.heads as i32,
+        s.kv_heads as i32,
+        tables.dim(1)? as i32,
+        s.block_size as i32,
+        s.window as i32,
+    ];
+    let scale = 1.0f32 / (s.head_dim as f32).sqrt();
+    let pi = parts as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (s.kv_heads as u32, b as u32, parts as u32),
+        block_dim: (32 * g as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = format!("paged_decode_d{}", s.head_dim);
+    let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
+    args.extend(ints.iter().map(|&x| Arg::I(x)));
+    args.extend([Arg::F(scale), Arg::I(pi)]);
+    launch(&dev, &ATTENTION, &name, cfg, &args)?;
+    let (ppo, ppml, pout) = (ptr::<f32>(&po)?, ptr::<f32>(&pml)?, ptr::<f16>(&out)?);
+    let (d, pi) = (s.head_dim as i32, parts as i32);
+    let cfg = LaunchConfig {
+        grid_dim: ((b * s.heads) as u32, 1, 1),
+        block_dim: (s.head_dim as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    use Arg::*;
+    launch(
+        &dev,
+        &ATTENTION,
+        "paged_decode_combine",
+        cfg,
+        &[P(ppo), P(ppml), P(pout), I(d), I(pi)],
+    )?;
+    Ok(out)
+}
+
+/// One prefill chunk for [`flash_prefill`]: rows `row0..row0 + n` of q and
+/// of the output are the queries at positions `start..start + n` of a
+/// sequence whose cache rows for positions `0..start + n` are
+/// `keys[key_off..]`.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillChunk {
+    /// First row in q / out.
+    pub row0: usize,
+    /// Query rows.
+    pub n: usize,
+    /// Position of the first query.
+    pub start: usize,
+    /// Offset of the chunk's cache rows in the key list.
+    pub key_off: usize,
+}
+
+/// Query rows per block of the flash prefill kernel.
+pub const PREFILL_TILE: usize = 64;
+
+/// The flash prefill kernel's work list for `chunks`: tiles of up to 64
+/// query rows, most keys first (the long ones start first, the short ones
+/// fill the tail); returns (tiles as a [n, 4] u32 tensor, n).
+pub fn prefill_tiles(chunks: &[PrefillChunk], dev: &Device) -> Result<(Tensor, usize)> {
+    let mut tiles: Vec<[u32; 4]> = chunks
+        .iter()
+        .flat_map(|c| {
+            (0..c.n).step_by(PREFILL_TILE).map(move |r| {
+                [
+                    (c.row0 + r) as u32,
+                    PREFILL_TILE.min(c.n - r) as u32,
+                    (c.start + r) as u32,
+                    c.key_off as u32,
+                ]
+            })
+        })
+        .collect();
+    tiles.sort_by_key(|t| std::cmp::Reverse(t[1] + t[2]));
+    let n = tiles.len();
+    let flat: Vec<u32> = tiles.into_iter().flatten().collect();
+    Ok((Tensor::from_vec(flat, (n, 4), dev)?, n))
+}
+
+/// What the flash prefill kernel needs beside the tensors.
+pub struct PrefillShape {
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dimension (16, 32, 64, 128).
+    pub head_dim: usize,
+    /// Sliding window (0: none).
+    pub window: usize,
+}
+
+/// Flash attention for prefill chunks over the paged cache: q [T,
+/// heads*D]; kc/vc the cache [rows, kv_heads*D]; `keys` the chunks' cache
+/// rows (u32); `tiles` from [`prefill_tiles`]. Writes the chunks' rows of
+/// `out` [T, heads*D] (other rows are left as they are).
+pub fn flash_prefill(
+    q: &Tensor,
+    kc: &Tensor,
+    vc: &Tensor,
+    keys: &Tensor,
+    tiles: (&Tensor, usize),
+    out: &Tensor,
+    s: &PrefillShape,
+) -> Result<()> {
+    check_f16(q, "flash_prefill")?;
+    if !crate::backend::HEAD_DIMS.contains(&s.head_dim)
+        || s.kv_heads == 0
+        || s.heads % s.kv_heads != 0
+    {
+        return Err(Error::Model(format!(
+            "flash_prefill: head_dim {} (16/32/64/128) with {} heads over {} kv heads is not supported",
+            s.head_dim, s.heads, s.kv_heads
+        )));
+    }
+    if tiles.1 == 0 {
+        return Ok(());
+    }
+    let dev = device_of(q)?;
+    let q = q.contiguous()?;
+    let p = [
+        ptr::<f16>(&q)?,
+        ptr::<f16>(kc)?,
+        ptr::<f16>(vc)?,
+        ptr::<u32>(keys)?,
+        ptr::<u32>(tiles.0)?,
+        ptr::<f16>(out)?,
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (tiles.1 as u32, s.heads as u32, 1),
+        block_dim: (128, 1, 1),
+        // Two stages of a K and a V tile of 64 rows (padded by 8 halves).
+        shared_mem_bytes: (2 * 2 * PREFILL_TILE * (s.head_dim + 8) * 2) as u32,
+    };
+    let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
+    args.extend([
+        Arg::I(s.heads as i32),
+        Arg::I(s.kv_heads as i32),
+        Arg::I(s.window as i32),
+        Arg::F(1.0 / (s.head_dim as f32).sqrt()),
+    ]);
+    let name = format!("flash_prefill_d{}", s.head_dim);
+    launch(&dev, &ATTENTION, &name, cfg, &args)
+}

@@ -1,0 +1,344 @@
+//! Raw configuration to the validated [`JobSpec`]: every value checked,
+//! messages naming the key and what was expected.
+
+use super::raw::RawJob;
+use super::spec::*;
+use crate::{Error, Result};
+use std::path::Path;
+
+fn positive(field: &str, v: i64) -> Result<usize> {
+    if v < 1 {
+        return Err(Error::Config(format!(
+            "{field} is {v}, expected at least 1"
+        )));
+    }
+    Ok(v as usize)
+}
+
+/// Parses `auto`, `cpu`, `cuda`, `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "auto" => Ok(Device::Auto),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "engine.device is `{s}`, expected auto, cpu, cuda or cuda:N"
+                ))
+            }),
+    }
+}
+
+impl RawJob {
+    /// Validates every field and resolves paths and `auto` values.
+    pub fn resolve(self, job_file: &Path) -> Result<JobSpec> {
+        let dtype = match self.model.dtype.as_str() {
+            "f16" | "float16" => DType::F16,
+            "bf16" | "bfloat16" => DType::Bf16,
+            "f32" | "float32" => DType::F32,
+            other => {
+                return Err(Error::Config(format!(
+                    "model.dtype is `{other}`, expected f16, bf16 or f32"
+                )))
+            }
+        };
+        let load_format = match self.model.load_format.as_str() {
+            "auto" => LoadFormat::Auto,
+            "dummy" => LoadFormat::Dummy,
+            other => {
+                return Err(Error::Config(format!(
+                    "model.load_format is `{other}`, expected auto or dummy"
+                )))
+            }
+        };
+        let id = self.model.id.original().display().to_string();
+        let rel = self.model.id.relative();
+        let local_dir = if rel.is_dir() {
+            Some(rel)
+        } else if id.starts_with('.') || id.starts_with('/') || id.matches('/').count() != 1 {
+            return Err(Error::Config(format!(
+                "model.id `{id}` is neither an existing directory ({}) nor a hub repo id like owner/name",
+                rel.display()
+            )));
+        } else {
+            None
+        };
+        let input_path = self.input.path.relative();
+        let format = match self.input.format.as_str() {
+            "jsonl" => InputFormat::Jsonl,
+            "parquet" => InputFormat::Parquet,
+            "auto" => match input_path.extension().and_then(|e| e.to_str()) {
+                Some("jsonl") | Some("json") | Some("ndjson") => InputFormat::Jsonl,
+                Some("parquet") | Some("pq") => InputFormat::Parquet,
+                _ => {
+                    return Err(Error::Config(format!(
+                        "input.format is auto but {} has no .jsonl or .parquet extension; set input.format",
+                        input_path.display()
+                    )))
+                }
+            },
+            other => {
+                return Err(Error::Config(format!(
+                    "input.format is `{other}`, expected auto, jsonl or parquet"
+                )))
+            }
+        };
+        let g = self.generation;
+        if g.top_k < 0 {
+            return Err(Error::Config(format!(
+                "generation.top_k is {}, expected >= 0",
+                g.top_k
+            )));
+        }
+        let generation = GenerationParams {
+            max_new_tokens: positive("generation.max_new_tokens", g.max_new_tokens)?,
+            temperature: g.temperature,
+            top_p: g.top_p,
+            top_k: g.top_k as usize,
+            repetition_penalty: g.repetition_penalty,
+            seed: g.seed,
+            stop: g.stop,
+            system_prompt: g.system_prompt,
+            ignore_eos: g.ignore_eos,
+        };
+        generation.validate("generation.").map_err(Error::Config)?;
+        if generation.stop.iter().any(|s| s.is_empty()) {
+            return Err(Error::Config(
+                "generation.stop holds an empty string".into(),
+            ));
+        }
+        let e = self.engine;
+        if e.max_prompt_tokens < 0 {
+            return Err(Error::Config(format!(
+                "engine.max_prompt_tokens is {}, expected >= 0",
+                e.max_prompt_tokens
+            )));
+        }
+        let scoring = resolve_scoring(self.scoring)?;
+        let model_for_sweep = ModelSpec {
+            id: id.clone(),
+            local_dir: local_dir.clone(),
+            revision: self.model.revision.clone(),
+            dtype,
+            load_format,
+            dummy_quant: self.model.dummy_quant.clone(),
+        };
+        let sweep = self
+            .sweep
+            .map(|sw| resolve_sweep(sw, &model_for_sweep))
+            .transpose()?;
+        Ok(JobSpec {
+            job_file: job_file.to_path_buf(),
+            model: ModelSpec {
+                id,
+                local_dir,
+                revision: self.model.revision,
+                dtype,
+                load_format,
+                dummy_quant: self.model.dummy_quant,
+            },
+            input: InputSpec {
+                path: input_path,
+                format,
+                id_column: self.input.id_column,
+                prompt_column: self.input.prompt_column,
+                messages_column: self.input.messages_column,
+                system_column: self.input.system_column,
+                reference_column: scoring.reference_column.clone(),
+                continuation_column: scoring.continuation_column.clone(),
+            },
+            generation,
+            output: OutputSpec {
+                path: self.output.path.relative(),
+                include_token_ids: self.output.include_token_ids,
+                flush_every: positive("output.flush_every", self.output.flush_every)?,
+            },
+            engine: resolve_engine(&e)?,
+            scoring,
+            sweep,
+        })
+    }
+}
+
+fn resolve_scoring(r: super::raw::RawScoring) -> Result<ScoringSpec> {
+    let metrics = r
+        .metrics
+        .iter()
+        .map(|m| match m.as_str() {
+            "exact_match" => Ok(Metric::ExactMatch),
+            "contains" => Ok(Metric::Contains),
+            "regex_match" => Ok(Metric::RegexMatch),
+            other => Err(Error::Config(format!(
+                "scoring.metrics holds `{other}`, expected exact_match, contains or regex_match"
+            ))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let normalize = r
+        .normalize
+        .iter()
+        .map(|n| match n.as_str() {
+            "lowercase" => Ok(Normalize::Lowercase),
+            "strip_punctuation" => Ok(Normalize::StripPunctuation),
+            "collapse_whitespace" => Ok(Normalize::CollapseWhitespace),
+            "strip" => Ok(Normalize::Strip),
+            other => Err(Error::Config(format!(
+                "scoring.normalize holds `{other}`, expected lowercase, strip_punctuation, collapse_whitespace or strip"
+            ))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if metrics.contains(&Metric::RegexMatch) {
+        regex::Regex::new(&r.regex).map_err(|e| {
+            Error::Config(format!("scoring.regex `{}` is not a regex: {e}", r.regex))
+        })?;
+    }
+    let loglikelihood = match r.mode.as_str() {
+        "generate" => false,
+        "loglikelihood" => true,
+        other => {
+            return Err(Error::Config(format!(
+                "scoring.mode is `{other}`, expected generate or loglikelihood"
+            )))
+        }
+    };
+    Ok(ScoringSpec {
+        loglikelihood,
+        continuation_column: r.continuation_column,
+        reference_column: r.reference_column,
+        metrics,
+        normalize,
+        regex: r.regex,
+    })
+}
+
+fn resolve_sweep(r: super::raw::RawSweep, model: &ModelSpec) -> Result<SweepSpec> {
+    let mut variants = Vec::new();
+    for rev in &r.revisions {
+        variants.push(Variant {
+            name: rev.clone(),
+            id: model.id.clone(),
+            revision: rev.clone(),
+            local_dir: None,
+        });
+    }
+    for m in &r.models {
+        let dir = m.relative();
+        if !dir.is_dir() {
+            return Err(Error::Config(format!(
+                "sweep.models holds {}, which is not a directory",
+                m.original().display()
+            )));
+        }
+        let name = dir.file_name().map_or_else(
+            || dir.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        variants.push(Variant {
+            name,
+            id: m.original().display().to_string(),
+            revision: model.revision.clone(),
+            local_dir: Some(dir),
+        });
+    }
+    if variants.is_empty() {
+        return Err(Error::Config(
+            "[sweep] names no revisions and no models".into(),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for v in &variants {
+        if !seen.insert(v.name.clone()) {
+            return Err(Error::Config(format!(
+                "sweep variant name `{}` appears twice; variant directories are named after it",
+                v.name
+            )));
+        }
+        if v.name.contains('/') || v.name.starts_with('.') {
+            return Err(Error::Config(format!(
+                "sweep variant name `{}` is not a valid directory name",
+                v.name
+            )));
+        }
+    }
+    if let Some(b) = &r.baseline {
+        if !variants.iter().any(|v| &v.name == b) {
+            return Err(Error::Config(format!(
+                "sweep.baseline is `{b}`, expected one of the variants: {}",
+                variants
+                    .iter()
+                    .map(|v| v.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    let all_gpus = r.devices.iter().any(|d| d == "auto");
+    if all_gpus && r.devices.len() > 1 {
+        return Err(Error::Config(
+            "sweep.devices: \"auto\" (every visible GPU) stands alone".into(),
+        ));
+    }
+    let devices = r
+        .devices
+        .iter()
+        .filter(|d| *d != "auto")
+        .map(|d| {
+            parse_device(d).map_err(|_| {
+                Error::Config(format!(
+                    "sweep.devices holds `{d}`, expected cpu, cuda or cuda:N"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(SweepSpec {
+        variants,
+        baseline: r.baseline,
+        devices,
+        all_gpus,
+    })
+}
+
+/// `[engine]`, checked.
+fn resolve_engine(e: &super::raw::RawEngine) -> Result<EngineSpec> {
+    Ok(EngineSpec {
+        device: parse_device(&e.device)?,
+        max_num_seqs: positive("engine.max_num_seqs", e.max_num_seqs)?,
+        max_batch_tokens: positive("engine.max_batch_tokens", e.max_batch_tokens)?,
+        max_prompt_tokens: e.max_prompt_tokens as usize,
+        block_size: positive("engine.block_size", e.block_size)?,
+        num_blocks: if e.num_blocks == 0 {
+            0
+        } else {
+            positive("engine.num_blocks", e.num_blocks)?
+        },
+        kv_cache_mib: match e.kv_cache_mib {
+            0 => 0,
+            n => positive("engine.kv_cache_mib", n)?,
+        },
+        gpu_memory_utilization: match e.gpu_memory_utilization {
+            u if u > 0.0 && u <= 1.0 => u,
+            u => {
+                return Err(Error::Config(format!(
+                    "engine.gpu_memory_utilization is {u}, expected a value in (0, 1]"
+                )))
+            }
+        },
+        gptq_kernel: match e.gptq_kernel.as_str() {
+            "auto" => crate::quant::GptqMode::Auto {
+                max_m: positive("engine.gptq_fused_max_m", e.gptq_fused_max_m)?,
+            },
+            "fused" => crate::quant::GptqMode::Fused,
+            "dequant" => crate::quant::GptqMode::Dequant,
+            "resident" => crate::quant::GptqMode::Resident,
+            other => {
+                return Err(Error::Config(format!(
+                    "engine.gptq_kernel is `{other}`, expected auto, fused, dequant or resident"
+                )))
+            }
+        },
+        prefix_caching: e.prefix_caching,
+    })
+}
