@@ -3,7 +3,8 @@
 //! far below a GPU step, < 1 ms per step at 512 sequences.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use runner::scheduler::{Scheduler, SchedulerConfig, SeqId};
+use runner::config::GenerationParams;
+use runner::scheduler::{RecordRef, Request, Scheduler, SchedulerConfig, SeqId};
 
 fn setup(prefix_caching: bool) -> Scheduler {
     let mut s = Scheduler::new(SchedulerConfig {
@@ -13,13 +14,28 @@ fn setup(prefix_caching: bool) -> Scheduler {
         block_size: 16,
         prefix_caching,
     });
+    let params = GenerationParams {
+        max_new_tokens: 128,
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        repetition_penalty: 1.0,
+        seed: 0,
+        stop: vec![],
+        system_prompt: String::new(),
+        ignore_eos: true,
+    };
     for i in 0..10_000u64 {
         // A shared 64-token prefix, then 64..320 tokens of the record's own.
         let own = 64 + (i as usize * 37) % 256;
         let prompt: Vec<u32> = (0..64)
             .chain((0..own as u32).map(|t| 100 + (t * 7 + i as u32) % 30_000))
             .collect();
-        s.add(SeqId(i), prompt);
+        let record = RecordRef {
+            id: i.to_string(),
+            ..Default::default()
+        };
+        s.add(SeqId(i), Request::generate(record, prompt, params.clone()));
     }
     s
 }

@@ -199,3 +199,23 @@ fn profile_forward(model: &Mistral, spec: &JobSpec) -> Result<usize> {
     crate::cuda::reset_memory_peak(dev)?;
     Ok(high.saturating_sub(before) as usize)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `auto` never fails: a GPU when this build and machine have one (f16
+    /// only), else the CPU.
+    #[test]
+    fn auto_falls_back_to_the_cpu() {
+        let d = candle_device(Device::Auto, DType::F32).unwrap();
+        assert!(d.is_cpu(), "the CUDA path runs f16 only");
+        let d = candle_device(Device::Auto, DType::F16).unwrap();
+        assert_eq!(d.is_cuda(), crate::cuda::device_count().is_ok_and(|n| n > 0));
+    }
+
+    #[test]
+    fn available_ram_is_read() {
+        assert!(available_ram().unwrap() > 0);
+    }
+}

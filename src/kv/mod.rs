@@ -224,7 +224,7 @@ impl BlockAllocator {
         let need_blocks = (t.tokens + n).div_ceil(bs);
         let mut copies = vec![];
         let partial_shared =
-            t.tokens % bs != 0 && t.blocks.last().is_some_and(|&b| self.refs(b) > 1);
+            !t.tokens.is_multiple_of(bs) && t.blocks.last().is_some_and(|&b| self.refs(b) > 1);
         let extra = need_blocks.saturating_sub(t.blocks.len()) + partial_shared as usize;
         if extra > self.available() {
             return None;

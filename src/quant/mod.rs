@@ -137,7 +137,7 @@ impl QuantConfig {
         }
         let group_size = match raw.group_size {
             -1 => None,
-            g if g > 0 && (g as u64) % (32 / bits as u64) == 0 => Some(g as usize),
+            g if g > 0 && (g as u64).is_multiple_of(32 / bits as u64) => Some(g as usize),
             g => {
                 return Err(Error::Model(format!(
                     "{source}: group_size is {g}, expected -1 or a positive multiple of {}",

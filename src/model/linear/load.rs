@@ -17,7 +17,7 @@ impl GptqWeight {
         quant: &QuantConfig,
     ) -> Result<Self> {
         let pack = quant.pack();
-        if k % pack != 0 || n % pack != 0 {
+        if !k.is_multiple_of(pack) || !n.is_multiple_of(pack) {
             return Err(Error::Model(format!(
                 "{prefix}: shape {k}x{n} is not a multiple of {pack} values per word"
             )));
@@ -70,7 +70,7 @@ impl GptqWeight {
     ) -> Result<()> {
         use safetensors::Dtype;
         let pack = quant.pack();
-        if k % pack != 0 || n % pack != 0 {
+        if !k.is_multiple_of(pack) || !n.is_multiple_of(pack) {
             return Err(Error::Model(format!(
                 "{prefix}: shape {k}x{n} is not a multiple of {pack} values per word"
             )));

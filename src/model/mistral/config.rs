@@ -109,7 +109,7 @@ impl MistralConfig {
                 "{src}: num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
             )));
         }
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(Error::Model(format!(
                 "{src}: head_dim {head_dim} is odd, RoPE needs it even"
             )));

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# A/B workloads on a lent GPU: the same `runner bench` workloads through two
+# binaries in one call, alternating (A, B, A, B ...) so that both see the
+# same card and clocks. Usage (on the device, from the repo root):
+#   benches/ab.sh A_BIN B_BIN TOKENIZER_DIR W1@512,W3@160
+# JSON per run lands in $OUT as <label>-<workload>-<seqs>.json (label a|b).
+set -uo pipefail
+A=$1 B=$2 TOK=$3 STEPS=$4
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+for s in ${STEPS//,/ }; do
+  w=${s%%@*}; seqs=${s#*@}; [[ $seqs == "$s" ]] && seqs=256
+  for pair in "a:$A" "b:$B"; do
+    label=${pair%%:*}; bin=${pair#*:}
+    echo "== $label $w@$seqs $(date +%T)"
+    timeout ${WTIME:-300} "$bin" bench jobs/bench.toml --workload "$w" --tokenizer "$TOK" \
+      --set engine.max_num_seqs="$seqs" --json "$OUT/$label-$w-$seqs.json" 2>&1 | grep -v " INFO " | tail -3
+  done
+done
