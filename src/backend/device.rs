@@ -211,7 +211,10 @@ mod tests {
         let d = candle_device(Device::Auto, DType::F32).unwrap();
         assert!(d.is_cpu(), "the CUDA path runs f16 only");
         let d = candle_device(Device::Auto, DType::F16).unwrap();
-        assert_eq!(d.is_cuda(), crate::cuda::device_count().is_ok_and(|n| n > 0));
+        assert_eq!(
+            d.is_cuda(),
+            crate::cuda::device_count().is_ok_and(|n| n > 0)
+        );
     }
 
     #[test]
