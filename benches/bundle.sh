@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds dev/bundle.tar.xz for benches/device.sh: the `cuda` release binary,
 # the integration-test binary and the fixture folders named as arguments
-# (references and the tokenizer always), under 64 MiB in all.
+# (references and the tokenizer always), under 64 MiB in all. BASE_BIN=path
+# adds a baseline `runner` (e.g. the parent commit's) as runner-base, for
+# benches/ab.sh. CARGO_TARGET_DIR is respected.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source kernels/cuda-env.sh
@@ -12,7 +14,9 @@ for l in sys.stdin:
   m=json.loads(l)
   if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="it" and m.get("executable"): print(m["executable"])')
 s=$(mktemp -d); mkdir -p "$s/fixtures" dev
-cp target/release/runner "$s/runner"; cp "$it" "$s/it"; strip "$s/runner" "$s/it"
+T=${CARGO_TARGET_DIR:-target}
+cp "$T/release/runner" "$s/runner"; cp "$it" "$s/it"; strip "$s/runner" "$s/it"
+if [[ -n "${BASE_BIN:-}" ]]; then cp "$BASE_BIN" "$s/runner-base"; strip "$s/runner-base"; fi
 FX=${FIXTURES:-../shared/fixtures}
 cp -r "$FX/references" "$FX/tokenizer" "$FX/README.md" "$s/fixtures/"
 for m in "$@"; do cp -r "$FX/$m" "$s/fixtures/"; done

@@ -1,6 +1,7 @@
 //! Raw configuration as extracted by figment: every section rejects unknown
 //! keys; nothing here is validated yet (see [`RawJob::resolve`]).
 
+use super::spec::{DType, FormatChoice, GptqKernel, LoadFormat, Metric, Normalize, ScoringMode};
 use figment::value::magic::RelativePathBuf;
 use serde::Deserialize;
 
@@ -24,11 +25,11 @@ pub struct RawJob {
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct RawScoring {
-    pub mode: String,
+    pub mode: ScoringMode,
     pub continuation_column: String,
     pub reference_column: String,
-    pub metrics: Vec<String>,
-    pub normalize: Vec<String>,
+    pub metrics: Vec<Metric>,
+    pub normalize: Vec<Normalize>,
     pub regex: String,
 }
 
@@ -54,8 +55,8 @@ pub struct RawSweep {
 pub struct RawModel {
     pub id: RelativePathBuf,
     pub revision: String,
-    pub dtype: String,
-    pub load_format: String,
+    pub dtype: DType,
+    pub load_format: LoadFormat,
     /// For `load_format = "dummy"`: quantization to fake ("none", or "4bit-128g", "8bit--1g", ...).
     #[serde(default)]
     pub dummy_quant: Option<String>,
@@ -67,7 +68,7 @@ pub struct RawModel {
 #[allow(missing_docs)]
 pub struct RawInput {
     pub path: RelativePathBuf,
-    pub format: String,
+    pub format: FormatChoice,
     pub id_column: String,
     pub prompt_column: String,
     pub messages_column: String,
@@ -114,6 +115,6 @@ pub struct RawEngine {
     pub kv_cache_mib: i64,
     pub gpu_memory_utilization: f64,
     pub prefix_caching: bool,
-    pub gptq_kernel: String,
+    pub gptq_kernel: GptqKernel,
     pub gptq_fused_max_m: i64,
 }

@@ -36,25 +36,8 @@ pub fn parse_device(s: &str) -> Result<Device> {
 impl RawJob {
     /// Validates every field and resolves paths and `auto` values.
     pub fn resolve(self, job_file: &Path) -> Result<JobSpec> {
-        let dtype = match self.model.dtype.as_str() {
-            "f16" | "float16" => DType::F16,
-            "bf16" | "bfloat16" => DType::Bf16,
-            "f32" | "float32" => DType::F32,
-            other => {
-                return Err(Error::Config(format!(
-                    "model.dtype is `{other}`, expected f16, bf16 or f32"
-                )))
-            }
-        };
-        let load_format = match self.model.load_format.as_str() {
-            "auto" => LoadFormat::Auto,
-            "dummy" => LoadFormat::Dummy,
-            other => {
-                return Err(Error::Config(format!(
-                    "model.load_format is `{other}`, expected auto or dummy"
-                )))
-            }
-        };
+        let dtype = self.model.dtype;
+        let load_format = self.model.load_format;
         let id = self.model.id.original().display().to_string();
         let rel = self.model.id.relative();
         let local_dir = if rel.is_dir() {
@@ -68,10 +51,10 @@ impl RawJob {
             None
         };
         let input_path = self.input.path.relative();
-        let format = match self.input.format.as_str() {
-            "jsonl" => InputFormat::Jsonl,
-            "parquet" => InputFormat::Parquet,
-            "auto" => match input_path.extension().and_then(|e| e.to_str()) {
+        let format = match self.input.format {
+            FormatChoice::Jsonl => InputFormat::Jsonl,
+            FormatChoice::Parquet => InputFormat::Parquet,
+            FormatChoice::Auto => match input_path.extension().and_then(|e| e.to_str()) {
                 Some("jsonl") | Some("json") | Some("ndjson") => InputFormat::Jsonl,
                 Some("parquet") | Some("pq") => InputFormat::Parquet,
                 _ => {
@@ -81,11 +64,6 @@ impl RawJob {
                     )))
                 }
             },
-            other => {
-                return Err(Error::Config(format!(
-                    "input.format is `{other}`, expected auto, jsonl or parquet"
-                )))
-            }
         };
         let g = self.generation;
         if g.top_k < 0 {
@@ -165,45 +143,13 @@ impl RawJob {
 }
 
 fn resolve_scoring(r: super::raw::RawScoring) -> Result<ScoringSpec> {
-    let metrics = r
-        .metrics
-        .iter()
-        .map(|m| match m.as_str() {
-            "exact_match" => Ok(Metric::ExactMatch),
-            "contains" => Ok(Metric::Contains),
-            "regex_match" => Ok(Metric::RegexMatch),
-            other => Err(Error::Config(format!(
-                "scoring.metrics holds `{other}`, expected exact_match, contains or regex_match"
-            ))),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let normalize = r
-        .normalize
-        .iter()
-        .map(|n| match n.as_str() {
-            "lowercase" => Ok(Normalize::Lowercase),
-            "strip_punctuation" => Ok(Normalize::StripPunctuation),
-            "collapse_whitespace" => Ok(Normalize::CollapseWhitespace),
-            "strip" => Ok(Normalize::Strip),
-            other => Err(Error::Config(format!(
-                "scoring.normalize holds `{other}`, expected lowercase, strip_punctuation, collapse_whitespace or strip"
-            ))),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let (metrics, normalize) = (r.metrics, r.normalize);
     if metrics.contains(&Metric::RegexMatch) {
         regex::Regex::new(&r.regex).map_err(|e| {
             Error::Config(format!("scoring.regex `{}` is not a regex: {e}", r.regex))
         })?;
     }
-    let loglikelihood = match r.mode.as_str() {
-        "generate" => false,
-        "loglikelihood" => true,
-        other => {
-            return Err(Error::Config(format!(
-                "scoring.mode is `{other}`, expected generate or loglikelihood"
-            )))
-        }
-    };
+    let loglikelihood = r.mode == ScoringMode::Loglikelihood;
     Ok(ScoringSpec {
         loglikelihood,
         continuation_column: r.continuation_column,
@@ -326,18 +272,13 @@ fn resolve_engine(e: &super::raw::RawEngine) -> Result<EngineSpec> {
                 )))
             }
         },
-        gptq_kernel: match e.gptq_kernel.as_str() {
-            "auto" => crate::quant::GptqMode::Auto {
+        gptq_kernel: match e.gptq_kernel {
+            GptqKernel::Auto => crate::quant::GptqMode::Auto {
                 max_m: positive("engine.gptq_fused_max_m", e.gptq_fused_max_m)?,
             },
-            "fused" => crate::quant::GptqMode::Fused,
-            "dequant" => crate::quant::GptqMode::Dequant,
-            "resident" => crate::quant::GptqMode::Resident,
-            other => {
-                return Err(Error::Config(format!(
-                    "engine.gptq_kernel is `{other}`, expected auto, fused, dequant or resident"
-                )))
-            }
+            GptqKernel::Fused => crate::quant::GptqMode::Fused,
+            GptqKernel::Dequant => crate::quant::GptqMode::Dequant,
+            GptqKernel::Resident => crate::quant::GptqMode::Resident,
         },
         prefix_caching: e.prefix_caching,
     })

@@ -1,17 +1,20 @@
 //! The resolved, validated job: what every other module reads.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// Activation/weight dtype of the forward pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     /// IEEE half.
+    #[serde(alias = "float16")]
     F16,
     /// bfloat16.
+    #[serde(alias = "bfloat16")]
     Bf16,
     /// single precision (the reference path).
+    #[serde(alias = "float32")]
     F32,
 }
 
@@ -39,7 +42,7 @@ pub enum Device {
 }
 
 /// How weights are obtained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LoadFormat {
     /// Read the checkpoint.
@@ -224,7 +227,7 @@ pub struct ScoringSpec {
 
 /// A text normalisation applied before comparing a completion with its
 /// reference (`scoring.normalize`, applied in the order given).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Normalize {
     /// Lowercase (Unicode).
@@ -237,8 +240,44 @@ pub enum Normalize {
     Strip,
 }
 
+/// `input.format` as written: `auto` picks by the file's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FormatChoice {
+    /// By extension (.jsonl/.json/.ndjson, .parquet/.pq).
+    Auto,
+    /// One JSON object per line.
+    Jsonl,
+    /// Apache Parquet.
+    Parquet,
+}
+
+/// `engine.gptq_kernel` as written (`auto` takes `engine.gptq_fused_max_m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GptqKernel {
+    /// The fused kernel up to `gptq_fused_max_m` tokens, cuBLAS above.
+    Auto,
+    /// The fused kernel at every M (batch-invariant).
+    Fused,
+    /// Dequantize per product, then cuBLAS.
+    Dequant,
+    /// cuBLAS on f16 weights kept from load.
+    Resident,
+}
+
+/// `scoring.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoringMode {
+    /// Generate completions (scored against references when metrics are set).
+    Generate,
+    /// Score the continuation column; generate nothing.
+    Loglikelihood,
+}
+
 /// A per-record metric.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
     /// Normalised completion equals normalised reference.

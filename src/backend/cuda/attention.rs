@@ -17,7 +17,7 @@ pub struct CudaKv {
 }
 
 /// Index tensors of one forward, shared by every layer.
-pub(crate) struct GpuBatch {
+pub struct GpuBatch {
     /// Cache row of every token [T].
     slots: Tensor,
     /// Single-token chunks, batched for the decode kernel.

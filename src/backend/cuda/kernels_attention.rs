@@ -1,7 +1,7 @@
 //! Launch wrappers of `kernels/attention.cu`: the cache write, paged decode
 //! attention and flash prefill over the paged cache.
 
-use super::{check_f16, cuda, device_of, empty, grid, launch, ptr, Arg, ATTENTION};
+use super::{check_f16, device_of, empty, grid, launch, ptr, zeros, Arg, ATTENTION};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{DType, Device, Tensor};

@@ -17,7 +17,7 @@ pub use kernels_attention::{
 pub use gptq::{GptqGpu, STAGE_MAX_M};
 
 use crate::{Error, Result};
-use candle_core::cuda_backend::cudarc::driver::{sys, DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Shape, Storage, Tensor};
