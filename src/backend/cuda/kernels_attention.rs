@@ -193,7 +193,7 @@ pub fn flash_prefill(
     check_f16(q, "flash_prefill")?;
     if !crate::backend::HEAD_DIMS.contains(&s.head_dim)
         || s.kv_heads == 0
-        || s.heads % s.kv_heads != 0
+        || !s.heads.is_multiple_of(s.kv_heads)
     {
         return Err(Error::Model(format!(
             "flash_prefill: head_dim {} (16/32/64/128) with {} heads over {} kv heads is not supported",
