@@ -66,11 +66,11 @@ impl<'a> Intake<'a> {
             };
             let (rec, tokens) = item?;
             match tokens {
-                Err(msg) => {
-                    tracing::warn!(record = %rec.id, "{msg}");
+                Err(err) => {
+                    tracing::warn!(record = %rec.id, "{err}");
                     pipe.sum.errors += 1;
                     pipe.sum.records += 1;
-                    sink.push(error_row(&rec, msg, pipe.elapsed_ms(), self.defaults))?;
+                    sink.push(error_row(&rec, &err, pipe.elapsed_ms(), self.defaults))?;
                 }
                 Ok(t) => {
                     let (params, reference) = match rec.body {

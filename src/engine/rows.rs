@@ -2,7 +2,7 @@
 //! becomes its output row.
 
 use crate::config::GenerationParams;
-use crate::input::InputRecord;
+use crate::input::{InputRecord, RecordError};
 use crate::output::{FinishReason, OutputRow, RowStatus};
 use crate::prompt::Decoder;
 use crate::scheduler::{RecordRef, Request};
@@ -59,7 +59,7 @@ impl RowBuilder<'_> {
 /// The row of a record that could not run.
 pub fn error_row(
     rec: &InputRecord,
-    msg: String,
+    err: &RecordError,
     queue_ms: f64,
     defaults: &GenerationParams,
 ) -> OutputRow {
@@ -70,7 +70,7 @@ pub fn error_row(
         reference: rec.body.as_ref().ok().and_then(|b| b.reference.clone()),
     };
     let mut row = base_row(&record, params);
-    row.error = Some(msg);
+    row.error = Some(err.to_string());
     row.queue_ms = queue_ms;
     row
 }

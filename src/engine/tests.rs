@@ -308,7 +308,11 @@ fn eos_gives_stop_unless_ignored_and_length_caps_the_rest() {
 fn records_that_cannot_run_become_error_rows_and_the_rest_run() {
     let ps = prompts(3, 4);
     let mut items = gen_items(&ps, &params(3));
-    items[1].1 = Err("record r1: prompt has 9 tokens, max_prompt_tokens is 4".into());
+    items[1].1 = Err(crate::input::RecordError::PromptTooLong {
+        record: "r1".into(),
+        tokens: 9,
+        limit: 4,
+    });
     let (rows, sum) = run(
         items,
         sched_cfg(64, 4, 64),

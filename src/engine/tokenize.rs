@@ -1,7 +1,7 @@
 //! Records to token ids: the chat template, the length checks, and the
 //! continuation of a scoring record. Runs on the reader thread.
 
-use crate::input::{InputRecord, PromptInput};
+use crate::input::{InputRecord, PromptInput, RecordError};
 use crate::prompt::Prompter;
 
 /// A record's tokens, ready to become a request.
@@ -14,7 +14,7 @@ pub struct Tokenized {
 }
 
 /// A record read and tokenized ahead of the step loop, or why it cannot run.
-pub type Prepared = (InputRecord, std::result::Result<Tokenized, String>);
+pub type Prepared = (InputRecord, std::result::Result<Tokenized, RecordError>);
 
 /// Tokenizes records for one job.
 pub struct Tokenizer<'a> {
@@ -35,7 +35,7 @@ pub struct Tokenizer<'a> {
 impl Tokenizer<'_> {
     /// The record's tokens, checked against the prompt limit, the context
     /// and the cache.
-    pub fn prepare(&self, rec: &InputRecord) -> std::result::Result<Tokenized, String> {
+    pub fn prepare(&self, rec: &InputRecord) -> std::result::Result<Tokenized, RecordError> {
         let t = if self.score {
             self.continuation_tokens(rec)?
         } else {
@@ -47,12 +47,11 @@ impl Tokenizer<'_> {
         };
         let need = if self.score {
             if t.tokens.len() > self.ctx {
-                return Err(format!(
-                    "record {}: prompt + continuation has {} tokens, the context is {}",
-                    rec.id,
-                    t.tokens.len(),
-                    self.ctx
-                ));
+                return Err(RecordError::ContextTooShort {
+                    record: rec.id.clone(),
+                    tokens: t.tokens.len(),
+                    context: self.ctx,
+                });
             }
             t.tokens.len()
         } else {
@@ -64,19 +63,23 @@ impl Tokenizer<'_> {
             t.prompt_len + params.max_new_tokens.min(self.ctx - t.prompt_len)
         };
         if need > self.capacity {
-            return Err(format!(
-                "record {}: prompt ({}) + {} needs {need} cache tokens, the KV cache holds {} (engine.num_blocks x engine.block_size)",
-                rec.id,
-                t.prompt_len,
-                if self.score { "continuation" } else { "max_new_tokens" },
-                self.capacity
-            ));
+            return Err(RecordError::CacheTooSmall {
+                record: rec.id.clone(),
+                prompt: t.prompt_len,
+                what: if self.score {
+                    "continuation"
+                } else {
+                    "max_new_tokens"
+                },
+                need,
+                capacity: self.capacity,
+            });
         }
         Ok(t)
     }
 
     /// A record's prompt through the chat template.
-    fn render(&self, rec: &InputRecord) -> std::result::Result<String, String> {
+    fn render(&self, rec: &InputRecord) -> std::result::Result<String, RecordError> {
         let body = rec.body.as_ref().map_err(|e| e.clone())?;
         let messages = match &body.prompt {
             PromptInput::Messages(m) => m.clone(),
@@ -86,11 +89,11 @@ impl Tokenizer<'_> {
         };
         self.prompter
             .render(&messages)
-            .map_err(|e| format!("record {}: {e}", rec.id))
+            .map_err(|e| prompt_error(rec, e))
     }
 
     /// Renders and tokenizes a record's prompt, checking its length.
-    fn prompt_tokens(&self, rec: &InputRecord) -> std::result::Result<Vec<u32>, String> {
+    fn prompt_tokens(&self, rec: &InputRecord) -> std::result::Result<Vec<u32>, RecordError> {
         let text = self.render(rec)?;
         self.encode_prompt(rec, &text)
     }
@@ -99,18 +102,17 @@ impl Tokenizer<'_> {
         &self,
         rec: &InputRecord,
         text: &str,
-    ) -> std::result::Result<Vec<u32>, String> {
+    ) -> std::result::Result<Vec<u32>, RecordError> {
         let ids = self
             .prompter
             .encode(text)
-            .map_err(|e| format!("record {}: {e}", rec.id))?;
+            .map_err(|e| prompt_error(rec, e))?;
         if ids.len() > self.max_prompt_tokens {
-            return Err(format!(
-                "record {}: prompt has {} tokens, max_prompt_tokens is {}",
-                rec.id,
-                ids.len(),
-                self.max_prompt_tokens
-            ));
+            return Err(RecordError::PromptTooLong {
+                record: rec.id.clone(),
+                tokens: ids.len(),
+                limit: self.max_prompt_tokens,
+            });
         }
         Ok(ids)
     }
@@ -118,32 +120,43 @@ impl Tokenizer<'_> {
     /// Prompt + continuation tokens: the continuation's tokens are those
     /// that encoding prompt + continuation adds after the prompt's own
     /// encoding.
-    fn continuation_tokens(&self, rec: &InputRecord) -> std::result::Result<Tokenized, String> {
+    fn continuation_tokens(
+        &self,
+        rec: &InputRecord,
+    ) -> std::result::Result<Tokenized, RecordError> {
         let body = rec.body.as_ref().map_err(|e| e.clone())?;
+        let problem = |p: &str| RecordError::Continuation {
+            record: rec.id.clone(),
+            problem: p.to_string(),
+        };
         let cont = body.continuation.as_deref().ok_or_else(|| {
-            format!(
-                "record {}: the continuation is missing or null, expected a string (scoring.mode = loglikelihood)",
-                rec.id
-            )
+            problem("the continuation is missing or null, expected a string (scoring.mode = loglikelihood)")
         })?;
         if cont.is_empty() {
-            return Err(format!("record {}: the continuation is empty", rec.id));
+            return Err(problem("the continuation is empty"));
         }
         let text = self.render(rec)?;
         let prompt = self.encode_prompt(rec, &text)?;
         let all = self
             .prompter
             .encode(&format!("{text}{cont}"))
-            .map_err(|e| format!("record {}: {e}", rec.id))?;
+            .map_err(|e| prompt_error(rec, e))?;
         if all.len() <= prompt.len() || all[..prompt.len()] != prompt[..] {
-            return Err(format!(
-                "record {}: the continuation does not tokenize as an extension of the prompt",
-                rec.id
+            return Err(problem(
+                "the continuation does not tokenize as an extension of the prompt",
             ));
         }
         Ok(Tokenized {
             prompt_len: prompt.len(),
             tokens: all,
         })
+    }
+}
+
+/// A template or tokenizer failure on a record.
+fn prompt_error(rec: &InputRecord, e: crate::Error) -> RecordError {
+    RecordError::Prompt {
+        record: rec.id.clone(),
+        message: e.to_string(),
     }
 }

@@ -54,7 +54,7 @@ impl Iterator for JsonlSource {
                 Some(Ok(InputRecord {
                     row,
                     id: row.to_string(),
-                    body: Err(msg),
+                    body: Err(super::RecordError::Unreadable(msg)),
                 }))
             };
             let text = match std::str::from_utf8(&self.buf) {

@@ -2,6 +2,9 @@
 //! an [`InputRecord`]; a row that cannot be used carries its error (and
 //! becomes an error row in the output) instead of stopping the job.
 
+mod record_error;
+
+pub use record_error::RecordError;
 mod jsonl;
 mod parquet;
 
@@ -48,7 +51,7 @@ pub struct InputRecord {
     /// Record id (from the id column, else the row number).
     pub id: String,
     /// The record, or why it cannot be run.
-    pub body: std::result::Result<RecordBody, String>,
+    pub body: std::result::Result<RecordBody, RecordError>,
 }
 
 /// Per-record override columns, named as the `[generation]` keys.
@@ -115,10 +118,10 @@ impl RecordBuilder {
     pub fn build(&self, row: u64, obj: &Map<String, Value>) -> InputRecord {
         let (id, body) = match self.id_of(row, obj) {
             Ok(id) => {
-                let body = self.body(&id, obj);
+                let body = self.body(&id, obj).map_err(RecordError::Field);
                 (id, body)
             }
-            Err(e) => (row.to_string(), Err(e)),
+            Err(e) => (row.to_string(), Err(RecordError::Field(e))),
         };
         InputRecord { row, id, body }
     }

@@ -82,6 +82,7 @@ proptest! {
             let r = r.expect("no job-level error on readable files");
             prop_assert_eq!(r.row, i as u64);
             if let Err(e) = &r.body {
+                let e = e.to_string();
                 prop_assert!(e.starts_with("record "), "error rows name the record: {}", e);
             }
         }
@@ -118,6 +119,7 @@ proptest! {
             let r = r.expect("no job-level error on readable files");
             prop_assert_eq!(r.row, i as u64);
             if let Err(e) = &r.body {
+                let e = e.to_string();
                 prop_assert!(e.starts_with("record "), "error rows name the record: {}", e);
             }
         }
@@ -149,7 +151,7 @@ fn non_finite_override_cells_become_error_rows() {
         .map(|r| r.unwrap())
         .collect();
     for (r, what) in recs[..2].iter().zip(["NaN", "inf"]) {
-        let e = r.body.as_ref().unwrap_err();
+        let e = r.body.as_ref().unwrap_err().to_string();
         assert!(
             e.contains("`temperature` is a non-finite float") && e.contains(what),
             "{e}"
