@@ -16,14 +16,8 @@ fn setup(prefix_caching: bool) -> Scheduler {
     });
     let params = GenerationParams {
         max_new_tokens: 128,
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: 0,
-        repetition_penalty: 1.0,
-        seed: 0,
-        stop: vec![],
-        system_prompt: String::new(),
         ignore_eos: true,
+        ..Default::default()
     };
     for i in 0..10_000u64 {
         // A shared 64-token prefix, then 64..320 tokens of the record's own.

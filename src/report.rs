@@ -217,7 +217,7 @@ pub fn build(out: &Path) -> Result<(SweepInfo, Vec<VariantReport>)> {
                 })
                 .collect(),
             output_tok_s: metrics.as_ref().map(|m| m.output_tok_s),
-            peak_gpu_gib: last.map(|r| r.peak_device_bytes as f64 / (1u64 << 30) as f64),
+            peak_gpu_gib: last.map(|r| r.summary.peak_device_bytes as f64 / (1u64 << 30) as f64),
             load_s: last.map(|r| r.load_s),
             compared,
             agreement: (base.is_some() && compared > 0).then(|| same as f64 / compared as f64),

@@ -3,6 +3,7 @@
 //! are uninhabited) and its functions fail naming the missing feature; no
 //! CUDA device exists in such a build, so the model never reaches them.
 
+use super::KvShape;
 use crate::kv::BlockId;
 use crate::quant::{GptqMode, RandomGptq, TiledGptq};
 use crate::{Error, Result};
@@ -111,22 +112,6 @@ impl GptqGpu {
     }
 }
 
-/// Sizes of a GPU cache.
-pub struct CudaKvShape {
-    /// Layers.
-    pub layers: usize,
-    /// Blocks.
-    pub num_blocks: usize,
-    /// Tokens per block.
-    pub block_size: usize,
-    /// Query heads.
-    pub heads: usize,
-    /// KV heads.
-    pub kv_heads: usize,
-    /// Head dimension.
-    pub head_dim: usize,
-}
-
 /// The paged cache on the GPU: cannot exist in this build.
 #[derive(Debug)]
 pub enum CudaKv {}
@@ -136,7 +121,7 @@ pub enum GpuBatch {}
 
 impl CudaKv {
     /// Zeroed storage: not in this build.
-    pub fn new(_s: &CudaKvShape, _dev: &Device) -> Result<Self> {
+    pub fn new(_s: &KvShape, _dev: &Device) -> Result<Self> {
         off()
     }
 

@@ -79,15 +79,7 @@ impl Ops for CudaOps {
     }
 
     fn new_cache(&self, s: &KvShape, dev: &Device) -> Result<PagedKvCache> {
-        let shape = cuda::CudaKvShape {
-            layers: s.layers,
-            num_blocks: s.num_blocks,
-            block_size: s.block_size,
-            heads: s.heads,
-            kv_heads: s.kv_heads,
-            head_dim: s.head_dim,
-        };
-        Ok(PagedKvCache::Cuda(cuda::CudaKv::new(&shape, dev)?))
+        Ok(PagedKvCache::Cuda(cuda::CudaKv::new(s, dev)?))
     }
 
     fn gptq(&self, g: &GptqWeight, at: &LayerTarget<'_>) -> Result<LinearWeight> {

@@ -122,6 +122,24 @@ pub struct GenerationParams {
     pub ignore_eos: bool,
 }
 
+impl Default for GenerationParams {
+    /// `configs/default.toml`'s `[generation]`: greedy, 256 tokens, no
+    /// stop strings (tests and benches start from it).
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 256,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+            system_prompt: String::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
 impl GenerationParams {
     /// Checks ranges; `what` names the source (job field or record) in messages.
     pub fn validate(&self, what: &str) -> std::result::Result<(), String> {

@@ -35,8 +35,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
-/// Figures of a finished job.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Figures of a finished run (written into `_metrics.json` as `last_run`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct JobSummary {
     /// Rows written.
     pub records: usize,

@@ -90,14 +90,7 @@ impl ModelRunner for FakeRunner {
 fn params(max_new_tokens: usize) -> GenerationParams {
     GenerationParams {
         max_new_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: 0,
-        repetition_penalty: 1.0,
-        seed: 0,
-        stop: vec![],
-        system_prompt: String::new(),
-        ignore_eos: false,
+        ..Default::default()
     }
 }
 

@@ -42,31 +42,12 @@ pub struct Metrics {
     pub last_run: Option<LastRun>,
 }
 
-/// Figures of one run.
+/// Figures of one run: the engine's summary and the model's load time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LastRun {
-    /// Rows written by this run.
-    pub records: usize,
-    /// Of which ok.
-    pub ok: usize,
-    /// Of which errors.
-    pub errors: usize,
-    /// Prompt tokens of its ok rows.
-    pub prompt_tokens: usize,
-    /// Tokens it generated.
-    pub completion_tokens: usize,
-    /// Forward passes.
-    pub steps: usize,
-    /// Its generation wall time.
-    pub wall_s: f64,
-    /// Prompt tokens served from the prefix cache.
-    pub prefix_hit_tokens: usize,
-    /// Preemptions by recompute.
-    pub preemptions: usize,
-    /// Stopped by a signal.
-    pub interrupted: bool,
-    /// Most device memory its tensors took (0 on the CPU).
-    pub peak_device_bytes: usize,
+    /// What the engine counted.
+    #[serde(flatten)]
+    pub summary: JobSummary,
     /// Model load time.
     pub load_s: f64,
 }
@@ -88,17 +69,7 @@ impl Metrics {
             output_tok_s: completion as f64 / m.wall_s.max(1e-9),
             updated_unix: m.updated_unix,
             last_run: run.map(|(s, load_s)| LastRun {
-                records: s.records,
-                ok: s.ok,
-                errors: s.errors,
-                prompt_tokens: s.prompt_tokens,
-                completion_tokens: s.completion_tokens,
-                steps: s.steps,
-                wall_s: s.wall_s,
-                prefix_hit_tokens: s.prefix_hit_tokens,
-                preemptions: s.preemptions,
-                interrupted: s.interrupted,
-                peak_device_bytes: s.peak_device_bytes,
+                summary: s.clone(),
                 load_s,
             }),
         }

@@ -340,14 +340,7 @@ mod tests {
     fn bare(prompt: Vec<u32>) -> Request {
         let params = crate::config::GenerationParams {
             max_new_tokens: 1,
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            repetition_penalty: 1.0,
-            seed: 0,
-            stop: vec![],
-            system_prompt: String::new(),
-            ignore_eos: false,
+            ..Default::default()
         };
         Request::generate(RecordRef::default(), prompt, params)
     }

@@ -195,14 +195,7 @@ mod tests {
     fn params() -> GenerationParams {
         GenerationParams {
             max_new_tokens: 4,
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            repetition_penalty: 1.0,
-            seed: 0,
-            stop: vec![],
-            system_prompt: String::new(),
-            ignore_eos: false,
+            ..Default::default()
         }
     }
 

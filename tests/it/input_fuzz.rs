@@ -23,14 +23,7 @@ fn spec(path: &std::path::Path, format: InputFormat) -> InputSpec {
 fn defaults() -> GenerationParams {
     GenerationParams {
         max_new_tokens: 8,
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: 0,
-        repetition_penalty: 1.0,
-        seed: 0,
-        stop: vec![],
-        system_prompt: String::new(),
-        ignore_eos: false,
+        ..Default::default()
     }
 }
 

@@ -3,6 +3,7 @@
 //! prefill kernel for every longer chunk (head dims 16, 32, 64, 128).
 
 use super::{self as cuda, DecodeShape, PrefillChunk, PrefillShape};
+use crate::backend::KvShape;
 use crate::kv::BlockId;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -40,25 +41,9 @@ struct Decode {
     max_keys: usize,
 }
 
-/// Sizes of the cache.
-pub struct CudaKvShape {
-    /// Layers.
-    pub layers: usize,
-    /// Blocks.
-    pub num_blocks: usize,
-    /// Tokens per block.
-    pub block_size: usize,
-    /// Query heads.
-    pub heads: usize,
-    /// KV heads.
-    pub kv_heads: usize,
-    /// Head dimension.
-    pub head_dim: usize,
-}
-
 impl CudaKv {
     /// Zeroed f16 storage.
-    pub fn new(s: &CudaKvShape, dev: &Device) -> Result<Self> {
+    pub fn new(s: &KvShape, dev: &Device) -> Result<Self> {
         // The attention kernels are built for these head dims (Mistral-7B: 128).
         if !crate::backend::HEAD_DIMS.contains(&s.head_dim) {
             return Err(crate::Error::Model(format!(

@@ -7,7 +7,7 @@ mod device;
 mod gptq;
 mod kernels_attention;
 
-pub use attention::{CudaKv, CudaKvShape, GpuBatch};
+pub use attention::{CudaKv, GpuBatch};
 pub use device::{device_count, mem_info, memory_usage, reset_memory_peak, single_stream_device};
 pub use kernels_attention::{
     flash_prefill, kv_write, paged_decode, prefill_tiles, DecodeShape, PrefillChunk, PrefillShape,
