@@ -94,3 +94,51 @@ impl Metrics {
             .map_err(|e| Error::Output(format!("{}: unreadable metrics ({e})", p.display())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An unreadable metrics file is an error naming it, never zeros
+    /// (engine v2 issue, item 8); a missing one is `None`.
+    #[test]
+    fn unreadable_metrics_are_an_error_not_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Metrics::read(dir.path()).unwrap(), None);
+        std::fs::write(dir.path().join(METRICS), "{\"state\": \"finished\"").unwrap();
+        let e = Metrics::read(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("_metrics.json") && e.contains("unreadable"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn metrics_round_trip_with_the_last_run() {
+        let m = Metrics {
+            state: JobState::Finished,
+            total_records: 3,
+            records_written: 3,
+            ok: 2,
+            errors: 1,
+            prompt_tokens: 30,
+            completion_tokens: 12,
+            parts: 1,
+            wall_s: 2.0,
+            output_tok_s: 6.0,
+            updated_unix: 1,
+            last_run: Some(LastRun {
+                summary: JobSummary {
+                    records: 3,
+                    steps: 7,
+                    peak_device_bytes: 1 << 30,
+                    ..Default::default()
+                },
+                load_s: 0.5,
+            }),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        m.write(dir.path()).unwrap();
+        assert_eq!(Metrics::read(dir.path()).unwrap(), Some(m));
+    }
+}
