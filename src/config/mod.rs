@@ -45,13 +45,9 @@ pub fn load(job_file: &Path, overrides: &Overrides) -> Result<JobSpec> {
     // Environment is given explicitly (not read here): replay it through a
     // TOML document so figment's metadata names the variable.
     for (name, value) in &overrides.env {
-        let Some(rest) = name.strip_prefix("RUNNER_") else {
-            continue;
+        let Some(key) = config_key(name) else {
+            continue; // RUNNER_OS, RUNNER_TEMP, ... (CI systems set those)
         };
-        if rest.eq_ignore_ascii_case("log") {
-            continue;
-        }
-        let key = rest.to_ascii_lowercase().replace("__", ".");
         fig = fig.merge(named(
             &set_as_toml(&key, value),
             &format!("environment variable {name}"),
@@ -70,6 +66,20 @@ pub fn load(job_file: &Path, overrides: &Overrides) -> Result<JobSpec> {
     }
     let raw: RawJob = fig.extract().map_err(figment_error)?;
     raw.resolve(job_file)
+}
+
+/// The config key of an environment variable: only the config's shape,
+/// `RUNNER_<SECTION>__<KEY>`, is config (`RUNNER_ENGINE__DEVICE` ->
+/// `engine.device`); other `RUNNER_*` names (GitHub Actions sets
+/// `RUNNER_OS`, `RUNNER_TEMP`, ...) are not ours and are ignored. A
+/// variable of that shape naming an unknown key is still an error.
+fn config_key(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("RUNNER_")?;
+    let (section, key) = rest.split_once("__")?;
+    if section.is_empty() || key.is_empty() {
+        return None;
+    }
+    Some(format!("{section}.{key}").to_ascii_lowercase())
 }
 
 /// A TOML string provider whose metadata names where it came from, so that
@@ -142,6 +152,23 @@ fn figment_error(err: figment::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_section_key_variables_are_config() {
+        assert_eq!(
+            config_key("RUNNER_ENGINE__DEVICE").as_deref(),
+            Some("engine.device")
+        );
+        for other in [
+            "RUNNER_OS",
+            "RUNNER_TEMP",
+            "RUNNER_LOG",
+            "RUNNER__X",
+            "RUNNER_A__",
+        ] {
+            assert_eq!(config_key(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn set_values_keep_their_toml_type() {

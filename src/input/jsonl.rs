@@ -50,10 +50,12 @@ impl Iterator for JsonlSource {
             }
             let row = self.row;
             self.row += 1;
+            // An unreadable line has no id of its own: `#line-N` (reserved,
+            // README) never collides with a real id, whatever the ids are.
             let fail = |msg: String| {
                 Some(Ok(InputRecord {
                     row,
-                    id: row.to_string(),
+                    id: format!("#line-{line}"),
                     body: Err(super::RecordError::Unreadable(msg)),
                 }))
             };

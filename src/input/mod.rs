@@ -121,7 +121,8 @@ impl RecordBuilder {
                 let body = self.body(&id, obj).map_err(RecordError::Field);
                 (id, body)
             }
-            Err(e) => (row.to_string(), Err(RecordError::Field(e))),
+            // No usable id: `#row-N` (reserved, README) never collides.
+            Err(e) => (format!("#row-{row}"), Err(RecordError::Field(e))),
         };
         InputRecord { row, id, body }
     }

@@ -259,3 +259,36 @@ fn environment_overrides_name_the_variable() {
         "default from configs/default.toml"
     );
 }
+
+/// Regression (new-user issue, item 2): GitHub Actions sets `RUNNER_OS`,
+/// `RUNNER_ARCH`, `RUNNER_TEMP` and more on every job; they are not config.
+/// A `RUNNER_<SECTION>__<KEY>` naming an unknown key is still an error.
+#[test]
+fn github_actions_runner_variables_are_not_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    with_prompts(tmp.path());
+    let job = write_job(tmp.path(), &fixtures().join(ALL_MODELS[1]), "p.jsonl", "");
+    let actions = [
+        ("RUNNER_OS", "Linux"),
+        ("RUNNER_ARCH", "X64"),
+        ("RUNNER_NAME", "GitHub Actions 2"),
+        ("RUNNER_ENVIRONMENT", "github-hosted"),
+        ("RUNNER_TEMP", "/home/runner/work/_temp"),
+        ("RUNNER_TOOL_CACHE", "/opt/hostedtoolcache"),
+        ("RUNNER_DEBUG", "1"),
+        ("RUNNER_WORKSPACE", "/home/runner/work/runner"),
+        ("RUNNER_TRACKING_ID", "github_0b1c2d3e"),
+        ("RUNNER_PERFLOG", "/home/runner/perflog"),
+    ];
+    let run = runner(tmp.path(), &["validate", job.to_str().unwrap()], &actions);
+    assert!(run.ok, "{}", run.stderr);
+    let mut with_typo = actions.to_vec();
+    with_typo.push(("RUNNER_ENGINE__TURBO", "1"));
+    let run = runner(tmp.path(), &["validate", job.to_str().unwrap()], &with_typo);
+    let line = error_line(&run);
+    assert!(
+        line.contains("turbo") && line.contains("RUNNER_ENGINE__TURBO"),
+        "{line}"
+    );
+    assert_eq!(run.code, Some(2));
+}

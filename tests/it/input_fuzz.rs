@@ -154,3 +154,29 @@ fn non_finite_override_cells_become_error_rows() {
     assert_eq!(recs[2].body.as_ref().unwrap().params.temperature, 0.0);
     assert_eq!(recs[3].body.as_ref().unwrap().params.temperature, 0.5);
 }
+
+/// Regression (new-user issue, item 4): a malformed line among small
+/// integer ids once took its row number as its id and collided with a real
+/// id (`duplicate record id 2`); its error row is `#line-N` now.
+#[test]
+fn a_malformed_line_never_collides_with_integer_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("in.jsonl");
+    std::fs::write(
+        &p,
+        "{\"id\": 0, \"prompt\": \"a\"}\n{\"id\": 1, \"prompt\": \"b\"}\n{not json\n{\"id\": 2, \"prompt\": \"c\"}\n",
+    )
+    .unwrap();
+    let recs: Vec<_> = runner::input::open(&spec(&p, InputFormat::Jsonl), &defaults())
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    let ids: Vec<&str> = recs.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["0", "1", "#line-3", "2"]);
+    assert!(recs[2]
+        .body
+        .as_ref()
+        .unwrap_err()
+        .to_string()
+        .contains("line 3"));
+}
