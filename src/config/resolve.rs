@@ -37,6 +37,13 @@ impl RawJob {
     /// Validates every field and resolves paths and `auto` values.
     pub fn resolve(self, job_file: &Path) -> Result<JobSpec> {
         let dtype = self.model.dtype;
+        if dtype == DType::Bf16 {
+            // Refused before any model work: candle's CPU backend has no bf16
+            // matmul and our CUDA kernels run f16.
+            return Err(Error::Config(
+                "model.dtype is bf16, which no backend runs: the CPU has no bf16 matmul and the CUDA kernels run f16; use f16 (GPU or CPU) or f32 (CPU)".into(),
+            ));
+        }
         let load_format = self.model.load_format;
         let id = self.model.id.original().display().to_string();
         let rel = self.model.id.relative();

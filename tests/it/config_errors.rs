@@ -292,3 +292,30 @@ fn github_actions_runner_variables_are_not_config() {
     );
     assert_eq!(run.code, Some(2));
 }
+
+/// Regression (new-user issue, item 1): bf16 passed `validate` and then
+/// died after loading (`unsupported dtype BF16 for op matmul`). It is
+/// refused before any model work, by `validate` and `submit` alike.
+#[test]
+fn bf16_is_refused_before_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    with_prompts(tmp.path());
+    let job = write_job(tmp.path(), &fixtures().join(ALL_MODELS[1]), "p.jsonl", "");
+    for verb in ["validate", "submit"] {
+        let run = runner(
+            tmp.path(),
+            &[verb, job.to_str().unwrap(), "--set", "model.dtype=bf16"],
+            &[],
+        );
+        let line = error_line(&run);
+        assert!(
+            line.contains("model.dtype is bf16") && line.contains("f16"),
+            "{verb}: {line}"
+        );
+        assert_eq!(run.code, Some(2), "{verb}");
+        assert!(
+            !run.stderr.contains("model loaded"),
+            "{verb}: refused before loading"
+        );
+    }
+}
