@@ -24,10 +24,7 @@ pub fn merge(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
             "merging an unfinished job: the file holds only the rows written so far"
         );
     }
-    let mut batches: Vec<RecordBatch> = Vec::new();
-    for p in crate::output::existing_parts(dir)? {
-        batches.extend(crate::output::read_part(&p)?);
-    }
+    let batches = read_parts(dir)?;
     let first = batches
         .first()
         .ok_or_else(|| Error::Output(format!("{} holds no rows yet", dir.display())))?;
@@ -49,15 +46,7 @@ pub fn merge(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(arrow_err)?;
     let sorted = RecordBatch::try_new(schema.clone(), cols).map_err(arrow_err)?;
-    let dst = match into {
-        Some(p) => p.to_path_buf(),
-        None => {
-            let name = dir
-                .file_name()
-                .map_or("output".into(), |n| n.to_string_lossy().into_owned());
-            dir.with_file_name(format!("{name}.parquet"))
-        }
-    };
+    let dst = merged_path(dir, into)?;
     let parent = dst
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -74,5 +63,63 @@ pub fn merge(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
     w.close().map_err(pq_err)?;
     write_atomic(parent, &fname, &buf)?;
     tracing::info!(rows = sorted.num_rows(), file = %dst.display(), "merged");
+    Ok(dst)
+}
+
+/// Every part's batches; parts whose schemas differ (a job resumed with
+/// other output settings) are refused, naming both, rather than merged
+/// into a file that drops columns.
+fn read_parts(dir: &Path) -> Result<Vec<RecordBatch>> {
+    let mut batches: Vec<RecordBatch> = Vec::new();
+    let mut first: Option<(PathBuf, arrow::datatypes::SchemaRef)> = None;
+    for p in crate::output::existing_parts(dir)? {
+        let part = crate::output::read_part(&p)?;
+        for b in &part {
+            match &first {
+                None => first = Some((p.clone(), b.schema())),
+                Some((f, schema)) if schema.fields() != b.schema().fields() => {
+                    return Err(Error::Output(format!(
+                        "{} and {} have different columns ({} vs {}): the job was resumed with other output or scoring settings; merge the parts separately or rerun with --restart",
+                        f.display(),
+                        p.display(),
+                        names(schema),
+                        names(&b.schema())
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        batches.extend(part);
+    }
+    Ok(batches)
+}
+
+fn names(schema: &arrow::datatypes::SchemaRef) -> String {
+    let n: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    n.join(", ")
+}
+
+/// Where the merged file goes: `into`, or `<dir>.parquet` beside the
+/// directory. Never inside the directory, whose readers would then see
+/// every row twice.
+fn merged_path(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
+    let dir = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+    let dst = match into {
+        Some(p) => std::path::absolute(p).map_err(|e| Error::io(p, e))?,
+        None => {
+            let name = dir
+                .file_name()
+                .map_or("output".into(), |n| n.to_string_lossy().into_owned());
+            dir.with_file_name(format!("{name}.parquet"))
+        }
+    };
+    let parent = dst.parent().and_then(|p| std::fs::canonicalize(p).ok());
+    if parent.is_some_and(|p| p.starts_with(&dir)) {
+        return Err(Error::Output(format!(
+            "--into {} is inside the output directory {}: readers of the directory would see its rows twice; write it elsewhere",
+            dst.display(),
+            dir.display()
+        )));
+    }
     Ok(dst)
 }

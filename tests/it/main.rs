@@ -8,6 +8,7 @@ mod config_errors;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod input_fuzz;
+mod merge;
 mod reference_logits;
 mod resume;
 mod submit_greedy;
