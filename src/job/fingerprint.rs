@@ -6,8 +6,9 @@ use crate::{Error, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-/// What identifies a job for resume: model, generation, input content and
-/// output schema (not engine settings, which do not change results' meaning).
+/// What identifies a job for resume: model, generation, input content,
+/// scoring and output schema: every setting that changes a row's columns or
+/// values (not engine settings, which do not change results' meaning).
 pub fn fingerprint(spec: &JobSpec) -> Result<BTreeMap<String, String>> {
     let mut fp = BTreeMap::new();
     let m = &spec.model;
@@ -37,6 +38,12 @@ pub fn fingerprint(spec: &JobSpec) -> Result<BTreeMap<String, String>> {
         "output.include_token_ids".into(),
         spec.output.include_token_ids.to_string(),
     );
+    let s = serde_json::to_value(&spec.scoring).expect("scoring serializes");
+    if let serde_json::Value::Object(o) = s {
+        for (k, v) in o {
+            fp.insert(format!("scoring.{k}"), v.to_string());
+        }
+    }
     Ok(fp)
 }
 

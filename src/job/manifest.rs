@@ -70,6 +70,19 @@ impl Manifest {
         )
     }
 
+    /// What differs from a new fingerprint, as `key: old -> new` lines.
+    /// Keys this manifest does not record (added to the fingerprint by a
+    /// later version) are not compared, so an output written by an older
+    /// version still resumes.
+    pub fn changes_known(&self, new: &BTreeMap<String, String>) -> Vec<String> {
+        let known: BTreeMap<String, String> = new
+            .iter()
+            .filter(|(k, _)| self.fingerprint.contains_key(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.changes(&known)
+    }
+
     /// What differs from another fingerprint, as `key: old -> new` lines.
     pub fn changes(&self, new: &BTreeMap<String, String>) -> Vec<String> {
         let keys: std::collections::BTreeSet<&String> =

@@ -215,12 +215,14 @@ fn check_same_job(
         return Ok(());
     }
     match old {
-        Some(m) if m.job_hash != job_hash(fp) => Err(Error::Output(format!(
-            "output {} holds {} rows of a different job; changed: {}. Resume needs the same job; pass --restart to discard those rows and start over",
-            out.display(),
-            m.rows(),
-            m.changes(fp).join("; ")
-        ))),
+        Some(m) if m.job_hash != job_hash(fp) && !m.changes_known(fp).is_empty() => {
+            Err(Error::Output(format!(
+                "output {} holds {} rows of a different job; changed: {}. Resume needs the same job; pass --restart to discard those rows and start over",
+                out.display(),
+                m.rows(),
+                m.changes_known(fp).join("; ")
+            )))
+        }
         None => {
             let on_disk = crate::output::existing_parts(out)?;
             if on_disk.is_empty() {

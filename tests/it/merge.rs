@@ -1,6 +1,7 @@
-//! `runner merge`: where the merged file goes, and parts that differ.
+//! `runner merge` (where the merged file goes, parts that differ) and the
+//! job identity that keeps parts alike.
 
-use crate::common::{error_line, fixtures, runner, write_job, ALL_MODELS};
+use crate::common::{error_line, fixtures, rows, runner, write_job, ALL_MODELS};
 use std::path::Path;
 
 fn small_job(dir: &Path, out: &str, extra: &str) -> std::path::PathBuf {
@@ -80,4 +81,29 @@ fn merge_refuses_parts_with_different_columns() {
         line.contains("part-99999-other.parquet") && line.contains("different columns"),
         "{line}"
     );
+}
+
+/// Regression (new-user issue, item 5, identity): resuming with other
+/// `scoring.metrics` mixed schemas across parts. Scoring settings are part
+/// of the job now: such a resume is refused naming the key.
+#[test]
+fn scoring_settings_are_part_of_the_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = small_job(tmp.path(), "out", "");
+    let run = runner(tmp.path(), &["submit", job.to_str().unwrap()], &[]);
+    assert!(run.ok, "{}", run.stderr);
+    let other = ["--set", "scoring.metrics=[\"exact_match\"]"];
+    let mut args = vec!["submit", job.to_str().unwrap()];
+    args.extend(other);
+    let run = runner(tmp.path(), &args, &[]);
+    assert!(!run.ok);
+    let line = error_line(&run);
+    assert!(
+        line.contains("different job") && line.contains("scoring.metrics"),
+        "{line}"
+    );
+    args.push("--restart");
+    let run = runner(tmp.path(), &args, &[]);
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(rows(&tmp.path().join("out")).len(), 6);
 }
