@@ -96,6 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Submit { job, set, restart } => {
             submit::submit(&load_job(&job, set)?, &hub_settings(), restart)
+                .map_err(submit::with_resume_hint)
         }
         Command::Status { output } => submit::status(&output),
         Command::Report { output } => Ok(crate::job::sweep::write_report(&output)?),

@@ -21,6 +21,33 @@ pub fn submit(spec: &JobSpec, hub: &HubSettings, restart: bool) -> anyhow::Resul
     )?)
 }
 
+/// An interrupted run's error, with the command that resumes it: this
+/// process's own arguments, `--set` flags included, shell-quoted.
+pub fn with_resume_hint(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast::<Error>() {
+        Ok(Error::Interrupted(msg)) => {
+            let args: Vec<String> = std::env::args().skip(1).map(|a| shell_quote(&a)).collect();
+            Error::Interrupted(format!(
+                "{msg}; resume with `runner {}` (the same job continues where it stopped)",
+                args.join(" ")
+            ))
+            .into()
+        }
+        Ok(other) => other.into(),
+        Err(e) => e,
+    }
+}
+
+/// A word as a POSIX shell reads it back.
+fn shell_quote(a: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./=:,@%+".contains(c);
+    if !a.is_empty() && a.chars().all(plain) {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
+    }
+}
+
 /// A progress bar on a terminal, else a log line every 10 seconds.
 #[derive(Default)]
 struct Progress {

@@ -270,12 +270,13 @@ fn finish(
     Metrics::new(&man, Some((sum, load_s))).write(out)?;
     log_summary(&man, sum, out);
     if sum.interrupted {
+        // The CLI adds how to resume (the command as it was given).
         return Err(Error::Interrupted(format!(
-            "stopped by a signal: {} of {} records are in {}; resume with `runner submit {}` (the same job continues where it stopped)",
+            "stopped by a signal: {} of {} records of {} are in {}",
             man.rows(),
             man.total_records,
+            spec.job_file.display(),
             out.display(),
-            spec.job_file.display()
         )));
     }
     Ok(())

@@ -380,3 +380,26 @@ fn a_second_signal_exits_at_once_and_the_output_still_resumes() {
     assert!(run.ok, "{}", run.stderr);
     assert_same_output(&out, &want);
 }
+
+/// Regression (new-user issue, item 8): the interrupt hint dropped the
+/// `--set` flags, so following it ran another job. It now repeats the
+/// command as given, flags included, shell-quoted.
+#[test]
+fn the_interrupt_hint_repeats_the_set_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let j = job(tmp.path(), "out");
+    let out = tmp.path().join("out");
+    let child = spawn_until_first_part(tmp.path(), &j, &out);
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let res = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    let hint = format!(
+        "resume with `runner submit {} --set model.dtype=f32`",
+        j.display()
+    );
+    assert!(stderr.contains(&hint), "want {hint} in:\n{stderr}");
+}
