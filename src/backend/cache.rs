@@ -21,6 +21,21 @@ pub struct SeqChunk<'a> {
     pub blocks: &'a [BlockId],
 }
 
+/// Block tables for sequences of `lens` tokens run from an empty cache of
+/// exactly their blocks: consecutive blocks, the first sequence's from 0
+/// (at least one block each). Reference forwards and the profiling forward.
+pub fn fresh_tables(lens: &[usize], block_size: usize) -> Vec<Vec<BlockId>> {
+    let mut next = 0u32;
+    lens.iter()
+        .map(|l| {
+            let n = l.div_ceil(block_size).max(1) as u32;
+            let t = (next..next + n).map(BlockId).collect();
+            next += n;
+            t
+        })
+        .collect()
+}
+
 /// Sizes of a paged cache.
 #[derive(Debug, Clone, Copy)]
 pub struct KvShape {

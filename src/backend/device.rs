@@ -61,14 +61,13 @@ fn cuda_device(n: usize) -> Result<candle_core::Device> {
 pub fn cache_blocks(model: &Mistral, spec: &JobSpec) -> Result<usize> {
     let e = &spec.engine;
     let per_block = model.kv_bytes_per_block(e.block_size);
-    let ctx = model.config().max_position_embeddings;
     let (num_blocks, budget_from) = match (e.num_blocks, e.kv_cache_mib) {
         (0, 0) => {
             let bytes = free_for_cache(model, spec)?;
             (bytes / per_block, "free memory")
         }
         (0, mib) => {
-            let want = e.max_num_seqs * ctx.min(8192).div_ceil(e.block_size);
+            let want = wanted_blocks(model, spec);
             (
                 want.min(mib * 1024 * 1024 / per_block),
                 "engine.kv_cache_mib",
@@ -103,10 +102,16 @@ fn free_for_cache(model: &Mistral, spec: &JobSpec) -> Result<usize> {
     let avail = available_ram()?;
     let bytes = (avail as f64 * CPU_CACHE_FRACTION) as usize;
     // On the CPU more than max_num_seqs full sequences would only hold RAM.
+    let per_block = model.kv_bytes_per_block(spec.engine.block_size);
+    Ok(bytes.min(wanted_blocks(model, spec) * per_block))
+}
+
+/// Blocks that `max_num_seqs` sequences of the full context (up to 8,192
+/// tokens) take.
+fn wanted_blocks(model: &Mistral, spec: &JobSpec) -> usize {
     let e = &spec.engine;
     let ctx = model.config().max_position_embeddings.min(8192);
-    let want = e.max_num_seqs * ctx.div_ceil(e.block_size) * model.kv_bytes_per_block(e.block_size);
-    Ok(bytes.min(want))
+    e.max_num_seqs * ctx.div_ceil(e.block_size)
 }
 
 /// `MemAvailable` of /proc/meminfo in bytes.
@@ -158,7 +163,6 @@ fn gib(b: usize) -> String {
 /// 1` single tokens, every sequence taking a logits row. Returns the bytes
 /// above what the weights and the forward's own scratch cache hold.
 fn profile_forward(model: &Mistral, spec: &JobSpec) -> Result<usize> {
-    use crate::kv::BlockId;
     use crate::model::{LogitRows, SeqChunk};
     let e = &spec.engine;
     let ctx = model.config().max_position_embeddings;
@@ -167,19 +171,9 @@ fn profile_forward(model: &Mistral, spec: &JobSpec) -> Result<usize> {
     let lens: Vec<usize> = std::iter::once(long)
         .chain(std::iter::repeat_n(1, seqs - 1))
         .collect();
-    let bs = e.block_size;
-    let per: Vec<usize> = lens.iter().map(|l| l.div_ceil(bs)).collect();
-    let mut cache = model.new_cache(per.iter().sum(), bs)?;
+    let tables = super::fresh_tables(&lens, e.block_size);
+    let mut cache = model.new_cache(tables.iter().map(Vec::len).sum(), e.block_size)?;
     let tokens: Vec<Vec<u32>> = lens.iter().map(|&l| vec![1u32; l]).collect();
-    let mut next = 0u32;
-    let tables: Vec<Vec<BlockId>> = per
-        .iter()
-        .map(|&n| {
-            let t = (next..next + n as u32).map(BlockId).collect();
-            next += n as u32;
-            t
-        })
-        .collect();
     let chunks: Vec<SeqChunk<'_>> = tokens
         .iter()
         .zip(&tables)

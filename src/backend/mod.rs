@@ -22,7 +22,7 @@ mod cpu;
 mod cuda_ops;
 pub mod device;
 
-pub use cache::{Batch, KvShape, PagedKvCache, SeqChunk};
+pub use cache::{fresh_tables, Batch, KvShape, PagedKvCache, SeqChunk};
 pub use cpu::{rope_tables, CpuKv, CpuOps};
 pub use cuda_ops::CudaOps;
 

@@ -110,16 +110,6 @@ fn record(i: usize, p: GenerationParams) -> InputRecord {
     }
 }
 
-fn sched_cfg(num_blocks: usize, max_num_seqs: usize, max_batch_tokens: usize) -> SchedulerConfig {
-    SchedulerConfig {
-        max_num_seqs,
-        max_batch_tokens,
-        num_blocks,
-        block_size: 4,
-        prefix_caching: true,
-    }
-}
-
 /// Runs prepared records through intake and steps; rows in write order
 /// and the pipeline's counters.
 fn run(
@@ -194,7 +184,7 @@ fn records_are_admitted_in_sorted_prompt_order_one_at_a_time() {
     let ps = vec![vec![5, 1, 2], vec![1, 2, 3], vec![3, 3, 3]];
     let (rows, _) = run(
         gen_items(&ps, &params(2)),
-        sched_cfg(64, 1, 64),
+        SchedulerConfig::tiny(64, 1, 64),
         &mut FakeRunner::default(),
         false,
     );
@@ -209,14 +199,14 @@ fn preemption_and_recompute_give_the_same_tokens_as_a_roomy_cache() {
     let p = params(12);
     let (roomy, s1) = run(
         gen_items(&ps, &p),
-        sched_cfg(200, 8, 1000),
+        SchedulerConfig::tiny(200, 8, 1000),
         &mut FakeRunner::default(),
         false,
     );
     let mut tight_runner = FakeRunner::default();
     let (tight, s2) = run(
         gen_items(&ps, &p),
-        sched_cfg(12, 4, 5),
+        SchedulerConfig::tiny(12, 4, 5),
         &mut tight_runner,
         false,
     );
@@ -253,7 +243,7 @@ fn a_stop_string_ends_the_completion_and_is_trimmed() {
     p.stop = vec![stop];
     let (rows, _) = run(
         gen_items(&ps, &p),
-        sched_cfg(64, 4, 64),
+        SchedulerConfig::tiny(64, 4, 64),
         &mut FakeRunner::default(),
         false,
     );
@@ -271,7 +261,7 @@ fn eos_gives_stop_unless_ignored_and_length_caps_the_rest() {
     };
     let (rows, _) = run(
         gen_items(&ps, &params(10)),
-        sched_cfg(64, 4, 64),
+        SchedulerConfig::tiny(64, 4, 64),
         &mut runner,
         false,
     );
@@ -288,7 +278,12 @@ fn eos_gives_stop_unless_ignored_and_length_caps_the_rest() {
         eos_after: Some(3),
         ..Default::default()
     };
-    let (rows, _) = run(gen_items(&ps, &p), sched_cfg(64, 4, 64), &mut runner, false);
+    let (rows, _) = run(
+        gen_items(&ps, &p),
+        SchedulerConfig::tiny(64, 4, 64),
+        &mut runner,
+        false,
+    );
     for r in &rows {
         assert_eq!(
             (r.finish_reason, r.completion_tokens),
@@ -308,7 +303,7 @@ fn records_that_cannot_run_become_error_rows_and_the_rest_run() {
     });
     let (rows, sum) = run(
         items,
-        sched_cfg(64, 4, 64),
+        SchedulerConfig::tiny(64, 4, 64),
         &mut FakeRunner::default(),
         false,
     );
@@ -354,9 +349,9 @@ fn score_requests_match_a_direct_computation_and_share_the_prefix_cache() {
         .map(|(_, t)| expected_score(&t.as_ref().unwrap().tokens, 9))
         .collect();
     for cfg in [
-        sched_cfg(64, 8, 64),
-        sched_cfg(64, 8, 5),
-        sched_cfg(8, 2, 7),
+        SchedulerConfig::tiny(64, 8, 64),
+        SchedulerConfig::tiny(64, 8, 5),
+        SchedulerConfig::tiny(8, 2, 7),
     ] {
         let (rows, sum) = run(items.clone(), cfg, &mut FakeRunner::default(), true);
         assert_eq!(rows.len(), 4);

@@ -50,14 +50,7 @@ impl Manifest {
 
     /// Reads `dir/_manifest.json`, `None` when absent.
     pub fn read(dir: &Path) -> Result<Option<Self>> {
-        let p = dir.join(MANIFEST);
-        if !p.exists() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::Output(format!("{}: unreadable manifest ({e})", p.display())))
+        read_json(&dir.join(MANIFEST), "manifest")
     }
 
     /// Writes `dir/_manifest.json` atomically (tmp, fsync, rename, fsync dir).
@@ -71,32 +64,29 @@ impl Manifest {
     }
 
     /// What differs from a new fingerprint, as `key: old -> new` lines.
-    /// Keys this manifest does not record (added to the fingerprint by a
-    /// later version) are not compared, so an output written by an older
-    /// version still resumes.
-    pub fn changes_known(&self, new: &BTreeMap<String, String>) -> Vec<String> {
-        let known: BTreeMap<String, String> = new
-            .iter()
-            .filter(|(k, _)| self.fingerprint.contains_key(*k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        self.changes(&known)
-    }
-
-    /// What differs from another fingerprint, as `key: old -> new` lines.
+    /// Only keys this manifest records are compared: a key added to the
+    /// fingerprint by a later version does not make an older output
+    /// another job.
     pub fn changes(&self, new: &BTreeMap<String, String>) -> Vec<String> {
-        let keys: std::collections::BTreeSet<&String> =
-            self.fingerprint.keys().chain(new.keys()).collect();
-        keys.into_iter()
-            .filter(|k| self.fingerprint.get(*k) != new.get(*k))
-            .map(|k| {
-                let show = |v: Option<&String>| v.map_or("(none)".to_string(), |s| s.clone());
-                format!(
-                    "{k}: {} -> {}",
-                    show(self.fingerprint.get(k)),
-                    show(new.get(k))
-                )
+        self.fingerprint
+            .iter()
+            .filter(|(k, v)| new.get(*k) != Some(*v))
+            .map(|(k, v)| {
+                let now = new.get(k).map_or("(none)", String::as_str);
+                format!("{k}: {v} -> {now}")
             })
             .collect()
     }
+}
+
+/// A JSON file of the output directory: `None` when absent, an error naming
+/// the file and `what` it is when it cannot be read or parsed.
+pub(super) fn read_json<T: serde::de::DeserializeOwned>(p: &Path, what: &str) -> Result<Option<T>> {
+    if !p.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::Output(format!("{}: unreadable {what} ({e})", p.display())))
 }

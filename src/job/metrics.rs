@@ -5,7 +5,7 @@ use super::manifest::Manifest;
 use super::JobState;
 use crate::engine::JobSummary;
 use crate::output::write_atomic;
-use crate::{Error, Result};
+use crate::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -84,14 +84,7 @@ impl Metrics {
     /// Reads `dir/_metrics.json`: `None` when absent, an error naming the
     /// file when it cannot be read or parsed (never zeros).
     pub fn read(dir: &Path) -> Result<Option<Self>> {
-        let p = dir.join(METRICS);
-        if !p.exists() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::Output(format!("{}: unreadable metrics ({e})", p.display())))
+        super::manifest::read_json(&dir.join(METRICS), "metrics")
     }
 }
 

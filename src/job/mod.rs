@@ -215,12 +215,16 @@ fn check_same_job(
         return Ok(());
     }
     match old {
-        Some(m) if m.job_hash != job_hash(fp) && !m.changes_known(fp).is_empty() => {
+        Some(m) => {
+            let changed = m.changes(fp);
+            if changed.is_empty() {
+                return Ok(());
+            }
             Err(Error::Output(format!(
                 "output {} holds {} rows of a different job; changed: {}. Resume needs the same job; pass --restart to discard those rows and start over",
                 out.display(),
                 m.rows(),
-                m.changes_known(fp).join("; ")
+                changed.join("; ")
             )))
         }
         None => {
@@ -234,7 +238,6 @@ fn check_same_job(
                 on_disk.len()
             )))
         }
-        _ => Ok(()),
     }
 }
 

@@ -33,6 +33,20 @@ pub struct SchedulerConfig {
     pub prefix_caching: bool,
 }
 
+#[cfg(test)]
+impl SchedulerConfig {
+    /// Blocks of 4 tokens with prefix caching: the unit tests' cache.
+    pub(crate) fn tiny(num_blocks: usize, max_num_seqs: usize, max_batch_tokens: usize) -> Self {
+        Self {
+            max_num_seqs,
+            max_batch_tokens,
+            num_blocks,
+            block_size: 4,
+            prefix_caching: true,
+        }
+    }
+}
+
 /// One sequence's part of a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunk {
@@ -345,16 +359,6 @@ mod tests {
         Request::generate(RecordRef::default(), prompt, params)
     }
 
-    fn cfg(num_blocks: usize, max_num_seqs: usize, max_batch_tokens: usize) -> SchedulerConfig {
-        SchedulerConfig {
-            max_num_seqs,
-            max_batch_tokens,
-            num_blocks,
-            block_size: 4,
-            prefix_caching: true,
-        }
-    }
-
     /// Runs sequences to `gen` generated tokens each with a fake model.
     fn drive(s: &mut Scheduler, n: u64, prompt_len: usize, gen: usize) -> Vec<Vec<u32>> {
         for i in 0..n {
@@ -391,8 +395,13 @@ mod tests {
 
     #[test]
     fn preemption_and_chunking_do_not_change_results() {
-        let a = drive(&mut Scheduler::new(cfg(200, 1, 1000)), 6, 10, 12);
-        let mut tight = Scheduler::new(cfg(12, 4, 5));
+        let a = drive(
+            &mut Scheduler::new(SchedulerConfig::tiny(200, 1, 1000)),
+            6,
+            10,
+            12,
+        );
+        let mut tight = Scheduler::new(SchedulerConfig::tiny(12, 4, 5));
         let b = drive(&mut tight, 6, 10, 12);
         assert_eq!(a, b);
         assert!(
@@ -403,7 +412,7 @@ mod tests {
 
     #[test]
     fn shared_prompts_hit_the_prefix_cache() {
-        let mut s = Scheduler::new(cfg(200, 8, 1000));
+        let mut s = Scheduler::new(SchedulerConfig::tiny(200, 8, 1000));
         for i in 0..4 {
             s.add(SeqId(i), bare((0..17).collect()));
         }

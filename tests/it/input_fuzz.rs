@@ -27,6 +27,14 @@ fn defaults() -> GenerationParams {
     }
 }
 
+/// Writes one batch as a Parquet file.
+fn write_parquet(p: &std::path::Path, batch: &RecordBatch) {
+    let f = std::fs::File::create(p).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+    w.write(batch).unwrap();
+    w.close().unwrap();
+}
+
 /// A JSONL line: a plausible record, a record with wrong types, JSON that
 /// is not an object, garbage text, or raw bytes (often not UTF-8).
 fn line() -> impl Strategy<Value = Vec<u8>> {
@@ -100,10 +108,7 @@ proptest! {
         let temp: ArrayRef = Arc::new(Float64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>()));
         let mnt: ArrayRef = Arc::new(Int64Array::from(rows.iter().map(|r| r.3).collect::<Vec<_>>()));
         let batch = RecordBatch::try_from_iter([("id", id), ("prompt", prompt), ("temperature", temp), ("max_new_tokens", mnt)]).unwrap();
-        let f = std::fs::File::create(&p).unwrap();
-        let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
-        w.write(&batch).unwrap();
-        w.close().unwrap();
+        write_parquet(&p, &batch);
         let recs: Vec<_> = runner::input::open(&spec(&p, InputFormat::Parquet), &defaults())
             .unwrap()
             .collect();
@@ -135,10 +140,7 @@ fn non_finite_override_cells_become_error_rows() {
     ]));
     let batch = RecordBatch::try_from_iter([("id", id), ("prompt", prompt), ("temperature", temp)])
         .unwrap();
-    let f = std::fs::File::create(&p).unwrap();
-    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
-    w.write(&batch).unwrap();
-    w.close().unwrap();
+    write_parquet(&p, &batch);
     let recs: Vec<_> = runner::input::open(&spec(&p, InputFormat::Parquet), &defaults())
         .unwrap()
         .map(|r| r.unwrap())

@@ -65,6 +65,18 @@ fn spawn_until_first_part(dir: &Path, job: &Path, out: &Path) -> Child {
     child
 }
 
+/// Starts a submit, sends it SIGTERM once its first part is in place and
+/// waits for it.
+fn terminate_after_first_part(dir: &Path, job: &Path, out: &Path) -> std::process::Output {
+    let child = spawn_until_first_part(dir, job, out);
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    child.wait_with_output().unwrap()
+}
+
 fn by_id(rows: Vec<Row>) -> BTreeMap<String, Row> {
     let n = rows.len();
     let m: BTreeMap<String, Row> = rows.into_iter().map(|r| (r.id.clone(), r)).collect();
@@ -170,13 +182,7 @@ fn sigterm_stops_cleanly_and_resume_finishes() {
     let tmp = tempfile::tempdir().unwrap();
     let j = job(tmp.path(), "out");
     let out = tmp.path().join("out");
-    let child = spawn_until_first_part(tmp.path(), &j, &out);
-    let st = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let res = child.wait_with_output().unwrap();
+    let res = terminate_after_first_part(tmp.path(), &j, &out);
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert_eq!(res.status.code(), Some(130), "exit code, stderr:\n{stderr}");
     assert!(
@@ -389,13 +395,7 @@ fn the_interrupt_hint_repeats_the_set_flags() {
     let tmp = tempfile::tempdir().unwrap();
     let j = job(tmp.path(), "out");
     let out = tmp.path().join("out");
-    let child = spawn_until_first_part(tmp.path(), &j, &out);
-    let st = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let res = child.wait_with_output().unwrap();
+    let res = terminate_after_first_part(tmp.path(), &j, &out);
     let stderr = String::from_utf8_lossy(&res.stderr);
     let hint = format!(
         "resume with `runner submit {} --set model.dtype=f32`",

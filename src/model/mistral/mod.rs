@@ -12,7 +12,6 @@ pub use config::MistralConfig;
 use super::checkpoint::Checkpoint;
 use super::linear::{GptqMode, Linear, LinearSpec, Proj, RandomGptq};
 use crate::backend::{KvShape, LayerTarget, Ops};
-use crate::kv::BlockId;
 use crate::quant::QuantConfig;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -427,17 +426,9 @@ impl Mistral {
     /// sequences' rows in order.
     pub fn logits_full_batch(&self, seqs: &[&[u32]]) -> Result<Tensor> {
         let bs = 16;
-        let per: Vec<usize> = seqs.iter().map(|t| t.len().div_ceil(bs).max(1)).collect();
-        let mut cache = self.new_cache(per.iter().sum(), bs)?;
-        let mut next = 0u32;
-        let blocks: Vec<Vec<BlockId>> = per
-            .iter()
-            .map(|&n| {
-                let b = (next..next + n as u32).map(BlockId).collect();
-                next += n as u32;
-                b
-            })
-            .collect();
+        let lens: Vec<usize> = seqs.iter().map(|t| t.len()).collect();
+        let blocks = crate::backend::fresh_tables(&lens, bs);
+        let mut cache = self.new_cache(blocks.iter().map(Vec::len).sum(), bs)?;
         let chunks: Vec<SeqChunk<'_>> = seqs
             .iter()
             .zip(&blocks)
