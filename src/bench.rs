@@ -70,8 +70,8 @@ pub struct WorkloadResult {
     pub output_tok_s: f64,
     /// Prompt + generated tokens per second.
     pub total_tok_s: f64,
-    /// Most device memory in use (GiB).
-    pub peak_gpu_gib: f64,
+    /// Most device memory in use (GiB; `None` on the CPU).
+    pub peak_gpu_gib: Option<f64>,
     /// Achieved linear-layer FLOP rate over the measured f16 matmul rate.
     pub compute_floor_fraction: f64,
     /// The engine's summary.
@@ -173,7 +173,12 @@ pub fn run_workload(
         metrics: vec![],
         loglikelihood: false,
     };
-    let mut sink = ParquetSink::create(&tmp, meta, false, 1 << 20)?;
+    let settings = crate::output::SinkSettings {
+        include_token_ids: false,
+        flush_every: 1 << 20,
+        flush_after: std::time::Duration::MAX,
+    };
+    let mut sink = ParquetSink::create(&tmp, meta, settings)?;
     let sum = engine.run_tokens(items, &mut sink)?;
     let _ = std::fs::remove_dir_all(&tmp);
     let total = (sum.prompt_tokens + sum.completion_tokens) as f64;
@@ -186,7 +191,9 @@ pub fn run_workload(
         workload: *w,
         output_tok_s: sum.completion_tokens as f64 / wall,
         total_tok_s: total / wall,
-        peak_gpu_gib: sum.peak_device_bytes as f64 / (1u64 << 30) as f64,
+        peak_gpu_gib: sum
+            .peak_device_bytes
+            .map(|b| b as f64 / (1u64 << 30) as f64),
         compute_floor_fraction: if matmul_tflops > 0.0 {
             achieved / (matmul_tflops * 1e12)
         } else {

@@ -31,6 +31,15 @@ pub enum Error {
     /// Writing the output failed.
     #[error("{0}")]
     Output(String),
+    /// Another live process holds the output's lock.
+    #[error("{0}")]
+    Busy(String),
+    /// The output holds rows of a different job (resume refused).
+    #[error("{0}")]
+    DifferentJob(String),
+    /// A part file of the output cannot be read.
+    #[error("{0}")]
+    CorruptPart(String),
     /// A file could not be read or written.
     #[error("failed to access {path}")]
     Io {
@@ -67,13 +76,16 @@ impl Error {
         }
     }
 
-    /// Process exit code for this error class (2: bad job or input, 3: model,
-    /// 4: the GPU failed at run time, 130: interrupted by a signal, 1: other).
+    /// Process exit code for this error class, as README's table gives
+    /// them (64, a command-line usage error, is the CLI's).
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::Input(_) => 2,
             Error::Model(_) | Error::Tensor { .. } => 3,
             Error::Device(_) => 4,
+            Error::Busy(_) => 5,
+            Error::DifferentJob(_) => 6,
+            Error::CorruptPart(_) => 7,
             Error::Interrupted(_) => 130,
             _ => 1,
         }

@@ -27,6 +27,20 @@ pub struct SweepInfo {
     pub baseline: Option<String>,
 }
 
+impl SweepInfo {
+    /// The sweep info of `dir`, `None` when `dir` is not a sweep output.
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let p = dir.join(SWEEP);
+        if !p.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::Output(format!("{}: unreadable ({e})", p.display())))
+    }
+}
+
 /// A metric's mean over the records that have a score.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MetricSummary {
@@ -148,6 +162,19 @@ pub fn variant_dir(out: &Path, name: &str) -> PathBuf {
 /// Builds the report from a sweep output directory.
 pub fn build(out: &Path) -> Result<(SweepInfo, Vec<VariantReport>)> {
     let p = out.join(SWEEP);
+    if !p.is_file() {
+        let what = if out.join(crate::job::MANIFEST).is_file() {
+            "is the output of a single job, not of a sweep (`runner status` gives its figures)"
+        } else if out.is_dir() {
+            "is not a sweep output"
+        } else {
+            "does not exist"
+        };
+        return Err(Error::Output(format!(
+            "{} {what}: `runner report` summarises a sweep's variants and needs its {SWEEP}",
+            out.display()
+        )));
+    }
     let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
     let info: SweepInfo = serde_json::from_str(&text)
         .map_err(|e| Error::Output(format!("{}: unreadable ({e})", p.display())))?;
@@ -217,7 +244,9 @@ pub fn build(out: &Path) -> Result<(SweepInfo, Vec<VariantReport>)> {
                 })
                 .collect(),
             output_tok_s: metrics.as_ref().map(|m| m.output_tok_s),
-            peak_gpu_gib: last.map(|r| r.summary.peak_device_bytes as f64 / (1u64 << 30) as f64),
+            peak_gpu_gib: last
+                .and_then(|r| r.summary.peak_device_bytes)
+                .map(|b| b as f64 / (1u64 << 30) as f64),
             load_s: last.map(|r| r.load_s),
             compared,
             agreement: (base.is_some() && compared > 0).then(|| same as f64 / compared as f64),
@@ -232,8 +261,16 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |x| format!("{x:.digits$}"))
 }
 
-/// Writes `report.md` and `report.parquet` into the sweep output.
-pub fn write(out: &Path, info: &SweepInfo, rows: &[VariantReport]) -> Result<()> {
+/// Where the report files live inside a sweep output: a folder of its
+/// own, so that a `*/*.parquet` or `**/*.parquet` glob over the variants'
+/// data does not read the report as data.
+pub const REPORT_DIR: &str = "_report";
+
+/// Writes `report.md`, `report.parquet` and the plot into the sweep
+/// output's `_report/`.
+pub fn write(sweep_out: &Path, info: &SweepInfo, rows: &[VariantReport]) -> Result<()> {
+    let out = &sweep_out.join(REPORT_DIR);
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let metric_names: Vec<String> = {
         let mut v: Vec<String> = Vec::new();
         for r in rows {

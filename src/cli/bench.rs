@@ -136,9 +136,9 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
             w.prompts = ((w.prompts as f64 * args.scale).round() as usize).max(1);
             let r = bench::run_workload(&engine, spec, &w, matmul)?;
             println!(
-                "{}: {} prompts x ({}+{} in, {} out): {:.0} output tok/s, {:.0} total tok/s, {:.1} s, peak GPU {:.1} GiB, {:.1}% of the compute floor, {} prefix-hit tokens, {} preemptions",
+                "{}: {} prompts x ({}+{} in, {} out): {:.0} output tok/s, {:.0} total tok/s, {:.1} s, peak GPU {}, {:.1}% of the compute floor, {} prefix-hit tokens, {} preemptions",
                 w.name, w.prompts, w.shared_prefix, w.own, w.out, r.output_tok_s, r.total_tok_s, r.wall_s,
-                r.peak_gpu_gib, 100.0 * r.compute_floor_fraction, r.prefix_hit_tokens, r.summary.preemptions
+                r.peak_gpu_gib.map_or("-".into(), |g| format!("{g:.1} GiB")), 100.0 * r.compute_floor_fraction, r.prefix_hit_tokens, r.summary.preemptions
             );
             results.push(r);
         }

@@ -3,7 +3,10 @@
 
 mod bench;
 mod inspect;
+mod progress;
 mod submit;
+
+pub use progress::LogWriter;
 
 use crate::config::{self, JobSpec, Overrides};
 use crate::model::HubSettings;
@@ -30,6 +33,9 @@ enum Command {
         /// Discard an output written by a different job (or by this one) and start over.
         #[arg(long)]
         restart: bool,
+        /// When stderr is not a terminal: seconds between progress log lines.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = positive_seconds)]
+        progress_every: f64,
     },
     /// Rebuild a sweep's report.md / report.parquet from its variants' data.
     Report {
@@ -91,17 +97,34 @@ enum Command {
     },
 }
 
+/// A number of seconds > 0.
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a number of seconds > 0")),
+    }
+}
+
 /// Runs the parsed command.
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
-        Command::Submit { job, set, restart } => {
-            submit::submit(&load_job(&job, set)?, &hub_settings(), restart)
+        Command::Submit {
+            job,
+            set,
+            restart,
+            progress_every,
+        } => {
+            let every = std::time::Duration::from_secs_f64(progress_every);
+            submit::submit(&load_job(&job, set)?, &hub_settings(), restart, every)
                 .map_err(submit::with_resume_hint)
         }
         Command::Status { output } => submit::status(&output),
         Command::Report { output } => Ok(crate::job::sweep::write_report(&output)?),
         Command::Merge { output, into } => {
-            Ok(crate::job::merge(&output, into.as_deref()).map(drop)?)
+            for f in crate::job::merge(&output, into.as_deref())? {
+                println!("{}", f.display());
+            }
+            Ok(())
         }
         Command::Validate { job, set } => submit::validate(&load_job(&job, set)?, &hub_settings()),
         Command::Bench {

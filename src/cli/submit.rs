@@ -5,20 +5,19 @@ use crate::config::JobSpec;
 use crate::job::{self, JobStatus};
 use crate::model::HubSettings;
 use crate::Error;
-use std::io::IsTerminal;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
-/// Runs a job (or sweep) with a progress bar on a terminal.
-pub fn submit(spec: &JobSpec, hub: &HubSettings, restart: bool) -> anyhow::Result<()> {
-    Ok(job::submit(
-        spec,
-        hub,
-        restart,
-        Arc::new(Progress::default()),
-    )?)
+/// Runs a job (or sweep) with a progress bar on a terminal, else a
+/// progress log line every `progress_every`.
+pub fn submit(
+    spec: &JobSpec,
+    hub: &HubSettings,
+    restart: bool,
+    progress_every: std::time::Duration,
+) -> anyhow::Result<()> {
+    let progress = Arc::new(super::progress::Progress::new(progress_every));
+    Ok(job::submit(spec, hub, restart, progress)?)
 }
 
 /// An interrupted run's error, with the command that resumes it: this
@@ -48,70 +47,12 @@ fn shell_quote(a: &str) -> String {
     }
 }
 
-/// A progress bar on a terminal, else a log line every 10 seconds.
-#[derive(Default)]
-struct Progress {
-    bar: Mutex<Option<indicatif::ProgressBar>>,
-    state: Mutex<Option<(u64, u64, Instant, Instant)>>, // rows, tokens, start, last log
-    total: AtomicU64,
-}
-
-impl job::Progress for Progress {
-    fn start(&self, total: u64) {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let b = indicatif::ProgressBar::new(total);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {pos}/{len} records  {msg}  eta {eta}",
-                )
-                .expect("valid template"),
-            );
-            b
-        });
-        let now = Instant::now();
-        *self.bar.lock().expect("progress lock") = bar;
-        *self.state.lock().expect("progress lock") = Some((0, 0, now, now));
-        self.total.store(total, Ordering::Relaxed);
-    }
-
-    fn row(&self, tokens: u64) {
-        let mut guard = self.state.lock().expect("progress lock");
-        let Some(s) = guard.as_mut() else { return };
-        let total = self.total.load(Ordering::Relaxed);
-        s.0 += 1;
-        s.1 += tokens;
-        let el = s.2.elapsed().as_secs_f64().max(1e-9);
-        let tok_s = s.1 as f64 / el;
-        match &*self.bar.lock().expect("progress lock") {
-            Some(b) => {
-                b.inc(1);
-                b.set_message(format!("{tok_s:.0} tok/s"));
-            }
-            None if s.3.elapsed().as_secs() >= 10 => {
-                s.3 = Instant::now();
-                let eta = (total.saturating_sub(s.0)) as f64 * el / s.0 as f64;
-                tracing::info!(
-                    records = s.0,
-                    of = total,
-                    tok_s = format!("{tok_s:.0}"),
-                    eta_s = format!("{eta:.0}"),
-                    "progress"
-                );
-            }
-            None => {}
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(b) = self.bar.lock().expect("progress lock").take() {
-            b.finish_and_clear();
-        }
-    }
-}
-
 /// `runner status OUTPUT_DIR`: the manifest's figures and whether the job
 /// is running, finished, interrupted or dead.
 pub fn status(dir: &Path) -> anyhow::Result<()> {
+    if let Some(info) = crate::report::SweepInfo::read(dir)? {
+        return sweep_status(dir, &info);
+    }
     let st = JobStatus::read(dir)?;
     let m = &st.manifest;
     let rows = m.rows();
@@ -136,11 +77,53 @@ pub fn status(dir: &Path) -> anyhow::Result<()> {
         m.wall_s
     );
     println!(
-        "parts       {}, updated {} s ago",
+        "parts       {}, updated {} s ago, {}",
         m.parts.len(),
-        st.updated_s_ago
+        st.updated_s_ago,
+        match st.damaged.len() {
+            0 => "every part read back".to_string(),
+            n => format!("{n} damaged"),
+        }
     );
-    Ok(())
+    match st.damage_error(dir) {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// `runner status SWEEP_DIR`: one line per variant.
+fn sweep_status(dir: &Path, info: &crate::report::SweepInfo) -> anyhow::Result<()> {
+    println!(
+        "sweep       {} ({} variants)",
+        dir.display(),
+        info.variants.len()
+    );
+    let mut damage = None;
+    for v in &info.variants {
+        let vdir = crate::report::variant_dir(dir, v);
+        if !vdir.join(job::MANIFEST).is_file() {
+            println!("variant={v}: not started");
+            continue;
+        }
+        let st = JobStatus::read(&vdir)?;
+        let m = &st.manifest;
+        println!(
+            "variant={v}: {}, {} of {} records, {} parts{}",
+            st.state_line(),
+            m.rows(),
+            m.total_records,
+            m.parts.len(),
+            match st.damaged.len() {
+                0 => String::new(),
+                n => format!(", {n} damaged"),
+            }
+        );
+        damage = damage.or(st.damage_error(&vdir));
+    }
+    match damage {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 /// Resolves and checks everything cheap: model metadata (when local or
@@ -150,6 +133,8 @@ pub fn validate(spec: &JobSpec, hub: &HubSettings) -> anyhow::Result<()> {
         let (cfg, quant) = crate::model::read_meta(dir)?;
         let ck = crate::model::Checkpoint::open(dir)?;
         crate::model::check_checkpoint(&ck, &cfg, quant.as_ref())?;
+        // The tokenizer and the chat template, as the job loads them.
+        crate::prompt::Prompter::load(dir, &cfg.eos_token_ids)?;
         tracing::info!(
             layers = cfg.num_hidden_layers,
             hidden = cfg.hidden_size,

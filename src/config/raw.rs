@@ -99,6 +99,7 @@ pub struct RawOutput {
     pub path: RelativePathBuf,
     pub include_token_ids: bool,
     pub flush_every: i64,
+    pub flush_every_s: f64,
 }
 
 /// `[engine]`

@@ -61,7 +61,13 @@ impl RawJob {
         let format = match self.input.format {
             FormatChoice::Jsonl => InputFormat::Jsonl,
             FormatChoice::Parquet => InputFormat::Parquet,
-            FormatChoice::Auto => match input_path.extension().and_then(|e| e.to_str()) {
+            FormatChoice::Auto => match input_path
+                .extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+            {
+                // Any case: `DATA.JSONL` is JSONL.
                 Some("jsonl") | Some("json") | Some("ndjson") => InputFormat::Jsonl,
                 Some("parquet") | Some("pq") => InputFormat::Parquet,
                 _ => {
@@ -141,6 +147,14 @@ impl RawJob {
                 path: self.output.path.relative(),
                 include_token_ids: self.output.include_token_ids,
                 flush_every: positive("output.flush_every", self.output.flush_every)?,
+                flush_every_s: match self.output.flush_every_s {
+                    s if s.is_finite() && s > 0.0 => s,
+                    s => {
+                        return Err(Error::Config(format!(
+                            "output.flush_every_s is {s}, expected a number of seconds > 0"
+                        )))
+                    }
+                },
             },
             engine: resolve_engine(&e)?,
             scoring,

@@ -177,6 +177,8 @@ pub struct OutputSpec {
     pub include_token_ids: bool,
     /// Records per part file.
     pub flush_every: usize,
+    /// Seconds a finished row may wait in the buffer before a part is written.
+    pub flush_every_s: f64,
 }
 
 /// `[engine]`, resolved.

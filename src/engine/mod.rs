@@ -60,8 +60,8 @@ pub struct JobSummary {
     /// Preemptions by recompute.
     pub preemptions: usize,
     /// Most device memory this process's tensors took during the run
-    /// (CUDA's memory pool; 0 on the CPU).
-    pub peak_device_bytes: usize,
+    /// (CUDA's memory pool; `None` on the CPU, blank in the report).
+    pub peak_device_bytes: Option<usize>,
     /// Tokens run through the model (prefill chunks, recomputes, decodes).
     pub forward_tokens: usize,
     /// The run stopped early on request (a signal); in-flight records were
@@ -274,6 +274,7 @@ fn drive(
             break;
         }
         pipe.step(runner, sink)?;
+        sink.tick()?;
     }
     sink.flush()
 }

@@ -28,9 +28,9 @@ pub trait ModelRunner {
     fn execute(&mut self, plan: &StepPlan, sched: &Scheduler) -> Result<StepLogits>;
 
     /// The most device memory this process's tensors took since the cache
-    /// was sized (0 where not measured).
-    fn peak_device_bytes(&self) -> usize {
-        0
+    /// was sized (`None` where not measured: the CPU).
+    fn peak_device_bytes(&self) -> Option<usize> {
+        None
     }
 }
 
@@ -93,10 +93,7 @@ impl ModelRunner for MistralRunner<'_> {
         })
     }
 
-    fn peak_device_bytes(&self) -> usize {
-        self.model
-            .ops()
-            .peak_memory(self.model.device())
-            .unwrap_or(0)
+    fn peak_device_bytes(&self) -> Option<usize> {
+        self.model.ops().peak_memory(self.model.device())
     }
 }

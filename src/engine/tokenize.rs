@@ -82,7 +82,9 @@ impl Tokenizer<'_> {
     fn render(&self, rec: &InputRecord) -> std::result::Result<String, RecordError> {
         let body = rec.body.as_ref().map_err(|e| e.clone())?;
         let messages = match &body.prompt {
-            PromptInput::Messages(m) => m.clone(),
+            PromptInput::Messages { system, messages } => {
+                Prompter::with_system(messages, system.as_deref(), self.job_system)
+            }
             PromptInput::Text { system, user } => {
                 Prompter::messages(system.as_deref(), self.job_system, user)
             }

@@ -26,8 +26,14 @@ pub enum PromptInput {
         /// The user turn.
         user: String,
     },
-    /// A full message list.
-    Messages(Vec<Message>),
+    /// A full message list, with the record's system prompt for lists
+    /// that have no system message.
+    Messages {
+        /// Per-record system prompt (`None`: the job's).
+        system: Option<String>,
+        /// The messages as given.
+        messages: Vec<Message>,
+    },
 }
 
 /// A usable record.
@@ -129,8 +135,22 @@ impl RecordBuilder {
 
     fn body(&self, id: &str, obj: &Map<String, Value>) -> std::result::Result<RecordBody, String> {
         let s = &self.spec;
+        let system = match obj.get(&s.system_column) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) => Some(t.clone()),
+            Some(other) => {
+                return Err(format!(
+                    "record {id}: `{}` is {}, expected a string",
+                    s.system_column,
+                    kind(other)
+                ))
+            }
+        };
         let prompt = match obj.get(&s.messages_column) {
-            Some(v) if !v.is_null() => PromptInput::Messages(messages(id, &s.messages_column, v)?),
+            Some(v) if !v.is_null() => PromptInput::Messages {
+                system,
+                messages: messages(id, &s.messages_column, v)?,
+            },
             _ => {
                 let user = match obj.get(&s.prompt_column) {
                     None | Some(Value::Null) => {
@@ -151,17 +171,6 @@ impl RecordBuilder {
                 if user.trim().is_empty() {
                     return Err(format!("record {id}: `{}` is empty", s.prompt_column));
                 }
-                let system = match obj.get(&s.system_column) {
-                    None | Some(Value::Null) => None,
-                    Some(Value::String(t)) => Some(t.clone()),
-                    Some(other) => {
-                        return Err(format!(
-                            "record {id}: `{}` is {}, expected a string",
-                            s.system_column,
-                            kind(other)
-                        ))
-                    }
-                };
                 PromptInput::Text { system, user }
             }
         };

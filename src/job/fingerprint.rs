@@ -24,7 +24,10 @@ pub fn fingerprint(spec: &JobSpec) -> Result<BTreeMap<String, String>> {
         }
     }
     let i = &spec.input;
-    fp.insert("input.path".into(), i.path.display().to_string());
+    // The resolved path: the same file whatever the working directory or
+    // the way the job file was named (with its content hash below).
+    let resolved = std::fs::canonicalize(&i.path).map_err(|e| Error::io(&i.path, e))?;
+    fp.insert("input.path".into(), resolved.display().to_string());
     fp.insert("input.format".into(), format!("{:?}", i.format));
     fp.insert(
         "input.columns".into(),

@@ -104,14 +104,14 @@ impl Drop for OutputLock {
 
 fn held_error(dir: &Path, path: &Path, file: &mut File) -> Error {
     match read_info(file) {
-        Some(h) => Error::Output(format!(
+        Some(h) => Error::Busy(format!(
             "output {} is locked by pid {} on host {} (since {} s ago): another `runner submit` is writing it; wait for it to finish or stop it",
             dir.display(),
             h.pid,
             h.host,
             now_unix().saturating_sub(h.since_unix),
         )),
-        None => Error::Output(format!(
+        None => Error::Busy(format!(
             "output {} is locked ({} is held by another process): another `runner submit` is writing it",
             dir.display(),
             path.display()

@@ -8,8 +8,49 @@ use crate::{Error, Result};
 use arrow::array::RecordBatch;
 use std::path::{Path, PathBuf};
 
-/// Merges `dir`'s parts into `into` (default: `<dir>.parquet`).
-pub fn merge(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
+/// Merges a job's output into one file (default: `<dir>.parquet`), or each
+/// variant of a sweep output into `variant=<name>.parquet` of a directory
+/// beside it (default: `<dir>-merged/`; `into` names that directory).
+/// Returns the files written.
+pub fn merge(dir: &Path, into: Option<&Path>) -> Result<Vec<PathBuf>> {
+    let Some(info) = crate::report::SweepInfo::read(dir)? else {
+        return Ok(vec![merge_job(dir, into)?]);
+    };
+    let root = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+    let target = match into {
+        Some(p) => std::path::absolute(p).map_err(|e| Error::io(p, e))?,
+        None => {
+            let name = root
+                .file_name()
+                .map_or("sweep".into(), |n| n.to_string_lossy().into_owned());
+            root.with_file_name(format!("{name}-merged"))
+        }
+    };
+    if target.starts_with(&root) {
+        return Err(Error::Output(format!(
+            "--into {} is inside the sweep output {}: readers of the output would see its rows twice; write it elsewhere",
+            target.display(),
+            root.display()
+        )));
+    }
+    std::fs::create_dir_all(&target).map_err(|e| Error::io(&target, e))?;
+    let mut written = Vec::new();
+    for v in &info.variants {
+        let vdir = crate::report::variant_dir(&root, v);
+        if !vdir.join(MANIFEST).is_file() {
+            tracing::warn!(variant = %v, "not started: nothing to merge");
+            continue;
+        }
+        written.push(merge_job(
+            &vdir,
+            Some(&target.join(format!("variant={v}.parquet"))),
+        )?);
+    }
+    Ok(written)
+}
+
+/// Merges one job's parts into `into` (default: `<dir>.parquet`).
+fn merge_job(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
     let m = Manifest::read(dir)?.ok_or_else(|| {
         Error::Output(format!(
             "{} has no {MANIFEST}: not the output of a runner job",
@@ -73,7 +114,13 @@ fn read_parts(dir: &Path) -> Result<Vec<RecordBatch>> {
     let mut batches: Vec<RecordBatch> = Vec::new();
     let mut first: Option<(PathBuf, arrow::datatypes::SchemaRef)> = None;
     for p in crate::output::existing_parts(dir)? {
-        let part = crate::output::read_part(&p)?;
+        let part = crate::output::read_part(&p).map_err(|e| match e {
+            Error::CorruptPart(m) => Error::CorruptPart(format!(
+                "{m}; resubmit the job (`runner submit JOB`) to move it to {}/ and regenerate its records, then merge again",
+                super::QUARANTINE
+            )),
+            other => other,
+        })?;
         for b in &part {
             match &first {
                 None => first = Some((p.clone(), b.schema())),

@@ -124,7 +124,7 @@ mod tests {
                 summary: JobSummary {
                     records: 3,
                     steps: 7,
-                    peak_device_bytes: 1 << 30,
+                    peak_device_bytes: Some(1 << 30),
                     ..Default::default()
                 },
                 load_s: 0.5,

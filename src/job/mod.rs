@@ -30,13 +30,17 @@ pub use status::{JobStatus, Liveness};
 use crate::config::JobSpec;
 use crate::engine::{Engine, JobSummary};
 use crate::model::HubSettings;
-use crate::output::ParquetSink;
+use crate::output::{ParquetSink, SinkSettings};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+/// Where resume moves part files it cannot read (inside the output
+/// directory; a `*.parquet` glob over the output does not reach it).
+pub const QUARANTINE: &str = "_quarantine";
 
 /// Where a job stands, as its manifest records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,8 +95,24 @@ struct Prepared {
     done: HashSet<String>,
 }
 
-/// Runs one model's job (a plain job, or one sweep variant).
+/// Runs one model's job (a plain job, or one sweep variant). An output
+/// directory this run created is removed again when the run fails before
+/// writing any part (a job that fails its checks leaves nothing behind).
 pub fn run_one(
+    spec: &JobSpec,
+    hub: &HubSettings,
+    restart: bool,
+    progress: Arc<dyn Progress>,
+) -> Result<()> {
+    let created = !spec.output.path.exists();
+    let result = run_checked(spec, hub, restart, progress);
+    if result.is_err() && created {
+        resume::remove_if_unused(&spec.output.path);
+    }
+    result
+}
+
+fn run_checked(
     spec: &JobSpec,
     hub: &HubSettings,
     restart: bool,
@@ -118,13 +138,7 @@ pub fn run_one(
         "model loaded"
     );
     let first_part = next_part_index(&out)?;
-    let mut sink = ParquetSink::resume(
-        &out,
-        meta,
-        spec.output.include_token_ids,
-        spec.output.flush_every,
-        first_part,
-    )?;
+    let mut sink = ParquetSink::resume(&out, meta, SinkSettings::of(&spec.output), first_part)?;
     let remaining = prep.manifest.total_records.saturating_sub(prep.done.len());
     progress.start(remaining as u64);
     let p = Arc::clone(&progress);
@@ -220,7 +234,7 @@ fn check_same_job(
             if changed.is_empty() {
                 return Ok(());
             }
-            Err(Error::Output(format!(
+            Err(Error::DifferentJob(format!(
                 "output {} holds {} rows of a different job; changed: {}. Resume needs the same job; pass --restart to discard those rows and start over",
                 out.display(),
                 m.rows(),
@@ -232,7 +246,7 @@ fn check_same_job(
             if on_disk.is_empty() {
                 return Ok(());
             }
-            Err(Error::Output(format!(
+            Err(Error::DifferentJob(format!(
                 "output {} holds {} part file(s) but no {MANIFEST}: not written by a resumable job; pass --restart to discard them or choose another output.path",
                 out.display(),
                 on_disk.len()

@@ -8,14 +8,28 @@ use std::collections::HashSet;
 use std::path::Path;
 
 /// Figures of the part files on disk (ids and per-part stats), read back
-/// from the files themselves: the authority after a crash.
+/// from the files themselves: the authority after a crash. A part that
+/// cannot be read is moved into `_quarantine/` (logged) and its records
+/// are not counted as written, so the run regenerates them.
 pub fn scan_parts(dir: &Path) -> Result<(HashSet<String>, Vec<PartStats>)> {
     use arrow::array::AsArray;
     use arrow::datatypes::UInt32Type;
     let mut ids = HashSet::new();
     let mut stats = Vec::new();
     for p in existing_parts(dir)? {
-        let batches = read_part(&p)?;
+        let batches = match read_part(&p) {
+            Ok(b) => b,
+            Err(Error::CorruptPart(why)) => {
+                let moved = quarantine(dir, &p)?;
+                tracing::warn!(
+                    part = %p.display(),
+                    moved_to = %moved.display(),
+                    "unreadable part moved aside; its records are generated again ({why})"
+                );
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let mut st = PartStats {
             file: p
                 .file_name()
@@ -72,6 +86,24 @@ pub fn scan_parts(dir: &Path) -> Result<(HashSet<String>, Vec<PartStats>)> {
     Ok((ids, stats))
 }
 
+/// Moves a part into `dir/_quarantine/` (never over an earlier one).
+fn quarantine(dir: &Path, part: &Path) -> Result<std::path::PathBuf> {
+    let q = dir.join(super::QUARANTINE);
+    std::fs::create_dir_all(&q).map_err(|e| Error::io(&q, e))?;
+    let name = part
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut dst = q.join(&name);
+    let mut k = 1;
+    while dst.exists() {
+        dst = q.join(format!("{name}.{k}"));
+        k += 1;
+    }
+    std::fs::rename(part, &dst).map_err(|e| Error::io(part, e))?;
+    Ok(dst)
+}
+
 /// Removes temporary files a killed writer left behind.
 pub fn remove_stale_tmp(dir: &Path) -> Result<usize> {
     let mut n = 0;
@@ -92,20 +124,33 @@ pub fn remove_stale_tmp(dir: &Path) -> Result<usize> {
 /// Creates the output directory and checks it takes files.
 pub fn check_writable(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| {
-        Error::Output(format!(
+        Error::Config(format!(
             "output.path {} cannot be created: {e}",
             dir.display()
         ))
     })?;
     let probe = dir.join(".write-probe");
     std::fs::write(&probe, b"ok").map_err(|e| {
-        Error::Output(format!(
+        Error::Config(format!(
             "output.path {} is not writable: {e}",
             dir.display()
         ))
     })?;
     let _ = std::fs::remove_file(probe);
     Ok(())
+}
+
+/// Removes an output directory that holds no part file: its manifest,
+/// metrics and lock, then the directory if nothing else is in it (never a
+/// file this crate did not write). Best effort: errors are ignored.
+pub fn remove_if_unused(dir: &Path) {
+    if !matches!(existing_parts(dir), Ok(p) if p.is_empty()) {
+        return;
+    }
+    for f in [super::MANIFEST, super::METRICS, super::LOCK] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Removes a previous run's parts, manifest and metrics (`--restart`).

@@ -28,6 +28,9 @@ pub struct JobStatus {
     pub liveness: Liveness,
     /// Seconds since the manifest was written.
     pub updated_s_ago: u64,
+    /// Parts the manifest lists that are missing, unreadable or hold
+    /// another row count, each with what is wrong.
+    pub damaged: Vec<String>,
 }
 
 impl JobStatus {
@@ -46,8 +49,21 @@ impl JobStatus {
         };
         Ok(Self {
             updated_s_ago: now_unix().saturating_sub(manifest.updated_unix),
+            damaged: check_parts(dir, &manifest),
             manifest,
             liveness,
+        })
+    }
+
+    /// The error to exit with when a part is damaged.
+    pub fn damage_error(&self, dir: &Path) -> Option<Error> {
+        (!self.damaged.is_empty()).then(|| {
+            Error::CorruptPart(format!(
+                "{}: {}; resubmit the job (`runner submit JOB`) to move damaged parts to {}/ and regenerate their records",
+                dir.display(),
+                self.damaged.join("; "),
+                super::QUARANTINE
+            ))
         })
     }
 
@@ -59,4 +75,30 @@ impl JobStatus {
             Liveness::Ended(s) => s.as_str().to_string(),
         }
     }
+}
+
+/// Reads back every part the manifest lists: what is missing, unreadable
+/// or holds another number of rows than recorded.
+fn check_parts(dir: &Path, m: &Manifest) -> Vec<String> {
+    let mut bad = Vec::new();
+    for part in &m.parts {
+        let p = dir.join(&part.file);
+        if !p.is_file() {
+            bad.push(format!("{} is missing", part.file));
+            continue;
+        }
+        match crate::output::read_part(&p) {
+            Ok(batches) => {
+                let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+                if rows != part.rows {
+                    bad.push(format!(
+                        "{} holds {rows} rows, the manifest says {}",
+                        part.file, part.rows
+                    ));
+                }
+            }
+            Err(e) => bad.push(e.to_string()),
+        }
+    }
+    bad
 }

@@ -96,7 +96,7 @@ pub fn write_report(out: &std::path::Path) -> Result<()> {
     tracing::info!(
         variants = rows.len(),
         "report written to {}",
-        out.join("report.md").display()
+        out.join(report::REPORT_DIR).join("report.md").display()
     );
     Ok(())
 }

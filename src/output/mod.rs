@@ -5,7 +5,9 @@ mod atomic;
 mod parquet;
 
 pub use self::atomic::write_atomic;
-pub use self::parquet::{existing_parts, read_part, schema, ParquetSink, PartHook, RowHook};
+pub use self::parquet::{
+    existing_parts, read_part, schema, ParquetSink, PartHook, RowHook, SinkSettings,
+};
 
 /// Figures of one part file.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -30,6 +32,10 @@ pub trait RowSink {
     fn push(&mut self, row: OutputRow) -> crate::Result<()>;
     /// Writes what is buffered.
     fn flush(&mut self) -> crate::Result<()>;
+    /// Called after every engine step: writes what has waited too long.
+    fn tick(&mut self) -> crate::Result<()> {
+        Ok(())
+    }
 }
 
 impl RowSink for ParquetSink {
@@ -38,6 +44,9 @@ impl RowSink for ParquetSink {
     }
     fn flush(&mut self) -> crate::Result<()> {
         ParquetSink::flush(self)
+    }
+    fn tick(&mut self) -> crate::Result<()> {
+        ParquetSink::tick(self)
     }
 }
 

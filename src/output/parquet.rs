@@ -80,12 +80,36 @@ pub type RowHook = Box<dyn FnMut(&OutputRow) + Send>;
 /// Called after each part file is in place.
 pub type PartHook = Box<dyn FnMut(PartStats) -> Result<()> + Send>;
 
+/// When a sink writes a part, and what it holds.
+#[derive(Debug, Clone, Copy)]
+pub struct SinkSettings {
+    /// Write `completion_token_ids`.
+    pub include_token_ids: bool,
+    /// Rows per part file.
+    pub flush_every: usize,
+    /// The longest a finished row waits in the buffer (checked on every push
+    /// and every engine step).
+    pub flush_after: std::time::Duration,
+}
+
+impl SinkSettings {
+    /// A job's output settings.
+    pub fn of(o: &crate::config::OutputSpec) -> Self {
+        Self {
+            include_token_ids: o.include_token_ids,
+            flush_every: o.flush_every,
+            flush_after: std::time::Duration::from_secs_f64(o.flush_every_s),
+        }
+    }
+}
+
 /// Buffers rows and writes them as part files.
 pub struct ParquetSink {
     dir: PathBuf,
     meta: JobMeta,
-    include_token_ids: bool,
-    flush_every: usize,
+    settings: SinkSettings,
+    /// When the oldest buffered row arrived.
+    oldest: Option<std::time::Instant>,
     rows: Vec<OutputRow>,
     next_part: usize,
     on_row: Option<RowHook>,
@@ -95,12 +119,7 @@ pub struct ParquetSink {
 impl ParquetSink {
     /// Creates the output directory. Existing part files are never
     /// overwritten: a directory that already holds output is refused.
-    pub fn create(
-        dir: &Path,
-        meta: JobMeta,
-        include_token_ids: bool,
-        flush_every: usize,
-    ) -> Result<Self> {
+    pub fn create(dir: &Path, meta: JobMeta, settings: SinkSettings) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let existing = existing_parts(dir)?;
         if !existing.is_empty() {
@@ -110,7 +129,7 @@ impl ParquetSink {
                 existing.len()
             )));
         }
-        Self::resume(dir, meta, include_token_ids, flush_every, 0)
+        Self::resume(dir, meta, settings, 0)
     }
 
     /// A sink into a directory that may already hold parts (a resumed job):
@@ -118,16 +137,15 @@ impl ParquetSink {
     pub fn resume(
         dir: &Path,
         meta: JobMeta,
-        include_token_ids: bool,
-        flush_every: usize,
+        settings: SinkSettings,
         first_part: usize,
     ) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             meta,
-            include_token_ids,
-            flush_every,
+            settings,
+            oldest: None,
             rows: Vec::new(),
             next_part: first_part,
             on_row: None,
@@ -145,16 +163,26 @@ impl ParquetSink {
         self.on_part = Some(f);
     }
 
-    /// Adds a row; writes a part when `flush_every` rows are buffered.
+    /// Adds a row; writes a part when `flush_every` rows are buffered or
+    /// the oldest has waited `flush_after`.
     pub fn push(&mut self, row: OutputRow) -> Result<()> {
         if let Some(f) = &mut self.on_row {
             f(&row);
         }
         self.rows.push(row);
-        if self.rows.len() >= self.flush_every {
-            self.flush()?;
+        self.oldest.get_or_insert_with(std::time::Instant::now);
+        if self.rows.len() >= self.settings.flush_every {
+            return self.flush();
         }
-        Ok(())
+        self.tick()
+    }
+
+    /// Writes a part when the oldest buffered row has waited `flush_after`.
+    pub fn tick(&mut self) -> Result<()> {
+        match self.oldest {
+            Some(t) if t.elapsed() >= self.settings.flush_after => self.flush(),
+            _ => Ok(()),
+        }
     }
 
     /// Writes buffered rows as one part file (nothing when empty).
@@ -201,6 +229,7 @@ impl ParquetSink {
             completion_tokens: self.rows.iter().map(|r| r.completion_tokens as usize).sum(),
         };
         self.rows.clear();
+        self.oldest = None;
         self.next_part += 1;
         if let Some(f) = &mut self.on_part {
             f(stats)?;
@@ -282,7 +311,7 @@ impl ParquetSink {
                     .collect::<Vec<_>>(),
             )));
         }
-        if self.include_token_ids {
+        if self.settings.include_token_ids {
             let lists = ListArray::from_iter_primitive::<arrow::datatypes::UInt32Type, _, _>(
                 r.iter().map(|x| {
                     Some(
@@ -296,7 +325,7 @@ impl ParquetSink {
             cols.push(Arc::new(lists));
         }
         RecordBatch::try_new(
-            schema(self.include_token_ids, &m.metrics, m.loglikelihood),
+            schema(self.settings.include_token_ids, &m.metrics, m.loglikelihood),
             cols,
         )
         .map_err(|e| Error::Output(format!("building output batch: {e}")))
@@ -323,7 +352,9 @@ pub fn read_part(path: &Path) -> Result<Vec<RecordBatch>> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
         .and_then(|b| b.build())
-        .map_err(|e| Error::Output(format!("{}: unreadable part ({e})", path.display())))?
-        .map(|b| b.map_err(|e| Error::Output(format!("{}: {e}", path.display()))))
+        .map_err(|e| Error::CorruptPart(format!("{}: unreadable part ({e})", path.display())))?
+        .map(|b| {
+            b.map_err(|e| Error::CorruptPart(format!("{}: unreadable part ({e})", path.display())))
+        })
         .collect()
 }

@@ -34,13 +34,14 @@ impl Prompter {
     pub fn load(dir: &Path, config_eos: &[u32]) -> Result<Self> {
         let tk_path = dir.join("tokenizer.json");
         if !tk_path.is_file() {
-            return Err(Error::Prompt(format!(
+            return Err(Error::Model(format!(
                 "{} is missing; runner needs the fast tokenizer file",
                 tk_path.display()
             )));
         }
-        let tokenizer = tokenizers::Tokenizer::from_file(&tk_path)
-            .map_err(|e| Error::Prompt(format!("{}: {e}", tk_path.display())))?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&tk_path).map_err(|e| {
+            Error::Model(format!("{}: unreadable tokenizer ({e})", tk_path.display()))
+        })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = if cfg_path.is_file() {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
@@ -120,25 +121,39 @@ impl Prompter {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Builds the message list of a record: job system prompt unless the
-    /// record has its own system text or system message.
+    /// Builds the message list of a plain-prompt record: the record's
+    /// system prompt, else the job's (none when both are empty), then the
+    /// user turn.
     pub fn messages(system: Option<&str>, job_system: &str, user: &str) -> Vec<Message> {
-        let mut m = Vec::new();
-        let sys = system.unwrap_or(job_system);
-        if !sys.is_empty() {
-            m.push(Message {
-                role: "system".into(),
-                content: sys.into(),
-            });
-        }
-        m.push(Message {
+        let user = Message {
             role: "user".into(),
             content: user.into(),
+        };
+        Self::with_system(&[user], system, job_system)
+    }
+
+    /// The rule for a record's system prompt: messages that have a system
+    /// message keep theirs; otherwise the record's system prompt (the
+    /// `system` column), else the job's `generation.system_prompt`, is
+    /// prepended (nothing when it is empty).
+    pub fn with_system(
+        messages: &[Message],
+        system: Option<&str>,
+        job_system: &str,
+    ) -> Vec<Message> {
+        let sys = system.unwrap_or(job_system);
+        if sys.is_empty() || messages.iter().any(|m| m.role == "system") {
+            return messages.to_vec();
+        }
+        let mut m = Vec::with_capacity(messages.len() + 1);
+        m.push(Message {
+            role: "system".into(),
+            content: sys.into(),
         });
+        m.extend_from_slice(messages);
         m
     }
 
-    /// Decodes completion ids to text, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
             .decode(ids, true)
@@ -180,5 +195,36 @@ impl Decoder for Prompter {
     }
     fn stop_ids(&self) -> &[u32] {
         Prompter::stop_ids(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: &str, content: &str) -> Message {
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn a_system_prompt_is_added_only_when_the_messages_have_none() {
+        let user = [msg("user", "hi")];
+        assert_eq!(
+            Prompter::with_system(&user, None, "job"),
+            vec![msg("system", "job"), msg("user", "hi")]
+        );
+        assert_eq!(
+            Prompter::with_system(&user, Some("record"), "job"),
+            vec![msg("system", "record"), msg("user", "hi")]
+        );
+        assert_eq!(Prompter::with_system(&user, None, ""), user.to_vec());
+        let own = [msg("system", "own"), msg("user", "hi")];
+        assert_eq!(
+            Prompter::with_system(&own, Some("record"), "job"),
+            own.to_vec()
+        );
     }
 }

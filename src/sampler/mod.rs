@@ -86,11 +86,36 @@ pub fn sample(
     if cand.is_empty() {
         return argmax(logits);
     }
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if params.top_k > 0 && params.top_k < cand.len() {
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let cut = params.top_k > 0 && params.top_k < cand.len();
+    if !cut && params.top_p >= 1.0 {
+        // Neither top-k nor top-p: no order is needed, no sort.
+        return sample_unordered(&cand, rng);
+    }
+    if cut {
+        // The k best (the order is total, so the set is too), then only
+        // those sorted: the same prefix as a full sort.
+        cand.select_nth_unstable_by(params.top_k - 1, order);
         cand.truncate(params.top_k);
     }
+    cand.sort_by(order);
     sample_sorted(&cand, params, rng)
+}
+
+/// The draw from every candidate `(token, logit / temperature)` in the
+/// order given (token id order): softmax and one uniform, in O(vocab).
+fn sample_unordered(cand: &[(u32, f32)], rng: &mut RecordRng) -> u32 {
+    let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = cand.iter().map(|(_, v)| ((v - max) as f64).exp()).collect();
+    let target = rng.next_f64() * weights.iter().sum::<f64>();
+    let mut acc = 0.0;
+    for (c, w) in cand.iter().zip(&weights) {
+        acc += w;
+        if target < acc {
+            return c.0;
+        }
+    }
+    cand[cand.len() - 1].0
 }
 
 /// The draw from candidates `(token, logit / temperature)` already sorted
@@ -198,6 +223,25 @@ mod tests {
             .map(|_| sample(&mut [0.0, 0.1, 0.2], &[], &params(1.0, 0, 1.0), &mut rng))
             .collect();
         assert_eq!(picks.len(), 3);
+    }
+
+    #[test]
+    fn without_top_k_and_top_p_the_draw_walks_the_ids_in_order_without_sorting() {
+        let p = params(1.0, 0, 1.0);
+        for seed in 0..20u64 {
+            let mut logits = vec![0.0f32, 1.0, 2.0, 3.0];
+            let u = RecordRng::new(seed, "r").next_f64();
+            // The inverse CDF in id order (a sorted draw would walk 3, 2, 1, 0).
+            let w: Vec<f64> = logits.iter().map(|&l| ((l - 3.0) as f64).exp()).collect();
+            let total: f64 = w.iter().sum();
+            let mut acc = 0.0;
+            let want = w.iter().position(|x| {
+                acc += x;
+                u * total < acc
+            });
+            let got = sample(&mut logits, &[], &p, &mut RecordRng::new(seed, "r"));
+            assert_eq!(Some(got as usize), want, "seed {seed}");
+        }
     }
 
     #[test]

@@ -81,7 +81,8 @@ pub struct Run {
     pub stdout: String,
 }
 
-/// Runs `runner ARGS` in `cwd` with a clean RUNNER_* environment.
+/// Runs `runner ARGS` in `cwd` with a clean RUNNER_* environment, NO_COLOR
+/// set and HF_HUB_OFFLINE; an `env` entry with an empty value unsets.
 pub fn runner(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
     let bin = std::env::var_os("TEST_RUNNER_BIN")
         .map(PathBuf::from)
@@ -95,7 +96,10 @@ pub fn runner(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
         cmd.env_remove(k);
     }
     for (k, v) in env {
-        cmd.env(k, v);
+        match v.is_empty() {
+            true => cmd.env_remove(k),
+            false => cmd.env(k, v),
+        };
     }
     let out = cmd.output().expect("runner binary runs");
     Run {
@@ -121,6 +125,17 @@ pub fn error_line(run: &Run) -> String {
         run.stderr
     );
     lines[0].to_string()
+}
+
+/// The record batches of one Parquet file.
+pub fn read_file(path: &Path) -> Vec<RecordBatch> {
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
 }
 
 /// Reads every part file of an output directory into batches.
@@ -231,4 +246,54 @@ pub fn part_files(dir: &Path) -> usize {
             })
             .count()
     })
+}
+
+/// A Python interpreter that imports pyarrow: `python3` when it already
+/// does, else one provisioned once under `target/pyarrow-venv` (a venv with
+/// pyarrow from the package registry; `pip install --target` where venv is
+/// missing), so that `cargo test` needs only Rust and python3.
+pub fn pyarrow_python() -> (PathBuf, Option<PathBuf>) {
+    let imports = |py: &Path, path: Option<&Path>| {
+        let mut c = Command::new(py);
+        c.args(["-c", "import pyarrow"]);
+        if let Some(p) = path {
+            c.env("PYTHONPATH", p);
+        }
+        c.output().is_ok_and(|o| o.status.success())
+    };
+    let system = PathBuf::from("python3");
+    if imports(&system, None) {
+        return (system, None);
+    }
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    // One provisioning at a time across test threads and processes.
+    let lock = std::fs::File::create(target.join("pyarrow.lock")).unwrap();
+    lock.lock().unwrap();
+    let venv_py = target.join("pyarrow-venv/bin/python");
+    let site = target.join("pyarrow-site");
+    if imports(&venv_py, None) {
+        return (venv_py, None);
+    }
+    if imports(&system, Some(&site)) {
+        return (system, Some(site));
+    }
+    let run = |cmd: &mut Command| cmd.status().is_ok_and(|s| s.success());
+    let venv_ok = run(Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(target.join("pyarrow-venv")))
+        && run(Command::new(&venv_py).args(["-m", "pip", "install", "--quiet", "pyarrow"]));
+    if venv_ok && imports(&venv_py, None) {
+        return (venv_py, None);
+    }
+    let pip_ok = run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--target"])
+        .arg(&site)
+        .arg("pyarrow"));
+    assert!(
+        pip_ok && imports(&system, Some(&site)),
+        "no pyarrow: python3 lacks it and neither a venv under {} nor `pip install --target` could provide it",
+        target.display()
+    );
+    (system, Some(site))
 }

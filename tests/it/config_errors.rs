@@ -27,7 +27,7 @@ struct Case {
     setup: fn(&Path) -> (&'static str, String, Vec<String>),
     /// Substrings the error line must contain.
     expect: &'static [&'static str],
-    /// Exit code: 2 for a bad job or input, 3 for a bad model.
+    /// Exit code: 2 for a bad job or input, 3 for a bad model, 64 usage.
     code: i32,
 }
 
@@ -214,6 +214,30 @@ fn bad_configs_and_models_name_the_culprit() {
             },
             expect: &["config.json", "model_type is `llama`, expected mistral"],
             code: 3,
+        },
+        Case {
+            name: "missing tokenizer.json found by validate",
+            setup: |d| {
+                model_copy(&d.join("model"), ALL_MODELS[1], &["tokenizer.json"]);
+                ("validate", String::new(), vec![])
+            },
+            expect: &["tokenizer.json is missing"],
+            code: 3,
+        },
+        Case {
+            name: "missing tokenizer.json",
+            setup: |d| {
+                model_copy(&d.join("model"), ALL_MODELS[1], &["tokenizer.json"]);
+                ("submit", String::new(), vec![])
+            },
+            expect: &["tokenizer.json is missing"],
+            code: 3,
+        },
+        Case {
+            name: "command-line usage error",
+            setup: |_| ("submit", String::new(), vec!["--bogus".into()]),
+            expect: &["--bogus"],
+            code: 64,
         },
     ];
     for c in &cases {

@@ -9,6 +9,7 @@ mod config_errors;
 mod gpu;
 mod input_fuzz;
 mod merge;
+mod newcomer;
 mod reference_logits;
 mod resume;
 mod submit_greedy;

@@ -349,6 +349,7 @@ fn job_level_input_problems_fail_before_any_model_work() {
         let run = runner(tmp.path(), &args, &[]);
         let e = error_line(&run);
         assert!(e.contains(want), "{file}: {e}");
+        assert_eq!(run.code, Some(2), "{file}: a bad job or input: {e}");
         assert!(
             !run.stderr.contains("model loaded"),
             "{file}: failed only after loading the model"

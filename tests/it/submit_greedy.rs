@@ -1,7 +1,8 @@
 //! Greedy ChatML continuations through the real `runner submit`, token for
 //! token against `generations.json` (f32: every step; f16: up to the first
 //! step whose reference top1-top2 margin is below 0.1, as the fixture README
-//! says), plus the output schema as pyarrow reads it.
+//! says), plus the output schema as pyarrow reads it (provisioned under
+//! target/ when python3 lacks it: `common::pyarrow_python`).
 
 use crate::common::{fixtures, json, reference_path, rows, runner, write_job, ALL_MODELS};
 
@@ -155,10 +156,13 @@ print(json.dumps({"schema": [[f.name, str(f.type)] for f in t.schema], "rows": t
                   "status": sorted(set(t.column("status").to_pylist())),
                   "quant_bits": sorted(set(t.column("quant_bits").to_pylist()))}))
 "#;
-    let py = std::process::Command::new("python3")
-        .args(["-c", script, out.to_str().unwrap()])
-        .output()
-        .expect("python3 runs (.ci/run installs pyarrow)");
+    let (python, path) = crate::common::pyarrow_python();
+    let mut py = std::process::Command::new(python);
+    py.args(["-c", script, out.to_str().unwrap()]);
+    if let Some(p) = path {
+        py.env("PYTHONPATH", p);
+    }
+    let py = py.output().expect("python runs");
     assert!(
         py.status.success(),
         "pyarrow failed to read the output: {}",

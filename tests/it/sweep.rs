@@ -121,7 +121,7 @@ fn last_word(s: &str) -> Option<String> {
 }
 
 fn report_rows(out: &Path) -> Vec<serde_json::Value> {
-    let f = std::fs::File::open(out.join("report.parquet")).unwrap();
+    let f = std::fs::File::open(out.join("_report/report.parquet")).unwrap();
     let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
         .unwrap()
         .build()
@@ -168,6 +168,12 @@ fn sweep_report_matches_figures_computed_from_the_rows() {
     let mut nontrivial = 0;
     for r in &report {
         let name = r["variant"].as_str().unwrap();
+        // Measured on the CPU: no GPU figure, blank rather than 0.00.
+        assert!(
+            r["peak_gpu_gib"].is_null(),
+            "{name}: peak GPU {}",
+            r["peak_gpu_gib"]
+        );
         let rows = variant_rows(&out.join(format!("variant={name}")));
         assert_eq!(rows.len(), EVAL.len(), "{name}: every record");
         assert_eq!(r["records"], EVAL.len() as u64);
@@ -247,13 +253,13 @@ fn sweep_report_matches_figures_computed_from_the_rows() {
         .find(|r| r["variant"] == ALL_MODELS[0])
         .unwrap();
     assert_eq!(baseline["agreement"].as_f64(), Some(1.0));
-    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let md = std::fs::read_to_string(out.join("_report/report.md")).unwrap();
     assert!(
         md.contains("| variant | records | errors |") && md.contains(ALL_MODELS[2]),
         "{md}"
     );
     // The plot: a 720x480 PNG with one coloured point per variant.
-    let dec = png::Decoder::new(std::fs::File::open(out.join("report.png")).unwrap());
+    let dec = png::Decoder::new(std::fs::File::open(out.join("_report/report.png")).unwrap());
     let mut reader = dec.read_info().unwrap();
     let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut buf).unwrap();
@@ -263,7 +269,7 @@ fn sweep_report_matches_figures_computed_from_the_rows() {
     }
     assert!(md.contains("](report.png)"), "{md}");
     // `runner report` rebuilds the same figures from the data.
-    std::fs::remove_file(out.join("report.parquet")).unwrap();
+    std::fs::remove_file(out.join("_report/report.parquet")).unwrap();
     let run = runner(tmp.path(), &["report", out.to_str().unwrap()], &[]);
     assert!(run.ok, "{}", run.stderr);
     assert_eq!(report_rows(&out), report);
