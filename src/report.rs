@@ -338,14 +338,23 @@ pub fn write(sweep_out: &Path, info: &SweepInfo, rows: &[VariantReport]) -> Resu
         .map(|r| r.output_tok_s.unwrap_or(f64::NAN))
         .zip(ys)
         .collect();
-    plot::write(&out.join("report.png"), &points)?;
+    let title = format!("{ylabel} against output tok/s, one point per variant");
+    plot::write(
+        &out.join("report.svg"),
+        &plot::Plot {
+            title: &title,
+            x_label: "output tok/s",
+            y_label: &ylabel,
+            points: &points,
+        },
+    )?;
     md.push_str(&format!(
-        "\n![{ylabel} against output tok/s](report.png)\n\nreport.png: {ylabel} (y) against output tok/s (x); points numbered:\n\n"
+        "\n![{title}](report.svg)\n\nreport.svg: {ylabel} (y) against output tok/s (x); points numbered:\n\n"
     ));
     for (i, r) in rows.iter().enumerate() {
         let c = plot::PALETTE[i % plot::PALETTE.len()];
         md.push_str(&format!(
-            "{}. {} (rgb {}, {}, {})\n",
+            "{}. {} (#{:02x}{:02x}{:02x})\n",
             i + 1,
             r.variant,
             c[0],

@@ -1,76 +1,14 @@
-//! The sweep report's plot: one point per variant, a score (y) against
-//! output tok/s (x), drawn into a PNG without a font library: points are
-//! numbered (report.md's legend maps numbers to variants) and the axis ends
-//! carry their values in a 3x5 pixel digit font.
+//! The sweep report's plot with `plotters`: one numbered point per variant,
+//! a score (y) against output tok/s (x), with a title and axis labels, as
+//! SVG (the text is left to the viewer, so no font library is needed;
+//! report.md's legend maps the numbers to variants).
 
 use crate::{Error, Result};
+use plotters::prelude::*;
 use std::path::Path;
 
-const W: usize = 720;
-const H: usize = 480;
-const M: usize = 60; // margin
-
-/// 3x5 glyphs for 0-9, '.', '-': each row is 3 bits, most significant left.
-fn glyph(c: char) -> Option<[u8; 5]> {
-    Some(match c {
-        '0' => [7, 5, 5, 5, 7],
-        '1' => [2, 6, 2, 2, 7],
-        '2' => [7, 1, 7, 4, 7],
-        '3' => [7, 1, 7, 1, 7],
-        '4' => [5, 5, 7, 1, 1],
-        '5' => [7, 4, 7, 1, 7],
-        '6' => [7, 4, 7, 5, 7],
-        '7' => [7, 1, 1, 1, 1],
-        '8' => [7, 5, 7, 5, 7],
-        '9' => [7, 5, 7, 1, 7],
-        '.' => [0, 0, 0, 0, 2],
-        '-' => [0, 0, 7, 0, 0],
-        _ => return None,
-    })
-}
-
-struct Canvas {
-    px: Vec<u8>,
-}
-
-impl Canvas {
-    fn new() -> Self {
-        Self {
-            px: vec![255; W * H * 3],
-        }
-    }
-
-    fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
-        if x >= 0 && y >= 0 && (x as usize) < W && (y as usize) < H {
-            let i = (y as usize * W + x as usize) * 3;
-            self.px[i..i + 3].copy_from_slice(&c);
-        }
-    }
-
-    fn rect(&mut self, x0: i64, y0: i64, w: i64, h: i64, c: [u8; 3]) {
-        for y in y0..y0 + h {
-            for x in x0..x0 + w {
-                self.set(x, y, c);
-            }
-        }
-    }
-
-    fn text(&mut self, x: i64, y: i64, s: &str, scale: i64, c: [u8; 3]) {
-        for (k, ch) in s.chars().enumerate() {
-            if let Some(g) = glyph(ch) {
-                for (row, bits) in g.iter().enumerate() {
-                    for col in 0..3 {
-                        if bits & (4 >> col) != 0 {
-                            let (gx, gy) =
-                                (x + (k as i64 * 4 + col) * scale, y + row as i64 * scale);
-                            self.rect(gx, gy, scale, scale, c);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
+const W: u32 = 720;
+const H: u32 = 480;
 
 /// Distinct colours for up to 8 points (then repeating).
 pub const PALETTE: [[u8; 3]; 8] = [
@@ -84,64 +22,70 @@ pub const PALETTE: [[u8; 3]; 8] = [
     [127, 127, 127],
 ];
 
-fn fmt(v: f64) -> String {
-    if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.2}")
-    }
+/// What to draw: the points (x, y), numbered from 1 in order, and the labels.
+pub struct Plot<'a> {
+    /// The figure's title.
+    pub title: &'a str,
+    /// The x axis label.
+    pub x_label: &'a str,
+    /// The y axis label.
+    pub y_label: &'a str,
+    /// One point per variant; non-finite points are left out.
+    pub points: &'a [(f64, f64)],
 }
 
-/// Writes the plot of `points` (x, y), numbered from 1 in order.
-pub fn write(path: &Path, points: &[(f64, f64)]) -> Result<()> {
-    let mut c = Canvas::new();
-    let black = [0, 0, 0];
-    c.rect(M as i64, (H - M) as i64, (W - 2 * M) as i64, 2, black);
-    c.rect(M as i64, M as i64, 2, (H - 2 * M) as i64, black);
-    let finite: Vec<(f64, f64)> = points
+/// Writes the plot as an SVG file.
+pub fn write(path: &Path, plot: &Plot) -> Result<()> {
+    let mut svg = String::new();
+    draw(&mut svg, plot).map_err(|e| Error::Output(format!("{}: {e}", path.display())))?;
+    std::fs::write(path, svg).map_err(|e| Error::io(path, e))
+}
+
+fn draw(svg: &mut String, plot: &Plot) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::with_string(svg, (W, H)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let finite: Vec<(usize, (f64, f64))> = plot
+        .points
         .iter()
         .copied()
-        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .enumerate()
+        .filter(|(_, p)| p.0.is_finite() && p.1.is_finite())
         .collect();
-    let (x0, x1) = span(finite.iter().map(|p| p.0));
+    let (x0, x1) = span(finite.iter().map(|p| p.1 .0));
     // Scores and shares live in [0, 1]: show that whole range.
-    let (y0, y1) = if finite.iter().all(|p| (0.0..=1.0).contains(&p.1)) {
+    let (y0, y1) = if finite.iter().all(|p| (0.0..=1.0).contains(&p.1 .1)) {
         (0.0, 1.0)
     } else {
-        span(finite.iter().map(|p| p.1))
+        span(finite.iter().map(|p| p.1 .1))
     };
-    c.text(M as i64, (H - M + 10) as i64, &fmt(x0), 2, black);
-    c.text((W - M - 40) as i64, (H - M + 10) as i64, &fmt(x1), 2, black);
-    c.text(6, (H - M - 10) as i64, &fmt(y0), 2, black);
-    c.text(6, M as i64, &fmt(y1), 2, black);
-    let plot_w = (W - 2 * M - 20) as f64;
-    let plot_h = (H - 2 * M - 20) as f64;
-    for (i, &(x, y)) in points.iter().enumerate() {
-        if !(x.is_finite() && y.is_finite()) {
-            continue;
-        }
-        let px = M as f64 + 10.0 + (x - x0) / (x1 - x0) * plot_w;
-        let py = (H - M) as f64 - 10.0 - (y - y0) / (y1 - y0) * plot_h;
-        let col = PALETTE[i % PALETTE.len()];
-        for dy in -5i64..=5 {
-            for dx in -5i64..=5 {
-                if dx * dx + dy * dy <= 25 {
-                    c.set(px as i64 + dx, py as i64 + dy, col);
-                }
-            }
-        }
-        c.text(px as i64 + 8, py as i64 - 14, &(i + 1).to_string(), 2, col);
-    }
-    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), W as u32, H as u32);
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    enc.write_header()
-        .and_then(|mut w| w.write_image_data(&c.px))
-        .map_err(|e| Error::Output(format!("{}: {e}", path.display())))
+    let pad = (x1 - x0) * 0.08;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(plot.title, ("sans-serif", 20))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0 - pad..x1 + pad, y0..y1 + (y1 - y0) * 0.05)?;
+    chart
+        .configure_mesh()
+        .x_desc(plot.x_label)
+        .y_desc(plot.y_label)
+        .draw()?;
+    chart.draw_series(finite.iter().map(|&(i, p)| {
+        let [r, g, b] = PALETTE[i % PALETTE.len()];
+        let colour = RGBColor(r, g, b);
+        EmptyElement::at(p)
+            + Circle::new((0, 0), 6, colour.filled())
+            + Text::new(
+                (i + 1).to_string(),
+                (8, -18),
+                ("sans-serif", 15).into_font().color(&colour),
+            )
+    }))?;
+    root.present()?;
+    Ok(())
 }
 
-/// Axis range with a little room; a flat range is widened.
+/// Axis range; a flat range is widened.
 fn span(v: impl Iterator<Item = f64>) -> (f64, f64) {
     let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
     for x in v {
@@ -156,4 +100,39 @@ fn span(v: impl Iterator<Item = f64>) -> (f64, f64) {
         return (lo - pad, hi + pad);
     }
     (lo, hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plot_has_a_title_axis_labels_and_one_point_per_variant() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("p.svg");
+        let points = [(100.0, 0.5), (200.0, 0.75), (f64::NAN, 0.1), (150.0, 1.0)];
+        let plot = Plot {
+            title: "sweep: exact_match against speed",
+            x_label: "output tok/s",
+            y_label: "exact_match mean",
+            points: &points,
+        };
+        write(&path, &plot).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        for text in [plot.title, plot.x_label, plot.y_label] {
+            assert!(svg.contains(&format!(">{text}<")), "{text} in {svg}");
+        }
+        for (i, c) in [0, 1, 3].map(|i| (i, PALETTE[i])) {
+            let hex = format!("#{:02X}{:02X}{:02X}", c[0], c[1], c[2]);
+            assert!(
+                svg.contains(&format!("<circle")) && svg.to_uppercase().contains(&hex),
+                "point {i}"
+            );
+        }
+        assert_eq!(
+            svg.matches("<circle").count(),
+            3,
+            "one circle per finite point"
+        );
+    }
 }

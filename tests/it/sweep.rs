@@ -258,16 +258,18 @@ fn sweep_report_matches_figures_computed_from_the_rows() {
         md.contains("| variant | records | errors |") && md.contains(ALL_MODELS[2]),
         "{md}"
     );
-    // The plot: a 720x480 PNG with one coloured point per variant.
-    let dec = png::Decoder::new(std::fs::File::open(out.join("_report/report.png")).unwrap());
-    let mut reader = dec.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    assert_eq!((info.width, info.height), (720, 480));
-    for c in &runner::report::plot::PALETTE[..4] {
-        assert!(buf.chunks(3).any(|p| p == c), "a point of colour {c:?}");
+    // The plot: an SVG with a title, axis labels and one coloured point per variant.
+    let svg = std::fs::read_to_string(out.join("_report/report.svg")).unwrap();
+    assert!(
+        svg.contains(">output tok/s<") && svg.contains("against output tok/s"),
+        "{svg}"
+    );
+    assert_eq!(svg.matches("<circle").count(), ALL_MODELS.len(), "{svg}");
+    for c in &runner::report::plot::PALETTE[..ALL_MODELS.len()] {
+        let hex = format!("#{:02X}{:02X}{:02X}", c[0], c[1], c[2]);
+        assert!(svg.to_uppercase().contains(&hex), "a point of colour {hex}");
     }
-    assert!(md.contains("](report.png)"), "{md}");
+    assert!(md.contains("](report.svg)"), "{md}");
     // `runner report` rebuilds the same figures from the data.
     std::fs::remove_file(out.join("_report/report.parquet")).unwrap();
     let run = runner(tmp.path(), &["report", out.to_str().unwrap()], &[]);
