@@ -89,6 +89,8 @@ pub struct RawGeneration {
     pub stop: Vec<String>,
     pub system_prompt: String,
     pub ignore_eos: bool,
+    pub min_new_tokens: i64,
+    pub stop_token_ids: Vec<u32>,
 }
 
 /// `[output]`
@@ -100,6 +102,7 @@ pub struct RawOutput {
     pub include_token_ids: bool,
     pub flush_every: i64,
     pub flush_every_s: f64,
+    pub include_stop_str: bool,
 }
 
 /// `[engine]`

@@ -79,11 +79,12 @@ impl RawJob {
             },
         };
         let g = self.generation;
-        if g.top_k < 0 {
-            return Err(Error::Config(format!(
-                "generation.top_k is {}, expected >= 0",
-                g.top_k
-            )));
+        for (key, v) in [("top_k", g.top_k), ("min_new_tokens", g.min_new_tokens)] {
+            if v < 0 {
+                return Err(Error::Config(format!(
+                    "generation.{key} is {v}, expected >= 0"
+                )));
+            }
         }
         let generation = GenerationParams {
             max_new_tokens: positive("generation.max_new_tokens", g.max_new_tokens)?,
@@ -95,6 +96,8 @@ impl RawJob {
             stop: g.stop,
             system_prompt: g.system_prompt,
             ignore_eos: g.ignore_eos,
+            min_new_tokens: g.min_new_tokens as usize,
+            stop_token_ids: g.stop_token_ids,
         };
         generation.validate("generation.").map_err(Error::Config)?;
         if generation.stop.iter().any(|s| s.is_empty()) {
@@ -147,6 +150,7 @@ impl RawJob {
                 path: self.output.path.relative(),
                 include_token_ids: self.output.include_token_ids,
                 flush_every: positive("output.flush_every", self.output.flush_every)?,
+                include_stop_str: self.output.include_stop_str,
                 flush_every_s: match self.output.flush_every_s {
                     s if s.is_finite() && s > 0.0 => s,
                     s => {

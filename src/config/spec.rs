@@ -120,6 +120,11 @@ pub struct GenerationParams {
     pub system_prompt: String,
     /// Keep generating past EOS (benchmarks).
     pub ignore_eos: bool,
+    /// Tokens generated before EOS, `stop_token_ids` or a stop string may
+    /// end the completion (EOS and stop ids are masked until then).
+    pub min_new_tokens: usize,
+    /// Token ids that end a completion (finish reason `stop`), beside EOS.
+    pub stop_token_ids: Vec<u32>,
 }
 
 impl Default for GenerationParams {
@@ -136,6 +141,8 @@ impl Default for GenerationParams {
             stop: Vec::new(),
             system_prompt: String::new(),
             ignore_eos: false,
+            min_new_tokens: 0,
+            stop_token_ids: Vec::new(),
         }
     }
 }
@@ -145,6 +152,12 @@ impl GenerationParams {
     pub fn validate(&self, what: &str) -> std::result::Result<(), String> {
         if self.max_new_tokens == 0 {
             return Err(format!("{what}max_new_tokens is 0, expected at least 1"));
+        }
+        if self.min_new_tokens > self.max_new_tokens {
+            return Err(format!(
+                "{what}min_new_tokens is {}, expected at most max_new_tokens ({})",
+                self.min_new_tokens, self.max_new_tokens
+            ));
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(format!(
@@ -179,6 +192,8 @@ pub struct OutputSpec {
     pub flush_every: usize,
     /// Seconds a finished row may wait in the buffer before a part is written.
     pub flush_every_s: f64,
+    /// Keep the stop string that ended a completion.
+    pub include_stop_str: bool,
 }
 
 /// `[engine]`, resolved.

@@ -76,6 +76,7 @@ pub struct Engine {
     max_prompt_tokens: usize,
     sched: SchedulerConfig,
     include_token_ids: bool,
+    include_stop_str: bool,
     defaults: GenerationParams,
     stop: Option<Arc<AtomicBool>>,
     scorer: crate::scoring::Scorer,
@@ -141,6 +142,7 @@ impl Engine {
                 prefix_caching: spec.engine.prefix_caching,
             },
             include_token_ids: spec.output.include_token_ids,
+            include_stop_str: spec.output.include_stop_str,
             defaults: spec.generation.clone(),
             stop: None,
             scorer: crate::scoring::Scorer::new(&spec.scoring),
@@ -249,6 +251,7 @@ impl Engine {
                 decoder: &self.prompter,
                 scorer: &self.scorer,
                 include_token_ids: self.include_token_ids,
+                include_stop_str: self.include_stop_str,
             },
         )
     }

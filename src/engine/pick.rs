@@ -28,9 +28,10 @@ enum Route {
 }
 
 /// Where a row's token is picked: on the device when the backend samples
-/// there (`top_k_max > 0`) and no repetition penalty needs the history.
-fn route(top_k_max: usize, p: &GenerationParams) -> Route {
-    if top_k_max == 0 || p.repetition_penalty != 1.0 {
+/// there (`top_k_max > 0`), no repetition penalty needs the history and no
+/// stop token is masked (`generated < min_new_tokens`).
+fn route(top_k_max: usize, p: &GenerationParams, generated: usize) -> Route {
+    if top_k_max == 0 || p.repetition_penalty != 1.0 || generated < p.min_new_tokens {
         Route::Host
     } else if p.temperature == 0.0 {
         Route::DeviceArgmax
@@ -54,7 +55,7 @@ pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<
             if req.kind != RequestKind::Generate || n == 0 {
                 Route::Skip
             } else {
-                route(top_k_max, &req.params)
+                route(top_k_max, &req.params, req.generated().len())
             }
         })
         .collect();

@@ -18,6 +18,8 @@ pub struct RowBuilder<'a> {
     pub scorer: &'a Scorer,
     /// Write `completion_token_ids`.
     pub include_token_ids: bool,
+    /// Keep the stop string that ended a completion.
+    pub include_stop_str: bool,
 }
 
 impl RowBuilder<'_> {
@@ -39,9 +41,8 @@ impl RowBuilder<'_> {
         }
         let generated = req.generated();
         let mut text = self.decoder.decode(generated)?;
-        let cut = req.params.stop.iter().filter_map(|s| text.find(s)).min();
-        if let Some(cut) = cut {
-            text.truncate(cut);
+        if reason == FinishReason::Stop && !req.params.stop.is_empty() {
+            self.cut_at_stop(&mut text, &req)?;
         }
         let scores = self.scorer.score(&text, req.record.reference.as_deref());
         row.scores = scores.values.iter().map(|v| v.1).collect();
@@ -53,6 +54,33 @@ impl RowBuilder<'_> {
             row.completion_token_ids = generated.to_vec();
         }
         Ok(row)
+    }
+}
+
+impl RowBuilder<'_> {
+    /// Cuts the completion at the first stop string that ends after the
+    /// first `min_new_tokens` tokens (the one that stopped it), before it
+    /// or, with `include_stop_str`, after it.
+    fn cut_at_stop(&self, text: &mut String, req: &Request) -> Result<()> {
+        let p = &req.params;
+        let min = p.min_new_tokens.min(req.generated().len());
+        let early = match min {
+            0 => 0,
+            n => self.decoder.decode(&req.generated()[..n])?.len(),
+        };
+        let found = p
+            .stop
+            .iter()
+            .filter_map(|s| {
+                text.match_indices(s.as_str())
+                    .find(|(i, _)| i + s.len() > early)
+                    .map(|(i, _)| (i, i + s.len()))
+            })
+            .min();
+        if let Some((start, end)) = found {
+            text.truncate(if self.include_stop_str { end } else { start });
+        }
+        Ok(())
     }
 }
 

@@ -118,6 +118,17 @@ fn run(
     runner: &mut FakeRunner,
     score: bool,
 ) -> (Vec<OutputRow>, super::JobSummary) {
+    run_opts(items, cfg, runner, score, false)
+}
+
+/// `run`, with the row builder's `include_stop_str`.
+fn run_opts(
+    items: Vec<Prepared>,
+    cfg: SchedulerConfig,
+    runner: &mut FakeRunner,
+    score: bool,
+    include_stop_str: bool,
+) -> (Vec<OutputRow>, super::JobSummary) {
     let spec = ScoringSpec {
         loglikelihood: score,
         continuation_column: "continuation".into(),
@@ -131,6 +142,7 @@ fn run(
         decoder: &Letters,
         scorer: &scorer,
         include_token_ids: true,
+        include_stop_str,
     };
     let stops = StopRule {
         decoder: &Letters,
@@ -232,7 +244,7 @@ fn preemption_and_recompute_give_the_same_tokens_as_a_roomy_cache() {
 }
 
 #[test]
-fn a_stop_string_ends_the_completion_and_is_trimmed() {
+fn a_stop_string_ends_the_completion_and_is_trimmed_unless_kept() {
     let ps = prompts(1, 6);
     let full = expected(&ps[0], 8);
     let text = Letters.decode(&full).unwrap();
@@ -241,30 +253,105 @@ fn a_stop_string_ends_the_completion_and_is_trimmed() {
     let first = text.find(&stop).unwrap();
     let mut p = params(8);
     p.stop = vec![stop];
+    for include_stop_str in [false, true] {
+        let (rows, _) = run_opts(
+            gen_items(&ps, &p),
+            SchedulerConfig::tiny(64, 4, 64),
+            &mut FakeRunner::default(),
+            false,
+            include_stop_str,
+        );
+        let kept = if include_stop_str { first + 1 } else { first };
+        assert_eq!(rows[0].finish_reason, FinishReason::Stop);
+        assert_eq!(rows[0].completion.as_deref(), Some(&text[..kept]));
+        assert_eq!(rows[0].completion_tokens as usize, first + 1);
+    }
+}
+
+/// Rows of `prompts` when the model's top token is EOS after `at`
+/// generated tokens.
+fn run_eos_after(prompts: &[Vec<u32>], p: &GenerationParams, at: usize) -> Vec<OutputRow> {
+    let mut runner = FakeRunner {
+        eos_after: Some(at),
+        ..Default::default()
+    };
+    run(
+        gen_items(prompts, p),
+        SchedulerConfig::tiny(64, 4, 64),
+        &mut runner,
+        false,
+    )
+    .0
+}
+
+#[test]
+fn min_new_tokens_masks_eos_and_early_stop_strings() {
+    let ps = prompts(1, 5);
+    let full = expected(&ps[0], 10);
+    let text = Letters.decode(&full).unwrap();
+    // EOS forced as the 4th token: masked below 6, a stop above 2.
+    for (min, want) in [
+        (6, (FinishReason::Length, 10)),
+        (2, (FinishReason::Stop, 4)),
+    ] {
+        let mut p = params(10);
+        p.min_new_tokens = min;
+        let rows = run_eos_after(&ps, &p, 3);
+        assert_eq!(
+            (rows[0].finish_reason, rows[0].completion_tokens as usize),
+            want,
+            "min {min}"
+        );
+        if min == 6 {
+            assert!(!rows[0].completion_token_ids.contains(&EOS));
+            assert_eq!(rows[0].completion.as_deref(), Some(text.as_str()));
+        }
+    }
+    // The 2nd token's letter as a stop string: it counts only from token 5 on.
+    let stop = text[1..2].to_string();
+    let mut p = params(10);
+    p.min_new_tokens = 4;
+    p.stop = vec![stop.clone()];
     let (rows, _) = run(
         gen_items(&ps, &p),
         SchedulerConfig::tiny(64, 4, 64),
         &mut FakeRunner::default(),
         false,
     );
+    match text[4..].find(&stop).map(|j| j + 4) {
+        Some(j) => {
+            assert_eq!(rows[0].finish_reason, FinishReason::Stop);
+            assert_eq!(rows[0].completion.as_deref(), Some(&text[..j]));
+            assert_eq!(rows[0].completion_tokens as usize, j + 1);
+        }
+        None => {
+            assert_eq!(rows[0].finish_reason, FinishReason::Length);
+            assert_eq!(rows[0].completion.as_deref(), Some(text.as_str()));
+        }
+    }
+}
+
+#[test]
+fn stop_token_ids_end_the_completion() {
+    let ps = prompts(1, 6);
+    let full = expected(&ps[0], 8);
+    let mut p = params(8);
+    p.stop_token_ids = vec![full[2]];
+    let (rows, _) = run(
+        gen_items(&ps, &p),
+        SchedulerConfig::tiny(64, 4, 64),
+        &mut FakeRunner::default(),
+        false,
+    );
+    let first = full.iter().position(|&t| t == full[2]).unwrap();
     assert_eq!(rows[0].finish_reason, FinishReason::Stop);
-    assert_eq!(rows[0].completion.as_deref(), Some(&text[..first]));
-    assert_eq!(rows[0].completion_tokens as usize, first + 1);
+    assert_eq!(rows[0].completion_token_ids, full[..=first].to_vec());
 }
 
 #[test]
 fn eos_gives_stop_unless_ignored_and_length_caps_the_rest() {
     let ps = prompts(2, 5);
-    let mut runner = FakeRunner {
-        eos_after: Some(3),
-        ..Default::default()
-    };
-    let (rows, _) = run(
-        gen_items(&ps, &params(10)),
-        SchedulerConfig::tiny(64, 4, 64),
-        &mut runner,
-        false,
-    );
+    let rows = run_eos_after(&ps, &params(10), 3);
     for r in &rows {
         assert_eq!(
             (r.finish_reason, r.completion_tokens),
@@ -274,16 +361,7 @@ fn eos_gives_stop_unless_ignored_and_length_caps_the_rest() {
     }
     let mut p = params(10);
     p.ignore_eos = true;
-    let mut runner = FakeRunner {
-        eos_after: Some(3),
-        ..Default::default()
-    };
-    let (rows, _) = run(
-        gen_items(&ps, &p),
-        SchedulerConfig::tiny(64, 4, 64),
-        &mut runner,
-        false,
-    );
+    let rows = run_eos_after(&ps, &p, 3);
     for r in &rows {
         assert_eq!(
             (r.finish_reason, r.completion_tokens),

@@ -4,6 +4,7 @@
 
 use super::pick::Picked;
 use super::runner::StepLogits;
+use crate::config::GenerationParams;
 use crate::output::FinishReason;
 use crate::prompt::Decoder;
 use crate::sampler;
@@ -24,11 +25,13 @@ impl StopRule<'_> {
     /// Why `req` (whose newest token is `tok`) is finished, if it is.
     pub fn check(&self, req: &Request, tok: u32) -> Result<Option<FinishReason>> {
         let p = &req.params;
-        if !p.ignore_eos && self.decoder.stop_ids().contains(&tok) {
+        let generated = req.generated();
+        // Before `min_new_tokens`, only length and context end a completion.
+        let may_stop = generated.len() > p.min_new_tokens;
+        if may_stop && self.is_stop_token(p, tok) {
             return Ok(Some(FinishReason::Stop));
         }
-        let generated = req.generated();
-        if !p.stop.is_empty() {
+        if may_stop && !p.stop.is_empty() {
             // Checked every step, so a stop string can only end in the newest
             // token: decoding a tail window that covers the longest stop string
             // (a character takes at most 4 byte-fallback tokens) plus margin
@@ -45,6 +48,26 @@ impl StopRule<'_> {
             return Ok(Some(FinishReason::Length));
         }
         Ok(None)
+    }
+
+    /// EOS (unless ignored) or one of the record's `stop_token_ids`.
+    pub fn is_stop_token(&self, p: &GenerationParams, tok: u32) -> bool {
+        (!p.ignore_eos && self.decoder.stop_ids().contains(&tok)) || p.stop_token_ids.contains(&tok)
+    }
+
+    /// Masks the tokens that would end `req` too early (before
+    /// `min_new_tokens`) in its logits row.
+    pub fn mask_early_stops(&self, req: &Request, row: &mut [f32]) {
+        let p = &req.params;
+        if req.generated().len() >= p.min_new_tokens {
+            return;
+        }
+        let eos = self.decoder.stop_ids().iter().filter(|_| !p.ignore_eos);
+        for &t in eos.chain(&p.stop_token_ids) {
+            if let Some(l) = row.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
     }
 }
 
@@ -68,6 +91,13 @@ pub fn apply(
             finished.push((c.seq, FinishReason::Scored));
             continue;
         }
+        let pick = match pick {
+            Some(Picked::Logits(mut row)) => {
+                stops.mask_early_stops(sched.request(c.seq), &mut row);
+                Some(Picked::Logits(row))
+            }
+            other => other,
+        };
         let req = sched.request_mut(c.seq);
         let (history, params, rng) = req.sampling_parts();
         let tok = match pick {

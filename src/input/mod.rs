@@ -68,6 +68,7 @@ pub const OVERRIDE_COLUMNS: &[&str] = &[
     "top_k",
     "repetition_penalty",
     "seed",
+    "min_new_tokens",
 ];
 
 /// Opens the input named by the spec as a stream of records.
@@ -181,7 +182,7 @@ impl RecordBuilder {
             };
             let bad = || format!("record {id}: `{col}` is {}, expected a number", describe(v));
             match col {
-                "max_new_tokens" | "top_k" | "seed" => {
+                "max_new_tokens" | "top_k" | "seed" | "min_new_tokens" => {
                     let n = v.as_i64().ok_or_else(bad)?;
                     if n < 0 {
                         return Err(format!("record {id}: `{col}` is {n}, expected >= 0"));
@@ -189,6 +190,7 @@ impl RecordBuilder {
                     match col {
                         "max_new_tokens" => p.max_new_tokens = n as usize,
                         "top_k" => p.top_k = n as usize,
+                        "min_new_tokens" => p.min_new_tokens = n as usize,
                         _ => p.seed = n as u64,
                     }
                 }

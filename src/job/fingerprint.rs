@@ -41,6 +41,10 @@ pub fn fingerprint(spec: &JobSpec) -> Result<BTreeMap<String, String>> {
         "output.include_token_ids".into(),
         spec.output.include_token_ids.to_string(),
     );
+    fp.insert(
+        "output.include_stop_str".into(),
+        spec.output.include_stop_str.to_string(),
+    );
     let s = serde_json::to_value(&spec.scoring).expect("scoring serializes");
     if let serde_json::Value::Object(o) = s {
         for (k, v) in o {

@@ -73,7 +73,7 @@ impl Manifest {
             // Older manifests hold `input.path` as written, relative to a
             // working directory they do not record: only a resolved
             // (absolute) path is compared; the content hash always is.
-            .filter(|(k, v)| !(k.as_str() == "input.path" && !Path::new(v.as_str()).is_absolute()))
+            .filter(|(k, v)| k.as_str() != "input.path" || Path::new(v.as_str()).is_absolute())
             .filter(|(k, v)| new.get(*k) != Some(*v))
             .map(|(k, v)| {
                 let now = new.get(k).map_or("(none)", String::as_str);

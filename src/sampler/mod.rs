@@ -168,6 +168,7 @@ mod tests {
             stop: vec![],
             system_prompt: String::new(),
             ignore_eos: false,
+            ..GenerationParams::default()
         }
     }
 

@@ -259,7 +259,9 @@ fn sweep_report_matches_figures_computed_from_the_rows() {
         "{md}"
     );
     // The plot: an SVG with a title, axis labels and one coloured point per variant.
-    let svg = std::fs::read_to_string(out.join("_report/report.svg")).unwrap();
+    let svg = std::fs::read_to_string(out.join("_report/report.svg"))
+        .unwrap()
+        .replace('\n', "");
     assert!(
         svg.contains(">output tok/s<") && svg.contains("against output tok/s"),
         "{svg}"
