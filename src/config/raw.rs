@@ -73,6 +73,9 @@ pub struct RawInput {
     pub prompt_column: String,
     pub messages_column: String,
     pub system_column: String,
+    pub template: String,
+    #[serde(default)]
+    pub template_file: Option<RelativePathBuf>,
 }
 
 /// `[generation]`

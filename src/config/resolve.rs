@@ -58,6 +58,24 @@ impl RawJob {
             None
         };
         let input_path = self.input.path.relative();
+        let template = match (self.input.template.is_empty(), &self.input.template_file) {
+            (true, None) => None,
+            (false, None) => Some(self.input.template.clone()),
+            (true, Some(f)) => {
+                let p = f.relative();
+                Some(std::fs::read_to_string(&p).map_err(|e| {
+                    Error::Config(format!(
+                        "input.template_file {} cannot be read: {e}",
+                        p.display()
+                    ))
+                })?)
+            }
+            (false, Some(_)) => {
+                return Err(Error::Config(
+                    "input.template and input.template_file are both set; use one".into(),
+                ))
+            }
+        };
         let format = match self.input.format {
             FormatChoice::Jsonl => InputFormat::Jsonl,
             FormatChoice::Parquet => InputFormat::Parquet,
@@ -144,6 +162,7 @@ impl RawJob {
                 system_column: self.input.system_column,
                 reference_column: scoring.reference_column.clone(),
                 continuation_column: scoring.continuation_column.clone(),
+                template,
             },
             generation,
             output: OutputSpec {

@@ -97,6 +97,9 @@ pub struct InputSpec {
     pub reference_column: String,
     /// Column with a continuation to score (loglikelihood mode).
     pub continuation_column: String,
+    /// `input.template` (or the text of `input.template_file`): renders the
+    /// user message from the record's columns instead of the prompt column.
+    pub template: Option<String>,
 }
 
 /// Sampling and stopping parameters; job-level defaults, overridable per record.

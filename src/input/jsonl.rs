@@ -18,8 +18,15 @@ pub struct JsonlSource {
 }
 
 impl JsonlSource {
-    /// Opens a JSONL file.
+    /// Opens a JSONL file. With a template, its first record must have
+    /// every column the template reads (a later record without one becomes
+    /// an error row).
     pub fn open(path: &Path, builder: RecordBuilder) -> Result<Self> {
+        if !builder.template_columns().is_empty() {
+            if let Some(first) = first_object(path)? {
+                builder.check_template(path, |c| first.contains_key(c))?;
+            }
+        }
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -78,4 +85,16 @@ impl Iterator for JsonlSource {
             };
         }
     }
+}
+
+/// The first line that parses as a JSON object, if any.
+fn first_object(path: &Path) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    for line in BufReader::new(file).lines() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        if let Ok(serde_json::Value::Object(obj)) = serde_json::from_str(&line) {
+            return Ok(Some(obj));
+        }
+    }
+    Ok(None)
 }

@@ -3,8 +3,10 @@
 //! becomes an error row in the output) instead of stopping the job.
 
 mod record_error;
+mod template;
 
 pub use record_error::RecordError;
+pub use template::UserTemplate;
 mod jsonl;
 mod parquet;
 
@@ -82,7 +84,7 @@ pub fn open(
             spec.path.display()
         )));
     }
-    let rb = RecordBuilder::new(spec.clone(), defaults.clone());
+    let rb = RecordBuilder::new(spec.clone(), defaults.clone())?;
     Ok(match spec.format {
         InputFormat::Jsonl => Box::new(JsonlSource::open(&spec.path, rb)?),
         InputFormat::Parquet => Box::new(ParquetSource::open(&spec.path, rb)?),
@@ -94,12 +96,36 @@ pub fn open(
 pub struct RecordBuilder {
     spec: InputSpec,
     defaults: GenerationParams,
+    template: Option<UserTemplate>,
 }
 
 impl RecordBuilder {
-    /// Builds a builder for a spec and job-level defaults.
-    pub fn new(spec: InputSpec, defaults: GenerationParams) -> Self {
-        Self { spec, defaults }
+    /// Builds a builder for a spec and job-level defaults (compiling the
+    /// user-message template, if any).
+    pub fn new(spec: InputSpec, defaults: GenerationParams) -> Result<Self> {
+        let template = spec
+            .template
+            .as_deref()
+            .map(UserTemplate::compile)
+            .transpose()?;
+        Ok(Self {
+            spec,
+            defaults,
+            template,
+        })
+    }
+
+    /// The template's columns, for the readers' checks and projections.
+    pub fn template_columns(&self) -> &[String] {
+        self.template.as_ref().map_or(&[], |t| t.columns())
+    }
+
+    /// Fails before any model work when the template reads a column the
+    /// input lacks.
+    pub fn check_template(&self, file: &std::path::Path, has: impl Fn(&str) -> bool) -> Result<()> {
+        self.template
+            .as_ref()
+            .map_or(Ok(()), |t| t.check_columns(file, has))
     }
 
     /// The id of a row: the id column's value (string or integer), else the
@@ -134,20 +160,22 @@ impl RecordBuilder {
         InputRecord { row, id, body }
     }
 
-    fn body(&self, id: &str, obj: &Map<String, Value>) -> std::result::Result<RecordBody, String> {
+    /// What the record asks: the template's rendering of its columns, else
+    /// its messages, else its prompt column.
+    fn prompt(
+        &self,
+        id: &str,
+        obj: &Map<String, Value>,
+        system: Option<String>,
+    ) -> std::result::Result<PromptInput, String> {
         let s = &self.spec;
-        let system = match obj.get(&s.system_column) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(t)) => Some(t.clone()),
-            Some(other) => {
-                return Err(format!(
-                    "record {id}: `{}` is {}, expected a string",
-                    s.system_column,
-                    kind(other)
-                ))
-            }
-        };
-        let prompt = match obj.get(&s.messages_column) {
+        if let Some(t) = &self.template {
+            return Ok(PromptInput::Text {
+                system,
+                user: t.render(id, obj)?,
+            });
+        }
+        Ok(match obj.get(&s.messages_column) {
             Some(v) if !v.is_null() => PromptInput::Messages {
                 system,
                 messages: messages(id, &s.messages_column, v)?,
@@ -174,7 +202,23 @@ impl RecordBuilder {
                 }
                 PromptInput::Text { system, user }
             }
+        })
+    }
+
+    fn body(&self, id: &str, obj: &Map<String, Value>) -> std::result::Result<RecordBody, String> {
+        let s = &self.spec;
+        let system = match obj.get(&s.system_column) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) => Some(t.clone()),
+            Some(other) => {
+                return Err(format!(
+                    "record {id}: `{}` is {}, expected a string",
+                    s.system_column,
+                    kind(other)
+                ))
+            }
         };
+        let prompt = self.prompt(id, obj, system)?;
         let mut p = self.defaults.clone();
         for &col in OVERRIDE_COLUMNS {
             let Some(v) = obj.get(col).filter(|v| !v.is_null()) else {

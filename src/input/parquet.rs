@@ -39,7 +39,8 @@ impl ParquetSource {
         let schema = b.schema().clone();
         let has = |c: &str| schema.field_with_name(c).is_ok();
         let spec = &builder.spec;
-        if !has(&spec.prompt_column) && !has(&spec.messages_column) {
+        builder.check_template(path, has)?;
+        if spec.template.is_none() && !has(&spec.prompt_column) && !has(&spec.messages_column) {
             let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
             return Err(Error::Input(format!(
                 "{}: neither input.prompt_column `{}` nor input.messages_column `{}` is a column (columns: {})",
@@ -58,8 +59,10 @@ impl ParquetSource {
             spec.continuation_column.clone(),
         ];
         columns.extend(OVERRIDE_COLUMNS.iter().map(|c| c.to_string()));
+        columns.extend(builder.template_columns().iter().cloned());
         columns.retain(|c| has(c));
-        columns.dedup();
+        let mut seen = std::collections::HashSet::new();
+        columns.retain(|c| seen.insert(c.clone()));
         // Read only those columns: datasets often carry many others.
         let roots: Vec<usize> = columns
             .iter()

@@ -37,6 +37,9 @@ pub fn fingerprint(spec: &JobSpec) -> Result<BTreeMap<String, String>> {
         ),
     );
     fp.insert("input.sha256".into(), file_hash(&i.path)?);
+    if let Some(t) = &i.template {
+        fp.insert("input.template".into(), t.clone());
+    }
     fp.insert(
         "output.include_token_ids".into(),
         spec.output.include_token_ids.to_string(),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 fn spec(path: &std::path::Path, format: InputFormat) -> InputSpec {
     InputSpec {
+        template: None,
         path: path.to_path_buf(),
         format,
         id_column: "id".into(),

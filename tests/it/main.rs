@@ -5,6 +5,7 @@ mod bad_input;
 mod batching;
 mod common;
 mod config_errors;
+mod datagen;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod input_fuzz;
