@@ -156,6 +156,7 @@ pub fn run_workload(
                         reference: None,
                         continuation: None,
                     }),
+                    passthrough: None,
                 },
                 ids,
             )
@@ -172,6 +173,7 @@ pub fn run_workload(
         quant_act_order: None,
         metrics: vec![],
         loglikelihood: false,
+        passthrough: None,
     };
     let settings = crate::output::SinkSettings {
         include_token_ids: false,

@@ -106,6 +106,7 @@ pub struct RawOutput {
     pub flush_every: i64,
     pub flush_every_s: f64,
     pub include_stop_str: bool,
+    pub passthrough_columns: Vec<String>,
 }
 
 /// `[engine]`

@@ -163,6 +163,7 @@ impl RawJob {
                 reference_column: scoring.reference_column.clone(),
                 continuation_column: scoring.continuation_column.clone(),
                 template,
+                passthrough: self.output.passthrough_columns.clone(),
             },
             generation,
             output: OutputSpec {

@@ -100,6 +100,8 @@ pub struct InputSpec {
     /// `input.template` (or the text of `input.template_file`): renders the
     /// user message from the record's columns instead of the prompt column.
     pub template: Option<String>,
+    /// `output.passthrough_columns`: read with the record, copied to its row.
+    pub passthrough: Vec<String>,
 }
 
 /// Sampling and stopping parameters; job-level defaults, overridable per record.

@@ -81,6 +81,7 @@ impl<'a> Intake<'a> {
                         id: rec.id,
                         row: rec.row,
                         reference,
+                        passthrough: rec.passthrough,
                     };
                     fresh.push(if self.score {
                         Request::score(record, t.tokens, t.prompt_len, params)

@@ -129,6 +129,7 @@ impl Engine {
             quant_act_order: q.map(|q| q.desc_act),
             metrics: spec.scoring.metrics.clone(),
             loglikelihood: spec.scoring.loglikelihood,
+            passthrough: None,
         };
         let engine = Self {
             model,

@@ -96,6 +96,7 @@ pub fn error_row(
         id: rec.id.clone(),
         row: rec.row,
         reference: rec.body.as_ref().ok().and_then(|b| b.reference.clone()),
+        passthrough: rec.passthrough.clone(),
     };
     let mut row = base_row(&record, params);
     row.error = Some(err.to_string());
@@ -130,6 +131,7 @@ fn base_row(record: &RecordRef, p: &GenerationParams) -> OutputRow {
         ttft_ms: None,
         total_ms: 0.0,
         completion_token_ids: Vec::new(),
+        passthrough: record.passthrough.clone(),
     }
 }
 

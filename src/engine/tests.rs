@@ -107,6 +107,7 @@ fn record(i: usize, p: GenerationParams) -> InputRecord {
             reference: None,
             continuation: None,
         }),
+        passthrough: None,
     }
 }
 

@@ -15,6 +15,7 @@ pub struct JsonlSource {
     line: u64,
     row: u64,
     buf: Vec<u8>,
+    passthrough: Option<super::passthrough::JsonColumns>,
 }
 
 impl JsonlSource {
@@ -27,6 +28,10 @@ impl JsonlSource {
                 builder.check_template(path, |c| first.contains_key(c))?;
             }
         }
+        let names = &builder.spec.passthrough;
+        let passthrough = (!names.is_empty())
+            .then(|| super::passthrough::JsonColumns::infer(path, names))
+            .transpose()?;
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -35,7 +40,34 @@ impl JsonlSource {
             line: 0,
             row: 0,
             buf: Vec::new(),
+            passthrough,
         })
+    }
+
+    /// A record with its passthrough cells (a cell of another type than
+    /// inferred makes it an error row).
+    fn record(
+        &mut self,
+        row: u64,
+        obj: &serde_json::Map<String, serde_json::Value>,
+    ) -> InputRecord {
+        let mut rec = self.builder.build(row, obj);
+        if let Some(pt) = &mut self.passthrough {
+            match pt.row(obj) {
+                Ok(b) => rec.passthrough = Some(b),
+                Err(e) => {
+                    let id = &rec.id;
+                    rec.body = Err(super::RecordError::Field(format!("record {id}: {e}")));
+                }
+            }
+        }
+        rec
+    }
+}
+
+impl super::RecordSource for JsonlSource {
+    fn passthrough_schema(&self) -> Option<arrow::datatypes::SchemaRef> {
+        self.passthrough.as_ref().map(|p| p.schema())
     }
 }
 
@@ -64,6 +96,7 @@ impl Iterator for JsonlSource {
                     row,
                     id: format!("#line-{line}"),
                     body: Err(super::RecordError::Unreadable(msg)),
+                    passthrough: None,
                 }))
             };
             let text = match std::str::from_utf8(&self.buf) {
@@ -75,8 +108,9 @@ impl Iterator for JsonlSource {
                     ))
                 }
             };
-            return match serde_json::from_str::<serde_json::Value>(text) {
-                Ok(serde_json::Value::Object(obj)) => Some(Ok(self.builder.build(row, &obj))),
+            let parsed = serde_json::from_str::<serde_json::Value>(text);
+            return match parsed {
+                Ok(serde_json::Value::Object(obj)) => Some(Ok(self.record(row, &obj))),
                 Ok(other) => fail(format!(
                     "record at line {line}: is {}, expected a JSON object",
                     super::kind(&other)

@@ -2,6 +2,7 @@
 //! an [`InputRecord`]; a row that cannot be used carries its error (and
 //! becomes an error row in the output) instead of stopping the job.
 
+mod passthrough;
 mod record_error;
 mod template;
 
@@ -60,6 +61,15 @@ pub struct InputRecord {
     pub id: String,
     /// The record, or why it cannot be run.
     pub body: std::result::Result<RecordBody, RecordError>,
+    /// Its `output.passthrough_columns` cells (one row), when any are asked
+    /// for and the row could be read.
+    pub passthrough: Option<arrow::array::RecordBatch>,
+}
+
+/// A stream of records, and the output fields of their passthrough cells.
+pub trait RecordSource: Iterator<Item = Result<InputRecord>> + Send {
+    /// The passthrough columns' output fields (`None`: none asked for).
+    fn passthrough_schema(&self) -> Option<arrow::datatypes::SchemaRef>;
 }
 
 /// Per-record override columns, named as the `[generation]` keys.
@@ -74,10 +84,7 @@ pub const OVERRIDE_COLUMNS: &[&str] = &[
 ];
 
 /// Opens the input named by the spec as a stream of records.
-pub fn open(
-    spec: &InputSpec,
-    defaults: &GenerationParams,
-) -> Result<Box<dyn Iterator<Item = Result<InputRecord>> + Send>> {
+pub fn open(spec: &InputSpec, defaults: &GenerationParams) -> Result<Box<dyn RecordSource>> {
     if !spec.path.is_file() {
         return Err(Error::Input(format!(
             "input file {} does not exist (input.path)",
@@ -157,7 +164,12 @@ impl RecordBuilder {
             // No usable id: `#row-N` (reserved, README) never collides.
             Err(e) => (format!("#row-{row}"), Err(RecordError::Field(e))),
         };
-        InputRecord { row, id, body }
+        InputRecord {
+            row,
+            id,
+            body,
+            passthrough: None,
+        }
     }
 
     /// What the record asks: the template's rendering of its columns, else

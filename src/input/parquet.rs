@@ -23,6 +23,8 @@ pub struct ParquetSource {
     batch: Option<RecordBatch>,
     pos: usize,
     row: u64,
+    /// The passthrough columns' output fields, and their indices in a batch.
+    passthrough: Option<(arrow::datatypes::SchemaRef, Vec<usize>)>,
 }
 
 impl ParquetSource {
@@ -40,6 +42,7 @@ impl ParquetSource {
         let has = |c: &str| schema.field_with_name(c).is_ok();
         let spec = &builder.spec;
         builder.check_template(path, has)?;
+        super::passthrough::check(path, &spec.passthrough, has)?;
         if spec.template.is_none() && !has(&spec.prompt_column) && !has(&spec.messages_column) {
             let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
             return Err(Error::Input(format!(
@@ -61,13 +64,33 @@ impl ParquetSource {
         columns.extend(OVERRIDE_COLUMNS.iter().map(|c| c.to_string()));
         columns.extend(builder.template_columns().iter().cloned());
         columns.retain(|c| has(c));
+        let mut read = columns.clone();
+        read.extend(spec.passthrough.iter().cloned());
         let mut seen = std::collections::HashSet::new();
         columns.retain(|c| seen.insert(c.clone()));
         // Read only those columns: datasets often carry many others.
-        let roots: Vec<usize> = columns
+        let roots: Vec<usize> = read
             .iter()
             .filter_map(|c| schema.index_of(c).ok())
             .collect();
+        // The projected batch keeps the file's column order.
+        let mut kept = roots.clone();
+        kept.sort_unstable();
+        kept.dedup();
+        let passthrough = (!spec.passthrough.is_empty()).then(|| {
+            let at = |c: &String| {
+                let i = schema.index_of(c).expect("checked");
+                kept.iter().position(|&k| k == i).expect("projected")
+            };
+            let fields = spec
+                .passthrough
+                .iter()
+                .map(|c| schema.field_with_name(c).expect("checked"));
+            (
+                super::passthrough::output_schema(fields),
+                spec.passthrough.iter().map(at).collect(),
+            )
+        });
         let mask = ProjectionMask::roots(b.parquet_schema(), roots);
         let reader = b
             .with_projection(mask)
@@ -82,7 +105,14 @@ impl ParquetSource {
             batch: None,
             pos: 0,
             row: 0,
+            passthrough,
         })
+    }
+}
+
+impl super::RecordSource for ParquetSource {
+    fn passthrough_schema(&self) -> Option<arrow::datatypes::SchemaRef> {
+        self.passthrough.as_ref().map(|p| p.0.clone())
     }
 }
 
@@ -99,10 +129,21 @@ impl Iterator for ParquetSource {
                             obj.insert(c.clone(), to_json(col, self.pos));
                         }
                     }
+                    let mut rec = self.builder.build(self.row, &obj);
+                    if let Some((_, idx)) = &self.passthrough {
+                        match b.project(idx) {
+                            Ok(cells) => rec.passthrough = Some(cells.slice(self.pos, 1)),
+                            Err(e) => {
+                                return Some(Err(Error::Input(format!(
+                                    "{}: {e}",
+                                    self.path.display()
+                                ))))
+                            }
+                        }
+                    }
                     self.pos += 1;
-                    let row = self.row;
                     self.row += 1;
-                    return Some(Ok(self.builder.build(row, &obj)));
+                    return Some(Ok(rec));
                 }
             }
             match self.reader.next()? {

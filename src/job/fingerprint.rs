@@ -37,6 +37,12 @@ pub fn fingerprint(spec: &JobSpec) -> Result<BTreeMap<String, String>> {
         ),
     );
     fp.insert("input.sha256".into(), file_hash(&i.path)?);
+    if !i.passthrough.is_empty() {
+        fp.insert(
+            "output.passthrough_columns".into(),
+            i.passthrough.join(", "),
+        );
+    }
     if let Some(t) = &i.template {
         fp.insert("input.template".into(), t.clone());
     }

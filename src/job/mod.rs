@@ -127,7 +127,7 @@ fn run_checked(
     };
     let stop = signals::stop_flag()?;
     let load_start = Instant::now();
-    let (mut engine, meta) = Engine::load(spec, hub)?;
+    let (mut engine, mut meta) = Engine::load(spec, hub)?;
     let load_s = load_start.elapsed().as_secs_f64();
     engine.set_stop_flag(stop);
     tracing::info!(
@@ -137,6 +137,8 @@ fn run_checked(
         job_id = %meta.job_id,
         "model loaded"
     );
+    let mut input = crate::input::open(&spec.input, &spec.generation)?;
+    meta.passthrough = input.passthrough_schema();
     let first_part = next_part_index(&out)?;
     let mut sink = ParquetSink::resume(&out, meta, SinkSettings::of(&spec.output), first_part)?;
     let remaining = prep.manifest.total_records.saturating_sub(prep.done.len());
@@ -145,7 +147,6 @@ fn run_checked(
     sink.on_row(Box::new(move |row| p.row(row.completion_tokens as u64)));
     let shared = Arc::new(Mutex::new(prep.manifest));
     sink.on_part(part_hook(Arc::clone(&shared), &out));
-    let mut input = crate::input::open(&spec.input, &spec.generation)?;
     let done = prep.done;
     let mut todo = std::iter::from_fn(move || loop {
         match input.next()? {

@@ -123,6 +123,8 @@ pub struct JobMeta {
     pub metrics: Vec<crate::config::Metric>,
     /// Loglikelihood mode (adds `ll_sum`, `ll_mean`, `ll_tokens`).
     pub loglikelihood: bool,
+    /// The passthrough columns' fields, appended last (`None`: none).
+    pub passthrough: Option<arrow::datatypes::SchemaRef>,
 }
 
 /// One output row.
@@ -166,6 +168,8 @@ pub struct OutputRow {
     pub total_ms: f64,
     /// Generated ids (written when `output.include_token_ids`).
     pub completion_token_ids: Vec<u32>,
+    /// The record's passthrough cells (one row; `None`: nulls).
+    pub passthrough: Option<arrow::array::RecordBatch>,
     /// The record's reference answer (scoring jobs).
     pub reference: Option<String>,
     /// Scores in the order of the job's metrics (`None`: no reference or an error row).

@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 /// The output schema; `completion_token_ids` only when asked for, the
 /// scoring columns only when the job scores.
-pub fn schema(include_token_ids: bool, metrics: &[Metric], loglikelihood: bool) -> SchemaRef {
+pub fn schema(meta: &JobMeta, include_token_ids: bool) -> SchemaRef {
+    let (metrics, loglikelihood) = (&meta.metrics[..], meta.loglikelihood);
     let s = |n: &str, null: bool| Field::new(n, DataType::Utf8, null);
     let mut fields = vec![
         s("id", false),
@@ -71,6 +72,9 @@ pub fn schema(include_token_ids: bool, metrics: &[Metric], loglikelihood: bool) 
             DataType::List(Arc::new(Field::new("item", DataType::UInt32, true))),
             false,
         ));
+    }
+    if let Some(pt) = &meta.passthrough {
+        fields.extend(pt.fields().iter().map(|f| f.as_ref().clone()));
     }
     Arc::new(Schema::new(fields))
 }
@@ -324,12 +328,33 @@ impl ParquetSink {
             );
             cols.push(Arc::new(lists));
         }
-        RecordBatch::try_new(
-            schema(self.settings.include_token_ids, &m.metrics, m.loglikelihood),
-            cols,
-        )
-        .map_err(|e| Error::Output(format!("building output batch: {e}")))
+        if let Some(pt) = &m.passthrough {
+            cols.extend(passthrough_columns(pt, r)?);
+        }
+        RecordBatch::try_new(schema(m, self.settings.include_token_ids), cols)
+            .map_err(|e| Error::Output(format!("building output batch: {e}")))
     }
+}
+
+/// The passthrough columns of `rows`: each row's one-row cells, nulls for
+/// a row without them.
+fn passthrough_columns(pt: &Schema, rows: &[OutputRow]) -> Result<Vec<ArrayRef>> {
+    let mut cols = Vec::with_capacity(pt.fields().len());
+    for (i, f) in pt.fields().iter().enumerate() {
+        let cells: Vec<ArrayRef> = rows
+            .iter()
+            .map(|r| match &r.passthrough {
+                Some(b) => b.column(i).clone(),
+                None => arrow::array::new_null_array(f.data_type(), 1),
+            })
+            .collect();
+        let refs: Vec<&dyn arrow::array::Array> = cells.iter().map(|c| c.as_ref()).collect();
+        cols.push(
+            arrow::compute::concat(&refs)
+                .map_err(|e| Error::Output(format!("passthrough column `{}`: {e}", f.name())))?,
+        );
+    }
+    Ok(cols)
 }
 
 /// Part files already in an output directory.

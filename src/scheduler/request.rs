@@ -25,6 +25,8 @@ pub struct RecordRef {
     pub row: u64,
     /// Reference answer (scoring jobs).
     pub reference: Option<String>,
+    /// The record's passthrough cells (one row), copied to its output row.
+    pub passthrough: Option<arrow::array::RecordBatch>,
 }
 
 /// When things happened to a request.

@@ -86,3 +86,131 @@ fn a_template_column_the_input_lacks_fails_before_the_model_loads() {
     assert!(!run.stderr.contains("model loaded"), "{}", run.stderr);
     assert!(!out.exists());
 }
+
+/// id -> (source, tags) from an output's passthrough columns.
+fn passthrough_of(out: &Path) -> BTreeMap<String, (Option<String>, Vec<i64>)> {
+    use arrow::array::{Array, AsArray};
+    let mut m = BTreeMap::new();
+    for b in crate::common::read_output(out) {
+        let schema = b.schema();
+        assert_eq!(
+            schema.field_with_name("source").unwrap().data_type(),
+            &arrow::datatypes::DataType::Utf8
+        );
+        assert!(matches!(
+            schema.field_with_name("tags").unwrap().data_type(),
+            arrow::datatypes::DataType::List(f) if f.data_type() == &arrow::datatypes::DataType::Int64
+        ));
+        let id = b.column_by_name("id").unwrap().as_string::<i32>().clone();
+        let src = b
+            .column_by_name("source")
+            .unwrap()
+            .as_string::<i32>()
+            .clone();
+        let tags = b.column_by_name("tags").unwrap().as_list::<i32>().clone();
+        for i in 0..b.num_rows() {
+            let t = tags.value(i);
+            let t = t.as_primitive::<arrow::datatypes::Int64Type>();
+            m.insert(
+                id.value(i).to_string(),
+                (
+                    (!src.is_null(i)).then(|| src.value(i).to_string()),
+                    t.values().to_vec(),
+                ),
+            );
+        }
+    }
+    m
+}
+
+#[test]
+fn passthrough_columns_round_trip_with_their_types() {
+    use arrow::array::{ArrayRef, ListArray, RecordBatch, StringArray};
+    use arrow::datatypes::Int64Type;
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let want: BTreeMap<String, (Option<String>, Vec<i64>)> = [
+        ("a", Some("wiki"), vec![1, 2, 3]),
+        ("b", None, vec![]),
+        ("c", Some("books"), vec![-7]),
+    ]
+    .into_iter()
+    .map(|(id, s, t)| (id.to_string(), (s.map(str::to_string), t)))
+    .collect();
+    // Parquet: the file's own types.
+    let ids: Vec<&str> = want.keys().map(|k| k.as_str()).collect();
+    let batch = RecordBatch::try_from_iter([
+        ("id", Arc::new(StringArray::from(ids.clone())) as ArrayRef),
+        (
+            "prompt",
+            Arc::new(StringArray::from(vec!["hi", "yo", "hey"])) as ArrayRef,
+        ),
+        (
+            "source",
+            Arc::new(StringArray::from(
+                want.values().map(|v| v.0.clone()).collect::<Vec<_>>(),
+            )) as ArrayRef,
+        ),
+        (
+            "tags",
+            Arc::new(ListArray::from_iter_primitive::<Int64Type, _, _>(
+                want.values()
+                    .map(|v| Some(v.1.iter().map(|&x| Some(x)).collect::<Vec<_>>())),
+            )) as ArrayRef,
+        ),
+    ])
+    .unwrap();
+    let f = std::fs::File::create(tmp.path().join("pt.parquet")).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let out = tmp.path().join("out-pq");
+    std::fs::write(
+        tmp.path().join("pq.toml"),
+        format!(
+            "[model]\nid = \"{}\"\n\n[input]\npath = \"pt.parquet\"\n\n[generation]\nmax_new_tokens = 2\n\n[output]\npath = \"{}\"\npassthrough_columns = [\"source\", \"tags\"]\n",
+            fixtures().join(ALL_MODELS[1]).display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let run = runner(tmp.path(), &["submit", "pq.toml"], &[]);
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(passthrough_of(&out), want);
+    // JSONL: the types arrow-json infers (string, list<int64>).
+    let lines: String = want
+        .iter()
+        .zip(["hi", "yo", "hey"])
+        .map(|((id, (s, t)), p)| {
+            format!(
+                "{}\n",
+                serde_json::json!({"id": id, "prompt": p, "source": s, "tags": t})
+            )
+        })
+        .collect();
+    std::fs::write(tmp.path().join("pt.jsonl"), lines).unwrap();
+    let job_text = std::fs::read_to_string(tmp.path().join("pq.toml")).unwrap();
+    std::fs::write(
+        tmp.path().join("jl.toml"),
+        job_text
+            .replace("pt.parquet", "pt.jsonl")
+            .replace("out-pq", "out-jl"),
+    )
+    .unwrap();
+    let run = runner(tmp.path(), &["submit", "jl.toml"], &[]);
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(passthrough_of(&tmp.path().join("out-jl")), want);
+    // A passthrough column the input lacks fails before the model loads.
+    let bad = runner(
+        tmp.path(),
+        &[
+            "validate",
+            "pq.toml",
+            "--set",
+            "output.passthrough_columns=[\"nope\"]",
+        ],
+        &[],
+    );
+    let e = error_line(&bad);
+    assert!(e.contains("output.passthrough_columns names `nope`"), "{e}");
+}

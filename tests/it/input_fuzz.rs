@@ -10,6 +10,7 @@ use std::sync::Arc;
 fn spec(path: &std::path::Path, format: InputFormat) -> InputSpec {
     InputSpec {
         template: None,
+        passthrough: vec![],
         path: path.to_path_buf(),
         format,
         id_column: "id".into(),
