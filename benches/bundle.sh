@@ -20,6 +20,6 @@ if [[ -n "${BASE_BIN:-}" ]]; then cp "$BASE_BIN" "$s/runner-base"; strip "$s/run
 FX=${FIXTURES:-../shared/fixtures}
 cp -r "$FX/references" "$FX/tokenizer" "$FX/README.md" "$s/fixtures/"
 for m in "$@"; do cp -r "$FX/$m" "$s/fixtures/"; done
-tar cf - -C "$s" . | xz -T2 -6 > dev/bundle.tar.xz
+tar cf - -C "$s" . | xz -T2 -9 > dev/bundle.tar.xz  # -9: the cuda binaries grew with candle 0.11
 git rev-parse --short HEAD > dev/COMMIT
 ls -la dev/bundle.tar.xz
