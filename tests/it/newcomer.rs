@@ -432,3 +432,16 @@ fn status_and_merge_on_a_sweep_root_work_per_variant() {
         .count();
     assert_eq!(inside, 0);
 }
+
+#[test]
+fn anything_else_exits_1() {
+    // Exit-code table, row 1: a failure that is neither the job, the model,
+    // the device, the lock, another job nor a damaged part.
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("not-an-output");
+    std::fs::create_dir(&empty).unwrap();
+    let run = runner(tmp.path(), &["status", empty.to_str().unwrap()], &[]);
+    let e = crate::common::error_line(&run);
+    assert_eq!(run.code, Some(1), "{e}");
+    assert!(e.contains("not the output of a runner job"), "{e}");
+}
