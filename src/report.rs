@@ -161,8 +161,7 @@ pub fn variant_dir(out: &Path, name: &str) -> PathBuf {
 
 /// Builds the report from a sweep output directory.
 pub fn build(out: &Path) -> Result<(SweepInfo, Vec<VariantReport>)> {
-    let p = out.join(SWEEP);
-    if !p.is_file() {
+    let Some(info) = SweepInfo::read(out)? else {
         let what = if out.join(crate::job::MANIFEST).is_file() {
             "is the output of a single job, not of a sweep (`runner status` gives its figures)"
         } else if out.is_dir() {
@@ -174,10 +173,7 @@ pub fn build(out: &Path) -> Result<(SweepInfo, Vec<VariantReport>)> {
             "{} {what}: `runner report` summarises a sweep's variants and needs its {SWEEP}",
             out.display()
         )));
-    }
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-    let info: SweepInfo = serde_json::from_str(&text)
-        .map_err(|e| Error::Output(format!("{}: unreadable ({e})", p.display())))?;
+    };
     let mut data = Vec::new();
     for v in &info.variants {
         let dir = variant_dir(out, v);

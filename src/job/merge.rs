@@ -16,23 +16,7 @@ pub fn merge(dir: &Path, into: Option<&Path>) -> Result<Vec<PathBuf>> {
     let Some(info) = crate::report::SweepInfo::read(dir)? else {
         return Ok(vec![merge_job(dir, into)?]);
     };
-    let root = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
-    let target = match into {
-        Some(p) => std::path::absolute(p).map_err(|e| Error::io(p, e))?,
-        None => {
-            let name = root
-                .file_name()
-                .map_or("sweep".into(), |n| n.to_string_lossy().into_owned());
-            root.with_file_name(format!("{name}-merged"))
-        }
-    };
-    if target.starts_with(&root) {
-        return Err(Error::Output(format!(
-            "--into {} is inside the sweep output {}: readers of the output would see its rows twice; write it elsewhere",
-            target.display(),
-            root.display()
-        )));
-    }
+    let (root, target) = outside(dir, into, "-merged")?;
     std::fs::create_dir_all(&target).map_err(|e| Error::io(&target, e))?;
     let mut written = Vec::new();
     for v in &info.variants {
@@ -87,7 +71,7 @@ fn merge_job(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(arrow_err)?;
     let sorted = RecordBatch::try_new(schema.clone(), cols).map_err(arrow_err)?;
-    let dst = merged_path(dir, into)?;
+    let (_, dst) = outside(dir, into, ".parquet")?;
     let parent = dst
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -146,10 +130,10 @@ fn names(schema: &arrow::datatypes::SchemaRef) -> String {
     n.join(", ")
 }
 
-/// Where the merged file goes: `into`, or `<dir>.parquet` beside the
-/// directory. Never inside the directory, whose readers would then see
-/// every row twice.
-fn merged_path(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
+/// Where a merge writes: `into`, or `<dir's name><suffix>` beside `dir`;
+/// never inside `dir`, whose readers would then see every row twice.
+/// Returns `dir` resolved, and the destination.
+fn outside(dir: &Path, into: Option<&Path>, suffix: &str) -> Result<(PathBuf, PathBuf)> {
     let dir = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
     let dst = match into {
         Some(p) => std::path::absolute(p).map_err(|e| Error::io(p, e))?,
@@ -157,16 +141,16 @@ fn merged_path(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
             let name = dir
                 .file_name()
                 .map_or("output".into(), |n| n.to_string_lossy().into_owned());
-            dir.with_file_name(format!("{name}.parquet"))
+            dir.with_file_name(format!("{name}{suffix}"))
         }
     };
     let parent = dst.parent().and_then(|p| std::fs::canonicalize(p).ok());
-    if parent.is_some_and(|p| p.starts_with(&dir)) {
+    if dst.starts_with(&dir) || parent.is_some_and(|p| p.starts_with(&dir)) {
         return Err(Error::Output(format!(
             "--into {} is inside the output directory {}: readers of the directory would see its rows twice; write it elsewhere",
             dst.display(),
             dir.display()
         )));
     }
-    Ok(dst)
+    Ok((dir, dst))
 }

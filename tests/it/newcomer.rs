@@ -2,7 +2,7 @@
 
 use crate::common::{fixtures, rows, runner, write_job, Row, ALL_MODELS};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Submits `input` (JSONL text) with `extra` job text; the rows by id.
 fn submit(dir: &Path, input: &str, extra: &str) -> BTreeMap<String, Row> {
@@ -24,6 +24,38 @@ fn submit(dir: &Path, input: &str, extra: &str) -> BTreeMap<String, Row> {
     );
     assert!(run.ok, "{}", run.stderr);
     rows(&out).into_iter().map(|r| (r.id.clone(), r)).collect()
+}
+
+/// `n` records `{"id": i, "prompt": "<word> i"}` in `in.jsonl`, and a job
+/// over them on the 4-bit fixture: `sections` before `[output]`, `output`
+/// inside it after the path. Returns the job file and the output directory.
+fn numbered_job(
+    dir: &Path,
+    n: usize,
+    word: &str,
+    sections: &str,
+    output: &str,
+) -> (PathBuf, PathBuf) {
+    let input: String = (0..n)
+        .map(|i| {
+            format!(
+                "{}\n",
+                serde_json::json!({"id": i, "prompt": format!("{word} {i}")})
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("in.jsonl"), input).unwrap();
+    let out = dir.join("out");
+    let job = write_job(
+        dir,
+        &fixtures().join(ALL_MODELS[1]),
+        "in.jsonl",
+        &format!(
+            "{sections}\n[output]\npath = \"{}\"\n{output}",
+            out.display()
+        ),
+    );
+    (job, out)
 }
 
 #[test]
@@ -67,24 +99,12 @@ fn messages_records_get_the_system_prompt_unless_they_have_one() {
 #[test]
 fn rows_are_written_by_time_as_well_as_by_count() {
     let tmp = tempfile::tempdir().unwrap();
-    let input: String = (0..12)
-        .map(|i| {
-            format!(
-                "{}\n",
-                serde_json::json!({"id": i, "prompt": format!("count to {i}")})
-            )
-        })
-        .collect();
-    std::fs::write(tmp.path().join("in.jsonl"), input).unwrap();
-    let out = tmp.path().join("out");
-    let job = write_job(
+    let (job, out) = numbered_job(
         tmp.path(),
-        &fixtures().join(ALL_MODELS[1]),
-        "in.jsonl",
-        &format!(
-            "[generation]\nmax_new_tokens = 3\n\n[engine]\nmax_num_seqs = 2\n\n[output]\npath = \"{}\"\nflush_every = 1024\nflush_every_s = 0.000001\n",
-            out.display()
-        ),
+        12,
+        "count to",
+        "[generation]\nmax_new_tokens = 3\n\n[engine]\nmax_num_seqs = 2\n",
+        "flush_every = 1024\nflush_every_s = 0.000001\n",
     );
     let run = runner(tmp.path(), &["submit", job.to_str().unwrap()], &[]);
     assert!(run.ok, "{}", run.stderr);
@@ -220,24 +240,12 @@ fn resume_does_not_depend_on_the_working_directory() {
 #[test]
 fn without_a_terminal_progress_is_logged_on_a_timer_without_colour() {
     let tmp = tempfile::tempdir().unwrap();
-    let input: String = (0..6)
-        .map(|i| {
-            format!(
-                "{}\n",
-                serde_json::json!({"id": i, "prompt": format!("story {i}")})
-            )
-        })
-        .collect();
-    std::fs::write(tmp.path().join("in.jsonl"), input).unwrap();
-    let out = tmp.path().join("out");
-    let job = write_job(
+    let (job, _) = numbered_job(
         tmp.path(),
-        &fixtures().join(ALL_MODELS[1]),
-        "in.jsonl",
-        &format!(
-            "[generation]\nmax_new_tokens = 200\nignore_eos = true\n\n[engine]\nmax_num_seqs = 1\n\n[output]\npath = \"{}\"\n",
-            out.display()
-        ),
+        6,
+        "story",
+        "[generation]\nmax_new_tokens = 200\nignore_eos = true\n\n[engine]\nmax_num_seqs = 1\n",
+        "",
     );
     // stderr is a pipe here; NO_COLOR is not set.
     let run = runner(
@@ -261,24 +269,12 @@ fn without_a_terminal_progress_is_logged_on_a_timer_without_colour() {
 #[test]
 fn a_corrupt_part_is_reported_by_status_and_merge_and_quarantined_by_resume() {
     let tmp = tempfile::tempdir().unwrap();
-    let input: String = (0..9)
-        .map(|i| {
-            format!(
-                "{}\n",
-                serde_json::json!({"id": i, "prompt": format!("item {i}")})
-            )
-        })
-        .collect();
-    std::fs::write(tmp.path().join("in.jsonl"), input).unwrap();
-    let out = tmp.path().join("out");
-    let job = write_job(
+    let (job, out) = numbered_job(
         tmp.path(),
-        &fixtures().join(ALL_MODELS[1]),
-        "in.jsonl",
-        &format!(
-            "[generation]\nmax_new_tokens = 2\n\n[output]\npath = \"{}\"\nflush_every = 3\n",
-            out.display()
-        ),
+        9,
+        "item",
+        "[generation]\nmax_new_tokens = 2\n",
+        "flush_every = 3\n",
     );
     let job = job.to_str().unwrap();
     assert!(runner(tmp.path(), &["submit", job], &[]).ok);
