@@ -157,6 +157,7 @@ pub fn run_workload(
                         continuation: None,
                     }),
                     passthrough: None,
+                    written_samples: Vec::new(),
                 },
                 ids,
             )
@@ -174,6 +175,8 @@ pub fn run_workload(
         metrics: vec![],
         loglikelihood: false,
         passthrough: None,
+        logprobs: spec.output.logprobs,
+        prompt_logprobs: spec.output.prompt_logprobs,
     };
     let settings = crate::output::SinkSettings {
         include_token_ids: false,

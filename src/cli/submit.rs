@@ -60,11 +60,15 @@ pub fn status(dir: &Path) -> anyhow::Result<()> {
     println!("output      {}", dir.display());
     println!("job         {}", m.job_file);
     println!("state       {}", st.state_line());
+    let total = m.expected_rows();
+    let samples = match total == m.total_records {
+        true => String::new(),
+        false => format!(" (rows of {} records' samples)", m.total_records),
+    };
     println!(
-        "records     {rows} of {} written ({:.1}%), {} left",
-        m.total_records,
-        100.0 * rows as f64 / m.total_records.max(1) as f64,
-        m.total_records.saturating_sub(rows)
+        "records     {rows} of {total} written ({:.1}%), {} left{samples}",
+        100.0 * rows as f64 / total.max(1) as f64,
+        total.saturating_sub(rows)
     );
     println!("ok/errors   {} / {}", m.sum(|p| p.ok), m.sum(|p| p.errors));
     println!(
@@ -111,7 +115,7 @@ fn sweep_status(dir: &Path, info: &crate::report::SweepInfo) -> anyhow::Result<(
             "variant={v}: {}, {} of {} records, {} parts{}",
             st.state_line(),
             m.rows(),
-            m.total_records,
+            m.expected_rows(),
             m.parts.len(),
             match st.damaged.len() {
                 0 => String::new(),
@@ -149,8 +153,12 @@ pub fn validate(spec: &JobSpec, hub: &HubSettings) -> anyhow::Result<()> {
             spec.model.revision
         );
     }
-    let records = crate::job::prescan(spec)?;
-    tracing::info!(records, "input ok (ids unique)");
+    let total = crate::job::prescan(spec)?;
+    tracing::info!(
+        records = total.records,
+        rows = total.rows,
+        "input ok (ids unique)"
+    );
     let out = &spec.output.path;
     if out.exists() && !out.is_dir() {
         return Err(Error::Output(format!(

@@ -94,6 +94,7 @@ pub struct RawGeneration {
     pub ignore_eos: bool,
     pub min_new_tokens: i64,
     pub stop_token_ids: Vec<u32>,
+    pub n: i64,
 }
 
 /// `[output]`
@@ -107,6 +108,8 @@ pub struct RawOutput {
     pub flush_every_s: f64,
     pub include_stop_str: bool,
     pub passthrough_columns: Vec<String>,
+    pub logprobs: i64,
+    pub prompt_logprobs: bool,
 }
 
 /// `[engine]`

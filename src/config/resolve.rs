@@ -97,7 +97,11 @@ impl RawJob {
             },
         };
         let g = self.generation;
-        for (key, v) in [("top_k", g.top_k), ("min_new_tokens", g.min_new_tokens)] {
+        for (key, v) in [
+            ("top_k", g.top_k),
+            ("min_new_tokens", g.min_new_tokens),
+            ("n", g.n),
+        ] {
             if v < 0 {
                 return Err(Error::Config(format!(
                     "generation.{key} is {v}, expected >= 0"
@@ -116,6 +120,7 @@ impl RawJob {
             ignore_eos: g.ignore_eos,
             min_new_tokens: g.min_new_tokens as usize,
             stop_token_ids: g.stop_token_ids,
+            n: g.n as usize,
         };
         generation.validate("generation.").map_err(Error::Config)?;
         if generation.stop.iter().any(|s| s.is_empty()) {
@@ -131,6 +136,12 @@ impl RawJob {
             )));
         }
         let scoring = resolve_scoring(self.scoring)?;
+        if scoring.loglikelihood && generation.n > 1 {
+            return Err(Error::Config(format!(
+                "generation.n is {} but scoring.mode = \"loglikelihood\" scores one continuation per record; set n = 1",
+                generation.n
+            )));
+        }
         let model_for_sweep = ModelSpec {
             id: id.clone(),
             local_dir: local_dir.clone(),
@@ -171,6 +182,8 @@ impl RawJob {
                 include_token_ids: self.output.include_token_ids,
                 flush_every: positive("output.flush_every", self.output.flush_every)?,
                 include_stop_str: self.output.include_stop_str,
+                logprobs: logprobs(self.output.logprobs)?,
+                prompt_logprobs: self.output.prompt_logprobs,
                 flush_every_s: match self.output.flush_every_s {
                     s if s.is_finite() && s > 0.0 => s,
                     s => {
@@ -184,6 +197,17 @@ impl RawJob {
             scoring,
             sweep,
         })
+    }
+}
+
+/// `output.logprobs`: 0 (off) to [`MAX_LOGPROBS`].
+fn logprobs(k: i64) -> Result<usize> {
+    if (0..=MAX_LOGPROBS as i64).contains(&k) {
+        Ok(k as usize)
+    } else {
+        Err(Error::Config(format!(
+            "output.logprobs is {k}, expected 0 (off) to {MAX_LOGPROBS}"
+        )))
     }
 }
 

@@ -130,6 +130,8 @@ pub struct GenerationParams {
     pub min_new_tokens: usize,
     /// Token ids that end a completion (finish reason `stop`), beside EOS.
     pub stop_token_ids: Vec<u32>,
+    /// Samples per record (one output row each, `sample_index` 0..n-1).
+    pub n: usize,
 }
 
 impl Default for GenerationParams {
@@ -148,15 +150,28 @@ impl Default for GenerationParams {
             ignore_eos: false,
             min_new_tokens: 0,
             stop_token_ids: Vec::new(),
+            n: 1,
         }
     }
 }
+
+/// Most samples per record (`generation.n`).
+pub const MAX_SAMPLES: usize = 1024;
+
+/// Most top log-probabilities per token (`output.logprobs`).
+pub const MAX_LOGPROBS: usize = 20;
 
 impl GenerationParams {
     /// Checks ranges; `what` names the source (job field or record) in messages.
     pub fn validate(&self, what: &str) -> std::result::Result<(), String> {
         if self.max_new_tokens == 0 {
             return Err(format!("{what}max_new_tokens is 0, expected at least 1"));
+        }
+        if !(1..=MAX_SAMPLES).contains(&self.n) {
+            return Err(format!(
+                "{what}n is {}, expected 1 to {MAX_SAMPLES} samples per record",
+                self.n
+            ));
         }
         if self.min_new_tokens > self.max_new_tokens {
             return Err(format!(
@@ -199,6 +214,12 @@ pub struct OutputSpec {
     pub flush_every_s: f64,
     /// Keep the stop string that ended a completion.
     pub include_stop_str: bool,
+    /// Log-probabilities: 0 = off; k >= 1 also writes the k most likely
+    /// tokens of each step. (`completion_logprobs` is written whenever
+    /// `logprobs > 0`.)
+    pub logprobs: usize,
+    /// Write `prompt_logprobs`.
+    pub prompt_logprobs: bool,
 }
 
 /// `[engine]`, resolved.

@@ -21,6 +21,8 @@ pub struct Intake<'a> {
     want_waiting: usize,
     /// Score requests instead of generation requests.
     score: bool,
+    /// Ask generation requests for their prompts' log-probabilities.
+    pub prompt_logprobs: bool,
     exhausted: bool,
 }
 
@@ -39,6 +41,7 @@ impl<'a> Intake<'a> {
             lookahead: 4 * max_num_seqs,
             want_waiting: max_num_seqs,
             score,
+            prompt_logprobs: false,
             exhausted: false,
         }
     }
@@ -65,12 +68,20 @@ impl<'a> Intake<'a> {
                 break;
             };
             let (rec, tokens) = item?;
+            let samples = rec.pending_samples(self.defaults);
+            if samples.is_empty() {
+                continue;
+            }
             match tokens {
                 Err(err) => {
                     tracing::warn!(record = %rec.id, "{err}");
-                    pipe.sum.errors += 1;
-                    pipe.sum.records += 1;
-                    sink.push(error_row(&rec, &err, pipe.elapsed_ms(), self.defaults))?;
+                    for &index in &samples {
+                        pipe.sum.errors += 1;
+                        pipe.sum.records += 1;
+                        let mut row = error_row(&rec, &err, pipe.elapsed_ms(), self.defaults);
+                        row.sample_index = index;
+                        sink.push(row)?;
+                    }
                 }
                 Ok(t) => {
                     let (params, reference) = match rec.body {
@@ -86,7 +97,11 @@ impl<'a> Intake<'a> {
                     fresh.push(if self.score {
                         Request::score(record, t.tokens, t.prompt_len, params)
                     } else {
-                        Request::generate(record, t.tokens, params)
+                        let r = Request::generate(record, t.tokens, params).with_samples(&samples);
+                        match self.prompt_logprobs {
+                            true => r.with_prompt_logprobs(),
+                            false => r,
+                        }
                     });
                 }
             }

@@ -8,6 +8,7 @@
 //! loglikelihood scoring are two kinds of one request.
 
 mod intake;
+mod logprobs;
 mod pick;
 mod rows;
 pub mod runner;
@@ -64,6 +65,8 @@ pub struct JobSummary {
     pub peak_device_bytes: Option<usize>,
     /// Tokens run through the model (prefill chunks, recomputes, decodes).
     pub forward_tokens: usize,
+    /// Of those, prompt positions (a record's samples share one prefill).
+    pub prefill_tokens: usize,
     /// The run stopped early on request (a signal); in-flight records were
     /// dropped unwritten and run again on resume.
     pub interrupted: bool,
@@ -81,6 +84,8 @@ pub struct Engine {
     stop: Option<Arc<AtomicBool>>,
     scorer: crate::scoring::Scorer,
     loglikelihood: bool,
+    logprobs: usize,
+    prompt_logprobs: bool,
 }
 
 impl Engine {
@@ -130,6 +135,8 @@ impl Engine {
             metrics: spec.scoring.metrics.clone(),
             loglikelihood: spec.scoring.loglikelihood,
             passthrough: None,
+            logprobs: spec.output.logprobs,
+            prompt_logprobs: spec.output.prompt_logprobs,
         };
         let engine = Self {
             model,
@@ -148,6 +155,8 @@ impl Engine {
             stop: None,
             scorer: crate::scoring::Scorer::new(&spec.scoring),
             loglikelihood: spec.scoring.loglikelihood,
+            logprobs: spec.output.logprobs,
+            prompt_logprobs: spec.output.prompt_logprobs,
         };
         Ok((engine, meta))
     }
@@ -226,12 +235,14 @@ impl Engine {
         let mut runner =
             MistralRunner::new(&self.model, self.sched.num_blocks, self.sched.block_size)?;
         let mut pipe = self.pipeline();
+        pipe.logprobs = self.logprobs;
         let mut intake = Intake::new(
             rx,
             &self.defaults,
             self.sched.max_num_seqs,
             self.loglikelihood,
         );
+        intake.prompt_logprobs = self.prompt_logprobs;
         let stop = || {
             self.stop
                 .as_ref()

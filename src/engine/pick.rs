@@ -9,7 +9,7 @@ use crate::Result;
 use candle_core::Tensor;
 
 /// A sampled token, or what to sample it from on the host.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Picked {
     /// Chosen on the device (greedy).
     Token(u32),
@@ -61,7 +61,8 @@ pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<
         .collect();
     let chunks_of =
         |want: Route| -> Vec<usize> { (0..routes.len()).filter(|&i| routes[i] == want).collect() };
-    let row = |i: usize| out.spans[i].0 as u32;
+    // The sampled row is the last of a generation chunk's span.
+    let row = |i: usize| (out.spans[i].0 + out.spans[i].1 - 1) as u32;
     let mut picks: Vec<Option<Picked>> = (0..routes.len()).map(|_| None).collect();
     let argmax = chunks_of(Route::DeviceArgmax);
     if !argmax.is_empty() {

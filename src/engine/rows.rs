@@ -28,6 +28,7 @@ impl RowBuilder<'_> {
         let now = Instant::now();
         let admitted = req.timings.admitted.unwrap_or(now);
         let mut row = base_row(&req.record, &req.params);
+        row.sample_index = req.sample_index;
         row.status = RowStatus::Ok;
         row.finish_reason = reason;
         row.prompt_tokens = req.prompt_len() as u32;
@@ -53,6 +54,8 @@ impl RowBuilder<'_> {
         if self.include_token_ids {
             row.completion_token_ids = generated.to_vec();
         }
+        row.logprobs = req.logprobs;
+        row.prompt_logprobs = req.prompt_logprobs;
         Ok(row)
     }
 }
@@ -114,6 +117,7 @@ fn base_row(record: &RecordRef, p: &GenerationParams) -> OutputRow {
         loglikelihood: None,
         id: record.id.clone(),
         input_row: record.row,
+        sample_index: 0,
         completion: None,
         finish_reason: FinishReason::Error,
         status: RowStatus::Error,
@@ -132,6 +136,8 @@ fn base_row(record: &RecordRef, p: &GenerationParams) -> OutputRow {
         total_ms: 0.0,
         completion_token_ids: Vec::new(),
         passthrough: record.passthrough.clone(),
+        logprobs: None,
+        prompt_logprobs: None,
     }
 }
 

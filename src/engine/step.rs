@@ -1,13 +1,14 @@
 //! One engine step as a pipeline: schedule -> `ModelRunner::execute` ->
 //! sampler picks -> scheduler update -> finished requests -> rows -> sink.
 
-use super::pick;
+use super::logprobs;
+use super::pick::{self, Picked};
 use super::rows::{ms, RowBuilder};
-use super::runner::ModelRunner;
+use super::runner::{ModelRunner, StepLogits};
 use super::update::{self, StopRule};
 use super::JobSummary;
 use crate::output::RowSink;
-use crate::scheduler::{Request, Scheduler, SchedulerConfig, SeqId, StepPlan};
+use crate::scheduler::{Chunk, Request, Scheduler, SchedulerConfig, SeqId, StepPlan};
 use crate::Result;
 use std::time::Instant;
 
@@ -21,6 +22,8 @@ pub struct Pipeline<'a> {
     pub rows: RowBuilder<'a>,
     /// The run's counters.
     pub sum: JobSummary,
+    /// `output.logprobs`: k (0 = none recorded).
+    pub logprobs: usize,
     start: Instant,
     next_id: u64,
 }
@@ -33,6 +36,7 @@ impl<'a> Pipeline<'a> {
             stops,
             rows,
             sum: JobSummary::default(),
+            logprobs: 0,
             start: Instant::now(),
             next_id: 0,
         }
@@ -53,13 +57,18 @@ impl<'a> Pipeline<'a> {
 
     /// Runs one step; writes the rows of the requests it finished.
     pub fn step(&mut self, runner: &mut dyn ModelRunner, sink: &mut dyn RowSink) -> Result<()> {
-        let plan = self.sched.schedule();
+        let mut plan = self.sched.schedule();
         self.mark_admitted(&plan);
-        let out = runner.execute(&plan, &self.sched)?;
+        let mut out = runner.execute(&plan, &self.sched)?;
         self.sched.commit(&plan);
         self.count(&plan);
-        let picks = pick::pick(&out, &plan, &self.sched)?;
-        let finished = update::apply(&mut self.sched, &plan, &out, picks, &self.stops)?;
+        let mut picks = pick::pick(&out, &plan, &self.sched)?;
+        update::record_known(&mut self.sched, &plan, &out)?;
+        self.fork_samples(&mut plan, &mut out, &mut picks);
+        let finished = update::apply(&mut self.sched, &plan, picks, &self.stops)?;
+        if self.logprobs > 0 {
+            logprobs::record_sampled(&mut self.sched, &plan, &out, self.logprobs)?;
+        }
         for (id, reason) in finished {
             let req = self.sched.finish(id).expect("a finished request is known");
             let row = self.rows.finished(req, reason)?;
@@ -71,6 +80,33 @@ impl<'a> Pipeline<'a> {
             sink.push(row)?;
         }
         Ok(())
+    }
+
+    /// Forks the pending samples of every request whose prompt's logits
+    /// this step sampled: each child shares the parent's blocks and draws
+    /// its first token from the same logits row with its own RNG (its
+    /// chunk, span and pick are appended as copies of the parent's).
+    fn fork_samples(
+        &mut self,
+        plan: &mut StepPlan,
+        out: &mut StepLogits,
+        picks: &mut Vec<Option<Picked>>,
+    ) {
+        for i in 0..plan.chunks.len() {
+            let c = plan.chunks[i];
+            if !c.samples {
+                continue;
+            }
+            let forks: Vec<u32> = self.sched.request(c.seq).fork_indices().to_vec();
+            for index in forks {
+                let child = SeqId(self.next_id);
+                self.next_id += 1;
+                self.sched.fork(c.seq, child, index);
+                plan.chunks.push(Chunk { seq: child, ..c });
+                out.spans.push(out.spans[i]);
+                picks.push(picks[i].clone());
+            }
+        }
     }
 
     /// Final counters, once no step is left.
@@ -99,6 +135,14 @@ impl<'a> Pipeline<'a> {
         self.sum.steps += 1;
         let tokens: usize = plan.chunks.iter().map(|c| c.len).sum();
         self.sum.forward_tokens += tokens;
+        self.sum.prefill_tokens += plan
+            .chunks
+            .iter()
+            .map(|c| {
+                let prompt = self.sched.request(c.seq).prompt_len();
+                (c.start + c.len).min(prompt).saturating_sub(c.start)
+            })
+            .sum::<usize>();
         let decodes = plan.chunks.iter().filter(|c| c.len == 1 && c.samples);
         let (used, free) = self.sched.blocks();
         let stats = self.sched.stats();

@@ -76,11 +76,9 @@ impl StopRule<'_> {
 pub fn apply(
     sched: &mut Scheduler,
     plan: &StepPlan,
-    out: &StepLogits,
     picks: Vec<Option<Picked>>,
     stops: &StopRule<'_>,
 ) -> Result<Vec<(SeqId, FinishReason)>> {
-    record_scores(sched, plan, out)?;
     let now = Instant::now();
     let mut finished = Vec::new();
     for (c, pick) in plan.chunks.iter().zip(picks) {
@@ -113,6 +111,40 @@ pub fn apply(
         }
     }
     Ok(finished)
+}
+
+/// Stores the log-probabilities of the known tokens whose rows ran in this
+/// step: scoring requests' continuations and, with `prompt_logprobs`,
+/// generation requests' prompts.
+pub fn record_known(sched: &mut Scheduler, plan: &StepPlan, out: &StepLogits) -> Result<()> {
+    record_scores(sched, plan, out)?;
+    record_prompts(sched, plan, out)
+}
+
+/// Prompt log-probabilities (on the device: one value per row crosses).
+fn record_prompts(sched: &mut Scheduler, plan: &StepPlan, out: &StepLogits) -> Result<()> {
+    let (mut rows, mut tokens, mut at) = (Vec::new(), Vec::new(), Vec::new());
+    for (c, &(first, _)) in plan.chunks.iter().zip(&out.spans) {
+        let req = sched.request(c.seq);
+        if req.kind != RequestKind::Generate || req.prompt_logprobs.is_none() {
+            continue;
+        }
+        let (from, to) = req.logit_rows(c.start, c.len);
+        for (r, pos) in (c.start + from..c.start + to).enumerate() {
+            if pos + 1 < req.prompt_len() {
+                rows.push((first + r) as u32);
+                tokens.push(req.tokens()[pos + 1]);
+                at.push((c.seq, pos + 1));
+            }
+        }
+    }
+    let lps = super::logprobs::token_logprobs(&out.logits, rows, tokens)?;
+    for ((seq, pos), lp) in at.into_iter().zip(lps) {
+        if let Some(v) = sched.request_mut(seq).prompt_logprobs.as_mut() {
+            v[pos] = Some(lp);
+        }
+    }
+    Ok(())
 }
 
 /// Stores the log-probability of each continuation token whose row ran in

@@ -97,6 +97,7 @@ impl Iterator for JsonlSource {
                     id: format!("#line-{line}"),
                     body: Err(super::RecordError::Unreadable(msg)),
                     passthrough: None,
+                    written_samples: Vec::new(),
                 }))
             };
             let text = match std::str::from_utf8(&self.buf) {

@@ -64,6 +64,24 @@ pub struct InputRecord {
     /// Its `output.passthrough_columns` cells (one row), when any are asked
     /// for and the row could be read.
     pub passthrough: Option<arrow::array::RecordBatch>,
+    /// Sample indices already in the output (a resumed job runs only the
+    /// others).
+    pub written_samples: Vec<u32>,
+}
+
+impl InputRecord {
+    /// Samples the record asks for: its `n`, or the job's when its body
+    /// could not be read.
+    pub fn samples(&self, defaults: &GenerationParams) -> usize {
+        self.body.as_ref().map_or(defaults.n, |b| b.params.n)
+    }
+
+    /// The sample indices still to write.
+    pub fn pending_samples(&self, defaults: &GenerationParams) -> Vec<u32> {
+        (0..self.samples(defaults) as u32)
+            .filter(|i| !self.written_samples.contains(i))
+            .collect()
+    }
 }
 
 /// A stream of records, and the output fields of their passthrough cells.
@@ -81,6 +99,7 @@ pub const OVERRIDE_COLUMNS: &[&str] = &[
     "repetition_penalty",
     "seed",
     "min_new_tokens",
+    "n",
 ];
 
 /// Opens the input named by the spec as a stream of records.
@@ -169,6 +188,7 @@ impl RecordBuilder {
             id,
             body,
             passthrough: None,
+            written_samples: Vec::new(),
         }
     }
 
@@ -238,7 +258,7 @@ impl RecordBuilder {
             };
             let bad = || format!("record {id}: `{col}` is {}, expected a number", describe(v));
             match col {
-                "max_new_tokens" | "top_k" | "seed" | "min_new_tokens" => {
+                "max_new_tokens" | "top_k" | "seed" | "min_new_tokens" | "n" => {
                     let n = v.as_i64().ok_or_else(bad)?;
                     if n < 0 {
                         return Err(format!("record {id}: `{col}` is {n}, expected >= 0"));
@@ -247,6 +267,7 @@ impl RecordBuilder {
                         "max_new_tokens" => p.max_new_tokens = n as usize,
                         "top_k" => p.top_k = n as usize,
                         "min_new_tokens" => p.min_new_tokens = n as usize,
+                        "n" => p.n = n as usize,
                         _ => p.seed = n as u64,
                     }
                 }

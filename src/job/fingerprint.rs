@@ -19,7 +19,9 @@ pub fn fingerprint(spec: &JobSpec) -> Result<BTreeMap<String, String>> {
     fp.insert("model.dummy_quant".into(), format!("{:?}", m.dummy_quant));
     let g = serde_json::to_value(&spec.generation).expect("generation serializes");
     if let serde_json::Value::Object(o) = g {
-        for (k, v) in o {
+        // Not `n`: sample i does not depend on n, so raising n and resuming
+        // adds samples to the rows already written.
+        for (k, v) in o.into_iter().filter(|(k, _)| k != "n") {
             fp.insert(format!("generation.{k}"), v.to_string());
         }
     }
@@ -54,6 +56,13 @@ pub fn fingerprint(spec: &JobSpec) -> Result<BTreeMap<String, String>> {
         "output.include_stop_str".into(),
         spec.output.include_stop_str.to_string(),
     );
+    fp.insert(
+        "output.logprobs".into(),
+        format!(
+            "{} prompt={}",
+            spec.output.logprobs, spec.output.prompt_logprobs
+        ),
+    );
     let s = serde_json::to_value(&spec.scoring).expect("scoring serializes");
     if let serde_json::Value::Object(o) = s {
         for (k, v) in o {
@@ -65,9 +74,9 @@ pub fn fingerprint(spec: &JobSpec) -> Result<BTreeMap<String, String>> {
 
 /// Reads every record id once: duplicate ids are a job-level error, found
 /// before any model work. Returns the number of records.
-pub fn prescan(spec: &JobSpec) -> Result<usize> {
+pub fn prescan(spec: &JobSpec) -> Result<Totals> {
     let mut seen: HashMap<String, u64> = HashMap::new();
-    let mut n = 0;
+    let mut n = Totals::default();
     for rec in crate::input::open(&spec.input, &spec.generation)? {
         let rec = rec?;
         if let Some(first) = seen.insert(rec.id.clone(), rec.row) {
@@ -78,9 +87,19 @@ pub fn prescan(spec: &JobSpec) -> Result<usize> {
                 rec.row
             )));
         }
-        n += 1;
+        n.records += 1;
+        n.rows += rec.samples(&spec.generation);
     }
     Ok(n)
+}
+
+/// What a job's input asks for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    /// Records.
+    pub records: usize,
+    /// Output rows: each record's samples (`n`).
+    pub rows: usize,
 }
 
 /// sha256 hex of a fingerprint's canonical JSON.

@@ -23,6 +23,10 @@ pub struct Manifest {
     pub state: JobState,
     /// Records in the input.
     pub total_records: usize,
+    /// Rows the job writes: one per sample of each record (`generation.n`);
+    /// 0 in manifests of versions before samples (then one per record).
+    #[serde(default)]
+    pub total_rows: usize,
     /// Part files written so far, in order.
     pub parts: Vec<PartStats>,
     /// Process that last ran the job.
@@ -41,6 +45,14 @@ impl Manifest {
     /// Rows written.
     pub fn rows(&self) -> usize {
         self.parts.iter().map(|p| p.rows).sum()
+    }
+
+    /// Rows the finished job holds.
+    pub fn expected_rows(&self) -> usize {
+        match self.total_rows {
+            0 => self.total_records,
+            n => n,
+        }
     }
 
     /// Sum of a part figure.

@@ -45,7 +45,7 @@ fn merge_job(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
         tracing::warn!(
             state = m.state.as_str(),
             rows = m.rows(),
-            of = m.total_records,
+            of = m.expected_rows(),
             "merging an unfinished job: the file holds only the rows written so far"
         );
     }
@@ -57,13 +57,20 @@ fn merge_job(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
     let arrow_err =
         |e: arrow::error::ArrowError| Error::Output(format!("merging {}: {e}", dir.display()));
     let all = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_err)?;
-    let order = arrow::compute::sort_to_indices(
-        all.column_by_name("input_row")
-            .ok_or_else(|| Error::Output("parts have no input_row column".into()))?,
-        None,
-        None,
-    )
-    .map_err(arrow_err)?;
+    // Input order, then sample order (parts before samples have no
+    // `sample_index`).
+    let keys: Vec<arrow::compute::SortColumn> = ["input_row", "sample_index"]
+        .iter()
+        .filter_map(|n| all.column_by_name(n))
+        .map(|c| arrow::compute::SortColumn {
+            values: c.clone(),
+            options: None,
+        })
+        .collect();
+    if all.column_by_name("input_row").is_none() {
+        return Err(Error::Output("parts have no input_row column".into()));
+    }
+    let order = arrow::compute::lexsort_to_indices(&keys, None).map_err(arrow_err)?;
     let cols = all
         .columns()
         .iter()

@@ -19,6 +19,9 @@ pub struct Metrics {
     pub state: JobState,
     /// Records in the input.
     pub total_records: usize,
+    /// Rows the finished job holds (records x their samples).
+    #[serde(default)]
+    pub total_rows: usize,
     /// Rows in the output.
     pub records_written: usize,
     /// Rows with status ok.
@@ -59,6 +62,7 @@ impl Metrics {
         Self {
             state: m.state,
             total_records: m.total_records,
+            total_rows: m.expected_rows(),
             records_written: m.rows(),
             ok: m.sum(|p| p.ok),
             errors: m.sum(|p| p.errors),
@@ -111,6 +115,7 @@ mod tests {
         let m = Metrics {
             state: JobState::Finished,
             total_records: 3,
+            total_rows: 3,
             records_written: 3,
             ok: 2,
             errors: 1,

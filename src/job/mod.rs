@@ -33,7 +33,7 @@ use crate::model::HubSettings;
 use crate::output::{ParquetSink, SinkSettings};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -92,7 +92,7 @@ pub fn submit(
 /// What the output already holds, once the job's identity is checked.
 struct Prepared {
     manifest: Manifest,
-    done: HashSet<String>,
+    done: resume::Written,
 }
 
 /// Runs one model's job (a plain job, or one sweep variant). An output
@@ -141,16 +141,25 @@ fn run_checked(
     meta.passthrough = input.passthrough_schema();
     let first_part = next_part_index(&out)?;
     let mut sink = ParquetSink::resume(&out, meta, SinkSettings::of(&spec.output), first_part)?;
-    let remaining = prep.manifest.total_records.saturating_sub(prep.done.len());
+    let remaining = prep
+        .manifest
+        .expected_rows()
+        .saturating_sub(prep.done.rows());
     progress.start(remaining as u64);
     let p = Arc::clone(&progress);
     sink.on_row(Box::new(move |row| p.row(row.completion_tokens as u64)));
     let shared = Arc::new(Mutex::new(prep.manifest));
     sink.on_part(part_hook(Arc::clone(&shared), &out));
     let done = prep.done;
+    let defaults = &spec.generation;
     let mut todo = std::iter::from_fn(move || loop {
         match input.next()? {
-            Ok(r) if done.contains(&r.id) => continue,
+            Ok(mut r) => {
+                r.written_samples = done.samples(&r.id).to_vec();
+                if !r.pending_samples(defaults).is_empty() {
+                    return Some(Ok(r));
+                }
+            }
             other => return Some(other),
         }
     });
@@ -193,7 +202,8 @@ fn prepare(spec: &JobSpec, out: &Path, restart: bool) -> Result<Option<Prepared>
         job_hash: job_hash(&fp),
         fingerprint: fp,
         state: JobState::Running,
-        total_records: total,
+        total_records: total.records,
+        total_rows: total.rows,
         parts,
         pid: std::process::id(),
         host: host_name(),
@@ -201,17 +211,17 @@ fn prepare(spec: &JobSpec, out: &Path, restart: bool) -> Result<Option<Prepared>
         updated_unix: 0,
         wall_s: old.filter(|_| !restart).map_or(0.0, |m| m.wall_s),
     };
-    if !restart && !done.is_empty() && done.len() >= total {
+    if !restart && !done.is_empty() && done.rows() >= total.rows {
         manifest.state = JobState::Finished;
         manifest.write(out)?;
-        tracing::info!(records = total, output = %out.display(), "already complete: nothing to run");
+        tracing::info!(records = total.records, rows = total.rows, output = %out.display(), "already complete: nothing to run");
         return Ok(None);
     }
     manifest.write(out)?;
     if !done.is_empty() {
         tracing::info!(
-            written = done.len(),
-            remaining = total.saturating_sub(done.len()),
+            written = done.rows(),
+            remaining = total.rows.saturating_sub(done.rows()),
             "resuming: records already in the output are skipped"
         );
     }

@@ -4,17 +4,52 @@
 
 use crate::output::{existing_parts, read_part, PartStats};
 use crate::{Error, Result};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::Path;
 
-/// Figures of the part files on disk (ids and per-part stats), read back
-/// from the files themselves: the authority after a crash. A part that
-/// cannot be read is moved into `_quarantine/` (logged) and its records
-/// are not counted as written, so the run regenerates them.
-pub fn scan_parts(dir: &Path) -> Result<(HashSet<String>, Vec<PartStats>)> {
+/// The (record id, sample index) pairs the output holds.
+#[derive(Debug, Default)]
+pub struct Written {
+    samples: HashMap<String, Vec<u32>>,
+    rows: usize,
+}
+
+impl Written {
+    /// Rows written.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Whether nothing is written.
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// The sample indices written for a record (empty: none).
+    pub fn samples(&self, id: &str) -> &[u32] {
+        self.samples.get(id).map_or(&[], Vec::as_slice)
+    }
+
+    /// Records one row; false when (id, index) was already there.
+    fn insert(&mut self, id: &str, index: u32) -> bool {
+        let v = self.samples.entry(id.to_string()).or_default();
+        if v.contains(&index) {
+            return false;
+        }
+        v.push(index);
+        self.rows += 1;
+        true
+    }
+}
+
+/// Figures of the part files on disk (the (id, sample) pairs and per-part
+/// stats), read back from the files themselves: the authority after a
+/// crash. A part that cannot be read is moved into `_quarantine/` (logged)
+/// and its records are not counted as written, so the run regenerates them.
+pub fn scan_parts(dir: &Path) -> Result<(Written, Vec<PartStats>)> {
     use arrow::array::AsArray;
     use arrow::datatypes::UInt32Type;
-    let mut ids = HashSet::new();
+    let mut ids = Written::default();
     let mut stats = Vec::new();
     for p in existing_parts(dir)? {
         let batches = match read_part(&p) {
@@ -63,10 +98,16 @@ pub fn scan_parts(dir: &Path) -> Result<(HashSet<String>, Vec<PartStats>)> {
             };
             let (id, status) = (string("id")?, string("status")?);
             let (pt, ct) = (count("prompt_tokens")?, count("completion_tokens")?);
+            // Parts of versions before `generation.n` hold sample 0 only.
+            let sample = match b.column_by_name("sample_index") {
+                Some(_) => Some(count("sample_index")?),
+                None => None,
+            };
             for i in 0..b.num_rows() {
-                if !ids.insert(id.value(i).to_string()) {
+                let index = sample.as_ref().map_or(0, |s| s.value(i));
+                if !ids.insert(id.value(i), index) {
                     return Err(Error::Output(format!(
-                        "{}: record id `{}` is written twice in the output",
+                        "{}: record id `{}` sample {index} is written twice in the output",
                         dir.display(),
                         id.value(i)
                     )));

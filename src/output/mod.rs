@@ -2,6 +2,7 @@
 //! job's output directory (see README for the schema).
 
 mod atomic;
+mod logprobs;
 mod parquet;
 
 pub use self::atomic::write_atomic;
@@ -125,6 +126,21 @@ pub struct JobMeta {
     pub loglikelihood: bool,
     /// The passthrough columns' fields, appended last (`None`: none).
     pub passthrough: Option<arrow::datatypes::SchemaRef>,
+    /// `output.logprobs` (k; 0 = no log-probability columns).
+    pub logprobs: usize,
+    /// `output.prompt_logprobs`.
+    pub prompt_logprobs: bool,
+}
+
+/// Log-probabilities of a completion's tokens under the model's own
+/// distribution (before temperature, top-k, top-p and penalties).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenLogprobs {
+    /// Per generated token, its log-probability.
+    pub chosen: Vec<f32>,
+    /// Per generated token, the k most likely `(token, log-probability)`,
+    /// most likely first.
+    pub top: Vec<Vec<(u32, f32)>>,
 }
 
 /// One output row.
@@ -134,6 +150,8 @@ pub struct OutputRow {
     pub id: String,
     /// 0-based input row.
     pub input_row: u64,
+    /// Which of the record's `generation.n` samples this row is.
+    pub sample_index: u32,
     /// Generated text (stop strings trimmed); `None` for errors.
     pub completion: Option<String>,
     /// Why the completion ended (`error` for error rows).
@@ -178,4 +196,9 @@ pub struct OutputRow {
     pub extracted: Option<String>,
     /// Loglikelihood mode: (sum of log-probabilities, continuation tokens).
     pub loglikelihood: Option<(f64, u32)>,
+    /// The completion's log-probabilities (`output.logprobs > 0`).
+    pub logprobs: Option<TokenLogprobs>,
+    /// Per prompt token, its log-probability (`None` for the first), when
+    /// `output.prompt_logprobs`.
+    pub prompt_logprobs: Option<Vec<Option<f32>>>,
 }

@@ -24,6 +24,7 @@ pub fn schema(meta: &JobMeta, include_token_ids: bool) -> SchemaRef {
     let mut fields = vec![
         s("id", false),
         Field::new("input_row", DataType::UInt64, false),
+        Field::new("sample_index", DataType::UInt32, false),
         s("completion", true),
         s("finish_reason", false),
         s("status", false),
@@ -73,6 +74,7 @@ pub fn schema(meta: &JobMeta, include_token_ids: bool) -> SchemaRef {
             false,
         ));
     }
+    fields.extend(super::logprobs::fields(meta));
     if let Some(pt) = &meta.passthrough {
         fields.extend(pt.fields().iter().map(|f| f.as_ref().clone()));
     }
@@ -260,6 +262,7 @@ impl ParquetSink {
             Arc::new(UInt64Array::from(
                 r.iter().map(|x| x.input_row).collect::<Vec<_>>(),
             )),
+            u32s(&|x| x.sample_index),
             strs(&|x| x.completion.clone()),
             strs(&|x| Some(x.finish_reason.as_str().to_string())),
             strs(&|x| Some(x.status.as_str().to_string())),
@@ -328,6 +331,7 @@ impl ParquetSink {
             );
             cols.push(Arc::new(lists));
         }
+        cols.extend(super::logprobs::columns(m, r));
         if let Some(pt) = &m.passthrough {
             cols.extend(passthrough_columns(pt, r)?);
         }

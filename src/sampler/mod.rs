@@ -23,6 +23,19 @@ impl RecordRng {
         rng
     }
 
+    /// The RNG of sample `index` of a record: sample 0's is [`Self::new`]'s,
+    /// every other index mixes into the seed, so a sample's stream depends
+    /// only on (seed, record id, index).
+    pub fn for_sample(seed: u64, record_id: &str, index: u32) -> Self {
+        if index == 0 {
+            return Self::new(seed, record_id);
+        }
+        let mut mix = Self {
+            state: (index as u64) ^ 0x5a4d_504c_455f_4944,
+        };
+        Self::new(seed ^ mix.next_u64(), record_id)
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);

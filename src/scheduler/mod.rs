@@ -172,6 +172,29 @@ impl Scheduler {
         self.seqs[&id].cached_prompt_tokens
     }
 
+    /// Forks sample `index` of `parent`'s record as `child`: a running
+    /// request sharing every block of the parent (copy-on-write on its
+    /// first write into the shared partial block). Takes `index` off the
+    /// parent's pending forks.
+    pub fn fork(&mut self, parent: SeqId, child: SeqId, index: u32) {
+        let p = self.seqs.get_mut(&parent).expect("known sequence");
+        p.forks.retain(|&i| i != index);
+        let mut req = p.child(index);
+        req.table = p.table.as_ref().map(|t| self.alloc.fork(t));
+        self.seqs.insert(child, req);
+        self.running.push(child);
+    }
+
+    /// Running sequences plus the samples they will still fork.
+    fn occupancy(&self) -> usize {
+        self.running.len()
+            + self
+                .running
+                .iter()
+                .map(|id| self.seqs[id].forks.len())
+                .sum::<usize>()
+    }
+
     /// Appends a sampled token.
     pub fn push_token(&mut self, id: SeqId, token: u32) {
         self.request_mut(id).tokens.push(token);
@@ -255,10 +278,16 @@ impl Scheduler {
             }
         }
         // 3. Admit new sequences while the cap, the budget and blocks allow.
-        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+        // A record's samples are admitted together (they fork from one
+        // prefill); a record with more samples than the cap runs alone.
+        while budget > 0 {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
+            let group = 1 + self.seqs[&id].forks.len();
+            if !self.running.is_empty() && self.occupancy() + group > self.cfg.max_num_seqs {
+                break;
+            }
             if self.cfg.prefix_caching && self.prefix_in_flight(id) {
                 break;
             }

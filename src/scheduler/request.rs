@@ -50,13 +50,25 @@ pub struct Request {
     pub kind: RequestKind,
     /// Sampling and stopping parameters.
     pub params: GenerationParams,
-    /// The record's own RNG, seeded from (seed, record id).
+    /// The sample's own RNG, seeded from (seed, record id, sample index).
     pub rng: RecordRng,
+    /// Which of the record's samples this is (`generation.n`).
+    pub sample_index: u32,
+    /// Sample indices still to fork from this request when its prompt's
+    /// logits are first sampled (they share its prompt blocks).
+    pub(super) forks: Vec<u32>,
     /// When it was admitted and produced its first token.
     pub timings: Timings,
     /// Score requests: per continuation token, its log-probability once its
     /// logits row has run (a recompute after preemption overwrites it).
     pub token_logprobs: Vec<Option<f64>>,
+    /// Generation requests with `output.logprobs`: the sampled tokens'
+    /// log-probabilities so far.
+    pub logprobs: Option<crate::output::TokenLogprobs>,
+    /// Generation requests with `output.prompt_logprobs`: per prompt
+    /// token, its log-probability once its row has run (`None` for the
+    /// first token, which nothing predicts).
+    pub prompt_logprobs: Option<Vec<Option<f32>>>,
     pub(super) tokens: Vec<u32>,
     pub(super) prompt_len: usize,
     pub(super) computed: usize,
@@ -111,6 +123,10 @@ impl Request {
             kind,
             params,
             rng,
+            sample_index: 0,
+            forks: Vec::new(),
+            logprobs: None,
+            prompt_logprobs: None,
             timings: Timings::default(),
             token_logprobs: match kind {
                 RequestKind::Generate => Vec::new(),
@@ -123,6 +139,62 @@ impl Request {
             table: None,
             cached_prompt_tokens: 0,
             first_block: None,
+        }
+    }
+
+    /// Makes this request produce samples `indices` of its record (the
+    /// first itself, the others forked from it after the prompt's prefill).
+    pub fn with_samples(mut self, indices: &[u32]) -> Self {
+        let (&first, rest) = indices.split_first().expect("at least one sample");
+        self.sample_index = first;
+        self.rng = RecordRng::for_sample(self.params.seed, &self.record.id, first);
+        self.forks = rest.to_vec();
+        self
+    }
+
+    /// Asks for the prompt tokens' log-probabilities (`prompt_logprobs`).
+    pub fn with_prompt_logprobs(mut self) -> Self {
+        if self.kind == RequestKind::Generate {
+            self.prompt_logprobs = Some(vec![None; self.prompt_len]);
+        }
+        self
+    }
+
+    /// Whether prompt log-probabilities are asked for and some are still
+    /// missing (their positions must be computed, not reused).
+    pub fn scores_prompt(&self) -> bool {
+        self.prompt_logprobs
+            .as_ref()
+            .is_some_and(|v| v.iter().skip(1).any(Option::is_none))
+    }
+
+    /// Sample indices still to fork from this request.
+    pub fn fork_indices(&self) -> &[u32] {
+        &self.forks
+    }
+
+    /// A sample of the same record sharing this request's tokens (its
+    /// table is set by the scheduler).
+    pub(super) fn child(&self, index: u32) -> Self {
+        Self {
+            record: self.record.clone(),
+            kind: self.kind,
+            params: self.params.clone(),
+            rng: RecordRng::for_sample(self.params.seed, &self.record.id, index),
+            sample_index: index,
+            forks: Vec::new(),
+            timings: self.timings,
+            token_logprobs: self.token_logprobs.clone(),
+            logprobs: None,
+            prompt_logprobs: self.prompt_logprobs.clone(),
+            tokens: self.tokens.clone(),
+            prompt_len: self.prompt_len,
+            computed: self.computed,
+            committed: self.committed,
+            table: None,
+            // Every prompt token comes from the shared blocks.
+            cached_prompt_tokens: self.prompt_len,
+            first_block: self.first_block,
         }
     }
 
@@ -152,20 +224,35 @@ impl Request {
     /// before that can come from the cache.
     pub(super) fn reusable_prefix(&self) -> &[u32] {
         match self.kind {
+            RequestKind::Generate if self.scores_prompt() => &self.tokens[..1],
             RequestKind::Generate => &self.tokens,
             RequestKind::Score => &self.tokens[..self.prompt_len.max(1)],
         }
     }
 
     /// Rows `[from, to)` of the chunk at positions `start..start + len`
-    /// whose logits the request needs: the last one for a generation
-    /// request that samples, the positions predicting continuation tokens
-    /// for a scoring request.
+    /// whose logits the request needs: for a generation request the
+    /// positions predicting prompt tokens still unscored (with
+    /// `prompt_logprobs`) and, when it samples, the last one (always the
+    /// last row of the span); for a scoring request the positions
+    /// predicting continuation tokens.
     pub fn logit_rows(&self, start: usize, len: usize) -> (usize, usize) {
         let end = start + len;
         match self.kind {
-            RequestKind::Generate if end == self.tokens.len() => (len - 1, len),
-            RequestKind::Generate => (0, 0),
+            RequestKind::Generate => {
+                let samples = end == self.tokens.len();
+                let score_to = match self.scores_prompt() {
+                    true => (self.prompt_len - 1).min(end),
+                    false => start,
+                };
+                let from = match (score_to > start, samples) {
+                    (true, _) => start,
+                    (false, true) => end - 1,
+                    (false, false) => return (0, 0),
+                };
+                let to = if samples { end } else { score_to };
+                (from - start, to - start)
+            }
             RequestKind::Score => {
                 // Position p predicts token p + 1; scored tokens are
                 // max(prompt_len, 1)..tokens.len().

@@ -170,6 +170,7 @@ pub struct Row {
     pub prompt_tokens: u32,
     pub cached_prompt_tokens: u32,
     pub token_ids: Vec<u32>,
+    pub sample_index: u32,
 }
 
 /// Rows of an output directory, keyed by nothing (input order not kept).
@@ -197,6 +198,11 @@ pub fn rows(dir: &Path) -> Vec<Row> {
         let ids = b
             .column_by_name("completion_token_ids")
             .map(|c| c.as_list::<i32>().clone());
+        let sample = b
+            .column_by_name("sample_index")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::UInt32Type>()
+            .clone();
         for i in 0..b.num_rows() {
             v.push(Row {
                 id: id.value(i).to_string(),
@@ -206,6 +212,7 @@ pub fn rows(dir: &Path) -> Vec<Row> {
                 completion: (!comp.is_null(i)).then(|| comp.value(i).to_string()),
                 prompt_tokens: pt.value(i),
                 cached_prompt_tokens: cached.value(i),
+                sample_index: sample.value(i),
                 token_ids: ids
                     .as_ref()
                     .map(|l| {

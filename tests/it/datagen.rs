@@ -214,3 +214,95 @@ fn passthrough_columns_round_trip_with_their_types() {
     let e = error_line(&bad);
     assert!(e.contains("output.passthrough_columns names `nope`"), "{e}");
 }
+
+/// The log-probability columns as written: their Arrow types, one value
+/// per generated token, a null first prompt token, greedy top-1 = token.
+#[test]
+fn logprob_columns_are_written_with_their_types() {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::Float32Type;
+    let tmp = tempfile::tempdir().unwrap();
+    let input = "{\"id\": \"a\", \"prompt\": \"Name a colour.\"}\n{\"id\": \"b\", \"prompt\": \"Count to three.\"}\n";
+    let (run, out) = job(tmp.path(), "lp", input, "");
+    assert!(run.ok, "{}", run.stderr);
+    let with = runner(
+        tmp.path(),
+        &[
+            "submit",
+            "lp.toml",
+            "--set",
+            "output.path=out-lp2",
+            "--set",
+            "output.logprobs=3",
+            "--set",
+            "output.prompt_logprobs=true",
+            "--set",
+            "generation.n=2",
+        ],
+        &[],
+    );
+    assert!(with.ok, "{}", with.stderr);
+    let plain = by_id(&out);
+    let batches = crate::common::read_output(&tmp.path().join("out-lp2"));
+    let schema = batches[0].schema();
+    let ty = |n: &str| schema.field_with_name(n).unwrap().data_type().to_string();
+    assert_eq!(ty("completion_logprobs"), "List(Float32)");
+    assert_eq!(
+        ty("completion_top_logprobs"),
+        "List(List(Struct(\"token_id\": non-null Int32, \"logprob\": non-null Float32)))"
+    );
+    assert_eq!(ty("prompt_logprobs"), "List(Float32)");
+    let mut seen = 0;
+    for b in &batches {
+        let ids = b.column_by_name("id").unwrap().as_string::<i32>();
+        let toks = b
+            .column_by_name("completion_token_ids")
+            .unwrap()
+            .as_list::<i32>();
+        let chosen = b
+            .column_by_name("completion_logprobs")
+            .unwrap()
+            .as_list::<i32>();
+        let top = b
+            .column_by_name("completion_top_logprobs")
+            .unwrap()
+            .as_list::<i32>();
+        let prompt = b
+            .column_by_name("prompt_logprobs")
+            .unwrap()
+            .as_list::<i32>();
+        for i in 0..b.num_rows() {
+            let want = &plain[ids.value(i)];
+            let t = toks.value(i);
+            let t = t.as_primitive::<arrow::datatypes::UInt32Type>().values();
+            assert_eq!(
+                t.to_vec(),
+                want.token_ids,
+                "greedy samples equal the plain run"
+            );
+            let c = chosen.value(i);
+            let c = c.as_primitive::<Float32Type>();
+            assert_eq!(c.len(), t.len());
+            assert!(c.values().iter().all(|v| *v <= 0.0 && v.is_finite()));
+            let steps = top.value(i);
+            let steps = steps.as_list::<i32>();
+            assert_eq!(steps.len(), t.len());
+            for s in 0..steps.len() {
+                let entries = steps.value(s);
+                let entries = entries.as_struct();
+                assert_eq!(entries.len(), 3);
+                let first = entries
+                    .column(0)
+                    .as_primitive::<arrow::datatypes::Int32Type>()
+                    .value(0);
+                assert_eq!(first as u32, t[s], "greedy: the top-1 is the token");
+            }
+            let p = prompt.value(i);
+            let p = p.as_primitive::<Float32Type>();
+            assert_eq!(p.len() as u32, want.prompt_tokens);
+            assert!(p.is_null(0) && (1..p.len()).all(|j| p.is_valid(j)));
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 4, "two records x two samples");
+}

@@ -9,9 +9,11 @@ mod datagen;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod input_fuzz;
+mod logprobs;
 mod merge;
 mod newcomer;
 mod reference_logits;
 mod resume;
+mod samples;
 mod submit_greedy;
 mod sweep;

@@ -7,7 +7,7 @@ use crate::common::{fixtures, json, reference_path, ALL_MODELS};
 use candle_core::{DType, Device};
 use safetensors::SafeTensors;
 
-fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
+pub(crate) fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
     let t = st.tensor(name).unwrap();
     match t.dtype() {
         safetensors::Dtype::F32 => t
@@ -24,7 +24,7 @@ fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
     }
 }
 
-fn i64s(st: &SafeTensors, name: &str) -> Vec<i64> {
+pub(crate) fn i64s(st: &SafeTensors, name: &str) -> Vec<i64> {
     let t = st.tensor(name).unwrap();
     t.data()
         .chunks_exact(8)

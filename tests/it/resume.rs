@@ -34,7 +34,7 @@ fn job(dir: &Path, out: &str) -> std::path::PathBuf {
     )
 }
 
-fn spawn(dir: &Path, job: &Path, extra: &[&str]) -> Child {
+pub(crate) fn spawn(dir: &Path, job: &Path, extra: &[&str]) -> Child {
     let bin = std::env::var_os("TEST_RUNNER_BIN")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_runner").into());
@@ -55,7 +55,7 @@ fn spawn(dir: &Path, job: &Path, extra: &[&str]) -> Child {
 }
 
 /// Starts a submit and returns once its first part file is in place.
-fn spawn_until_first_part(dir: &Path, job: &Path, out: &Path) -> Child {
+pub(crate) fn spawn_until_first_part(dir: &Path, job: &Path, out: &Path) -> Child {
     let child = spawn(dir, job, &[]);
     let t = Instant::now();
     while crate::common::part_files(out) == 0 {

@@ -98,6 +98,7 @@ fn greedy_f16_matches_reference_generations() {
 const SCHEMA: &[(&str, &str)] = &[
     ("id", "string"),
     ("input_row", "uint64"),
+    ("sample_index", "uint32"),
     ("completion", "string"),
     ("finish_reason", "string"),
     ("status", "string"),

@@ -16,6 +16,9 @@ use crate::scoring::Scorer;
 use crate::Result;
 use candle_core::{Device, Tensor};
 
+mod logprobs;
+mod samples;
+
 const VOCAB: usize = 32;
 const EOS: u32 = 31;
 
@@ -70,7 +73,9 @@ impl ModelRunner for FakeRunner {
             for pos in c.start + from..c.start + to {
                 let history = &req.tokens()[..=pos];
                 let mut row = fake_logits(history);
-                if self.eos_after == Some(history.len() - req.prompt_len()) {
+                if self.eos_after.is_some()
+                    && self.eos_after == history.len().checked_sub(req.prompt_len())
+                {
                     row[EOS as usize] = 10.0;
                 }
                 data.extend(row);
@@ -108,6 +113,7 @@ fn record(i: usize, p: GenerationParams) -> InputRecord {
             continuation: None,
         }),
         passthrough: None,
+        written_samples: Vec::new(),
     }
 }
 
@@ -130,6 +136,34 @@ fn run_opts(
     score: bool,
     include_stop_str: bool,
 ) -> (Vec<OutputRow>, super::JobSummary) {
+    let opts = Opts {
+        score,
+        include_stop_str,
+        ..Default::default()
+    };
+    run_with(items, cfg, runner, opts)
+}
+
+/// What a test run asks beyond the records.
+#[derive(Default, Clone, Copy)]
+struct Opts {
+    score: bool,
+    include_stop_str: bool,
+    logprobs: usize,
+    prompt_logprobs: bool,
+}
+
+fn run_with(
+    items: Vec<Prepared>,
+    cfg: SchedulerConfig,
+    runner: &mut FakeRunner,
+    opts: Opts,
+) -> (Vec<OutputRow>, super::JobSummary) {
+    let Opts {
+        score,
+        include_stop_str,
+        ..
+    } = opts;
     let spec = ScoringSpec {
         loglikelihood: score,
         continuation_column: "continuation".into(),
@@ -150,6 +184,7 @@ fn run_opts(
         ctx: 64,
     };
     let mut pipe = Pipeline::new(cfg, stops, rows);
+    pipe.logprobs = opts.logprobs;
     let (tx, rx) = std::sync::mpsc::sync_channel(items.len().max(1));
     for it in items {
         tx.send(Ok(it)).unwrap();
@@ -157,8 +192,10 @@ fn run_opts(
     drop(tx);
     let defaults = params(4);
     let mut intake = Intake::new(&rx, &defaults, cfg.max_num_seqs, score);
+    intake.prompt_logprobs = opts.prompt_logprobs;
     let mut sink: Vec<OutputRow> = Vec::new();
     drive(&mut pipe, &mut intake, runner, &mut sink, &|| false).unwrap();
+    assert_eq!(pipe.sched.blocks().0, 0, "every block is returned");
     (sink, pipe.finish(runner))
 }
 
@@ -371,21 +408,40 @@ fn eos_gives_stop_unless_ignored_and_length_caps_the_rest() {
     }
 }
 
-#[test]
-fn records_that_cannot_run_become_error_rows_and_the_rest_run() {
+/// Runs three records of which `r1` cannot run, `n` samples each.
+fn run_with_bad_record(n: usize) -> (Vec<OutputRow>, super::JobSummary) {
     let ps = prompts(3, 4);
-    let mut items = gen_items(&ps, &params(3));
+    let p = GenerationParams { n, ..params(3) };
+    let mut items = gen_items(&ps, &p);
     items[1].1 = Err(crate::input::RecordError::PromptTooLong {
         record: "r1".into(),
         tokens: 9,
         limit: 4,
     });
-    let (rows, sum) = run(
+    run(
         items,
         SchedulerConfig::tiny(64, 4, 64),
         &mut FakeRunner::default(),
         false,
-    );
+    )
+}
+
+#[test]
+fn a_record_that_cannot_run_gives_an_error_row_per_sample() {
+    let (rows, sum) = run_with_bad_record(3);
+    assert_eq!((sum.records, sum.ok, sum.errors), (9, 6, 3));
+    let mut bad: Vec<u32> = rows
+        .iter()
+        .filter(|r| r.status == RowStatus::Error)
+        .map(|r| r.sample_index)
+        .collect();
+    bad.sort();
+    assert_eq!(bad, [0, 1, 2]);
+}
+
+#[test]
+fn records_that_cannot_run_become_error_rows_and_the_rest_run() {
+    let (rows, sum) = run_with_bad_record(1);
     assert_eq!((sum.records, sum.ok, sum.errors), (3, 2, 1));
     let bad = rows.iter().find(|r| r.id == "r1").unwrap();
     assert_eq!(

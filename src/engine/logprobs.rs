@@ -1,0 +1,136 @@
+//! Log-probabilities under the model's own distribution (the raw logits,
+//! before temperature, top-k, top-p, penalties and masks), computed on the
+//! logits' device: per row only the log-normalizer, the chosen token's
+//! logit and the k best logits cross to the host.
+
+use super::runner::StepLogits;
+use crate::backend::Ops;
+use crate::output::TokenLogprobs;
+use crate::scheduler::{RequestKind, Scheduler, SeqId, StepPlan};
+use crate::Result;
+use candle_core::{Tensor, D};
+
+/// `log sum exp` of each row of `[rows, vocab]`, on its device.
+fn log_normalizer(rows: &Tensor) -> Result<Tensor> {
+    let max = rows.max_keepdim(D::Minus1)?;
+    let sum = rows.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
+    Ok(sum.log()?.add(&max)?.squeeze(D::Minus1)?)
+}
+
+/// Rows `idx` of `logits`, on its device.
+fn select(logits: &Tensor, idx: Vec<u32>) -> Result<Tensor> {
+    let n = idx.len();
+    let idx = Tensor::from_vec(idx, n, logits.device())?;
+    Ok(logits.index_select(&idx, 0)?)
+}
+
+/// The log-probability of `tokens[i]` under row `rows[i]` of `logits`.
+pub fn token_logprobs(logits: &Tensor, rows: Vec<u32>, tokens: Vec<u32>) -> Result<Vec<f32>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sel = select(logits, rows)?;
+    let n = tokens.len();
+    let tok = Tensor::from_vec(tokens, (n, 1), sel.device())?;
+    let chosen = sel.gather(&tok, 1)?.squeeze(1)?;
+    Ok(chosen.sub(&log_normalizer(&sel)?)?.to_vec1::<f32>()?)
+}
+
+/// Each row's `k` largest `(token, logit)`, largest first (ties: lower
+/// id first): on the device where the backend picks top-k there, else
+/// from the host copy of the rows (the CPU, whose rows are host memory).
+fn top_logits(ops: &dyn Ops, rows: &Tensor, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    if k <= ops.device_top_k_max() {
+        let ones = vec![1.0; rows.dim(0)?];
+        return ops.top_k_candidates(rows, &ones, k);
+    }
+    Ok(rows
+        .to_vec2::<f32>()?
+        .iter()
+        .map(|r| host_top(r, k))
+        .collect())
+}
+
+/// The `k` largest `(token, logit)` of a row, largest first, ties by id.
+pub fn host_top(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let better = |a: &(u32, f32), b: &(u32, f32)| a.1 > b.1 || (a.1 == b.1 && a.0 < b.0);
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &v) in row.iter().enumerate() {
+        let c = (i as u32, v);
+        if top.len() == k && !better(&c, &top[k - 1]) {
+            continue;
+        }
+        let at = top.iter().position(|t| better(&c, t)).unwrap_or(top.len());
+        top.insert(at, c);
+        top.truncate(k);
+    }
+    top
+}
+
+/// Appends, for every generation request that sampled a token in this
+/// step, that token's log-probability and the `k` most likely tokens'.
+pub fn record_sampled(
+    sched: &mut Scheduler,
+    plan: &StepPlan,
+    out: &StepLogits,
+    k: usize,
+) -> Result<()> {
+    let mut rows = Vec::new();
+    let mut seqs: Vec<SeqId> = Vec::new();
+    for (c, &(first, n)) in plan.chunks.iter().zip(&out.spans) {
+        let req = sched.request(c.seq);
+        if c.samples && n > 0 && req.kind == RequestKind::Generate {
+            rows.push((first + n - 1) as u32);
+            seqs.push(c.seq);
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let sel = select(&out.logits, rows)?;
+    let lse = log_normalizer(&sel)?.to_vec1::<f32>()?;
+    let tokens: Vec<u32> = seqs
+        .iter()
+        .map(|&s| *sched.tokens(s).last().expect("a sampled token"))
+        .collect();
+    let n = tokens.len();
+    let tok = Tensor::from_vec(tokens, (n, 1), sel.device())?;
+    let chosen = sel.gather(&tok, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+    let top = top_logits(out.ops, &sel, k)?;
+    for (i, s) in seqs.into_iter().enumerate() {
+        let lp = sched
+            .request_mut(s)
+            .logprobs
+            .get_or_insert_with(TokenLogprobs::default);
+        lp.chosen.push(chosen[i] - lse[i]);
+        lp.top
+            .push(top[i].iter().map(|&(t, l)| (t, l - lse[i])).collect());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_top_keeps_the_k_largest_in_order_with_ties_by_id() {
+        let row = [0.5, 2.0, -1.0, 2.0, 3.0, 0.5];
+        assert_eq!(host_top(&row, 3), vec![(4, 3.0), (1, 2.0), (3, 2.0)]);
+        assert_eq!(host_top(&row, 1), vec![(4, 3.0)]);
+        assert_eq!(host_top(&row, 10).len(), 6);
+    }
+
+    #[test]
+    fn token_logprobs_are_the_log_softmax() {
+        let logits = Tensor::new(
+            &[[1.0f32, 2.0, 3.0], [0.0, 0.0, 0.0]],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let got = token_logprobs(&logits, vec![0, 1], vec![2, 1]).unwrap();
+        let want0 = crate::scoring::token_logprob(&[1.0, 2.0, 3.0], 2) as f32;
+        assert!((got[0] - want0).abs() < 1e-6, "{got:?}");
+        assert!((got[1] + 3f32.ln()).abs() < 1e-6, "{got:?}");
+    }
+}
