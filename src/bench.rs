@@ -81,6 +81,11 @@ pub struct WorkloadResult {
     pub wall_s: f64,
     /// Prefix-cache hit tokens.
     pub prefix_hit_tokens: usize,
+    /// Prompt positions run (a record's `generation.n` samples share one
+    /// prefill).
+    pub prefill_tokens: usize,
+    /// Rows written (records x samples).
+    pub rows: usize,
 }
 
 /// Prompt token ids of a workload: random ids in [100, 32000), W4's
@@ -206,6 +211,8 @@ pub fn run_workload(
         },
         wall_s: sum.wall_s,
         prefix_hit_tokens: sum.prefix_hit_tokens,
+        prefill_tokens: sum.prefill_tokens,
+        rows: sum.records,
         summary: sum,
     })
 }

@@ -94,14 +94,16 @@ impl PagedKvCache {
         }
     }
 
-    /// Copies a whole block in every layer (copy-on-write).
-    pub fn copy_block(&mut self, from: BlockId, to: BlockId) -> Result<()> {
+    /// Copies whole blocks in every layer (copy-on-write).
+    pub fn copy_blocks(&mut self, copies: &[crate::kv::BlockCopy]) -> Result<()> {
         match self {
             Self::Cpu(c) => {
-                c.copy_block(from, to);
+                for b in copies {
+                    c.copy_block(b.from, b.to);
+                }
                 Ok(())
             }
-            Self::Cuda(c) => c.copy_block(from, to),
+            Self::Cuda(c) => c.copy_blocks(copies),
         }
     }
 

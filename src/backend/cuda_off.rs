@@ -131,7 +131,7 @@ impl CudaKv {
     }
 
     /// Copies a block's rows in every layer.
-    pub fn copy_block(&mut self, _from: BlockId, _to: BlockId) -> Result<()> {
+    pub fn copy_blocks(&mut self, _copies: &[crate::kv::BlockCopy]) -> Result<()> {
         match *self {}
     }
 

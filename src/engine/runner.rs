@@ -67,9 +67,7 @@ impl<'m> MistralRunner<'m> {
 
 impl ModelRunner for MistralRunner<'_> {
     fn execute(&mut self, plan: &StepPlan, sched: &Scheduler) -> Result<StepLogits> {
-        for c in &plan.copies {
-            self.cache.copy_block(c.from, c.to)?;
-        }
+        self.cache.copy_blocks(&plan.copies)?;
         let chunks: Vec<SeqChunk<'_>> = plan
             .chunks
             .iter()

@@ -13,16 +13,34 @@ use runner::input::{InputRecord, PromptInput, RecordBody};
 use runner::output::OutputRow;
 use safetensors::SafeTensors;
 
-const TOL: f32 = 2e-3;
+/// Where and how a check runs: the engine's device and dtype, the
+/// reference path's tolerance and the top1-top2 margin above which the
+/// greedy token must be the reference's.
+pub struct Setting {
+    pub device: &'static str,
+    pub f16: bool,
+    pub tol: f32,
+    pub margin: f32,
+}
 
-fn engine(dir: &std::path::Path, model: &str) -> runner::engine::Engine {
+/// f32 on the CPU against the exact dequantized fp32 forward.
+const CPU_F32: Setting = Setting {
+    device: "cpu",
+    f16: false,
+    tol: 2e-3,
+    margin: 1e-2,
+};
+
+fn engine(dir: &std::path::Path, model: &str, s: &Setting) -> runner::engine::Engine {
     std::fs::write(dir.join("in.jsonl"), "{\"prompt\": \"x\"}\n").unwrap();
     let job = dir.join("job.toml");
     std::fs::write(
         &job,
         format!(
-            "[model]\nid = \"{}\"\ndtype = \"f32\"\n[input]\npath = \"in.jsonl\"\n[generation]\nmax_new_tokens = 1\nignore_eos = true\n[output]\nlogprobs = 5\nprompt_logprobs = true\n[engine]\ndevice = \"cpu\"\n",
-            fixtures().join(model).display()
+            "[model]\nid = \"{}\"\ndtype = \"{}\"\n[input]\npath = \"in.jsonl\"\n[generation]\nmax_new_tokens = 1\nignore_eos = true\n[output]\nlogprobs = 5\nprompt_logprobs = true\n[engine]\ndevice = \"{}\"\n",
+            fixtures().join(model).display(),
+            if s.f16 { "f16" } else { "f32" },
+            s.device
         ),
     )
     .unwrap();
@@ -59,14 +77,20 @@ fn record(id: String, row: u64) -> InputRecord {
 
 #[test]
 fn logprobs_match_the_reference_log_softmax() {
+    check(&CPU_F32);
+}
+
+/// Runs every prefix of every reference sequence through an engine of
+/// setting `s` and checks its log-probabilities (see the module).
+pub fn check(s: &Setting) {
     let fx = fixtures();
     let seqs = json(&fx.join("references/sequences.json"));
     let seqs = seqs["sequences"].as_object().unwrap();
     let mut checked = (0, 0, 0);
     for model in crate::common::models() {
         let tmp = tempfile::tempdir().unwrap();
-        let engine = engine(tmp.path(), model);
-        let path = reference_path(model, false);
+        let engine = engine(tmp.path(), model, s);
+        let path = reference_path(model, s.f16);
         let bytes =
             std::fs::read(fx.join(format!("references/{model}/{path}.safetensors"))).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -99,9 +123,15 @@ fn logprobs_match_the_reference_log_softmax() {
         engine.run_tokens(items, &mut rows).unwrap();
         rows.sort_by_key(|r| r.input_row);
         assert_eq!(rows.len(), what.len() + appended.len());
-        let model_f32 = runner::model::load(
+        // The full-sequence forward of the same model, dtype and device.
+        let dtype = if s.f16 {
+            candle_core::DType::F16
+        } else {
+            candle_core::DType::F32
+        };
+        let full_model = runner::model::load(
             &fx.join(model),
-            &runner::model::LoadOptions::new(candle_core::DType::F32, &candle_core::Device::Cpu),
+            &runner::model::LoadOptions::new(dtype, engine.model().device()),
         )
         .unwrap();
         for (r, (name, ids, x)) in rows[what.len()..].iter().zip(&appended) {
@@ -115,23 +145,21 @@ fn logprobs_match_the_reference_log_softmax() {
             let want = last[*x as usize] - lse[t - 1];
             let got = pl[t].expect("the appended token is scored");
             assert!(
-                (got - want).abs() <= TOL,
+                (got - want).abs() <= s.tol,
                 "{model} {name}+{x}: {got} vs {want}"
             );
             checked.1 += 1;
             let mut all = ids.clone();
             all.push(*x);
-            let full = model_f32
-                .logits_full(&all)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
+            let full = full_model.logits_full(&all).unwrap();
+            let full = full.to_dtype(candle_core::DType::F32).unwrap();
+            let full = full.to_vec2::<f32>().unwrap();
             assert_eq!(pl[0], None);
             for i in 1..all.len() {
                 let want = runner::scoring::token_logprob(&full[i - 1], all[i]) as f32;
                 let got = pl[i].expect("every prompt token but the first");
                 assert!(
-                    (got - want).abs() <= TOL,
+                    (got - want).abs() <= s.tol,
                     "{model} {name}+{x} prompt token {i}"
                 );
                 checked.1 += 1;
@@ -153,7 +181,7 @@ fn logprobs_match_the_reference_log_softmax() {
             let tok = r.completion_token_ids.first().copied();
             let tok = tok.unwrap_or_else(|| lp.top[0][0].0);
             let margin = top_vals[p * 8] - top_vals[p * 8 + 1];
-            if margin > 1e-2 {
+            if margin > s.margin {
                 assert_eq!(
                     tok as i64,
                     top_ids[p * 8],
@@ -162,7 +190,7 @@ fn logprobs_match_the_reference_log_softmax() {
             }
             let want = reference(tok).expect("the greedy token is in the reference top 8");
             assert!(
-                (lp.chosen[0] - want).abs() <= TOL,
+                (lp.chosen[0] - want).abs() <= s.tol,
                 "{model} {name}[..{k}]: {} vs {want}",
                 lp.chosen[0]
             );
@@ -170,7 +198,7 @@ fn logprobs_match_the_reference_log_softmax() {
             assert_eq!(lp.top[0].len(), 5);
             for &(t, l) in &lp.top[0] {
                 let want = reference(t).expect("our top 5 are in the reference top 8");
-                assert!((l - want).abs() <= TOL, "{model} {name}[..{k}] token {t}");
+                assert!((l - want).abs() <= s.tol, "{model} {name}[..{k}] token {t}");
                 checked.0 += 1;
             }
             let _ = ids;

@@ -8,6 +8,8 @@ mod config_errors;
 mod datagen;
 #[cfg(feature = "cuda")]
 mod gpu;
+#[cfg(feature = "cuda")]
+mod gpu_datagen;
 mod input_fuzz;
 mod logprobs;
 mod merge;

@@ -52,7 +52,7 @@ fn job(dir: &Path, out: &str, temperature: f64) -> PathBuf {
 
 fn submit(dir: &Path, job: &Path, set: &[&str]) {
     let mut args = vec!["submit", job.to_str().unwrap(), "--set", "model.dtype=f32"];
-    for s in set {
+    for s in set.iter().chain(EXTRA.with(|e| e.borrow().clone()).iter()) {
         args.extend(["--set", s]);
     }
     let run = runner(dir, &args, &[]);
@@ -109,10 +109,21 @@ fn n_samples_are_reproducible_alone_and_share_one_prefill() {
     }
 }
 
-/// Greedy samples must all equal the one greedy completion: a fork whose
-/// copy-on-write of the shared partial block went wrong would diverge.
+thread_local! {
+    /// `--set` flags every submit of this thread adds (the GPU's device and dtype).
+    static EXTRA: std::cell::RefCell<Vec<&'static str>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[test]
 fn greedy_samples_equal_the_single_greedy_completion() {
+    greedy_samples_agree(&[]);
+}
+
+/// Greedy samples must all equal the one greedy completion: a fork whose
+/// copy-on-write of the shared partial block went wrong would diverge.
+/// `sets` are added to every submit.
+pub fn greedy_samples_agree(sets: &[&'static str]) {
+    EXTRA.with(|e| *e.borrow_mut() = sets.to_vec());
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let j = job(d, "g", 0.0);
@@ -122,6 +133,7 @@ fn greedy_samples_equal_the_single_greedy_completion() {
     for ((id, i), v) in &four {
         assert_eq!(&one[&(id.clone(), 0)], v, "{id} sample {i}");
     }
+    assert_eq!(four.len(), 4 * RECORDS);
 }
 
 #[test]

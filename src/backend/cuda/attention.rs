@@ -4,7 +4,7 @@
 
 use super::{self as cuda, DecodeShape, PrefillChunk, PrefillShape};
 use crate::backend::KvShape;
-use crate::kv::BlockId;
+use crate::kv::{BlockCopy, BlockId};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 
@@ -86,20 +86,20 @@ impl CudaKv {
         Ok(b.0 * self.block_size as u32 + (pos % self.block_size) as u32)
     }
 
-    /// Copies a block's rows in every layer.
-    pub fn copy_block(&mut self, from: BlockId, to: BlockId) -> Result<()> {
+    /// Copies blocks' rows in every layer: all of a step's copies in one
+    /// gather and one scatter per layer.
+    pub fn copy_blocks(&mut self, copies: &[BlockCopy]) -> Result<()> {
+        if copies.is_empty() {
+            return Ok(());
+        }
         let bs = self.block_size as u32;
         let dev = self.layers[0].0.device().clone();
-        let src = Tensor::from_vec(
-            (0..bs).map(|i| from.0 * bs + i).collect::<Vec<_>>(),
-            bs as usize,
-            &dev,
-        )?;
-        let dst = Tensor::from_vec(
-            (0..bs).map(|i| to.0 * bs + i).collect::<Vec<_>>(),
-            bs as usize,
-            &dev,
-        )?;
+        let rows = |b: BlockId| (0..bs).map(move |i| b.0 * bs + i);
+        let n = copies.len() * bs as usize;
+        let src: Vec<u32> = copies.iter().flat_map(|c| rows(c.from)).collect();
+        let dst: Vec<u32> = copies.iter().flat_map(|c| rows(c.to)).collect();
+        let src = Tensor::from_vec(src, n, &dev)?;
+        let dst = Tensor::from_vec(dst, n, &dev)?;
         for (kc, vc) in &self.layers {
             let k = kc.index_select(&src, 0)?;
             let v = vc.index_select(&src, 0)?;
