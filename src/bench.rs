@@ -182,6 +182,7 @@ pub fn run_workload(
         passthrough: None,
         logprobs: spec.output.logprobs,
         prompt_logprobs: spec.output.prompt_logprobs,
+        constrained: spec.generation.constraint.is_some(),
     };
     let settings = crate::output::SinkSettings {
         include_token_ids: false,

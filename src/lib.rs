@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod guide;
 pub mod input;
 pub mod job;
 pub mod kv;

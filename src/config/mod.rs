@@ -10,8 +10,8 @@ mod spec;
 
 pub use raw::RawJob;
 pub use spec::{
-    DType, Device, EngineSpec, GenerationParams, InputFormat, InputSpec, JobSpec, LoadFormat,
-    Metric, ModelSpec, Normalize, OutputSpec, ScoringSpec, SweepSpec, Variant,
+    Constraint, DType, Device, EngineSpec, GenerationParams, InputFormat, InputSpec, JobSpec,
+    LoadFormat, Metric, ModelSpec, Normalize, OutputSpec, ScoringSpec, SweepSpec, Variant,
 };
 
 use crate::{Error, Result};

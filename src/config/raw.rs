@@ -95,6 +95,11 @@ pub struct RawGeneration {
     pub min_new_tokens: i64,
     pub stop_token_ids: Vec<u32>,
     pub n: i64,
+    pub json_schema: String,
+    #[serde(default)]
+    pub json_schema_file: Option<RelativePathBuf>,
+    pub regex: String,
+    pub grammar: String,
 }
 
 /// `[output]`

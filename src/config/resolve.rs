@@ -121,6 +121,12 @@ impl RawJob {
             min_new_tokens: g.min_new_tokens as usize,
             stop_token_ids: g.stop_token_ids,
             n: g.n as usize,
+            constraint: constraint(
+                &g.json_schema,
+                g.json_schema_file.as_ref(),
+                &g.regex,
+                &g.grammar,
+            )?,
         };
         generation.validate("generation.").map_err(Error::Config)?;
         if generation.stop.iter().any(|s| s.is_empty()) {
@@ -198,6 +204,59 @@ impl RawJob {
             sweep,
         })
     }
+}
+
+/// The job-wide structured-output constraint: at most one of
+/// `generation.json_schema`, `json_schema_file`, `regex`, `grammar`.
+fn constraint(
+    schema: &str,
+    schema_file: Option<&figment::value::magic::RelativePathBuf>,
+    regex: &str,
+    grammar: &str,
+) -> Result<Option<Constraint>> {
+    let set: Vec<&str> = [
+        ("generation.json_schema", !schema.is_empty()),
+        ("generation.json_schema_file", schema_file.is_some()),
+        ("generation.regex", !regex.is_empty()),
+        ("generation.grammar", !grammar.is_empty()),
+    ]
+    .iter()
+    .filter(|(_, on)| *on)
+    .map(|(k, _)| *k)
+    .collect();
+    if set.len() > 1 {
+        return Err(Error::Config(format!(
+            "{} are all set; a job takes one constraint",
+            set.join(" and ")
+        )));
+    }
+    if let Some(f) = schema_file {
+        let path = f.relative();
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::Config(format!(
+                "generation.json_schema_file {}: cannot read it ({e})",
+                path.display()
+            ))
+        })?;
+        return Constraint::json_schema(&text).map(Some).map_err(|e| {
+            Error::Config(format!(
+                "generation.json_schema_file {} {e}",
+                path.display()
+            ))
+        });
+    }
+    if !schema.is_empty() {
+        return Constraint::json_schema(schema)
+            .map(Some)
+            .map_err(|e| Error::Config(format!("generation.json_schema {e}")));
+    }
+    if !regex.is_empty() {
+        regex::Regex::new(regex).map_err(|e| {
+            Error::Config(format!("generation.regex `{regex}` is not a regex: {e}"))
+        })?;
+        return Ok(Some(Constraint::Regex(regex.to_string())));
+    }
+    Ok((!grammar.is_empty()).then(|| Constraint::Grammar(grammar.to_string())))
 }
 
 /// `output.logprobs`: 0 (off) to [`MAX_LOGPROBS`].

@@ -132,6 +132,51 @@ pub struct GenerationParams {
     pub stop_token_ids: Vec<u32>,
     /// Samples per record (one output row each, `sample_index` 0..n-1).
     pub n: usize,
+    /// Structured output: what every completion must match.
+    pub constraint: Option<Constraint>,
+}
+
+/// A structured-output constraint: `generation.json_schema` (or
+/// `json_schema_file`, or a record's `json_schema` column),
+/// `generation.regex` or `generation.grammar` (Lark, as llguidance reads it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Constraint {
+    /// A JSON Schema, as compact JSON text.
+    JsonSchema(String),
+    /// A regular expression the whole completion matches.
+    Regex(String),
+    /// A Lark grammar.
+    Grammar(String),
+}
+
+impl Constraint {
+    /// The job key (or column) it comes from.
+    pub fn key(&self) -> &'static str {
+        match self {
+            Constraint::JsonSchema(_) => "json_schema",
+            Constraint::Regex(_) => "regex",
+            Constraint::Grammar(_) => "grammar",
+        }
+    }
+
+    /// A JSON Schema from its text: JSON whose top level is an object or a
+    /// boolean (kept as compact JSON).
+    pub fn json_schema(text: &str) -> std::result::Result<Self, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("is not JSON ({e})"))?;
+        Self::json_schema_value(&v)
+    }
+
+    /// A JSON Schema from a parsed value.
+    pub fn json_schema_value(v: &serde_json::Value) -> std::result::Result<Self, String> {
+        match v {
+            serde_json::Value::Object(_) | serde_json::Value::Bool(_) => {
+                Ok(Constraint::JsonSchema(v.to_string()))
+            }
+            _ => Err("is not a JSON Schema (expected an object or a boolean)".into()),
+        }
+    }
 }
 
 impl Default for GenerationParams {
@@ -151,6 +196,7 @@ impl Default for GenerationParams {
             min_new_tokens: 0,
             stop_token_ids: Vec::new(),
             n: 1,
+            constraint: None,
         }
     }
 }

@@ -6,6 +6,7 @@ use super::rows::error_row;
 use super::step::Pipeline;
 use super::tokenize::Prepared;
 use crate::config::GenerationParams;
+use crate::input::RecordError;
 use crate::output::RowSink;
 use crate::scheduler::{RecordRef, Request};
 use crate::Result;
@@ -23,6 +24,8 @@ pub struct Intake<'a> {
     score: bool,
     /// Ask generation requests for their prompts' log-probabilities.
     pub prompt_logprobs: bool,
+    /// Matchers for constrained records.
+    pub guides: Option<&'a crate::guide::LazyGuides<'a>>,
     exhausted: bool,
 }
 
@@ -42,6 +45,7 @@ impl<'a> Intake<'a> {
             want_waiting: max_num_seqs,
             score,
             prompt_logprobs: false,
+            guides: None,
             exhausted: false,
         }
     }
@@ -72,6 +76,7 @@ impl<'a> Intake<'a> {
             if samples.is_empty() {
                 continue;
             }
+            let (tokens, guide) = self.guide_of(&rec, tokens);
             match tokens {
                 Err(err) => {
                     tracing::warn!(record = %rec.id, "{err}");
@@ -97,7 +102,9 @@ impl<'a> Intake<'a> {
                     fresh.push(if self.score {
                         Request::score(record, t.tokens, t.prompt_len, params)
                     } else {
-                        let r = Request::generate(record, t.tokens, params).with_samples(&samples);
+                        let mut r =
+                            Request::generate(record, t.tokens, params).with_samples(&samples);
+                        r.guide = guide;
                         match self.prompt_logprobs {
                             true => r.with_prompt_logprobs(),
                             false => r,
@@ -111,5 +118,39 @@ impl<'a> Intake<'a> {
             pipe.add(req);
         }
         Ok(())
+    }
+}
+
+impl Intake<'_> {
+    /// The matcher of a constrained generation record; a constraint that
+    /// does not compile makes the record an error.
+    fn guide_of(
+        &self,
+        rec: &crate::input::InputRecord,
+        tokens: std::result::Result<super::Tokenized, RecordError>,
+    ) -> (
+        std::result::Result<super::Tokenized, RecordError>,
+        Option<crate::guide::Guide>,
+    ) {
+        let constraint = rec
+            .body
+            .as_ref()
+            .ok()
+            .and_then(|b| b.params.constraint.as_ref());
+        let Some(c) = constraint.filter(|_| tokens.is_ok() && !self.score) else {
+            return (tokens, None);
+        };
+        let guides = self.guides.expect("the engine passes guides");
+        match guides.guide(c) {
+            Ok(g) => (tokens, Some(g)),
+            Err(e) => (
+                Err(RecordError::Field(format!(
+                    "record {}: `{}` {e}",
+                    rec.id,
+                    c.key()
+                ))),
+                None,
+            ),
+        }
     }
 }

@@ -137,6 +137,7 @@ impl Engine {
             passthrough: None,
             logprobs: spec.output.logprobs,
             prompt_logprobs: spec.output.prompt_logprobs,
+            constrained: spec.generation.constraint.is_some(),
         };
         let engine = Self {
             model,
@@ -158,6 +159,13 @@ impl Engine {
             logprobs: spec.output.logprobs,
             prompt_logprobs: spec.output.prompt_logprobs,
         };
+        // A job-wide constraint that does not compile fails before any record.
+        if let Some(c) = &spec.generation.constraint {
+            engine
+                .lazy_guides()
+                .guide(c)
+                .map_err(|e| crate::Error::Config(format!("generation.{} {e}", c.key())))?;
+        }
         Ok((engine, meta))
     }
 
@@ -236,6 +244,7 @@ impl Engine {
             MistralRunner::new(&self.model, self.sched.num_blocks, self.sched.block_size)?;
         let mut pipe = self.pipeline();
         pipe.logprobs = self.logprobs;
+        pipe.vocab = self.model.config().vocab_size;
         let mut intake = Intake::new(
             rx,
             &self.defaults,
@@ -243,6 +252,8 @@ impl Engine {
             self.loglikelihood,
         );
         intake.prompt_logprobs = self.prompt_logprobs;
+        let guides = self.lazy_guides();
+        intake.guides = Some(&guides);
         let stop = || {
             self.stop
                 .as_ref()
@@ -250,6 +261,15 @@ impl Engine {
         };
         drive(&mut pipe, &mut intake, &mut runner, sink, &stop)?;
         Ok(pipe.finish(&runner))
+    }
+
+    /// Matchers for constrained records, built on first use.
+    fn lazy_guides(&self) -> crate::guide::LazyGuides<'_> {
+        crate::guide::LazyGuides::new(
+            self.prompter.tokenizer_file(),
+            self.model.config().vocab_size,
+            self.prompter.stop_ids(),
+        )
     }
 
     fn pipeline(&self) -> Pipeline<'_> {

@@ -46,6 +46,9 @@ fn route(top_k_max: usize, p: &GenerationParams, generated: usize) -> Route {
 /// `None` for every other chunk.
 pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<Option<Picked>>> {
     let top_k_max = out.ops.device_top_k_max();
+    // Constrained rows are masked on the device; their masked copies are
+    // appended to the logits and picked from there.
+    let (logits, masked_row) = masked(out, plan, sched)?;
     let routes: Vec<Route> = plan
         .chunks
         .iter()
@@ -62,14 +65,11 @@ pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<
     let chunks_of =
         |want: Route| -> Vec<usize> { (0..routes.len()).filter(|&i| routes[i] == want).collect() };
     // The sampled row is the last of a generation chunk's span.
-    let row = |i: usize| (out.spans[i].0 + out.spans[i].1 - 1) as u32;
+    let row = |i: usize| masked_row[i].unwrap_or((out.spans[i].0 + out.spans[i].1 - 1) as u32);
     let mut picks: Vec<Option<Picked>> = (0..routes.len()).map(|_| None).collect();
     let argmax = chunks_of(Route::DeviceArgmax);
     if !argmax.is_empty() {
-        let ids = out
-            .logits
-            .argmax(candle_core::D::Minus1)?
-            .to_vec1::<u32>()?;
+        let ids = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
         for i in argmax {
             picks[i] = Some(Picked::Token(ids[row(i) as usize]));
         }
@@ -81,7 +81,7 @@ pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<
             .iter()
             .map(|&i| &sched.request(plan.chunks[i].seq).params)
             .collect();
-        let rows = select(&out.logits, topk.iter().map(|&i| row(i)).collect())?;
+        let rows = select(&logits, topk.iter().map(|&i| row(i)).collect())?;
         let k = params.iter().map(|p| p.top_k).max().unwrap_or(1);
         let temps: Vec<f32> = params.iter().map(|p| p.temperature as f32).collect();
         // Only each row's top-k candidates cross PCIe; the host draws from
@@ -97,12 +97,47 @@ pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<
         }
     }
     if !host.is_empty() {
-        let rows = select(&out.logits, host.iter().map(|&i| row(i)).collect())?;
+        let rows = select(&logits, host.iter().map(|&i| row(i)).collect())?;
         for (i, r) in host.into_iter().zip(rows.to_vec2::<f32>()?) {
             picks[i] = Some(Picked::Logits(r));
         }
     }
     Ok(picks)
+}
+
+/// The logits to pick from: `out.logits` with, appended, the masked rows of
+/// the constrained sampling chunks (allowed tokens keep their logit, the
+/// others are -inf), and per chunk the row of its masked copy.
+fn masked(
+    out: &StepLogits,
+    plan: &StepPlan,
+    sched: &Scheduler,
+) -> Result<(Tensor, Vec<Option<u32>>)> {
+    let mut at = vec![None; plan.chunks.len()];
+    let mut rows = Vec::new();
+    let mut bytes = Vec::new();
+    let (base, vocab) = out.logits.dims2()?;
+    for (i, (c, &(first, n))) in plan.chunks.iter().zip(&out.spans).enumerate() {
+        let mask = sched
+            .request(c.seq)
+            .guide
+            .as_ref()
+            .and_then(|g| g.allowed.as_ref());
+        if let (Some(mask), true) = (mask, c.samples && n > 0) {
+            at[i] = Some((base + rows.len()) as u32);
+            rows.push((first + n - 1) as u32);
+            bytes.extend_from_slice(mask);
+        }
+    }
+    if rows.is_empty() {
+        return Ok((out.logits.clone(), at));
+    }
+    let n = rows.len();
+    let sel = select(&out.logits, rows)?;
+    let allowed = Tensor::from_vec(bytes, (n, vocab), sel.device())?;
+    let blocked = Tensor::full(f32::NEG_INFINITY, (n, vocab), sel.device())?;
+    let masked = allowed.where_cond(&sel, &blocked)?;
+    Ok((Tensor::cat(&[&out.logits, &masked], 0)?, at))
 }
 
 /// Rows of a logits tensor, on its device.

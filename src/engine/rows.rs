@@ -24,7 +24,7 @@ pub struct RowBuilder<'a> {
 
 impl RowBuilder<'_> {
     /// The row of a finished request.
-    pub fn finished(&self, req: Request, reason: FinishReason) -> Result<OutputRow> {
+    pub fn finished(&self, mut req: Request, reason: FinishReason) -> Result<OutputRow> {
         let now = Instant::now();
         let admitted = req.timings.admitted.unwrap_or(now);
         let mut row = base_row(&req.record, &req.params);
@@ -54,6 +54,10 @@ impl RowBuilder<'_> {
         if self.include_token_ids {
             row.completion_token_ids = generated.to_vec();
         }
+        row.schema_valid = req
+            .guide
+            .as_mut()
+            .map(|g| reason == FinishReason::Stop && g.is_complete());
         row.logprobs = req.logprobs;
         row.prompt_logprobs = req.prompt_logprobs;
         Ok(row)
@@ -138,6 +142,7 @@ fn base_row(record: &RecordRef, p: &GenerationParams) -> OutputRow {
         passthrough: record.passthrough.clone(),
         logprobs: None,
         prompt_logprobs: None,
+        schema_valid: None,
     }
 }
 

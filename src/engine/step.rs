@@ -24,6 +24,8 @@ pub struct Pipeline<'a> {
     pub sum: JobSummary,
     /// `output.logprobs`: k (0 = none recorded).
     pub logprobs: usize,
+    /// The logits row length (constraint masks cover it).
+    pub vocab: usize,
     start: Instant,
     next_id: u64,
 }
@@ -37,6 +39,7 @@ impl<'a> Pipeline<'a> {
             rows,
             sum: JobSummary::default(),
             logprobs: 0,
+            vocab: 0,
             start: Instant::now(),
             next_id: 0,
         }
@@ -60,6 +63,9 @@ impl<'a> Pipeline<'a> {
         let mut plan = self.sched.schedule();
         self.mark_admitted(&plan);
         let mut out = runner.execute(&plan, &self.sched)?;
+        // The forward runs on the device while the host computes the
+        // constrained requests' masks.
+        self.compute_masks(&plan);
         self.sched.commit(&plan);
         self.count(&plan);
         let mut picks = pick::pick(&out, &plan, &self.sched)?;
@@ -80,6 +86,21 @@ impl<'a> Pipeline<'a> {
             sink.push(row)?;
         }
         Ok(())
+    }
+
+    /// The token masks of the constrained requests that sample this step
+    /// (in parallel on host threads).
+    fn compute_masks(&mut self, plan: &StepPlan) {
+        let sampling: std::collections::HashSet<SeqId> = plan
+            .chunks
+            .iter()
+            .filter(|c| c.samples)
+            .map(|c| c.seq)
+            .collect();
+        let guides = self.sched.guides_mut(&sampling);
+        if !guides.is_empty() {
+            crate::guide::compute_masks(guides, self.vocab);
+        }
     }
 
     /// Forks the pending samples of every request whose prompt's logits

@@ -105,8 +105,18 @@ pub fn apply(
             None => unreachable!("every sampling chunk of a generation request has a pick"),
         };
         req.timings.first_token.get_or_insert(now);
+        let guided = req.guide.as_mut().map(|g| {
+            g.consume(tok);
+            g.is_done()
+        });
         sched.push_token(c.seq, tok);
-        if let Some(reason) = stops.check(sched.request(c.seq), tok)? {
+        let reason = match stops.check(sched.request(c.seq), tok)? {
+            // The grammar is complete (or refused a token): nothing but EOS
+            // could follow.
+            None if guided == Some(true) => Some(FinishReason::Stop),
+            r => r,
+        };
+        if let Some(reason) = reason {
             finished.push((c.seq, reason));
         }
     }

@@ -16,6 +16,8 @@ pub struct JsonlSource {
     row: u64,
     buf: Vec<u8>,
     passthrough: Option<super::passthrough::JsonColumns>,
+    /// The first record has a `json_schema` key.
+    schema_column: bool,
 }
 
 impl JsonlSource {
@@ -23,11 +25,11 @@ impl JsonlSource {
     /// every column the template reads (a later record without one becomes
     /// an error row).
     pub fn open(path: &Path, builder: RecordBuilder) -> Result<Self> {
-        if !builder.template_columns().is_empty() {
-            if let Some(first) = first_object(path)? {
-                builder.check_template(path, |c| first.contains_key(c))?;
-            }
+        let first = first_object(path)?;
+        if let Some(first) = &first {
+            builder.check_template(path, |c| first.contains_key(c))?;
         }
+        let schema_column = first.is_some_and(|f| f.contains_key(super::SCHEMA_COLUMN));
         let names = &builder.spec.passthrough;
         let passthrough = (!names.is_empty())
             .then(|| super::passthrough::JsonColumns::infer(path, names))
@@ -41,6 +43,7 @@ impl JsonlSource {
             row: 0,
             buf: Vec::new(),
             passthrough,
+            schema_column,
         })
     }
 
@@ -68,6 +71,10 @@ impl JsonlSource {
 impl super::RecordSource for JsonlSource {
     fn passthrough_schema(&self) -> Option<arrow::datatypes::SchemaRef> {
         self.passthrough.as_ref().map(|p| p.schema())
+    }
+
+    fn has_schema_column(&self) -> bool {
+        self.schema_column
     }
 }
 
@@ -125,11 +132,21 @@ impl Iterator for JsonlSource {
 /// The first line that parses as a JSON object, if any.
 fn first_object(path: &Path) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    for line in BufReader::new(file).lines() {
-        let line = line.map_err(|e| Error::io(path, e))?;
-        if let Ok(serde_json::Value::Object(obj)) = serde_json::from_str(&line) {
+    let mut reader = BufReader::new(file);
+    let mut line = Vec::new();
+    // Unreadable lines (not UTF-8, not an object) are the reader's error
+    // rows later, never a job error here.
+    loop {
+        line.clear();
+        if reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| Error::io(path, e))?
+            == 0
+        {
+            return Ok(None);
+        }
+        if let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice(&line) {
             return Ok(Some(obj));
         }
     }
-    Ok(None)
 }

@@ -88,6 +88,10 @@ impl InputRecord {
 pub trait RecordSource: Iterator<Item = Result<InputRecord>> + Send {
     /// The passthrough columns' output fields (`None`: none asked for).
     fn passthrough_schema(&self) -> Option<arrow::datatypes::SchemaRef>;
+
+    /// Whether records may carry a per-record `json_schema` (Parquet: the
+    /// column exists; JSONL: the first record has it).
+    fn has_schema_column(&self) -> bool;
 }
 
 /// Per-record override columns, named as the `[generation]` keys.
@@ -101,6 +105,9 @@ pub const OVERRIDE_COLUMNS: &[&str] = &[
     "min_new_tokens",
     "n",
 ];
+
+/// The per-record JSON Schema column (a JSON string, or an object in JSONL).
+pub const SCHEMA_COLUMN: &str = "json_schema";
 
 /// Opens the input named by the spec as a stream of records.
 pub fn open(spec: &InputSpec, defaults: &GenerationParams) -> Result<Box<dyn RecordSource>> {
@@ -280,6 +287,13 @@ impl RecordBuilder {
                     }
                 }
             }
+        }
+        if let Some(v) = obj.get(SCHEMA_COLUMN).filter(|v| !v.is_null()) {
+            let c = match v {
+                Value::String(t) => crate::config::Constraint::json_schema(t),
+                other => crate::config::Constraint::json_schema_value(other),
+            };
+            p.constraint = Some(c.map_err(|e| format!("record {id}: `{SCHEMA_COLUMN}` {e}"))?);
         }
         p.validate(&format!("record {id}: "))?;
         let reference = match obj.get(&s.reference_column) {

@@ -62,6 +62,7 @@ impl ParquetSource {
             spec.continuation_column.clone(),
         ];
         columns.extend(OVERRIDE_COLUMNS.iter().map(|c| c.to_string()));
+        columns.push(super::SCHEMA_COLUMN.to_string());
         columns.extend(builder.template_columns().iter().cloned());
         columns.retain(|c| has(c));
         let mut read = columns.clone();
@@ -113,6 +114,10 @@ impl ParquetSource {
 impl super::RecordSource for ParquetSource {
     fn passthrough_schema(&self) -> Option<arrow::datatypes::SchemaRef> {
         self.passthrough.as_ref().map(|p| p.0.clone())
+    }
+
+    fn has_schema_column(&self) -> bool {
+        self.columns.iter().any(|c| c == super::SCHEMA_COLUMN)
     }
 }
 

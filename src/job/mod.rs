@@ -139,6 +139,7 @@ fn run_checked(
     );
     let mut input = crate::input::open(&spec.input, &spec.generation)?;
     meta.passthrough = input.passthrough_schema();
+    meta.constrained |= input.has_schema_column();
     let first_part = next_part_index(&out)?;
     let mut sink = ParquetSink::resume(&out, meta, SinkSettings::of(&spec.output), first_part)?;
     let remaining = prep

@@ -130,6 +130,8 @@ pub struct JobMeta {
     pub logprobs: usize,
     /// `output.prompt_logprobs`.
     pub prompt_logprobs: bool,
+    /// Some records are constrained (adds `schema_valid`).
+    pub constrained: bool,
 }
 
 /// Log-probabilities of a completion's tokens under the model's own
@@ -201,4 +203,7 @@ pub struct OutputRow {
     /// Per prompt token, its log-probability (`None` for the first), when
     /// `output.prompt_logprobs`.
     pub prompt_logprobs: Option<Vec<Option<f32>>>,
+    /// Constrained rows: whether the completion is a complete sentence of
+    /// the record's schema, regex or grammar.
+    pub schema_valid: Option<bool>,
 }

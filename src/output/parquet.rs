@@ -74,6 +74,9 @@ pub fn schema(meta: &JobMeta, include_token_ids: bool) -> SchemaRef {
             false,
         ));
     }
+    if meta.constrained {
+        fields.push(Field::new("schema_valid", DataType::Boolean, true));
+    }
     fields.extend(super::logprobs::fields(meta));
     if let Some(pt) = &meta.passthrough {
         fields.extend(pt.fields().iter().map(|f| f.as_ref().clone()));
@@ -330,6 +333,11 @@ impl ParquetSink {
                 }),
             );
             cols.push(Arc::new(lists));
+        }
+        if m.constrained {
+            cols.push(Arc::new(BooleanArray::from(
+                r.iter().map(|x| x.schema_valid).collect::<Vec<_>>(),
+            )));
         }
         cols.extend(super::logprobs::columns(m, r));
         if let Some(pt) = &m.passthrough {

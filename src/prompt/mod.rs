@@ -26,9 +26,15 @@ pub struct Prompter {
     bos_token: String,
     eos_token: String,
     stop_ids: Vec<u32>,
+    tokenizer_file: std::path::PathBuf,
 }
 
 impl Prompter {
+    /// The `tokenizer.json` this prompter was loaded from.
+    pub fn tokenizer_file(&self) -> &Path {
+        &self.tokenizer_file
+    }
+
     /// Loads `tokenizer.json` (+ `tokenizer_config.json` when present) from a
     /// model directory. `config_eos` are the EOS ids of `config.json`.
     pub fn load(dir: &Path, config_eos: &[u32]) -> Result<Self> {
@@ -87,6 +93,7 @@ impl Prompter {
             bos_token,
             eos_token,
             stop_ids,
+            tokenizer_file: tk_path,
         })
     }
 

@@ -195,6 +195,18 @@ impl Scheduler {
                 .sum::<usize>()
     }
 
+    /// The guides of the constrained requests among `ids`.
+    pub fn guides_mut(
+        &mut self,
+        ids: &std::collections::HashSet<SeqId>,
+    ) -> Vec<&mut crate::guide::Guide> {
+        self.seqs
+            .iter_mut()
+            .filter(|(id, _)| ids.contains(id))
+            .filter_map(|(_, r)| r.guide.as_mut())
+            .collect()
+    }
+
     /// Appends a sampled token.
     pub fn push_token(&mut self, id: SeqId, token: u32) {
         self.request_mut(id).tokens.push(token);

@@ -69,6 +69,8 @@ pub struct Request {
     /// token, its log-probability once its row has run (`None` for the
     /// first token, which nothing predicts).
     pub prompt_logprobs: Option<Vec<Option<f32>>>,
+    /// Constrained requests: the matcher of the record's constraint.
+    pub guide: Option<crate::guide::Guide>,
     pub(super) tokens: Vec<u32>,
     pub(super) prompt_len: usize,
     pub(super) computed: usize,
@@ -127,6 +129,7 @@ impl Request {
             forks: Vec::new(),
             logprobs: None,
             prompt_logprobs: None,
+            guide: None,
             timings: Timings::default(),
             token_logprobs: match kind {
                 RequestKind::Generate => Vec::new(),
@@ -187,6 +190,7 @@ impl Request {
             token_logprobs: self.token_logprobs.clone(),
             logprobs: None,
             prompt_logprobs: self.prompt_logprobs.clone(),
+            guide: self.guide.as_ref().map(crate::guide::Guide::fork),
             tokens: self.tokens.clone(),
             prompt_len: self.prompt_len,
             computed: self.computed,

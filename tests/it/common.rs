@@ -255,14 +255,21 @@ pub fn part_files(dir: &Path) -> usize {
     })
 }
 
-/// A Python interpreter that imports pyarrow: `python3` when it already
-/// does, else one provisioned once under `target/pyarrow-venv` (a venv with
-/// pyarrow from the package registry; `pip install --target` where venv is
-/// missing), so that `cargo test` needs only Rust and python3.
+/// A Python interpreter that imports pyarrow (see [`python_with`]).
 pub fn pyarrow_python() -> (PathBuf, Option<PathBuf>) {
+    python_with("pyarrow")
+}
+
+/// A Python interpreter that imports `package` (its PyPI and module name):
+/// `python3` when it already does, else one provisioned once under
+/// `target/<package>-venv` (a venv with the package from the registry;
+/// `pip install --target target/<package>-site` where venv is missing), so
+/// that `cargo test` needs only Rust and python3. The second value is a
+/// PYTHONPATH to set, if any.
+pub fn python_with(package: &str) -> (PathBuf, Option<PathBuf>) {
     let imports = |py: &Path, path: Option<&Path>| {
         let mut c = Command::new(py);
-        c.args(["-c", "import pyarrow"]);
+        c.args(["-c", &format!("import {package}")]);
         if let Some(p) = path {
             c.env("PYTHONPATH", p);
         }
@@ -275,10 +282,11 @@ pub fn pyarrow_python() -> (PathBuf, Option<PathBuf>) {
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
     std::fs::create_dir_all(&target).unwrap();
     // One provisioning at a time across test threads and processes.
-    let lock = std::fs::File::create(target.join("pyarrow.lock")).unwrap();
+    let lock = std::fs::File::create(target.join(format!("{package}.lock"))).unwrap();
     lock.lock().unwrap();
-    let venv_py = target.join("pyarrow-venv/bin/python");
-    let site = target.join("pyarrow-site");
+    let venv = target.join(format!("{package}-venv"));
+    let venv_py = venv.join("bin/python");
+    let site = target.join(format!("{package}-site"));
     if imports(&venv_py, None) {
         return (venv_py, None);
     }
@@ -286,20 +294,18 @@ pub fn pyarrow_python() -> (PathBuf, Option<PathBuf>) {
         return (system, Some(site));
     }
     let run = |cmd: &mut Command| cmd.status().is_ok_and(|s| s.success());
-    let venv_ok = run(Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(target.join("pyarrow-venv")))
-        && run(Command::new(&venv_py).args(["-m", "pip", "install", "--quiet", "pyarrow"]));
+    let venv_ok = run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        && run(Command::new(&venv_py).args(["-m", "pip", "install", "--quiet", package]));
     if venv_ok && imports(&venv_py, None) {
         return (venv_py, None);
     }
     let pip_ok = run(Command::new("python3")
         .args(["-m", "pip", "install", "--quiet", "--target"])
         .arg(&site)
-        .arg("pyarrow"));
+        .arg(package));
     assert!(
         pip_ok && imports(&system, Some(&site)),
-        "no pyarrow: python3 lacks it and neither a venv under {} nor `pip install --target` could provide it",
+        "no {package}: python3 lacks it and neither a venv under {} nor `pip install --target` could provide it",
         target.display()
     );
     (system, Some(site))

@@ -17,5 +17,6 @@ mod newcomer;
 mod reference_logits;
 mod resume;
 mod samples;
+mod structured;
 mod submit_greedy;
 mod sweep;

@@ -185,6 +185,7 @@ fn run_with(
     };
     let mut pipe = Pipeline::new(cfg, stops, rows);
     pipe.logprobs = opts.logprobs;
+    pipe.vocab = VOCAB;
     let (tx, rx) = std::sync::mpsc::sync_channel(items.len().max(1));
     for it in items {
         tx.send(Ok(it)).unwrap();

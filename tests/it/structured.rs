@@ -1,0 +1,171 @@
+//! Structured output (`generation.json_schema`, `regex`, a record's
+//! `json_schema`) on a fixture model with random-ish weights: every row
+//! that finished with `stop` parses and validates against its schema, checked
+//! by an independent validator (Python's `jsonschema` from PyPI).
+
+use crate::common::{error_line, fixtures, read_output, runner, ALL_MODELS};
+use arrow::array::{Array, AsArray};
+use std::path::Path;
+
+const SCHEMA: &str = r#"{"type": "object", "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 8}, "age": {"type": "integer", "minimum": 0, "maximum": 120}, "colour": {"enum": ["red", "green", "blue"]}}, "required": ["name", "age", "colour"], "additionalProperties": false}"#;
+
+/// (id, completion, finish_reason, schema_valid) of every row.
+fn constrained_rows(out: &Path) -> Vec<(String, Option<String>, String, Option<bool>)> {
+    let mut v = Vec::new();
+    for b in read_output(out) {
+        let s = |n: &str| b.column_by_name(n).unwrap().as_string::<i32>().clone();
+        let (id, comp, fr) = (s("id"), s("completion"), s("finish_reason"));
+        let valid = b
+            .column_by_name("schema_valid")
+            .expect("schema_valid column");
+        let valid = valid.as_boolean();
+        for i in 0..b.num_rows() {
+            v.push((
+                id.value(i).to_string(),
+                (!comp.is_null(i)).then(|| comp.value(i).to_string()),
+                fr.value(i).to_string(),
+                (!valid.is_null(i)).then(|| valid.value(i)),
+            ));
+        }
+    }
+    v
+}
+
+fn write_job(dir: &Path, name: &str, input: &str, generation: &str) -> std::path::PathBuf {
+    std::fs::write(dir.join(format!("{name}.jsonl")), input).unwrap();
+    let job = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &job,
+        format!(
+            "[model]\nid = \"{}\"\ndtype = \"f32\"\n\n[input]\npath = \"{name}.jsonl\"\n\n[generation]\n{generation}\n\n[output]\npath = \"out-{name}\"\n",
+            fixtures().join(ALL_MODELS[1]).display(),
+        ),
+    )
+    .unwrap();
+    job
+}
+
+/// Validates each completion against `schema` with Python's jsonschema.
+fn validate_with_python(dir: &Path, schema: &str, docs: &[String]) {
+    let (python, path) = crate::common::python_with("jsonschema");
+    std::fs::write(dir.join("schema.json"), schema).unwrap();
+    std::fs::write(dir.join("docs.json"), serde_json::to_string(docs).unwrap()).unwrap();
+    let script = "import json, jsonschema\nschema = json.load(open('schema.json'))\nfor d in json.load(open('docs.json')):\n    jsonschema.validate(json.loads(d), schema)\nprint('valid', len(json.load(open('docs.json'))))\n";
+    let mut cmd = std::process::Command::new(python);
+    cmd.current_dir(dir).args(["-c", script]);
+    if let Some(p) = path {
+        cmd.env("PYTHONPATH", p);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "jsonschema rejects a completion: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_stopped_row_of_a_json_schema_job_validates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut input = String::new();
+    for i in 0..8 {
+        let r = serde_json::json!({"id": format!("p{i}"), "prompt": format!("Describe person {i} as JSON.")});
+        input.push_str(&format!("{r}\n"));
+    }
+    // One record whose completion cannot finish in 4 tokens.
+    input.push_str(
+        "{\"id\": \"short\", \"prompt\": \"Describe someone.\", \"max_new_tokens\": 4}\n",
+    );
+    let generation = format!(
+        "max_new_tokens = 64\ntemperature = 0.8\nseed = 5\nn = 2\njson_schema = '''{SCHEMA}'''"
+    );
+    let job = write_job(tmp.path(), "js", &input, &generation);
+    let run = runner(tmp.path(), &["submit", job.to_str().unwrap()], &[]);
+    assert!(run.ok, "{}", run.stderr);
+    let rows = constrained_rows(&tmp.path().join("out-js"));
+    assert_eq!(rows.len(), 18);
+    let mut docs = Vec::new();
+    for (id, comp, fr, valid) in &rows {
+        match fr.as_str() {
+            "stop" => {
+                assert_eq!(*valid, Some(true), "{id}: {comp:?}");
+                docs.push(comp.clone().unwrap());
+            }
+            "length" => assert_eq!(*valid, Some(false), "{id}: {comp:?}"),
+            other => panic!("{id}: finish_reason {other}"),
+        }
+    }
+    let short: Vec<_> = rows.iter().filter(|r| r.0 == "short").collect();
+    assert!(short.iter().all(|r| r.2 == "length" && r.3 == Some(false)));
+    assert!(docs.len() >= 12, "most rows finish: {rows:?}");
+    validate_with_python(tmp.path(), SCHEMA, &docs);
+}
+
+#[test]
+fn a_regex_job_matches_whole_and_a_record_schema_that_is_not_json_is_its_error_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = "{\"id\": \"a\", \"prompt\": \"Name and number?\"}\n{\"id\": \"b\", \"prompt\": \"Another?\"}\n";
+    let job = write_job(
+        tmp.path(),
+        "rx",
+        input,
+        "max_new_tokens = 32\ntemperature = 0.9\nseed = 3\nregex = '[A-Z][a-z]{2,6} [0-9]{1,3}'",
+    );
+    let run = runner(tmp.path(), &["submit", job.to_str().unwrap()], &[]);
+    assert!(run.ok, "{}", run.stderr);
+    let re = regex::Regex::new("^[A-Z][a-z]{2,6} [0-9]{1,3}$").unwrap();
+    for (id, comp, fr, valid) in constrained_rows(&tmp.path().join("out-rx")) {
+        let comp = comp.unwrap();
+        assert_eq!((fr.as_str(), valid), ("stop", Some(true)), "{id}: {comp}");
+        assert!(re.is_match(&comp), "{id}: `{comp}`");
+    }
+    // Per-record schemas: one is not JSON.
+    let input = format!(
+        "{}\n{}\n",
+        serde_json::json!({"id": "ok", "prompt": "Person?", "json_schema": SCHEMA}),
+        serde_json::json!({"id": "bad", "prompt": "Person?", "json_schema": "{not json"}),
+    );
+    let job = write_job(tmp.path(), "per", &input, "max_new_tokens = 64\nseed = 1");
+    let run = runner(tmp.path(), &["submit", job.to_str().unwrap()], &[]);
+    assert!(run.ok, "{}", run.stderr);
+    let rows = constrained_rows(&tmp.path().join("out-per"));
+    let bad = rows.iter().find(|r| r.0 == "bad").unwrap();
+    assert_eq!((bad.2.as_str(), bad.3), ("error", None));
+    let ok = rows.iter().find(|r| r.0 == "ok").unwrap();
+    if ok.2 == "stop" {
+        validate_with_python(tmp.path(), SCHEMA, &[ok.1.clone().unwrap()]);
+    }
+    let errs = crate::common::rows(&tmp.path().join("out-per"));
+    let e = errs
+        .iter()
+        .find(|r| r.id == "bad")
+        .unwrap()
+        .error
+        .clone()
+        .unwrap();
+    assert!(
+        e.contains("record bad") && e.contains("`json_schema` is not JSON"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_job_schema_that_is_not_a_schema_or_two_constraints_fail_validation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = "{\"id\": \"a\", \"prompt\": \"hi\"}\n";
+    let job = write_job(tmp.path(), "bad", input, "json_schema = '[1, 2]'");
+    let run = runner(tmp.path(), &["validate", job.to_str().unwrap()], &[]);
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    let e = error_line(&run);
+    assert!(
+        e.contains("generation.json_schema is not a JSON Schema"),
+        "{e}"
+    );
+    let job = write_job(tmp.path(), "two", input, "json_schema = '{}'\nregex = 'a+'");
+    let run = runner(tmp.path(), &["validate", job.to_str().unwrap()], &[]);
+    let e = error_line(&run);
+    assert!(
+        e.contains("generation.json_schema and generation.regex"),
+        "{e}"
+    );
+}
