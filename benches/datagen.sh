@@ -5,6 +5,9 @@
 #   n4     W1 at a quarter of the prompts (512) with generation.n = 4
 #          (the same 2048 rows; the samples fork from one prefill)
 #   lp5    W1 with output.logprobs = 5
+#   js     W1 with generation.json_schema_file = benches/bench-schema.json
+#          (an array of at least 20 {name, age, tag} objects: 128 tokens never finish it)
+# VARIANTS picks some (default: base n4 lp5 js).
 # Usage (on the device, from the repo root, after benches/device.sh unpacked
 # the bundle into /tmp/rb): benches/datagen.sh BIN TOKENIZER_DIR SEQS ROUNDS
 # JSON per run lands in $OUT as <variant>-<round>.json.
@@ -18,7 +21,12 @@ run() { # name round extra...
     --set engine.max_num_seqs="$SEQS" --json "$OUT/$name-$round.json" "$@" 2>&1 | grep -v " INFO " | tail -2
 }
 for r in $(seq 1 "$ROUNDS"); do
-  run base "$r"
-  run n4 "$r" --scale 0.25 --set generation.n=4
-  run lp5 "$r" --set output.logprobs=5
+  for v in ${VARIANTS:-base n4 lp5 js}; do
+    case $v in
+      base) run base "$r" ;;
+      n4) run n4 "$r" --scale 0.25 --set generation.n=4 ;;
+      lp5) run lp5 "$r" --set output.logprobs=5 ;;
+      js) run js "$r" --set generation.json_schema_file=benches/bench-schema.json ;;
+    esac
+  done
 done

@@ -11,7 +11,7 @@ pub use progress::LogWriter;
 use crate::config::{self, JobSpec, Overrides};
 use crate::model::HubSettings;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Offline batch text generation for Mistral-7B-OpenOrca GPTQ checkpoints.
 #[derive(Debug, Parser)]
@@ -49,6 +49,24 @@ enum Command {
         /// The merged file (default: `<output>.parquet` beside the directory).
         #[arg(long, short)]
         into: Option<PathBuf>,
+    },
+    /// Write a job's rows in another format: `--format openai_batch`, one
+    /// OpenAI Batch API output line per record (to standard output, or
+    /// `--output FILE`).
+    Export {
+        /// The job's output directory.
+        #[arg(value_name = "OUT")]
+        dir: PathBuf,
+        /// The format (`openai_batch`).
+        #[arg(long, value_parser = ["openai_batch"])]
+        format: String,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Directory with tokenizer.json, to name the tokens of `logprobs`
+        /// (default: the job's model directory).
+        #[arg(long, value_name = "DIR")]
+        tokenizer: Option<PathBuf>,
     },
     /// Print the progress and figures of a job's output directory (running, finished or dead).
     Status {
@@ -126,6 +144,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Export {
+            dir,
+            format: _,
+            output,
+            tokenizer,
+        } => export(&dir, output.as_deref(), tokenizer.as_deref()),
         Command::Validate { job, set } => submit::validate(&load_job(&job, set)?, &hub_settings()),
         Command::Bench {
             job,
@@ -174,4 +198,30 @@ pub fn hub_settings() -> HubSettings {
         offline: std::env::var("HF_HUB_OFFLINE").is_ok_and(truthy),
         token: std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()),
     }
+}
+
+/// `runner export`: the lines to standard output, or atomically to a file.
+fn export(dir: &Path, output: Option<&Path>, tokenizer: Option<&Path>) -> anyhow::Result<()> {
+    match output {
+        None => {
+            let stdout = std::io::stdout();
+            let mut w = std::io::BufWriter::new(stdout.lock());
+            crate::job::export_openai_batch(dir, tokenizer, &mut w)?;
+            std::io::Write::flush(&mut w)?;
+        }
+        Some(file) => {
+            let mut buf = Vec::new();
+            let n = crate::job::export_openai_batch(dir, tokenizer, &mut buf)?;
+            let parent = file
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let name = file
+                .file_name()
+                .ok_or_else(|| anyhow::anyhow!("--output {} names no file", file.display()))?;
+            crate::output::write_atomic(parent, &name.to_string_lossy(), &buf)?;
+            tracing::info!(lines = n, file = %file.display(), "exported");
+        }
+    }
+    Ok(())
 }

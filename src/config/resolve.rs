@@ -79,6 +79,7 @@ impl RawJob {
         let format = match self.input.format {
             FormatChoice::Jsonl => InputFormat::Jsonl,
             FormatChoice::Parquet => InputFormat::Parquet,
+            FormatChoice::OpenaiBatch => InputFormat::OpenaiBatch,
             FormatChoice::Auto => match input_path
                 .extension()
                 .and_then(|e| e.to_str())
@@ -127,6 +128,7 @@ impl RawJob {
                 &g.regex,
                 &g.grammar,
             )?,
+            logprobs: None,
         };
         generation.validate("generation.").map_err(Error::Config)?;
         if generation.stop.iter().any(|s| s.is_empty()) {
@@ -185,7 +187,9 @@ impl RawJob {
             generation,
             output: OutputSpec {
                 path: self.output.path.relative(),
-                include_token_ids: self.output.include_token_ids,
+                // OpenAI Batch exports name the chosen tokens of `logprobs`.
+                include_token_ids: self.output.include_token_ids
+                    || format == InputFormat::OpenaiBatch,
                 flush_every: positive("output.flush_every", self.output.flush_every)?,
                 include_stop_str: self.output.include_stop_str,
                 logprobs: logprobs(self.output.logprobs)?,

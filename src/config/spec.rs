@@ -59,6 +59,9 @@ pub enum InputFormat {
     Jsonl,
     /// Apache Parquet.
     Parquet,
+    /// OpenAI Batch API request lines (`custom_id`, `body.messages`, ...).
+    #[serde(rename = "openai_batch")]
+    OpenaiBatch,
 }
 
 /// `[model]`, resolved.
@@ -134,6 +137,10 @@ pub struct GenerationParams {
     pub n: usize,
     /// Structured output: what every completion must match.
     pub constraint: Option<Constraint>,
+    /// This record's log-probabilities: `Some(k)` records them with the k
+    /// most likely tokens (`None`: as `output.logprobs` says). Set by
+    /// OpenAI Batch requests (`logprobs`, `top_logprobs`).
+    pub logprobs: Option<usize>,
 }
 
 /// A structured-output constraint: `generation.json_schema` (or
@@ -197,6 +204,7 @@ impl Default for GenerationParams {
             stop_token_ids: Vec::new(),
             n: 1,
             constraint: None,
+            logprobs: None,
         }
     }
 }
@@ -357,6 +365,9 @@ pub enum FormatChoice {
     Jsonl,
     /// Apache Parquet.
     Parquet,
+    /// OpenAI Batch API request lines (JSONL).
+    #[serde(rename = "openai_batch")]
+    OpenaiBatch,
 }
 
 /// `engine.gptq_kernel` as written (`auto` takes `engine.gptq_fused_max_m`).

@@ -68,20 +68,23 @@ pub fn host_top(row: &[f32], k: usize) -> Vec<(u32, f32)> {
 }
 
 /// Appends, for every generation request that sampled a token in this
-/// step, that token's log-probability and the `k` most likely tokens'.
+/// step and asks for log-probabilities (its own `logprobs`, else the job's
+/// `k` when positive), that token's log-probability and its k most likely
+/// tokens'.
 pub fn record_sampled(
     sched: &mut Scheduler,
     plan: &StepPlan,
     out: &StepLogits,
-    k: usize,
+    job_k: usize,
 ) -> Result<()> {
     let mut rows = Vec::new();
-    let mut seqs: Vec<SeqId> = Vec::new();
+    let mut seqs: Vec<(SeqId, usize)> = Vec::new();
     for (c, &(first, n)) in plan.chunks.iter().zip(&out.spans) {
         let req = sched.request(c.seq);
-        if c.samples && n > 0 && req.kind == RequestKind::Generate {
+        let k = req.params.logprobs.or((job_k > 0).then_some(job_k));
+        if let (Some(k), true) = (k, c.samples && n > 0 && req.kind == RequestKind::Generate) {
             rows.push((first + n - 1) as u32);
-            seqs.push(c.seq);
+            seqs.push((c.seq, k));
         }
     }
     if rows.is_empty() {
@@ -91,20 +94,29 @@ pub fn record_sampled(
     let lse = log_normalizer(&sel)?.to_vec1::<f32>()?;
     let tokens: Vec<u32> = seqs
         .iter()
-        .map(|&s| *sched.tokens(s).last().expect("a sampled token"))
+        .map(|&(s, _)| *sched.tokens(s).last().expect("a sampled token"))
         .collect();
     let n = tokens.len();
     let tok = Tensor::from_vec(tokens, (n, 1), sel.device())?;
     let chosen = sel.gather(&tok, 1)?.squeeze(1)?.to_vec1::<f32>()?;
-    let top = top_logits(out.ops, &sel, k)?;
-    for (i, s) in seqs.into_iter().enumerate() {
+    let kmax = seqs.iter().map(|s| s.1).max().unwrap_or(0);
+    let top = match kmax {
+        0 => vec![Vec::new(); n],
+        k => top_logits(out.ops, &sel, k)?,
+    };
+    for (i, (s, k)) in seqs.into_iter().enumerate() {
         let lp = sched
             .request_mut(s)
             .logprobs
             .get_or_insert_with(TokenLogprobs::default);
         lp.chosen.push(chosen[i] - lse[i]);
-        lp.top
-            .push(top[i].iter().map(|&(t, l)| (t, l - lse[i])).collect());
+        lp.top.push(
+            top[i]
+                .iter()
+                .take(k)
+                .map(|&(t, l)| (t, l - lse[i]))
+                .collect(),
+        );
     }
     Ok(())
 }

@@ -135,9 +135,14 @@ impl Engine {
             metrics: spec.scoring.metrics.clone(),
             loglikelihood: spec.scoring.loglikelihood,
             passthrough: None,
-            logprobs: spec.output.logprobs,
+            // OpenAI Batch requests ask for log-probabilities one by one.
+            logprobs: match spec.input.format {
+                crate::config::InputFormat::OpenaiBatch => spec.output.logprobs.max(1),
+                _ => spec.output.logprobs,
+            },
             prompt_logprobs: spec.output.prompt_logprobs,
-            constrained: spec.generation.constraint.is_some(),
+            constrained: spec.generation.constraint.is_some()
+                || spec.input.format == crate::config::InputFormat::OpenaiBatch,
         };
         let engine = Self {
             model,

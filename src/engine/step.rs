@@ -72,9 +72,7 @@ impl<'a> Pipeline<'a> {
         update::record_known(&mut self.sched, &plan, &out)?;
         self.fork_samples(&mut plan, &mut out, &mut picks);
         let finished = update::apply(&mut self.sched, &plan, picks, &self.stops)?;
-        if self.logprobs > 0 {
-            logprobs::record_sampled(&mut self.sched, &plan, &out, self.logprobs)?;
-        }
+        logprobs::record_sampled(&mut self.sched, &plan, &out, self.logprobs)?;
         for (id, reason) in finished {
             let req = self.sched.finish(id).expect("a finished request is known");
             let row = self.rows.finished(req, reason)?;

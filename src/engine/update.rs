@@ -106,7 +106,11 @@ pub fn apply(
         };
         req.timings.first_token.get_or_insert(now);
         let guided = req.guide.as_mut().map(|g| {
+            let was = g.failed.is_some();
             g.consume(tok);
+            if let (false, Some(e)) = (was, &g.failed) {
+                tracing::warn!(record = %req.record.id, token = tok, "the constraint refused a token, the completion ends: {e}");
+            }
             g.is_done()
         });
         sched.push_token(c.seq, tok);

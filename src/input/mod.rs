@@ -2,6 +2,7 @@
 //! an [`InputRecord`]; a row that cannot be used carries its error (and
 //! becomes an error row in the output) instead of stopping the job.
 
+mod openai;
 mod passthrough;
 mod record_error;
 mod template;
@@ -119,7 +120,9 @@ pub fn open(spec: &InputSpec, defaults: &GenerationParams) -> Result<Box<dyn Rec
     }
     let rb = RecordBuilder::new(spec.clone(), defaults.clone())?;
     Ok(match spec.format {
-        InputFormat::Jsonl => Box::new(JsonlSource::open(&spec.path, rb)?),
+        InputFormat::Jsonl | InputFormat::OpenaiBatch => {
+            Box::new(JsonlSource::open(&spec.path, rb)?)
+        }
         InputFormat::Parquet => Box::new(ParquetSource::open(&spec.path, rb)?),
     })
 }
@@ -182,6 +185,9 @@ impl RecordBuilder {
 
     /// Builds a record from a row.
     pub fn build(&self, row: u64, obj: &Map<String, Value>) -> InputRecord {
+        if self.spec.format == InputFormat::OpenaiBatch {
+            return openai::build(row, obj, &self.defaults);
+        }
         let (id, body) = match self.id_of(row, obj) {
             Ok(id) => {
                 let body = self.body(&id, obj).map_err(RecordError::Field);

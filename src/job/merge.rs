@@ -35,49 +35,8 @@ pub fn merge(dir: &Path, into: Option<&Path>) -> Result<Vec<PathBuf>> {
 
 /// Merges one job's parts into `into` (default: `<dir>.parquet`).
 fn merge_job(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
-    let m = Manifest::read(dir)?.ok_or_else(|| {
-        Error::Output(format!(
-            "{} has no {MANIFEST}: not the output of a runner job",
-            dir.display(),
-        ))
-    })?;
-    if m.state != JobState::Finished {
-        tracing::warn!(
-            state = m.state.as_str(),
-            rows = m.rows(),
-            of = m.expected_rows(),
-            "merging an unfinished job: the file holds only the rows written so far"
-        );
-    }
-    let batches = read_parts(dir)?;
-    let first = batches
-        .first()
-        .ok_or_else(|| Error::Output(format!("{} holds no rows yet", dir.display())))?;
-    let schema = first.schema();
-    let arrow_err =
-        |e: arrow::error::ArrowError| Error::Output(format!("merging {}: {e}", dir.display()));
-    let all = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_err)?;
-    // Input order, then sample order (parts before samples have no
-    // `sample_index`).
-    let keys: Vec<arrow::compute::SortColumn> = ["input_row", "sample_index"]
-        .iter()
-        .filter_map(|n| all.column_by_name(n))
-        .map(|c| arrow::compute::SortColumn {
-            values: c.clone(),
-            options: None,
-        })
-        .collect();
-    if all.column_by_name("input_row").is_none() {
-        return Err(Error::Output("parts have no input_row column".into()));
-    }
-    let order = arrow::compute::lexsort_to_indices(&keys, None).map_err(arrow_err)?;
-    let cols = all
-        .columns()
-        .iter()
-        .map(|c| arrow::compute::take(c, &order, None))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(arrow_err)?;
-    let sorted = RecordBatch::try_new(schema.clone(), cols).map_err(arrow_err)?;
+    let (_, sorted) = sorted_rows(dir, "merging")?;
+    let schema = sorted.schema();
     let (_, dst) = outside(dir, into, ".parquet")?;
     let parent = dst
         .parent()
@@ -96,6 +55,56 @@ fn merge_job(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
     write_atomic(parent, &fname, &buf)?;
     tracing::info!(rows = sorted.num_rows(), file = %dst.display(), "merged");
     Ok(dst)
+}
+
+/// A job's manifest and every row of its parts in one batch, in input
+/// order then sample order (warns when the job is unfinished: `doing`
+/// names the command in the warning).
+pub fn sorted_rows(dir: &Path, doing: &str) -> Result<(Manifest, RecordBatch)> {
+    let m = Manifest::read(dir)?.ok_or_else(|| {
+        Error::Output(format!(
+            "{} has no {MANIFEST}: not the output of a runner job",
+            dir.display(),
+        ))
+    })?;
+    if m.state != JobState::Finished {
+        tracing::warn!(
+            state = m.state.as_str(),
+            rows = m.rows(),
+            of = m.expected_rows(),
+            "{doing} an unfinished job: only the rows written so far"
+        );
+    }
+    let batches = read_parts(dir)?;
+    let first = batches
+        .first()
+        .ok_or_else(|| Error::Output(format!("{} holds no rows yet", dir.display())))?;
+    let schema = first.schema();
+    let arrow_err =
+        |e: arrow::error::ArrowError| Error::Output(format!("{doing} {}: {e}", dir.display()));
+    let all = arrow::compute::concat_batches(&schema, &batches).map_err(arrow_err)?;
+    if all.column_by_name("input_row").is_none() {
+        return Err(Error::Output("parts have no input_row column".into()));
+    }
+    // Input order, then sample order (parts before samples have no
+    // `sample_index`).
+    let keys: Vec<arrow::compute::SortColumn> = ["input_row", "sample_index"]
+        .iter()
+        .filter_map(|n| all.column_by_name(n))
+        .map(|c| arrow::compute::SortColumn {
+            values: c.clone(),
+            options: None,
+        })
+        .collect();
+    let order = arrow::compute::lexsort_to_indices(&keys, None).map_err(arrow_err)?;
+    let cols = all
+        .columns()
+        .iter()
+        .map(|c| arrow::compute::take(c, &order, None))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(arrow_err)?;
+    let sorted = RecordBatch::try_new(schema.clone(), cols).map_err(arrow_err)?;
+    Ok((m, sorted))
 }
 
 /// Every part's batches; parts whose schemas differ (a job resumed with

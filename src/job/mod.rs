@@ -8,6 +8,7 @@
 //! of the same job skips the ids already written; a changed job is refused
 //! unless `restart`.
 
+mod export;
 mod fingerprint;
 mod lock;
 mod manifest;
@@ -18,6 +19,7 @@ mod signals;
 mod status;
 pub mod sweep;
 
+pub use export::openai_batch as export_openai_batch;
 pub use fingerprint::{file_hash, fingerprint, job_hash, prescan};
 pub use lock::{host_name, now_unix, LockInfo, OutputLock, LOCK};
 pub use manifest::{Manifest, MANIFEST};

@@ -30,6 +30,23 @@ pub struct Prompter {
 }
 
 impl Prompter {
+    /// A token's bytes as it stands in text: a byte-fallback token
+    /// (`<0x0A>`) is its byte, `▁` a space; a special token its name.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.tokenizer.id_to_token(id) else {
+            return Vec::new();
+        };
+        let hex = piece
+            .strip_prefix("<0x")
+            .and_then(|h| h.strip_suffix('>'))
+            .filter(|h| h.len() == 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(b) => vec![b],
+            None => piece.replace('\u{2581}', " ").into_bytes(),
+        }
+    }
+
     /// The `tokenizer.json` this prompter was loaded from.
     pub fn tokenizer_file(&self) -> &Path {
         &self.tokenizer_file

@@ -306,3 +306,71 @@ fn logprob_columns_are_written_with_their_types() {
     }
     assert_eq!(seen, 4, "two records x two samples");
 }
+
+/// README's worked example, `jobs/datagen.toml`, on a fixture model: a
+/// template over three columns, n = 4, a JSON schema, log-probabilities and
+/// two passthrough columns, all in one output.
+#[test]
+fn the_datagen_example_job_runs_as_documented() {
+    use arrow::array::AsArray;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("datagen");
+    let job = Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs/datagen.toml");
+    let model = format!("model.id=\"{}\"", fixtures().join(ALL_MODELS[1]).display());
+    let path = format!("output.path=\"{}\"", out.display());
+    let run = runner(
+        tmp.path(),
+        &[
+            "submit",
+            job.to_str().unwrap(),
+            "--set",
+            &model,
+            "--set",
+            "model.dtype=f32",
+            "--set",
+            &path,
+        ],
+        &[],
+    );
+    assert!(run.ok, "{}", run.stderr);
+    let batches = crate::common::read_output(&out);
+    let schema = batches[0].schema();
+    for col in [
+        "sample_index",
+        "schema_valid",
+        "completion_logprobs",
+        "completion_top_logprobs",
+        "topic",
+        "choices",
+    ] {
+        assert!(schema.field_with_name(col).is_ok(), "no `{col}` column");
+    }
+    let all = rows(&out);
+    assert_eq!(all.len(), 6 * 4, "six questions, four samples each");
+    let mut per: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for r in &all {
+        assert_eq!(r.status, "ok", "{:?}", r.error);
+        per.entry(r.id.clone()).or_default().push(r.sample_index);
+    }
+    for (id, mut s) in per {
+        s.sort();
+        assert_eq!(s, [0, 1, 2, 3], "{id}");
+    }
+    for b in &batches {
+        let fr = b
+            .column_by_name("finish_reason")
+            .unwrap()
+            .as_string::<i32>();
+        let comp = b.column_by_name("completion").unwrap().as_string::<i32>();
+        let valid = b.column_by_name("schema_valid").unwrap().as_boolean();
+        for i in 0..b.num_rows() {
+            if fr.value(i) == "stop" {
+                assert!(valid.value(i));
+                let v: serde_json::Value = serde_json::from_str(comp.value(i)).unwrap();
+                assert!(v["confidence"]
+                    .as_i64()
+                    .is_some_and(|c| (0..=100).contains(&c)));
+            }
+        }
+    }
+}

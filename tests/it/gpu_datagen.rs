@@ -21,3 +21,11 @@ fn gpu_logprobs_match_the_reference_log_softmax() {
 fn gpu_greedy_samples_equal_the_single_greedy_completion() {
     crate::samples::greedy_samples_agree(&["model.dtype=f16", "engine.device=cuda"]);
 }
+
+/// Structured output on the GPU (device argmax and top-k over the masked
+/// rows): a JSON-schema job's stopped rows validate, and a schema that 40
+/// tokens cannot finish runs every row to its length.
+#[test]
+fn gpu_json_schema_rows_follow_the_schema() {
+    crate::structured::json_schema_job_on(&["model.dtype=f16", "engine.device=cuda"]);
+}

@@ -14,6 +14,7 @@ mod input_fuzz;
 mod logprobs;
 mod merge;
 mod newcomer;
+mod openai;
 mod reference_logits;
 mod resume;
 mod samples;

@@ -66,6 +66,13 @@ fn validate_with_python(dir: &Path, schema: &str, docs: &[String]) {
 
 #[test]
 fn every_stopped_row_of_a_json_schema_job_validates() {
+    json_schema_job_on(&[]);
+}
+
+/// Runs the JSON-schema job with `sets` added (the GPU's device and
+/// dtype), checks its rows; then an array schema that 40 tokens cannot
+/// finish, greedy and sampled at top-k 20 (the device's routes).
+pub fn json_schema_job_on(sets: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let mut input = String::new();
     for i in 0..8 {
@@ -80,8 +87,15 @@ fn every_stopped_row_of_a_json_schema_job_validates() {
         "max_new_tokens = 64\ntemperature = 0.8\nseed = 5\nn = 2\njson_schema = '''{SCHEMA}'''"
     );
     let job = write_job(tmp.path(), "js", &input, &generation);
-    let run = runner(tmp.path(), &["submit", job.to_str().unwrap()], &[]);
-    assert!(run.ok, "{}", run.stderr);
+    let submit = |job: &Path| {
+        let mut args = vec!["submit", job.to_str().unwrap()];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let run = runner(tmp.path(), &args, &[]);
+        assert!(run.ok, "{}", run.stderr);
+    };
+    submit(&job);
     let rows = constrained_rows(&tmp.path().join("out-js"));
     assert_eq!(rows.len(), 18);
     let mut docs = Vec::new();
@@ -99,7 +113,28 @@ fn every_stopped_row_of_a_json_schema_job_validates() {
     assert!(short.iter().all(|r| r.2 == "length" && r.3 == Some(false)));
     assert!(docs.len() >= 12, "most rows finish: {rows:?}");
     validate_with_python(tmp.path(), SCHEMA, &docs);
+    for (name, sampling) in [
+        ("greedy", ""),
+        ("topk", "temperature = 0.7\ntop_k = 20\nseed = 2\n"),
+    ] {
+        let generation =
+            format!("max_new_tokens = 40\nignore_eos = true\n{sampling}json_schema = '''{LONG}'''");
+        let job = write_job(tmp.path(), name, &input, &generation);
+        submit(&job);
+        for (id, comp, fr, valid) in constrained_rows(&tmp.path().join(format!("out-{name}"))) {
+            let comp = comp.unwrap();
+            assert_eq!(
+                (fr.as_str(), valid),
+                ("length", Some(false)),
+                "{name} {id}: {comp}"
+            );
+            assert!(comp.starts_with("[{\"nam"), "{name} {id}: {comp}");
+        }
+    }
 }
+
+/// At least 20 objects: 40 tokens never finish it.
+const LONG: &str = r#"{"type": "array", "minItems": 20, "items": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 150}, "tag": {"enum": ["alpha", "beta", "gamma"]}}, "required": ["name", "age", "tag"], "additionalProperties": false}}"#;
 
 #[test]
 fn a_regex_job_matches_whole_and_a_record_schema_that_is_not_json_is_its_error_row() {
