@@ -245,8 +245,9 @@ impl Engine {
         rx: &Receiver<Result<Prepared>>,
         sink: &mut dyn RowSink,
     ) -> Result<JobSummary> {
-        let mut runner =
+        let mistral =
             MistralRunner::new(&self.model, self.sched.num_blocks, self.sched.block_size)?;
+        let mut runner = runner::FaultAfter::from_env(mistral);
         let mut pipe = self.pipeline();
         pipe.logprobs = self.logprobs;
         pipe.vocab = self.model.config().vocab_size;

@@ -95,3 +95,41 @@ impl ModelRunner for MistralRunner<'_> {
         self.model.ops().peak_memory(self.model.device())
     }
 }
+
+/// The test-only device fault: with `RUNNER_TEST_DEVICE_FAULT_AFTER_STEPS=N`
+/// in the environment, step N + 1 fails as a device fault would (exit code
+/// 4), so that the tests can check what a GPU failure leaves behind.
+pub struct FaultAfter<R> {
+    inner: R,
+    left: Option<usize>,
+}
+
+/// The variable that arms [`FaultAfter`].
+pub const FAULT_ENV: &str = "RUNNER_TEST_DEVICE_FAULT_AFTER_STEPS";
+
+impl<R: ModelRunner> FaultAfter<R> {
+    /// `inner`, failing after the steps the environment names (never when unset).
+    pub fn from_env(inner: R) -> Self {
+        let left = std::env::var(FAULT_ENV).ok().and_then(|v| v.parse().ok());
+        Self { inner, left }
+    }
+}
+
+impl<R: ModelRunner> ModelRunner for FaultAfter<R> {
+    fn execute(&mut self, plan: &StepPlan, sched: &Scheduler) -> Result<StepLogits> {
+        match &mut self.left {
+            Some(0) => Err(crate::Error::Device(format!(
+                "injected device fault ({FAULT_ENV})"
+            ))),
+            Some(n) => {
+                *n -= 1;
+                self.inner.execute(plan, sched)
+            }
+            None => self.inner.execute(plan, sched),
+        }
+    }
+
+    fn peak_device_bytes(&self) -> Option<usize> {
+        self.inner.peak_device_bytes()
+    }
+}

@@ -1,6 +1,6 @@
 //! The new-user defects (issue 12) through the real CLI, one test each.
 
-use crate::common::{fixtures, rows, runner, write_job, Row, ALL_MODELS};
+use crate::common::{error_line, fixtures, rows, runner, write_job, Row, ALL_MODELS};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -440,4 +440,42 @@ fn anything_else_exits_1() {
     let e = crate::common::error_line(&run);
     assert_eq!(run.code, Some(1), "{e}");
     assert!(e.contains("not the output of a runner job"), "{e}");
+}
+
+/// Exit code 4 (the GPU failed at run time), through the test-only fault
+/// (`RUNNER_TEST_DEVICE_FAULT_AFTER_STEPS`): the parts written before the
+/// fault stay, and a resume writes every other record exactly once.
+#[test]
+fn a_device_fault_exits_4_and_the_job_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (job, out) = numbered_job(
+        tmp.path(),
+        40,
+        "count to",
+        "[generation]\nmax_new_tokens = 6\n\n[engine]\nmax_num_seqs = 4\n",
+        "flush_every = 4\ninclude_token_ids = true\n",
+    );
+    let args = ["submit", job.to_str().unwrap(), "--set", "model.dtype=f32"];
+    let fault = ("RUNNER_TEST_DEVICE_FAULT_AFTER_STEPS", "30");
+    let run = runner(tmp.path(), &args, &[fault]);
+    assert_eq!(run.code, Some(4), "{}", run.stderr);
+    assert!(
+        error_line(&run).contains("injected device fault"),
+        "{}",
+        run.stderr
+    );
+    let before = rows(&out).len();
+    assert!(
+        before > 0 && before < 40,
+        "{before} rows written before the fault"
+    );
+    let again = runner(tmp.path(), &args, &[]);
+    assert!(again.ok, "{}", again.stderr);
+    let all = rows(&out);
+    let ids: std::collections::BTreeSet<&str> = all.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(
+        (all.len(), ids.len()),
+        (40, 40),
+        "every record exactly once"
+    );
 }
