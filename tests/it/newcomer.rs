@@ -479,3 +479,67 @@ fn a_device_fault_exits_4_and_the_job_resumes() {
         "every record exactly once"
     );
 }
+
+/// On a terminal (a pty from util-linux `script`), warnings are written
+/// above the progress bar, never onto it: no line of the terminal's output
+/// holds both the bar and a warning.
+#[test]
+fn warnings_on_a_terminal_do_not_print_onto_the_bar() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("util-linux `script` is needed to give the run a terminal");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let input: String = (0..40)
+        .map(|i| {
+            let words = if i % 4 == 3 { 60 } else { 3 };
+            let p = vec!["word"; words].join(" ");
+            format!("{}\n", serde_json::json!({"id": i, "prompt": p}))
+        })
+        .collect();
+    std::fs::write(tmp.path().join("in.jsonl"), input).unwrap();
+    let job = write_job(
+        tmp.path(),
+        &fixtures().join(ALL_MODELS[1]),
+        "in.jsonl",
+        "[generation]\nmax_new_tokens = 8\n\n[engine]\nmax_num_seqs = 2\nmax_prompt_tokens = 40\n\n[output]\npath = \"out\"\n",
+    );
+    let bin = std::env::var("TEST_RUNNER_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_runner").to_string());
+    let cmd = format!("{bin} submit {} --set model.dtype=f32", job.display());
+    let out = std::process::Command::new("script")
+        .current_dir(tmp.path())
+        .args(["-qefc", &cmd, "/dev/null"])
+        .env("NO_COLOR", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let ansi = regex::Regex::new(r"\x1b\[[0-9;?]*[A-Za-z]").unwrap();
+    let plain = ansi.replace_all(&text, "");
+    let segments: Vec<&str> = plain.split(['\r', '\n']).collect();
+    let bar = |s: &str| s.contains(" records") && s.contains("eta");
+    let first_bar = segments
+        .iter()
+        .position(|s| bar(s))
+        .expect("the bar is drawn");
+    let warns: Vec<usize> = (0..segments.len())
+        .filter(|&i| segments[i].contains("WARN"))
+        .collect();
+    assert!(
+        warns.iter().any(|&i| i > first_bar),
+        "a warning comes while the bar is up:\n{plain}"
+    );
+    for i in warns {
+        assert!(
+            !bar(segments[i]),
+            "a warning printed onto the bar: {:?}",
+            segments[i]
+        );
+    }
+}
