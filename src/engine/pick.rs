@@ -6,7 +6,7 @@ use super::runner::StepLogits;
 use crate::config::GenerationParams;
 use crate::scheduler::{RequestKind, Scheduler, StepPlan};
 use crate::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 /// A sampled token, or what to sample it from on the host.
 #[derive(Debug, Clone)]
@@ -106,8 +106,10 @@ pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<
 }
 
 /// The logits to pick from: `out.logits` with, appended, the masked rows of
-/// the constrained sampling chunks (allowed tokens keep their logit, the
-/// others are -inf), and per chunk the row of its masked copy.
+/// the constrained sampling chunks (allowed tokens keep their logit
+/// exactly, the others get [`BLOCKED`] added: never picked, probability 0),
+/// and per chunk the row of its masked copy. The masks travel as f16 biases
+/// (0 or `BLOCKED`) and are added in f32 on the device.
 fn masked(
     out: &StepLogits,
     plan: &StepPlan,
@@ -134,11 +136,18 @@ fn masked(
     }
     let n = rows.len();
     let sel = select(&out.logits, rows)?;
-    let allowed = Tensor::from_vec(bytes, (n, vocab), sel.device())?;
-    let blocked = Tensor::full(f32::NEG_INFINITY, (n, vocab), sel.device())?;
-    let masked = allowed.where_cond(&sel, &blocked)?;
+    let bias: Vec<half::f16> = bytes
+        .iter()
+        .map(|&a| if a == 1 { half::f16::ZERO } else { BLOCKED })
+        .collect();
+    let bias = Tensor::from_vec(bias, (n, vocab), sel.device())?.to_dtype(DType::F32)?;
+    let masked = (sel + bias)?;
     Ok((Tensor::cat(&[&out.logits, &masked], 0)?, at))
 }
+
+/// What a blocked token's logit gets added: f16's lowest, far below any
+/// logit (exp underflows to 0 against any allowed one).
+const BLOCKED: half::f16 = half::f16::MIN;
 
 /// Rows of a logits tensor, on its device.
 fn select(logits: &Tensor, rows: Vec<u32>) -> Result<Tensor> {

@@ -112,7 +112,13 @@ pub fn json_schema_job_on(sets: &[&str]) {
     let short: Vec<_> = rows.iter().filter(|r| r.0 == "short").collect();
     assert!(short.iter().all(|r| r.2 == "length" && r.3 == Some(false)));
     assert!(docs.len() >= 12, "most rows finish: {rows:?}");
-    validate_with_python(tmp.path(), SCHEMA, &docs);
+    for d in &docs {
+        check_person(d);
+    }
+    // The independent validator needs PyPI, which the GPU machines lack.
+    if sets.is_empty() {
+        validate_with_python(tmp.path(), SCHEMA, &docs);
+    }
     for (name, sampling) in [
         ("greedy", ""),
         ("topk", "temperature = 0.7\ntop_k = 20\nseed = 2\n"),
@@ -128,9 +134,31 @@ pub fn json_schema_job_on(sets: &[&str]) {
                 ("length", Some(false)),
                 "{name} {id}: {comp}"
             );
-            assert!(comp.starts_with("[{\"nam"), "{name} {id}: {comp}");
+            let head = "[{\"name\": \"";
+            assert!(
+                comp.starts_with(head) || head.starts_with(comp.as_str()),
+                "{name} {id}: {comp}"
+            );
         }
     }
+}
+
+/// `SCHEMA` checked by hand (where Python's jsonschema cannot be had).
+fn check_person(doc: &str) {
+    let v: serde_json::Value = serde_json::from_str(doc).unwrap_or_else(|e| panic!("{e}: {doc}"));
+    let o = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {doc}"));
+    let mut keys: Vec<&str> = o.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(keys, ["age", "colour", "name"], "{doc}");
+    let name = o["name"].as_str().unwrap_or_else(|| panic!("{doc}"));
+    assert!((1..=8).contains(&name.chars().count()), "{doc}");
+    assert!(o["age"].as_u64().is_some_and(|a| a <= 120), "{doc}");
+    assert!(
+        ["red", "green", "blue"].contains(&o["colour"].as_str().unwrap_or("")),
+        "{doc}"
+    );
 }
 
 /// At least 20 objects: 40 tokens never finish it.
