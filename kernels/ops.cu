@@ -66,11 +66,12 @@ extern "C" __global__ void fill_f16(half* out, size_t n, uint64_t seed, float lo
 
 // Dummy GPTQ group parameters: half2(scale, 1024 + zero), scale uniform in
 // [0.002, 0.02), zero uniform in [1, 2^bits] (AutoGPTQ v1 zeros are stored - 1).
-extern "C" __global__ void fill_sz(half2* out, size_t n, uint64_t seed, int bits) {
+extern "C" __global__ void fill_sz(half2* out, size_t n, uint64_t seed, int bits, float lo,
+                                   float span) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   uint32_t a = mix(seed * 0x100000001b3ull + 2 * i), b = mix(seed * 0x100000001b3ull + 2 * i + 1);
-  float s = 0.002f + 0.018f * (a * 2.3283064e-10f);
+  float s = lo + span * (a * 2.3283064e-10f);
   int z = 1 + (int)(b % (1u << bits));
   out[i] = __halves2half2(__float2half(s), __float2half(1024.f + z));
 }

@@ -160,7 +160,7 @@ impl GptqWeight {
 }
 
 /// A random GPTQ layer's shape and quantization; [`RandomGptq::build`] makes it: random quantized values, v1 zeros
-/// in `[1, 2^bits]`, f16 scales in [0.002, 0.02) and, with act-order, a
+/// in `[1, 2^bits]`, f16 scales in [`RandomGptq::scale_range`] and, with act-order, a
 /// random permutation of equal-size groups (as GPTQ produces).
 #[derive(Debug, Clone, Copy)]
 pub struct RandomGptq {
@@ -179,6 +179,18 @@ pub struct RandomGptq {
 }
 
 impl RandomGptq {
+    /// The range `(lo, span)` the random scales are drawn from: the
+    /// dequantized weights get a standard deviation of about `1/sqrt(k)`,
+    /// so that a product keeps its input's scale and a dummy model's
+    /// activations stay finite in f16 through every layer (with the old
+    /// fixed scales the residual grew ~10x per layer and overflowed).
+    pub fn scale_range(&self) -> (f32, f32) {
+        let m = (1u64 << self.bits) as f64;
+        let qz_std = (2.0 * (m * m - 1.0) / 12.0).sqrt(); // q - z, both uniform
+        let mean = 1.0 / (qz_std * (self.k.max(1) as f64).sqrt());
+        ((0.5 * mean) as f32, mean as f32)
+    }
+
     /// Builds the weight in the AutoGPTQ v1 layout.
     pub fn build(&self) -> GptqWeight {
         let (k, n, bits) = (self.k, self.n, self.bits);
@@ -221,10 +233,9 @@ impl RandomGptq {
             .collect::<Vec<_>>()
             .into_iter();
         let qzeros = pack_words(&mut stored, groups * n / pack);
+        let (lo, span) = self.scale_range();
         let scales = (0..groups * n)
-            .map(|_| {
-                half::f16::from_f32(0.002 + 0.018 * (next() % 10_000) as f32 / 10_000.0).to_f32()
-            })
+            .map(|_| half::f16::from_f32(lo + span * (next() % 10_000) as f32 / 10_000.0).to_f32())
             .collect();
         let gs = self.group_size.unwrap_or(k.max(1));
         let mut g_idx: Vec<i32> = (0..k).map(|i| (i / gs) as i32).collect();

@@ -149,7 +149,13 @@ impl GptqGpu {
             groups,
             perm: Tensor::from_vec(order, kp, dev)?,
             qt: super::fill_u32(&cd, words, spec.seed)?,
-            sz: super::fill_sz(&cd, groups * np, spec.seed ^ 0x5a5a, spec.bits)?,
+            sz: super::fill_sz(
+                &cd,
+                groups * np,
+                spec.seed ^ 0x5a5a,
+                spec.bits,
+                spec.scale_range(),
+            )?,
             resident: None,
             counters: Tensor::zeros(1, DType::U32, dev)?,
         }

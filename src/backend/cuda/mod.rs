@@ -290,7 +290,13 @@ pub fn fill_f16(
 }
 
 /// Dummy group parameters half2(scale, 1024 + zero) for `pairs` entries.
-pub(crate) fn fill_sz(dev: &CudaDevice, pairs: usize, seed: u64, bits: u32) -> Result<Tensor> {
+pub(crate) fn fill_sz(
+    dev: &CudaDevice,
+    pairs: usize,
+    seed: u64,
+    bits: u32,
+    (lo, span): (f32, f32),
+) -> Result<Tensor> {
     let t = empty::<f16>(dev, 2 * pairs)?;
     let p = ptr::<f16>(&t)?;
     let bi = bits as i32;
@@ -300,7 +306,7 @@ pub(crate) fn fill_sz(dev: &CudaDevice, pairs: usize, seed: u64, bits: u32) -> R
         &OPS,
         "fill_sz",
         grid(pairs, 256),
-        &[P(p), U(pairs as u64), U(seed), I(bi)],
+        &[P(p), U(pairs as u64), U(seed), I(bi), F(lo), F(span)],
     )?;
     Ok(t)
 }

@@ -181,12 +181,17 @@ impl Mistral {
             };
             match (src, quant) {
                 (Source::Checkpoint(ck), _) => Linear::load(ck, &spec),
-                (Source::Dummy { seed }, None) => Ok(Linear::dense(ops.random(
-                    &[n, k],
-                    (-0.05, 0.05),
-                    next_seed(*seed),
-                    &at("dummy"),
-                )?)),
+                // Uniform in +-sqrt(3/k): standard deviation 1/sqrt(k), so the
+                // activations keep their scale (finite logits in f16).
+                (Source::Dummy { seed }, None) => {
+                    let a = (3.0 / k.max(1) as f32).sqrt();
+                    Ok(Linear::dense(ops.random(
+                        &[n, k],
+                        (-a, a),
+                        next_seed(*seed),
+                        &at("dummy"),
+                    )?))
+                }
                 (Source::Dummy { seed }, Some(q)) => dummy_gptq(&spec, q, next_seed(*seed)),
             }
         };
