@@ -184,7 +184,10 @@ impl Guide {
     pub fn compute_mask(&mut self) {
         match self.matcher.compute_mask_or_eos() {
             Ok(m) => self.mask = Some(m),
-            Err(e) => self.failed = Some(e.to_string()),
+            Err(e) => {
+                tracing::warn!("the constraint cannot go on, the completion ends: {e}");
+                self.failed = Some(e.to_string());
+            }
         }
     }
 
