@@ -6,7 +6,7 @@
 
 use crate::config::{GenerationParams, JobSpec};
 use crate::engine::{Engine, JobSummary};
-use crate::input::{InputRecord, PromptInput, RecordBody};
+use crate::input::InputRecord;
 use crate::model::{Mistral, QuantConfig};
 use crate::output::ParquetSink;
 use crate::prompt::Prompter;
@@ -149,21 +149,7 @@ pub fn run_workload(
         .enumerate()
         .map(|(i, ids)| {
             (
-                InputRecord {
-                    row: i as u64,
-                    id: format!("{}-{i}", w.name),
-                    body: Ok(RecordBody {
-                        prompt: PromptInput::Text {
-                            system: None,
-                            user: String::new(),
-                        },
-                        params: params.clone(),
-                        reference: None,
-                        continuation: None,
-                    }),
-                    passthrough: None,
-                    written_samples: Vec::new(),
-                },
+                InputRecord::for_tokens(i as u64, format!("{}-{i}", w.name), params.clone()),
                 ids,
             )
         })

@@ -99,13 +99,11 @@ impl Iterator for JsonlSource {
             // An unreadable line has no id of its own: `#line-N` (reserved,
             // README) never collides with a real id, whatever the ids are.
             let fail = |msg: String| {
-                Some(Ok(InputRecord {
+                Some(Ok(InputRecord::new(
                     row,
-                    id: format!("#line-{line}"),
-                    body: Err(super::RecordError::Unreadable(msg)),
-                    passthrough: None,
-                    written_samples: Vec::new(),
-                }))
+                    format!("#line-{line}"),
+                    Err(super::RecordError::Unreadable(msg)),
+                )))
             };
             let text = match std::str::from_utf8(&self.buf) {
                 Ok(t) => t,

@@ -71,6 +71,33 @@ pub struct InputRecord {
 }
 
 impl InputRecord {
+    /// A record read from the input (no passthrough cells, no samples
+    /// written yet).
+    pub fn new(row: u64, id: String, body: std::result::Result<RecordBody, RecordError>) -> Self {
+        Self {
+            row,
+            id,
+            body,
+            passthrough: None,
+            written_samples: Vec::new(),
+        }
+    }
+
+    /// A record whose prompt is given as token ids beside it
+    /// (`Engine::run_tokens`: benchmarks and tests).
+    pub fn for_tokens(row: u64, id: String, params: GenerationParams) -> Self {
+        let body = RecordBody {
+            prompt: PromptInput::Text {
+                system: None,
+                user: String::new(),
+            },
+            params,
+            reference: None,
+            continuation: None,
+        };
+        Self::new(row, id, Ok(body))
+    }
+
     /// Samples the record asks for: its `n`, or the job's when its body
     /// could not be read.
     pub fn samples(&self, defaults: &GenerationParams) -> usize {
@@ -196,13 +223,7 @@ impl RecordBuilder {
             // No usable id: `#row-N` (reserved, README) never collides.
             Err(e) => (format!("#row-{row}"), Err(RecordError::Field(e))),
         };
-        InputRecord {
-            row,
-            id,
-            body,
-            passthrough: None,
-            written_samples: Vec::new(),
-        }
+        InputRecord::new(row, id, body)
     }
 
     /// What the record asks: the template's rendering of its columns, else

@@ -44,13 +44,7 @@ pub fn build(row: u64, obj: &Map<String, Value>, defaults: &GenerationParams) ->
             ))),
         ),
     };
-    InputRecord {
-        row,
-        id,
-        body,
-        passthrough: None,
-        written_samples: Vec::new(),
-    }
+    InputRecord::new(row, id, body)
 }
 
 fn request(

@@ -9,7 +9,7 @@
 
 use crate::common::{fixtures, json, reference_path};
 use crate::reference_logits::{f32s, i64s};
-use runner::input::{InputRecord, PromptInput, RecordBody};
+use runner::input::InputRecord;
 use runner::output::OutputRow;
 use safetensors::SafeTensors;
 
@@ -54,25 +54,12 @@ fn engine(dir: &std::path::Path, model: &str, s: &Setting) -> runner::engine::En
 }
 
 fn record(id: String, row: u64) -> InputRecord {
-    InputRecord {
-        row,
-        id,
-        body: Ok(RecordBody {
-            prompt: PromptInput::Text {
-                system: None,
-                user: String::new(),
-            },
-            params: runner::config::GenerationParams {
-                max_new_tokens: 1,
-                ignore_eos: true,
-                ..Default::default()
-            },
-            reference: None,
-            continuation: None,
-        }),
-        passthrough: None,
-        written_samples: Vec::new(),
-    }
+    let params = runner::config::GenerationParams {
+        max_new_tokens: 1,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    InputRecord::for_tokens(row, id, params)
 }
 
 #[test]

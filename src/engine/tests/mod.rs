@@ -8,7 +8,7 @@ use super::runner::{logit_rows, ModelRunner, StepLogits};
 use super::update::StopRule;
 use super::{drive, Pipeline, Prepared, Tokenized};
 use crate::config::{GenerationParams, ScoringSpec};
-use crate::input::{InputRecord, PromptInput, RecordBody};
+use crate::input::InputRecord;
 use crate::output::{FinishReason, OutputRow, RowStatus};
 use crate::prompt::Decoder;
 use crate::scheduler::{Scheduler, SchedulerConfig, StepPlan};
@@ -100,21 +100,7 @@ fn params(max_new_tokens: usize) -> GenerationParams {
 }
 
 fn record(i: usize, p: GenerationParams) -> InputRecord {
-    InputRecord {
-        row: i as u64,
-        id: format!("r{i}"),
-        body: Ok(RecordBody {
-            prompt: PromptInput::Text {
-                system: None,
-                user: String::new(),
-            },
-            params: p,
-            reference: None,
-            continuation: None,
-        }),
-        passthrough: None,
-        written_samples: Vec::new(),
-    }
+    InputRecord::for_tokens(i as u64, format!("r{i}"), p)
 }
 
 /// Runs prepared records through intake and steps; rows in write order
