@@ -3,6 +3,7 @@
 //! logits' device: per row only the log-normalizer, the chosen token's
 //! logit and the k best logits cross to the host.
 
+use super::pick::select;
 use super::runner::StepLogits;
 use crate::backend::Ops;
 use crate::output::TokenLogprobs;
@@ -15,13 +16,6 @@ fn log_normalizer(rows: &Tensor) -> Result<Tensor> {
     let max = rows.max_keepdim(D::Minus1)?;
     let sum = rows.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
     Ok(sum.log()?.add(&max)?.squeeze(D::Minus1)?)
-}
-
-/// Rows `idx` of `logits`, on its device.
-fn select(logits: &Tensor, idx: Vec<u32>) -> Result<Tensor> {
-    let n = idx.len();
-    let idx = Tensor::from_vec(idx, n, logits.device())?;
-    Ok(logits.index_select(&idx, 0)?)
 }
 
 /// The log-probability of `tokens[i]` under row `rows[i]` of `logits`.

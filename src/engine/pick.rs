@@ -150,7 +150,7 @@ fn masked(
 const BLOCKED: half::f16 = half::f16::MIN;
 
 /// Rows of a logits tensor, on its device.
-fn select(logits: &Tensor, rows: Vec<u32>) -> Result<Tensor> {
+pub(super) fn select(logits: &Tensor, rows: Vec<u32>) -> Result<Tensor> {
     let n = rows.len();
     let idx = Tensor::from_vec(rows, n, logits.device())?;
     Ok(logits.index_select(&idx, 0)?)

@@ -10,7 +10,6 @@ use crate::prompt::Decoder;
 use crate::sampler;
 use crate::scheduler::{Request, RequestKind, Scheduler, SeqId, StepPlan};
 use crate::{Error, Result};
-use candle_core::Tensor;
 use std::time::Instant;
 
 /// When a generation ends: stop tokens, stop strings, length, context.
@@ -176,9 +175,7 @@ fn record_scores(sched: &mut Scheduler, plan: &StepPlan, out: &StepLogits) -> Re
     if rows.is_empty() {
         return Ok(());
     }
-    let n = rows.len();
-    let idx = Tensor::from_vec(rows, n, out.logits.device())?;
-    let host = out.logits.index_select(&idx, 0)?.to_vec2::<f32>()?;
+    let host = super::pick::select(&out.logits, rows)?.to_vec2::<f32>()?;
     let mut host = host.into_iter();
     for i in wanted {
         let c = plan.chunks[i];
