@@ -25,7 +25,7 @@ pub struct Intake<'a> {
     /// Ask generation requests for their prompts' log-probabilities.
     pub prompt_logprobs: bool,
     /// Matchers for constrained records.
-    pub guides: Option<&'a crate::guide::LazyGuides<'a>>,
+    pub guides: Option<&'a crate::guide::LazyGuides>,
     exhausted: bool,
 }
 

@@ -86,6 +86,8 @@ pub struct Engine {
     loglikelihood: bool,
     logprobs: usize,
     prompt_logprobs: bool,
+    /// Matchers for constrained records, built on first use.
+    guides: crate::guide::LazyGuides,
 }
 
 impl Engine {
@@ -144,6 +146,11 @@ impl Engine {
             constrained: spec.generation.constraint.is_some()
                 || spec.input.format == crate::config::InputFormat::OpenaiBatch,
         };
+        let guides = crate::guide::LazyGuides::new(
+            prompter.tokenizer_file(),
+            model.config().vocab_size,
+            prompter.stop_ids(),
+        );
         let engine = Self {
             model,
             prompter,
@@ -163,11 +170,12 @@ impl Engine {
             loglikelihood: spec.scoring.loglikelihood,
             logprobs: spec.output.logprobs,
             prompt_logprobs: spec.output.prompt_logprobs,
+            guides,
         };
         // A job-wide constraint that does not compile fails before any record.
         if let Some(c) = &spec.generation.constraint {
             engine
-                .lazy_guides()
+                .guides
                 .guide(c)
                 .map_err(|e| crate::Error::Config(format!("generation.{} {e}", c.key())))?;
         }
@@ -258,8 +266,7 @@ impl Engine {
             self.loglikelihood,
         );
         intake.prompt_logprobs = self.prompt_logprobs;
-        let guides = self.lazy_guides();
-        intake.guides = Some(&guides);
+        intake.guides = Some(&self.guides);
         let stop = || {
             self.stop
                 .as_ref()
@@ -267,15 +274,6 @@ impl Engine {
         };
         drive(&mut pipe, &mut intake, &mut runner, sink, &stop)?;
         Ok(pipe.finish(&runner))
-    }
-
-    /// Matchers for constrained records, built on first use.
-    fn lazy_guides(&self) -> crate::guide::LazyGuides<'_> {
-        crate::guide::LazyGuides::new(
-            self.prompter.tokenizer_file(),
-            self.model.config().vocab_size,
-            self.prompter.stop_ids(),
-        )
     }
 
     fn pipeline(&self) -> Pipeline<'_> {

@@ -89,15 +89,15 @@ impl<'a> Pipeline<'a> {
     /// The token masks of the constrained requests that sample this step
     /// (in parallel on host threads).
     fn compute_masks(&mut self, plan: &StepPlan) {
-        let sampling: std::collections::HashSet<SeqId> = plan
+        // Unconstrained steps cost one lookup per sampling chunk.
+        let guided: std::collections::HashSet<SeqId> = plan
             .chunks
             .iter()
-            .filter(|c| c.samples)
+            .filter(|c| c.samples && self.sched.request(c.seq).guide.is_some())
             .map(|c| c.seq)
             .collect();
-        let guides = self.sched.guides_mut(&sampling);
-        if !guides.is_empty() {
-            crate::guide::compute_masks(guides, self.vocab);
+        if !guided.is_empty() {
+            crate::guide::compute_masks(self.sched.guides_mut(&guided), self.vocab);
         }
     }
 

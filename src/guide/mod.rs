@@ -107,22 +107,31 @@ impl Guides {
 }
 
 /// Loads [`Guides`] on first use (a job whose records carry no constraint
-/// never builds the token trie).
-pub struct LazyGuides<'a> {
+/// never builds the token trie) and keeps them: an engine builds the trie
+/// once and compiles each constraint once across its runs.
+pub struct LazyGuides {
     cell: std::sync::OnceLock<std::result::Result<Guides, String>>,
-    tokenizer_json: &'a Path,
+    tokenizer_json: std::path::PathBuf,
     vocab: usize,
-    eos: &'a [u32],
+    eos: Vec<u32>,
 }
 
-impl<'a> LazyGuides<'a> {
+impl std::fmt::Debug for LazyGuides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyGuides")
+            .field("loaded", &self.cell.get().is_some())
+            .finish()
+    }
+}
+
+impl LazyGuides {
     /// Guides over `tokenizer_json` for logits rows of `vocab`.
-    pub fn new(tokenizer_json: &'a Path, vocab: usize, eos: &'a [u32]) -> Self {
+    pub fn new(tokenizer_json: &Path, vocab: usize, eos: &[u32]) -> Self {
         Self {
             cell: std::sync::OnceLock::new(),
-            tokenizer_json,
+            tokenizer_json: tokenizer_json.to_path_buf(),
             vocab,
-            eos,
+            eos: eos.to_vec(),
         }
     }
 
@@ -130,7 +139,7 @@ impl<'a> LazyGuides<'a> {
     pub fn get(&self) -> std::result::Result<&Guides, String> {
         self.cell
             .get_or_init(|| {
-                Guides::load(self.tokenizer_json, self.vocab, self.eos).map_err(|e| e.to_string())
+                Guides::load(&self.tokenizer_json, self.vocab, &self.eos).map_err(|e| e.to_string())
             })
             .as_ref()
             .map_err(Clone::clone)
