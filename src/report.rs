@@ -183,7 +183,7 @@ pub fn build(out: &Path) -> Result<(SweepInfo, Vec<VariantReport>)> {
             None
         };
         let metrics = if dir.is_dir() {
-            Metrics::read(&dir)?
+            Metrics::read(&crate::output::Layout::plain(&dir))?
         } else {
             None
         };

@@ -40,10 +40,10 @@ pub fn candle_device(d: Device, dtype: DType) -> Result<candle_core::Device> {
 pub fn visible_gpus() -> Result<Vec<Device>> {
     let n = crate::cuda::device_count().map_err(|e| {
         Error::Config(format!(
-            "sweep.devices = auto: cannot count CUDA devices ({e})"
+            "every visible GPU was asked for (engine.devices = \"all\" or sweep.devices = [\"auto\"]) but they cannot be counted ({e})"
         ))
     })?;
-    tracing::info!(gpus = n, "sweep variants run concurrently, one per GPU");
+    tracing::info!(gpus = n, "visible GPUs");
     Ok((0..n).map(Device::Cuda).collect())
 }
 

@@ -33,6 +33,8 @@ enum Command {
         /// Discard an output written by a different job (or by this one) and start over.
         #[arg(long)]
         restart: bool,
+        #[command(flatten)]
+        shard: ShardArgs,
         /// When stderr is not a terminal: seconds between progress log lines.
         #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = positive_seconds)]
         progress_every: f64,
@@ -77,6 +79,8 @@ enum Command {
     Validate {
         /// The job file (TOML).
         job: PathBuf,
+        #[command(flatten)]
+        shard: ShardArgs,
         /// Override a setting (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -123,6 +127,47 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Which static shard of the job's records a run writes.
+#[derive(Debug, clap::Args)]
+struct ShardArgs {
+    /// Run only shard I of N (`I/N`, 0-based: the records whose id hashes
+    /// to I), or `auto`: from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT
+    /// or Kubernetes' JOB_COMPLETION_INDEX (with --shard-count).
+    #[arg(long, value_name = "I/N|auto")]
+    shard: Option<String>,
+    /// The shard count for `--shard auto` when the environment gives only
+    /// an index (default: output.shard_count).
+    #[arg(long, value_name = "N", requires = "shard")]
+    shard_count: Option<usize>,
+}
+
+impl ShardArgs {
+    /// The job with its shard set.
+    fn apply(&self, mut spec: JobSpec) -> anyhow::Result<JobSpec> {
+        let Some(arg) = &self.shard else {
+            return Ok(spec);
+        };
+        if spec.sweep.is_some() {
+            return Err(crate::Error::Config(
+                "--shard with a [sweep] job: not supported; shard each variant as a plain job (model.revision per job)".into(),
+            )
+            .into());
+        }
+        let shard = if arg == "auto" {
+            let count = self
+                .shard_count
+                .or((spec.output.shard_count > 0).then_some(spec.output.shard_count));
+            let (s, from) = crate::job::shards::shard_from_env(&|k| std::env::var(k).ok(), count)?;
+            tracing::info!(shard = %s, "--shard auto: {from}");
+            s
+        } else {
+            crate::output::Shard::parse(arg)?
+        };
+        spec.shard = Some(shard);
+        Ok(spec)
+    }
+}
+
 /// Runs the parsed command.
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
@@ -130,11 +175,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             job,
             set,
             restart,
+            shard,
             progress_every,
         } => {
             let every = std::time::Duration::from_secs_f64(progress_every);
-            submit::submit(&load_job(&job, set)?, &hub_settings(), restart, every)
-                .map_err(submit::with_resume_hint)
+            let spec = shard.apply(load_job(&job, set)?)?;
+            submit::submit(&spec, &hub_settings(), restart, every).map_err(submit::with_resume_hint)
         }
         Command::Status { output } => submit::status(&output),
         Command::Report { output } => Ok(crate::job::sweep::write_report(&output)?),
@@ -150,7 +196,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             output,
             tokenizer,
         } => export(&dir, output.as_deref(), tokenizer.as_deref()),
-        Command::Validate { job, set } => submit::validate(&load_job(&job, set)?, &hub_settings()),
+        Command::Validate { job, shard, set } => {
+            submit::validate(&shard.apply(load_job(&job, set)?)?, &hub_settings())
+        }
         Command::Bench {
             job,
             workload,

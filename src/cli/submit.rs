@@ -4,6 +4,7 @@
 use crate::config::JobSpec;
 use crate::job::{self, JobStatus};
 use crate::model::HubSettings;
+use crate::output::Layout;
 use crate::Error;
 use std::path::Path;
 use std::sync::Arc;
@@ -53,7 +54,10 @@ pub fn status(dir: &Path) -> anyhow::Result<()> {
     if let Some(info) = crate::report::SweepInfo::read(dir)? {
         return sweep_status(dir, &info);
     }
-    let st = JobStatus::read(dir)?;
+    if let Some(shards) = job::shards::overview(dir)? {
+        return shards_status(dir, &shards);
+    }
+    let st = JobStatus::read(&Layout::plain(dir))?;
     let m = &st.manifest;
     let rows = m.rows();
     let comp = m.sum(|p| p.completion_tokens);
@@ -95,6 +99,57 @@ pub fn status(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// `runner status OUT` of a sharded job: one line per shard (done,
+/// running, dead, interrupted or missing) and the totals of those started.
+fn shards_status(dir: &Path, shards: &[job::shards::ShardState]) -> anyhow::Result<()> {
+    let count = shards.len();
+    let of = |w: &str| shards.iter().filter(|s| s.word() == w).count();
+    println!("output      {}", dir.display());
+    println!(
+        "shards      {count}: {} done, {} running, {} dead, {} interrupted, {} missing",
+        of("done"),
+        of("running"),
+        of("dead"),
+        of("interrupted"),
+        of("missing")
+    );
+    let (mut rows, mut total, mut damage) = (0, 0, None);
+    for s in shards {
+        let Some(st) = &s.status else {
+            println!("shard {}: missing (never started)", s.shard);
+            continue;
+        };
+        let m = &st.manifest;
+        rows += m.rows();
+        total += m.expected_rows();
+        println!(
+            "shard {}: {}, {} of {} records, {} parts{}",
+            s.shard,
+            st.state_line(),
+            m.rows(),
+            m.expected_rows(),
+            m.parts.len(),
+            match st.damaged.len() {
+                0 => String::new(),
+                n => format!(", {n} damaged"),
+            }
+        );
+        damage = damage.or(st.damage_error(dir));
+    }
+    let missing = of("missing");
+    println!(
+        "records     {rows} of {total} written{}",
+        match missing {
+            0 => String::new(),
+            n => format!(" (not counting the {n} missing shard(s))"),
+        }
+    );
+    match damage {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
 /// `runner status SWEEP_DIR`: one line per variant.
 fn sweep_status(dir: &Path, info: &crate::report::SweepInfo) -> anyhow::Result<()> {
     println!(
@@ -109,7 +164,7 @@ fn sweep_status(dir: &Path, info: &crate::report::SweepInfo) -> anyhow::Result<(
             println!("variant={v}: not started");
             continue;
         }
-        let st = JobStatus::read(&vdir)?;
+        let st = JobStatus::read(&Layout::plain(&vdir))?;
         let m = &st.manifest;
         println!(
             "variant={v}: {}, {} of {} records, {} parts{}",
@@ -159,6 +214,12 @@ pub fn validate(spec: &JobSpec, hub: &HubSettings) -> anyhow::Result<()> {
         rows = total.rows,
         "input ok (ids unique)"
     );
+    if let Some(s) = spec.shard {
+        println!(
+            "shard {s}: {} records, {} rows of the input",
+            total.records, total.rows
+        );
+    }
     let out = &spec.output.path;
     if out.exists() && !out.is_dir() {
         return Err(Error::Output(format!(

@@ -115,6 +115,16 @@ pub struct RawOutput {
     pub passthrough_columns: Vec<String>,
     pub logprobs: i64,
     pub prompt_logprobs: bool,
+    pub shard_count: i64,
+}
+
+/// `engine.devices`: `"all"` or a list of device names.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+#[allow(missing_docs)]
+pub enum RawDevices {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// `[engine]`
@@ -123,6 +133,7 @@ pub struct RawOutput {
 #[allow(missing_docs)]
 pub struct RawEngine {
     pub device: String,
+    pub devices: RawDevices,
     pub max_num_seqs: i64,
     pub max_batch_tokens: i64,
     pub max_prompt_tokens: i64,

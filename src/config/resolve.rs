@@ -1,6 +1,7 @@
 //! Raw configuration to the validated [`JobSpec`]: every value checked,
 //! messages naming the key and what was expected.
 
+use super::raw::RawDevices;
 use super::raw::RawJob;
 use super::spec::*;
 use crate::{Error, Result};
@@ -162,6 +163,11 @@ impl RawJob {
             .sweep
             .map(|sw| resolve_sweep(sw, &model_for_sweep))
             .transpose()?;
+        if sweep.is_some() && !matches!(&e.devices, RawDevices::Many(v) if v.is_empty()) {
+            return Err(Error::Config(
+                "engine.devices is set in a sweep job: use sweep.devices (one variant per device) instead".into(),
+            ));
+        }
         Ok(JobSpec {
             job_file: job_file.to_path_buf(),
             model: ModelSpec {
@@ -194,6 +200,10 @@ impl RawJob {
                 include_stop_str: self.output.include_stop_str,
                 logprobs: logprobs(self.output.logprobs)?,
                 prompt_logprobs: self.output.prompt_logprobs,
+                shard_count: match self.output.shard_count {
+                    0 => 0,
+                    n => positive("output.shard_count", n)?,
+                },
                 flush_every_s: match self.output.flush_every_s {
                     s if s.is_finite() && s > 0.0 => s,
                     s => {
@@ -206,6 +216,7 @@ impl RawJob {
             engine: resolve_engine(&e)?,
             scoring,
             sweep,
+            shard: None,
         })
     }
 }
@@ -379,10 +390,33 @@ fn resolve_sweep(r: super::raw::RawSweep, model: &ModelSpec) -> Result<SweepSpec
     })
 }
 
+/// `engine.devices`: `"all"` (or `"auto"`), or a list of `cpu`, `cuda`,
+/// `cuda:N` (a device may repeat: two engines share it).
+fn engine_devices(d: &RawDevices) -> Result<(Vec<Device>, bool)> {
+    let list = match d {
+        RawDevices::One(s) if s == "all" || s == "auto" => return Ok((Vec::new(), true)),
+        RawDevices::One(s) => std::slice::from_ref(s),
+        RawDevices::Many(v) => v.as_slice(),
+    };
+    let devices = list
+        .iter()
+        .map(|s| match parse_device(s) {
+            Ok(Device::Auto) | Err(_) => Err(Error::Config(format!(
+                "engine.devices holds `{s}`, expected \"all\" or a list of cpu, cuda or cuda:N"
+            ))),
+            Ok(d) => Ok(d),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((devices, false))
+}
+
 /// `[engine]`, checked.
 fn resolve_engine(e: &super::raw::RawEngine) -> Result<EngineSpec> {
+    let (devices, all_devices) = engine_devices(&e.devices)?;
     Ok(EngineSpec {
         device: parse_device(&e.device)?,
+        devices,
+        all_devices,
         max_num_seqs: positive("engine.max_num_seqs", e.max_num_seqs)?,
         max_batch_tokens: positive("engine.max_batch_tokens", e.max_batch_tokens)?,
         max_prompt_tokens: e.max_prompt_tokens as usize,

@@ -41,6 +41,16 @@ pub enum Device {
     Cuda(usize),
 }
 
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Auto => f.write_str("auto"),
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 /// How weights are obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -274,6 +284,9 @@ pub struct OutputSpec {
     pub logprobs: usize,
     /// Write `prompt_logprobs`.
     pub prompt_logprobs: bool,
+    /// The shard count `--shard auto` takes when the environment gives only
+    /// an index (Kubernetes' `JOB_COMPLETION_INDEX`); 0: not set.
+    pub shard_count: usize,
 }
 
 /// `[engine]`, resolved.
@@ -281,6 +294,11 @@ pub struct OutputSpec {
 pub struct EngineSpec {
     /// Where the forward runs.
     pub device: Device,
+    /// One engine per device in one job (empty: `device` alone).
+    pub devices: Vec<Device>,
+    /// `devices = "all"`: every visible GPU (resolved when the job runs;
+    /// `device` alone when there is none).
+    pub all_devices: bool,
     /// Sequences decoded together at most.
     pub max_num_seqs: usize,
     /// Tokens per forward at most (prefill chunks + decodes).
@@ -321,6 +339,9 @@ pub struct JobSpec {
     pub scoring: ScoringSpec,
     /// Model variants of a sweep (`None`: one model).
     pub sweep: Option<SweepSpec>,
+    /// The static shard of the records this run writes (`--shard`; `None`:
+    /// all of them).
+    pub shard: Option<crate::output::Shard>,
 }
 
 /// `[scoring]`, resolved.

@@ -7,6 +7,7 @@
 //! (tokens, scores, stop checks) -> `rows` -> the sink. Generation and
 //! loglikelihood scoring are two kinds of one request.
 
+mod fleet;
 mod intake;
 mod logprobs;
 mod pick;
@@ -19,6 +20,7 @@ mod tokenize;
 mod update;
 
 pub use crate::backend::device::{candle_device, visible_gpus, CPU_CACHE_FRACTION};
+pub use fleet::{Fleet, FleetSummary, SharedInput};
 pub use rows::error_row;
 pub use step::Pipeline;
 pub use tokenize::{Prepared, Tokenized};
@@ -88,6 +90,8 @@ pub struct Engine {
     prompt_logprobs: bool,
     /// Matchers for constrained records, built on first use.
     guides: crate::guide::LazyGuides,
+    /// Its place among a fleet's engines (the test-only fault names it).
+    worker: usize,
 }
 
 impl Engine {
@@ -171,6 +175,7 @@ impl Engine {
             logprobs: spec.output.logprobs,
             prompt_logprobs: spec.output.prompt_logprobs,
             guides,
+            worker: 0,
         };
         // A job-wide constraint that does not compile fails before any record.
         if let Some(c) = &spec.generation.constraint {
@@ -255,7 +260,7 @@ impl Engine {
     ) -> Result<JobSummary> {
         let mistral =
             MistralRunner::new(&self.model, self.sched.num_blocks, self.sched.block_size)?;
-        let mut runner = runner::FaultAfter::from_env(mistral);
+        let mut runner = runner::FaultAfter::from_env(mistral, self.worker);
         let mut pipe = self.pipeline();
         pipe.logprobs = self.logprobs;
         pipe.vocab = self.model.config().vocab_size;
@@ -291,6 +296,23 @@ impl Engine {
             },
         )
     }
+}
+
+/// The devices of a job's engines: `engine.devices` (`"all"`: every
+/// visible GPU, else `engine.device` alone), else `engine.device`.
+pub fn job_devices(e: &crate::config::EngineSpec) -> Result<Vec<crate::config::Device>> {
+    if e.all_devices {
+        let gpus = visible_gpus()?;
+        if gpus.is_empty() {
+            tracing::warn!(device = %e.device, "engine.devices = \"all\" but no GPU is visible: one engine on engine.device");
+            return Ok(vec![e.device]);
+        }
+        return Ok(gpus);
+    }
+    Ok(match e.devices.is_empty() {
+        true => vec![e.device],
+        false => e.devices.clone(),
+    })
 }
 
 /// Steps until the input is exhausted and nothing is in flight, or `stop`

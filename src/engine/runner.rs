@@ -98,7 +98,8 @@ impl ModelRunner for MistralRunner<'_> {
 
 /// The test-only device fault: with `RUNNER_TEST_DEVICE_FAULT_AFTER_STEPS=N`
 /// in the environment, step N + 1 fails as a device fault would (exit code
-/// 4), so that the tests can check what a GPU failure leaves behind.
+/// 4), so that the tests can check what a GPU failure leaves behind;
+/// `N@K` arms it on the K-th engine of `engine.devices` only.
 pub struct FaultAfter<R> {
     inner: R,
     left: Option<usize>,
@@ -108,9 +109,18 @@ pub struct FaultAfter<R> {
 pub const FAULT_ENV: &str = "RUNNER_TEST_DEVICE_FAULT_AFTER_STEPS";
 
 impl<R: ModelRunner> FaultAfter<R> {
-    /// `inner`, failing after the steps the environment names (never when unset).
-    pub fn from_env(inner: R) -> Self {
-        let left = std::env::var(FAULT_ENV).ok().and_then(|v| v.parse().ok());
+    /// `inner`, failing after the steps the environment names (never when
+    /// unset, or when it names another engine than `worker`).
+    pub fn from_env(inner: R, worker: usize) -> Self {
+        let left = std::env::var(FAULT_ENV).ok().and_then(|v| {
+            let (n, at) = match v.split_once('@') {
+                Some((n, k)) => (n, Some(k.parse::<usize>().ok()?)),
+                None => (v.as_str(), None),
+            };
+            at.is_none_or(|k| k == worker)
+                .then(|| n.parse().ok())
+                .flatten()
+        });
         Self { inner, left }
     }
 }

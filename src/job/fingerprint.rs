@@ -63,6 +63,9 @@ pub fn fingerprint(spec: &JobSpec) -> Result<BTreeMap<String, String>> {
             spec.output.logprobs, spec.output.prompt_logprobs
         ),
     );
+    if let Some(sh) = spec.shard {
+        fp.insert("shards".into(), sh.count.to_string());
+    }
     let s = serde_json::to_value(&spec.scoring).expect("scoring serializes");
     if let serde_json::Value::Object(o) = s {
         for (k, v) in o {
@@ -73,7 +76,9 @@ pub fn fingerprint(spec: &JobSpec) -> Result<BTreeMap<String, String>> {
 }
 
 /// Reads every record id once: duplicate ids are a job-level error, found
-/// before any model work. Returns the number of records.
+/// before any model work (across the whole input, sharded or not). Returns
+/// the number of records and rows of the job's shard (all of them when
+/// unsharded).
 pub fn prescan(spec: &JobSpec) -> Result<Totals> {
     let mut seen: HashMap<String, u64> = HashMap::new();
     let mut n = Totals::default();
@@ -87,8 +92,10 @@ pub fn prescan(spec: &JobSpec) -> Result<Totals> {
                 rec.row
             )));
         }
-        n.records += 1;
-        n.rows += rec.samples(&spec.generation);
+        if spec.shard.is_none_or(|s| s.holds(&rec.id)) {
+            n.records += 1;
+            n.rows += rec.samples(&spec.generation);
+        }
     }
     Ok(n)
 }

@@ -2,6 +2,7 @@
 //! (released by the kernel when the process dies, however it dies), with
 //! the holder's pid and host written inside for the messages.
 
+use crate::output::Layout;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions, TryLockError};
@@ -45,10 +46,11 @@ pub struct LockInfo {
 }
 
 impl OutputLock {
-    /// Takes `dir/.lock`. A file nobody holds locked (its writer died) is
-    /// taken over; a held one is refused naming its holder.
-    pub fn acquire(dir: &Path) -> Result<Self> {
-        let path = dir.join(LOCK);
+    /// Takes the layout's lock (`.lock` of a whole job). A file nobody
+    /// holds locked (its writer died) is taken over; a held one is refused
+    /// naming its holder.
+    pub fn acquire(files: &Layout) -> Result<Self> {
+        let (dir, path) = (files.describe(), files.lock());
         for _ in 0..3 {
             let mut file = OpenOptions::new()
                 .read(true)
@@ -59,7 +61,7 @@ impl OutputLock {
                 .map_err(|e| Error::io(&path, e))?;
             match file.try_lock() {
                 Ok(()) => {}
-                Err(TryLockError::WouldBlock) => return Err(held_error(dir, &path, &mut file)),
+                Err(TryLockError::WouldBlock) => return Err(held_error(&dir, &path, &mut file)),
                 Err(TryLockError::Error(e)) => return Err(Error::io(&path, e)),
             }
             // The previous holder removes the file while it still holds the
@@ -83,9 +85,9 @@ impl OutputLock {
         )))
     }
 
-    /// The holder of `dir`'s lock, if a live process holds it.
-    pub fn holder(dir: &Path) -> Option<LockInfo> {
-        let mut file = File::open(dir.join(LOCK)).ok()?;
+    /// The holder of the layout's lock, if a live process holds it.
+    pub fn holder(files: &Layout) -> Option<LockInfo> {
+        let mut file = File::open(files.lock()).ok()?;
         match file.try_lock_shared() {
             Ok(()) => None, // nobody holds it
             Err(_) => read_info(&mut file),
@@ -102,18 +104,16 @@ impl Drop for OutputLock {
     }
 }
 
-fn held_error(dir: &Path, path: &Path, file: &mut File) -> Error {
+fn held_error(dir: &str, path: &Path, file: &mut File) -> Error {
     match read_info(file) {
         Some(h) => Error::Busy(format!(
-            "output {} is locked by pid {} on host {} (since {} s ago): another `runner submit` is writing it; wait for it to finish or stop it",
-            dir.display(),
+            "output {dir} is locked by pid {} on host {} (since {} s ago): another `runner submit` is writing it; wait for it to finish or stop it",
             h.pid,
             h.host,
             now_unix().saturating_sub(h.since_unix),
         )),
         None => Error::Busy(format!(
-            "output {} is locked ({} is held by another process): another `runner submit` is writing it",
-            dir.display(),
+            "output {dir} is locked ({} is held by another process): another `runner submit` is writing it",
             path.display()
         )),
     }

@@ -3,7 +3,7 @@
 
 use super::lock::now_unix;
 use super::JobState;
-use crate::output::{write_atomic, PartStats};
+use crate::output::{write_atomic, Layout, PartStats, Shard};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -39,6 +39,9 @@ pub struct Manifest {
     pub updated_unix: u64,
     /// Generation wall time over all runs so far.
     pub wall_s: f64,
+    /// The shard this manifest covers (`None`: the whole job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Shard>,
 }
 
 impl Manifest {
@@ -60,17 +63,18 @@ impl Manifest {
         self.parts.iter().map(f).sum()
     }
 
-    /// Reads `dir/_manifest.json`, `None` when absent.
-    pub fn read(dir: &Path) -> Result<Option<Self>> {
-        read_json(&dir.join(MANIFEST), "manifest")
+    /// Reads the layout's manifest (`_manifest.json` of a whole job),
+    /// `None` when absent.
+    pub fn read(files: &Layout) -> Result<Option<Self>> {
+        read_json(&files.manifest(), "manifest")
     }
 
-    /// Writes `dir/_manifest.json` atomically (tmp, fsync, rename, fsync dir).
-    pub fn write(&mut self, dir: &Path) -> Result<()> {
+    /// Writes the layout's manifest atomically (tmp, fsync, rename, fsync dir).
+    pub fn write(&mut self, files: &Layout) -> Result<()> {
         self.updated_unix = now_unix();
         write_atomic(
-            dir,
-            MANIFEST,
+            &files.dir,
+            &files.manifest_name(),
             &serde_json::to_vec_pretty(self).expect("manifest serializes"),
         )
     }

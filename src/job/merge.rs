@@ -3,7 +3,7 @@
 //! the directory; the parts stay, so the output remains resumable.
 
 use super::{JobState, Manifest, MANIFEST};
-use crate::output::write_atomic;
+use crate::output::{write_atomic, Layout};
 use crate::{Error, Result};
 use arrow::array::RecordBatch;
 use std::path::{Path, PathBuf};
@@ -57,17 +57,28 @@ fn merge_job(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
     Ok(dst)
 }
 
-/// A job's manifest and every row of its parts in one batch, in input
-/// order then sample order (warns when the job is unfinished: `doing`
-/// names the command in the warning).
+/// A job's manifest (a sharded job's: its first shard's) and every row of
+/// its parts (every shard's) in one batch, in input order then sample
+/// order. Warns when the job is unfinished (`doing` names the command in
+/// the warning); refuses a sharded output while a shard never started.
 pub fn sorted_rows(dir: &Path, doing: &str) -> Result<(Manifest, RecordBatch)> {
-    let m = Manifest::read(dir)?.ok_or_else(|| {
-        Error::Output(format!(
-            "{} has no {MANIFEST}: not the output of a runner job",
-            dir.display(),
-        ))
-    })?;
-    if m.state != JobState::Finished {
+    let m = match super::shards::overview(dir)? {
+        None => Manifest::read(&Layout::plain(dir))?.ok_or_else(|| {
+            Error::Output(format!(
+                "{} has no {MANIFEST}: not the output of a runner job",
+                dir.display(),
+            ))
+        })?,
+        Some(shards) => {
+            super::shards::require_all_started(dir, &shards)?;
+            for s in shards.iter().filter(|s| s.word() != "done") {
+                tracing::warn!(shard = %s.shard, state = s.word(), "{doing} a shard that has not finished: only the rows written so far");
+            }
+            let first = shards.into_iter().find_map(|s| s.status);
+            first.expect("every shard started").manifest
+        }
+    };
+    if m.shard.is_none() && m.state != JobState::Finished {
         tracing::warn!(
             state = m.state.as_str(),
             rows = m.rows(),

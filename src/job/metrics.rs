@@ -4,10 +4,9 @@
 use super::manifest::Manifest;
 use super::JobState;
 use crate::engine::JobSummary;
-use crate::output::write_atomic;
+use crate::output::{write_atomic, Layout};
 use crate::Result;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 /// Name of the metrics file in the output directory.
 pub const METRICS: &str = "_metrics.json";
@@ -79,16 +78,16 @@ impl Metrics {
         }
     }
 
-    /// Writes `dir/_metrics.json` atomically.
-    pub fn write(&self, dir: &Path) -> Result<()> {
+    /// Writes the layout's metrics file (`_metrics.json`) atomically.
+    pub fn write(&self, files: &Layout) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(self).expect("metrics serialize");
-        write_atomic(dir, METRICS, &bytes)
+        write_atomic(&files.dir, &files.metrics_name(), &bytes)
     }
 
-    /// Reads `dir/_metrics.json`: `None` when absent, an error naming the
-    /// file when it cannot be read or parsed (never zeros).
-    pub fn read(dir: &Path) -> Result<Option<Self>> {
-        super::manifest::read_json(&dir.join(METRICS), "metrics")
+    /// Reads the layout's metrics file: `None` when absent, an error naming
+    /// the file when it cannot be read or parsed (never zeros).
+    pub fn read(files: &Layout) -> Result<Option<Self>> {
+        super::manifest::read_json(&files.metrics(), "metrics")
     }
 }
 
@@ -101,9 +100,10 @@ mod tests {
     #[test]
     fn unreadable_metrics_are_an_error_not_zeros() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(Metrics::read(dir.path()).unwrap(), None);
+        let files = Layout::plain(dir.path());
+        assert_eq!(Metrics::read(&files).unwrap(), None);
         std::fs::write(dir.path().join(METRICS), "{\"state\": \"finished\"").unwrap();
-        let e = Metrics::read(dir.path()).unwrap_err().to_string();
+        let e = Metrics::read(&files).unwrap_err().to_string();
         assert!(
             e.contains("_metrics.json") && e.contains("unreadable"),
             "{e}"
@@ -136,7 +136,9 @@ mod tests {
             }),
         };
         let dir = tempfile::tempdir().unwrap();
-        m.write(dir.path()).unwrap();
-        assert_eq!(Metrics::read(dir.path()).unwrap(), Some(m));
+        let files = Layout::new(dir.path(), Some(crate::output::Shard::new(1, 3).unwrap()));
+        m.write(&files).unwrap();
+        assert!(dir.path().join("_metrics.shard-1-of-3.json").is_file());
+        assert_eq!(Metrics::read(&files).unwrap(), Some(m));
     }
 }

@@ -15,6 +15,7 @@ mod manifest;
 mod merge;
 mod metrics;
 mod resume;
+pub mod shards;
 mod signals;
 mod status;
 pub mod sweep;
@@ -25,18 +26,17 @@ pub use lock::{host_name, now_unix, LockInfo, OutputLock, LOCK};
 pub use manifest::{Manifest, MANIFEST};
 pub use merge::merge;
 pub use metrics::{LastRun, Metrics, METRICS};
-pub use resume::{clear_output, next_part_index, remove_stale_tmp, scan_parts};
+pub use resume::{clear_output, remove_stale_tmp, scan_parts};
 pub use signals::INTERRUPTED_EXIT;
 pub use status::{JobStatus, Liveness};
 
 use crate::config::JobSpec;
-use crate::engine::{Engine, JobSummary};
+use crate::engine::{Fleet, JobSummary};
 use crate::model::HubSettings;
-use crate::output::{ParquetSink, SinkSettings};
+use crate::output::{Layout, ParquetSink, SinkSettings};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -109,7 +109,7 @@ pub fn run_one(
     let created = !spec.output.path.exists();
     let result = run_checked(spec, hub, restart, progress);
     if result.is_err() && created {
-        resume::remove_if_unused(&spec.output.path);
+        resume::remove_if_unused(&Layout::new(&spec.output.path, spec.shard));
     }
     result
 }
@@ -120,21 +120,29 @@ fn run_checked(
     restart: bool,
     progress: Arc<dyn Progress>,
 ) -> Result<()> {
-    let out = spec.output.path.clone();
+    let files = Layout::new(&spec.output.path, spec.shard);
     // Job-level checks first, before any model work.
-    resume::check_writable(&out)?;
-    let _lock = OutputLock::acquire(&out)?;
-    let Some(prep) = prepare(spec, &out, restart)? else {
+    resume::check_writable(&files.dir)?;
+    let _lock = OutputLock::acquire(&files)?;
+    let Some(prep) = prepare(spec, &files, restart)? else {
         return Ok(()); // already complete
     };
     let stop = signals::stop_flag()?;
     let load_start = Instant::now();
-    let (mut engine, mut meta) = Engine::load(spec, hub)?;
+    let devices = crate::engine::job_devices(&spec.engine)?;
+    let (mut fleet, mut meta) = Fleet::load(spec, hub, &devices)?;
     let load_s = load_start.elapsed().as_secs_f64();
-    engine.set_stop_flag(stop);
+    fleet.set_stop_flag(stop);
+    let model = fleet
+        .engines()
+        .next()
+        .expect("a fleet has an engine")
+        .model();
     tracing::info!(
         model = %spec.model.id,
-        quant = %engine.model().quant().map_or("none".into(), |q| q.short_name()),
+        quant = %model.quant().map_or("none".into(), |q| q.short_name()),
+        devices = %devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","),
+        shard = %spec.shard.map_or("-".into(), |s| s.to_string()),
         load_s,
         job_id = %meta.job_id,
         "model loaded"
@@ -142,8 +150,8 @@ fn run_checked(
     let mut input = crate::input::open(&spec.input, &spec.generation)?;
     meta.passthrough = input.passthrough_schema();
     meta.constrained |= input.has_schema_column();
-    let first_part = next_part_index(&out)?;
-    let mut sink = ParquetSink::resume(&out, meta, SinkSettings::of(&spec.output), first_part)?;
+    let first_part = files.next_part_index()?;
+    let mut sink = ParquetSink::resume(&files, meta, SinkSettings::of(&spec.output), first_part)?;
     let remaining = prep
         .manifest
         .expected_rows()
@@ -152,12 +160,16 @@ fn run_checked(
     let p = Arc::clone(&progress);
     sink.on_row(Box::new(move |row| p.row(row.completion_tokens as u64)));
     let shared = Arc::new(Mutex::new(prep.manifest));
-    sink.on_part(part_hook(Arc::clone(&shared), &out));
+    sink.on_part(part_hook(Arc::clone(&shared), &files));
     let done = prep.done;
     let defaults = &spec.generation;
+    let shard = spec.shard;
     let mut todo = std::iter::from_fn(move || loop {
         match input.next()? {
             Ok(mut r) => {
+                if shard.is_some_and(|s| !s.holds(&r.id)) {
+                    continue;
+                }
                 r.written_samples = done.samples(&r.id).to_vec();
                 if !r.pending_samples(defaults).is_empty() {
                     return Some(Ok(r));
@@ -166,16 +178,21 @@ fn run_checked(
             other => return Some(other),
         }
     });
-    let sum = engine.run(&mut todo, &spec.generation.system_prompt, &mut sink)?;
+    let ran = fleet.run(
+        &mut todo,
+        &spec.generation.system_prompt,
+        defaults,
+        &mut sink,
+    )?;
     progress.finish();
     let man = shared.lock().expect("manifest lock").clone();
-    finish(spec, &out, man, &sum, load_s)
+    finish(spec, &files, man, &ran, load_s)
 }
 
 /// Checks the job against what the output holds (refusing a different
 /// job unless `restart`), clears it on `restart`, and writes the running
 /// manifest. `None`: every record is already written.
-fn prepare(spec: &JobSpec, out: &Path, restart: bool) -> Result<Option<Prepared>> {
+fn prepare(spec: &JobSpec, files: &Layout, restart: bool) -> Result<Option<Prepared>> {
     // The duplicate-id prescan and the input's sha256 (in the fingerprint)
     // each read the whole input: side by side.
     let (total, fp) = std::thread::scope(|s| {
@@ -185,22 +202,23 @@ fn prepare(spec: &JobSpec, out: &Path, restart: bool) -> Result<Option<Prepared>
         (total, fp)
     });
     let (total, fp) = (total?, fp?);
-    let old = Manifest::read(out)?;
-    check_same_job(out, old.as_ref(), &fp, restart)?;
+    let old = Manifest::read(files)?;
+    check_same_job(files, old.as_ref(), &fp, restart)?;
+    shards::check_neighbours(files, &fp, restart)?;
     if restart {
-        let n = clear_output(out)?;
+        let n = clear_output(files)?;
         if n > 0 {
             tracing::warn!(parts = n, "--restart: discarded the previous output");
         }
     }
-    let stale = remove_stale_tmp(out)?;
+    let stale = remove_stale_tmp(files)?;
     if stale > 0 {
         tracing::info!(
             files = stale,
             "removed temporary files of an interrupted write"
         );
     }
-    let (done, parts) = scan_parts(out)?;
+    let (done, parts) = scan_parts(files)?;
     let mut manifest = Manifest {
         job_hash: job_hash(&fp),
         fingerprint: fp,
@@ -213,14 +231,15 @@ fn prepare(spec: &JobSpec, out: &Path, restart: bool) -> Result<Option<Prepared>
         job_file: spec.job_file.display().to_string(),
         updated_unix: 0,
         wall_s: old.filter(|_| !restart).map_or(0.0, |m| m.wall_s),
+        shard: files.shard,
     };
-    if !restart && !done.is_empty() && done.rows() >= total.rows {
+    if !restart && done.rows() >= total.rows && (!done.is_empty() || total.rows == 0) {
         manifest.state = JobState::Finished;
-        manifest.write(out)?;
-        tracing::info!(records = total.records, rows = total.rows, output = %out.display(), "already complete: nothing to run");
+        manifest.write(files)?;
+        tracing::info!(records = total.records, rows = total.rows, output = %files.describe(), "already complete: nothing to run");
         return Ok(None);
     }
-    manifest.write(out)?;
+    manifest.write(files)?;
     if !done.is_empty() {
         tracing::info!(
             written = done.rows(),
@@ -234,7 +253,7 @@ fn prepare(spec: &JobSpec, out: &Path, restart: bool) -> Result<Option<Prepared>
 /// Refuses an output that holds another job's rows (or rows of no
 /// resumable job), unless `restart`.
 fn check_same_job(
-    out: &Path,
+    files: &Layout,
     old: Option<&Manifest>,
     fp: &BTreeMap<String, String>,
     restart: bool,
@@ -250,28 +269,29 @@ fn check_same_job(
             }
             Err(Error::DifferentJob(format!(
                 "output {} holds {} rows of a different job; changed: {}. Resume needs the same job; pass --restart to discard those rows and start over",
-                out.display(),
+                files.describe(),
                 m.rows(),
                 changed.join("; ")
             )))
         }
         None => {
-            let on_disk = crate::output::existing_parts(out)?;
+            let on_disk = files.parts()?;
             if on_disk.is_empty() {
                 return Ok(());
             }
             Err(Error::DifferentJob(format!(
-                "output {} holds {} part file(s) but no {MANIFEST}: not written by a resumable job; pass --restart to discard them or choose another output.path",
-                out.display(),
-                on_disk.len()
+                "output {} holds {} part file(s) but no {}: not written by a resumable job; pass --restart to discard them or choose another output.path",
+                files.describe(),
+                on_disk.len(),
+                files.manifest_name()
             )))
         }
     }
 }
 
 /// After each part is in place: the manifest and metrics files follow.
-fn part_hook(shared: Arc<Mutex<Manifest>>, out: &Path) -> crate::output::PartHook {
-    let (out, run_start) = (out.to_path_buf(), Instant::now());
+fn part_hook(shared: Arc<Mutex<Manifest>>, files: &Layout) -> crate::output::PartHook {
+    let (out, run_start) = (files.clone(), Instant::now());
     Box::new(move |part| {
         let mut m = shared.lock().expect("manifest lock");
         m.parts.push(part);
@@ -283,23 +303,28 @@ fn part_hook(shared: Arc<Mutex<Manifest>>, out: &Path) -> crate::output::PartHoo
 }
 
 /// Marks the manifest finished or interrupted, writes the metrics, logs
-/// the summary; an interrupted run is an error that says how to resume.
+/// the summary; an interrupted run is an error that says how to resume, and
+/// a run in which a device failed is a device error (exit code 4) that
+/// says whether every record was still written.
 fn finish(
     spec: &JobSpec,
-    out: &Path,
+    files: &Layout,
     mut man: Manifest,
-    sum: &JobSummary,
+    ran: &crate::engine::FleetSummary,
     load_s: f64,
 ) -> Result<()> {
+    let sum = &ran.summary;
     man.wall_s += sum.wall_s;
-    man.state = if sum.interrupted {
-        JobState::Interrupted
-    } else {
-        JobState::Finished
+    let complete = man.rows() >= man.expected_rows();
+    man.state = match (sum.interrupted, ran.failed.is_empty() || complete) {
+        (true, _) => JobState::Interrupted,
+        (false, true) => JobState::Finished,
+        // A device failed and records are left: `dead` until resubmitted.
+        (false, false) => JobState::Running,
     };
-    man.write(out)?;
-    Metrics::new(&man, Some((sum, load_s))).write(out)?;
-    log_summary(&man, sum, out);
+    man.write(files)?;
+    Metrics::new(&man, Some((sum, load_s))).write(files)?;
+    log_summary(&man, sum, files);
     if sum.interrupted {
         // The CLI adds how to resume (the command as it was given).
         return Err(Error::Interrupted(format!(
@@ -307,13 +332,16 @@ fn finish(
             man.rows(),
             man.total_records,
             spec.job_file.display(),
-            out.display(),
+            files.describe(),
         )));
     }
-    Ok(())
+    match ran.device_error(complete) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
-fn log_summary(m: &Manifest, s: &JobSummary, out: &Path) {
+fn log_summary(m: &Manifest, s: &JobSummary, files: &Layout) {
     tracing::info!(
         records = m.rows(),
         of = m.total_records,
@@ -328,6 +356,6 @@ fn log_summary(m: &Manifest, s: &JobSummary, out: &Path) {
         output_tok_s = format!("{:.1}", s.completion_tokens as f64 / s.wall_s.max(1e-9)),
         "job {}, output in {}",
         m.state.as_str(),
-        out.display()
+        files.describe()
     );
 }

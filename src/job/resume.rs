@@ -2,7 +2,7 @@
 //! already written (the files are the authority after a crash), leftover
 //! temporary files, the next part number; and `--restart`.
 
-use crate::output::{existing_parts, read_part, PartStats};
+use crate::output::{read_part, Layout, PartStats};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::path::Path;
@@ -46,12 +46,13 @@ impl Written {
 /// stats), read back from the files themselves: the authority after a
 /// crash. A part that cannot be read is moved into `_quarantine/` (logged)
 /// and its records are not counted as written, so the run regenerates them.
-pub fn scan_parts(dir: &Path) -> Result<(Written, Vec<PartStats>)> {
+pub fn scan_parts(files: &Layout) -> Result<(Written, Vec<PartStats>)> {
+    let dir = files.dir.as_path();
     use arrow::array::AsArray;
     use arrow::datatypes::UInt32Type;
     let mut ids = Written::default();
     let mut stats = Vec::new();
-    for p in existing_parts(dir)? {
+    for p in files.parts()? {
         let batches = match read_part(&p) {
             Ok(b) => b,
             Err(Error::CorruptPart(why)) => {
@@ -145,8 +146,10 @@ fn quarantine(dir: &Path, part: &Path) -> Result<std::path::PathBuf> {
     Ok(dst)
 }
 
-/// Removes temporary files a killed writer left behind.
-pub fn remove_stale_tmp(dir: &Path) -> Result<usize> {
+/// Removes temporary files a killed writer of this layout left behind
+/// (never another shard's: it may be writing them now).
+pub fn remove_stale_tmp(files: &Layout) -> Result<usize> {
+    let dir = files.dir.as_path();
     let mut n = 0;
     for e in std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
@@ -154,7 +157,7 @@ pub fn remove_stale_tmp(dir: &Path) -> Result<usize> {
     {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with('.') && name.ends_with(".tmp") {
+        if files.owns_tmp(&name) {
             std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
             n += 1;
         }
@@ -184,39 +187,27 @@ pub fn check_writable(dir: &Path) -> Result<()> {
 /// Removes an output directory that holds no part file: its manifest,
 /// metrics and lock, then the directory if nothing else is in it (never a
 /// file this crate did not write). Best effort: errors are ignored.
-pub fn remove_if_unused(dir: &Path) {
-    if !matches!(existing_parts(dir), Ok(p) if p.is_empty()) {
+pub fn remove_if_unused(files: &Layout) {
+    if !matches!(crate::output::existing_parts(&files.dir), Ok(p) if p.is_empty()) {
         return;
     }
-    for f in [super::MANIFEST, super::METRICS, super::LOCK] {
-        let _ = std::fs::remove_file(dir.join(f));
+    for f in [files.manifest(), files.metrics(), files.lock()] {
+        let _ = std::fs::remove_file(f);
     }
-    let _ = std::fs::remove_dir(dir);
+    let _ = std::fs::remove_dir(&files.dir);
 }
 
-/// Removes a previous run's parts, manifest and metrics (`--restart`).
-pub fn clear_output(dir: &Path) -> Result<usize> {
-    let parts = existing_parts(dir)?;
+/// Removes a previous run's parts, manifest and metrics (`--restart`; a
+/// shard's own files only).
+pub fn clear_output(files: &Layout) -> Result<usize> {
+    let parts = files.parts()?;
     for p in &parts {
         std::fs::remove_file(p).map_err(|e| Error::io(p, e))?;
     }
-    for f in [super::MANIFEST, super::METRICS] {
-        let p = dir.join(f);
+    for p in [files.manifest(), files.metrics()] {
         if p.exists() {
             std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
         }
     }
     Ok(parts.len())
-}
-
-/// The number of the next part file.
-pub fn next_part_index(dir: &Path) -> Result<usize> {
-    Ok(existing_parts(dir)?
-        .iter()
-        .filter_map(|p| {
-            let n = p.file_name()?.to_str()?;
-            n.strip_prefix("part-")?.get(..5)?.parse::<usize>().ok()
-        })
-        .max()
-        .map_or(0, |m| m + 1))
 }

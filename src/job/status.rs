@@ -2,8 +2,9 @@
 //! figures, and whether a live process holds the lock.
 
 use super::lock::{now_unix, LockInfo, OutputLock};
-use super::manifest::{Manifest, MANIFEST};
+use super::manifest::Manifest;
 use super::JobState;
+use crate::output::Layout;
 use crate::{Error, Result};
 use std::path::Path;
 
@@ -34,15 +35,17 @@ pub struct JobStatus {
 }
 
 impl JobStatus {
-    /// Reads the status of the output in `dir`.
-    pub fn read(dir: &Path) -> Result<Self> {
-        let manifest = Manifest::read(dir)?.ok_or_else(|| {
+    /// Reads the status of the job (or shard) whose files are `files`.
+    pub fn read(files: &Layout) -> Result<Self> {
+        let manifest = Manifest::read(files)?.ok_or_else(|| {
             Error::Output(format!(
-                "{} has no {MANIFEST}: not the output of a runner job",
-                dir.display()
+                "{} has no {}: not the output of a runner job",
+                files.dir.display(),
+                files.manifest_name()
             ))
         })?;
-        let liveness = match (OutputLock::holder(dir), manifest.state) {
+        let dir = files.dir.as_path();
+        let liveness = match (OutputLock::holder(files), manifest.state) {
             (Some(holder), _) => Liveness::Running(holder),
             (None, JobState::Running) => Liveness::Dead,
             (None, s) => Liveness::Ended(s),

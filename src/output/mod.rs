@@ -2,10 +2,12 @@
 //! job's output directory (see README for the schema).
 
 mod atomic;
+mod layout;
 mod logprobs;
 mod parquet;
 
 pub use self::atomic::write_atomic;
+pub use self::layout::{shards_in, Layout, Shard};
 pub use self::parquet::{
     existing_parts, read_part, schema, ParquetSink, PartHook, RowHook, SinkSettings,
 };

@@ -114,7 +114,7 @@ impl SinkSettings {
 
 /// Buffers rows and writes them as part files.
 pub struct ParquetSink {
-    dir: PathBuf,
+    files: super::Layout,
     meta: JobMeta,
     settings: SinkSettings,
     /// When the oldest buffered row arrived.
@@ -138,20 +138,22 @@ impl ParquetSink {
                 existing.len()
             )));
         }
-        Self::resume(dir, meta, settings, 0)
+        Self::resume(&super::Layout::plain(dir), meta, settings, 0)
     }
 
-    /// A sink into a directory that may already hold parts (a resumed job):
-    /// new parts are numbered from `first_part`.
+    /// A sink into a directory that may already hold parts (a resumed job,
+    /// or other shards): new parts take the layout's names, numbered from
+    /// `first_part`.
     pub fn resume(
-        dir: &Path,
+        files: &super::Layout,
         meta: JobMeta,
         settings: SinkSettings,
         first_part: usize,
     ) -> Result<Self> {
+        let dir = &files.dir;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         Ok(Self {
-            dir: dir.to_path_buf(),
+            files: files.clone(),
             meta,
             settings,
             oldest: None,
@@ -201,9 +203,13 @@ impl ParquetSink {
         }
         let batch = self.batch()?;
         let short = &self.meta.job_id[..8.min(self.meta.job_id.len())];
-        let name = format!("part-{:05}-{short}.parquet", self.next_part);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        let dst = self.dir.join(&name);
+        let name = format!(
+            "{}{:05}-{short}.parquet",
+            self.files.part_prefix(),
+            self.next_part
+        );
+        let tmp = self.files.dir.join(format!(".{name}.tmp"));
+        let dst = self.files.dir.join(&name);
         let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
@@ -218,7 +224,7 @@ impl ParquetSink {
         file.sync_all().map_err(|e| Error::io(&tmp, e))?;
         drop(file);
         std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
-        if let Ok(d) = std::fs::File::open(&self.dir) {
+        if let Ok(d) = std::fs::File::open(&self.files.dir) {
             let _ = d.sync_all();
         }
         let stats = PartStats {

@@ -18,6 +18,7 @@ mod openai;
 mod reference_logits;
 mod resume;
 mod samples;
+mod scale;
 mod structured;
 mod submit_greedy;
 mod sweep;

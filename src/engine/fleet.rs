@@ -1,0 +1,344 @@
+//! Several engines, one per device, over one job: threads of this process
+//! (not child processes), so that one reader feeds them and one sink writes
+//! the job's one output, with no IPC. Each device has its own CUDA context,
+//! so a fault on one leaves the others running.
+//!
+//! Work is handed out on demand: each engine's reader thread pulls the
+//! next record from the shared input when its queue has room, so a faster
+//! device, or one with shorter records, takes more. When a device fails
+//! mid-run (a device error), the records it had taken and not finished go
+//! back to the queue and the other engines run them; rows it wrote stay.
+
+use super::{Engine, JobSummary};
+use crate::config::{Device, GenerationParams, JobSpec};
+use crate::input::InputRecord;
+use crate::model::HubSettings;
+use crate::output::{JobMeta, OutputRow, RowSink};
+use crate::{Error, Result};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The input shared by the engines of a fleet.
+pub type SharedInput<'a> = dyn Iterator<Item = Result<InputRecord>> + Send + 'a;
+
+/// One engine per device.
+pub struct Fleet {
+    engines: Vec<(Device, Engine)>,
+    stop: Arc<AtomicBool>,
+}
+
+/// What a fleet's run did.
+#[derive(Debug, Default)]
+pub struct FleetSummary {
+    /// The engines' figures, added up (wall time: the longest).
+    pub summary: JobSummary,
+    /// Devices that failed, with their errors.
+    pub failed: Vec<(Device, Error)>,
+    /// Records a failed device had taken and the others ran again.
+    pub handed_back: usize,
+}
+
+impl FleetSummary {
+    /// The error a run with failed devices ends with (exit code 4), saying
+    /// whether every record was still written.
+    pub fn device_error(&self, complete: bool) -> Option<Error> {
+        let (first, rest) = self.failed.split_first()?;
+        let names: Vec<String> = self.failed.iter().map(|(d, _)| d.to_string()).collect();
+        let outcome = match complete {
+            true => format!(
+                "the {} unfinished records it held were run on the other devices; every record is written",
+                self.handed_back
+            ),
+            false => "records not written are run by the next submit of the job".into(),
+        };
+        Some(Error::Device(format!(
+            "device(s) {} failed ({}{}); {outcome}",
+            names.join(", "),
+            first.1,
+            match rest.len() {
+                0 => String::new(),
+                n => format!("; and {n} more"),
+            }
+        )))
+    }
+}
+
+impl Fleet {
+    /// Loads one engine per device, side by side. The meta is the first's.
+    pub fn load(spec: &JobSpec, hub: &HubSettings, devices: &[Device]) -> Result<(Self, JobMeta)> {
+        let loaded: Vec<Result<(Engine, JobMeta)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = devices
+                .iter()
+                .map(|&d| {
+                    let mut one = spec.clone();
+                    one.engine.device = d;
+                    s.spawn(move || Engine::load(&one, hub))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(panicked())))
+                .collect()
+        });
+        let mut engines = Vec::new();
+        let mut meta = None;
+        for (k, (&d, r)) in devices.iter().zip(loaded).enumerate() {
+            let (mut e, m) = r?;
+            e.worker = k;
+            meta.get_or_insert(m);
+            engines.push((d, e));
+        }
+        let meta = meta.ok_or_else(|| Error::Config("engine.devices is empty".into()))?;
+        let fleet = Self {
+            engines,
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        Ok((fleet, meta))
+    }
+
+    /// Stops every engine (after its current step) once `flag` is set.
+    pub fn set_stop_flag(&mut self, flag: Arc<AtomicBool>) {
+        for (_, e) in &mut self.engines {
+            e.set_stop_flag(Arc::clone(&flag));
+        }
+        self.stop = flag;
+    }
+
+    /// The engines.
+    pub fn engines(&self) -> impl Iterator<Item = &Engine> {
+        self.engines.iter().map(|(_, e)| e)
+    }
+
+    /// Runs every record of `input` on the engines and writes their rows
+    /// to `sink`. With several engines a device error stops that engine
+    /// only (see [`FleetSummary::failed`]); any other error stops them all
+    /// and is returned. The sink is flushed in every case: the rows of
+    /// records that finished are written.
+    pub fn run(
+        &mut self,
+        input: &mut SharedInput<'_>,
+        job_system: &str,
+        defaults: &GenerationParams,
+        sink: &mut (dyn RowSink + Send),
+    ) -> Result<FleetSummary> {
+        if self.engines.iter().any(|(_, e)| e.stop.is_none()) {
+            let flag = Arc::clone(&self.stop);
+            self.set_stop_flag(flag);
+        }
+        let start = std::time::Instant::now();
+        // With one engine a device error ends the run (nothing to hand to).
+        let tracked = self.engines.len() > 1;
+        let hand = Handout::new(input, defaults, self.engines.len(), tracked);
+        let sink = Mutex::new(sink);
+        let mut out = FleetSummary::default();
+        let mut healthy: Vec<usize> = (0..self.engines.len()).collect();
+        let mut fatal = None;
+        // A round runs every healthy engine until the input is drained; a
+        // device that fails hands its records back, which another round
+        // runs when the others had already finished.
+        while !healthy.is_empty() && fatal.is_none() {
+            let results = self.round(&healthy, &hand, &sink, job_system);
+            for (k, r) in healthy.clone().into_iter().zip(results) {
+                match r {
+                    Ok(s) => out.summary.absorb(&s),
+                    Err(Error::Device(m)) if tracked => {
+                        let back = hand.give_back(k);
+                        tracing::error!(device = %self.engines[k].0, records_handed_back = back, "device failed: {m}");
+                        out.handed_back += back;
+                        out.failed.push((self.engines[k].0, Error::Device(m)));
+                        healthy.retain(|&h| h != k);
+                    }
+                    Err(e) => {
+                        self.stop.store(true, Ordering::Relaxed);
+                        fatal.get_or_insert(e);
+                    }
+                }
+            }
+            if !hand.has_handed_back() || out.summary.interrupted {
+                break;
+            }
+        }
+        let flushed = sink.into_inner().expect("sink lock").flush();
+        out.summary.wall_s = start.elapsed().as_secs_f64();
+        match fatal {
+            Some(e) => Err(e),
+            None => flushed.map(|()| out),
+        }
+    }
+
+    /// Runs the engines `which` side by side, each in its thread.
+    fn round(
+        &self,
+        which: &[usize],
+        hand: &Handout<'_, '_>,
+        sink: &Mutex<&mut (dyn RowSink + Send)>,
+        job_system: &str,
+    ) -> Vec<Result<JobSummary>> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = which
+                .iter()
+                .map(|&k| {
+                    let engine = &self.engines[k].1;
+                    s.spawn(move || {
+                        let mut input = Taker { hand, worker: k };
+                        let mut out = SharedSink {
+                            sink,
+                            hand,
+                            worker: k,
+                        };
+                        engine.run(&mut input, job_system, &mut out)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(panicked())))
+                .collect()
+        })
+    }
+}
+
+fn panicked() -> Error {
+    Error::Engine("an engine thread panicked".into())
+}
+
+impl JobSummary {
+    /// Adds another engine's figures (wall time and peak memory: the largest).
+    pub fn absorb(&mut self, o: &JobSummary) {
+        self.records += o.records;
+        self.ok += o.ok;
+        self.errors += o.errors;
+        self.prompt_tokens += o.prompt_tokens;
+        self.completion_tokens += o.completion_tokens;
+        self.steps += o.steps;
+        self.wall_s = self.wall_s.max(o.wall_s);
+        self.prefix_hit_tokens += o.prefix_hit_tokens;
+        self.cached_prompt_tokens += o.cached_prompt_tokens;
+        self.preemptions += o.preemptions;
+        self.peak_device_bytes = match (self.peak_device_bytes, o.peak_device_bytes) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.forward_tokens += o.forward_tokens;
+        self.prefill_tokens += o.prefill_tokens;
+        self.interrupted |= o.interrupted;
+    }
+}
+
+/// Record id -> (the record as taken, sample indices written since).
+type Held = HashMap<String, (InputRecord, Vec<u32>)>;
+
+/// The shared input, the records handed back by failed devices, and (with
+/// several engines) what each engine holds unfinished.
+struct Handout<'i, 'a> {
+    input: Mutex<&'i mut SharedInput<'a>>,
+    back: Mutex<VecDeque<InputRecord>>,
+    /// Per engine: what it took and has not finished.
+    held: Vec<Mutex<Held>>,
+    defaults: &'i GenerationParams,
+    tracked: bool,
+}
+
+impl<'i, 'a> Handout<'i, 'a> {
+    fn new(
+        input: &'i mut SharedInput<'a>,
+        defaults: &'i GenerationParams,
+        engines: usize,
+        tracked: bool,
+    ) -> Self {
+        Self {
+            input: Mutex::new(input),
+            back: Mutex::new(VecDeque::new()),
+            held: (0..engines).map(|_| Mutex::default()).collect(),
+            defaults,
+            tracked,
+        }
+    }
+
+    fn next(&self, worker: usize) -> Option<Result<InputRecord>> {
+        let popped = self.back.lock().expect("handout lock").pop_front();
+        let item = match popped {
+            Some(r) => Some(Ok(r)),
+            None => self.input.lock().expect("input lock").next(),
+        };
+        if let (true, Some(Ok(r))) = (self.tracked, &item) {
+            let held = (r.clone(), Vec::new());
+            self.held[worker]
+                .lock()
+                .expect("handout lock")
+                .insert(r.id.clone(), held);
+        }
+        item
+    }
+
+    /// A row of `worker`'s is in the sink.
+    fn written(&self, worker: usize, row: &OutputRow) {
+        if !self.tracked {
+            return;
+        }
+        let mut held = self.held[worker].lock().expect("handout lock");
+        let Some((rec, since)) = held.get_mut(&row.id) else {
+            return;
+        };
+        since.push(row.sample_index);
+        let pending = rec.pending_samples(self.defaults);
+        if pending.iter().all(|i| since.contains(i)) {
+            held.remove(&row.id);
+        }
+    }
+
+    /// Puts `worker`'s unfinished records back in the queue; how many.
+    fn give_back(&self, worker: usize) -> usize {
+        let held = std::mem::take(&mut *self.held[worker].lock().expect("handout lock"));
+        let mut back = self.back.lock().expect("handout lock");
+        let n = held.len();
+        let mut recs: Vec<InputRecord> = held
+            .into_values()
+            .map(|(mut rec, since)| {
+                rec.written_samples.extend(since);
+                rec
+            })
+            .collect();
+        recs.sort_by_key(|r| r.row);
+        back.extend(recs);
+        n
+    }
+
+    fn has_handed_back(&self) -> bool {
+        !self.back.lock().expect("handout lock").is_empty()
+    }
+}
+
+/// One engine's view of the shared input.
+struct Taker<'h, 'i, 'a> {
+    hand: &'h Handout<'i, 'a>,
+    worker: usize,
+}
+
+impl Iterator for Taker<'_, '_, '_> {
+    type Item = Result<InputRecord>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.hand.next(self.worker)
+    }
+}
+
+/// One engine's view of the shared sink.
+struct SharedSink<'h, 'i, 'a, 's> {
+    sink: &'h Mutex<&'s mut (dyn RowSink + Send)>,
+    hand: &'h Handout<'i, 'a>,
+    worker: usize,
+}
+
+impl RowSink for SharedSink<'_, '_, '_, '_> {
+    fn push(&mut self, row: OutputRow) -> Result<()> {
+        self.hand.written(self.worker, &row);
+        self.sink.lock().expect("sink lock").push(row)
+    }
+    fn flush(&mut self) -> Result<()> {
+        self.sink.lock().expect("sink lock").flush()
+    }
+    fn tick(&mut self) -> Result<()> {
+        self.sink.lock().expect("sink lock").tick()
+    }
+}
