@@ -5,7 +5,7 @@
 //! process.
 
 use crate::config::{GenerationParams, JobSpec};
-use crate::engine::{Engine, JobSummary};
+use crate::engine::{Engine, Fleet, JobSummary};
 use crate::input::InputRecord;
 use crate::model::{Mistral, QuantConfig};
 use crate::output::ParquetSink;
@@ -131,9 +131,41 @@ pub fn engine(spec: &JobSpec, tokenizer_dir: &Path) -> Result<Engine> {
     Ok(Engine::assemble(model, prompter, spec)?.0)
 }
 
-/// Runs one workload through `engine`, output rows into a scratch directory.
+/// One dummy-weight engine per device of `engine.devices` (see
+/// [`crate::engine::job_devices`]), built side by side.
+pub fn fleet(spec: &JobSpec, tokenizer_dir: &Path) -> Result<Fleet> {
+    let devices = crate::engine::job_devices(&spec.engine)?;
+    let built: Vec<Result<Engine>> = std::thread::scope(|s| {
+        let handles: Vec<_> = devices
+            .iter()
+            .map(|&d| {
+                let mut one = spec.clone();
+                one.engine.device = d;
+                s.spawn(move || engine(&one, tokenizer_dir))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Engine("a bench engine load panicked".into())))
+            })
+            .collect()
+    });
+    let engines = devices
+        .into_iter()
+        .zip(built)
+        .map(|(d, e)| e.map(|e| (d, e)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Fleet::from_engines(engines))
+}
+
+/// Runs one workload through the fleet's engines (the job path: records
+/// handed out on demand, one sink), output rows into a scratch directory.
+/// The compute floor is the fleet's: `matmul_tflops` (one GPU's) times the
+/// devices.
 pub fn run_workload(
-    engine: &Engine,
+    fleet: &mut Fleet,
     spec: &JobSpec,
     w: &Workload,
     matmul_tflops: f64,
@@ -144,16 +176,14 @@ pub fn run_workload(
         temperature: 0.0,
         ..spec.generation.clone()
     };
-    let items: Vec<(InputRecord, Vec<u32>)> = prompts(w, 17)
-        .into_iter()
-        .enumerate()
-        .map(|(i, ids)| {
-            (
-                InputRecord::for_tokens(i as u64, format!("{}-{i}", w.name), params.clone()),
-                ids,
-            )
-        })
-        .collect();
+    let mut items = prompts(w, 17).into_iter().enumerate().map(|(i, ids)| {
+        Ok(InputRecord::with_token_ids(
+            i as u64,
+            format!("{}-{i}", w.name),
+            params.clone(),
+            ids,
+        ))
+    });
     let tmp = std::env::temp_dir().join(format!("runner-bench-{}-{}", w.name, std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let meta = crate::output::JobMeta {
@@ -176,8 +206,10 @@ pub fn run_workload(
         flush_after: std::time::Duration::MAX,
     };
     let mut sink = ParquetSink::create(&tmp, meta, settings)?;
-    let sum = engine.run_tokens(items, &mut sink)?;
+    let sum = fleet.run(&mut items, "", &params, &mut sink)?.summary;
     let _ = std::fs::remove_dir_all(&tmp);
+    let gpus = fleet.devices().len() as f64;
+    let engine = fleet.engines().next().expect("a fleet has an engine");
     let total = (sum.prompt_tokens + sum.completion_tokens) as f64;
     let wall = sum.wall_s.max(1e-9);
     // Useful work only: tokens served from the prefix cache and preemption
@@ -192,7 +224,7 @@ pub fn run_workload(
             .peak_device_bytes
             .map(|b| b as f64 / (1u64 << 30) as f64),
         compute_floor_fraction: if matmul_tflops > 0.0 {
-            achieved / (matmul_tflops * 1e12)
+            achieved / (gpus * matmul_tflops * 1e12)
         } else {
             0.0
         },

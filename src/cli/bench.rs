@@ -124,7 +124,10 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
         }
     }
     if !args.workloads.is_empty() {
-        let engine = bench::engine(spec, args.tokenizer)?;
+        let mut fleet = bench::fleet(spec, args.tokenizer)?;
+        let devices: Vec<String> = fleet.devices().iter().map(|d| d.to_string()).collect();
+        println!("devices: {}", devices.join(", "));
+        report.insert("devices".into(), devices.into());
         let mut results = Vec::new();
         for name in args.workloads {
             let mut w = *WORKLOADS
@@ -134,7 +137,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                     anyhow::anyhow!("unknown workload `{name}`, expected W1, W2, W3 or W4")
                 })?;
             w.prompts = ((w.prompts as f64 * args.scale).round() as usize).max(1);
-            let r = bench::run_workload(&engine, spec, &w, matmul)?;
+            let r = bench::run_workload(&mut fleet, spec, &w, matmul)?;
             println!(
                 "{}: {} prompts x ({}+{} in, {} out): {:.0} output tok/s, {:.0} total tok/s, {:.1} s, peak GPU {}, {:.1}% of the compute floor, {} prefix-hit tokens, {} preemptions",
                 w.name, w.prompts, w.shared_prefix, w.own, w.out, r.output_tok_s, r.total_tok_s, r.wall_s,

@@ -83,18 +83,34 @@ impl Fleet {
         });
         let mut engines = Vec::new();
         let mut meta = None;
-        for (k, (&d, r)) in devices.iter().zip(loaded).enumerate() {
-            let (mut e, m) = r?;
-            e.worker = k;
+        for (&d, r) in devices.iter().zip(loaded) {
+            let (e, m) = r?;
             meta.get_or_insert(m);
             engines.push((d, e));
         }
         let meta = meta.ok_or_else(|| Error::Config("engine.devices is empty".into()))?;
-        let fleet = Self {
+        Ok((Self::from_engines(engines), meta))
+    }
+
+    /// A fleet of engines already built, one per device.
+    pub fn from_engines(engines: Vec<(Device, Engine)>) -> Self {
+        let engines = engines
+            .into_iter()
+            .enumerate()
+            .map(|(k, (d, mut e))| {
+                e.worker = k;
+                (d, e)
+            })
+            .collect();
+        Self {
             engines,
             stop: Arc::new(AtomicBool::new(false)),
-        };
-        Ok((fleet, meta))
+        }
+    }
+
+    /// Its devices.
+    pub fn devices(&self) -> Vec<Device> {
+        self.engines.iter().map(|(d, _)| *d).collect()
     }
 
     /// Stops every engine (after its current step) once `flag` is set.

@@ -1,7 +1,7 @@
 //! Records to token ids: the chat template, the length checks, and the
 //! continuation of a scoring record. Runs on the reader thread.
 
-use crate::input::{InputRecord, PromptInput, RecordError};
+use crate::input::{InputRecord, PromptInput, RecordBody, RecordError};
 use crate::prompt::Prompter;
 
 /// A record's tokens, ready to become a request.
@@ -82,6 +82,10 @@ impl Tokenizer<'_> {
     fn render(&self, rec: &InputRecord) -> std::result::Result<String, RecordError> {
         let body = rec.body.as_ref().map_err(|e| e.clone())?;
         let messages = match &body.prompt {
+            PromptInput::Tokens(ids) => {
+                // Token prompts are not rendered; shown decoded if asked.
+                return Ok(self.prompter.decode(ids).unwrap_or_default());
+            }
             PromptInput::Messages { system, messages } => {
                 Prompter::with_system(messages, system.as_deref(), self.job_system)
             }
@@ -96,6 +100,13 @@ impl Tokenizer<'_> {
 
     /// Renders and tokenizes a record's prompt, checking its length.
     fn prompt_tokens(&self, rec: &InputRecord) -> std::result::Result<Vec<u32>, RecordError> {
+        if let Ok(RecordBody {
+            prompt: PromptInput::Tokens(ids),
+            ..
+        }) = &rec.body
+        {
+            return Ok(ids.clone());
+        }
         let text = self.render(rec)?;
         self.encode_prompt(rec, &text)
     }

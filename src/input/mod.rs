@@ -38,6 +38,9 @@ pub enum PromptInput {
         /// The messages as given.
         messages: Vec<Message>,
     },
+    /// Token ids, used as they are (no template): benchmarks' synthetic
+    /// prompts; no input format reads these.
+    Tokens(Vec<u32>),
 }
 
 /// A usable record.
@@ -96,6 +99,16 @@ impl InputRecord {
             continuation: None,
         };
         Self::new(row, id, Ok(body))
+    }
+
+    /// A record whose prompt is these token ids, taken as they are (the
+    /// benchmarks' prompts through a fleet of engines).
+    pub fn with_token_ids(row: u64, id: String, params: GenerationParams, ids: Vec<u32>) -> Self {
+        let mut r = Self::for_tokens(row, id, params);
+        if let Ok(b) = &mut r.body {
+            b.prompt = PromptInput::Tokens(ids);
+        }
+        r
     }
 
     /// Samples the record asks for: its `n`, or the job's when its body
