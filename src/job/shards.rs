@@ -56,10 +56,13 @@ pub fn check_neighbours(
 /// Where the environment says a scheduler's task stands.
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
-/// `--shard auto`: Slurm's `SLURM_ARRAY_TASK_ID` (less
-/// `SLURM_ARRAY_TASK_MIN`, so arrays may start at 1) of
-/// `SLURM_ARRAY_TASK_COUNT`, else Kubernetes' `JOB_COMPLETION_INDEX` of
-/// `count` (`--shard-count`, else `output.shard_count`).
+/// `--shard auto`: a Slurm array task (`SLURM_ARRAY_TASK_ID`) or a
+/// Kubernetes Indexed Job's pod (`JOB_COMPLETION_INDEX`). With a `count`
+/// (`--shard-count`, else `output.shard_count`) the task id or index is
+/// the shard index as it is (so a retry array such as `--array=3,5` keeps
+/// its shards); without one, Slurm's shard is `SLURM_ARRAY_TASK_ID -
+/// SLURM_ARRAY_TASK_MIN` of `SLURM_ARRAY_TASK_COUNT` (arrays may start at
+/// 1). Returns the shard and where it came from.
 pub fn shard_from_env(env: Env<'_>, count: Option<usize>) -> Result<(Shard, String)> {
     let num = |k: &str| -> Result<Option<usize>> {
         env(k)
@@ -73,22 +76,24 @@ pub fn shard_from_env(env: Env<'_>, count: Option<usize>) -> Result<(Shard, Stri
             .transpose()
     };
     if let Some(id) = num("SLURM_ARRAY_TASK_ID")? {
-        let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
-        let n = num("SLURM_ARRAY_TASK_COUNT")?.or(count).ok_or_else(|| {
-            Error::Config("--shard auto: SLURM_ARRAY_TASK_ID is set but not SLURM_ARRAY_TASK_COUNT; give --shard-count".into())
-        })?;
-        let index = id.checked_sub(min).ok_or_else(|| {
+        let (index, n, from) = match count {
+            Some(n) => (id, n, format!("SLURM_ARRAY_TASK_ID={id}, shard count {n}")),
+            None => {
+                let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+                let n = num("SLURM_ARRAY_TASK_COUNT")?.ok_or_else(|| {
+                    Error::Config("--shard auto: SLURM_ARRAY_TASK_ID is set but not SLURM_ARRAY_TASK_COUNT; give --shard-count".into())
+                })?;
+                let from = format!("SLURM_ARRAY_TASK_ID={id} - SLURM_ARRAY_TASK_MIN={min} of SLURM_ARRAY_TASK_COUNT={n}");
+                (id.saturating_sub(min), n, from)
+            }
+        };
+        let s = Shard::new(index, n).map_err(|e| {
             Error::Config(format!(
-                "--shard auto: SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}"
+                "--shard auto ({from}): {e}; the array must be contiguous (--array=0-{}), or give --shard-count with task ids 0..N-1",
+                n.saturating_sub(1)
             ))
         })?;
-        let s = Shard::new(index, n).map_err(|e| {
-            Error::Config(format!("--shard auto (Slurm array task {id}, min {min}, count {n}): {e}; the array must be contiguous (--array=0-{} or 1-{n})", n - 1))
-        })?;
-        return Ok((
-            s,
-            format!("SLURM_ARRAY_TASK_ID={id}, SLURM_ARRAY_TASK_MIN={min}, count {n}"),
-        ));
+        return Ok((s, from));
     }
     if let Some(i) = num("JOB_COMPLETION_INDEX")? {
         let n = count.ok_or_else(|| {

@@ -6,6 +6,7 @@ mod batching;
 mod common;
 mod config_errors;
 mod datagen;
+mod deploy;
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
