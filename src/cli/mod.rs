@@ -260,14 +260,7 @@ fn export(dir: &Path, output: Option<&Path>, tokenizer: Option<&Path>) -> anyhow
         Some(file) => {
             let mut buf = Vec::new();
             let n = crate::job::export_openai_batch(dir, tokenizer, &mut buf)?;
-            let parent = file
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            let name = file
-                .file_name()
-                .ok_or_else(|| anyhow::anyhow!("--output {} names no file", file.display()))?;
-            crate::output::write_atomic(parent, &name.to_string_lossy(), &buf)?;
+            crate::output::write_atomic_path(file, &buf)?;
             tracing::info!(lines = n, file = %file.display(), "exported");
         }
     }

@@ -78,7 +78,8 @@ impl Fleet {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(panicked())))
+                .zip(devices)
+                .map(|(h, &d)| h.join().unwrap_or_else(|p| Err(panicked(d, &*p))))
                 .collect()
         });
         let mut engines = Vec::new();
@@ -209,14 +210,26 @@ impl Fleet {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(panicked())))
+                .zip(which)
+                .map(|(h, &k)| {
+                    h.join()
+                        .unwrap_or_else(|p| Err(panicked(self.engines[k].0, &*p)))
+                })
                 .collect()
         })
     }
 }
 
-fn panicked() -> Error {
-    Error::Engine("an engine thread panicked".into())
+/// A panic in an engine's thread, as a failure of its device: the panic
+/// stayed in that thread, so the fleet hands its records to the others
+/// (CUDA errors that the bindings raise as panics land here).
+fn panicked(device: Device, payload: &(dyn std::any::Any + Send)) -> Error {
+    let msg = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("no message");
+    Error::Device(format!("the engine on {device} panicked: {msg}"))
 }
 
 impl JobSummary {

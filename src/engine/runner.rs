@@ -99,10 +99,12 @@ impl ModelRunner for MistralRunner<'_> {
 /// The test-only device fault: with `RUNNER_TEST_DEVICE_FAULT_AFTER_STEPS=N`
 /// in the environment, step N + 1 fails as a device fault would (exit code
 /// 4), so that the tests can check what a GPU failure leaves behind;
-/// `N@K` arms it on the K-th engine of `engine.devices` only.
+/// `N@K` arms it on the K-th engine of `engine.devices` only, and a
+/// `:panic` suffix makes the step panic instead (as a binding might).
 pub struct FaultAfter<R> {
     inner: R,
     left: Option<usize>,
+    panic: bool,
 }
 
 /// The variable that arms [`FaultAfter`].
@@ -112,7 +114,10 @@ impl<R: ModelRunner> FaultAfter<R> {
     /// `inner`, failing after the steps the environment names (never when
     /// unset, or when it names another engine than `worker`).
     pub fn from_env(inner: R, worker: usize) -> Self {
-        let left = std::env::var(FAULT_ENV).ok().and_then(|v| {
+        let var = std::env::var(FAULT_ENV).ok();
+        let panic = var.as_deref().is_some_and(|v| v.ends_with(":panic"));
+        let var = var.map(|v| v.trim_end_matches(":panic").to_string());
+        let left = var.and_then(|v| {
             let (n, at) = match v.split_once('@') {
                 Some((n, k)) => (n, Some(k.parse::<usize>().ok()?)),
                 None => (v.as_str(), None),
@@ -121,13 +126,14 @@ impl<R: ModelRunner> FaultAfter<R> {
                 .then(|| n.parse().ok())
                 .flatten()
         });
-        Self { inner, left }
+        Self { inner, left, panic }
     }
 }
 
 impl<R: ModelRunner> ModelRunner for FaultAfter<R> {
     fn execute(&mut self, plan: &StepPlan, sched: &Scheduler) -> Result<StepLogits> {
         match &mut self.left {
+            Some(0) if self.panic => panic!("injected device panic ({FAULT_ENV})"),
             Some(0) => Err(crate::Error::Device(format!(
                 "injected device fault ({FAULT_ENV})"
             ))),

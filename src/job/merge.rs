@@ -3,7 +3,7 @@
 //! the directory; the parts stay, so the output remains resumable.
 
 use super::{JobState, Manifest, MANIFEST};
-use crate::output::{write_atomic, Layout};
+use crate::output::{write_atomic_path, Layout};
 use crate::{Error, Result};
 use arrow::array::RecordBatch;
 use std::path::{Path, PathBuf};
@@ -38,21 +38,13 @@ fn merge_job(dir: &Path, into: Option<&Path>) -> Result<PathBuf> {
     let (_, sorted) = sorted_rows(dir, "merging")?;
     let schema = sorted.schema();
     let (_, dst) = outside(dir, into, ".parquet")?;
-    let parent = dst
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let fname = dst
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "merged.parquet".into());
     let mut buf = Vec::new();
     let pq_err =
         |e: parquet::errors::ParquetError| Error::Output(format!("writing {}: {e}", dst.display()));
     let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, schema, None).map_err(pq_err)?;
     w.write(&sorted).map_err(pq_err)?;
     w.close().map_err(pq_err)?;
-    write_atomic(parent, &fname, &buf)?;
+    write_atomic_path(&dst, &buf)?;
     tracing::info!(rows = sorted.num_rows(), file = %dst.display(), "merged");
     Ok(dst)
 }

@@ -184,11 +184,12 @@ pub fn check_writable(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Removes an output directory that holds no part file: its manifest,
-/// metrics and lock, then the directory if nothing else is in it (never a
-/// file this crate did not write). Best effort: errors are ignored.
+/// Removes the files of a job (or shard) that wrote no part file: its
+/// manifest, metrics and lock, then the directory if nothing else is in it
+/// (never a file this crate did not write, nor another shard's). Best
+/// effort: errors are ignored.
 pub fn remove_if_unused(files: &Layout) {
-    if !matches!(crate::output::existing_parts(&files.dir), Ok(p) if p.is_empty()) {
+    if !matches!(files.parts(), Ok(p) if p.is_empty()) {
         return;
     }
     for f in [files.manifest(), files.metrics(), files.lock()] {

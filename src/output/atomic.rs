@@ -20,3 +20,15 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+/// [`write_atomic`] to a file path (a bare name: the working directory).
+pub fn write_atomic_path(file: &Path, bytes: &[u8]) -> Result<()> {
+    let parent = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = file
+        .file_name()
+        .ok_or_else(|| Error::Output(format!("{} names no file", file.display())))?;
+    write_atomic(parent, &name.to_string_lossy(), bytes)
+}

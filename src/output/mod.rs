@@ -6,7 +6,7 @@ mod layout;
 mod logprobs;
 mod parquet;
 
-pub use self::atomic::write_atomic;
+pub use self::atomic::{write_atomic, write_atomic_path};
 pub use self::layout::{shards_in, Layout, Shard};
 pub use self::parquet::{
     existing_parts, read_part, schema, ParquetSink, PartHook, RowHook, SinkSettings,

@@ -284,6 +284,19 @@ fn two_engines_in_one_job_write_the_rows_of_one_and_survive_a_failed_device() {
     let st = runner(dir, &["status", "fault"], &[]);
     assert!(st.stdout.contains("state       finished"), "{}", st.stdout);
 
+    // A panic in an engine's thread is that device's failure too.
+    std::fs::write(&two, two_text.replace("\"two\"", "\"panic\"")).unwrap();
+    let r = submit(
+        dir,
+        &two,
+        &[],
+        &[("RUNNER_TEST_DEVICE_FAULT_AFTER_STEPS", "3@0:panic")],
+    );
+    assert_eq!(r.code, Some(4), "{}", r.stderr);
+    let e = error_line(&r);
+    assert!(e.contains("panicked: injected device panic"), "{e}");
+    assert_same_rows(&by_id(rows(&dir.join("panic"))), &want);
+
     // Both fail once each has written rows: the job is left for resume
     // (dead until then), which finishes it.
     std::fs::write(&two, two_text.replace("\"two\"", "\"both\"")).unwrap();
