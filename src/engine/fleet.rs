@@ -93,13 +93,22 @@ impl Fleet {
         Ok((Self::from_engines(engines), meta))
     }
 
-    /// A fleet of engines already built, one per device.
+    /// A fleet of engines already built, one per device. With several,
+    /// each reads ahead and keeps waiting only a quarter of its
+    /// `max_num_seqs` (at least 4) records: enough to fill the slots that
+    /// free up between steps, and little to strand on one device when the
+    /// input runs out (it holds at most its running records plus about
+    /// three quarters of `max_num_seqs` more).
     pub fn from_engines(engines: Vec<(Device, Engine)>) -> Self {
+        let several = engines.len() > 1;
         let engines = engines
             .into_iter()
             .enumerate()
             .map(|(k, (d, mut e))| {
                 e.worker = k;
+                if several {
+                    e.window = Some((e.sched.max_num_seqs / 4).max(4));
+                }
                 (d, e)
             })
             .collect();
@@ -158,7 +167,10 @@ impl Fleet {
             let results = self.round(&healthy, &hand, &sink, job_system);
             for (k, r) in healthy.clone().into_iter().zip(results) {
                 match r {
-                    Ok(s) => out.summary.absorb(&s),
+                    Ok(s) => {
+                        tracing::info!(device = %self.engines[k].0, engine = k, records = s.records, steps = s.steps, "engine finished");
+                        out.summary.absorb(&s)
+                    }
                     Err(Error::Device(m)) if tracked => {
                         let back = hand.give_back(k);
                         tracing::error!(device = %self.engines[k].0, records_handed_back = back, "device failed: {m}");
@@ -167,7 +179,6 @@ impl Fleet {
                         healthy.retain(|&h| h != k);
                     }
                     Err(e) => {
-                        self.stop.store(true, Ordering::Relaxed);
                         fatal.get_or_insert(e);
                     }
                 }
@@ -176,7 +187,12 @@ impl Fleet {
                 break;
             }
         }
-        let flushed = sink.into_inner().expect("sink lock").flush();
+        // A sink poisoned by a panic mid-write is not flushed again (its
+        // buffer may already be in a part).
+        let flushed = match sink.into_inner() {
+            Ok(sink) => sink.flush(),
+            Err(_) => Err(poisoned()),
+        };
         out.summary.wall_s = start.elapsed().as_secs_f64();
         match fatal {
             Some(e) => Err(e),
@@ -193,21 +209,25 @@ impl Fleet {
         job_system: &str,
     ) -> Vec<Result<JobSummary>> {
         std::thread::scope(|s| {
-            let handles: Vec<_> = which
-                .iter()
-                .map(|&k| {
-                    let engine = &self.engines[k].1;
-                    s.spawn(move || {
+            let handles: Vec<_> =
+                which
+                    .iter()
+                    .map(|&k| {
+                        let engine = &self.engines[k].1;
+                        let stop = &self.stop;
+                        s.spawn(move || {
                         let mut input = Taker { hand, worker: k };
-                        let mut out = SharedSink {
-                            sink,
-                            hand,
-                            worker: k,
-                        };
-                        engine.run(&mut input, job_system, &mut out)
+                        let mut out = SharedSink { sink, hand, worker: k };
+                        let r = engine.run(&mut input, job_system, &mut out);
+                        // Any error but a device's (with others to take
+                        // over) stops every engine now.
+                        if matches!(&r, Err(e) if !matches!(e, Error::Device(_)) || !hand.tracked) {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        r
                     })
-                })
-                .collect();
+                    })
+                    .collect();
             handles
                 .into_iter()
                 .zip(which)
@@ -301,19 +321,19 @@ impl<'i, 'a> Handout<'i, 'a> {
         item
     }
 
-    /// A row of `worker`'s is in the sink.
-    fn written(&self, worker: usize, row: &OutputRow) {
+    /// Sample `sample` of record `id`, run by `worker`, is in the sink.
+    fn written(&self, worker: usize, id: &str, sample: u32) {
         if !self.tracked {
             return;
         }
         let mut held = self.held[worker].lock().expect("handout lock");
-        let Some((rec, since)) = held.get_mut(&row.id) else {
+        let Some((rec, since)) = held.get_mut(id) else {
             return;
         };
-        since.push(row.sample_index);
+        since.push(sample);
         let pending = rec.pending_samples(self.defaults);
         if pending.iter().all(|i| since.contains(i)) {
-            held.remove(&row.id);
+            held.remove(id);
         }
     }
 
@@ -359,15 +379,31 @@ struct SharedSink<'h, 'i, 'a, 's> {
     worker: usize,
 }
 
+impl<'h, 's> SharedSink<'h, '_, '_, 's> {
+    /// The sink; an error (fatal to the run) when a panic poisoned it.
+    fn lock(&self) -> Result<std::sync::MutexGuard<'h, &'s mut (dyn RowSink + Send)>> {
+        self.sink.lock().map_err(|_| poisoned())
+    }
+}
+
 impl RowSink for SharedSink<'_, '_, '_, '_> {
     fn push(&mut self, row: OutputRow) -> Result<()> {
-        self.hand.written(self.worker, &row);
-        self.sink.lock().expect("sink lock").push(row)
+        let (id, sample) = (row.id.clone(), row.sample_index);
+        self.lock()?.push(row)?;
+        self.hand.written(self.worker, &id, sample);
+        Ok(())
     }
     fn flush(&mut self) -> Result<()> {
-        self.sink.lock().expect("sink lock").flush()
+        self.lock()?.flush()
     }
     fn tick(&mut self) -> Result<()> {
-        self.sink.lock().expect("sink lock").tick()
+        self.lock()?.tick()
     }
+}
+
+fn poisoned() -> Error {
+    Error::Output(
+        "the output sink was left poisoned by a panic while writing; rerun the job to resume"
+            .into(),
+    )
 }

@@ -50,6 +50,15 @@ impl<'a> Intake<'a> {
         }
     }
 
+    /// A smaller window: at most `n` records read ahead and `n` kept
+    /// waiting (an engine of a fleet takes only what it will run soon, so
+    /// that the others find work to the end).
+    pub fn with_window(mut self, n: usize) -> Self {
+        self.lookahead = n.max(1);
+        self.want_waiting = n.max(1);
+        self
+    }
+
     /// Reads what is ready (waiting for one record when nothing else is
     /// in flight) and queues it; a fatal input error ends the run.
     pub fn fill(&mut self, pipe: &mut Pipeline<'_>, sink: &mut dyn RowSink) -> Result<()> {

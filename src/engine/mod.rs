@@ -92,6 +92,9 @@ pub struct Engine {
     guides: crate::guide::LazyGuides,
     /// Its place among a fleet's engines (the test-only fault names it).
     worker: usize,
+    /// In a fleet of several: the records it reads ahead and keeps waiting
+    /// (`None`: 4 x `max_num_seqs` read ahead, the most on its own).
+    window: Option<usize>,
 }
 
 impl Engine {
@@ -176,6 +179,7 @@ impl Engine {
             prompt_logprobs: spec.output.prompt_logprobs,
             guides,
             worker: 0,
+            window: None,
         };
         // A job-wide constraint that does not compile fails before any record.
         if let Some(c) = &spec.generation.constraint {
@@ -215,7 +219,8 @@ impl Engine {
         };
         // Reading and tokenizing upcoming records overlaps with model work.
         std::thread::scope(|scope| {
-            let (tx, rx) = sync_channel::<Result<Prepared>>(4 * self.sched.max_num_seqs);
+            let depth = self.window.unwrap_or(4 * self.sched.max_num_seqs);
+            let (tx, rx) = sync_channel::<Result<Prepared>>(depth);
             let tok = &tok;
             scope.spawn(move || {
                 for rec in input {
@@ -270,6 +275,9 @@ impl Engine {
             self.sched.max_num_seqs,
             self.loglikelihood,
         );
+        if let Some(w) = self.window {
+            intake = intake.with_window(w);
+        }
         intake.prompt_logprobs = self.prompt_logprobs;
         intake.guides = Some(&self.guides);
         let stop = || {

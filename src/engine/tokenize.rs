@@ -105,7 +105,7 @@ impl Tokenizer<'_> {
             ..
         }) = &rec.body
         {
-            return Ok(ids.clone());
+            return self.checked_len(rec, ids.clone());
         }
         let text = self.render(rec)?;
         self.encode_prompt(rec, &text)
@@ -120,6 +120,16 @@ impl Tokenizer<'_> {
             .prompter
             .encode(text)
             .map_err(|e| prompt_error(rec, e))?;
+        self.checked_len(rec, ids)
+    }
+
+    /// A prompt's ids, or the record's error when they pass
+    /// `max_prompt_tokens`.
+    fn checked_len(
+        &self,
+        rec: &InputRecord,
+        ids: Vec<u32>,
+    ) -> std::result::Result<Vec<u32>, RecordError> {
         if ids.len() > self.max_prompt_tokens {
             return Err(RecordError::PromptTooLong {
                 record: rec.id.clone(),

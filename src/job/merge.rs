@@ -62,7 +62,7 @@ pub fn sorted_rows(dir: &Path, doing: &str) -> Result<(Manifest, RecordBatch)> {
             ))
         })?,
         Some(shards) => {
-            super::shards::require_all_started(dir, &shards)?;
+            super::shards::require_mergeable(dir, &shards)?;
             for s in shards.iter().filter(|s| s.word() != "done") {
                 tracing::warn!(shard = %s.shard, state = s.word(), "{doing} a shard that has not finished: only the rows written so far");
             }

@@ -158,23 +158,34 @@ pub fn overview(dir: &Path) -> Result<Option<Vec<ShardState>>> {
         .map(Some)
 }
 
-/// Refuses to merge a sharded output while a shard has not started,
-/// naming the shards.
-pub fn require_all_started(dir: &Path, shards: &[ShardState]) -> Result<()> {
+/// Refuses to merge a sharded output while a shard has not started, or
+/// when its shards hold different jobs (some restarted with a changed
+/// job), naming the shards.
+pub fn require_mergeable(dir: &Path, shards: &[ShardState]) -> Result<()> {
     let missing: Vec<String> = shards
         .iter()
         .filter(|s| s.status.is_none())
         .map(|s| s.shard.to_string())
         .collect();
-    if missing.is_empty() {
-        return Ok(());
+    if !missing.is_empty() {
+        return Err(Error::Output(format!(
+            "{}: shard(s) {} of {} missing (never started): run `runner submit JOB --shard I/N` for each, then merge",
+            dir.display(),
+            missing.join(", "),
+            shards.len()
+        )));
     }
-    Err(Error::Output(format!(
-        "{}: shard(s) {} of {} missing (never started): run `runner submit JOB --shard I/N` for each, then merge",
-        dir.display(),
-        missing.join(", "),
-        shards.len()
-    )))
+    let hash = |s: &ShardState| s.status.as_ref().map(|st| st.manifest.job_hash.clone());
+    let first = shards.first().and_then(hash);
+    if let Some(other) = shards.iter().find(|s| hash(s) != first) {
+        return Err(Error::DifferentJob(format!(
+            "{}: shard {} holds a different job than shard {} (a shard was restarted with a changed job); resubmit every shard with the same job before merging",
+            dir.display(),
+            other.shard,
+            shards[0].shard
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

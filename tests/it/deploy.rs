@@ -38,8 +38,10 @@ fn the_slurm_script_parses_and_its_tasks_cover_every_record_once() {
         .collect();
     std::fs::write(tmp.path().join("p.jsonl"), lines).unwrap();
     let job = write_job(tmp.path(), &fixtures().join(ALL_MODELS[1]), "p.jsonl", "");
-    // An array submitted as --array=1-4 (count 4, min 1), and a retry of
-    // tasks 1 and 3 of an 4-shard array given SHARDS.
+    // The recipe's array (--array=0-3: task i is shard i), an array that
+    // starts at 1 (--array=1-4: shard = task - 1), and a retry of tasks 1
+    // and 3 of the first (--array=1,3, count 2, min 1) given SHARDS=4,
+    // which must run shards 1 and 3 again.
     let task = |id: usize, env: &[(&str, &str)]| -> (usize, usize) {
         let mut c = Command::new("bash");
         c.arg(&script)
@@ -71,13 +73,19 @@ fn the_slurm_script_parses_and_its_tasks_cover_every_record_once() {
         (index, records)
     };
     let array = [
-        ("SLURM_ARRAY_TASK_MIN", "1"),
+        ("SLURM_ARRAY_TASK_MIN", "0"),
         ("SLURM_ARRAY_TASK_COUNT", "4"),
     ];
-    let got: Vec<(usize, usize)> = (1..=4).map(|id| task(id, &array)).collect();
+    let got: Vec<(usize, usize)> = (0..4).map(|id| task(id, &array)).collect();
     let indices: Vec<usize> = got.iter().map(|g| g.0).collect();
     assert_eq!(indices, vec![0, 1, 2, 3]);
     assert_eq!(got.iter().map(|g| g.1).sum::<usize>(), n, "{got:?}");
+    let from_one = [
+        ("SLURM_ARRAY_TASK_MIN", "1"),
+        ("SLURM_ARRAY_TASK_COUNT", "4"),
+    ];
+    let shifted: Vec<(usize, usize)> = (1..=4).map(|id| task(id, &from_one)).collect();
+    assert_eq!(shifted, got);
     let retry = [
         ("SLURM_ARRAY_TASK_MIN", "1"),
         ("SLURM_ARRAY_TASK_COUNT", "2"),

@@ -65,8 +65,8 @@ fn assert_same_rows(got: &BTreeMap<String, Row>, want: &BTreeMap<String, Row>) {
     }
 }
 
-fn spawn_shard(dir: &Path, job: &Path, shard: &str) -> Child {
-    crate::resume::spawn(dir, job, &["--shard", shard])
+fn spawn_shard(dir: &Path, job: &Path, args: &[&str]) -> Child {
+    crate::resume::spawn(dir, job, args)
 }
 
 #[test]
@@ -91,11 +91,17 @@ fn three_shards_one_killed_and_rerun_write_every_id_once_with_the_unsharded_outp
     // The three shards side by side in one directory; shard 1 is killed
     // (SIGKILL) once its first part is on disk.
     let out = dir.join("out");
-    let mut others: Vec<Child> = ["0/3", "2/3"]
+    let others: Vec<Child> = ["0/3", "2/3"]
         .iter()
-        .map(|s| spawn_shard(dir, &j, s))
+        .map(|s| spawn_shard(dir, &j, &["--shard", s]))
         .collect();
-    let mut victim = spawn_shard(dir, &j, "1/3");
+    // One sequence at a time (engine settings are not the job's identity):
+    // slow enough to be killed mid-run after its first part.
+    let mut victim = spawn_shard(
+        dir,
+        &j,
+        &["--shard", "1/3", "--set", "engine.max_num_seqs=1"],
+    );
     let t = Instant::now();
     while !std::fs::read_dir(&out).is_ok_and(|rd| {
         rd.flatten().any(|e| {
@@ -112,9 +118,13 @@ fn three_shards_one_killed_and_rerun_write_every_id_once_with_the_unsharded_outp
     }
     victim.kill().unwrap();
     victim.wait().unwrap();
-    for c in &mut others {
-        let st = c.wait().unwrap();
-        assert!(st.success(), "a shard failed");
+    for c in others {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let st = runner(dir, &["status", "out"], &[]);
     assert!(st.ok, "{}", st.stderr);
@@ -263,6 +273,19 @@ fn two_engines_in_one_job_write_the_rows_of_one_and_survive_a_failed_device() {
     assert!(r.ok, "{}", r.stderr);
     assert!(r.stderr.contains("devices=cpu,cpu"), "{}", r.stderr);
     assert_same_rows(&by_id(rows(&dir.join("two"))), &want);
+    // Both engines took records.
+    let per_engine: Vec<usize> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("engine finished"))
+        .map(|l| {
+            let v = l.split("records=").nth(1).unwrap();
+            v.split(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(per_engine.len(), 2, "{}", r.stderr);
+    assert!(per_engine.iter().all(|&n| n > 0), "{per_engine:?}");
+    assert_eq!(per_engine.iter().sum::<usize>(), N);
 
     // The second engine fails after 3 steps: its unfinished records go to
     // the first, every record is written once, and the exit code says a
@@ -319,4 +342,45 @@ fn two_engines_in_one_job_write_the_rows_of_one_and_survive_a_failed_device() {
     let r = submit(dir, &two, &[], &[]);
     assert!(r.ok, "{}", r.stderr);
     assert_same_rows(&by_id(rows(&dir.join("both"))), &want);
+}
+
+#[test]
+fn a_failed_device_hands_back_records_of_several_samples_exactly_once() {
+    // n = 2 sampled completions per record (forked from one prefill): the
+    // hand-back tracks (id, sample), and the other engine writes exactly
+    // the samples not yet written (seeded: the same tokens as one engine).
+    const N: usize = 24;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let extra = "devices = [\"cpu\", \"cpu\"]\n";
+    let one = job(dir, N, 10, "");
+    let text = std::fs::read_to_string(&one).unwrap().replace(
+        "max_new_tokens = 10\n",
+        "max_new_tokens = 10\nn = 2\ntemperature = 0.8\nseed = 7\n",
+    );
+    std::fs::write(&one, &text).unwrap();
+    let r = submit(dir, &one, &[], &[]);
+    assert!(r.ok, "{}", r.stderr);
+    let key = |r: &Row| (r.id.clone(), r.sample_index);
+    let want: BTreeMap<_, _> = rows(&dir.join("out"))
+        .into_iter()
+        .map(|r| (key(&r), r))
+        .collect();
+    assert_eq!(want.len(), 2 * N);
+    let two = dir.join("two.toml");
+    std::fs::write(&two, text.replace("\"out\"", "\"two\"") + extra).unwrap();
+    let r = submit(
+        dir,
+        &two,
+        &[],
+        &[("RUNNER_TEST_DEVICE_FAULT_AFTER_STEPS", "6@1")],
+    );
+    assert_eq!(r.code, Some(4), "{}", r.stderr);
+    let got = rows(&dir.join("two"));
+    assert_eq!(got.len(), 2 * N, "every (id, sample) once");
+    let got: BTreeMap<_, _> = got.into_iter().map(|r| (key(&r), r)).collect();
+    assert_eq!(got.len(), 2 * N, "an (id, sample) is written twice");
+    for (k, w) in &want {
+        assert_eq!(got[k].token_ids, w.token_ids, "{k:?}");
+    }
 }
