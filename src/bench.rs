@@ -132,8 +132,9 @@ pub fn engine(spec: &JobSpec, tokenizer_dir: &Path) -> Result<Engine> {
 }
 
 /// One dummy-weight engine per device of `engine.devices` (see
-/// [`crate::engine::job_devices`]), built side by side.
-pub fn fleet(spec: &JobSpec, tokenizer_dir: &Path) -> Result<Fleet> {
+/// [`crate::engine::job_devices`]), built side by side; `breakdown` times
+/// their steps' kernel classes.
+pub fn fleet(spec: &JobSpec, tokenizer_dir: &Path, breakdown: bool) -> Result<Fleet> {
     let devices = crate::engine::job_devices(&spec.engine)?;
     let built: Vec<Result<Engine>> = std::thread::scope(|s| {
         let handles: Vec<_> = devices
@@ -141,7 +142,11 @@ pub fn fleet(spec: &JobSpec, tokenizer_dir: &Path) -> Result<Fleet> {
             .map(|&d| {
                 let mut one = spec.clone();
                 one.engine.device = d;
-                s.spawn(move || engine(&one, tokenizer_dir))
+                s.spawn(move || {
+                    let mut e = engine(&one, tokenizer_dir)?;
+                    e.set_breakdown(breakdown);
+                    Ok(e)
+                })
             })
             .collect();
         handles

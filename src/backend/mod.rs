@@ -21,6 +21,7 @@ mod cache;
 mod cpu;
 mod cuda_ops;
 pub mod device;
+pub mod timeline;
 
 pub use cache::{fresh_tables, Batch, KvShape, PagedKvCache, SeqChunk};
 pub use cpu::{rope_tables, CpuKv, CpuOps};

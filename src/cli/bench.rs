@@ -15,6 +15,8 @@ pub struct BenchArgs<'a> {
     pub tokenizer: &'a Path,
     /// Also run the kernel benches (CUDA).
     pub kernels: bool,
+    /// Time the workloads' kernel classes.
+    pub breakdown: bool,
     /// Write the results here as JSON.
     pub json: Option<&'a Path>,
 }
@@ -124,7 +126,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
         }
     }
     if !args.workloads.is_empty() {
-        let mut fleet = bench::fleet(spec, args.tokenizer)?;
+        let mut fleet = bench::fleet(spec, args.tokenizer, args.breakdown)?;
         let devices: Vec<String> = fleet.devices().iter().map(|d| d.to_string()).collect();
         println!("devices: {}", devices.join(", "));
         report.insert("devices".into(), devices.into());
@@ -143,6 +145,9 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                 w.name, w.prompts, w.shared_prefix, w.own, w.out, r.output_tok_s, r.total_tok_s, r.wall_s,
                 r.peak_gpu_gib.map_or("-".into(), |g| format!("{g:.1} GiB")), 100.0 * r.compute_floor_fraction, r.prefix_hit_tokens, r.summary.preemptions
             );
+            if let Some(b) = &r.summary.breakdown {
+                print_breakdown(b);
+            }
             results.push(r);
         }
         report.insert("workloads".into(), serde_json::to_value(&results)?);
@@ -151,4 +156,29 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// Per step kind: the steps' average device milliseconds per kernel class
+/// and each class's share.
+fn print_breakdown(b: &crate::backend::timeline::Breakdown) {
+    for (kind, t) in &b.kinds {
+        let total: f64 = t.ms.values().sum();
+        let steps = t.steps.max(1) as f64;
+        println!(
+            "  {kind}: {} steps, {:.0} tokens and {:.0} sequences per step, {:.3} ms per step",
+            t.steps,
+            t.tokens as f64 / steps,
+            t.seqs as f64 / steps,
+            total / steps
+        );
+        let mut classes: Vec<(&String, &f64)> = t.ms.iter().collect();
+        classes.sort_by(|a, b| b.1.total_cmp(a.1));
+        for (class, ms) in classes {
+            println!(
+                "    {class:<14} {:>9.3} ms/step {:>5.1}%",
+                ms / steps,
+                100.0 * ms / total.max(1e-12)
+            );
+        }
+    }
 }

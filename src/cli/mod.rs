@@ -102,6 +102,11 @@ enum Command {
         /// Also run the GEMM and attention kernel benches (CUDA).
         #[arg(long)]
         kernels: bool,
+        /// Time each kernel class of every step of the workloads (CUDA
+        /// events between classes) and print where a decode and a prefill
+        /// step's device time goes.
+        #[arg(long)]
+        breakdown: bool,
         /// Write the results as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -205,6 +210,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             scale,
             tokenizer,
             kernels,
+            breakdown,
             json,
             set,
         } => {
@@ -219,6 +225,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     scale,
                     tokenizer: &tok,
                     kernels,
+                    breakdown,
                     json: json.as_deref(),
                 },
             )

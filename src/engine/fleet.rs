@@ -272,6 +272,11 @@ impl JobSummary {
         self.forward_tokens += o.forward_tokens;
         self.prefill_tokens += o.prefill_tokens;
         self.interrupted |= o.interrupted;
+        if let Some(b) = &o.breakdown {
+            self.breakdown
+                .get_or_insert_with(Default::default)
+                .absorb(b);
+        }
     }
 }
 

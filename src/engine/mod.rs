@@ -72,6 +72,10 @@ pub struct JobSummary {
     /// The run stopped early on request (a signal); in-flight records were
     /// dropped unwritten and run again on resume.
     pub interrupted: bool,
+    /// Device time per kernel class and step kind (`runner bench
+    /// --breakdown` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breakdown: Option<crate::backend::timeline::Breakdown>,
 }
 
 /// A model with its prompter, ready to run records.
@@ -95,6 +99,8 @@ pub struct Engine {
     /// In a fleet of several: the records it reads ahead and keeps waiting
     /// (`None`: 4 x `max_num_seqs` read ahead, the most on its own).
     window: Option<usize>,
+    /// Time every step's kernel classes (`runner bench --breakdown`).
+    breakdown: bool,
 }
 
 impl Engine {
@@ -180,6 +186,7 @@ impl Engine {
             guides,
             worker: 0,
             window: None,
+            breakdown: false,
         };
         // A job-wide constraint that does not compile fails before any record.
         if let Some(c) = &spec.generation.constraint {
@@ -195,6 +202,13 @@ impl Engine {
     /// once `flag` is set.
     pub fn set_stop_flag(&mut self, flag: Arc<AtomicBool>) {
         self.stop = Some(flag);
+    }
+
+    /// Times every step's kernel classes into the run's summary
+    /// (`JobSummary::breakdown`): a measurement mode, one device sync per
+    /// step more.
+    pub fn set_breakdown(&mut self, on: bool) {
+        self.breakdown = on;
     }
 
     /// The model.
@@ -264,7 +278,8 @@ impl Engine {
         sink: &mut dyn RowSink,
     ) -> Result<JobSummary> {
         let mistral =
-            MistralRunner::new(&self.model, self.sched.num_blocks, self.sched.block_size)?;
+            MistralRunner::new(&self.model, self.sched.num_blocks, self.sched.block_size)?
+                .with_breakdown(self.breakdown);
         let mut runner = runner::FaultAfter::from_env(mistral, self.worker);
         let mut pipe = self.pipeline();
         pipe.logprobs = self.logprobs;
@@ -310,12 +325,18 @@ impl Engine {
 /// visible GPU, else `engine.device` alone), else `engine.device`.
 pub fn job_devices(e: &crate::config::EngineSpec) -> Result<Vec<crate::config::Device>> {
     if e.all_devices {
-        let gpus = visible_gpus()?;
-        if gpus.is_empty() {
-            tracing::warn!(device = %e.device, "engine.devices = \"all\" but no GPU is visible: one engine on engine.device");
-            return Ok(vec![e.device]);
+        // Logged, not silent: a build without CUDA or a machine without a
+        // GPU runs one engine where `engine.device` says.
+        match visible_gpus() {
+            Ok(gpus) if !gpus.is_empty() => return Ok(gpus),
+            Ok(_) => {
+                tracing::warn!(device = %e.device, "engine.devices = \"all\" but no GPU is visible: one engine on engine.device")
+            }
+            Err(err) => {
+                tracing::warn!(device = %e.device, "engine.devices = \"all\" but no GPU can be used ({err}): one engine on engine.device")
+            }
         }
-        return Ok(gpus);
+        return Ok(vec![e.device]);
     }
     Ok(match e.devices.is_empty() {
         true => vec![e.device],

@@ -2,6 +2,7 @@
 //! the logits rows the step's requests asked for. It owns the device-side
 //! state of a batch (the paged KV cache; CUDA graphs will live here).
 
+use crate::backend::timeline::{Breakdown, Timeline};
 use crate::backend::Ops;
 use crate::model::{LogitRows, Mistral, PagedKvCache, SeqChunk};
 use crate::scheduler::{Scheduler, StepPlan};
@@ -32,6 +33,11 @@ pub trait ModelRunner {
     fn peak_device_bytes(&self) -> Option<usize> {
         None
     }
+
+    /// Device time per kernel class of the steps run, when asked for.
+    fn breakdown(&self) -> Option<Breakdown> {
+        None
+    }
 }
 
 /// The rows of a step's flattened batch that need logits, and each chunk's
@@ -53,6 +59,8 @@ pub fn logit_rows(plan: &StepPlan, sched: &Scheduler) -> (Vec<u32>, Vec<(usize, 
 pub struct MistralRunner<'m> {
     model: &'m Mistral,
     cache: PagedKvCache,
+    /// Kernel-class times of every step, when measured.
+    breakdown: Option<Breakdown>,
 }
 
 impl<'m> MistralRunner<'m> {
@@ -61,7 +69,14 @@ impl<'m> MistralRunner<'m> {
         Ok(Self {
             cache: model.new_cache(num_blocks, block_size)?,
             model,
+            breakdown: None,
         })
+    }
+
+    /// Times every step's kernel classes (`runner bench --breakdown`).
+    pub fn with_breakdown(mut self, on: bool) -> Self {
+        self.breakdown = on.then(Breakdown::default);
+        self
     }
 }
 
@@ -81,9 +96,17 @@ impl ModelRunner for MistralRunner<'_> {
         // A step of mid-prefill chunks only still takes one row through the
         // LM head (no zero-row products); no span points at it.
         let pick: &[u32] = if rows.is_empty() { &[0] } else { &rows };
-        let logits = self
-            .model
-            .forward(&chunks, &mut self.cache, LogitRows::These(pick))?;
+        let mut t = match self.breakdown {
+            Some(_) => Timeline::on(self.model.device())?,
+            None => Timeline::off(),
+        };
+        let logits =
+            self.model
+                .forward_timed(&chunks, &mut self.cache, LogitRows::These(pick), &mut t)?;
+        if let Some(b) = &mut self.breakdown {
+            let lens: Vec<usize> = plan.chunks.iter().map(|c| c.len).collect();
+            b.add(&lens, t.finish()?);
+        }
         Ok(StepLogits {
             logits,
             spans,
@@ -93,6 +116,10 @@ impl ModelRunner for MistralRunner<'_> {
 
     fn peak_device_bytes(&self) -> Option<usize> {
         self.model.ops().peak_memory(self.model.device())
+    }
+
+    fn breakdown(&self) -> Option<Breakdown> {
+        self.breakdown.clone()
     }
 }
 
@@ -147,5 +174,9 @@ impl<R: ModelRunner> ModelRunner for FaultAfter<R> {
 
     fn peak_device_bytes(&self) -> Option<usize> {
         self.inner.peak_device_bytes()
+    }
+
+    fn breakdown(&self) -> Option<Breakdown> {
+        self.inner.breakdown()
     }
 }

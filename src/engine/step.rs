@@ -131,6 +131,7 @@ impl<'a> Pipeline<'a> {
     /// Final counters, once no step is left.
     pub fn finish(mut self, runner: &dyn ModelRunner) -> JobSummary {
         self.sum.peak_device_bytes = runner.peak_device_bytes();
+        self.sum.breakdown = runner.breakdown();
         let stats = self.sched.stats();
         self.sum.prefix_hit_tokens = stats.kv.hit_tokens as usize;
         self.sum.preemptions = stats.preemptions as usize;

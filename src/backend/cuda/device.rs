@@ -95,3 +95,33 @@ pub fn reset_memory_peak(dev: &Device) -> Result<()> {
     }
     .map_err(|e| Error::Device(format!("cuda memory pool: {e}")))
 }
+
+/// A timing event recorded on a CUDA device's stream.
+pub struct Event(candle_core::cuda_backend::cudarc::driver::CudaEvent);
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Event")
+    }
+}
+
+/// Records an event on `dev`'s stream now (it completes when the work
+/// queued before it has run).
+pub fn record_event(dev: &Device) -> Result<Event> {
+    let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+    cuda(dev)?
+        .cuda_stream()
+        .record_event(Some(flags))
+        .map(Event)
+        .map_err(|e| Error::Device(format!("cuda: cannot record an event: {e}")))
+}
+
+impl Event {
+    /// Device milliseconds from this event to `end` (waits for both).
+    pub fn elapsed_ms(&self, end: &Event) -> Result<f64> {
+        self.0
+            .elapsed_ms(&end.0)
+            .map(f64::from)
+            .map_err(|e| Error::Device(format!("cuda: event timing failed: {e}")))
+    }
+}

@@ -8,7 +8,10 @@ mod gptq;
 mod kernels_attention;
 
 pub use attention::{CudaKv, GpuBatch};
-pub use device::{device_count, mem_info, memory_usage, reset_memory_peak, single_stream_device};
+pub use device::{
+    device_count, mem_info, memory_usage, record_event, reset_memory_peak, single_stream_device,
+    Event,
+};
 pub use kernels_attention::{
     flash_prefill, kv_write, paged_decode, prefill_tiles, DecodeShape, PrefillChunk, PrefillShape,
     DECODE_PART, PREFILL_TILE,

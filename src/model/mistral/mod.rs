@@ -11,6 +11,7 @@ pub use config::MistralConfig;
 
 use super::checkpoint::Checkpoint;
 use super::linear::{GptqMode, Linear, LinearSpec, Proj, RandomGptq};
+use crate::backend::timeline::Timeline;
 use crate::backend::{KvShape, LayerTarget, Ops};
 use crate::quant::QuantConfig;
 use crate::Result;
@@ -336,6 +337,22 @@ impl Mistral {
         cache: &mut PagedKvCache,
         rows: LogitRows<'_>,
     ) -> Result<Tensor> {
+        self.forward_timed(chunks, cache, rows, &mut Timeline::off())
+    }
+
+    /// [`Self::forward`], marking the end of each kernel class on `t`:
+    /// `batch` (block tables, embedding, RoPE rows), per layer `norm`
+    /// (RMSNorm with the residual add), `gemm_qkv`, `rope`, `attention`
+    /// (the cache write and attention), `gemm_o`, `gemm_gate_up`,
+    /// `silu_mul`, `gemm_down`, then `logits` (row pick, final norm, LM
+    /// head).
+    pub fn forward_timed(
+        &self,
+        chunks: &[SeqChunk<'_>],
+        cache: &mut PagedKvCache,
+        rows: LogitRows<'_>,
+        t: &mut Timeline,
+    ) -> Result<Tensor> {
         let batch = cache.prepare(chunks, &self.device)?;
         let ids: Vec<u32> = chunks
             .iter()
@@ -345,25 +362,35 @@ impl Mistral {
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         let rope = self.ops.rope_rows(&self.cos, &self.sin, &batch.positions)?;
+        t.mark("batch")?;
         let mut pending: Option<Tensor> = None; // the MLP output not yet added to x
         for (li, layer) in self.layers.iter().enumerate() {
             let (h, xr) = layer
                 .input_norm
                 .add_forward(self.ops, &x, pending.as_ref())?;
             x = xr;
-            let attn = self.attention(layer, li, &h, &batch, (&rope.0, &rope.1), cache)?;
+            t.mark("norm")?;
+            let attn = self.attention(layer, li, &h, &batch, (&rope.0, &rope.1), cache, t)?;
             let o = layer.o.forward(&attn)?;
+            t.mark("gemm_o")?;
             let (h, xr) = layer.post_norm.add_forward(self.ops, &x, Some(&o))?;
             x = xr;
+            t.mark("norm")?;
             let gu = layer.gate_up.forward(&h)?;
+            t.mark("gemm_gate_up")?;
             let act = self.ops.silu_mul(&gu[0], &gu[1])?;
+            t.mark("silu_mul")?;
             pending = Some(layer.down.forward(&act)?);
+            t.mark("gemm_down")?;
         }
-        self.logits(chunks, x, pending, rows)
+        let logits = self.logits(chunks, x, pending, rows)?;
+        t.mark("logits")?;
+        Ok(logits)
     }
 
     /// One layer's attention block: q/k/v, RoPE, the cache write and
     /// attention over the cache; [T, heads*d].
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: &Layer,
@@ -372,18 +399,23 @@ impl Mistral {
         batch: &crate::backend::Batch,
         rope: (&Tensor, &Tensor),
         cache: &mut PagedKvCache,
+        t: &mut Timeline,
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let total = h.dim(0)?;
         let qkv = layer.qkv.forward(h)?;
+        t.mark("gemm_qkv")?;
         let (q, k) = self
             .ops
             .rope(&qkv[0], &qkv[1], rope, &batch.positions, (nh, nkv, hd))?;
         let q = q.reshape((total, nh, hd))?;
         let k = k.reshape((total, nkv, hd))?;
         let v = qkv[2].reshape((total, nkv, hd))?;
-        cache.attention(li, batch, &q, &k, &v, c.sliding_window)
+        t.mark("rope")?;
+        let out = cache.attention(li, batch, &q, &k, &v, c.sliding_window)?;
+        t.mark("attention")?;
+        Ok(out)
     }
 
     /// The final norm and the LM head over the rows `rows` names; f32.

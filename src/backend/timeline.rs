@@ -1,0 +1,160 @@
+//! Where a forward's device time goes: marks between its kernel classes
+//! (CUDA events on the device's stream; wall time on the CPU, whose ops run
+//! synchronously), added up per step kind for `runner bench --breakdown`.
+//! An event times the stream, so on a GPU that is busy the time between
+//! two marks is the device time of the kernels queued between them; a gap
+//! where the GPU waited for the host is charged to the class after it.
+
+use crate::Result;
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+enum Stamp {
+    Wall(Instant),
+    Cuda(crate::cuda::Event),
+}
+
+impl Stamp {
+    fn now(dev: &Device) -> Result<Self> {
+        Ok(match dev {
+            Device::Cuda(_) => Stamp::Cuda(crate::cuda::record_event(dev)?),
+            _ => Stamp::Wall(Instant::now()),
+        })
+    }
+
+    fn ms_until(&self, end: &Stamp) -> Result<f64> {
+        Ok(match (self, end) {
+            (Stamp::Cuda(a), Stamp::Cuda(b)) => a.elapsed_ms(b)?,
+            (Stamp::Wall(a), Stamp::Wall(b)) => (*b - *a).as_secs_f64() * 1e3,
+            _ => 0.0,
+        })
+    }
+}
+
+/// Marks of one forward (off: every call is a no-op).
+pub struct Timeline {
+    dev: Option<Device>,
+    start: Option<Stamp>,
+    marks: Vec<(&'static str, Stamp)>,
+}
+
+impl Timeline {
+    /// A timeline that records nothing.
+    pub fn off() -> Self {
+        Self {
+            dev: None,
+            start: None,
+            marks: Vec::new(),
+        }
+    }
+
+    /// A timeline on `dev`, started now.
+    pub fn on(dev: &Device) -> Result<Self> {
+        Ok(Self {
+            start: Some(Stamp::now(dev)?),
+            dev: Some(dev.clone()),
+            marks: Vec::with_capacity(512),
+        })
+    }
+
+    /// The work queued since the previous mark belongs to `class`.
+    pub fn mark(&mut self, class: &'static str) -> Result<()> {
+        if let Some(dev) = &self.dev {
+            self.marks.push((class, Stamp::now(dev)?));
+        }
+        Ok(())
+    }
+
+    /// Milliseconds per class (waits for the device).
+    pub fn finish(self) -> Result<BTreeMap<&'static str, f64>> {
+        let mut out = BTreeMap::new();
+        let Some(mut prev) = self.start else {
+            return Ok(out);
+        };
+        for (class, stamp) in self.marks {
+            *out.entry(class).or_insert(0.0) += prev.ms_until(&stamp)?;
+            prev = stamp;
+        }
+        Ok(out)
+    }
+}
+
+/// Device time per kernel class, added up over the steps of each kind.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Breakdown {
+    /// `decode` (every chunk one token), `prefill` (no one-token chunk) or
+    /// `mixed`.
+    pub kinds: BTreeMap<String, KindTimes>,
+}
+
+/// The steps of one kind.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KindTimes {
+    /// Steps timed.
+    pub steps: usize,
+    /// Tokens they ran.
+    pub tokens: usize,
+    /// Sequences (chunks) they ran.
+    pub seqs: usize,
+    /// Milliseconds per kernel class.
+    pub ms: BTreeMap<String, f64>,
+}
+
+impl Breakdown {
+    /// Adds another run's (another engine's) times.
+    pub fn absorb(&mut self, o: &Breakdown) {
+        for (kind, t) in &o.kinds {
+            let k = self.kinds.entry(kind.clone()).or_default();
+            k.steps += t.steps;
+            k.tokens += t.tokens;
+            k.seqs += t.seqs;
+            for (class, ms) in &t.ms {
+                *k.ms.entry(class.clone()).or_insert(0.0) += ms;
+            }
+        }
+    }
+
+    /// Adds one step of `chunk_lens` with its class times.
+    pub fn add(&mut self, chunk_lens: &[usize], times: BTreeMap<&'static str, f64>) {
+        let kind = match (chunk_lens.iter().all(|&l| l == 1), chunk_lens.contains(&1)) {
+            (true, _) => "decode",
+            (false, false) => "prefill",
+            (false, true) => "mixed",
+        };
+        let k = self.kinds.entry(kind.into()).or_default();
+        k.steps += 1;
+        k.tokens += chunk_lens.iter().sum::<usize>();
+        k.seqs += chunk_lens.len();
+        for (class, ms) in times {
+            *k.ms.entry(class.into()).or_insert(0.0) += ms;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_split_the_time_between_classes_and_steps_add_up_by_kind() {
+        let mut t = Timeline::on(&Device::Cpu).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        t.mark("a").unwrap();
+        t.mark("b").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        t.mark("a").unwrap();
+        let times = t.finish().unwrap();
+        assert!(times["a"] >= 9.0 && times["b"] < 1.0, "{times:?}");
+        let mut b = Breakdown::default();
+        b.add(&[1, 1, 1], times.clone());
+        b.add(&[1, 1], times.clone());
+        b.add(&[7, 1], times);
+        assert_eq!(b.kinds["decode"].steps, 2);
+        assert_eq!(b.kinds["decode"].seqs, 5);
+        assert_eq!(b.kinds["mixed"].tokens, 8);
+        assert!(b.kinds["decode"].ms["a"] >= 18.0);
+        assert!(Timeline::off().finish().unwrap().is_empty());
+    }
+}
