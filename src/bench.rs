@@ -77,6 +77,9 @@ pub struct WorkloadResult {
     /// The engine's summary.
     #[serde(skip)]
     pub summary: JobSummary,
+    /// Device time per kernel class and step kind (`--breakdown`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breakdown: Option<crate::backend::timeline::Breakdown>,
     /// Wall seconds.
     pub wall_s: f64,
     /// Prefix-cache hit tokens.
@@ -237,6 +240,7 @@ pub fn run_workload(
         prefix_hit_tokens: sum.prefix_hit_tokens,
         prefill_tokens: sum.prefill_tokens,
         rows: sum.records,
+        breakdown: sum.breakdown.clone(),
         summary: sum,
     })
 }
