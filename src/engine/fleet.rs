@@ -164,6 +164,9 @@ impl Fleet {
         // device that fails hands its records back, which another round
         // runs when the others had already finished.
         while !healthy.is_empty() && fatal.is_none() {
+            for &k in &healthy {
+                hand.pushed(k); // each round counts afresh
+            }
             let results = self.round(&healthy, &hand, &sink, job_system);
             for (k, r) in healthy.clone().into_iter().zip(results) {
                 match r {
@@ -172,6 +175,7 @@ impl Fleet {
                         out.summary.absorb(&s)
                     }
                     Err(Error::Device(m)) if tracked => {
+                        out.summary.absorb(&hand.pushed(k));
                         let back = hand.give_back(k);
                         tracing::error!(device = %self.engines[k].0, records_handed_back = back, "device failed: {m}");
                         out.handed_back += back;
@@ -290,6 +294,9 @@ struct Handout<'i, 'a> {
     back: Mutex<VecDeque<InputRecord>>,
     /// Per engine: what it took and has not finished.
     held: Vec<Mutex<Held>>,
+    /// Per engine: the rows it handed to the sink in this round (the
+    /// figures of an engine that fails, whose own summary is lost).
+    pushed: Vec<Mutex<JobSummary>>,
     defaults: &'i GenerationParams,
     tracked: bool,
 }
@@ -305,6 +312,7 @@ impl<'i, 'a> Handout<'i, 'a> {
             input: Mutex::new(input),
             back: Mutex::new(VecDeque::new()),
             held: (0..engines).map(|_| Mutex::default()).collect(),
+            pushed: (0..engines).map(|_| Mutex::default()).collect(),
             defaults,
             tracked,
         }
@@ -359,6 +367,24 @@ impl<'i, 'a> Handout<'i, 'a> {
         n
     }
 
+    /// The figures of the rows `worker` handed to the sink so far (taken:
+    /// the next round counts afresh).
+    fn pushed(&self, worker: usize) -> JobSummary {
+        std::mem::take(&mut *self.pushed[worker].lock().expect("handout lock"))
+    }
+
+    /// Counts a row `worker` handed to the sink.
+    fn count(&self, worker: usize, row: &OutputRow) {
+        let mut p = self.pushed[worker].lock().expect("handout lock");
+        p.records += 1;
+        match row.status {
+            crate::output::RowStatus::Ok => p.ok += 1,
+            _ => p.errors += 1,
+        }
+        p.prompt_tokens += row.prompt_tokens as usize;
+        p.completion_tokens += row.completion_tokens as usize;
+    }
+
     fn has_handed_back(&self) -> bool {
         !self.back.lock().expect("handout lock").is_empty()
     }
@@ -393,6 +419,7 @@ impl<'h, 's> SharedSink<'h, '_, '_, 's> {
 
 impl RowSink for SharedSink<'_, '_, '_, '_> {
     fn push(&mut self, row: OutputRow) -> Result<()> {
+        self.hand.count(self.worker, &row);
         let (id, sample) = (row.id.clone(), row.sample_index);
         self.lock()?.push(row)?;
         self.hand.written(self.worker, &id, sample);

@@ -287,7 +287,7 @@ fn two_engines_in_one_job_write_the_rows_of_one_and_survive_a_failed_device() {
     assert!(per_engine.iter().all(|&n| n > 0), "{per_engine:?}");
     assert_eq!(per_engine.iter().sum::<usize>(), N);
 
-    // The second engine fails after 3 steps: its unfinished records go to
+    // The second engine fails after 15 steps (rows written): its unfinished records go to
     // the first, every record is written once, and the exit code says a
     // device failed (4).
     std::fs::write(&two, two_text.replace("\"two\"", "\"fault\"")).unwrap();
@@ -295,7 +295,7 @@ fn two_engines_in_one_job_write_the_rows_of_one_and_survive_a_failed_device() {
         dir,
         &two,
         &[],
-        &[("RUNNER_TEST_DEVICE_FAULT_AFTER_STEPS", "3@1")],
+        &[("RUNNER_TEST_DEVICE_FAULT_AFTER_STEPS", "15@1")],
     );
     assert_eq!(r.code, Some(4), "{}", r.stderr);
     let e = error_line(&r);
@@ -304,6 +304,9 @@ fn two_engines_in_one_job_write_the_rows_of_one_and_survive_a_failed_device() {
         "{e}"
     );
     assert_same_rows(&by_id(rows(&dir.join("fault"))), &want);
+    // The run's figures count the failed engine's rows too.
+    let metrics = crate::common::json(&dir.join("fault/_metrics.json"));
+    assert_eq!(metrics["last_run"]["records"], N, "{metrics}");
     let st = runner(dir, &["status", "fault"], &[]);
     assert!(st.stdout.contains("state       finished"), "{}", st.stdout);
 
