@@ -52,10 +52,13 @@ impl FleetSummary {
             ),
             false => "records not written are run by the next submit of the job".into(),
         };
+        let why = match &first.1 {
+            Error::Device(m) => m.clone(),
+            other => other.to_string(),
+        };
         Some(Error::Device(format!(
-            "device(s) {} failed ({}{}); {outcome}",
+            "device(s) {} failed ({why}{}); {outcome}",
             names.join(", "),
-            first.1,
             match rest.len() {
                 0 => String::new(),
                 n => format!("; and {n} more"),
