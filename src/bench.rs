@@ -139,32 +139,11 @@ pub fn engine(spec: &JobSpec, tokenizer_dir: &Path) -> Result<Engine> {
 /// their steps' kernel classes.
 pub fn fleet(spec: &JobSpec, tokenizer_dir: &Path, breakdown: bool) -> Result<Fleet> {
     let devices = crate::engine::job_devices(&spec.engine)?;
-    let built: Vec<Result<Engine>> = std::thread::scope(|s| {
-        let handles: Vec<_> = devices
-            .iter()
-            .map(|&d| {
-                let mut one = spec.clone();
-                one.engine.device = d;
-                s.spawn(move || {
-                    let mut e = engine(&one, tokenizer_dir)?;
-                    e.set_breakdown(breakdown);
-                    Ok(e)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Engine("a bench engine load panicked".into())))
-            })
-            .collect()
-    });
-    let engines = devices
-        .into_iter()
-        .zip(built)
-        .map(|(d, e)| e.map(|e| (d, e)))
-        .collect::<Result<Vec<_>>>()?;
+    let engines = Fleet::on_each(spec, &devices, |one| {
+        let mut e = engine(one, tokenizer_dir)?;
+        e.set_breakdown(breakdown);
+        Ok(e)
+    })?;
     Ok(Fleet::from_engines(engines))
 }
 

@@ -70,13 +70,32 @@ impl FleetSummary {
 impl Fleet {
     /// Loads one engine per device, side by side. The meta is the first's.
     pub fn load(spec: &JobSpec, hub: &HubSettings, devices: &[Device]) -> Result<(Self, JobMeta)> {
-        let loaded: Vec<Result<(Engine, JobMeta)>> = std::thread::scope(|s| {
+        let loaded = Self::on_each(spec, devices, |one| Engine::load(one, hub));
+        let mut engines = Vec::new();
+        let mut meta = None;
+        for (d, (e, m)) in loaded? {
+            meta.get_or_insert(m);
+            engines.push((d, e));
+        }
+        let meta = meta.ok_or_else(|| Error::Config("engine.devices is empty".into()))?;
+        Ok((Self::from_engines(engines), meta))
+    }
+
+    /// `build` run for each device side by side (threads), on the job with
+    /// `engine.device` set to it; a panic is that device's failure.
+    pub fn on_each<T: Send>(
+        spec: &JobSpec,
+        devices: &[Device],
+        build: impl Fn(&JobSpec) -> Result<T> + Sync,
+    ) -> Result<Vec<(Device, T)>> {
+        let built: Vec<Result<T>> = std::thread::scope(|s| {
             let handles: Vec<_> = devices
                 .iter()
                 .map(|&d| {
                     let mut one = spec.clone();
                     one.engine.device = d;
-                    s.spawn(move || Engine::load(&one, hub))
+                    let build = &build;
+                    s.spawn(move || build(&one))
                 })
                 .collect();
             handles
@@ -85,15 +104,11 @@ impl Fleet {
                 .map(|(h, &d)| h.join().unwrap_or_else(|p| Err(panicked(d, &*p))))
                 .collect()
         });
-        let mut engines = Vec::new();
-        let mut meta = None;
-        for (&d, r) in devices.iter().zip(loaded) {
-            let (e, m) = r?;
-            meta.get_or_insert(m);
-            engines.push((d, e));
-        }
-        let meta = meta.ok_or_else(|| Error::Config("engine.devices is empty".into()))?;
-        Ok((Self::from_engines(engines), meta))
+        devices
+            .iter()
+            .zip(built)
+            .map(|(&d, r)| r.map(|t| (d, t)))
+            .collect()
     }
 
     /// A fleet of engines already built, one per device. With several,
@@ -378,6 +393,9 @@ impl<'i, 'a> Handout<'i, 'a> {
 
     /// Counts a row `worker` handed to the sink.
     fn count(&self, worker: usize, row: &OutputRow) {
+        if !self.tracked {
+            return; // one engine: its own summary has these
+        }
         let mut p = self.pushed[worker].lock().expect("handout lock");
         p.records += 1;
         match row.status {
