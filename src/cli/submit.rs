@@ -119,21 +119,9 @@ fn shards_status(dir: &Path, shards: &[job::shards::ShardState]) -> anyhow::Resu
             println!("shard {}: missing (never started)", s.shard);
             continue;
         };
-        let m = &st.manifest;
-        rows += m.rows();
-        total += m.expected_rows();
-        println!(
-            "shard {}: {}, {} of {} records, {} parts{}",
-            s.shard,
-            st.state_line(),
-            m.rows(),
-            m.expected_rows(),
-            m.parts.len(),
-            match st.damaged.len() {
-                0 => String::new(),
-                n => format!(", {n} damaged"),
-            }
-        );
+        rows += st.manifest.rows();
+        total += st.manifest.expected_rows();
+        println!("shard {}: {}", s.shard, st.line());
         damage = damage.or(st.damage_error(dir));
     }
     let missing = of("missing");
@@ -165,18 +153,7 @@ fn sweep_status(dir: &Path, info: &crate::report::SweepInfo) -> anyhow::Result<(
             continue;
         }
         let st = JobStatus::read(&Layout::plain(&vdir))?;
-        let m = &st.manifest;
-        println!(
-            "variant={v}: {}, {} of {} records, {} parts{}",
-            st.state_line(),
-            m.rows(),
-            m.expected_rows(),
-            m.parts.len(),
-            match st.damaged.len() {
-                0 => String::new(),
-                n => format!(", {n} damaged"),
-            }
-        );
+        println!("variant={v}: {}", st.line());
         damage = damage.or(st.damage_error(&vdir));
     }
     match damage {

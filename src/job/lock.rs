@@ -9,8 +9,7 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-/// Name of the lock file in the output directory.
-pub const LOCK: &str = ".lock";
+pub use crate::output::LOCK;
 
 /// Seconds since the epoch.
 pub fn now_unix() -> u64 {

@@ -9,8 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Name of the manifest file in the output directory.
-pub const MANIFEST: &str = "_manifest.json";
+pub use crate::output::MANIFEST;
 
 /// `manifest.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

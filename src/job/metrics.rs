@@ -8,8 +8,7 @@ use crate::output::{write_atomic, Layout};
 use crate::Result;
 use serde::{Deserialize, Serialize};
 
-/// Name of the metrics file in the output directory.
-pub const METRICS: &str = "_metrics.json";
+pub use crate::output::METRICS;
 
 /// The job's figures over all its runs, and the last run's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

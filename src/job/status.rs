@@ -70,6 +70,23 @@ impl JobStatus {
         })
     }
 
+    /// One line: the state, rows written of those expected, parts, damage
+    /// (`runner status` of a sweep's variant or a job's shard).
+    pub fn line(&self) -> String {
+        let m = &self.manifest;
+        format!(
+            "{}, {} of {} records, {} parts{}",
+            self.state_line(),
+            m.rows(),
+            m.expected_rows(),
+            m.parts.len(),
+            match self.damaged.len() {
+                0 => String::new(),
+                n => format!(", {n} damaged"),
+            }
+        )
+    }
+
     /// The state in words.
     pub fn state_line(&self) -> String {
         match &self.liveness {

@@ -9,6 +9,13 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// A whole job's manifest file name (see [`Layout::manifest_name`]).
+pub const MANIFEST: &str = "_manifest.json";
+/// A whole job's metrics file name.
+pub const METRICS: &str = "_metrics.json";
+/// A whole job's lock file name.
+pub const LOCK: &str = ".lock";
+
 /// One of `count` static slices of a job's records: the records whose id
 /// hashes to `index` (see [`Shard::of_id`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -105,21 +112,27 @@ impl Layout {
         }
     }
 
-    fn tagged(&self, stem: &str, ext: &str) -> String {
-        match self.shard {
-            None => format!("{stem}{ext}"),
-            Some(s) => format!("{stem}.{}{ext}", s.tag()),
+    /// A whole job's file name, or a shard's: the tag before the
+    /// extension (`_manifest.shard-2-of-8.json`), or after a name that has
+    /// none (`.lock.shard-2-of-8`).
+    fn tagged(&self, plain: &str) -> String {
+        let Some(s) = self.shard else {
+            return plain.to_string();
+        };
+        match plain.rsplit_once('.') {
+            Some((stem, ext)) if !stem.is_empty() => format!("{stem}.{}.{ext}", s.tag()),
+            _ => format!("{plain}.{}", s.tag()),
         }
     }
 
     /// The manifest's file name.
     pub fn manifest_name(&self) -> String {
-        self.tagged("_manifest", ".json")
+        self.tagged(MANIFEST)
     }
 
     /// The metrics file's name.
     pub fn metrics_name(&self) -> String {
-        self.tagged("_metrics", ".json")
+        self.tagged(METRICS)
     }
 
     /// The manifest's path.
@@ -134,7 +147,7 @@ impl Layout {
 
     /// The lock file's path.
     pub fn lock(&self) -> PathBuf {
-        self.dir.join(self.tagged(".lock", ""))
+        self.dir.join(self.tagged(LOCK))
     }
 
     /// The directory, and the shard when there is one, for messages.
@@ -216,6 +229,7 @@ pub fn shards_in(dir: &Path) -> Result<Vec<Shard>> {
     let mut v: Vec<Shard> = rd
         .filter_map(|e| {
             let name = e.ok()?.file_name().into_string().ok()?;
+            // The names `Layout::manifest_name` gives a shard.
             let tag = name.strip_prefix("_manifest.")?.strip_suffix(".json")?;
             Shard::from_tag(tag)
         })

@@ -7,7 +7,7 @@ mod logprobs;
 mod parquet;
 
 pub use self::atomic::{write_atomic, write_atomic_path};
-pub use self::layout::{shards_in, Layout, Shard};
+pub use self::layout::{shards_in, Layout, Shard, LOCK, MANIFEST, METRICS};
 pub use self::parquet::{
     existing_parts, read_part, schema, ParquetSink, PartHook, RowHook, SinkSettings,
 };
