@@ -24,110 +24,268 @@ extern "C" __global__ void kv_write(const half* __restrict__ k, const half* __re
   *reinterpret_cast<int4*>(vc + dst) = *reinterpret_cast<const int4*>(v + src);
 }
 
-// Decode attention: one query token per sequence. Grid (kv_heads, B, P):
-// block = G warps, warp h = query head kv*G + h, so the G query heads of a
-// KV head read each K/V tile once. Partition p covers keys
-// [lo + p*PART, lo + (p+1)*PART) of the sequence's visible range [lo, pos].
-// Writes per (b, head, p): running max, sum and the unnormalised f32 output.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  int bytes = valid ? 16 : 0;  // 0: zero-fill
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x2(uint32_t* r, const void* p) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const void* p) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
+  half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// Decode attention: one query token per sequence, on tensor cores. Grid
+// (kv_heads, B, P), block 4 warps. The G (<= 16) query heads of a KV head
+// are the rows of one m16n8k16 A operand, so each K/V row is read once for
+// all of them. Partition p covers keys [lo + p*PART, lo + (p+1)*PART) of
+// the sequence's visible range [lo, pos]; its keys stream through shared
+// memory in tiles of 64 (K and V double-buffered with cp.async), warp w
+// taking keys 16w..16w+15 of each tile with its own running max and sum.
+// Scores are rounded as HF's eager f16 arithmetic rounds them (f16 product
+// times the f16 scale) and P to f16 before P V, as in flash prefill. Every
+// boundary (partition, tile, warp) depends only on the sequence's own
+// positions, so a sequence's result does not depend on the batch.
+// P == 1: writes half(O / l) to out [B, nh*D]. P > 1: per (b, head, p) the
+// max and sum (part_ml) and the unnormalised f32 output (part_o).
 #define PART 512
-#define TILE 32
+#define DEC_KT 64
 
 template <int D>
 __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__ kc,
                             const half* __restrict__ vc, const int* __restrict__ tables,
                             const int* __restrict__ ctx_lens, float* __restrict__ part_o,
-                            float* __restrict__ part_ml, int nh, int nkv, int max_blocks,
-                            int block_size, int window, float scale, int P) {
-  constexpr int KS = D + 8;  // padded row (halves)
-  __shared__ __align__(16) half ks[TILE * KS];
-  __shared__ __align__(16) half vs[TILE * KS];
-  __shared__ float qs[8][D];
+                            float* __restrict__ part_ml, half* __restrict__ out, int nh, int nkv,
+                            int max_blocks, int block_size, int window, float scale, int P) {
+  constexpr int RS = D + 8;   // smem row stride in halves
+  constexpr int KS = D / 16;  // k-steps of Q K^T
+  constexpr int DN = D / 8;   // n-tiles of P V
+  constexpr int VPR = D / 8;  // int4 per row
+  extern __shared__ __align__(16) half smem[];  // [2 stages][K, V][64][RS]
   const int kvh = blockIdx.x, b = blockIdx.y, p = blockIdx.z;
   const int G = nh / nkv;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int head = kvh * G + warp;
+  const int g = lane >> 2, t = lane & 3;
   const int pos = ctx_lens[b] - 1;
   const int lo = window > 0 ? max(0, pos - window + 1) : 0;
   const int kstart = lo + p * PART;
   const int kend = min(pos + 1, kstart + PART);
-  for (int i = lane; i < D; i += 32) qs[warp][i] = __half2float(q[((size_t)b * nh + head) * D + i]);
-  float m = -FLT_MAX, l = 0.f;
-  constexpr int DPL = (D + 31) / 32;  // output dims per lane
-  float acc[DPL];
-#pragma unroll
-  for (int i = 0; i < DPL; i++) acc[i] = 0.f;
+  const size_t head0 = (size_t)b * nh + kvh * G;  // this group's first (b, head) row
+  if (kstart >= kend) {
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+      const size_t bh = head0 + i / D;
+      if (P == 1) {
+        out[bh * D + i % D] = __float2half(0.f);
+      } else {
+        part_o[(bh * P + p) * D + i % D] = 0.f;
+        if (i % D == 0) {
+          part_ml[(bh * P + p) * 2] = -FLT_MAX;
+          part_ml[(bh * P + p) * 2 + 1] = 0.f;
+        }
+      }
+    }
+    return;
+  }
   const int row = nkv * D;
   const int* table = tables + (size_t)b * max_blocks;
-  for (int t0 = kstart; t0 < kend; t0 += TILE) {
-    __syncthreads();
-    constexpr int VPR = D / 8;
-    for (int i = threadIdx.x; i < TILE * VPR; i += blockDim.x) {
-      int j = i / VPR, c = i % VPR;
-      int kp = t0 + j;
-      int4 kv4 = make_int4(0, 0, 0, 0), vv4 = make_int4(0, 0, 0, 0);
-      if (kp < kend) {
-        size_t slot = (size_t)table[kp / block_size] * block_size + kp % block_size;
-        size_t off = slot * row + (size_t)kvh * D + c * 8;
-        kv4 = *reinterpret_cast<const int4*>(kc + off);
-        vv4 = *reinterpret_cast<const int4*>(vc + off);
-      }
-      *reinterpret_cast<int4*>(ks + j * KS + c * 8) = kv4;
-      *reinterpret_cast<int4*>(vs + j * KS + c * 8) = vv4;
+  auto load = [&](int k0, int st) {
+    half* ks = smem + st * 2 * DEC_KT * RS;
+    half* vs = ks + DEC_KT * RS;
+    for (int i = threadIdx.x; i < DEC_KT * VPR; i += 128) {
+      const int r = i / VPR, c = (i % VPR) * 8;
+      const int kp = k0 + r;
+      const bool ok = kp < kend;
+      const size_t slot = ok ? (size_t)table[kp / block_size] * block_size + kp % block_size : 0;
+      const size_t off = slot * row + (size_t)kvh * D + c;
+      cp_async16(ks + r * RS + c, kc + off, ok);
+      cp_async16(vs + r * RS + c, vc + off, ok);
     }
-    __syncthreads();
-    // lane j scores key t0 + j.
-    float s = -FLT_MAX;
-    if (t0 + lane < kend) {
-      float dot = 0.f;
-      const half2* kr = reinterpret_cast<const half2*>(ks + lane * KS);
+  };
+  const int ntiles = (kend - kstart + DEC_KT - 1) / DEC_KT;
+  load(kstart, 0);
+  cp_async_commit();
+
+  // Q fragments: rows g and g + 8 are query heads kvh*G + g (+8), zero past G.
+  uint32_t qa[KS][4];
+  {
+    const half* qra = q + (head0 + g) * D;
+    const half* qrb = q + (head0 + g + 8) * D;
+    const bool va = g < G, vb = g + 8 < G;
 #pragma unroll
-      for (int i = 0; i < D / 2; i++) {
-        float2 kf = __half22float2(kr[i]);
-        dot += qs[warp][2 * i] * kf.x + qs[warp][2 * i + 1] * kf.y;
-      }
-      s = dot * scale;
-    }
-    float tm = s;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, o));
-    float mn = fmaxf(m, tm);
-    float pj = (t0 + lane < kend) ? __expf(s - mn) : 0.f;
-    float corr = __expf(m - mn);
-    float ps = pj;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
-    l = l * corr + ps;
-    m = mn;
-#pragma unroll
-    for (int i = 0; i < DPL; i++) acc[i] *= corr;
-    int nk = min(TILE, kend - t0);
-    for (int j = 0; j < nk; j++) {
-      float pjj = __shfl_sync(0xffffffffu, pj, j);
-#pragma unroll
-      for (int i = 0; i < DPL; i++) {
-        int d = lane + 32 * i;
-        if (d < D) acc[i] += pjj * __half2float(vs[j * KS + d]);
-      }
+    for (int s = 0; s < KS; s++) {
+      const int c0 = s * 16 + 2 * t;
+      qa[s][0] = va ? *reinterpret_cast<const uint32_t*>(qra + c0) : 0u;
+      qa[s][1] = vb ? *reinterpret_cast<const uint32_t*>(qrb + c0) : 0u;
+      qa[s][2] = va ? *reinterpret_cast<const uint32_t*>(qra + c0 + 8) : 0u;
+      qa[s][3] = vb ? *reinterpret_cast<const uint32_t*>(qrb + c0 + 8) : 0u;
     }
   }
-  size_t idx = ((size_t)b * nh + head) * P + p;
+  float o[DN][4];
 #pragma unroll
-  for (int i = 0; i < DPL; i++) {
-    int d = lane + 32 * i;
-    if (d < D) part_o[idx * D + d] = acc[i];
+  for (int i = 0; i < DN; i++)
+#pragma unroll
+    for (int r = 0; r < 4; r++) o[i][r] = 0.f;
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
+  const half sh = __float2half(scale);
+
+  for (int it = 0; it < ntiles; it++) {
+    const int st = it & 1;
+    if (it + 1 < ntiles) {
+      load(kstart + (it + 1) * DEC_KT, st ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const half* ks = smem + st * 2 * DEC_KT * RS + warp * 16 * RS;
+    const half* vs = ks + DEC_KT * RS;
+    // S = Q K^T over this warp's 16 keys: 2 n-tiles of 8.
+    float s[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+#pragma unroll
+      for (int r = 0; r < 4; r++) s[j][r] = 0.f;
+      if (KS == 1) {
+        uint32_t bb[2];
+        ldsm_x2(bb, ks + (j * 8 + (lane & 7)) * RS + ((lane >> 3) & 1) * 8);
+        mma_16816(s[j], qa[0], bb[0], bb[1]);
+      } else {
+#pragma unroll
+        for (int s2 = 0; s2 < KS; s2 += 2) {
+          uint32_t bb[4];
+          ldsm_x4(bb, ks + (j * 8 + (lane & 7)) * RS + s2 * 16 + ((lane >> 3) & 1) * 8 +
+                          (lane >> 4) * 16);
+          mma_16816(s[j], qa[s2], bb[0], bb[1]);
+          mma_16816(s[j], qa[s2 + 1], bb[2], bb[3]);
+        }
+      }
+    }
+    const int k0 = kstart + it * DEC_KT + warp * 16;
+    float mx[2] = {mrow[0], mrow[1]};
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) {
+        const bool vis = k0 + j * 8 + 2 * t + (r & 1) < kend;
+        const float v = __half2float(__hmul(__float2half(s[j][r]), sh));
+        s[j][r] = vis ? v : -INFINITY;
+        mx[r >> 1] = fmaxf(mx[r >> 1], s[j][r]);
+      }
+    float alpha[2], base[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+      mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
+      mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
+      base[hr] = mx[hr] == -INFINITY ? 0.f : mx[hr];
+      alpha[hr] = mrow[hr] == -INFINITY ? 0.f : expf(mrow[hr] - base[hr]);
+      mrow[hr] = mx[hr];
+      lrow[hr] *= alpha[hr];
+    }
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) {
+        const float e = expf(s[j][r] - base[r >> 1]);  // exp(-inf) = 0
+        s[j][r] = e;
+        lrow[r >> 1] += e;
+      }
+    // O += P V: one k-step of this warp's 16 keys, D/8 n-tiles.
+    const uint32_t pa[4] = {pack_h2(s[0][0], s[0][1]), pack_h2(s[0][2], s[0][3]),
+                            pack_h2(s[1][0], s[1][1]), pack_h2(s[1][2], s[1][3])};
+#pragma unroll
+    for (int dn = 0; dn < DN; dn += 2) {
+      uint32_t bb[4];
+      ldsm_x4_t(bb, vs + (lane & 15) * RS + dn * 8 + (lane >> 4) * 8);
+#pragma unroll
+      for (int i = 0; i < 4; i++) o[dn][i] = o[dn][i] * alpha[i >> 1];
+#pragma unroll
+      for (int i = 0; i < 4; i++) o[dn + 1][i] = o[dn + 1][i] * alpha[i >> 1];
+      mma_16816(o[dn], pa, bb[0], bb[1]);
+      mma_16816(o[dn + 1], pa, bb[2], bb[3]);
+    }
+    __syncthreads();  // the next load overwrites this stage
   }
-  if (lane == 0) {
-    part_ml[idx * 2] = kstart < kend ? m : -FLT_MAX;
-    part_ml[idx * 2 + 1] = l;
+  // Combine the 4 warps' partial results per query head through smem.
+#pragma unroll
+  for (int hr = 0; hr < 2; hr++) {
+    lrow[hr] += __shfl_xor_sync(0xffffffffu, lrow[hr], 1);
+    lrow[hr] += __shfl_xor_sync(0xffffffffu, lrow[hr], 2);
+  }
+  float* red_o = reinterpret_cast<float*>(smem);  // [4 warps][G][D]
+  float* red_m = red_o + 4 * G * D;               // [4][G]
+  float* red_l = red_m + 4 * G;
+#pragma unroll
+  for (int hr = 0; hr < 2; hr++) {
+    const int r = g + 8 * hr;
+    if (r >= G) continue;
+    float* dst = red_o + (warp * G + r) * D + 2 * t;
+#pragma unroll
+    for (int dn = 0; dn < DN; dn++) {
+      dst[dn * 8] = o[dn][2 * hr];
+      dst[dn * 8 + 1] = o[dn][2 * hr + 1];
+    }
+    if (t == 0) {
+      red_m[warp * G + r] = mrow[hr];
+      red_l[warp * G + r] = lrow[hr];
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int r = i / D, d = i % D;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < 4; w++) m = fmaxf(m, red_m[w * G + r]);
+    float l = 0.f, acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < 4; w++) {
+      const float mw = red_m[w * G + r];
+      if (mw == -INFINITY) continue;
+      const float c = expf(mw - m);
+      l += red_l[w * G + r] * c;
+      acc += red_o[(w * G + r) * D + d] * c;
+    }
+    const size_t bh = head0 + r;
+    if (P == 1) {
+      out[bh * D + d] = __float2half(l > 0.f ? acc / l : 0.f);
+    } else {
+      part_o[(bh * P + p) * D + d] = acc;
+      if (d == 0) {
+        part_ml[(bh * P + p) * 2] = m;
+        part_ml[(bh * P + p) * 2 + 1] = l;
+      }
+    }
   }
 }
 
 #define DECODE(D)                                                                               \
-  extern "C" __global__ void paged_decode_d##D(                                                 \
+  extern "C" __global__ void __launch_bounds__(128) paged_decode_d##D(                          \
       const half* q, const half* kc, const half* vc, const int* tables, const int* ctx_lens,    \
-      float* part_o, float* part_ml, int nh, int nkv, int max_blocks, int block_size,           \
-      int window, float scale, int P) {                                                         \
-    decode_impl<D>(q, kc, vc, tables, ctx_lens, part_o, part_ml, nh, nkv, max_blocks,          \
+      float* part_o, float* part_ml, half* out, int nh, int nkv, int max_blocks,                \
+      int block_size, int window, float scale, int P) {                                         \
+    decode_impl<D>(q, kc, vc, tables, ctx_lens, part_o, part_ml, out, nh, nkv, max_blocks,     \
                    block_size, window, scale, P);                                               \
   }
 DECODE(16)
@@ -171,39 +329,6 @@ extern "C" __global__ void paged_decode_combine(const float* __restrict__ part_o
 // the first row, offset of the chunk's slot list in `keys`); keys[off + j]
 // is the cache row of position j of that chunk's sequence.
 #define FP_KT 64
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  int bytes = valid ? 16 : 0;  // 0: zero-fill
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
-  unsigned s = (unsigned)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
-__device__ __forceinline__ void ldsm_x2(uint32_t* r, const void* p) {
-  unsigned s = (unsigned)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(s));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const void* p) {
-  unsigned s = (unsigned)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
-__device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
-  half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
 
 template <int FP_D>
 __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __restrict__ kc,

@@ -3,23 +3,49 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+// Eight halves as one 16-byte access.
+union H8 {
+  int4 v;
+  half h[8];
+};
+
 // One block per row of H. With `add` non-null: res = x + add (f16, as HF's
 // residual add), written to res_out; then out = w * f16(r * rsqrt(mean(r^2) + eps))
-// with the mean in f32.
+// with the mean in f32. vec: H % 8 == 0 and every pointer 16-byte aligned,
+// so each thread moves eight halves per access.
 extern "C" __global__ void rmsnorm_add(const half* __restrict__ x, const half* __restrict__ add,
                                        const half* __restrict__ w, half* __restrict__ out,
-                                       half* __restrict__ res_out, int H, float eps) {
+                                       half* __restrict__ res_out, int H, float eps, int vec) {
   __shared__ float red[32];
   size_t base = (size_t)blockIdx.x * H;
   float ss = 0.f;
-  for (int i = threadIdx.x; i < H; i += blockDim.x) {
-    half r = x[base + i];
-    if (add != nullptr) {
-      r = __hadd(r, add[base + i]);
-      res_out[base + i] = r;
+  if (vec) {
+    for (int i = threadIdx.x; i < H / 8; i += blockDim.x) {
+      H8 r;
+      r.v = reinterpret_cast<const int4*>(x + base)[i];
+      if (add != nullptr) {
+        H8 a;
+        a.v = reinterpret_cast<const int4*>(add + base)[i];
+#pragma unroll
+        for (int j = 0; j < 8; j++) r.h[j] = __hadd(r.h[j], a.h[j]);
+        reinterpret_cast<int4*>(res_out + base)[i] = r.v;
+      }
+#pragma unroll
+      for (int j = 0; j < 8; j++) {
+        float f = __half2float(r.h[j]);
+        ss += f * f;
+      }
     }
-    float f = __half2float(r);
-    ss += f * f;
+  } else {
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+      half r = x[base + i];
+      if (add != nullptr) {
+        r = __hadd(r, add[base + i]);
+        res_out[base + i] = r;
+      }
+      float f = __half2float(r);
+      ss += f * f;
+    }
   }
   int lane = threadIdx.x & 31, wp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
@@ -28,21 +54,49 @@ extern "C" __global__ void rmsnorm_add(const half* __restrict__ x, const half* _
   ss = 0.f;
   for (int k = 0; k < nw; k++) ss += red[k];
   float inv = rsqrtf(ss / H + eps);
-  for (int i = threadIdx.x; i < H; i += blockDim.x) {
-    half r = add != nullptr ? res_out[base + i] : x[base + i];
-    half nrm = __float2half(__half2float(r) * inv);
-    out[base + i] = __hmul(w[i], nrm);
+  const half* src = add != nullptr ? res_out : x;
+  if (vec) {
+    // Each thread reads back the vectors it wrote itself.
+    for (int i = threadIdx.x; i < H / 8; i += blockDim.x) {
+      H8 r, wv, o;
+      r.v = reinterpret_cast<const int4*>(src + base)[i];
+      wv.v = reinterpret_cast<const int4*>(w)[i];
+#pragma unroll
+      for (int j = 0; j < 8; j++)
+        o.h[j] = __hmul(wv.h[j], __float2half(__half2float(r.h[j]) * inv));
+      reinterpret_cast<int4*>(out + base)[i] = o.v;
+    }
+  } else {
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+      half nrm = __float2half(__half2float(src[base + i]) * inv);
+      out[base + i] = __hmul(w[i], nrm);
+    }
   }
 }
 
-// out = f16(silu(gate)) * up, rounded as torch does in f16.
-extern "C" __global__ void silu_mul(const half* __restrict__ gate, const half* __restrict__ up,
-                                    half* __restrict__ out, size_t n) {
-  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  float g = __half2float(gate[i]);
+__device__ __forceinline__ half silu_mul1(half gate, half up) {
+  float g = __half2float(gate);
   half s = __float2half(g / (1.f + expf(-g)));
-  out[i] = __hmul(s, up[i]);
+  return __hmul(s, up);
+}
+
+// out = f16(silu(gate)) * up, rounded as torch does in f16. vec: n % 8 == 0
+// and the pointers 16-byte aligned; thread i then does elements 8i..8i+7.
+extern "C" __global__ void silu_mul(const half* __restrict__ gate, const half* __restrict__ up,
+                                    half* __restrict__ out, size_t n, int vec) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (vec) {
+    if (i >= n / 8) return;
+    H8 g, u, o;
+    g.v = reinterpret_cast<const int4*>(gate)[i];
+    u.v = reinterpret_cast<const int4*>(up)[i];
+#pragma unroll
+    for (int j = 0; j < 8; j++) o.h[j] = silu_mul1(g.h[j], u.h[j]);
+    reinterpret_cast<int4*>(out)[i] = o.v;
+  } else {
+    if (i >= n) return;
+    out[i] = silu_mul1(gate[i], up[i]);
+  }
 }
 
 __device__ __forceinline__ uint32_t mix(uint64_t z) {
@@ -76,20 +130,28 @@ extern "C" __global__ void fill_sz(half2* out, size_t n, uint64_t seed, int bits
   out[i] = __halves2half2(__float2half(s), __float2half(1024.f + z));
 }
 
+__device__ __forceinline__ void rope1(half x1, half x2, half c, half s, half* o1, half* o2) {
+  *o1 = __hadd_rn(__hmul_rn(x1, c), __hmul_rn(__hneg(x2), s));
+  *o2 = __hadd_rn(__hmul_rn(x2, c), __hmul_rn(x1, s));
+}
+
 // Rotate-half RoPE on q [T, nq*D] and k [T, nk*D] for token positions pos[T],
 // in HF's f16 order: out1 = x1*c + (-x2)*s, out2 = x2*c + x1*s, each product
-// and the sum rounded to f16. cos/sin: [positions, D/2] tables.
+// and the sum rounded to f16. cos/sin: [positions, D/2] tables. vec (D % 16
+// == 0, pointers 16-byte aligned): a thread rotates 8 consecutive pairs.
 extern "C" __global__ void rope_qk(const half* __restrict__ q, const half* __restrict__ k,
                                    const half* __restrict__ cos, const half* __restrict__ sin,
                                    const unsigned* __restrict__ pos, half* __restrict__ qo,
-                                   half* __restrict__ ko, int T, int nq, int nk, int D) {
+                                   half* __restrict__ ko, int T, int nq, int nk, int D, int vec) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  int half_d = D / 2;
-  size_t per_t = (size_t)(nq + nk) * half_d;
+  const int half_d = D / 2;
+  const int step = vec ? 8 : 1;  // pairs per thread
+  const int per_h = half_d / step;
+  size_t per_t = (size_t)(nq + nk) * per_h;
   if (i >= (size_t)T * per_t) return;
   int t = i / per_t;
   int r = i % per_t;
-  int h = r / half_d, j = r % half_d;
+  int h = r / per_h, j = (r % per_h) * step;
   const half* src;
   half* dst;
   if (h < nq) {
@@ -99,10 +161,20 @@ extern "C" __global__ void rope_qk(const half* __restrict__ q, const half* __res
     src = k + ((size_t)t * nk + (h - nq)) * D;
     dst = ko + ((size_t)t * nk + (h - nq)) * D;
   }
-  half c = cos[(size_t)pos[t] * half_d + j], s = sin[(size_t)pos[t] * half_d + j];
-  half x1 = src[j], x2 = src[j + half_d];
-  dst[j] = __hadd_rn(__hmul_rn(x1, c), __hmul_rn(__hneg(x2), s));
-  dst[j + half_d] = __hadd_rn(__hmul_rn(x2, c), __hmul_rn(x1, s));
+  const size_t cs = (size_t)pos[t] * half_d + j;
+  if (vec) {
+    H8 x1, x2, c, s, o1, o2;
+    x1.v = *reinterpret_cast<const int4*>(src + j);
+    x2.v = *reinterpret_cast<const int4*>(src + j + half_d);
+    c.v = *reinterpret_cast<const int4*>(cos + cs);
+    s.v = *reinterpret_cast<const int4*>(sin + cs);
+#pragma unroll
+    for (int e = 0; e < 8; e++) rope1(x1.h[e], x2.h[e], c.h[e], s.h[e], &o1.h[e], &o2.h[e]);
+    *reinterpret_cast<int4*>(dst + j) = o1.v;
+    *reinterpret_cast<int4*>(dst + j + half_d) = o2.v;
+  } else {
+    rope1(src[j], src[j + half_d], cos[cs], sin[cs], dst + j, dst + j + half_d);
+  }
 }
 
 // Top-k candidates of each row of f32 logits, in the host sampler's order:

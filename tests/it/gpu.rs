@@ -191,6 +191,7 @@ fn paged_decode_matches_a_float64_reference() {
         (8, 2, 16, 16, 64),
         (32, 8, 128, 16, 700),
         (8, 2, 64, 8, 0),
+        (16, 1, 32, 16, 0),
     ] {
         let ctx = [1usize, 17, 300, 1100, 2500];
         let blocks_per: Vec<usize> = ctx.iter().map(|c| c.div_ceil(bs)).collect();
@@ -278,10 +279,76 @@ fn paged_decode_matches_a_float64_reference() {
 }
 
 #[test]
+fn paged_decode_of_a_sequence_does_not_depend_on_its_batch() {
+    // A sequence's row, alone (one partition, written directly) and beside
+    // longer ones (several partitions, then the combine), bit for bit.
+    let dev = gpu();
+    let mut rng = Lcg(13);
+    let (nh, nkv, d, bs) = (32usize, 8usize, 128usize, 16usize);
+    let ctx = [300usize, 2500, 1100, 17];
+    let per: Vec<usize> = ctx.iter().map(|c| c.div_ceil(bs)).collect();
+    let total: usize = per.iter().sum();
+    let row = nkv * d;
+    let kc = Tensor::from_vec(rng.f16s(total * bs * row, 1.0), (total * bs, row), &dev).unwrap();
+    let vc = Tensor::from_vec(rng.f16s(total * bs * row, 1.0), (total * bs, row), &dev).unwrap();
+    let qs: Vec<Vec<f16>> = ctx.iter().map(|_| rng.f16s(nh * d, 2.0)).collect();
+    let mut first = vec![0u32; ctx.len()];
+    for i in 1..ctx.len() {
+        first[i] = first[i - 1] + per[i - 1] as u32;
+    }
+    let run = |seqs: &[usize]| -> Vec<Vec<f32>> {
+        let maxb = seqs.iter().map(|&i| per[i]).max().unwrap();
+        let mut tables = vec![0u32; seqs.len() * maxb];
+        for (r, &i) in seqs.iter().enumerate() {
+            for j in 0..per[i] {
+                tables[r * maxb + j] = first[i] + j as u32;
+            }
+        }
+        let q: Vec<f16> = seqs.iter().flat_map(|&i| qs[i].clone()).collect();
+        let out = cuda::paged_decode(
+            &Tensor::from_vec(q, (seqs.len(), nh * d), &dev).unwrap(),
+            &kc,
+            &vc,
+            &Tensor::from_vec(tables, (seqs.len(), maxb), &dev).unwrap(),
+            &Tensor::from_vec(
+                seqs.iter().map(|&i| ctx[i] as u32).collect(),
+                seqs.len(),
+                &dev,
+            )
+            .unwrap(),
+            &DecodeShape {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: d,
+                block_size: bs,
+                window: 0,
+                max_keys: seqs.iter().map(|&i| ctx[i]).max().unwrap(),
+            },
+        )
+        .unwrap();
+        let h = host(&out);
+        h.chunks(nh * d).map(|c| c.to_vec()).collect()
+    };
+    let alone: Vec<Vec<f32>> = (0..ctx.len()).map(|i| run(&[i]).remove(0)).collect();
+    for seqs in [vec![0usize, 1, 2, 3], vec![2, 0], vec![3, 1], vec![1, 1, 0]] {
+        for (r, got) in run(&seqs).iter().enumerate() {
+            let i = seqs[r];
+            assert!(got.iter().all(|v| v.is_finite()));
+            assert!(
+                got == &alone[i],
+                "sequence of {} keys in batch {seqs:?} differs from its run alone",
+                ctx[i]
+            );
+        }
+    }
+}
+
+#[test]
 fn fused_norm_and_silu_match_the_cpu_ops() {
     let dev = gpu();
     let mut rng = Lcg(5);
-    for (rows, h) in [(1usize, 4096usize), (37, 128), (5, 1000)] {
+    // 999: not a multiple of 8, the kernels' one-half-per-access path.
+    for (rows, h) in [(1usize, 4096usize), (37, 128), (5, 1000), (3, 999)] {
         let x = rng.f16s(rows * h, 2.0);
         let a = rng.f16s(rows * h, 2.0);
         let w = rng.f16s(h, 1.0);

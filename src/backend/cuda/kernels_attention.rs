@@ -1,10 +1,10 @@
 //! Launch wrappers of `kernels/attention.cu`: the cache write, paged decode
 //! attention and flash prefill over the paged cache.
 
-use super::{check_f16, device_of, empty, grid, launch, ptr, zeros, Arg, ATTENTION};
+use super::{check_f16, device_of, empty, grid, launch, ptr, Arg, ATTENTION};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use half::f16;
 
 /// Writes k/v rows [n, row] into the cache tensors [slots, row] at `slots`.
@@ -51,9 +51,15 @@ pub struct DecodeShape {
 /// Keys per partition of the decode kernel (PART in kernels/attention.cu).
 pub const DECODE_PART: usize = 512;
 
+/// Keys per shared-memory tile of the decode kernel (DEC_KT).
+const DECODE_TILE: usize = 64;
+
 /// Decode attention: q [B, heads*D] (one token per sequence), block tables
 /// [B, max_blocks] u32, ctx_lens [B] u32 (keys including the query's own);
-/// returns [B, heads*D].
+/// returns [B, heads*D]. Up to 16 query heads per KV head share each K/V
+/// read (the rows of one tensor-core product); a sequence longer than
+/// [`DECODE_PART`] keys is split into partitions of that fixed size, then
+/// combined, so its result does not depend on the rest of the batch.
 pub fn paged_decode(
     q: &Tensor,
     kc: &Tensor,
@@ -66,17 +72,20 @@ pub fn paged_decode(
     let dev = device_of(q)?;
     let b = q.dim(0)?;
     let g = s.heads / s.kv_heads;
-    if !(1..=8).contains(&g) || !crate::backend::HEAD_DIMS.contains(&s.head_dim) {
+    if !(1..=16).contains(&g) || !crate::backend::HEAD_DIMS.contains(&s.head_dim) {
         return Err(Error::Model(format!(
-            "paged_decode: {} query heads per kv head (max 8) and head_dim {} (16/32/64/128) are not supported",
+            "paged_decode: {} query heads per kv head (max 16) and head_dim {} (16/32/64/128) are not supported",
             g, s.head_dim
         )));
     }
     let parts = s.max_keys.div_ceil(DECODE_PART).max(1);
     let q = q.contiguous()?;
-    let po = zeros(&dev, DType::F32, (b, s.heads, parts, s.head_dim))?;
-    let pml = zeros(&dev, DType::F32, (b, s.heads, parts, 2))?;
     let out = empty::<f16>(&dev, (b, s.heads * s.head_dim))?;
+    // One partition: the kernel writes `out` itself and the f32 partials
+    // are not needed (a one-element stand-in keeps the pointers valid).
+    let n = if parts > 1 { b * s.heads * parts } else { 1 };
+    let po = empty::<f32>(&dev, n * s.head_dim)?;
+    let pml = empty::<f32>(&dev, n * 2)?;
     let p = [
         ptr::<f16>(&q)?,
         ptr::<f16>(kc)?,
@@ -85,6 +94,7 @@ pub fn paged_decode(
         ptr::<u32>(ctx_lens)?,
         ptr::<f32>(&po)?,
         ptr::<f32>(&pml)?,
+        ptr::<f16>(&out)?,
     ];
     let ints = [
         s.heads as i32,
@@ -97,14 +107,19 @@ pub fn paged_decode(
     let pi = parts as i32;
     let cfg = LaunchConfig {
         grid_dim: (s.kv_heads as u32, b as u32, parts as u32),
-        block_dim: (32 * g as u32, 1, 1),
-        shared_mem_bytes: 0,
+        block_dim: (128, 1, 1),
+        // Two stages of a K and a V tile (rows padded by 8 halves); the
+        // warps' final combine reuses it.
+        shared_mem_bytes: (2 * 2 * DECODE_TILE * (s.head_dim + 8) * 2) as u32,
     };
     let name = format!("paged_decode_d{}", s.head_dim);
     let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
     args.extend(ints.iter().map(|&x| Arg::I(x)));
     args.extend([Arg::F(scale), Arg::I(pi)]);
     launch(&dev, &ATTENTION, &name, cfg, &args)?;
+    if parts == 1 {
+        return Ok(out);
+    }
     let (ppo, ppml, pout) = (ptr::<f32>(&po)?, ptr::<f32>(&pml)?, ptr::<f16>(&out)?);
     let (d, pi) = (s.head_dim as i32, parts as i32);
     let cfg = LaunchConfig {

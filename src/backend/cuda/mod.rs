@@ -187,6 +187,12 @@ fn grid(n: usize, threads: u32) -> LaunchConfig {
     }
 }
 
+/// 1 when the element-wise kernels may move eight halves per access: `n`
+/// a multiple of 8 and every (non-null) address 16-byte aligned; else 0.
+fn vec8(n: usize, addrs: &[u64]) -> i32 {
+    i32::from(n.is_multiple_of(8) && addrs.iter().all(|a| a % 16 == 0))
+}
+
 fn check_f16(t: &Tensor, what: &str) -> Result<()> {
     if t.dtype() != DType::F16 {
         return Err(Error::Model(format!(
@@ -219,9 +225,10 @@ pub fn rmsnorm_add(
     let pa = add.as_ref().map(ptr::<f16>).transpose()?.unwrap_or(0);
     let pr = if add.is_some() { ptr::<f16>(&res)? } else { 0 };
     let (hh, e) = (h as i32, eps as f32);
+    let vec = vec8(h, &[px, pa, pw, po, pr]);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (if vec != 0 { 128 } else { 256 }, 1, 1),
         shared_mem_bytes: 0,
     };
     use Arg::*;
@@ -230,7 +237,7 @@ pub fn rmsnorm_add(
         &OPS,
         "rmsnorm_add",
         cfg,
-        &[P(px), P(pa), P(pw), P(po), P(pr), I(hh), F(e)],
+        &[P(px), P(pa), P(pw), P(po), P(pr), I(hh), F(e), I(vec)],
     )?;
     Ok((out, res))
 }
@@ -243,13 +250,15 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let out = empty::<f16>(&dev, g.shape().clone())?;
     let n = g.elem_count();
     let (pg, pu, po, nn) = (ptr::<f16>(&g)?, ptr::<f16>(&u)?, ptr::<f16>(&out)?, n);
+    let vec = vec8(n, &[pg, pu, po]);
+    let threads = if vec != 0 { n / 8 } else { n };
     use Arg::*;
     launch(
         &dev,
         &OPS,
         "silu_mul",
-        grid(n, 256),
-        &[P(pg), P(pu), P(po), U(nn as u64)],
+        grid(threads, 256),
+        &[P(pg), P(pu), P(po), U(nn as u64), I(vec)],
     )?;
     Ok(out)
 }
@@ -341,10 +350,13 @@ pub fn rope_qk(
         ptr::<f16>(&qo)?,
         ptr::<f16>(&ko)?,
     ];
+    // (positions are read one u32 per token: their address does not count)
+    let vec = vec8(head_dim / 2, &[p[0], p[1], p[2], p[3], p[5], p[6]]);
     let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
-    args.extend([t as i32, nq as i32, nk as i32, head_dim as i32].map(Arg::I));
+    args.extend([t as i32, nq as i32, nk as i32, head_dim as i32, vec].map(Arg::I));
     let pairs = t * (nq + nk) * head_dim / 2;
-    launch(&dev, &OPS, "rope_qk", grid(pairs, 256), &args)?;
+    let threads = if vec != 0 { pairs / 8 } else { pairs };
+    launch(&dev, &OPS, "rope_qk", grid(threads, 256), &args)?;
     Ok((qo, ko))
 }
 
