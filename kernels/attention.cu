@@ -10,18 +10,19 @@
 
 #include "mma.cuh"
 
-// Copies n rows of `row` halves (k and v) to their cache slots.
+// Copies n rows of `row` halves (k and v, rows ks and vs halves apart: a
+// column slice of a fused q/k/v output is read in place) to their cache slots.
 extern "C" __global__ void kv_write(const half* __restrict__ k, const half* __restrict__ v,
                                     half* __restrict__ kc, half* __restrict__ vc,
-                                    const int* __restrict__ slots, int n, int row) {
+                                    const int* __restrict__ slots, int n, int row, int ks,
+                                    int vs) {
   int vecs = row / 8;
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (size_t)n * vecs) return;
   int r = i / vecs, c = i % vecs;
   size_t dst = (size_t)slots[r] * row + c * 8;
-  size_t src = (size_t)r * row + c * 8;
-  *reinterpret_cast<int4*>(kc + dst) = *reinterpret_cast<const int4*>(k + src);
-  *reinterpret_cast<int4*>(vc + dst) = *reinterpret_cast<const int4*>(v + src);
+  *reinterpret_cast<int4*>(kc + dst) = *reinterpret_cast<const int4*>(k + (size_t)r * ks + c * 8);
+  *reinterpret_cast<int4*>(vc + dst) = *reinterpret_cast<const int4*>(v + (size_t)r * vs + c * 8);
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
@@ -58,12 +59,14 @@ __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
 }
 
 // Decode attention: one query token per sequence, on tensor cores. Grid
-// (kv_heads, B, P), block 4 warps. The G (<= 16) query heads of a KV head
+// (kv_heads, B, P), block NW warps. The G (<= 16) query heads of a KV head
 // are the rows of one m16n8k16 A operand, so each K/V row is read once for
 // all of them. Partition p covers keys [lo + p*PART, lo + (p+1)*PART) of
 // the sequence's visible range [lo, pos]; its keys stream through shared
-// memory in tiles of 64 (K and V double-buffered with cp.async), warp w
+// memory in tiles of 16 * NW keys (K and V, ST stages of cp.async), warp w
 // taking keys 16w..16w+15 of each tile with its own running max and sum.
+// The partition's block-table entries are read into shared memory first,
+// so the tile loads do not wait on them.
 // Scores are rounded as HF's eager f16 arithmetic rounds them (f16 product
 // times the f16 scale) and P to f16 before P V, as in flash prefill. Every
 // boundary (partition, tile, warp) depends only on the sequence's own
@@ -71,9 +74,8 @@ __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
 // P == 1: writes half(O / l) to out [B, nh*D]. P > 1: per (b, head, p) the
 // max and sum (part_ml) and the unnormalised f32 output (part_o).
 #define PART 512
-#define DEC_KT 64
 
-template <int D>
+template <int D, int NW, int ST>
 __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__ kc,
                             const half* __restrict__ vc, const int* __restrict__ tables,
                             const int* __restrict__ ctx_lens, float* __restrict__ part_o,
@@ -83,7 +85,9 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   constexpr int KS = D / 16;  // k-steps of Q K^T
   constexpr int DN = D / 8;   // n-tiles of P V
   constexpr int VPR = D / 8;  // int4 per row
-  extern __shared__ __align__(16) half smem[];  // [2 stages][K, V][64][RS]
+  constexpr int KT = 16 * NW;  // keys per tile
+  constexpr int NT = 32 * NW;  // threads
+  extern __shared__ __align__(16) half smem[];  // [ST][K, V][KT][RS], then the table
   const int kvh = blockIdx.x, b = blockIdx.y, p = blockIdx.z;
   const int G = nh / nkv;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -109,23 +113,33 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
     return;
   }
   const int row = nkv * D;
-  const int* table = tables + (size_t)b * max_blocks;
+  // This partition's block-table entries.
+  int* tab = reinterpret_cast<int*>(smem + ST * 2 * KT * RS);
+  const int b0 = kstart / block_size;
+  for (int i = threadIdx.x; i <= (kend - 1) / block_size - b0; i += NT)
+    tab[i] = tables[(size_t)b * max_blocks + b0 + i];
+  __syncthreads();
   auto load = [&](int k0, int st) {
-    half* ks = smem + st * 2 * DEC_KT * RS;
-    half* vs = ks + DEC_KT * RS;
-    for (int i = threadIdx.x; i < DEC_KT * VPR; i += 128) {
+    half* ks = smem + st * 2 * KT * RS;
+    half* vs = ks + KT * RS;
+#pragma unroll
+    for (int n = 0; n < KT * VPR / NT; n++) {  // VPR / 2 vectors of each matrix per thread
+      const int i = threadIdx.x + n * NT;
       const int r = i / VPR, c = (i % VPR) * 8;
       const int kp = k0 + r;
       const bool ok = kp < kend;
-      const size_t slot = ok ? (size_t)table[kp / block_size] * block_size + kp % block_size : 0;
+      const size_t slot = ok ? (size_t)tab[kp / block_size - b0] * block_size + kp % block_size : 0;
       const size_t off = slot * row + (size_t)kvh * D + c;
       cp_async16(ks + r * RS + c, kc + off, ok);
       cp_async16(vs + r * RS + c, vc + off, ok);
     }
   };
-  const int ntiles = (kend - kstart + DEC_KT - 1) / DEC_KT;
-  load(kstart, 0);
-  cp_async_commit();
+  const int ntiles = (kend - kstart + KT - 1) / KT;
+#pragma unroll
+  for (int i = 0; i < ST - 1; i++) {
+    if (i < ntiles) load(kstart + i * KT, i);
+    cp_async_commit();
+  }
 
   // Q fragments: rows g and g + 8 are query heads kvh*G + g (+8), zero past G.
   uint32_t qa[KS][4];
@@ -151,17 +165,14 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   const half sh = __float2half(scale);
 
   for (int it = 0; it < ntiles; it++) {
-    const int st = it & 1;
-    if (it + 1 < ntiles) {
-      load(kstart + (it + 1) * DEC_KT, st ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    // Tile it + ST - 1 goes into the stage tile it - 1 used (free since the
+    // previous iteration's closing barrier); an empty group keeps the count.
+    if (it + ST - 1 < ntiles) load(kstart + (it + ST - 1) * KT, (it + ST - 1) % ST);
+    cp_async_commit();
+    cp_async_wait<ST - 1>();
     __syncthreads();
-    const half* ks = smem + st * 2 * DEC_KT * RS + warp * 16 * RS;
-    const half* vs = ks + DEC_KT * RS;
+    const half* ks = smem + (it % ST) * 2 * KT * RS + warp * 16 * RS;
+    const half* vs = ks + KT * RS;
     // S = Q K^T over this warp's 16 keys: 2 n-tiles of 8.
     float s[2][4];
 #pragma unroll
@@ -183,7 +194,7 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
         }
       }
     }
-    const int k0 = kstart + it * DEC_KT + warp * 16;
+    const int k0 = kstart + it * KT + warp * 16;
     float mx[2] = {mrow[0], mrow[1]};
 #pragma unroll
     for (int j = 0; j < 2; j++)
@@ -228,15 +239,15 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
     }
     __syncthreads();  // the next load overwrites this stage
   }
-  // Combine the 4 warps' partial results per query head through smem.
+  // Combine the warps' partial results per query head through smem.
 #pragma unroll
   for (int hr = 0; hr < 2; hr++) {
     lrow[hr] += __shfl_xor_sync(0xffffffffu, lrow[hr], 1);
     lrow[hr] += __shfl_xor_sync(0xffffffffu, lrow[hr], 2);
   }
-  float* red_o = reinterpret_cast<float*>(smem);  // [4 warps][G][D]
-  float* red_m = red_o + 4 * G * D;               // [4][G]
-  float* red_l = red_m + 4 * G;
+  float* red_o = reinterpret_cast<float*>(smem);  // [NW][G][D]
+  float* red_m = red_o + NW * G * D;              // [NW][G]
+  float* red_l = red_m + NW * G;
 #pragma unroll
   for (int hr = 0; hr < 2; hr++) {
     const int r = g + 8 * hr;
@@ -257,10 +268,10 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
     const int r = i / D, d = i % D;
     float m = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < 4; w++) m = fmaxf(m, red_m[w * G + r]);
+    for (int w = 0; w < NW; w++) m = fmaxf(m, red_m[w * G + r]);
     float l = 0.f, acc = 0.f;
 #pragma unroll
-    for (int w = 0; w < 4; w++) {
+    for (int w = 0; w < NW; w++) {
       const float mw = red_m[w * G + r];
       if (mw == -INFINITY) continue;
       const float c = expf(mw - m);
@@ -280,18 +291,23 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   }
 }
 
-#define DECODE(D)                                                                               \
-  extern "C" __global__ void __launch_bounds__(128) paged_decode_d##D(                          \
+#define DECODE(D, NW, ST)                                                                       \
+  extern "C" __global__ void __launch_bounds__(32 * NW) paged_decode_d##D##_w##NW##s##ST(      \
       const half* q, const half* kc, const half* vc, const int* tables, const int* ctx_lens,    \
       float* part_o, float* part_ml, half* out, int nh, int nkv, int max_blocks,                \
       int block_size, int window, float scale, int P) {                                         \
-    decode_impl<D>(q, kc, vc, tables, ctx_lens, part_o, part_ml, out, nh, nkv, max_blocks,     \
-                   block_size, window, scale, P);                                               \
+    decode_impl<D, NW, ST>(q, kc, vc, tables, ctx_lens, part_o, part_ml, out, nh, nkv,         \
+                           max_blocks, block_size, window, scale, P);                           \
   }
-DECODE(16)
-DECODE(32)
-DECODE(64)
-DECODE(128)
+#define DECODE_VARIANTS(D) \
+  DECODE(D, 4, 2)          \
+  DECODE(D, 2, 2)          \
+  DECODE(D, 2, 3)          \
+  DECODE(D, 4, 3)
+DECODE_VARIANTS(16)
+DECODE_VARIANTS(32)
+DECODE_VARIANTS(64)
+DECODE_VARIANTS(128)
 
 // Combines the partitions: grid (B * nh), block D threads (D <= 1024).
 extern "C" __global__ void paged_decode_combine(const float* __restrict__ part_o,

@@ -80,22 +80,28 @@ __device__ __forceinline__ half silu_mul1(half gate, half up) {
   return __hmul(s, up);
 }
 
-// out = f16(silu(gate)) * up, rounded as torch does in f16. vec: n % 8 == 0
-// and the pointers 16-byte aligned; thread i then does elements 8i..8i+7.
+// out [rows, width] = f16(silu(gate)) * up, rounded as torch does in f16;
+// gate and up rows are gs and us halves apart (column slices of one fused
+// gate/up output are read in place). vec: width and strides multiples of 8
+// and the pointers 16-byte aligned; a thread then does 8 elements.
 extern "C" __global__ void silu_mul(const half* __restrict__ gate, const half* __restrict__ up,
-                                    half* __restrict__ out, size_t n, int vec) {
+                                    half* __restrict__ out, int rows, int width, int gs, int us,
+                                    int vec) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (vec) {
-    if (i >= n / 8) return;
+    const int vecs = width / 8;
+    if (i >= (size_t)rows * vecs) return;
+    const size_t r = i / vecs, c = (i % vecs) * 8;
     H8 g, u, o;
-    g.v = reinterpret_cast<const int4*>(gate)[i];
-    u.v = reinterpret_cast<const int4*>(up)[i];
+    g.v = *reinterpret_cast<const int4*>(gate + r * gs + c);
+    u.v = *reinterpret_cast<const int4*>(up + r * us + c);
 #pragma unroll
     for (int j = 0; j < 8; j++) o.h[j] = silu_mul1(g.h[j], u.h[j]);
-    reinterpret_cast<int4*>(out)[i] = o.v;
+    *reinterpret_cast<int4*>(out + r * width + c) = o.v;
   } else {
-    if (i >= n) return;
-    out[i] = silu_mul1(gate[i], up[i]);
+    if (i >= (size_t)rows * width) return;
+    const size_t r = i / width, c = i % width;
+    out[i] = silu_mul1(gate[r * gs + c], up[r * us + c]);
   }
 }
 
@@ -137,12 +143,15 @@ __device__ __forceinline__ void rope1(half x1, half x2, half c, half s, half* o1
 
 // Rotate-half RoPE on q [T, nq*D] and k [T, nk*D] for token positions pos[T],
 // in HF's f16 order: out1 = x1*c + (-x2)*s, out2 = x2*c + x1*s, each product
-// and the sum rounded to f16. cos/sin: [positions, D/2] tables. vec (D % 16
-// == 0, pointers 16-byte aligned): a thread rotates 8 consecutive pairs.
+// and the sum rounded to f16. cos/sin: [positions, D/2] tables. q and k
+// rows are qs and ks halves apart (column slices of a fused q/k/v output
+// are read in place); qo and ko are dense. vec (D % 16 == 0, strides
+// multiples of 8, pointers 16-byte aligned): a thread rotates 8 pairs.
 extern "C" __global__ void rope_qk(const half* __restrict__ q, const half* __restrict__ k,
                                    const half* __restrict__ cos, const half* __restrict__ sin,
                                    const unsigned* __restrict__ pos, half* __restrict__ qo,
-                                   half* __restrict__ ko, int T, int nq, int nk, int D, int vec) {
+                                   half* __restrict__ ko, int T, int nq, int nk, int D, int qs,
+                                   int ks, int vec) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const int half_d = D / 2;
   const int step = vec ? 8 : 1;  // pairs per thread
@@ -155,10 +164,10 @@ extern "C" __global__ void rope_qk(const half* __restrict__ q, const half* __res
   const half* src;
   half* dst;
   if (h < nq) {
-    src = q + ((size_t)t * nq + h) * D;
+    src = q + (size_t)t * qs + (size_t)h * D;
     dst = qo + ((size_t)t * nq + h) * D;
   } else {
-    src = k + ((size_t)t * nk + (h - nq)) * D;
+    src = k + (size_t)t * ks + (size_t)(h - nq) * D;
     dst = ko + ((size_t)t * nk + (h - nq)) * D;
   }
   const size_t cs = (size_t)pos[t] * half_d + j;
@@ -249,4 +258,23 @@ extern "C" __global__ void topk_rows(const float* __restrict__ logits, const flo
       break;
     }
   }
+}
+
+// Reads n int4 (a bandwidth ceiling for the read-bound kernels): each
+// thread keeps four loads in flight; the XOR only keeps them from being
+// optimised away (out is written only if it hits a fixed value).
+extern "C" __global__ void read_sum(const int4* __restrict__ x, size_t n, unsigned* __restrict__ out) {
+  unsigned acc = 0;
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  for (; i + 3 * stride < n; i += 4 * stride) {
+    int4 a = x[i], b = x[i + stride], c = x[i + 2 * stride], d = x[i + 3 * stride];
+    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^
+           d.z ^ d.w;
+  }
+  for (; i < n; i += stride) {
+    int4 a = x[i];
+    acc ^= a.x ^ a.y ^ a.z ^ a.w;
+  }
+  if (acc == 0x9e3779b9u) out[0] = acc;
 }

@@ -129,8 +129,9 @@ impl PagedKvCache {
         })
     }
 
-    /// Writes the batch's k/v [T, kv_heads, d] and attends q [T, heads, d];
-    /// returns [T, heads*d].
+    /// Writes the batch's k/v [T, kv_heads*d] and attends q [T, heads*d];
+    /// returns [T, heads*d]. k and v need only contiguous rows: column
+    /// slices of a fused q/k/v output are read in place on CUDA.
     pub fn attention(
         &mut self,
         layer: usize,

@@ -224,8 +224,8 @@ impl CpuKv {
 }
 
 impl CpuKv {
-    /// Writes each chunk's k/v [n, kv_heads, d] into its blocks and attends
-    /// its q [n, heads, d] over positions `0..start + n`; [T, heads*d].
+    /// Writes each chunk's k/v [n, kv_heads*d] into its blocks and attends
+    /// its q [n, heads*d] over positions `0..start + n`; [T, heads*d].
     pub(super) fn attention(
         &mut self,
         layer: usize,
@@ -235,6 +235,10 @@ impl CpuKv {
         v: &Tensor,
         window: Option<usize>,
     ) -> Result<Tensor> {
+        let (t, d) = (q.dim(0)?, self.head_dim);
+        let q = q.reshape((t, (), d))?;
+        let k = k.reshape((t, self.kv_heads, d))?;
+        let v = v.reshape((t, self.kv_heads, d))?;
         let mut outs = Vec::with_capacity(chunks.len());
         let mut off = 0;
         for (start, n, blocks) in chunks {

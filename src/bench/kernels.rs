@@ -2,7 +2,7 @@
 //! against cuBLAS f16 on Mistral-7B's shapes, decode attention against the
 //! device-to-device copy bandwidth, and the two ceilings themselves.
 
-use crate::cuda::{self, DecodeShape, GptqGpu};
+use crate::cuda::{self, DecodeShape, DecodeVariant, GptqGpu};
 use crate::model::linear::RandomGptq;
 use crate::quant::GptqMode;
 use crate::Result;
@@ -51,6 +51,15 @@ pub fn copy_gbs(dev: &Device) -> Result<f64> {
         Ok(())
     })?;
     Ok(2.0 * (n * 2) as f64 / t / 1e9)
+}
+
+/// Read bandwidth, GB/s: a kernel that only reads 4 GiB (four 16-byte
+/// loads in flight per thread); the ceiling for the read-bound kernels.
+pub fn read_gbs(dev: &Device) -> Result<f64> {
+    let n = 1usize << 31; // 4 GiB of f16
+    let a = cuda::fill_f16(&cuda::cuda(dev)?, n, 4, -1.0, 1.0)?;
+    let t = time(dev, 10, || cuda::read_all(&a))?;
+    Ok((n * 2) as f64 / t / 1e9)
 }
 
 /// One GEMM measurement. Wall figures include the host's launch cost
@@ -186,13 +195,18 @@ pub struct AttnRow {
     pub batch: usize,
     /// Keys per sequence.
     pub ctx: usize,
+    /// The kernel build measured.
+    pub variant: DecodeVariant,
+    /// Whether it is the build the engine uses.
+    pub default: bool,
     /// K/V bytes read per second, GB/s.
     pub gbs: f64,
     /// Microseconds per call (one layer).
     pub us: f64,
 }
 
-/// Decode attention on Mistral-7B's heads (32 q, 8 kv, d 128, blocks of 16).
+/// Decode attention on Mistral-7B's heads (32 q, 8 kv, d 128, blocks of
+/// 16), every build of the kernel per case.
 pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<AttnRow>> {
     let cd = cuda::cuda(dev)?;
     let (nh, nkv, d, bs) = (32, 8, 128, 16);
@@ -217,19 +231,22 @@ pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Att
             window: 0,
             max_keys: ctx,
         };
-        let t = time(dev, 20, || {
-            cuda::paged_decode(&q, &kc, &vc, &tables, &ctxs, &shape)?;
-            Ok(())
-        })?;
-        let bytes = (b * ctx * nkv * d * 2 * 2) as f64;
-        rows.push(AttnRow {
-            batch: b,
-            ctx,
-            gbs: bytes / t / 1e9,
-            us: t * 1e6,
-        });
+        for variant in DecodeVariant::ALL {
+            let t = time(dev, 20, || {
+                cuda::paged_decode_with(&q, &kc, &vc, &tables, &ctxs, &shape, variant)?;
+                Ok(())
+            })?;
+            let bytes = (b * ctx * nkv * d * 2 * 2) as f64;
+            rows.push(AttnRow {
+                batch: b,
+                ctx,
+                variant,
+                default: variant == DecodeVariant::default(),
+                gbs: bytes / t / 1e9,
+                us: t * 1e6,
+            });
+        }
     }
-    let _ = DType::F16;
     Ok(rows)
 }
 

@@ -101,14 +101,40 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                 report.insert("gemm".into(), serde_json::to_value(&rows)?);
                 let att = bench::kernels::attention_table(
                     &dev,
-                    &[(64, 512), (256, 1024), (256, 2048), (32, 8192)],
+                    &[(64, 512), (256, 1024), (256, 2048), (512, 192), (64, 8192)],
                 )?;
-                println!("decode attention (32 q / 8 kv heads, d 128): batch ctx GB/s us  (copy {copy:.0} GB/s)");
-                for r in &att {
-                    println!("  {:>4} {:>5} {:>7.0} {:>8.1}", r.batch, r.ctx, r.gbs, r.us);
+                let read = bench::kernels::read_gbs(&dev)?;
+                report.insert("read_gbs".into(), read.into());
+                println!(
+                    "decode attention (32 q / 8 kv heads, d 128): batch ctx, then GB/s and % of the read ceiling ({read:.0} GB/s) per build (warps x stages; * the engine's)"
+                );
+                for case in att.chunk_by(|a, b| (a.batch, a.ctx) == (b.batch, b.ctx)) {
+                    let cells: Vec<String> = case
+                        .iter()
+                        .map(|r| {
+                            let mark = if r.default { "*" } else { " " };
+                            let v = r.variant;
+                            format!(
+                                "{}x{}{mark} {:>5.0} {:>3.0}%",
+                                v.warps,
+                                v.stages,
+                                r.gbs,
+                                100.0 * r.gbs / read
+                            )
+                        })
+                        .collect();
+                    println!(
+                        "  {:>4} {:>5}  {}",
+                        case[0].batch,
+                        case[0].ctx,
+                        cells.join("  ")
+                    );
                 }
                 report.insert("attention".into(), serde_json::to_value(&att)?);
-                let pre = bench::kernels::prefill_table(&dev, &[(4, 2048), (16, 512), (1, 4096)])?;
+                let pre = bench::kernels::prefill_table(
+                    &dev,
+                    &[(4, 2048), (16, 512), (1, 4096), (64, 128)],
+                )?;
                 println!(
                     "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens us TFLOP/s  (cuBLAS {matmul:.0})"
                 );

@@ -385,6 +385,18 @@ fn fused_norm_and_silu_match_the_cpu_ops() {
         assert!(worst < 2e-3, "rmsnorm rows {rows} h {h}: worst rel {worst}");
         let sm = cuda::silu_mul(&xg, &ag).unwrap();
         let want = (xc.silu().unwrap() * &ac).unwrap();
+        // Column slices of one fused [gate | up] output, read in place.
+        let fused = Tensor::cat(&[&xg, &ag], 1).unwrap();
+        let sliced = cuda::silu_mul(
+            &fused.narrow(1, 0, h).unwrap(),
+            &fused.narrow(1, h, h).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            host(&sliced),
+            host(&sm),
+            "silu_mul over slices, rows {rows} h {h}"
+        );
         let (got, want) = (host(&sm), host(&want));
         let worst = got
             .iter()
@@ -475,9 +487,12 @@ fn rope_kernel_matches_hf_f16_order() {
         };
         let (wq, wk) = (rot(&q, nq), rot(&k, nk));
         let up = |v: Vec<f16>, s: (usize, usize)| Tensor::from_vec(v, s, &dev).unwrap();
+        // q and k as column slices of one fused [q | k | v] output.
+        let v = up(rng.f16s(t * nk * d, 2.0), (t, nk * d));
+        let qkv = Tensor::cat(&[&up(q, (t, nq * d)), &up(k, (t, nk * d)), &v], 1).unwrap();
         let (gq, gk) = cuda::rope_qk(
-            &up(q, (t, nq * d)),
-            &up(k, (t, nk * d)),
+            &qkv.narrow(1, 0, nq * d).unwrap(),
+            &qkv.narrow(1, nq * d, nk * d).unwrap(),
             &up(cos, (p, half_d)),
             &up(sin, (p, half_d)),
             &Tensor::from_vec(positions, t, &dev).unwrap(),
@@ -512,9 +527,12 @@ fn kv_write_puts_every_row_in_its_slot() {
     let init = rng.f16s(slots_total * row, 1.0);
     let kc = Tensor::from_vec(init.clone(), (slots_total, row), &dev).unwrap();
     let vc = Tensor::from_vec(init.clone(), (slots_total, row), &dev).unwrap();
+    // v as a column slice of a wider output (rows 2 * row apart), read in place.
+    let vw = Tensor::from_vec(v.clone(), (n, row), &dev).unwrap();
+    let wide = Tensor::cat(&[&vw, &vw.zeros_like().unwrap()], 1).unwrap();
     cuda::kv_write(
         &Tensor::from_vec(k.clone(), (n, row), &dev).unwrap(),
-        &Tensor::from_vec(v.clone(), (n, row), &dev).unwrap(),
+        &wide.narrow(1, 0, row).unwrap(),
         &kc,
         &vc,
         &Tensor::from_vec(slots.clone(), n, &dev).unwrap(),

@@ -36,6 +36,8 @@ struct Prefill {
 
 struct Decode {
     rows: Tensor,
+    /// Every row of the step is a decode row, in order (q needs no gather).
+    whole: bool,
     tables: Tensor,
     ctx: Tensor,
     max_keys: usize,
@@ -152,9 +154,11 @@ impl CudaKv {
                 }
             }
             let bd = rows.len();
+            let whole = prefill.is_empty();
             let max_keys = *ctx.iter().max().unwrap_or(&1) as usize;
             Some(Decode {
                 rows: Tensor::from_vec(rows, bd, dev)?,
+                whole,
                 tables: Tensor::from_vec(flat, (bd, maxb), dev)?,
                 ctx: Tensor::from_vec(ctx, bd, dev)?,
                 max_keys,
@@ -179,7 +183,8 @@ impl CudaKv {
         })
     }
 
-    /// Writes k/v and attends; q [T, heads, d], k/v [T, kv_heads, d].
+    /// Writes k/v and attends; q [T, heads*d], k/v [T, kv_heads*d] (rows
+    /// contiguous; v may be a column slice of the fused q/k/v output).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention(
         &mut self,
@@ -191,21 +196,19 @@ impl CudaKv {
         v: &Tensor,
         window: Option<usize>,
     ) -> Result<Tensor> {
-        let (t, nh, d) = q.dims3()?;
+        let (t, nh) = (q.dim(0)?, self.heads);
+        let d = q.dim(1)? / nh;
         let nkv = self.kv_heads;
-        let row = nkv * d;
         let (kc, vc) = &self.layers[layer];
-        cuda::kv_write(
-            &k.reshape((t, row))?,
-            &v.reshape((t, row))?,
-            kc,
-            vc,
-            &b.slots,
-        )?;
-        let q2 = q.reshape((t, nh * d))?;
+        cuda::kv_write(k, v, kc, vc, &b.slots)?;
+        let q2 = q.contiguous()?;
         let dec = match &b.decode {
             Some(dd) => Some(cuda::paged_decode(
-                &q2.index_select(&dd.rows, 0)?,
+                &if dd.whole {
+                    q2.clone()
+                } else {
+                    q2.index_select(&dd.rows, 0)?
+                },
                 kc,
                 vc,
                 &dd.tables,

@@ -1,33 +1,28 @@
 //! Launch wrappers of `kernels/attention.cu`: the cache write, paged decode
 //! attention and flash prefill over the paged cache.
 
-use super::{check_f16, device_of, empty, grid, launch, ptr, Arg, ATTENTION};
+use super::{check_f16, device_of, empty, grid, launch, ptr, rows_ptr, Arg, ATTENTION};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{Device, Tensor};
 use half::f16;
 
-/// Writes k/v rows [n, row] into the cache tensors [slots, row] at `slots`.
+/// Writes k/v rows [n, row] into the cache tensors [slots, row] at `slots`;
+/// k and v need only contiguous rows (v may be a column slice of a fused
+/// q/k/v output, read in place).
 pub fn kv_write(k: &Tensor, v: &Tensor, kc: &Tensor, vc: &Tensor, slots: &Tensor) -> Result<()> {
     check_f16(k, "kv_write")?;
     let dev = device_of(k)?;
     let (n, row) = k.dims2()?;
-    if row % 8 != 0 {
+    let ((pk, ks), (pv, vs)) = (rows_ptr::<f16>(k)?, rows_ptr::<f16>(v)?);
+    if row % 8 != 0 || ks % 8 != 0 || vs % 8 != 0 || pk % 16 != 0 || pv % 16 != 0 {
         return Err(Error::Model(format!(
-            "kv_write: row of {row} halves is not a multiple of 8"
+            "kv_write: rows of {row} halves, {ks} and {vs} apart, are not whole 16-byte vectors"
         )));
     }
-    let (k, v) = (k.contiguous()?, v.contiguous()?);
-    let p = [
-        ptr::<f16>(&k)?,
-        ptr::<f16>(&v)?,
-        ptr::<f16>(kc)?,
-        ptr::<f16>(vc)?,
-        ptr::<u32>(slots)?,
-    ];
-    let (ni, ri) = (n as i32, row as i32);
+    let p = [pk, pv, ptr::<f16>(kc)?, ptr::<f16>(vc)?, ptr::<u32>(slots)?];
     let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
-    args.extend([Arg::I(ni), Arg::I(ri)]);
+    args.extend([n, row, ks, vs].map(|x| Arg::I(x as i32)));
     launch(&dev, &ATTENTION, "kv_write", grid(n * row / 8, 256), &args)?;
     Ok(())
 }
@@ -51,8 +46,43 @@ pub struct DecodeShape {
 /// Keys per partition of the decode kernel (PART in kernels/attention.cu).
 pub const DECODE_PART: usize = 512;
 
-/// Keys per shared-memory tile of the decode kernel (DEC_KT).
-const DECODE_TILE: usize = 64;
+/// A build of the decode kernel: `warps` per block (each 16 keys of a
+/// tile) and `stages` of K/V tiles in flight through shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DecodeVariant {
+    /// Warps per block.
+    pub warps: usize,
+    /// Pipeline stages.
+    pub stages: usize,
+}
+
+impl DecodeVariant {
+    /// The builds in kernels/attention.cu (DECODE_VARIANTS).
+    pub const ALL: [DecodeVariant; 4] = [
+        DecodeVariant {
+            warps: 4,
+            stages: 2,
+        },
+        DecodeVariant {
+            warps: 2,
+            stages: 2,
+        },
+        DecodeVariant {
+            warps: 2,
+            stages: 3,
+        },
+        DecodeVariant {
+            warps: 4,
+            stages: 3,
+        },
+    ];
+}
+
+impl Default for DecodeVariant {
+    fn default() -> Self {
+        Self::ALL[0]
+    }
+}
 
 /// Decode attention: q [B, heads*D] (one token per sequence), block tables
 /// [B, max_blocks] u32, ctx_lens [B] u32 (keys including the query's own);
@@ -68,7 +98,23 @@ pub fn paged_decode(
     ctx_lens: &Tensor,
     s: &DecodeShape,
 ) -> Result<Tensor> {
+    paged_decode_with(q, kc, vc, tables, ctx_lens, s, DecodeVariant::default())
+}
+
+/// [`paged_decode`] through a chosen build of the kernel (for benchmarks).
+pub fn paged_decode_with(
+    q: &Tensor,
+    kc: &Tensor,
+    vc: &Tensor,
+    tables: &Tensor,
+    ctx_lens: &Tensor,
+    s: &DecodeShape,
+    v: DecodeVariant,
+) -> Result<Tensor> {
     check_f16(q, "paged_decode")?;
+    if !DecodeVariant::ALL.contains(&v) {
+        return Err(Error::Model(format!("paged_decode: no build {v:?}")));
+    }
     let dev = device_of(q)?;
     let b = q.dim(0)?;
     let g = s.heads / s.kv_heads;
@@ -105,14 +151,17 @@ pub fn paged_decode(
     ];
     let scale = 1.0f32 / (s.head_dim as f32).sqrt();
     let pi = parts as i32;
+    // The stages of a K and a V tile of 16 keys per warp (rows padded by 8
+    // halves; the warps' final combine reuses them), then the partition's
+    // block-table entries.
+    let tile = 16 * v.warps;
+    let table = 4 * (DECODE_PART.div_ceil(s.block_size) + 2);
     let cfg = LaunchConfig {
         grid_dim: (s.kv_heads as u32, b as u32, parts as u32),
-        block_dim: (128, 1, 1),
-        // Two stages of a K and a V tile (rows padded by 8 halves); the
-        // warps' final combine reuses it.
-        shared_mem_bytes: (2 * 2 * DECODE_TILE * (s.head_dim + 8) * 2) as u32,
+        block_dim: (32 * v.warps as u32, 1, 1),
+        shared_mem_bytes: (v.stages * 2 * tile * (s.head_dim + 8) * 2 + table) as u32,
     };
-    let name = format!("paged_decode_d{}", s.head_dim);
+    let name = format!("paged_decode_d{}_w{}s{}", s.head_dim, v.warps, v.stages);
     let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
     args.extend(ints.iter().map(|&x| Arg::I(x)));
     args.extend([Arg::F(scale), Arg::I(pi)]);

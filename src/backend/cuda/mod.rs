@@ -13,8 +13,8 @@ pub use device::{
     Event,
 };
 pub use kernels_attention::{
-    flash_prefill, kv_write, paged_decode, prefill_tiles, DecodeShape, PrefillChunk, PrefillShape,
-    DECODE_PART, PREFILL_TILE,
+    flash_prefill, kv_write, paged_decode, paged_decode_with, prefill_tiles, DecodeShape,
+    DecodeVariant, PrefillChunk, PrefillShape, DECODE_PART, PREFILL_TILE,
 };
 
 pub use gptq::{GptqGpu, STAGE_MAX_M};
@@ -147,6 +147,26 @@ pub(crate) fn ptr<T: CudaDType>(t: &Tensor) -> Result<u64> {
             t.stride()
         )));
     }
+    addr::<T>(t)
+}
+
+/// A 2-D tensor whose rows are each contiguous (a column slice of a wider
+/// one, e.g. q of a fused q/k/v output): the address of its first element
+/// and the distance between rows, in elements.
+pub(crate) fn rows_ptr<T: CudaDType>(t: &Tensor) -> Result<(u64, usize)> {
+    let (rows, width) = t.dims2()?;
+    let st = t.stride();
+    if width > 1 && st[1] != 1 {
+        return Err(Error::Model(format!(
+            "a CUDA kernel needs rows of contiguous elements, got shape {:?} strides {st:?}",
+            t.dims()
+        )));
+    }
+    let stride = if rows > 1 { st[0] } else { width };
+    Ok((addr::<T>(t)?, stride))
+}
+
+fn addr<T: CudaDType>(t: &Tensor) -> Result<u64> {
     let (st, layout) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*st else {
         return Err(Error::Model("a CUDA kernel was given a CPU tensor".into()));
@@ -242,25 +262,52 @@ pub fn rmsnorm_add(
     Ok((out, res))
 }
 
-/// f16(silu(gate)) * up, elementwise.
+/// f16(silu(gate)) * up, elementwise, for gate and up [rows, width] whose
+/// rows are contiguous (column slices of one fused output are read in
+/// place); returns a dense [rows, width].
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     check_f16(gate, "silu_mul")?;
     let dev = device_of(gate)?;
-    let (g, u) = (gate.contiguous()?, up.contiguous()?);
-    let out = empty::<f16>(&dev, g.shape().clone())?;
-    let n = g.elem_count();
-    let (pg, pu, po, nn) = (ptr::<f16>(&g)?, ptr::<f16>(&u)?, ptr::<f16>(&out)?, n);
-    let vec = vec8(n, &[pg, pu, po]);
-    let threads = if vec != 0 { n / 8 } else { n };
+    let (rows, width) = gate.dims2()?;
+    let ((pg, gs), (pu, us)) = (rows_ptr::<f16>(gate)?, rows_ptr::<f16>(up)?);
+    let out = empty::<f16>(&dev, (rows, width))?;
+    let po = ptr::<f16>(&out)?;
+    let vec = vec8(width, &[pg, pu, po]) & vec8(gs, &[]) & vec8(us, &[]);
+    let threads = rows * if vec != 0 { width / 8 } else { width };
+    let ints = [rows, width, gs, us].map(|x| Arg::I(x as i32));
+    let mut args = vec![Arg::P(pg), Arg::P(pu), Arg::P(po)];
+    args.extend(ints);
+    args.push(Arg::I(vec));
+    launch(&dev, &OPS, "silu_mul", grid(threads, 256), &args)?;
+    Ok(out)
+}
+
+/// Reads every byte of the f16 tensor `t` once (a read-bandwidth ceiling
+/// for benchmarks).
+pub fn read_all(t: &Tensor) -> Result<()> {
+    check_f16(t, "read_all")?;
+    let dev = device_of(t)?;
+    let bytes = t.elem_count() * 2;
+    if bytes % 16 != 0 {
+        return Err(Error::Model(format!(
+            "read_all: {bytes} bytes is not a multiple of 16"
+        )));
+    }
+    let sink = empty::<u32>(&dev, 1)?;
+    let (p, ps) = (ptr::<f16>(t)?, ptr::<u32>(&sink)?);
+    let cfg = LaunchConfig {
+        grid_dim: (132 * 8, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
     use Arg::*;
     launch(
         &dev,
         &OPS,
-        "silu_mul",
-        grid(threads, 256),
-        &[P(pg), P(pu), P(po), U(nn as u64), I(vec)],
-    )?;
-    Ok(out)
+        "read_sum",
+        cfg,
+        &[P(p), U((bytes / 16) as u64), P(ps)],
+    )
 }
 
 /// Random u32 words (as a U32 tensor) for dummy quantized weights.
@@ -323,8 +370,9 @@ pub(crate) fn fill_sz(
     Ok(t)
 }
 
-/// HF-order f16 RoPE of q [T, nq*D] and k [T, nk*D] at `positions` [T]
-/// (u32) with full cos/sin tables [P, D/2]; returns (q, k).
+/// HF-order f16 RoPE of q [T, nq*D] and k [T, nk*D] (rows contiguous:
+/// column slices of a fused q/k/v output are read in place) at `positions`
+/// [T] (u32) with full cos/sin tables [P, D/2]; returns dense (q, k).
 pub fn rope_qk(
     q: &Tensor,
     k: &Tensor,
@@ -337,13 +385,13 @@ pub fn rope_qk(
     let dev = device_of(q)?;
     let (t, qw) = q.dims2()?;
     let kw = k.dim(1)?;
-    let (q, k) = (q.contiguous()?, k.contiguous()?);
+    let ((pq, qs), (pk, ks)) = (rows_ptr::<f16>(q)?, rows_ptr::<f16>(k)?);
     let qo = empty::<f16>(&dev, (t, qw))?;
     let ko = empty::<f16>(&dev, (t, kw))?;
     let (nq, nk) = (qw / head_dim, kw / head_dim);
     let p = [
-        ptr::<f16>(&q)?,
-        ptr::<f16>(&k)?,
+        pq,
+        pk,
         ptr::<f16>(cos)?,
         ptr::<f16>(sin)?,
         ptr::<u32>(positions)?,
@@ -351,9 +399,11 @@ pub fn rope_qk(
         ptr::<f16>(&ko)?,
     ];
     // (positions are read one u32 per token: their address does not count)
-    let vec = vec8(head_dim / 2, &[p[0], p[1], p[2], p[3], p[5], p[6]]);
+    let vec =
+        vec8(head_dim / 2, &[p[0], p[1], p[2], p[3], p[5], p[6]]) & vec8(qs, &[]) & vec8(ks, &[]);
     let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
-    args.extend([t as i32, nq as i32, nk as i32, head_dim as i32, vec].map(Arg::I));
+    args.extend([t, nq, nk, head_dim, qs, ks].map(|x| Arg::I(x as i32)));
+    args.push(Arg::I(vec));
     let pairs = t * (nq + nk) * head_dim / 2;
     let threads = if vec != 0 { pairs / 8 } else { pairs };
     launch(&dev, &OPS, "rope_qk", grid(threads, 256), &args)?;

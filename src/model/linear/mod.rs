@@ -64,14 +64,13 @@ pub enum Proj {
 }
 
 impl Proj {
-    /// Whether layers sharing an input are fused on `device`: on the CPU
-    /// only. On CUDA the fused product measured slower end to end (W1 on an
-    /// H100: 12,177 against 15,323 output tok/s, BENCHMARKS.md): its output
-    /// is split by strided copies, which cost more at prefill sizes than the
-    /// launches they save; kernels that read the fused output in place are
-    /// the way to fuse there.
-    pub fn fuses_on(device: &Device) -> bool {
-        device.is_cpu()
+    /// Whether layers sharing an input are fused on `device`: everywhere.
+    /// The parts of the fused output are column slices that the consumers
+    /// (RoPE, the cache write, SiLU-mul) read in place; the first CUDA
+    /// attempt split it by strided copies and measured slower (W1 on an
+    /// H100: 12,177 against 15,323 output tok/s, BENCHMARKS.md).
+    pub fn fuses_on(_device: &Device) -> bool {
+        true
     }
 
     /// Loads the layers of `specs` (same input size) from a checkpoint,
@@ -132,7 +131,8 @@ impl Proj {
         }
     }
 
-    /// The parts' outputs for x [T, in], each [T, width], contiguous.
+    /// The parts' outputs for x [T, in], each [T, width] with contiguous
+    /// rows: fused, they are column slices of the one output (no copy).
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {
             Self::Split(layers) => layers.iter().map(|l| l.forward(x)).collect(),
@@ -142,7 +142,7 @@ impl Proj {
                 widths
                     .iter()
                     .map(|&w| {
-                        let part = y.narrow(1, off, w)?.contiguous()?;
+                        let part = y.narrow(1, off, w)?;
                         off += w;
                         Ok(part)
                     })

@@ -403,17 +403,13 @@ impl Mistral {
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let total = h.dim(0)?;
         let qkv = layer.qkv.forward(h)?;
         t.mark("gemm_qkv")?;
         let (q, k) = self
             .ops
             .rope(&qkv[0], &qkv[1], rope, &batch.positions, (nh, nkv, hd))?;
-        let q = q.reshape((total, nh, hd))?;
-        let k = k.reshape((total, nkv, hd))?;
-        let v = qkv[2].reshape((total, nkv, hd))?;
         t.mark("rope")?;
-        let out = cache.attention(li, batch, &q, &k, &v, c.sliding_window)?;
+        let out = cache.attention(li, batch, &q, &k, &qkv[2], c.sliding_window)?;
         t.mark("attention")?;
         Ok(out)
     }

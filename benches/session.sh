@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device call of a kernel change: GPU tests, the kernel tables of the
+# baseline (runner-base) and the new binary, W1@512 A/B alternating
+# ($AB, default W1@512,W1@512), then the new binary's --breakdown.
+# Usage on the device: OUT=$OUT bash benches/session.sh
+set -uo pipefail
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
+export TEST_MODELS=${TEST_MODELS:-tiny-mistral-gptq-4bit-128g-actorder_True,tiny-mistral-gptq-8bit--1g-actorder_True}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STEPS=tests bash benches/device.sh
+B=/tmp/rb; TOK=$(ls -d "$B"/fixtures/tiny-mistral-* | head -1)
+if [[ -z "${NOKERNELS:-}" ]]; then
+  for bin in runner-base runner; do
+    echo "== kernels $bin $(date +%T)"
+    timeout 200 "$B/$bin" bench jobs/bench.toml --kernels --tokenizer "$TOK" --json "$OUT/kernels-$bin.json" 2>&1 \
+      | grep -v INFO | grep -A30 "decode attention"
+  done
+fi
+bash benches/ab.sh "$B/runner-base" "$B/runner" "$TOK" "${AB:-W1@512,W1@512}"
+if [[ -z "${NOBREAKDOWN:-}" ]]; then
+  echo "== breakdown $(date +%T)"
+  timeout 200 "$B/runner" bench jobs/bench.toml --workload W1 --tokenizer "$TOK" \
+    --set engine.max_num_seqs=512 --breakdown > "$OUT/breakdown.txt" 2>&1
+  grep -v INFO "$OUT/breakdown.txt" | tail -40
+fi
