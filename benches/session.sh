@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call of a kernel change: GPU tests, the kernel tables of the
-# baseline (runner-base) and the new binary, W1@512 A/B alternating
-# ($AB, default W1@512,W1@512), then the new binary's --breakdown.
+# binaries in $KERNEL_BINS (default: runner-base and runner), the workloads
+# in $AB (default W1@512,W1@512) A/B alternating between the baseline
+# (runner-base) and the new binary, then the new binary's --breakdown.
 # Usage on the device: OUT=$OUT bash benches/session.sh
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
@@ -10,10 +11,10 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=tests bash benches/device.sh
 B=/tmp/rb; TOK=$(ls -d "$B"/fixtures/tiny-mistral-* | head -1)
 if [[ -z "${NOKERNELS:-}" ]]; then
-  for bin in runner-base runner; do
+  for bin in ${KERNEL_BINS:-runner-base runner}; do
     echo "== kernels $bin $(date +%T)"
     timeout 200 "$B/$bin" bench jobs/bench.toml --kernels --tokenizer "$TOK" --json "$OUT/kernels-$bin.json" 2>&1 \
-      | grep -v INFO | grep -A30 "decode attention"
+      | grep -v INFO | grep -A40 "decode attention"
   done
 fi
 bash benches/ab.sh "$B/runner-base" "$B/runner" "$TOK" "${AB:-W1@512,W1@512}"
