@@ -71,16 +71,19 @@ __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
 // times the f16 scale) and P to f16 before P V, as in flash prefill. Every
 // boundary (partition, tile, warp) depends only on the sequence's own
 // positions, so a sequence's result does not depend on the batch.
-// P == 1: writes half(O / l) to out [B, nh*D]. P > 1: per (b, head, p) the
-// max and sum (part_ml) and the unnormalised f32 output (part_o).
+// Sequence b's query and output are row rows[b] of q and out [T, nh*D]
+// (rows null: row b), so a mixed step's decode rows are read and written in
+// place. P == 1: writes half(O / l) to out. P > 1: per (b, head, p) the max
+// and sum (part_ml) and the unnormalised f32 output (part_o).
 #define PART 512
 
 template <int D, int NW, int ST>
 __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__ kc,
                             const half* __restrict__ vc, const int* __restrict__ tables,
-                            const int* __restrict__ ctx_lens, float* __restrict__ part_o,
-                            float* __restrict__ part_ml, half* __restrict__ out, int nh, int nkv,
-                            int max_blocks, int block_size, int window, float scale, int P) {
+                            const int* __restrict__ ctx_lens, const unsigned* __restrict__ rows,
+                            float* __restrict__ part_o, float* __restrict__ part_ml,
+                            half* __restrict__ out, int nh, int nkv, int max_blocks,
+                            int block_size, int window, float scale, int P) {
   constexpr int RS = D + 8;   // smem row stride in halves
   constexpr int KS = D / 16;  // k-steps of Q K^T
   constexpr int DN = D / 8;   // n-tiles of P V
@@ -96,12 +99,13 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   const int lo = window > 0 ? max(0, pos - window + 1) : 0;
   const int kstart = lo + p * PART;
   const int kend = min(pos + 1, kstart + PART);
-  const size_t head0 = (size_t)b * nh + kvh * G;  // this group's first (b, head) row
+  const size_t head0 = (size_t)b * nh + kvh * G;  // this group's first (b, head) partial
+  const size_t qhead0 = (size_t)(rows != nullptr ? rows[b] : b) * nh + kvh * G;  // in q / out
   if (kstart >= kend) {
     for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
       const size_t bh = head0 + i / D;
       if (P == 1) {
-        out[bh * D + i % D] = __float2half(0.f);
+        out[(qhead0 + i / D) * D + i % D] = __float2half(0.f);
       } else {
         part_o[(bh * P + p) * D + i % D] = 0.f;
         if (i % D == 0) {
@@ -144,8 +148,8 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   // Q fragments: rows g and g + 8 are query heads kvh*G + g (+8), zero past G.
   uint32_t qa[KS][4];
   {
-    const half* qra = q + (head0 + g) * D;
-    const half* qrb = q + (head0 + g + 8) * D;
+    const half* qra = q + (qhead0 + g) * D;
+    const half* qrb = q + (qhead0 + g + 8) * D;
     const bool va = g < G, vb = g + 8 < G;
 #pragma unroll
     for (int s = 0; s < KS; s++) {
@@ -280,7 +284,7 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
     }
     const size_t bh = head0 + r;
     if (P == 1) {
-      out[bh * D + d] = __float2half(l > 0.f ? acc / l : 0.f);
+      out[(qhead0 + r) * D + d] = __float2half(l > 0.f ? acc / l : 0.f);
     } else {
       part_o[(bh * P + p) * D + d] = acc;
       if (d == 0) {
@@ -294,14 +298,14 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
 #define DECODE(D, NW, ST)                                                                       \
   extern "C" __global__ void __launch_bounds__(32 * NW) paged_decode_d##D##_w##NW##s##ST(      \
       const half* q, const half* kc, const half* vc, const int* tables, const int* ctx_lens,    \
-      float* part_o, float* part_ml, half* out, int nh, int nkv, int max_blocks,                \
-      int block_size, int window, float scale, int P) {                                         \
-    decode_impl<D, NW, ST>(q, kc, vc, tables, ctx_lens, part_o, part_ml, out, nh, nkv,         \
+      const unsigned* rows, float* part_o, float* part_ml, half* out, int nh, int nkv,          \
+      int max_blocks, int block_size, int window, float scale, int P) {                         \
+    decode_impl<D, NW, ST>(q, kc, vc, tables, ctx_lens, rows, part_o, part_ml, out, nh, nkv,   \
                            max_blocks, block_size, window, scale, P);                           \
   }
 #define DECODE_VARIANTS(D) \
-  DECODE(D, 4, 2)          \
   DECODE(D, 2, 2)          \
+  DECODE(D, 4, 2)          \
   DECODE(D, 2, 3)          \
   DECODE(D, 4, 3)
 DECODE_VARIANTS(16)
@@ -309,13 +313,17 @@ DECODE_VARIANTS(32)
 DECODE_VARIANTS(64)
 DECODE_VARIANTS(128)
 
-// Combines the partitions: grid (B * nh), block D threads (D <= 1024).
+// Combines the partitions: grid (B * nh), block D threads (D <= 1024);
+// sequence b's output goes to row rows[b] of out (rows null: row b).
 extern "C" __global__ void paged_decode_combine(const float* __restrict__ part_o,
                                                 const float* __restrict__ part_ml,
-                                                half* __restrict__ out, int D, int P) {
+                                                const unsigned* __restrict__ rows,
+                                                half* __restrict__ out, int nh, int D, int P) {
   size_t bh = blockIdx.x;
   int d = threadIdx.x;
   if (d >= D) return;
+  const size_t b = bh / nh;
+  const size_t ob = (rows != nullptr ? rows[b] : b) * nh + bh % nh;
   float mx = -FLT_MAX;
   for (int p = 0; p < P; p++) mx = fmaxf(mx, part_ml[(bh * P + p) * 2]);
   float l = 0.f, o = 0.f;
@@ -326,7 +334,7 @@ extern "C" __global__ void paged_decode_combine(const float* __restrict__ part_o
     l += part_ml[(bh * P + p) * 2 + 1] * c;
     o += part_o[(bh * P + p) * D + d] * c;
   }
-  out[bh * D + d] = __float2half(l > 0.f ? o / l : 0.f);
+  out[ob * D + d] = __float2half(l > 0.f ? o / l : 0.f);
 }
 
 // Prefill attention over the paged cache, flash style (never materializes

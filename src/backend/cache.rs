@@ -149,7 +149,6 @@ impl PagedKvCache {
                     .gpu
                     .as_ref()
                     .expect("a CUDA cache prepares GPU batches"),
-                &batch.chunks,
                 q,
                 k,
                 v,

@@ -330,6 +330,61 @@ fn paged_decode_of_a_sequence_does_not_depend_on_its_batch() {
         h.chunks(nh * d).map(|c| c.to_vec()).collect()
     };
     let alone: Vec<Vec<f32>> = (0..ctx.len()).map(|i| run(&[i]).remove(0)).collect();
+    // In place, as in a mixed step: the sequences' queries at rows 1, 3, 5,
+    // 7 of a wider q, outputs to the same rows, the other rows untouched.
+    let seqs = [0usize, 1, 2, 3];
+    let maxb = *per.iter().max().unwrap();
+    let mut tables = vec![0u32; seqs.len() * maxb];
+    for (r, &i) in seqs.iter().enumerate() {
+        for j in 0..per[i] {
+            tables[r * maxb + j] = first[i] + j as u32;
+        }
+    }
+    let width = nh * d;
+    let mut qw = vec![f16::ZERO; 2 * seqs.len() * width];
+    for (r, &i) in seqs.iter().enumerate() {
+        qw[(2 * r + 1) * width..(2 * r + 2) * width].copy_from_slice(&qs[i]);
+    }
+    let q = Tensor::from_vec(qw, (2 * seqs.len(), width), &dev).unwrap();
+    let out = Tensor::zeros((2 * seqs.len(), width), DType::F16, &dev).unwrap();
+    let rows: Vec<u32> = (0..seqs.len() as u32).map(|r| 2 * r + 1).collect();
+    let rows = Tensor::from_vec(rows, seqs.len(), &dev).unwrap();
+    cuda::paged_decode_into(
+        cuda::DecodeIo {
+            q: &q,
+            rows: Some(&rows),
+            out: &out,
+        },
+        &kc,
+        &vc,
+        &Tensor::from_vec(tables, (seqs.len(), maxb), &dev).unwrap(),
+        &Tensor::from_vec(
+            seqs.iter().map(|&i| ctx[i] as u32).collect(),
+            seqs.len(),
+            &dev,
+        )
+        .unwrap(),
+        &DecodeShape {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+            block_size: bs,
+            window: 0,
+            max_keys: 2500,
+        },
+        Default::default(),
+    )
+    .unwrap();
+    let got = host(&out);
+    for (r, &i) in seqs.iter().enumerate() {
+        assert!(got[2 * r * width..(2 * r + 1) * width]
+            .iter()
+            .all(|&v| v == 0.0));
+        assert!(
+            got[(2 * r + 1) * width..(2 * r + 2) * width] == alone[i][..],
+            "row {r} in place"
+        );
+    }
     for seqs in [vec![0usize, 1, 2, 3], vec![2, 0], vec![3, 1], vec![1, 1, 0]] {
         for (r, got) in run(&seqs).iter().enumerate() {
             let i = seqs[r];

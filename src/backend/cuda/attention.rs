@@ -2,7 +2,7 @@
 //! one batched decode kernel for every single-token chunk, and one flash
 //! prefill kernel for every longer chunk (head dims 16, 32, 64, 128).
 
-use super::{self as cuda, DecodeShape, PrefillChunk, PrefillShape};
+use super::{self as cuda, DecodeIo, DecodeShape, PrefillChunk, PrefillShape};
 use crate::backend::KvShape;
 use crate::kv::{BlockCopy, BlockId};
 use crate::Result;
@@ -185,12 +185,12 @@ impl CudaKv {
 
     /// Writes k/v and attends; q [T, heads*d], k/v [T, kv_heads*d] (rows
     /// contiguous; v may be a column slice of the fused q/k/v output).
-    #[allow(clippy::too_many_arguments)]
+    /// Both kernels write their rows of one output in place: the flash
+    /// kernel the prefill chunks', the decode kernel the single tokens'.
     pub(crate) fn attention(
         &mut self,
         layer: usize,
         b: &GpuBatch,
-        chunks: &[(usize, usize, Vec<BlockId>)],
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -201,77 +201,40 @@ impl CudaKv {
         let nkv = self.kv_heads;
         let (kc, vc) = &self.layers[layer];
         cuda::kv_write(k, v, kc, vc, &b.slots)?;
-        let q2 = q.contiguous()?;
-        let dec = match &b.decode {
-            Some(dd) => Some(cuda::paged_decode(
-                &if dd.whole {
-                    q2.clone()
-                } else {
-                    q2.index_select(&dd.rows, 0)?
-                },
+        let q = q.contiguous()?;
+        let out = cuda::empty::<half::f16>(&cuda::cuda(q.device())?, (t, nh * d))?;
+        if let Some(p) = &b.prefill {
+            cuda::flash_prefill(
+                &q,
                 kc,
                 vc,
-                &dd.tables,
-                &dd.ctx,
-                &DecodeShape {
-                    heads: self.heads,
+                &p.keys,
+                (&p.tiles, p.ntiles),
+                &out,
+                &PrefillShape {
+                    heads: nh,
                     kv_heads: nkv,
                     head_dim: d,
-                    block_size: self.block_size,
                     window: window.unwrap_or(0),
-                    max_keys: window.map_or(dd.max_keys, |w| dd.max_keys.min(w)),
                 },
-            )?),
-            None => None,
-        };
-        let flash = match &b.prefill {
-            Some(p) => {
-                let out = cuda::empty::<half::f16>(&cuda::cuda(q.device())?, (t, nh * d))?;
-                cuda::flash_prefill(
-                    &q2,
-                    kc,
-                    vc,
-                    &p.keys,
-                    (&p.tiles, p.ntiles),
-                    &out,
-                    &PrefillShape {
-                        heads: nh,
-                        kv_heads: nkv,
-                        head_dim: d,
-                        window: window.unwrap_or(0),
-                    },
-                )?;
-                if dec.is_none() {
-                    return Ok(out);
-                }
-                Some(out)
-            }
-            None => None,
-        };
-        // Mixed batch: the chunks' rows in order, from the two kernels.
-        let mut pieces: Vec<Tensor> = Vec::new();
-        let (mut off, mut di, mut run) = (0usize, 0usize, 0usize);
-        for (_, n, _) in chunks {
-            if *n == 1 {
-                run += 1;
-                off += n;
-                continue;
-            }
-            if run > 0 {
-                pieces.push(dec.as_ref().expect("decode rows").narrow(0, di, run)?);
-                di += run;
-                run = 0;
-            }
-            pieces.push(flash.as_ref().expect("prefill rows").narrow(0, off, *n)?);
-            off += n;
+            )?;
         }
-        if run > 0 {
-            pieces.push(dec.as_ref().expect("decode rows").narrow(0, di, run)?);
+        if let Some(dd) = &b.decode {
+            let io = DecodeIo {
+                q: &q,
+                rows: (!dd.whole).then_some(&dd.rows),
+                out: &out,
+            };
+            let shape = DecodeShape {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: d,
+                block_size: self.block_size,
+                window: window.unwrap_or(0),
+                max_keys: window.map_or(dd.max_keys, |w| dd.max_keys.min(w)),
+            };
+            cuda::paged_decode_into(io, kc, vc, &dd.tables, &dd.ctx, &shape, Default::default())?;
         }
-        Ok(if pieces.len() == 1 {
-            pieces.pop().expect("one piece")
-        } else {
-            Tensor::cat(&pieces, 0)?
-        })
+        Ok(out)
     }
 }

@@ -111,12 +111,43 @@ pub fn paged_decode_with(
     s: &DecodeShape,
     v: DecodeVariant,
 ) -> Result<Tensor> {
-    check_f16(q, "paged_decode")?;
+    let out = empty::<f16>(&device_of(q)?, (q.dim(0)?, s.heads * s.head_dim))?;
+    let io = DecodeIo {
+        q,
+        rows: None,
+        out: &out,
+    };
+    paged_decode_into(io, kc, vc, tables, ctx_lens, s, v)?;
+    Ok(out)
+}
+
+/// Where the decode kernel reads its queries and writes its output.
+pub struct DecodeIo<'a> {
+    /// Queries [T, heads*D].
+    pub q: &'a Tensor,
+    /// Row of q and of out for each sequence (u32 [B]); `None`: row b.
+    pub rows: Option<&'a Tensor>,
+    /// Output [T, heads*D]; only the sequences' rows are written.
+    pub out: &'a Tensor,
+}
+
+/// Decode attention for the B sequences of `ctx_lens` [B], reading each
+/// one's query from, and writing its output to, its row of `io`.
+pub fn paged_decode_into(
+    io: DecodeIo<'_>,
+    kc: &Tensor,
+    vc: &Tensor,
+    tables: &Tensor,
+    ctx_lens: &Tensor,
+    s: &DecodeShape,
+    v: DecodeVariant,
+) -> Result<()> {
+    check_f16(io.q, "paged_decode")?;
     if !DecodeVariant::ALL.contains(&v) {
         return Err(Error::Model(format!("paged_decode: no build {v:?}")));
     }
-    let dev = device_of(q)?;
-    let b = q.dim(0)?;
+    let dev = device_of(io.q)?;
+    let b = ctx_lens.dim(0)?;
     let g = s.heads / s.kv_heads;
     if !(1..=16).contains(&g) || !crate::backend::HEAD_DIMS.contains(&s.head_dim) {
         return Err(Error::Model(format!(
@@ -124,23 +155,31 @@ pub fn paged_decode_with(
             g, s.head_dim
         )));
     }
+    let width = s.heads * s.head_dim;
+    if io.q.dims2()?.1 != width || io.out.dims2()? != io.q.dims2()? {
+        return Err(Error::Model(format!(
+            "paged_decode: q {:?} and out {:?} must both be [T, {width}]",
+            io.q.dims(),
+            io.out.dims()
+        )));
+    }
     let parts = s.max_keys.div_ceil(DECODE_PART).max(1);
-    let q = q.contiguous()?;
-    let out = empty::<f16>(&dev, (b, s.heads * s.head_dim))?;
     // One partition: the kernel writes `out` itself and the f32 partials
     // are not needed (a one-element stand-in keeps the pointers valid).
     let n = if parts > 1 { b * s.heads * parts } else { 1 };
     let po = empty::<f32>(&dev, n * s.head_dim)?;
     let pml = empty::<f32>(&dev, n * 2)?;
+    let prows = io.rows.map(ptr::<u32>).transpose()?.unwrap_or(0);
     let p = [
-        ptr::<f16>(&q)?,
+        ptr::<f16>(io.q)?,
         ptr::<f16>(kc)?,
         ptr::<f16>(vc)?,
         ptr::<u32>(tables)?,
         ptr::<u32>(ctx_lens)?,
+        prows,
         ptr::<f32>(&po)?,
         ptr::<f32>(&pml)?,
-        ptr::<f16>(&out)?,
+        ptr::<f16>(io.out)?,
     ];
     let ints = [
         s.heads as i32,
@@ -167,10 +206,10 @@ pub fn paged_decode_with(
     args.extend([Arg::F(scale), Arg::I(pi)]);
     launch(&dev, &ATTENTION, &name, cfg, &args)?;
     if parts == 1 {
-        return Ok(out);
+        return Ok(());
     }
-    let (ppo, ppml, pout) = (ptr::<f32>(&po)?, ptr::<f32>(&pml)?, ptr::<f16>(&out)?);
-    let (d, pi) = (s.head_dim as i32, parts as i32);
+    let (ppo, ppml, pout) = (ptr::<f32>(&po)?, ptr::<f32>(&pml)?, ptr::<f16>(io.out)?);
+    let (nh, d) = (s.heads as i32, s.head_dim as i32);
     let cfg = LaunchConfig {
         grid_dim: ((b * s.heads) as u32, 1, 1),
         block_dim: (s.head_dim as u32, 1, 1),
@@ -182,9 +221,8 @@ pub fn paged_decode_with(
         &ATTENTION,
         "paged_decode_combine",
         cfg,
-        &[P(ppo), P(ppml), P(pout), I(d), I(pi)],
-    )?;
-    Ok(out)
+        &[P(ppo), P(ppml), P(prows), P(pout), I(nh), I(d), I(pi)],
+    )
 }
 
 /// One prefill chunk for [`flash_prefill`]: rows `row0..row0 + n` of q and

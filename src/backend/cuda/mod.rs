@@ -13,8 +13,8 @@ pub use device::{
     Event,
 };
 pub use kernels_attention::{
-    flash_prefill, kv_write, paged_decode, paged_decode_with, prefill_tiles, DecodeShape,
-    DecodeVariant, PrefillChunk, PrefillShape, DECODE_PART, PREFILL_TILE,
+    flash_prefill, kv_write, paged_decode, paged_decode_into, paged_decode_with, prefill_tiles,
+    DecodeIo, DecodeShape, DecodeVariant, PrefillChunk, PrefillShape, DECODE_PART, PREFILL_TILE,
 };
 
 pub use gptq::{GptqGpu, STAGE_MAX_M};
