@@ -9,41 +9,51 @@ union H8 {
   half h[8];
 };
 
+// Vectors of eight halves of a row that each thread of rmsnorm_add keeps
+// in registers on its vector path (H <= 8 * NORM_RV * blockDim.x).
+#define NORM_RV 8
+
 // One block per row of H. With `add` non-null: res = x + add (f16, as HF's
 // residual add), written to res_out; then out = w * f16(r * rsqrt(mean(r^2) + eps))
-// with the mean in f32. vec: H % 8 == 0 and every pointer 16-byte aligned,
-// so each thread moves eight halves per access.
+// with the mean in f32. vec: H % 8 == 0, H / 8 <= NORM_RV * blockDim.x and
+// every pointer 16-byte aligned: each thread moves eight halves per access
+// and keeps its part of the row (and of w) in registers across the mean.
 extern "C" __global__ void rmsnorm_add(const half* __restrict__ x, const half* __restrict__ add,
                                        const half* __restrict__ w, half* __restrict__ out,
                                        half* __restrict__ res_out, int H, float eps, int vec) {
   __shared__ float red[32];
   size_t base = (size_t)blockIdx.x * H;
   float ss = 0.f;
+  H8 r[NORM_RV], wv[NORM_RV];
   if (vec) {
-    for (int i = threadIdx.x; i < H / 8; i += blockDim.x) {
-      H8 r;
-      r.v = reinterpret_cast<const int4*>(x + base)[i];
+    const int nv = H / 8;
+#pragma unroll
+    for (int k = 0; k < NORM_RV; k++) {
+      const int i = threadIdx.x + k * blockDim.x;
+      if (i >= nv) break;
+      r[k].v = reinterpret_cast<const int4*>(x + base)[i];
+      wv[k].v = reinterpret_cast<const int4*>(w)[i];
       if (add != nullptr) {
         H8 a;
         a.v = reinterpret_cast<const int4*>(add + base)[i];
 #pragma unroll
-        for (int j = 0; j < 8; j++) r.h[j] = __hadd(r.h[j], a.h[j]);
-        reinterpret_cast<int4*>(res_out + base)[i] = r.v;
+        for (int j = 0; j < 8; j++) r[k].h[j] = __hadd(r[k].h[j], a.h[j]);
+        reinterpret_cast<int4*>(res_out + base)[i] = r[k].v;
       }
 #pragma unroll
       for (int j = 0; j < 8; j++) {
-        float f = __half2float(r.h[j]);
+        float f = __half2float(r[k].h[j]);
         ss += f * f;
       }
     }
   } else {
     for (int i = threadIdx.x; i < H; i += blockDim.x) {
-      half r = x[base + i];
+      half rr = x[base + i];
       if (add != nullptr) {
-        r = __hadd(r, add[base + i]);
-        res_out[base + i] = r;
+        rr = __hadd(rr, add[base + i]);
+        res_out[base + i] = rr;
       }
-      float f = __half2float(r);
+      float f = __half2float(rr);
       ss += f * f;
     }
   }
@@ -54,19 +64,20 @@ extern "C" __global__ void rmsnorm_add(const half* __restrict__ x, const half* _
   ss = 0.f;
   for (int k = 0; k < nw; k++) ss += red[k];
   float inv = rsqrtf(ss / H + eps);
-  const half* src = add != nullptr ? res_out : x;
   if (vec) {
-    // Each thread reads back the vectors it wrote itself.
-    for (int i = threadIdx.x; i < H / 8; i += blockDim.x) {
-      H8 r, wv, o;
-      r.v = reinterpret_cast<const int4*>(src + base)[i];
-      wv.v = reinterpret_cast<const int4*>(w)[i];
+    const int nv = H / 8;
+#pragma unroll
+    for (int k = 0; k < NORM_RV; k++) {
+      const int i = threadIdx.x + k * blockDim.x;
+      if (i >= nv) break;
+      H8 o;
 #pragma unroll
       for (int j = 0; j < 8; j++)
-        o.h[j] = __hmul(wv.h[j], __float2half(__half2float(r.h[j]) * inv));
+        o.h[j] = __hmul(wv[k].h[j], __float2half(__half2float(r[k].h[j]) * inv));
       reinterpret_cast<int4*>(out + base)[i] = o.v;
     }
   } else {
+    const half* src = add != nullptr ? res_out : x;
     for (int i = threadIdx.x; i < H; i += blockDim.x) {
       half nrm = __float2half(__half2float(src[base + i]) * inv);
       out[base + i] = __hmul(w[i], nrm);

@@ -57,14 +57,18 @@ pub struct DecodeVariant {
 }
 
 impl DecodeVariant {
-    /// The builds in kernels/attention.cu (DECODE_VARIANTS).
+    /// The builds in kernels/attention.cu (DECODE_VARIANTS). The first is
+    /// the engine's, for every batch (a build's tile size sets the order of
+    /// its sums, so one build keeps a sequence's result independent of the
+    /// batch): 2 x 2 was the fastest at short contexts in runs 31 and 32
+    /// (H200, BENCHMARKS.md) and within 3% of 4 x 2 at long ones.
     pub const ALL: [DecodeVariant; 4] = [
         DecodeVariant {
-            warps: 4,
+            warps: 2,
             stages: 2,
         },
         DecodeVariant {
-            warps: 2,
+            warps: 4,
             stages: 2,
         },
         DecodeVariant {

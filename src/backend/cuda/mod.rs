@@ -245,7 +245,9 @@ pub fn rmsnorm_add(
     let pa = add.as_ref().map(ptr::<f16>).transpose()?.unwrap_or(0);
     let pr = if add.is_some() { ptr::<f16>(&res)? } else { 0 };
     let (hh, e) = (h as i32, eps as f32);
-    let vec = vec8(h, &[px, pa, pw, po, pr]);
+    // The vector path keeps a row in registers: up to 8 vectors of 8
+    // halves per thread of 128 (NORM_RV in kernels/ops.cu).
+    let vec = vec8(h, &[px, pa, pw, po, pr]) & i32::from(h <= 8 * 8 * 128);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (if vec != 0 { 128 } else { 256 }, 1, 1),
