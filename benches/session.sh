@@ -2,7 +2,7 @@
 # One device call of a kernel change: GPU tests, the kernel tables of the
 # binaries in $KERNEL_BINS (default: runner-base and runner), the workloads
 # in $AB (default W1@512,W1@512) A/B alternating between the baseline
-# (runner-base) and the new binary, then the new binary's --breakdown.
+# (runner-base) and the new binary, then the new binary's breakdowns.
 # Usage on the device: OUT=$OUT bash benches/session.sh
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib
@@ -17,10 +17,14 @@ if [[ -z "${NOKERNELS:-}" ]]; then
       | grep -v INFO | grep -A40 "decode attention"
   done
 fi
-bash benches/ab.sh "$B/runner-base" "$B/runner" "$TOK" "${AB:-W1@512,W1@512}"
-if [[ -z "${NOBREAKDOWN:-}" ]]; then
-  echo "== breakdown $(date +%T)"
-  timeout 200 "$B/runner" bench jobs/bench.toml --workload W1 --tokenizer "$TOK" \
-    --set engine.max_num_seqs=512 --breakdown > "$OUT/breakdown.txt" 2>&1
-  grep -v INFO "$OUT/breakdown.txt" | tail -40
-fi
+bash benches/ab.sh "$B/runner-base" "$B/runner" "$TOK" "${AB-W1@512,W1@512}"
+# Breakdowns: $BREAKDOWNS, comma-separated W@seqs[:scale] (default W1@512).
+b_list=${BREAKDOWNS-W1@512}
+for s in ${b_list//,/ }; do
+  w=${s%%@*}; rest=${s#*@}; seqs=${rest%%:*}; scale=1
+  [[ $rest == *:* ]] && scale=${rest#*:}
+  echo "== breakdown $s $(date +%T)"
+  timeout 200 "$B/runner" bench jobs/bench.toml --workload "$w" --scale "$scale" --tokenizer "$TOK" \
+    --set engine.max_num_seqs="$seqs" --breakdown > "$OUT/breakdown-$w-$seqs.txt" 2>&1
+  grep -v INFO "$OUT/breakdown-$w-$seqs.txt" | tail -40
+done
