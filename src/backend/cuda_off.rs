@@ -161,12 +161,10 @@ impl CudaKv {
     }
 
     /// Writes k/v and attends q.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention(
         &mut self,
         _layer: usize,
         _b: &GpuBatch,
-        _chunks: &[(usize, usize, Vec<BlockId>)],
         _q: &Tensor,
         _k: &Tensor,
         _v: &Tensor,

@@ -435,7 +435,11 @@ impl Mistral {
             ),
             LogitRows::These(r) => Some(r.to_vec()),
         };
+        // Every row in order (a decode-only step): nothing to pick.
+        let all =
+            |p: &[u32]| p.len() == x.dim(0).unwrap_or(0) && p.iter().zip(0..).all(|(&r, i)| r == i);
         let (x, pending) = match pick {
+            Some(p) if all(&p) => (x, pending),
             None => (x, pending),
             Some(pick) => {
                 let n = pick.len();
