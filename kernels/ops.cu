@@ -289,3 +289,119 @@ extern "C" __global__ void read_sum(const int4* __restrict__ x, size_t n, unsign
   }
   if (acc == 0x9e3779b9u) out[0] = acc;
 }
+
+// HF's repetition penalty in place on f32 rows [R, V]: listed token ids[i]
+// of row row_of[i] becomes l < 0 ? l * p : l / p (p = pen[row]). The host
+// lists each token at most once per row, so no two threads touch one value.
+extern "C" __global__ void penalize_rows(float* __restrict__ rows, const unsigned* __restrict__ ids,
+                                         const unsigned* __restrict__ row_of,
+                                         const float* __restrict__ pen, int n, int V) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n || ids[i] >= (unsigned)V) return;
+  float* l = rows + (size_t)row_of[i] * V + ids[i];
+  const float p = pen[row_of[i]];
+  *l = *l < 0.f ? *l * p : *l / p;
+}
+
+// Block-wide reductions of one value per thread (blockDim.x a multiple of
+// 32, at most 1024); every thread gets the result.
+__device__ float block_max(float v, float* sh) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float m = -INFINITY;
+  for (int w = 0; w < (int)(blockDim.x >> 5); w++) m = fmaxf(m, sh[w]);
+  __syncthreads();
+  return m;
+}
+
+// Per row of f32 logits [R, V] at temperature temps[r], as the host sampler
+// computes them: max = the largest finite v / t, and the f64 sum of
+// exp(f64(v / t - max)) over the finite values (norms[r] = {max, sum}).
+// draw_rows also draws: with u = us[r], the first token (in id order) at
+// which the running sum passes u * sum (ids[r]; 0xffffffff: no finite
+// value). Each thread sums a contiguous run of ids in order, the runs are
+// prefixed in thread order, and the run holding the target walks it, so
+// the draw differs from the host's one sequential sum by rounding only.
+__device__ void row_stats(const float* row, float t, int V, int per, float* shf, double* shd,
+                          float* max_out, double* local_out, double* before_out, double* total_out) {
+  const int lo = threadIdx.x * per, hi = min(V, lo + per);
+  float m = -INFINITY;
+  for (int i = lo; i < hi; i++)
+    if (isfinite(row[i])) m = fmaxf(m, row[i] / t);
+  m = block_max(m, shf);
+  double s = 0.0;
+  if (m != -INFINITY)
+    for (int i = lo; i < hi; i++)
+      if (isfinite(row[i])) s += exp((double)(row[i] / t - m));
+  shd[threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {  // exclusive prefix in thread order, then the total
+    double acc = 0.0;
+    for (int k = 0; k < (int)blockDim.x; k++) {
+      const double x = shd[k];
+      shd[k] = acc;
+      acc += x;
+    }
+    shd[blockDim.x] = acc;
+  }
+  __syncthreads();
+  *max_out = m;
+  *local_out = s;
+  *before_out = shd[threadIdx.x];
+  *total_out = shd[blockDim.x];
+  __syncthreads();
+}
+
+extern "C" __global__ void row_norms(const float* __restrict__ rows, const float* __restrict__ temps,
+                                     float* __restrict__ maxes, double* __restrict__ sums, int V) {
+  __shared__ float shf[32];
+  __shared__ double shd[1025];
+  const int per = (V + blockDim.x - 1) / blockDim.x;
+  float m;
+  double local, before, total;
+  row_stats(rows + (size_t)blockIdx.x * V, temps[blockIdx.x], V, per, shf, shd, &m, &local, &before,
+            &total);
+  if (threadIdx.x == 0) {
+    maxes[blockIdx.x] = m;
+    sums[blockIdx.x] = total;
+  }
+}
+
+extern "C" __global__ void draw_rows(const float* __restrict__ rows, const float* __restrict__ temps,
+                                     const double* __restrict__ us, unsigned* __restrict__ ids, int V) {
+  __shared__ float shf[32];
+  __shared__ double shd[1025];
+  __shared__ unsigned found, last;
+  const float* row = rows + (size_t)blockIdx.x * V;
+  const float t = temps[blockIdx.x];
+  const int per = (V + blockDim.x - 1) / blockDim.x;
+  float m;
+  double local, before, total;
+  if (threadIdx.x == 0) {
+    found = 0xffffffffu;
+    last = 0xffffffffu;
+  }
+  row_stats(row, t, V, per, shf, shd, &m, &local, &before, &total);
+  const int lo = threadIdx.x * per, hi = min(V, lo + per);
+  if (m != -INFINITY) {
+    const double target = us[blockIdx.x] * total;
+    int last_here = -1;
+    for (int i = lo; i < hi; i++)
+      if (isfinite(row[i])) last_here = i;
+    if (last_here >= 0) atomicMax(reinterpret_cast<int*>(&last), last_here);  // ids < 2^31
+    if (target < before + local) {
+      double acc = before;
+      for (int i = lo; i < hi; i++) {
+        if (!isfinite(row[i])) continue;
+        acc += exp((double)(row[i] / t - m));
+        if (target < acc) {
+          atomicMin(&found, (unsigned)i);
+          break;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) ids[blockIdx.x] = found != 0xffffffffu ? found : last;
+}

@@ -78,6 +78,34 @@ impl Ops for CpuOps {
         Err(Error::Engine("the CPU backend samples on the host".into()))
     }
 
+    fn penalize(&self, rows: &Tensor, seen: &[Vec<u32>], penalties: &[f32]) -> Result<Tensor> {
+        let mut host = rows.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        for ((row, s), &p) in host.iter_mut().zip(seen).zip(penalties) {
+            crate::sampler::apply_repetition_penalty(row, s, p as f64);
+        }
+        let (r, v) = rows.dims2()?;
+        Ok(Tensor::from_vec(host.concat(), (r, v), rows.device())?)
+    }
+
+    fn row_norms(&self, rows: &Tensor, temps: &[f32]) -> Result<Vec<(f32, f64)>> {
+        let host = rows.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(host
+            .iter()
+            .zip(temps)
+            .map(|(row, &t)| crate::sampler::row_norm(row, t))
+            .collect())
+    }
+
+    fn draw(&self, rows: &Tensor, temps: &[f32], us: &[f64]) -> Result<Vec<Option<u32>>> {
+        let host = rows.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(host
+            .iter()
+            .zip(temps)
+            .zip(us)
+            .map(|((row, &t), &u)| crate::sampler::draw_row(row, t, u))
+            .collect())
+    }
+
     fn peak_memory(&self, _: &Device) -> Option<usize> {
         None
     }

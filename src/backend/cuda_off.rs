@@ -102,6 +102,21 @@ pub fn topk_rows(_logits: &Tensor, _temps: &[f32], _k: usize) -> Result<Vec<Vec<
     off()
 }
 
+/// The device repetition penalty: not in this build.
+pub fn penalize_rows(_rows: &Tensor, _seen: &[Vec<u32>], _penalties: &[f32]) -> Result<()> {
+    off()
+}
+
+/// The device row normalisers: not in this build.
+pub fn row_norms(_rows: &Tensor, _temps: &[f32]) -> Result<Vec<(f32, f64)>> {
+    off()
+}
+
+/// The device draw: not in this build.
+pub fn draw_rows(_rows: &Tensor, _temps: &[f32], _us: &[f64]) -> Result<Vec<Option<u32>>> {
+    off()
+}
+
 /// A GPTQ layer on the GPU: cannot exist in this build.
 #[derive(Debug, Clone)]
 pub enum GptqGpu {}

@@ -7,7 +7,7 @@ use super::{LayerTarget, LinearWeight, Ops};
 use crate::cuda;
 use crate::quant::{GptqMode, GptqWeight, RandomGptq, TiledGptq};
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// Our CUDA kernels.
 #[derive(Debug)]
@@ -71,6 +71,20 @@ impl Ops for CudaOps {
         k: usize,
     ) -> Result<Vec<Vec<(u32, f32)>>> {
         cuda::topk_rows(rows, temps, k)
+    }
+
+    fn penalize(&self, rows: &Tensor, seen: &[Vec<u32>], penalties: &[f32]) -> Result<Tensor> {
+        let out = rows.to_dtype(DType::F32)?.copy()?;
+        cuda::penalize_rows(&out, seen, penalties)?;
+        Ok(out)
+    }
+
+    fn row_norms(&self, rows: &Tensor, temps: &[f32]) -> Result<Vec<(f32, f64)>> {
+        cuda::row_norms(&rows.contiguous()?, temps)
+    }
+
+    fn draw(&self, rows: &Tensor, temps: &[f32], us: &[f64]) -> Result<Vec<Option<u32>>> {
+        cuda::draw_rows(&rows.contiguous()?, temps, us)
     }
 
     fn peak_memory(&self, dev: &Device) -> Option<usize> {

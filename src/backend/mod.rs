@@ -119,6 +119,20 @@ pub trait Ops: std::fmt::Debug + Send + Sync {
         k: usize,
     ) -> Result<Vec<Vec<(u32, f32)>>>;
 
+    /// f32 `rows` [R, V] with HF's repetition penalty applied, on the
+    /// device: row r's distinct tokens of `seen[r]`, by `penalties[r]`.
+    fn penalize(&self, rows: &Tensor, seen: &[Vec<u32>], penalties: &[f32]) -> Result<Tensor>;
+
+    /// Per row at temperature `temps[r]`, as the host sampler computes
+    /// them: (the largest finite logit / t, the f64 sum of
+    /// exp(f64(logit / t - max)) over the finite logits).
+    fn row_norms(&self, rows: &Tensor, temps: &[f32]) -> Result<Vec<(f32, f64)>>;
+
+    /// Per row: the token drawn with the uniform `us[r]` from
+    /// softmax(logits / t) over every finite logit in id order (the host
+    /// sampler's draw with neither top-k nor top-p); `None`: no finite logit.
+    fn draw(&self, rows: &Tensor, temps: &[f32], us: &[f64]) -> Result<Vec<Option<u32>>>;
+
     /// The most device memory this process's tensors took since the last
     /// measurement started (`None` where not measured).
     fn peak_memory(&self, dev: &Device) -> Option<usize>;

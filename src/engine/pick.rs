@@ -1,9 +1,16 @@
 //! Sampler picks: the next token of every sampling chunk, chosen on the
-//! device where the settings allow (greedy argmax; top-k candidates on
-//! CUDA), else from the row's logits on the host.
+//! device where the backend samples there (CUDA): greedy argmax, top-k
+//! candidates (k <= the backend's top-k), the top-p nucleus from the
+//! row's best candidates and its normaliser, or the draw over the whole
+//! row, each after the repetition penalty on the device. The host then
+//! draws from the candidates with the record's RNG exactly as from its own
+//! sorted list. Else (the CPU backend; top_k above the device's; a stop
+//! token still masked by `min_new_tokens`; a nucleus wider than the
+//! candidates) the row's logits go to the host sampler.
 
 use super::runner::StepLogits;
 use crate::config::GenerationParams;
+use crate::sampler;
 use crate::scheduler::{RequestKind, Scheduler, StepPlan};
 use crate::Result;
 use candle_core::{DType, Tensor};
@@ -11,12 +18,18 @@ use candle_core::{DType, Tensor};
 /// A sampled token, or what to sample it from on the host.
 #[derive(Debug, Clone)]
 pub enum Picked {
-    /// Chosen on the device (greedy).
+    /// Chosen on the device without a uniform (greedy).
     Token(u32),
+    /// Drawn on the device with the record's next uniform (which the host
+    /// then consumes, so the record's stream stays the host sampler's).
+    Drawn(u32),
     /// The row's logits, for the host sampler.
     Logits(Vec<f32>),
     /// The device's top-k `(token, logit / t)` in the host sampler's order.
     Candidates(Vec<(u32, f32)>),
+    /// The device's best `(token, logit / t)` in the host sampler's order,
+    /// holding the top-p nucleus, and the row's normaliser.
+    Nucleus(Vec<(u32, f32)>, f64),
 }
 
 #[derive(Debug, PartialEq)]
@@ -24,18 +37,26 @@ enum Route {
     Skip,
     DeviceArgmax,
     DeviceTopK,
+    DeviceNucleus,
+    DeviceDraw,
     Host,
 }
 
 /// Where a row's token is picked: on the device when the backend samples
-/// there (`top_k_max > 0`), no repetition penalty needs the history and no
-/// stop token is masked (`generated < min_new_tokens`).
-fn route(top_k_max: usize, p: &GenerationParams, generated: usize) -> Route {
-    if top_k_max == 0 || p.repetition_penalty != 1.0 || generated < p.min_new_tokens {
+/// there (`top_k_max > 0`) and no stop token is masked (`generated <
+/// min_new_tokens`), by the sampler's settings; top_k >= the vocabulary
+/// is no cut, as on the host.
+fn route(top_k_max: usize, p: &GenerationParams, generated: usize, vocab: usize) -> Route {
+    let k = if p.top_k >= vocab { 0 } else { p.top_k };
+    if top_k_max == 0 || generated < p.min_new_tokens {
         Route::Host
     } else if p.temperature == 0.0 {
         Route::DeviceArgmax
-    } else if p.top_k >= 1 && p.top_k <= top_k_max {
+    } else if k == 0 && p.top_p >= 1.0 {
+        Route::DeviceDraw
+    } else if k == 0 {
+        Route::DeviceNucleus
+    } else if k <= top_k_max {
         Route::DeviceTopK
     } else {
         Route::Host
@@ -49,6 +70,7 @@ pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<
     // Constrained rows are masked on the device; their masked copies are
     // appended to the logits and picked from there.
     let (logits, masked_row) = masked(out, plan, sched)?;
+    let vocab = logits.dim(1)?;
     let routes: Vec<Route> = plan
         .chunks
         .iter()
@@ -58,14 +80,17 @@ pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<
             if req.kind != RequestKind::Generate || n == 0 {
                 Route::Skip
             } else {
-                route(top_k_max, &req.params, req.generated().len())
+                route(top_k_max, &req.params, req.generated().len(), vocab)
             }
         })
         .collect();
     let chunks_of =
         |want: Route| -> Vec<usize> { (0..routes.len()).filter(|&i| routes[i] == want).collect() };
+    let params = |i: usize| &sched.request(plan.chunks[i].seq).params;
     // The sampled row is the last of a generation chunk's span.
     let row = |i: usize| masked_row[i].unwrap_or((out.spans[i].0 + out.spans[i].1 - 1) as u32);
+    let (logits, penalized) = penalized(out, &logits, plan, sched, &routes, row)?;
+    let row = |i: usize| penalized[i].unwrap_or_else(|| row(i));
     let mut picks: Vec<Option<Picked>> = (0..routes.len()).map(|_| None).collect();
     let argmax = chunks_of(Route::DeviceArgmax);
     if !argmax.is_empty() {
@@ -75,20 +100,17 @@ pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<
         }
     }
     let mut host = chunks_of(Route::Host);
+    let temps =
+        |c: &[usize]| -> Vec<f32> { c.iter().map(|&i| params(i).temperature as f32).collect() };
     let topk = chunks_of(Route::DeviceTopK);
     if !topk.is_empty() {
-        let params: Vec<&GenerationParams> = topk
-            .iter()
-            .map(|&i| &sched.request(plan.chunks[i].seq).params)
-            .collect();
         let rows = select(&logits, topk.iter().map(|&i| row(i)).collect())?;
-        let k = params.iter().map(|p| p.top_k).max().unwrap_or(1);
-        let temps: Vec<f32> = params.iter().map(|p| p.temperature as f32).collect();
+        let k = topk.iter().map(|&i| params(i).top_k).max().unwrap_or(1);
         // Only each row's top-k candidates cross PCIe; the host draws from
         // them exactly as from its own sorted, truncated list.
-        let cands = out.ops.top_k_candidates(&rows, &temps, k)?;
-        for ((i, mut c), p) in topk.into_iter().zip(cands).zip(params) {
-            c.truncate(p.top_k);
+        let cands = out.ops.top_k_candidates(&rows, &temps(&topk), k)?;
+        for (i, mut c) in topk.into_iter().zip(cands) {
+            c.truncate(params(i).top_k);
             if c.is_empty() {
                 host.push(i); // no finite logit: the host sampler's fallback
             } else {
@@ -96,13 +118,84 @@ pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<
             }
         }
     }
+    let nucleus = chunks_of(Route::DeviceNucleus);
+    if !nucleus.is_empty() {
+        let rows = select(&logits, nucleus.iter().map(|&i| row(i)).collect())?;
+        let t = temps(&nucleus);
+        let cands = out.ops.top_k_candidates(&rows, &t, top_k_max)?;
+        let norms = out.ops.row_norms(&rows, &t)?;
+        for ((i, c), (_, sum)) in nucleus.into_iter().zip(cands).zip(norms) {
+            if sampler::nucleus_fits(&c, sum, params(i).top_p) {
+                picks[i] = Some(Picked::Nucleus(c, sum));
+            } else {
+                host.push(i); // a nucleus wider than the candidates
+            }
+        }
+    }
+    let draw = chunks_of(Route::DeviceDraw);
+    if !draw.is_empty() {
+        let rows = select(&logits, draw.iter().map(|&i| row(i)).collect())?;
+        // The record's next uniform, read from a copy of its RNG; the host
+        // consumes it when it takes the token.
+        let us: Vec<f64> = draw
+            .iter()
+            .map(|&i| sched.request(plan.chunks[i].seq).rng().clone().next_f64())
+            .collect();
+        for (i, tok) in draw.iter().zip(out.ops.draw(&rows, &temps(&draw), &us)?) {
+            match tok {
+                Some(t) => picks[*i] = Some(Picked::Drawn(t)),
+                None => host.push(*i), // no finite logit
+            }
+        }
+    }
     if !host.is_empty() {
-        let rows = select(&logits, host.iter().map(|&i| row(i)).collect())?;
+        // Unpenalized rows: the host sampler applies the penalty itself.
+        let raw = |i: usize| masked_row[i].unwrap_or((out.spans[i].0 + out.spans[i].1 - 1) as u32);
+        let rows = select(&logits, host.iter().map(|&i| raw(i)).collect())?;
         for (i, r) in host.into_iter().zip(rows.to_vec2::<f32>()?) {
             picks[i] = Some(Picked::Logits(r));
         }
     }
     Ok(picks)
+}
+
+/// The logits with, appended, a penalized copy of the sampled row of each
+/// device-routed chunk whose repetition penalty is not 1 (HF's penalty
+/// over the request's prompt and generated tokens, on the device), and
+/// per chunk the row of its copy.
+fn penalized(
+    out: &StepLogits,
+    logits: &Tensor,
+    plan: &StepPlan,
+    sched: &Scheduler,
+    routes: &[Route],
+    row: impl Fn(usize) -> u32,
+) -> Result<(Tensor, Vec<Option<u32>>)> {
+    let mut at = vec![None; routes.len()];
+    let chunks: Vec<usize> = (0..routes.len())
+        .filter(|&i| {
+            !matches!(routes[i], Route::Skip | Route::Host)
+                && sched.request(plan.chunks[i].seq).params.repetition_penalty != 1.0
+        })
+        .collect();
+    if chunks.is_empty() {
+        return Ok((logits.clone(), at));
+    }
+    let base = logits.dim(0)?;
+    let seen: Vec<Vec<u32>> = chunks
+        .iter()
+        .map(|&i| sched.request(plan.chunks[i].seq).tokens().to_vec())
+        .collect();
+    let pens: Vec<f32> = chunks
+        .iter()
+        .map(|&i| sched.request(plan.chunks[i].seq).params.repetition_penalty as f32)
+        .collect();
+    let rows = select(logits, chunks.iter().map(|&i| row(i)).collect())?;
+    let pen = out.ops.penalize(&rows, &seen, &pens)?;
+    for (j, &i) in chunks.iter().enumerate() {
+        at[i] = Some((base + j) as u32);
+    }
+    Ok((Tensor::cat(&[logits, &pen], 0)?, at))
 }
 
 /// The logits to pick from: `out.logits` with, appended, the masked rows of

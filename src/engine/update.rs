@@ -101,6 +101,11 @@ pub fn apply(
             Some(Picked::Token(t)) => t,
             Some(Picked::Logits(mut row)) => sampler::sample(&mut row, history, params, rng),
             Some(Picked::Candidates(cand)) => sampler::sample_sorted(&cand, params, rng),
+            Some(Picked::Nucleus(cand, sum)) => sampler::sample_nucleus(&cand, sum, params, rng),
+            Some(Picked::Drawn(t)) => {
+                rng.next_f64(); // the uniform the device drew with
+                t
+            }
             None => unreachable!("every sampling chunk of a generation request has a pick"),
         };
         req.timings.first_token.get_or_insert(now);

@@ -103,7 +103,7 @@ pub fn sample(
     let cut = params.top_k > 0 && params.top_k < cand.len();
     if !cut && params.top_p >= 1.0 {
         // Neither top-k nor top-p: no order is needed, no sort.
-        return sample_unordered(&cand, rng);
+        return draw_unordered(&cand, rng);
     }
     if cut {
         // The k best (the order is total, so the set is too), then only
@@ -115,9 +115,61 @@ pub fn sample(
     sample_sorted(&cand, params, rng)
 }
 
+/// A row's normaliser at temperature `t`, as [`sample`] computes it: (the
+/// largest finite logit / t, the f64 sum of exp(f64(logit / t - max)) over
+/// the finite logits); the twin of the device's `row_norms`.
+pub fn row_norm(logits: &[f32], t: f32) -> (f32, f64) {
+    let max = logits
+        .iter()
+        .filter(|v| v.is_finite())
+        .map(|v| v / t)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum = logits
+        .iter()
+        .filter(|v| v.is_finite())
+        .map(|v| ((v / t - max) as f64).exp())
+        .sum();
+    (max, sum)
+}
+
+/// [`sample`]'s draw with neither top-k nor top-p, given its uniform `u`
+/// (the twin of the device's `draw_rows`); `None`: no finite logit.
+pub fn draw_row(logits: &[f32], t: f32, u: f64) -> Option<u32> {
+    let cand: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.is_finite())
+        .map(|(i, &v)| (i as u32, v / t))
+        .collect();
+    if cand.is_empty() {
+        return None;
+    }
+    let mut rng = FixedUniform(Some(u));
+    Some(draw_unordered(&cand, &mut rng))
+}
+
+/// One uniform, handed out once (for the draws given their uniform).
+struct FixedUniform(Option<f64>);
+
+trait Uniform {
+    fn next_f64(&mut self) -> f64;
+}
+
+impl Uniform for RecordRng {
+    fn next_f64(&mut self) -> f64 {
+        RecordRng::next_f64(self)
+    }
+}
+
+impl Uniform for FixedUniform {
+    fn next_f64(&mut self) -> f64 {
+        self.0.take().expect("one uniform per draw")
+    }
+}
+
 /// The draw from every candidate `(token, logit / temperature)` in the
 /// order given (token id order): softmax and one uniform, in O(vocab).
-fn sample_unordered(cand: &[(u32, f32)], rng: &mut RecordRng) -> u32 {
+fn draw_unordered(cand: &[(u32, f32)], rng: &mut impl Uniform) -> u32 {
     let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
     let weights: Vec<f64> = cand.iter().map(|(_, v)| ((v - max) as f64).exp()).collect();
     let target = rng.next_f64() * weights.iter().sum::<f64>();
@@ -137,16 +189,48 @@ fn sample_unordered(cand: &[(u32, f32)], rng: &mut RecordRng) -> u32 {
 /// candidates it selected, so both paths draw identically.
 pub fn sample_sorted(cand: &[(u32, f32)], params: &GenerationParams, rng: &mut RecordRng) -> u32 {
     let max = cand[0].1;
+    let sum: f64 = cand.iter().map(|(_, v)| ((v - max) as f64).exp()).sum();
+    draw_sorted(cand, sum, params.top_p, rng)
+}
+
+/// Whether a row's best candidates (sorted as [`sample_sorted`]'s, the
+/// first the row's largest logit / t) hold [`sample`]'s top-p nucleus under
+/// the row's normaliser `sum` (from [`row_norm`] or the device's twin).
+pub fn nucleus_fits(cand: &[(u32, f32)], sum: f64, top_p: f64) -> bool {
+    let Some(&(_, max)) = cand.first() else {
+        return false;
+    };
+    let mut acc = 0.0;
+    cand.iter().any(|(_, v)| {
+        acc += ((v - max) as f64).exp() / sum;
+        acc >= top_p
+    })
+}
+
+/// [`sample`]'s draw with top-k off and top-p < 1, from the row's best
+/// candidates and its normaliser `sum`, when [`nucleus_fits`]: the same
+/// probabilities, cut and uniform as the host's sort of the whole row.
+pub fn sample_nucleus(
+    cand: &[(u32, f32)],
+    sum: f64,
+    params: &GenerationParams,
+    rng: &mut RecordRng,
+) -> u32 {
+    draw_sorted(cand, sum, params.top_p, rng)
+}
+
+/// Softmax of sorted candidates under `sum`, the top-p cut, one uniform.
+fn draw_sorted(cand: &[(u32, f32)], sum: f64, top_p: f64, rng: &mut RecordRng) -> u32 {
+    let max = cand[0].1;
     let mut probs: Vec<f64> = cand.iter().map(|(_, v)| ((v - max) as f64).exp()).collect();
-    let sum: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= sum);
-    if params.top_p < 1.0 {
+    if top_p < 1.0 {
         // Keep the smallest prefix whose mass reaches top_p (at least one token).
         let mut acc = 0.0;
         let mut keep = probs.len();
         for (i, p) in probs.iter().enumerate() {
             acc += p;
-            if acc >= params.top_p {
+            if acc >= top_p {
                 keep = i + 1;
                 break;
             }
@@ -291,5 +375,86 @@ mod tests {
             cand.truncate(p.top_k);
             assert_eq!(sample_sorted(&cand, &p, &mut r2), want, "case {case}");
         }
+    }
+
+    /// A vocabulary-sized row of peaked logits (a few likely tokens, a long
+    /// tail, some non-finite values), as an LLM's rows look.
+    fn row(seed: u64, n: usize) -> Vec<f32> {
+        let mut r = RecordRng::new(seed, "row");
+        (0..n)
+            .map(|i| match i % 997 {
+                13 => f32::NEG_INFINITY,
+                _ => {
+                    let x = r.next_f64() as f32;
+                    if x > 0.999 {
+                        8.0 + 4.0 * x
+                    } else {
+                        4.0 * x - 2.0
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// The device route's candidates: the row's best `k` (token, v / t) in
+    /// the host's order.
+    fn best(logits: &[f32], t: f32, k: usize) -> Vec<(u32, f32)> {
+        let mut c: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(i, &v)| (i as u32, v / t))
+            .collect();
+        c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        c.truncate(k);
+        c
+    }
+
+    #[test]
+    fn the_nucleus_from_candidates_and_the_row_normaliser_draws_as_the_full_sort() {
+        let mut fitted = 0;
+        for seed in 0..300u64 {
+            let logits = row(seed, 32000);
+            for (t, top_p) in [(0.7f64, 0.9f64), (1.0, 0.5), (1.3, 0.95)] {
+                let p = params(t, 0, top_p);
+                let cand = best(&logits, t as f32, 64);
+                let (max, sum) = row_norm(&logits, t as f32);
+                assert_eq!(max, cand[0].1);
+                if !nucleus_fits(&cand, sum, top_p) {
+                    continue;
+                }
+                fitted += 1;
+                let id = format!("r{seed}");
+                let want = sample(&mut logits.clone(), &[], &p, &mut RecordRng::new(seed, &id));
+                let mut rng = RecordRng::new(seed, &id);
+                assert_eq!(
+                    sample_nucleus(&cand, sum, &p, &mut rng),
+                    want,
+                    "seed {seed} t {t}"
+                );
+            }
+        }
+        assert!(
+            fitted > 300,
+            "only {fitted} rows had their nucleus in 64 candidates"
+        );
+        // A flat row's nucleus is wider than the candidates: not fitted.
+        let flat = vec![0.0f32; 1000];
+        let (_, sum) = row_norm(&flat, 1.0);
+        assert!(!nucleus_fits(&best(&flat, 1.0, 64), sum, 0.9));
+    }
+
+    #[test]
+    fn the_draw_given_its_uniform_is_the_host_samplers_draw() {
+        for seed in 0..300u64 {
+            let logits = row(seed, 32000);
+            let t = 0.8f32;
+            let id = format!("d{seed}");
+            let p = params(t as f64, 0, 1.0);
+            let want = sample(&mut logits.clone(), &[], &p, &mut RecordRng::new(seed, &id));
+            let u = RecordRng::new(seed, &id).next_f64();
+            assert_eq!(draw_row(&logits, t, u), Some(want), "seed {seed}");
+        }
+        assert_eq!(draw_row(&[f32::NAN, f32::NEG_INFINITY], 1.0, 0.5), None);
     }
 }

@@ -202,6 +202,11 @@ impl Request {
         }
     }
 
+    /// The record's (or sample's) sampling RNG, as it stands.
+    pub fn rng(&self) -> &RecordRng {
+        &self.rng
+    }
+
     /// Prompt and generated (or continuation) tokens.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens

@@ -6,6 +6,7 @@ mod attention;
 mod device;
 mod gptq;
 mod kernels_attention;
+mod sample;
 
 pub use attention::{CudaKv, GpuBatch};
 pub use device::{
@@ -18,6 +19,7 @@ pub use kernels_attention::{
 };
 
 pub use gptq::{GptqGpu, STAGE_MAX_M};
+pub use sample::{draw_rows, penalize_rows, row_norms};
 
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
