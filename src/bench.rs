@@ -157,10 +157,11 @@ pub fn run_workload(
     w: &Workload,
     matmul_tflops: f64,
 ) -> Result<WorkloadResult> {
+    // The job's sampler settings (greedy unless `--set generation...`
+    // says otherwise), a fixed length.
     let params = GenerationParams {
         max_new_tokens: w.out,
         ignore_eos: true,
-        temperature: 0.0,
         ..spec.generation.clone()
     };
     let mut items = prompts(w, 17).into_iter().enumerate().map(|(i, ids)| {
