@@ -197,6 +197,56 @@ extern "C" __global__ void rope_qk(const half* __restrict__ q, const half* __res
   }
 }
 
+// rope_qk's rotation with the cache write fused: q goes to the dense qo,
+// the rotated k rows straight to their cache rows (kc row slots[t], kv
+// heads nk of D), and the v rows (vs halves apart) are copied to vc. The
+// vector path only (the caller checks D % 16, strides and alignment): a
+// thread does 8 pairs of one (token, head); heads are nq q, nk k, nk v.
+extern "C" __global__ void rope_qkv_cache(const half* __restrict__ q, const half* __restrict__ k,
+                                          const half* __restrict__ v, const half* __restrict__ cos,
+                                          const half* __restrict__ sin,
+                                          const unsigned* __restrict__ pos,
+                                          const unsigned* __restrict__ slots, half* __restrict__ qo,
+                                          half* __restrict__ kc, half* __restrict__ vc, int T,
+                                          int nq, int nk, int D, int qs, int ks, int vs) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int half_d = D / 2;
+  const int per_h = half_d / 8;
+  const size_t per_t = (size_t)(nq + 2 * nk) * per_h;
+  if (i >= (size_t)T * per_t) return;
+  const int t = i / per_t;
+  const int r = i % per_t;
+  const int h = r / per_h, j = (r % per_h) * 8;
+  const size_t row = (size_t)slots[t] * nk * D;  // the token's cache row
+  if (h >= nq + nk) {
+    const int hv = h - nq - nk;
+    const half* src = v + (size_t)t * vs + (size_t)hv * D;
+    half* dst = vc + row + (size_t)hv * D;
+    *reinterpret_cast<int4*>(dst + j) = *reinterpret_cast<const int4*>(src + j);
+    *reinterpret_cast<int4*>(dst + j + half_d) = *reinterpret_cast<const int4*>(src + j + half_d);
+    return;
+  }
+  const half* src;
+  half* dst;
+  if (h < nq) {
+    src = q + (size_t)t * qs + (size_t)h * D;
+    dst = qo + ((size_t)t * nq + h) * D;
+  } else {
+    src = k + (size_t)t * ks + (size_t)(h - nq) * D;
+    dst = kc + row + (size_t)(h - nq) * D;
+  }
+  const size_t cs = (size_t)pos[t] * half_d + j;
+  H8 x1, x2, c, s, o1, o2;
+  x1.v = *reinterpret_cast<const int4*>(src + j);
+  x2.v = *reinterpret_cast<const int4*>(src + j + half_d);
+  c.v = *reinterpret_cast<const int4*>(cos + cs);
+  s.v = *reinterpret_cast<const int4*>(sin + cs);
+#pragma unroll
+  for (int e = 0; e < 8; e++) rope1(x1.h[e], x2.h[e], c.h[e], s.h[e], &o1.h[e], &o2.h[e]);
+  *reinterpret_cast<int4*>(dst + j) = o1.v;
+  *reinterpret_cast<int4*>(dst + j + half_d) = o2.v;
+}
+
 // Top-k candidates of each row of f32 logits, in the host sampler's order:
 // value v / t descending, ties by lower token id; non-finite values skipped.
 // One block per row; k rounds, each the block-wide best among the elements

@@ -64,6 +64,21 @@ pub enum PagedKvCache {
     Cuda(super::cuda::CudaKv),
 }
 
+/// One layer's attention input: the q/k/v projections ([T, heads*d],
+/// [T, kv_heads*d] twice; rows contiguous, column slices of one fused
+/// product allowed), the RoPE rows from `Ops::rope_rows` and the batch's
+/// positions, the head counts and the sliding window.
+pub struct AttnIn<'a> {
+    /// q, k, v before RoPE.
+    pub qkv: [&'a Tensor; 3],
+    /// The RoPE rows (cos, sin) as `Ops::rope_rows` gave them.
+    pub rope: (&'a Tensor, &'a Tensor),
+    /// (heads, kv heads, head dim).
+    pub dims: (usize, usize, usize),
+    /// Sliding window (keys including the query's own).
+    pub window: Option<usize>,
+}
+
 /// One forward's batch layout, built once and shared by every layer.
 pub struct Batch {
     /// Position of every token of the batch [T] (u32).
@@ -129,31 +144,34 @@ impl PagedKvCache {
         })
     }
 
-    /// Writes the batch's k/v [T, kv_heads*d] and attends q [T, heads*d];
-    /// returns [T, heads*d]. k and v need only contiguous rows: column
-    /// slices of a fused q/k/v output are read in place on CUDA.
-    pub fn attention(
+    /// RoPE over q and k, the cache write of k and v, then attention over
+    /// the cache; returns [T, heads*d]. `t` is marked `rope` after the
+    /// rotation and the cache write (one kernel on CUDA, which writes the
+    /// rotated keys straight to their cache rows).
+    pub fn rope_attention(
         &mut self,
+        ops: &dyn super::Ops,
         layer: usize,
         batch: &Batch,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        window: Option<usize>,
+        a: &AttnIn<'_>,
+        t: &mut super::timeline::Timeline,
     ) -> Result<Tensor> {
+        let [q, k, v] = a.qkv;
         match self {
-            Self::Cpu(c) => c.attention(layer, &batch.chunks, q, k, v, window),
-            Self::Cuda(c) => c.attention(
-                layer,
-                batch
+            Self::Cpu(c) => {
+                let (q, k) = ops.rope(q, k, a.rope, &batch.positions, a.dims)?;
+                t.mark("rope")?;
+                c.attention(layer, &batch.chunks, &q, &k, v, a.window)
+            }
+            Self::Cuda(c) => {
+                let b = batch
                     .gpu
                     .as_ref()
-                    .expect("a CUDA cache prepares GPU batches"),
-                q,
-                k,
-                v,
-                window,
-            ),
+                    .expect("a CUDA cache prepares GPU batches");
+                let q = c.rope_write(layer, b, a, &batch.positions)?;
+                t.mark("rope")?;
+                c.attend(layer, b, &q, a.window)
+            }
         }
     }
 }

@@ -175,14 +175,23 @@ impl CudaKv {
         match *self {}
     }
 
-    /// Writes k/v and attends q.
-    pub(crate) fn attention(
+    /// RoPE and the cache write.
+    pub(crate) fn rope_write(
         &mut self,
         _layer: usize,
         _b: &GpuBatch,
+        _a: &crate::backend::AttnIn<'_>,
+        _positions: &Tensor,
+    ) -> Result<Tensor> {
+        match *self {}
+    }
+
+    /// Attends q over the written cache.
+    pub(crate) fn attend(
+        &self,
+        _layer: usize,
+        _b: &GpuBatch,
         _q: &Tensor,
-        _k: &Tensor,
-        _v: &Tensor,
         _window: Option<usize>,
     ) -> Result<Tensor> {
         match *self {}

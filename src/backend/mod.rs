@@ -23,7 +23,7 @@ mod cuda_ops;
 pub mod device;
 pub mod timeline;
 
-pub use cache::{fresh_tables, Batch, KvShape, PagedKvCache, SeqChunk};
+pub use cache::{fresh_tables, AttnIn, Batch, KvShape, PagedKvCache, SeqChunk};
 pub use cpu::{rope_tables, CpuKv, CpuOps};
 pub use cuda_ops::CudaOps;
 

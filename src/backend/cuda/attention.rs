@@ -3,7 +3,7 @@
 //! prefill kernel for every longer chunk (head dims 16, 32, 64, 128).
 
 use super::{self as cuda, DecodeIo, DecodeShape, PrefillChunk, PrefillShape};
-use crate::backend::KvShape;
+use crate::backend::{AttnIn, KvShape};
 use crate::kv::{BlockCopy, BlockId};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -183,24 +183,44 @@ impl CudaKv {
         })
     }
 
-    /// Writes k/v and attends; q [T, heads*d], k/v [T, kv_heads*d] (rows
-    /// contiguous; v may be a column slice of the fused q/k/v output).
-    /// Both kernels write their rows of one output in place: the flash
-    /// kernel the prefill chunks', the decode kernel the single tokens'.
-    pub(crate) fn attention(
+    /// RoPE over the input's q and k and the cache write of k and v, in
+    /// one kernel where the rows allow (else RoPE, then the write); returns
+    /// the rotated q [T, heads*d].
+    pub(crate) fn rope_write(
         &mut self,
         layer: usize,
         b: &GpuBatch,
+        a: &AttnIn<'_>,
+        positions: &Tensor,
+    ) -> Result<Tensor> {
+        let [q, k, v] = a.qkv;
+        let (cos, sin) = a.rope;
+        let (kc, vc) = &self.layers[layer];
+        let hd = a.dims.2;
+        let fused = cuda::rope_qkv_cache((q, k, v), cos, sin, positions, hd, (kc, vc), &b.slots)?;
+        match fused {
+            Some(q) => Ok(q),
+            None => {
+                let (q, k) = cuda::rope_qk(q, k, cos, sin, positions, hd)?;
+                cuda::kv_write(&k, v, kc, vc, &b.slots)?;
+                Ok(q)
+            }
+        }
+    }
+
+    /// Attends q [T, heads*d] over the cache, whose rows for this batch are
+    /// already written; returns [T, heads*d].
+    pub(crate) fn attend(
+        &self,
+        layer: usize,
+        b: &GpuBatch,
         q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
         window: Option<usize>,
     ) -> Result<Tensor> {
         let (t, nh) = (q.dim(0)?, self.heads);
         let d = q.dim(1)? / nh;
         let nkv = self.kv_heads;
         let (kc, vc) = &self.layers[layer];
-        cuda::kv_write(k, v, kc, vc, &b.slots)?;
         let q = q.contiguous()?;
         let out = cuda::empty::<half::f16>(&cuda::cuda(q.device())?, (t, nh * d))?;
         if let Some(p) = &b.prefill {

@@ -414,6 +414,56 @@ pub fn rope_qk(
     Ok((qo, ko))
 }
 
+/// [`rope_qk`] with the cache write fused: q [T, nq*D], k and v [T,
+/// nk*D] (rows contiguous; column slices of the fused q/k/v output are
+/// read in place); the rotated k and the v rows go straight to the cache
+/// tensors `kc`/`vc` at rows `slots` [T] (u32). Returns the rotated q
+/// (dense), or `None` when the rows are not whole 16-byte vectors (the
+/// caller then runs [`rope_qk`] and the separate cache write).
+pub fn rope_qkv_cache(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    cos: &Tensor,
+    sin: &Tensor,
+    positions: &Tensor,
+    head_dim: usize,
+    (kc, vc): (&Tensor, &Tensor),
+    slots: &Tensor,
+) -> Result<Option<Tensor>> {
+    check_f16(q, "rope_qkv_cache")?;
+    let dev = device_of(q)?;
+    let (t, qw) = q.dims2()?;
+    let kw = k.dim(1)?;
+    let ((pq, qs), (pk, ks), (pv, vs)) = (
+        rows_ptr::<f16>(q)?,
+        rows_ptr::<f16>(k)?,
+        rows_ptr::<f16>(v)?,
+    );
+    let qo = empty::<f16>(&dev, (t, qw))?;
+    let p = [
+        pq,
+        pk,
+        pv,
+        ptr::<f16>(cos)?,
+        ptr::<f16>(sin)?,
+        ptr::<u32>(positions)?,
+        ptr::<u32>(slots)?,
+        ptr::<f16>(&qo)?,
+        ptr::<f16>(kc)?,
+        ptr::<f16>(vc)?,
+    ];
+    let aligned = [p[0], p[1], p[2], p[3], p[4], p[7], p[8], p[9]];
+    let vec = vec8(head_dim / 2, &aligned) & vec8(qs, &[]) & vec8(ks, &[]) & vec8(vs, &[]);
+    if vec == 0 || v.dim(1)? != kw {
+        return Ok(None);
+    }
+    let (nq, nk) = (qw / head_dim, kw / head_dim);
+    let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
+    args.extend([t, nq, nk, head_dim, qs, ks, vs].map(|x| Arg::I(x as i32)));
+    let threads = t * (nq + 2 * nk) * head_dim / 16;
+    launch(&dev, &OPS, "rope_qkv_cache", grid(threads, 256), &args)?;
+    Ok(Some(qo))
+}
+
 /// Most candidates the GPU top-k selection returns per row.
 pub const TOPK_MAX: usize = 64;
 

@@ -12,7 +12,7 @@ pub use config::MistralConfig;
 use super::checkpoint::Checkpoint;
 use super::linear::{GptqMode, Linear, LinearSpec, Proj, RandomGptq};
 use crate::backend::timeline::Timeline;
-use crate::backend::{KvShape, LayerTarget, Ops};
+use crate::backend::{AttnIn, KvShape, LayerTarget, Ops};
 use crate::quant::QuantConfig;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -405,11 +405,13 @@ impl Mistral {
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let qkv = layer.qkv.forward(h)?;
         t.mark("gemm_qkv")?;
-        let (q, k) = self
-            .ops
-            .rope(&qkv[0], &qkv[1], rope, &batch.positions, (nh, nkv, hd))?;
-        t.mark("rope")?;
-        let out = cache.attention(li, batch, &q, &k, &qkv[2], c.sliding_window)?;
+        let input = AttnIn {
+            qkv: [&qkv[0], &qkv[1], &qkv[2]],
+            rope,
+            dims: (nh, nkv, hd),
+            window: c.sliding_window,
+        };
+        let out = cache.rope_attention(self.ops, li, batch, &input, t)?;
         t.mark("attention")?;
         Ok(out)
     }

@@ -1,0 +1,327 @@
+//! Attention kernels on the GPU: paged decode against a float64
+//! reference and across batches, flash prefill against a float64 reference.
+
+use super::{gpu, host, rel_err, Lcg};
+use candle_core::{DType, Tensor};
+use half::f16;
+use runner::cuda::{self, DecodeShape};
+
+#[test]
+fn paged_decode_matches_a_float64_reference() {
+    let dev = gpu();
+    let mut rng = Lcg(11);
+    for (nh, nkv, d, bs, window) in [
+        (32usize, 8usize, 128usize, 16usize, 0usize),
+        (8, 2, 16, 16, 64),
+        (32, 8, 128, 16, 700),
+        (8, 2, 64, 8, 0),
+        (16, 1, 32, 16, 0),
+    ] {
+        let ctx = [1usize, 17, 300, 1100, 2500];
+        let blocks_per: Vec<usize> = ctx.iter().map(|c| c.div_ceil(bs)).collect();
+        let total: usize = blocks_per.iter().sum();
+        // Shuffled block ids, so tables are not contiguous.
+        let mut ids: Vec<u32> = (0..total as u32).collect();
+        for i in (1..ids.len()).rev() {
+            let j = ((rng.next() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
+            ids.swap(i, j);
+        }
+        let maxb = *blocks_per.iter().max().unwrap();
+        let mut tables = vec![0u32; ctx.len() * maxb];
+        let mut at = 0;
+        for (b, &nb) in blocks_per.iter().enumerate() {
+            tables[b * maxb..b * maxb + nb].copy_from_slice(&ids[at..at + nb]);
+            at += nb;
+        }
+        let row = nkv * d;
+        let kc = rng.f16s(total * bs * row, 1.0);
+        let vc = rng.f16s(total * bs * row, 1.0);
+        let q = rng.f16s(ctx.len() * nh * d, 1.0);
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut want = Vec::new();
+        for (b, &c) in ctx.iter().enumerate() {
+            let pos = c - 1;
+            let lo = if window > 0 {
+                (pos + 1).saturating_sub(window)
+            } else {
+                0
+            };
+            for h in 0..nh {
+                let kvh = h / (nh / nkv);
+                let slot = |j: usize| tables[b * maxb + j / bs] as usize * bs + j % bs;
+                let qv = &q[(b * nh + h) * d..(b * nh + h + 1) * d];
+                let s: Vec<f64> = (lo..=pos)
+                    .map(|j| {
+                        let kr = &kc[slot(j) * row + kvh * d..][..d];
+                        qv.iter()
+                            .zip(kr)
+                            .map(|(a, b)| a.to_f64() * b.to_f64())
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for dd in 0..d {
+                    let o: f64 = (lo..=pos)
+                        .zip(&e)
+                        .map(|(j, p)| p / z * vc[slot(j) * row + kvh * d + dd].to_f64())
+                        .sum();
+                    want.push(o);
+                }
+            }
+        }
+        let t = |v: Vec<f16>, shape: (usize, usize)| Tensor::from_vec(v, shape, &dev).unwrap();
+        let out = cuda::paged_decode(
+            &t(q, (ctx.len(), nh * d)),
+            &t(kc, (total * bs, row)),
+            &t(vc, (total * bs, row)),
+            &Tensor::from_vec(tables, (ctx.len(), maxb), &dev).unwrap(),
+            &Tensor::from_vec(
+                ctx.iter().map(|&c| c as u32).collect::<Vec<_>>(),
+                ctx.len(),
+                &dev,
+            )
+            .unwrap(),
+            &DecodeShape {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: d,
+                block_size: bs,
+                window,
+                max_keys: if window > 0 { 2500.min(window) } else { 2500 },
+            },
+        )
+        .unwrap();
+        let e = rel_err(&host(&out), &want);
+        assert!(
+            e < 2e-3,
+            "decode nh {nh} nkv {nkv} d {d} window {window}: rel err {e}"
+        );
+    }
+}
+
+#[test]
+fn paged_decode_of_a_sequence_does_not_depend_on_its_batch() {
+    // A sequence's row, alone (one partition, written directly) and beside
+    // longer ones (several partitions, then the combine), bit for bit.
+    let dev = gpu();
+    let mut rng = Lcg(13);
+    let (nh, nkv, d, bs) = (32usize, 8usize, 128usize, 16usize);
+    let ctx = [300usize, 2500, 1100, 17];
+    let per: Vec<usize> = ctx.iter().map(|c| c.div_ceil(bs)).collect();
+    let total: usize = per.iter().sum();
+    let row = nkv * d;
+    let kc = Tensor::from_vec(rng.f16s(total * bs * row, 1.0), (total * bs, row), &dev).unwrap();
+    let vc = Tensor::from_vec(rng.f16s(total * bs * row, 1.0), (total * bs, row), &dev).unwrap();
+    let qs: Vec<Vec<f16>> = ctx.iter().map(|_| rng.f16s(nh * d, 2.0)).collect();
+    let mut first = vec![0u32; ctx.len()];
+    for i in 1..ctx.len() {
+        first[i] = first[i - 1] + per[i - 1] as u32;
+    }
+    let run = |seqs: &[usize]| -> Vec<Vec<f32>> {
+        let maxb = seqs.iter().map(|&i| per[i]).max().unwrap();
+        let mut tables = vec![0u32; seqs.len() * maxb];
+        for (r, &i) in seqs.iter().enumerate() {
+            for j in 0..per[i] {
+                tables[r * maxb + j] = first[i] + j as u32;
+            }
+        }
+        let q: Vec<f16> = seqs.iter().flat_map(|&i| qs[i].clone()).collect();
+        let out = cuda::paged_decode(
+            &Tensor::from_vec(q, (seqs.len(), nh * d), &dev).unwrap(),
+            &kc,
+            &vc,
+            &Tensor::from_vec(tables, (seqs.len(), maxb), &dev).unwrap(),
+            &Tensor::from_vec(
+                seqs.iter().map(|&i| ctx[i] as u32).collect(),
+                seqs.len(),
+                &dev,
+            )
+            .unwrap(),
+            &DecodeShape {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: d,
+                block_size: bs,
+                window: 0,
+                max_keys: seqs.iter().map(|&i| ctx[i]).max().unwrap(),
+            },
+        )
+        .unwrap();
+        let h = host(&out);
+        h.chunks(nh * d).map(|c| c.to_vec()).collect()
+    };
+    let alone: Vec<Vec<f32>> = (0..ctx.len()).map(|i| run(&[i]).remove(0)).collect();
+    // In place, as in a mixed step: the sequences' queries at rows 1, 3, 5,
+    // 7 of a wider q, outputs to the same rows, the other rows untouched.
+    let seqs = [0usize, 1, 2, 3];
+    let maxb = *per.iter().max().unwrap();
+    let mut tables = vec![0u32; seqs.len() * maxb];
+    for (r, &i) in seqs.iter().enumerate() {
+        for j in 0..per[i] {
+            tables[r * maxb + j] = first[i] + j as u32;
+        }
+    }
+    let width = nh * d;
+    let mut qw = vec![f16::ZERO; 2 * seqs.len() * width];
+    for (r, &i) in seqs.iter().enumerate() {
+        qw[(2 * r + 1) * width..(2 * r + 2) * width].copy_from_slice(&qs[i]);
+    }
+    let q = Tensor::from_vec(qw, (2 * seqs.len(), width), &dev).unwrap();
+    let out = Tensor::zeros((2 * seqs.len(), width), DType::F16, &dev).unwrap();
+    let rows: Vec<u32> = (0..seqs.len() as u32).map(|r| 2 * r + 1).collect();
+    let rows = Tensor::from_vec(rows, seqs.len(), &dev).unwrap();
+    cuda::paged_decode_into(
+        cuda::DecodeIo {
+            q: &q,
+            rows: Some(&rows),
+            out: &out,
+        },
+        &kc,
+        &vc,
+        &Tensor::from_vec(tables, (seqs.len(), maxb), &dev).unwrap(),
+        &Tensor::from_vec(
+            seqs.iter().map(|&i| ctx[i] as u32).collect(),
+            seqs.len(),
+            &dev,
+        )
+        .unwrap(),
+        &DecodeShape {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+            block_size: bs,
+            window: 0,
+            max_keys: 2500,
+        },
+        Default::default(),
+    )
+    .unwrap();
+    let got = host(&out);
+    for (r, &i) in seqs.iter().enumerate() {
+        assert!(got[2 * r * width..(2 * r + 1) * width]
+            .iter()
+            .all(|&v| v == 0.0));
+        assert!(
+            got[(2 * r + 1) * width..(2 * r + 2) * width] == alone[i][..],
+            "row {r} in place"
+        );
+    }
+    for seqs in [vec![0usize, 1, 2, 3], vec![2, 0], vec![3, 1], vec![1, 1, 0]] {
+        for (r, got) in run(&seqs).iter().enumerate() {
+            let i = seqs[r];
+            assert!(got.iter().all(|v| v.is_finite()));
+            assert!(
+                got == &alone[i],
+                "sequence of {} keys in batch {seqs:?} differs from its run alone",
+                ctx[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn flash_prefill_matches_a_float64_reference() {
+    let dev = gpu();
+    let mut rng = Lcg(77);
+    let (nh, nkv) = (8usize, 2usize);
+    for (d, window) in [(16usize, 0usize), (16, 40), (64, 0), (128, 0), (128, 50)] {
+        // Two sequences' chunks: a first chunk of 70 queries (two tiles,
+        // the second ragged) and a later chunk of 33 queries after 100
+        // cached positions; the cache rows are scattered.
+        let chunks = [(0usize, 70usize), (100, 33)];
+        let t: usize = chunks.iter().map(|c| c.1).sum();
+        let total_keys: usize = chunks.iter().map(|c| c.0 + c.1).sum();
+        let cache_rows = total_keys + 37;
+        let row = nkv * d;
+        let kc = rng.f16s(cache_rows * row, 1.0);
+        let vc = rng.f16s(cache_rows * row, 1.0);
+        let q = rng.f16s(t * nh * d, 1.0);
+        // A permutation of the cache rows, handed out to the sequences.
+        let mut rows: Vec<u32> = (0..cache_rows as u32).collect();
+        for i in (1..rows.len()).rev() {
+            let j = (rng.next().abs() * 1e6) as usize % (i + 1);
+            rows.swap(i, j);
+        }
+        let mut keys = Vec::new();
+        let mut pc = Vec::new();
+        let mut row0 = 0;
+        for &(start, n) in &chunks {
+            pc.push(cuda::PrefillChunk {
+                row0,
+                n,
+                start,
+                key_off: keys.len(),
+            });
+            keys.extend_from_slice(&rows[keys.len()..keys.len() + start + n]);
+            row0 += n;
+        }
+        let scale = f16::from_f32(1.0 / (d as f32).sqrt());
+        let mut want = vec![0f64; t * nh * d];
+        for (c, &(start, n)) in pc.iter().zip(&chunks) {
+            for i in 0..n {
+                let pos = start + i;
+                let lo = if window > 0 {
+                    (pos + 1).saturating_sub(window)
+                } else {
+                    0
+                };
+                for h in 0..nh {
+                    let kvh = h / (nh / nkv);
+                    let qrow = &q[(c.row0 + i) * nh * d + h * d..][..d];
+                    let s: Vec<f64> = (lo..=pos)
+                        .map(|j| {
+                            let r = keys[c.key_off + j] as usize * row + kvh * d;
+                            let dot: f32 =
+                                (0..d).map(|e| qrow[e].to_f32() * kc[r + e].to_f32()).sum();
+                            (f16::from_f32(dot) * scale).to_f64()
+                        })
+                        .collect();
+                    let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|v| (v - mx).exp()).sum();
+                    for (jj, j) in (lo..=pos).enumerate() {
+                        let p = (s[jj] - mx).exp() / z;
+                        let r = keys[c.key_off + j] as usize * row + kvh * d;
+                        for e in 0..d {
+                            want[(c.row0 + i) * nh * d + h * d + e] += p * vc[r + e].to_f64();
+                        }
+                    }
+                }
+            }
+        }
+        let up = |v: Vec<f16>, s: (usize, usize)| Tensor::from_vec(v, s, &dev).unwrap();
+        let (kct, vct) = (up(kc, (cache_rows, row)), up(vc, (cache_rows, row)));
+        let qt = up(q, (t, nh * d));
+        let nk = keys.len();
+        let keyt = Tensor::from_vec(keys, nk, &dev).unwrap();
+        let (tiles, ntiles) = cuda::prefill_tiles(&pc, &dev).unwrap();
+        let out = Tensor::zeros((t, nh * d), DType::F16, &dev).unwrap();
+        cuda::flash_prefill(
+            &qt,
+            &kct,
+            &vct,
+            &keyt,
+            (&tiles, ntiles),
+            &out,
+            &cuda::PrefillShape {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: d,
+                window,
+            },
+        )
+        .unwrap();
+        let got = host(&out);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0f64, f64::max);
+        assert!(
+            got.iter().all(|v| v.is_finite()) && worst < 4e-3,
+            "flash prefill d {d} window {window}: max abs err {worst}"
+        );
+    }
+}
