@@ -95,7 +95,15 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   const int G = nh / nkv;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int pos = ctx_lens[b] - 1;
+  // The block-table entries of a partition that starts at p * PART (no
+  // window, or a context within it: the common case) load while
+  // ctx_lens[b] is in flight; a window that cuts the context reloads them.
+  int* tab = reinterpret_cast<int*>(smem + ST * 2 * KT * RS);
+  const int s0 = p * PART / block_size;
+  const int ctx = ctx_lens[b];
+  for (int i = threadIdx.x; i < PART / block_size + 2 && s0 + i < max_blocks; i += NT)
+    tab[i] = tables[(size_t)b * max_blocks + s0 + i];
+  const int pos = ctx - 1;
   const int lo = window > 0 ? max(0, pos - window + 1) : 0;
   const int kstart = lo + p * PART;
   const int kend = min(pos + 1, kstart + PART);
@@ -117,11 +125,12 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
     return;
   }
   const int row = nkv * D;
-  // This partition's block-table entries.
-  int* tab = reinterpret_cast<int*>(smem + ST * 2 * KT * RS);
   const int b0 = kstart / block_size;
-  for (int i = threadIdx.x; i <= (kend - 1) / block_size - b0; i += NT)
-    tab[i] = tables[(size_t)b * max_blocks + b0 + i];
+  if (b0 != s0) {  // the window moved the partition: its own entries
+    __syncthreads();
+    for (int i = threadIdx.x; i <= (kend - 1) / block_size - b0; i += NT)
+      tab[i] = tables[(size_t)b * max_blocks + b0 + i];
+  }
   __syncthreads();
   auto load = [&](int k0, int st) {
     half* ks = smem + st * 2 * KT * RS;
