@@ -15,7 +15,9 @@ pub fn kv_write(k: &Tensor, v: &Tensor, kc: &Tensor, vc: &Tensor, slots: &Tensor
     let dev = device_of(k)?;
     let (n, row) = k.dims2()?;
     let ((pk, ks), (pv, vs)) = (rows_ptr::<f16>(k)?, rows_ptr::<f16>(v)?);
-    if row % 8 != 0 || ks % 8 != 0 || vs % 8 != 0 || pk % 16 != 0 || pv % 16 != 0 {
+    let whole = [row, ks, vs].iter().all(|x| x.is_multiple_of(8))
+        && [pk, pv].iter().all(|a| a.is_multiple_of(16));
+    if !whole {
         return Err(Error::Model(format!(
             "kv_write: rows of {row} halves, {ks} and {vs} apart, are not whole 16-byte vectors"
         )));

@@ -212,7 +212,7 @@ fn grid(n: usize, threads: u32) -> LaunchConfig {
 /// 1 when the element-wise kernels may move eight halves per access: `n`
 /// a multiple of 8 and every (non-null) address 16-byte aligned; else 0.
 fn vec8(n: usize, addrs: &[u64]) -> i32 {
-    i32::from(n.is_multiple_of(8) && addrs.iter().all(|a| a % 16 == 0))
+    i32::from(n.is_multiple_of(8) && addrs.iter().all(|a| a.is_multiple_of(16)))
 }
 
 fn check_f16(t: &Tensor, what: &str) -> Result<()> {
@@ -292,7 +292,7 @@ pub fn read_all(t: &Tensor) -> Result<()> {
     check_f16(t, "read_all")?;
     let dev = device_of(t)?;
     let bytes = t.elem_count() * 2;
-    if bytes % 16 != 0 {
+    if !bytes.is_multiple_of(16) {
         return Err(Error::Model(format!(
             "read_all: {bytes} bytes is not a multiple of 16"
         )));
