@@ -128,6 +128,7 @@ pub fn engine(spec: &JobSpec, tokenizer_dir: &Path) -> Result<Engine> {
         dtype: spec.model.dtype.candle(),
         device: crate::engine::candle_device(spec.engine.device, spec.model.dtype)?,
         gptq_mode: spec.engine.gptq_kernel,
+        kv_fp8: spec.engine.kv_cache_dtype == crate::config::KvCacheDtype::Fp8,
     };
     let model = Mistral::dummy(&cfg, quant.as_ref(), &opts, 0x5eed)?;
     let prompter = Prompter::load(tokenizer_dir, &cfg.eos_token_ids)?;

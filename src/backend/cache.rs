@@ -51,6 +51,8 @@ pub struct KvShape {
     pub kv_heads: usize,
     /// Head dimension.
     pub head_dim: usize,
+    /// Keys and values as FP8 E4M3 with a scale per token and KV head.
+    pub fp8: bool,
 }
 
 /// The paged KV cache storage: per layer, keys and values as rows

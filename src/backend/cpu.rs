@@ -5,7 +5,7 @@
 use super::cache::{KvShape, PagedKvCache};
 use super::{LayerTarget, LinearWeight, Ops};
 use crate::kv::BlockId;
-use crate::quant::{GptqWeight, RandomGptq};
+use crate::quant::{fp8, GptqWeight, RandomGptq};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 
@@ -111,13 +111,7 @@ impl Ops for CpuOps {
     }
 
     fn new_cache(&self, s: &KvShape, _dev: &Device) -> Result<PagedKvCache> {
-        Ok(PagedKvCache::Cpu(CpuKv::new(
-            s.layers,
-            s.num_blocks,
-            s.block_size,
-            s.kv_heads,
-            s.head_dim,
-        )))
+        Ok(PagedKvCache::Cpu(CpuKv::new(s)))
     }
 
     fn gptq(&self, g: &GptqWeight, at: &LayerTarget<'_>) -> Result<LinearWeight> {
@@ -157,30 +151,91 @@ impl Ops for CpuOps {
     }
 }
 
-/// The CPU storage: f32 rows per layer. (f16/bf16 K/V convert to f32 exactly.)
+/// The CPU storage: per layer, K and V rows of f32 (f16/bf16 K/V convert
+/// to f32 exactly), or FP8 E4M3 codes with an f32 scale per token and KV
+/// head (`crate::quant::fp8`).
 #[derive(Debug, Clone)]
 pub struct CpuKv {
     pub(super) block_size: usize,
     kv_heads: usize,
     head_dim: usize,
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    layers: Vec<[Rows; 2]>,
+}
+
+/// One layer's K or V storage, a row per cache slot.
+#[derive(Debug, Clone)]
+enum Rows {
+    F32(Vec<f32>),
+    /// Codes [slots * kv_heads * head_dim] and scales [slots * kv_heads].
+    Fp8(Vec<u8>, Vec<f32>),
+}
+
+impl Rows {
+    /// Stores slot `s`'s row (`kv_heads` rows of `d` values).
+    fn put(&mut self, s: usize, row: &[f32], d: usize) {
+        let n = row.len();
+        match self {
+            Rows::F32(v) => v[s * n..(s + 1) * n].copy_from_slice(row),
+            Rows::Fp8(codes, scales) => {
+                let h = n / d;
+                for (j, head) in row.chunks_exact(d).enumerate() {
+                    let c = &mut codes[(s * h + j) * d..(s * h + j + 1) * d];
+                    scales[s * h + j] = fp8::quantize_row(head, c);
+                }
+            }
+        }
+    }
+
+    /// Appends slot `s`'s row (`n` values, heads of `d`) to `out`.
+    fn get(&self, s: usize, n: usize, d: usize, out: &mut Vec<f32>) {
+        match self {
+            Rows::F32(v) => out.extend_from_slice(&v[s * n..(s + 1) * n]),
+            Rows::Fp8(codes, scales) => {
+                let (h, at) = (n / d, out.len());
+                out.resize(at + n, 0.0);
+                for j in 0..h {
+                    let c = &codes[(s * h + j) * d..(s * h + j + 1) * d];
+                    fp8::dequantize_row(
+                        c,
+                        scales[s * h + j],
+                        &mut out[at + j * d..at + (j + 1) * d],
+                    );
+                }
+            }
+        }
+    }
+
+    /// Copies `n` slots' rows (`row` values each, heads of `d`) from slot
+    /// `f` to slot `t`.
+    fn copy_slots(&mut self, f: usize, t: usize, n: usize, row: usize, d: usize) {
+        match self {
+            Rows::F32(v) => v.copy_within(f * row..(f + n) * row, t * row),
+            Rows::Fp8(codes, scales) => {
+                let h = row / d;
+                codes.copy_within(f * row..(f + n) * row, t * row);
+                scales.copy_within(f * h..(f + n) * h, t * h);
+            }
+        }
+    }
 }
 
 impl CpuKv {
-    /// Zeroed storage for `num_blocks` blocks in each of `layers` layers.
-    pub fn new(
-        layers: usize,
-        num_blocks: usize,
-        block_size: usize,
-        kv_heads: usize,
-        head_dim: usize,
-    ) -> Self {
-        let n = num_blocks * block_size * kv_heads * head_dim;
+    /// Zeroed storage for the shape's blocks in each of its layers.
+    pub fn new(s: &KvShape) -> Self {
+        let slots = s.num_blocks * s.block_size;
+        let n = slots * s.kv_heads * s.head_dim;
+        let rows = || {
+            if s.fp8 {
+                Rows::Fp8(vec![0; n], vec![1.0; slots * s.kv_heads])
+            } else {
+                Rows::F32(vec![0.0; n])
+            }
+        };
         Self {
-            block_size,
-            kv_heads,
-            head_dim,
-            layers: vec![(vec![0.0; n], vec![0.0; n]); layers],
+            block_size: s.block_size,
+            kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+            layers: (0..s.layers).map(|_| [rows(), rows()]).collect(),
         }
     }
 
@@ -197,11 +252,16 @@ impl CpuKv {
 
     /// Copies a whole block in every layer (copy-on-write).
     pub(super) fn copy_block(&mut self, from: BlockId, to: BlockId) {
-        let n = self.block_size * self.kv_heads * self.head_dim;
-        let (f, t) = (from.0 as usize * n, to.0 as usize * n);
-        for (k, v) in &mut self.layers {
-            k.copy_within(f..f + n, t);
-            v.copy_within(f..f + n, t);
+        let (row, d, bs) = (
+            self.kv_heads * self.head_dim,
+            self.head_dim,
+            self.block_size,
+        );
+        let (f, t) = (from.0 as usize * bs, to.0 as usize * bs);
+        for kv in &mut self.layers {
+            for rows in kv.iter_mut() {
+                rows.copy_slots(f, t, bs, row, d);
+            }
         }
     }
 
@@ -214,14 +274,14 @@ impl CpuKv {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<()> {
-        let row = self.kv_heads * self.head_dim;
+        let (row, d) = (self.kv_heads * self.head_dim, self.head_dim);
         let kf = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let vf = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         for i in 0..kf.len() / row {
-            let s = self.slot(blocks, start + i)? * row;
-            let (ks, vs) = &mut self.layers[layer];
-            ks[s..s + row].copy_from_slice(&kf[i * row..(i + 1) * row]);
-            vs[s..s + row].copy_from_slice(&vf[i * row..(i + 1) * row]);
+            let s = self.slot(blocks, start + i)?;
+            let [ks, vs] = &mut self.layers[layer];
+            ks.put(s, &kf[i * row..(i + 1) * row], d);
+            vs.put(s, &vf[i * row..(i + 1) * row], d);
         }
         Ok(())
     }
@@ -234,14 +294,14 @@ impl CpuKv {
         len: usize,
         dev: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let row = self.kv_heads * self.head_dim;
+        let (row, d) = (self.kv_heads * self.head_dim, self.head_dim);
         let mut k = Vec::with_capacity(len * row);
         let mut v = Vec::with_capacity(len * row);
-        let (ks, vs) = &self.layers[layer];
+        let [ks, vs] = &self.layers[layer];
         for p in 0..len {
-            let s = self.slot(blocks, p)? * row;
-            k.extend_from_slice(&ks[s..s + row]);
-            v.extend_from_slice(&vs[s..s + row]);
+            let s = self.slot(blocks, p)?;
+            ks.get(s, row, d, &mut k);
+            vs.get(s, row, d, &mut v);
         }
         let shape = (len, self.kv_heads, self.head_dim);
         Ok((

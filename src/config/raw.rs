@@ -1,7 +1,9 @@
 //! Raw configuration as extracted by figment: every section rejects unknown
 //! keys; nothing here is validated yet (see [`RawJob::resolve`]).
 
-use super::spec::{DType, FormatChoice, GptqKernel, LoadFormat, Metric, Normalize, ScoringMode};
+use super::spec::{
+    DType, FormatChoice, GptqKernel, KvCacheDtype, LoadFormat, Metric, Normalize, ScoringMode,
+};
 use figment::value::magic::RelativePathBuf;
 use serde::Deserialize;
 
@@ -144,4 +146,5 @@ pub struct RawEngine {
     pub prefix_caching: bool,
     pub gptq_kernel: GptqKernel,
     pub gptq_fused_max_m: i64,
+    pub kv_cache_dtype: KvCacheDtype,
 }

@@ -447,5 +447,6 @@ fn resolve_engine(e: &super::raw::RawEngine) -> Result<EngineSpec> {
             GptqKernel::Resident => crate::quant::GptqMode::Resident,
         },
         prefix_caching: e.prefix_caching,
+        kv_cache_dtype: e.kv_cache_dtype,
     })
 }

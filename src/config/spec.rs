@@ -318,6 +318,8 @@ pub struct EngineSpec {
     pub prefix_caching: bool,
     /// GPTQ kernel choice on CUDA (`auto` carries `gptq_fused_max_m`).
     pub gptq_kernel: crate::quant::GptqMode,
+    /// How the KV cache stores keys and values.
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 /// A validated job.
@@ -403,6 +405,18 @@ pub enum GptqKernel {
     Dequant,
     /// cuBLAS on f16 weights kept from load.
     Resident,
+}
+
+/// `engine.kv_cache_dtype`: how the paged cache stores keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    /// The model's dtype on CUDA (f16), f32 rows on the CPU.
+    #[default]
+    Auto,
+    /// FP8 E4M3 with one f32 scale per token and KV head
+    /// (`crate::quant::fp8`); the CPU cache only so far.
+    Fp8,
 }
 
 /// `scoring.mode`.

@@ -115,6 +115,7 @@ impl Engine {
             dtype: spec.model.dtype.candle(),
             device,
             gptq_mode: spec.engine.gptq_kernel,
+            kv_fp8: spec.engine.kv_cache_dtype == crate::config::KvCacheDtype::Fp8,
         };
         let model = match spec.model.load_format {
             crate::config::LoadFormat::Auto => crate::model::load(&dir, &opts)?,

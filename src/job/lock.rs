@@ -51,13 +51,7 @@ impl OutputLock {
     pub fn acquire(files: &Layout) -> Result<Self> {
         let (dir, path) = (files.describe(), files.lock());
         for _ in 0..3 {
-            let mut file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(|e| Error::io(&path, e))?;
+            let mut file = open_lock_file(&path)?;
             match file.try_lock() {
                 Ok(()) => {}
                 Err(TryLockError::WouldBlock) => return Err(held_error(&dir, &path, &mut file)),
@@ -92,6 +86,18 @@ impl OutputLock {
             Err(_) => read_info(&mut file),
         }
     }
+}
+
+/// Opens (creating, never truncating) a file that is locked, not written
+/// through: the output's `.lock`, the split check's `.split.lock`.
+pub(super) fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
 }
 
 impl Drop for OutputLock {

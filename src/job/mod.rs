@@ -202,6 +202,8 @@ fn prepare(spec: &JobSpec, files: &Layout, restart: bool) -> Result<Option<Prepa
         (total, fp)
     });
     let (total, fp) = (total?, fp?);
+    // Held until this run's manifest is written (dropped with `prepare`).
+    let _split = shards::split_guard(&files.dir)?;
     let old = Manifest::read(files)?;
     check_same_job(files, old.as_ref(), &fp, restart)?;
     shards::check_neighbours(files, &fp, restart)?;

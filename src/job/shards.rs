@@ -10,6 +10,24 @@ use crate::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// The name of the file whose lock serialises the split check: a run holds
+/// it from before it reads its neighbours' manifests until it has written
+/// its own, so two runs of different splits started at the same instant
+/// cannot both see an empty directory.
+pub const SPLIT_LOCK: &str = ".split.lock";
+
+/// Takes the directory's split lock, waiting for another run's check to
+/// finish (it is held for the check and the manifest write only); released
+/// when the returned file is dropped. The file itself stays (a zero-byte
+/// `.split.lock`), so that waiting runs lock the same file.
+pub fn split_guard(dir: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let path = dir.join(SPLIT_LOCK);
+    let file = super::lock::open_lock_file(&path)?;
+    file.lock().map_err(|e| Error::io(&path, e))?;
+    Ok(file)
+}
+
 /// Refuses to write `files` beside manifests of another split of the job
 /// (another shard count, or the whole job unsharded), always, and beside a
 /// shard of a different job unless `restart` (each shard clears only its
@@ -229,5 +247,30 @@ mod tests {
         ]);
         let e = shard_from_env(&gap, None).unwrap_err().to_string();
         assert!(e.contains("contiguous"), "{e}");
+    }
+
+    #[test]
+    fn the_split_check_of_a_second_run_waits_for_the_first() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let first = split_guard(dir.path()).unwrap();
+        let got = std::sync::Arc::new(AtomicBool::new(false));
+        let second = {
+            let (got, path) = (got.clone(), dir.path().to_path_buf());
+            std::thread::spawn(move || {
+                let g = split_guard(&path).unwrap();
+                got.store(true, Ordering::SeqCst);
+                drop(g);
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            !got.load(Ordering::SeqCst),
+            "taken while the first run held it"
+        );
+        drop(first);
+        second.join().unwrap();
+        assert!(got.load(Ordering::SeqCst));
+        assert!(dir.path().join(SPLIT_LOCK).is_file());
     }
 }

@@ -5,6 +5,7 @@
 //! (`gptq.rs`), the CUDA kernels' tile layout (`tiled.rs`), and how GPTQ
 //! products run ([`GptqMode`]).
 
+pub mod fp8;
 mod gptq;
 pub mod tiled;
 

@@ -12,6 +12,7 @@ mod gpu;
 #[cfg(feature = "cuda")]
 mod gpu_datagen;
 mod input_fuzz;
+mod kv_fp8;
 mod logprobs;
 mod merge;
 mod newcomer;

@@ -19,6 +19,13 @@ fn write_prompts(dir: &std::path::Path) {
 /// Runs the fixture prompts through `runner submit` with extra `--set`s and
 /// checks the greedy tokens.
 pub fn check(model: &str, f16: bool, sets: &[&str]) {
+    check_upto(model, f16, sets, if f16 { 0.1 } else { 0.0 });
+}
+
+/// [`check`], comparing each generation up to its first step whose
+/// reference top1-top2 logit margin is below `margin` (0: every step);
+/// returns (tokens compared, tokens generated).
+pub fn check_upto(model: &str, f16: bool, sets: &[&str], margin: f64) -> (usize, usize) {
     let tmp = tempfile::tempdir().unwrap();
     write_prompts(tmp.path());
     let job = write_job(
@@ -42,6 +49,7 @@ pub fn check(model: &str, f16: bool, sets: &[&str]) {
     let refs = &gens["results"][format!("{model}/{}", reference_path(model, f16))];
     let out = rows(&tmp.path().join("out"));
     assert_eq!(out.len(), 4);
+    let (mut compared, mut generated) = (0, 0);
     for r in out {
         let want = &refs[&r.id];
         assert_eq!(r.status, "ok", "{}", r.id);
@@ -64,11 +72,12 @@ pub fn check(model: &str, f16: bool, sets: &[&str]) {
             .iter()
             .map(|v| v.as_f64().unwrap())
             .collect();
-        let upto = if f16 {
-            margins.iter().position(|&m| m < 0.1).unwrap_or(ids.len())
-        } else {
-            ids.len()
-        };
+        let upto = margins
+            .iter()
+            .position(|&m| m < margin)
+            .unwrap_or(ids.len());
+        compared += upto;
+        generated += ids.len();
         assert_eq!(r.finish_reason, "length");
         assert_eq!(r.token_ids.len(), 16);
         assert_eq!(
@@ -78,6 +87,7 @@ pub fn check(model: &str, f16: bool, sets: &[&str]) {
             r.id
         );
     }
+    (compared, generated)
 }
 
 #[test]

@@ -38,6 +38,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// GPTQ kernel choice on CUDA.
     pub gptq_mode: GptqMode,
+    /// Keys and values stored as FP8 E4M3 (`engine.kv_cache_dtype = "fp8"`).
+    pub kv_fp8: bool,
 }
 
 impl LoadOptions {
@@ -47,6 +49,7 @@ impl LoadOptions {
             dtype,
             device: device.clone(),
             gptq_mode: GptqMode::default(),
+            kv_fp8: false,
         }
     }
 }
@@ -105,6 +108,8 @@ pub struct Mistral {
     /// RoPE tables [max_position_embeddings, head_dim/2].
     cos: Tensor,
     sin: Tensor,
+    /// The cache stores FP8 E4M3 keys and values.
+    kv_fp8: bool,
 }
 
 impl Mistral {
@@ -274,6 +279,7 @@ impl Mistral {
             ops,
             cos,
             sin,
+            kv_fp8: opts.kv_fp8,
         })
     }
 
@@ -305,13 +311,19 @@ impl Mistral {
     /// Bytes of K and V per cache block across all layers.
     pub fn kv_bytes_per_block(&self, block_size: usize) -> usize {
         let c = &self.cfg;
-        let elem = self.ops.kv_elem_bytes();
+        // Bytes of one token's row of one KV head; FP8: a byte per value
+        // and the row's f32 scale.
+        let head_row = if self.kv_fp8 {
+            c.head_dim + 4
+        } else {
+            c.head_dim * self.ops.kv_elem_bytes()
+        };
         PagedKvCache::bytes_per_block(
             c.num_hidden_layers,
             block_size,
             c.num_key_value_heads,
-            c.head_dim,
-            elem,
+            head_row,
+            1,
         )
     }
 
@@ -325,6 +337,7 @@ impl Mistral {
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
+            fp8: self.kv_fp8,
         };
         self.ops.new_cache(&shape, &self.device)
     }
