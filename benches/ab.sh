@@ -3,7 +3,8 @@
 # binaries in one call, alternating (A, B, A, B ...) so that both see the
 # same card and clocks. Usage (on the device, from the repo root):
 #   benches/ab.sh A_BIN B_BIN TOKENIZER_DIR W1@512,W3@160
-# JSON per run lands in $OUT as <label>-<workload>-<seqs>.json (label a|b).
+# JSON per run lands in $OUT as <label>-<workload>-<seqs>.json (label a|b;
+# a repeated workload adds -2, -3 ...).
 set -uo pipefail
 A=$1 B=$2 TOK=$3 STEPS=$4
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -12,7 +13,9 @@ for s in ${STEPS//,/ }; do
   for pair in "a:$A" "b:$B"; do
     label=${pair%%:*}; bin=${pair#*:}
     echo "== $label $w@$seqs $(date +%T)"
+    json="$OUT/$label-$w-$seqs.json"; n=2
+    while [[ -e $json ]]; do json="$OUT/$label-$w-$seqs-$n.json"; n=$((n + 1)); done  # a repeat keeps the earlier run
     timeout ${WTIME:-300} "$bin" bench jobs/bench.toml --workload "$w" --tokenizer "$TOK" \
-      --set engine.max_num_seqs="$seqs" --json "$OUT/$label-$w-$seqs.json" 2>&1 | grep -v " INFO " | tail -3
+      --set engine.max_num_seqs="$seqs" --json "$json" 2>&1 | grep -v " INFO " | tail -3
   done
 done
