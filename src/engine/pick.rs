@@ -3,8 +3,9 @@
 //! candidates (k <= the backend's top-k), the top-p nucleus from the
 //! row's best candidates and its normaliser, or the draw over the whole
 //! row, each after the repetition penalty on the device. The host then
-//! draws from the candidates with the record's RNG exactly as from its own
-//! sorted list. Else (the CPU backend; top_k above the device's; a stop
+//! draws from the candidates with the record's RNG as from its own sorted
+//! list (top-k: exactly; top-p: up to the order and rounding of the
+//! normaliser's sum, which can move the cut only at a near-tie). Else (the CPU backend; top_k above the device's; a stop
 //! token still masked by `min_new_tokens`; a nucleus wider than the
 //! candidates) the row's logits go to the host sampler.
 
@@ -28,7 +29,8 @@ pub enum Picked {
     /// The device's top-k `(token, logit / t)` in the host sampler's order.
     Candidates(Vec<(u32, f32)>),
     /// The device's best `(token, logit / t)` in the host sampler's order,
-    /// holding the top-p nucleus, and the row's normaliser.
+    /// holding the top-p nucleus, and the row's normaliser (its f64 sum,
+    /// added in another order than the host's).
     Nucleus(Vec<(u32, f32)>, f64),
 }
 
@@ -42,21 +44,40 @@ enum Route {
     Host,
 }
 
+/// What a sampling row's route depends on besides its settings.
+#[derive(Debug, Clone, Copy)]
+struct RowState {
+    /// The backend's largest device top-k (0: it samples on the host).
+    top_k_max: usize,
+    /// Tokens generated so far.
+    generated: usize,
+    /// Vocabulary size.
+    vocab: usize,
+    /// The row's pick is copied to samples still to fork, each of which
+    /// draws with its own RNG (so the pick must be data, not a drawn token).
+    forks: bool,
+}
+
 /// Where a row's token is picked: on the device when the backend samples
-/// there (`top_k_max > 0`) and no stop token is masked (`generated <
-/// min_new_tokens`), by the sampler's settings; top_k >= the vocabulary
-/// is no cut, as on the host.
-fn route(top_k_max: usize, p: &GenerationParams, generated: usize, vocab: usize) -> Route {
-    let k = if p.top_k >= vocab { 0 } else { p.top_k };
-    if top_k_max == 0 || generated < p.min_new_tokens {
+/// there and no stop token is masked (`generated < min_new_tokens`), by the
+/// sampler's settings; top_k >= the vocabulary is no cut, as on the host.
+/// The whole-row draw happens on the device only for a row no sample forks
+/// from (the forks' own uniforms are drawn on the host, from the row).
+fn route(p: &GenerationParams, r: RowState) -> Route {
+    let k = if p.top_k >= r.vocab { 0 } else { p.top_k };
+    if r.top_k_max == 0 || r.generated < p.min_new_tokens {
         Route::Host
     } else if p.temperature == 0.0 {
         Route::DeviceArgmax
     } else if k == 0 && p.top_p >= 1.0 {
-        Route::DeviceDraw
+        if r.forks {
+            Route::Host
+        } else {
+            Route::DeviceDraw
+        }
     } else if k == 0 {
         Route::DeviceNucleus
-    } else if k <= top_k_max {
+    } else if k <= r.top_k_max {
         Route::DeviceTopK
     } else {
         Route::Host
@@ -80,7 +101,13 @@ pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<
             if req.kind != RequestKind::Generate || n == 0 {
                 Route::Skip
             } else {
-                route(top_k_max, &req.params, req.generated().len(), vocab)
+                let state = RowState {
+                    top_k_max,
+                    generated: req.generated().len(),
+                    vocab,
+                    forks: !req.fork_indices().is_empty(),
+                };
+                route(&req.params, state)
             }
         })
         .collect();
@@ -247,4 +274,43 @@ pub(super) fn select(logits: &Tensor, rows: Vec<u32>) -> Result<Tensor> {
     let n = rows.len();
     let idx = Tensor::from_vec(rows, n, logits.device())?;
     Ok(logits.index_select(&idx, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_follow_the_settings_and_a_forked_draw_stays_on_the_host() {
+        let p = |temperature: f64, top_k: usize, top_p: f64| GenerationParams {
+            temperature,
+            top_k,
+            top_p,
+            ..GenerationParams::default()
+        };
+        let r = RowState {
+            top_k_max: 64,
+            generated: 3,
+            vocab: 32000,
+            forks: false,
+        };
+        assert_eq!(route(&p(0.0, 0, 1.0), r), Route::DeviceArgmax);
+        assert_eq!(route(&p(0.8, 40, 1.0), r), Route::DeviceTopK);
+        assert_eq!(route(&p(0.8, 100, 1.0), r), Route::Host);
+        assert_eq!(route(&p(0.8, 0, 0.9), r), Route::DeviceNucleus);
+        assert_eq!(route(&p(0.8, 0, 1.0), r), Route::DeviceDraw);
+        assert_eq!(route(&p(0.8, 32000, 1.0), r), Route::DeviceDraw);
+        // Forks copy the pick and draw with their own RNGs: data, not a token.
+        let forks = RowState { forks: true, ..r };
+        assert_eq!(route(&p(0.8, 0, 1.0), forks), Route::Host);
+        assert_eq!(route(&p(0.8, 0, 0.9), forks), Route::DeviceNucleus);
+        assert_eq!(route(&p(0.8, 40, 1.0), forks), Route::DeviceTopK);
+        let masked = GenerationParams {
+            min_new_tokens: 5,
+            ..p(0.8, 40, 1.0)
+        };
+        assert_eq!(route(&masked, r), Route::Host);
+        let cpu = RowState { top_k_max: 0, ..r };
+        assert_eq!(route(&p(0.0, 0, 1.0), cpu), Route::Host);
+    }
 }

@@ -68,7 +68,12 @@ pub fn quantize_row(row: &[f32], codes: &mut [u8]) -> f32 {
         .iter()
         .filter(|v| v.is_finite())
         .fold(0f32, |m, v| m.max(v.abs()));
-    let scale = if amax > 0.0 { amax / E4M3_MAX } else { 1.0 };
+    // (A row of denormal-small values would give a zero scale: floor it.)
+    let scale = if amax > 0.0 {
+        (amax / E4M3_MAX).max(f32::MIN_POSITIVE)
+    } else {
+        1.0
+    };
     for (c, &x) in codes.iter_mut().zip(row) {
         *c = e4m3_encode(x / scale);
     }
