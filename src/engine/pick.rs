@@ -87,103 +87,187 @@ fn route(p: &GenerationParams, r: RowState) -> Route {
 /// Per chunk of the plan: the pick of a generation chunk that samples,
 /// `None` for every other chunk.
 pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<Option<Picked>>> {
-    let top_k_max = out.ops.device_top_k_max();
     // Constrained rows are masked on the device; their masked copies are
     // appended to the logits and picked from there.
     let (logits, masked_row) = masked(out, plan, sched)?;
-    let vocab = logits.dim(1)?;
-    let routes: Vec<Route> = plan
-        .chunks
+    let routes = routes(out, plan, sched, logits.dim(1)?);
+    // The sampled row is the last of a generation chunk's span, or its
+    // masked copy; device routes read its penalized copy where there is one.
+    // (A chunk with no rows is skipped; its entry is never read.)
+    let raw: Vec<u32> = (0..routes.len())
+        .map(|i| {
+            masked_row[i].unwrap_or((out.spans[i].0 + out.spans[i].1).saturating_sub(1) as u32)
+        })
+        .collect();
+    let (logits, penalized) = penalized(out, &logits, plan, sched, &routes, |i| raw[i])?;
+    let at = Picker {
+        out,
+        plan,
+        sched,
+        logits: &logits,
+        row: (0..routes.len())
+            .map(|i| penalized[i].unwrap_or(raw[i]))
+            .collect(),
+    };
+    let of =
+        |want: Route| -> Vec<usize> { (0..routes.len()).filter(|&i| routes[i] == want).collect() };
+    let mut picks: Vec<Option<Picked>> = vec![None; routes.len()];
+    let mut host = of(Route::Host);
+    at.argmax(&of(Route::DeviceArgmax), &mut picks)?;
+    host.extend(at.top_k(&of(Route::DeviceTopK), &mut picks)?);
+    host.extend(at.nucleus(&of(Route::DeviceNucleus), &mut picks)?);
+    host.extend(at.draw(&of(Route::DeviceDraw), &mut picks)?);
+    if !host.is_empty() {
+        // Unpenalized rows: the host sampler applies the penalty itself.
+        let rows = select(&logits, host.iter().map(|&i| raw[i]).collect())?;
+        for (i, r) in host.into_iter().zip(rows.to_vec2::<f32>()?) {
+            picks[i] = Some(Picked::Logits(r));
+        }
+    }
+    Ok(picks)
+}
+
+/// Each chunk's route.
+fn routes(out: &StepLogits, plan: &StepPlan, sched: &Scheduler, vocab: usize) -> Vec<Route> {
+    let top_k_max = out.ops.device_top_k_max();
+    plan.chunks
         .iter()
         .zip(&out.spans)
         .map(|(c, &(_, n))| {
             let req = sched.request(c.seq);
             if req.kind != RequestKind::Generate || n == 0 {
-                Route::Skip
-            } else {
-                let state = RowState {
-                    top_k_max,
-                    generated: req.generated().len(),
-                    vocab,
-                    forks: !req.fork_indices().is_empty(),
-                };
-                route(&req.params, state)
+                return Route::Skip;
             }
+            let state = RowState {
+                top_k_max,
+                generated: req.generated().len(),
+                vocab,
+                forks: !req.fork_indices().is_empty(),
+            };
+            route(&req.params, state)
         })
-        .collect();
-    let chunks_of =
-        |want: Route| -> Vec<usize> { (0..routes.len()).filter(|&i| routes[i] == want).collect() };
-    let params = |i: usize| &sched.request(plan.chunks[i].seq).params;
-    // The sampled row is the last of a generation chunk's span.
-    let row = |i: usize| masked_row[i].unwrap_or((out.spans[i].0 + out.spans[i].1 - 1) as u32);
-    let (logits, penalized) = penalized(out, &logits, plan, sched, &routes, row)?;
-    let row = |i: usize| penalized[i].unwrap_or_else(|| row(i));
-    let mut picks: Vec<Option<Picked>> = (0..routes.len()).map(|_| None).collect();
-    let argmax = chunks_of(Route::DeviceArgmax);
-    if !argmax.is_empty() {
-        let ids = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
-        for i in argmax {
-            picks[i] = Some(Picked::Token(ids[row(i) as usize]));
-        }
+        .collect()
+}
+
+/// The device routes' picks over one step's logits; each returns the chunks
+/// that fall back to the host sampler.
+struct Picker<'a> {
+    out: &'a StepLogits,
+    plan: &'a StepPlan,
+    sched: &'a Scheduler,
+    logits: &'a Tensor,
+    /// Per chunk, the logits row its device route reads.
+    row: Vec<u32>,
+}
+
+impl Picker<'_> {
+    fn params(&self, i: usize) -> &GenerationParams {
+        &self.sched.request(self.plan.chunks[i].seq).params
     }
-    let mut host = chunks_of(Route::Host);
-    let temps =
-        |c: &[usize]| -> Vec<f32> { c.iter().map(|&i| params(i).temperature as f32).collect() };
-    let topk = chunks_of(Route::DeviceTopK);
-    if !topk.is_empty() {
-        let rows = select(&logits, topk.iter().map(|&i| row(i)).collect())?;
-        let k = topk.iter().map(|&i| params(i).top_k).max().unwrap_or(1);
+
+    fn rows(&self, chunks: &[usize]) -> Result<Tensor> {
+        select(self.logits, chunks.iter().map(|&i| self.row[i]).collect())
+    }
+
+    fn temps(&self, chunks: &[usize]) -> Vec<f32> {
+        chunks
+            .iter()
+            .map(|&i| self.params(i).temperature as f32)
+            .collect()
+    }
+
+    fn argmax(&self, chunks: &[usize], picks: &mut [Option<Picked>]) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let ids = self
+            .logits
+            .argmax(candle_core::D::Minus1)?
+            .to_vec1::<u32>()?;
+        for &i in chunks {
+            picks[i] = Some(Picked::Token(ids[self.row[i] as usize]));
+        }
+        Ok(())
+    }
+
+    fn top_k(&self, chunks: &[usize], picks: &mut [Option<Picked>]) -> Result<Vec<usize>> {
+        let mut host = Vec::new();
+        if chunks.is_empty() {
+            return Ok(host);
+        }
+        let k = chunks
+            .iter()
+            .map(|&i| self.params(i).top_k)
+            .max()
+            .unwrap_or(1);
         // Only each row's top-k candidates cross PCIe; the host draws from
         // them exactly as from its own sorted, truncated list.
-        let cands = out.ops.top_k_candidates(&rows, &temps(&topk), k)?;
-        for (i, mut c) in topk.into_iter().zip(cands) {
-            c.truncate(params(i).top_k);
+        let rows = self.rows(chunks)?;
+        let cands = self
+            .out
+            .ops
+            .top_k_candidates(&rows, &self.temps(chunks), k)?;
+        for (&i, mut c) in chunks.iter().zip(cands) {
+            c.truncate(self.params(i).top_k);
             if c.is_empty() {
                 host.push(i); // no finite logit: the host sampler's fallback
             } else {
                 picks[i] = Some(Picked::Candidates(c));
             }
         }
+        Ok(host)
     }
-    let nucleus = chunks_of(Route::DeviceNucleus);
-    if !nucleus.is_empty() {
-        let rows = select(&logits, nucleus.iter().map(|&i| row(i)).collect())?;
-        let t = temps(&nucleus);
-        let cands = out.ops.top_k_candidates(&rows, &t, top_k_max)?;
-        let norms = out.ops.row_norms(&rows, &t)?;
-        for ((i, c), (_, sum)) in nucleus.into_iter().zip(cands).zip(norms) {
-            if sampler::nucleus_fits(&c, sum, params(i).top_p) {
+
+    fn nucleus(&self, chunks: &[usize], picks: &mut [Option<Picked>]) -> Result<Vec<usize>> {
+        let mut host = Vec::new();
+        if chunks.is_empty() {
+            return Ok(host);
+        }
+        let (rows, t) = (self.rows(chunks)?, self.temps(chunks));
+        let cands = self
+            .out
+            .ops
+            .top_k_candidates(&rows, &t, self.out.ops.device_top_k_max())?;
+        let norms = self.out.ops.row_norms(&rows, &t)?;
+        for ((&i, c), (_, sum)) in chunks.iter().zip(cands).zip(norms) {
+            if sampler::nucleus_fits(&c, sum, self.params(i).top_p) {
                 picks[i] = Some(Picked::Nucleus(c, sum));
             } else {
                 host.push(i); // a nucleus wider than the candidates
             }
         }
+        Ok(host)
     }
-    let draw = chunks_of(Route::DeviceDraw);
-    if !draw.is_empty() {
-        let rows = select(&logits, draw.iter().map(|&i| row(i)).collect())?;
+
+    fn draw(&self, chunks: &[usize], picks: &mut [Option<Picked>]) -> Result<Vec<usize>> {
+        let mut host = Vec::new();
+        if chunks.is_empty() {
+            return Ok(host);
+        }
         // The record's next uniform, read from a copy of its RNG; the host
         // consumes it when it takes the token.
-        let us: Vec<f64> = draw
+        let us: Vec<f64> = chunks
             .iter()
-            .map(|&i| sched.request(plan.chunks[i].seq).rng().clone().next_f64())
+            .map(|&i| {
+                self.sched
+                    .request(self.plan.chunks[i].seq)
+                    .rng()
+                    .clone()
+                    .next_f64()
+            })
             .collect();
-        for (i, tok) in draw.iter().zip(out.ops.draw(&rows, &temps(&draw), &us)?) {
+        let drawn = self
+            .out
+            .ops
+            .draw(&self.rows(chunks)?, &self.temps(chunks), &us)?;
+        for (&i, tok) in chunks.iter().zip(drawn) {
             match tok {
-                Some(t) => picks[*i] = Some(Picked::Drawn(t)),
-                None => host.push(*i), // no finite logit
+                Some(t) => picks[i] = Some(Picked::Drawn(t)),
+                None => host.push(i), // no finite logit
             }
         }
+        Ok(host)
     }
-    if !host.is_empty() {
-        // Unpenalized rows: the host sampler applies the penalty itself.
-        let raw = |i: usize| masked_row[i].unwrap_or((out.spans[i].0 + out.spans[i].1 - 1) as u32);
-        let rows = select(&logits, host.iter().map(|&i| raw(i)).collect())?;
-        for (i, r) in host.into_iter().zip(rows.to_vec2::<f32>()?) {
-            picks[i] = Some(Picked::Logits(r));
-        }
-    }
-    Ok(picks)
 }
 
 /// The logits with, appended, a penalized copy of the sampled row of each
