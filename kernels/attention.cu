@@ -58,6 +58,57 @@ __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// One n-tile of S = Q K^T: the 8 keys of `krows` (rows RS halves apart)
+// against a warp's Q fragments `qa` over KS k-steps of 16 dims; s = 0 + QK.
+template <int KS, int RS>
+__device__ __forceinline__ void qk_tile(float* s, const uint32_t (*qa)[4], const half* krows,
+                                        int lane) {
+#pragma unroll
+  for (int r = 0; r < 4; r++) s[r] = 0.f;
+  if (KS == 1) {
+    uint32_t b[2];  // m0/m1: the 8 keys, d 0 (+8)
+    ldsm_x2(b, krows + (lane & 7) * RS + ((lane >> 3) & 1) * 8);
+    mma_16816(s, qa[0], b[0], b[1]);
+  } else {
+#pragma unroll
+    for (int s2 = 0; s2 < KS; s2 += 2) {
+      // m0/m1: the 8 keys, d 16*s2 (+8); m2/m3: d 16*(s2+1) (+8).
+      uint32_t b[4];
+      ldsm_x4(b, krows + (lane & 7) * RS + s2 * 16 + ((lane >> 3) & 1) * 8 + (lane >> 4) * 16);
+      mma_16816(s, qa[s2], b[0], b[1]);
+      mma_16816(s, qa[s2 + 1], b[2], b[3]);
+    }
+  }
+}
+
+// One online-softmax step over a warp's masked scores s[NJ][4] (rows g and
+// g + 8 of an m16 tile; -inf where masked) whose per-lane row maxima,
+// starting from the running maxima mrow, are in mx: the rows' maxima over
+// the quad, the running sums rescaled by alpha (returned, for the caller's
+// outputs), s replaced by exp(s - max) and added to the sums.
+template <int NJ>
+__device__ __forceinline__ void online_softmax(float (&s)[NJ][4], float* mx, float* mrow,
+                                               float* lrow, float* alpha) {
+  float base[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; hr++) {
+    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
+    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
+    base[hr] = mx[hr] == -INFINITY ? 0.f : mx[hr];
+    alpha[hr] = mrow[hr] == -INFINITY ? 0.f : expf(mrow[hr] - base[hr]);
+    mrow[hr] = mx[hr];
+    lrow[hr] *= alpha[hr];
+  }
+#pragma unroll
+  for (int j = 0; j < NJ; j++)
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const float e = expf(s[j][r] - base[r >> 1]);  // exp(-inf) = 0
+      s[j][r] = e;
+      lrow[r >> 1] += e;
+    }
+}
+
 // Decode attention: one query token per sequence, on tensor cores. Grid
 // (kv_heads, B, P), block NW warps. The G (<= 16) query heads of a KV head
 // are the rows of one m16n8k16 A operand, so each K/V row is read once for
@@ -189,24 +240,7 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
     // S = Q K^T over this warp's 16 keys: 2 n-tiles of 8.
     float s[2][4];
 #pragma unroll
-    for (int j = 0; j < 2; j++) {
-#pragma unroll
-      for (int r = 0; r < 4; r++) s[j][r] = 0.f;
-      if (KS == 1) {
-        uint32_t bb[2];
-        ldsm_x2(bb, ks + (j * 8 + (lane & 7)) * RS + ((lane >> 3) & 1) * 8);
-        mma_16816(s[j], qa[0], bb[0], bb[1]);
-      } else {
-#pragma unroll
-        for (int s2 = 0; s2 < KS; s2 += 2) {
-          uint32_t bb[4];
-          ldsm_x4(bb, ks + (j * 8 + (lane & 7)) * RS + s2 * 16 + ((lane >> 3) & 1) * 8 +
-                          (lane >> 4) * 16);
-          mma_16816(s[j], qa[s2], bb[0], bb[1]);
-          mma_16816(s[j], qa[s2 + 1], bb[2], bb[3]);
-        }
-      }
-    }
+    for (int j = 0; j < 2; j++) qk_tile<KS, RS>(s[j], qa, ks + j * 8 * RS, lane);
     const int k0 = kstart + it * KT + warp * 16;
     float mx[2] = {mrow[0], mrow[1]};
 #pragma unroll
@@ -218,24 +252,8 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
         s[j][r] = vis ? v : -INFINITY;
         mx[r >> 1] = fmaxf(mx[r >> 1], s[j][r]);
       }
-    float alpha[2], base[2];
-#pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-      mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
-      mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
-      base[hr] = mx[hr] == -INFINITY ? 0.f : mx[hr];
-      alpha[hr] = mrow[hr] == -INFINITY ? 0.f : expf(mrow[hr] - base[hr]);
-      mrow[hr] = mx[hr];
-      lrow[hr] *= alpha[hr];
-    }
-#pragma unroll
-    for (int j = 0; j < 2; j++)
-#pragma unroll
-      for (int r = 0; r < 4; r++) {
-        const float e = expf(s[j][r] - base[r >> 1]);  // exp(-inf) = 0
-        s[j][r] = e;
-        lrow[r >> 1] += e;
-      }
+    float alpha[2];
+    online_softmax<2>(s, mx, mrow, lrow, alpha);
     // O += P V: one k-step of this warp's 16 keys, D/8 n-tiles.
     const uint32_t pa[4] = {pack_h2(s[0][0], s[0][1]), pack_h2(s[0][2], s[0][3]),
                             pack_h2(s[1][0], s[1][1]), pack_h2(s[1][2], s[1][3])};
@@ -442,27 +460,7 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
     // S = Q K^T: 8 n-tiles of 8 keys.
     float s[8][4];
 #pragma unroll
-    for (int j = 0; j < 8; j++)
-#pragma unroll
-      for (int r = 0; r < 4; r++) s[j][r] = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-      if (KS == 1) {
-        uint32_t b[2];  // m0/m1: keys j*8.., d 0 (+8)
-        ldsm_x2(b, ks + (j * 8 + (lane & 7)) * FP_RS + ((lane >> 3) & 1) * 8);
-        mma_16816(s[j], qa[0], b[0], b[1]);
-      } else {
-#pragma unroll
-        for (int s2 = 0; s2 < KS; s2 += 2) {
-          // m0/m1: keys j*8.., d 16*s2 (+8); m2/m3: d 16*(s2+1) (+8).
-          uint32_t b[4];
-          const int l = lane;
-          ldsm_x4(b, ks + (j * 8 + (l & 7)) * FP_RS + s2 * 16 + ((l >> 3) & 1) * 8 + (l >> 4) * 16);
-          mma_16816(s[j], qa[s2], b[0], b[1]);
-          mma_16816(s[j], qa[s2 + 1], b[2], b[3]);
-        }
-      }
-    }
+    for (int j = 0; j < 8; j++) qk_tile<KS, FP_RS>(s[j], qa, ks + j * 8 * FP_RS, lane);
     // Round as HF (f16 product times f16 scale), mask, online softmax.
     float mx[2] = {mrow[0], mrow[1]};
 #pragma unroll
@@ -476,27 +474,8 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
         s[j][r] = vis ? v : -INFINITY;
         mx[hr] = fmaxf(mx[hr], s[j][r]);
       }
-#pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-      mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
-      mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
-    }
-    float alpha[2], base[2];
-#pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-      base[hr] = mx[hr] == -INFINITY ? 0.f : mx[hr];
-      alpha[hr] = mrow[hr] == -INFINITY ? 0.f : expf(mrow[hr] - base[hr]);
-      mrow[hr] = mx[hr];
-      lrow[hr] *= alpha[hr];
-    }
-#pragma unroll
-    for (int j = 0; j < 8; j++)
-#pragma unroll
-      for (int r = 0; r < 4; r++) {
-        const float p = expf(s[j][r] - base[r >> 1]);  // exp(-inf) = 0
-        s[j][r] = p;
-        lrow[r >> 1] += p;
-      }
+    float alpha[2];
+    online_softmax<8>(s, mx, mrow, lrow, alpha);
 #pragma unroll
     for (int i = 0; i < DN; i++) {
       o[i][0] *= alpha[0];

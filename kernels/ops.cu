@@ -152,6 +152,21 @@ __device__ __forceinline__ void rope1(half x1, half x2, half c, half s, half* o1
   *o2 = __hadd_rn(__hmul_rn(x2, c), __hmul_rn(x1, s));
 }
 
+// Rotates the 8 pairs (j .. j+7, j+half_d .. j+half_d+7) of one head row
+// src into dst, with cos/sin from table offset cs: 16-byte accesses.
+__device__ __forceinline__ void rope8(const half* src, half* dst, const half* cos, const half* sin,
+                                      size_t cs, int j, int half_d) {
+  H8 x1, x2, c, s, o1, o2;
+  x1.v = *reinterpret_cast<const int4*>(src + j);
+  x2.v = *reinterpret_cast<const int4*>(src + j + half_d);
+  c.v = *reinterpret_cast<const int4*>(cos + cs);
+  s.v = *reinterpret_cast<const int4*>(sin + cs);
+#pragma unroll
+  for (int e = 0; e < 8; e++) rope1(x1.h[e], x2.h[e], c.h[e], s.h[e], &o1.h[e], &o2.h[e]);
+  *reinterpret_cast<int4*>(dst + j) = o1.v;
+  *reinterpret_cast<int4*>(dst + j + half_d) = o2.v;
+}
+
 // Rotate-half RoPE on q [T, nq*D] and k [T, nk*D] for token positions pos[T],
 // in HF's f16 order: out1 = x1*c + (-x2)*s, out2 = x2*c + x1*s, each product
 // and the sum rounded to f16. cos/sin: [positions, D/2] tables. q and k
@@ -183,15 +198,7 @@ extern "C" __global__ void rope_qk(const half* __restrict__ q, const half* __res
   }
   const size_t cs = (size_t)pos[t] * half_d + j;
   if (vec) {
-    H8 x1, x2, c, s, o1, o2;
-    x1.v = *reinterpret_cast<const int4*>(src + j);
-    x2.v = *reinterpret_cast<const int4*>(src + j + half_d);
-    c.v = *reinterpret_cast<const int4*>(cos + cs);
-    s.v = *reinterpret_cast<const int4*>(sin + cs);
-#pragma unroll
-    for (int e = 0; e < 8; e++) rope1(x1.h[e], x2.h[e], c.h[e], s.h[e], &o1.h[e], &o2.h[e]);
-    *reinterpret_cast<int4*>(dst + j) = o1.v;
-    *reinterpret_cast<int4*>(dst + j + half_d) = o2.v;
+    rope8(src, dst, cos, sin, cs, j, half_d);
   } else {
     rope1(src[j], src[j + half_d], cos[cs], sin[cs], dst + j, dst + j + half_d);
   }
@@ -235,16 +242,7 @@ extern "C" __global__ void rope_qkv_cache(const half* __restrict__ q, const half
     src = k + (size_t)t * ks + (size_t)(h - nq) * D;
     dst = kc + row + (size_t)(h - nq) * D;
   }
-  const size_t cs = (size_t)pos[t] * half_d + j;
-  H8 x1, x2, c, s, o1, o2;
-  x1.v = *reinterpret_cast<const int4*>(src + j);
-  x2.v = *reinterpret_cast<const int4*>(src + j + half_d);
-  c.v = *reinterpret_cast<const int4*>(cos + cs);
-  s.v = *reinterpret_cast<const int4*>(sin + cs);
-#pragma unroll
-  for (int e = 0; e < 8; e++) rope1(x1.h[e], x2.h[e], c.h[e], s.h[e], &o1.h[e], &o2.h[e]);
-  *reinterpret_cast<int4*>(dst + j) = o1.v;
-  *reinterpret_cast<int4*>(dst + j + half_d) = o2.v;
+  rope8(src, dst, cos, sin, (size_t)pos[t] * half_d + j, j, half_d);
 }
 
 // Top-k candidates of each row of f32 logits, in the host sampler's order:

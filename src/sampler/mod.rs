@@ -89,13 +89,7 @@ pub fn sample(
     if params.temperature == 0.0 {
         return argmax(logits);
     }
-    let t = params.temperature as f32;
-    let mut cand: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| v.is_finite())
-        .map(|(i, &v)| (i as u32, v / t))
-        .collect();
+    let mut cand = candidates(logits, params.temperature as f32);
     if cand.is_empty() {
         return argmax(logits);
     }
@@ -103,7 +97,7 @@ pub fn sample(
     let cut = params.top_k > 0 && params.top_k < cand.len();
     if !cut && params.top_p >= 1.0 {
         // Neither top-k nor top-p: no order is needed, no sort.
-        return draw_unordered(&cand, rng);
+        return draw_unordered(&cand, rng.next_f64());
     }
     if cut {
         // The k best (the order is total, so the set is too), then only
@@ -132,47 +126,31 @@ pub fn row_norm(logits: &[f32], t: f32) -> (f32, f64) {
     (max, sum)
 }
 
-/// [`sample`]'s draw with neither top-k nor top-p, given its uniform `u`
-/// (the twin of the device's `draw_rows`); `None`: no finite logit.
-pub fn draw_row(logits: &[f32], t: f32, u: f64) -> Option<u32> {
-    let cand: Vec<(u32, f32)> = logits
+/// Every finite logit as `(token, logit / t)`, in id order: what the
+/// sampler draws from.
+fn candidates(logits: &[f32], t: f32) -> Vec<(u32, f32)> {
+    logits
         .iter()
         .enumerate()
         .filter(|(_, v)| v.is_finite())
         .map(|(i, &v)| (i as u32, v / t))
-        .collect();
-    if cand.is_empty() {
-        return None;
-    }
-    let mut rng = FixedUniform(Some(u));
-    Some(draw_unordered(&cand, &mut rng))
+        .collect()
 }
 
-/// One uniform, handed out once (for the draws given their uniform).
-struct FixedUniform(Option<f64>);
-
-trait Uniform {
-    fn next_f64(&mut self) -> f64;
-}
-
-impl Uniform for RecordRng {
-    fn next_f64(&mut self) -> f64 {
-        RecordRng::next_f64(self)
-    }
-}
-
-impl Uniform for FixedUniform {
-    fn next_f64(&mut self) -> f64 {
-        self.0.take().expect("one uniform per draw")
-    }
+/// [`sample`]'s draw with neither top-k nor top-p, given its uniform `u`
+/// (the twin of the device's `draw_rows`); `None`: no finite logit.
+pub fn draw_row(logits: &[f32], t: f32, u: f64) -> Option<u32> {
+    let cand = candidates(logits, t);
+    (!cand.is_empty()).then(|| draw_unordered(&cand, u))
 }
 
 /// The draw from every candidate `(token, logit / temperature)` in the
-/// order given (token id order): softmax and one uniform, in O(vocab).
-fn draw_unordered(cand: &[(u32, f32)], rng: &mut impl Uniform) -> u32 {
+/// order given (token id order) with the uniform `u`: softmax, then the
+/// inverse CDF, in O(vocab).
+fn draw_unordered(cand: &[(u32, f32)], u: f64) -> u32 {
     let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
     let weights: Vec<f64> = cand.iter().map(|(_, v)| ((v - max) as f64).exp()).collect();
-    let target = rng.next_f64() * weights.iter().sum::<f64>();
+    let target = u * weights.iter().sum::<f64>();
     let mut acc = 0.0;
     for (c, w) in cand.iter().zip(&weights) {
         acc += w;
@@ -399,12 +377,7 @@ mod tests {
     /// The device route's candidates: the row's best `k` (token, v / t) in
     /// the host's order.
     fn best(logits: &[f32], t: f32, k: usize) -> Vec<(u32, f32)> {
-        let mut c: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.is_finite())
-            .map(|(i, &v)| (i as u32, v / t))
-            .collect();
+        let mut c = candidates(logits, t);
         c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         c.truncate(k);
         c

@@ -120,7 +120,8 @@ fn paged_decode_of_a_sequence_does_not_depend_on_its_batch() {
     for i in 1..ctx.len() {
         first[i] = first[i - 1] + per[i - 1] as u32;
     }
-    let run = |seqs: &[usize]| -> Vec<Vec<f32>> {
+    // The block tables, context lengths and shape of a batch of `seqs`.
+    let batch = |seqs: &[usize], max_keys: usize| -> (Tensor, Tensor, DecodeShape) {
         let maxb = seqs.iter().map(|&i| per[i]).max().unwrap();
         let mut tables = vec![0u32; seqs.len() * maxb];
         for (r, &i) in seqs.iter().enumerate() {
@@ -128,28 +129,26 @@ fn paged_decode_of_a_sequence_does_not_depend_on_its_batch() {
                 tables[r * maxb + j] = first[i] + j as u32;
             }
         }
-        let q: Vec<f16> = seqs.iter().flat_map(|&i| qs[i].clone()).collect();
-        let out = cuda::paged_decode(
-            &Tensor::from_vec(q, (seqs.len(), nh * d), &dev).unwrap(),
-            &kc,
-            &vc,
-            &Tensor::from_vec(tables, (seqs.len(), maxb), &dev).unwrap(),
-            &Tensor::from_vec(
-                seqs.iter().map(|&i| ctx[i] as u32).collect(),
-                seqs.len(),
-                &dev,
-            )
-            .unwrap(),
-            &DecodeShape {
-                heads: nh,
-                kv_heads: nkv,
-                head_dim: d,
-                block_size: bs,
-                window: 0,
-                max_keys: seqs.iter().map(|&i| ctx[i]).max().unwrap(),
-            },
+        let lens: Vec<u32> = seqs.iter().map(|&i| ctx[i] as u32).collect();
+        let shape = DecodeShape {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+            block_size: bs,
+            window: 0,
+            max_keys,
+        };
+        (
+            Tensor::from_vec(tables, (seqs.len(), maxb), &dev).unwrap(),
+            Tensor::from_vec(lens, seqs.len(), &dev).unwrap(),
+            shape,
         )
-        .unwrap();
+    };
+    let run = |seqs: &[usize]| -> Vec<Vec<f32>> {
+        let (tables, lens, shape) = batch(seqs, seqs.iter().map(|&i| ctx[i]).max().unwrap());
+        let q: Vec<f16> = seqs.iter().flat_map(|&i| qs[i].clone()).collect();
+        let q = Tensor::from_vec(q, (seqs.len(), nh * d), &dev).unwrap();
+        let out = cuda::paged_decode(&q, &kc, &vc, &tables, &lens, &shape).unwrap();
         let h = host(&out);
         h.chunks(nh * d).map(|c| c.to_vec()).collect()
     };
@@ -157,13 +156,6 @@ fn paged_decode_of_a_sequence_does_not_depend_on_its_batch() {
     // In place, as in a mixed step: the sequences' queries at rows 1, 3, 5,
     // 7 of a wider q, outputs to the same rows, the other rows untouched.
     let seqs = [0usize, 1, 2, 3];
-    let maxb = *per.iter().max().unwrap();
-    let mut tables = vec![0u32; seqs.len() * maxb];
-    for (r, &i) in seqs.iter().enumerate() {
-        for j in 0..per[i] {
-            tables[r * maxb + j] = first[i] + j as u32;
-        }
-    }
     let width = nh * d;
     let mut qw = vec![f16::ZERO; 2 * seqs.len() * width];
     for (r, &i) in seqs.iter().enumerate() {
@@ -173,32 +165,13 @@ fn paged_decode_of_a_sequence_does_not_depend_on_its_batch() {
     let out = Tensor::zeros((2 * seqs.len(), width), DType::F16, &dev).unwrap();
     let rows: Vec<u32> = (0..seqs.len() as u32).map(|r| 2 * r + 1).collect();
     let rows = Tensor::from_vec(rows, seqs.len(), &dev).unwrap();
-    cuda::paged_decode_into(
-        cuda::DecodeIo {
-            q: &q,
-            rows: Some(&rows),
-            out: &out,
-        },
-        &kc,
-        &vc,
-        &Tensor::from_vec(tables, (seqs.len(), maxb), &dev).unwrap(),
-        &Tensor::from_vec(
-            seqs.iter().map(|&i| ctx[i] as u32).collect(),
-            seqs.len(),
-            &dev,
-        )
-        .unwrap(),
-        &DecodeShape {
-            heads: nh,
-            kv_heads: nkv,
-            head_dim: d,
-            block_size: bs,
-            window: 0,
-            max_keys: 2500,
-        },
-        Default::default(),
-    )
-    .unwrap();
+    let (tables, lens, shape) = batch(&seqs, 2500);
+    let io = cuda::DecodeIo {
+        q: &q,
+        rows: Some(&rows),
+        out: &out,
+    };
+    cuda::paged_decode_into(io, &kc, &vc, &tables, &lens, &shape, Default::default()).unwrap();
     let got = host(&out);
     for (r, &i) in seqs.iter().enumerate() {
         assert!(got[2 * r * width..(2 * r + 1) * width]
