@@ -81,11 +81,21 @@ __device__ __forceinline__ void qk_tile(float* s, const uint32_t (*qa)[4], const
   }
 }
 
+// 2^x (MUFU.EX2; relative error below 2^-22, far under the f16 rounding
+// of P that follows).
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+#define LOG2E 1.4426950408889634f
+
 // One online-softmax step over a warp's masked scores s[NJ][4] (rows g and
 // g + 8 of an m16 tile; -inf where masked) whose per-lane row maxima,
 // starting from the running maxima mrow, are in mx: the rows' maxima over
 // the quad, the running sums rescaled by alpha (returned, for the caller's
-// outputs), s replaced by exp(s - max) and added to the sums.
+// outputs), s replaced by exp(s - max) = 2^(s log2 e - max log2 e) and
+// added to the sums.
 template <int NJ>
 __device__ __forceinline__ void online_softmax(float (&s)[NJ][4], float* mx, float* mrow,
                                                float* lrow, float* alpha) {
@@ -94,8 +104,8 @@ __device__ __forceinline__ void online_softmax(float (&s)[NJ][4], float* mx, flo
   for (int hr = 0; hr < 2; hr++) {
     mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
     mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
-    base[hr] = mx[hr] == -INFINITY ? 0.f : mx[hr];
-    alpha[hr] = mrow[hr] == -INFINITY ? 0.f : expf(mrow[hr] - base[hr]);
+    base[hr] = mx[hr] == -INFINITY ? 0.f : mx[hr] * LOG2E;
+    alpha[hr] = mrow[hr] == -INFINITY ? 0.f : ex2(fmaf(mrow[hr], LOG2E, -base[hr]));
     mrow[hr] = mx[hr];
     lrow[hr] *= alpha[hr];
   }
@@ -103,7 +113,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[NJ][4], float* mx, flo
   for (int j = 0; j < NJ; j++)
 #pragma unroll
     for (int r = 0; r < 4; r++) {
-      const float e = expf(s[j][r] - base[r >> 1]);  // exp(-inf) = 0
+      const float e = ex2(fmaf(s[j][r], LOG2E, -base[r >> 1]));  // 2^-inf = 0
       s[j][r] = e;
       lrow[r >> 1] += e;
     }
@@ -365,52 +375,83 @@ extern "C" __global__ void paged_decode_combine(const float* __restrict__ part_o
 }
 
 // Prefill attention over the paged cache, flash style (never materializes
-// the scores), head dims 16/32/64/128 (D): one block = 4 warps = 64 query
-// rows of one query head; each
-// warp owns 16 rows. Key tiles of 64 (K and V rows gathered from the cache
-// through the chunk's slot list) are double-buffered in shared memory with
+// the scores), head dims 16/32/64/128 (D). One block = 4 warps = 128 query
+// rows: MT = 128 / G tokens of one chunk times the G query heads of one KV
+// head (G = heads / kv_heads: 1, 2, 4 or 8), so each K/V tile is read once
+// for all G heads. Row r of the block is token r % MT of head kvh * G + r /
+// MT; warp w owns rows 32w..32w+31 as two m16 tiles, each 16 consecutive
+// tokens of one head, and every K and V fragment it loads feeds both. Q
+// sits in shared memory; key tiles of 64 (K and V rows gathered from the
+// cache through the chunk's slot list) are double-buffered behind it with
 // cp.async. Per tile: S = Q K^T on tensor cores (mma m16n8k16, f32
 // accumulate), rounded as HF's eager f16 arithmetic rounds it (the f16
-// product times the f16 scale), causal + sliding-window mask, online
-// softmax in f32 (running max and sum per row), P rounded to f16 and
-// O += P V on tensor cores; O / l at the end. HF eager normalizes P before
-// rounding it, so results differ from it by f16 rounding only.
+// product times the f16 scale), the causal and sliding-window mask (only on
+// tiles that cross a boundary), online softmax in f32 (running max and sum
+// per row), P rounded to f16 and O += P V on tensor cores; O / l at the
+// end. HF eager normalizes P before rounding it, so results differ from it
+// by f16 rounding only. A row's arithmetic depends only on its own position
+// (key tiles are aligned to multiples of 64 positions), not on the chunk,
+// the tile or the batch it comes in.
 //
-// tiles[i] = (first row of the tile in q/out, rows (<= 64), position of
-// the first row, offset of the chunk's slot list in `keys`); keys[off + j]
+// tiles[i] = (first row of the tile in q/out, tokens (<= MT), position of
+// the first token, offset of the chunk's slot list in `keys`); keys[off + j]
 // is the cache row of position j of that chunk's sequence.
 #define FP_KT 64
+#define FP_ROWS 128
+
+// S[mt] = Q K^T for a warp's two m16 tiles (rows 16 apart from `qrows`,
+// RS halves per row, in shared memory) over the 64 keys of `ks`, one k-step
+// of 16 dims at a time (fewer live registers than two): each K fragment is
+// loaded once for both tiles.
+template <int KS, int RS>
+__device__ __forceinline__ void qk_tiles(float (&s)[2][8][4], const half* qrows, const half* ks,
+                                         int lane) {
+#pragma unroll
+  for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) s[mt][j][r] = 0.f;
+#pragma unroll
+  for (int k = 0; k < KS; k++) {
+    uint32_t qa[2][4];  // A fragments: rows lane & 15, dims 16k + (lane >> 4) * 8
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+      ldsm_x4(qa[mt], qrows + (mt * 16 + (lane & 15)) * RS + k * 16 + (lane >> 4) * 8);
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      uint32_t b[2];  // the 8 keys of n-tile j, d 16k (+8)
+      ldsm_x2(b, ks + (j * 8 + (lane & 7)) * RS + k * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int mt = 0; mt < 2; mt++) mma_16816(s[mt][j], qa[mt], b[0], b[1]);
+    }
+  }
+}
 
 template <int FP_D>
 __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __restrict__ kc,
                                    const half* __restrict__ vc, const unsigned* __restrict__ keys,
                                    const int4* __restrict__ tiles, half* __restrict__ out,
                                    int heads, int kv_heads, int window, float scale) {
-  constexpr int FP_RS = FP_D + 8;  // smem row stride in halves (no bank conflicts at 128)
-  constexpr int KS = FP_D / 16;    // k-steps of Q K^T
-  constexpr int DN = FP_D / 8;     // n-tiles of P V
-  extern __shared__ __align__(16) half smem[];  // [2 stages][K, V][64][FP_RS]
+  constexpr int RS = FP_D + 8;  // smem row stride in halves (no bank conflicts at 128)
+  constexpr int KS = FP_D / 16; // k-steps of Q K^T
+  constexpr int DN = FP_D / 8;  // n-tiles of P V
+  extern __shared__ __align__(16) half smem[];  // Q [128][RS], [2 stages][K, V][64][RS]
+  half* qs = smem;
+  half* kvs = smem + FP_ROWS * RS;
   const int4 tile = tiles[blockIdx.x];
   const int row0 = tile.x, rows = tile.y, pos0 = tile.z, koff = tile.w;
-  const int h = blockIdx.y, kvh = h / (heads / kv_heads);
+  const int kvh = blockIdx.y, G = heads / kv_heads, MT = FP_ROWS / G;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const size_t qstride = (size_t)heads * FP_D, kvstride = (size_t)kv_heads * FP_D;
 
-  // Q fragments of this warp's 16 rows (A operand, 8 k-steps over d).
-  uint32_t qa[KS][4];
-  {
-    const int ra = warp * 16 + g, rb = ra + 8;
-    const half* qa_row = q + (size_t)(row0 + ra) * qstride + h * FP_D;
-    const half* qb_row = q + (size_t)(row0 + rb) * qstride + h * FP_D;
-#pragma unroll
-    for (int s = 0; s < KS; s++) {
-      const int c0 = s * 16 + 2 * t;
-      qa[s][0] = ra < rows ? *reinterpret_cast<const uint32_t*>(qa_row + c0) : 0u;
-      qa[s][1] = rb < rows ? *reinterpret_cast<const uint32_t*>(qb_row + c0) : 0u;
-      qa[s][2] = ra < rows ? *reinterpret_cast<const uint32_t*>(qa_row + c0 + 8) : 0u;
-      qa[s][3] = rb < rows ? *reinterpret_cast<const uint32_t*>(qb_row + c0 + 8) : 0u;
-    }
+  // Q rows (token r % MT of head kvh * G + r / MT; zeros past `rows`).
+  for (int i = threadIdx.x; i < FP_ROWS * DN; i += 128) {
+    const int r = i / DN, c = (i % DN) * 8, tok = r % MT;
+    const bool ok = tok < rows;
+    cp_async16(qs + r * RS + c, q + (size_t)(row0 + (ok ? tok : 0)) * qstride + (kvh * G + r / MT) * FP_D + c,
+               ok);
   }
   const int kmax = pos0 + rows - 1;  // last visible key of the tile
   const int kmin = window > 0 ? max(0, pos0 - window + 1) : 0;
@@ -418,8 +459,8 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
 
   // Loads key tile `kt` into stage `st`: 64 rows x D/8 int4 per matrix.
   auto load = [&](int kt, int st) {
-    half* ks = smem + st * 2 * FP_KT * FP_RS;
-    half* vs = ks + FP_KT * FP_RS;
+    half* ks = kvs + st * 2 * FP_KT * RS;
+    half* vs = ks + FP_KT * RS;
 #pragma unroll
     for (int i = 0; i < FP_D / 16; i++) {
       const int idx = threadIdx.x + i * 128;
@@ -427,23 +468,34 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
       const int j = kt * FP_KT + r;
       const bool ok = j <= kmax;
       const size_t slot = ok ? keys[koff + j] : 0;
-      cp_async16(ks + r * FP_RS + c, kc + slot * kvstride + kvh * FP_D + c, ok);
-      cp_async16(vs + r * FP_RS + c, vc + slot * kvstride + kvh * FP_D + c, ok);
+      cp_async16(ks + r * RS + c, kc + slot * kvstride + kvh * FP_D + c, ok);
+      cp_async16(vs + r * RS + c, vc + slot * kvstride + kvh * FP_D + c, ok);
     }
   };
 
-  float o[DN][4];
+  float o[2][DN][4];
 #pragma unroll
-  for (int i = 0; i < DN; i++)
+  for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-    for (int r = 0; r < 4; r++) o[i][r] = 0.f;
-  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
-  const half sh = __float2half(scale);
-  const int qpos[2] = {pos0 + warp * 16 + g, pos0 + warp * 16 + g + 8};
-  const bool qok[2] = {warp * 16 + g < rows, warp * 16 + g + 8 < rows};
+    for (int i = 0; i < DN; i++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) o[mt][i][r] = 0.f;
+  float mrow[2][2], lrow[2][2];
+  int tok0[2];  // token of row g of each m16 tile (row g + 8: tok0 + 8)
+#pragma unroll
+  for (int mt = 0; mt < 2; mt++) {
+    tok0[mt] = (warp * 32 + mt * 16) % MT + g;
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+      mrow[mt][hr] = -INFINITY;
+      lrow[mt][hr] = 0.f;
+    }
+  }
+  const half2 sh2 = __float2half2_rn(scale);
+  const half* qrows = qs + warp * 32 * RS;
 
   load(t0, 0);
-  cp_async_commit();
+  cp_async_commit();  // with the Q rows
   for (int kt = t0; kt <= t1; kt++) {
     const int st = (kt - t0) & 1;
     if (kt < t1) {
@@ -454,72 +506,97 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
       cp_async_wait<0>();
     }
     __syncthreads();
-    const half* ks = smem + st * 2 * FP_KT * FP_RS;
-    const half* vs = ks + FP_KT * FP_RS;
+    const half* ks = kvs + st * 2 * FP_KT * RS;
+    const half* vs = ks + FP_KT * RS;
 
-    // S = Q K^T: 8 n-tiles of 8 keys.
-    float s[8][4];
+    float s[2][8][4];
+    uint32_t pa[2][4][4];
+    qk_tiles<KS, RS>(s, qrows, ks, lane);
+    // Round as HF (f16 product times f16 scale); mask only a tile that
+    // crosses the causal diagonal or the window's edge (the same for
+    // every row of the block: uniform branch).
+    const bool inside = kt * FP_KT + FP_KT - 1 <= pos0 && (window <= 0 || kt * FP_KT > kmax - window);
 #pragma unroll
-    for (int j = 0; j < 8; j++) qk_tile<KS, FP_RS>(s[j], qa, ks + j * 8 * FP_RS, lane);
-    // Round as HF (f16 product times f16 scale), mask, online softmax.
-    float mx[2] = {mrow[0], mrow[1]};
+    for (int mt = 0; mt < 2; mt++) {
+      float mx[2] = {mrow[mt][0], mrow[mt][1]};
 #pragma unroll
-    for (int j = 0; j < 8; j++)
+      for (int j = 0; j < 8; j++)
 #pragma unroll
-      for (int r = 0; r < 4; r++) {
-        const int hr = r >> 1;
-        const int kp = kt * FP_KT + j * 8 + 2 * t + (r & 1);
-        const bool vis = qok[hr] && kp <= qpos[hr] && (window <= 0 || kp > qpos[hr] - window);
-        const float v = __half2float(__hmul(__float2half(s[j][r]), sh));
-        s[j][r] = vis ? v : -INFINITY;
-        mx[hr] = fmaxf(mx[hr], s[j][r]);
+        for (int hr = 0; hr < 2; hr++) {
+          const float2 f = __half22float2(
+              __hmul2(__floats2half2_rn(s[mt][j][2 * hr], s[mt][j][2 * hr + 1]), sh2));
+          float v[2] = {f.x, f.y};
+#pragma unroll
+          for (int c = 0; c < 2; c++) {
+            if (!inside) {
+              const int kp = kt * FP_KT + j * 8 + 2 * t + c, tok = tok0[mt] + 8 * hr;
+              const int qp = pos0 + tok;
+              const bool vis = tok < rows && kp <= qp && (window <= 0 || kp > qp - window);
+              v[c] = vis ? v[c] : -INFINITY;
+            }
+            s[mt][j][2 * hr + c] = v[c];
+            mx[hr] = fmaxf(mx[hr], v[c]);
+          }
+        }
+      float alpha[2];
+      online_softmax<8>(s[mt], mx, mrow[mt], lrow[mt], alpha);
+#pragma unroll
+      for (int i = 0; i < DN; i++) {
+        o[mt][i][0] *= alpha[0];
+        o[mt][i][1] *= alpha[0];
+        o[mt][i][2] *= alpha[1];
+        o[mt][i][3] *= alpha[1];
       }
-    float alpha[2];
-    online_softmax<8>(s, mx, mrow, lrow, alpha);
+      // P as f16 A fragments of the 4 k-steps of 16 keys.
 #pragma unroll
-    for (int i = 0; i < DN; i++) {
-      o[i][0] *= alpha[0];
-      o[i][1] *= alpha[0];
-      o[i][2] *= alpha[1];
-      o[i][3] *= alpha[1];
+      for (int kk = 0; kk < 4; kk++) {
+        pa[mt][kk][0] = pack_h2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pa[mt][kk][1] = pack_h2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pa[mt][kk][2] = pack_h2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pa[mt][kk][3] = pack_h2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
     }
-    // O += P V: 4 k-steps of 16 keys, D/8 n-tiles of 8 dims.
+    // O += P V: 4 k-steps of 16 keys, D/8 n-tiles of 8 dims; each V
+    // fragment feeds both m16 tiles.
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
-      uint32_t pa[4] = {pack_h2(s[2 * kk][0], s[2 * kk][1]), pack_h2(s[2 * kk][2], s[2 * kk][3]),
-                        pack_h2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                        pack_h2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
       for (int dn = 0; dn < DN; dn += 2) {
         // m0/m1: keys 16kk (+8), dims dn*8; m2/m3: dims (dn+1)*8.
         uint32_t b[4];
-        ldsm_x4_t(b, vs + (kk * 16 + (lane & 15)) * FP_RS + dn * 8 + (lane >> 4) * 8);
-        mma_16816(o[dn], pa, b[0], b[1]);
-        mma_16816(o[dn + 1], pa, b[2], b[3]);
+        ldsm_x4_t(b, vs + (kk * 16 + (lane & 15)) * RS + dn * 8 + (lane >> 4) * 8);
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++) {
+          mma_16816(o[mt][dn], pa[mt][kk], b[0], b[1]);
+          mma_16816(o[mt][dn + 1], pa[mt][kk], b[2], b[3]);
+        }
       }
     }
     __syncthreads();  // the next iteration's load overwrites this stage
   }
 #pragma unroll
-  for (int hr = 0; hr < 2; hr++) {
-    lrow[hr] += __shfl_xor_sync(0xffffffffu, lrow[hr], 1);
-    lrow[hr] += __shfl_xor_sync(0xffffffffu, lrow[hr], 2);
-  }
+  for (int mt = 0; mt < 2; mt++) {
+    const int r0 = warp * 32 + mt * 16;  // the m16 tile's first block row
+    const int h = kvh * G + r0 / MT;
 #pragma unroll
-  for (int hr = 0; hr < 2; hr++) {
-    const int r = warp * 16 + g + hr * 8;
-    if (r >= rows) continue;
-    const float inv = lrow[hr] > 0.f ? 1.f / lrow[hr] : 0.f;
-    half* dst = out + (size_t)(row0 + r) * qstride + h * FP_D + 2 * t;
+    for (int hr = 0; hr < 2; hr++) {
+      float l = lrow[mt][hr];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int tok = tok0[mt] + 8 * hr;
+      if (tok >= rows) continue;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      half* dst = out + (size_t)(row0 + tok) * qstride + h * FP_D + 2 * t;
 #pragma unroll
-    for (int dn = 0; dn < DN; dn++)
-      *reinterpret_cast<half2*>(dst + dn * 8) =
-          __floats2half2_rn(o[dn][2 * hr] * inv, o[dn][2 * hr + 1] * inv);
+      for (int dn = 0; dn < DN; dn++)
+        *reinterpret_cast<half2*>(dst + dn * 8) =
+            __floats2half2_rn(o[mt][dn][2 * hr] * inv, o[mt][dn][2 * hr + 1] * inv);
+    }
   }
 }
 
 #define FLASH_PREFILL(D)                                                                         \
-  extern "C" __global__ void __launch_bounds__(128) flash_prefill_d##D(                         \
+  extern "C" __global__ void __launch_bounds__(128, 2) flash_prefill_d##D(                      \
       const half* q, const half* kc, const half* vc, const unsigned* keys, const int4* tiles,   \
       half* out, int heads, int kv_heads, int window, float scale) {                            \
     flash_prefill_impl<D>(q, kc, vc, keys, tiles, out, heads, kv_heads, window, scale);         \

@@ -285,7 +285,7 @@ pub fn prefill_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Prefi
                 key_off: i * n,
             })
             .collect();
-        let (tiles, ntiles) = cuda::prefill_tiles(&chunks, dev)?;
+        let (tiles, ntiles) = cuda::prefill_tiles(&chunks, nh / nkv, dev)?;
         let out = Tensor::zeros((b * n, nh * d), DType::F16, dev)?;
         let shape = cuda::PrefillShape {
             heads: nh,

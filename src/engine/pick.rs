@@ -32,6 +32,9 @@ pub enum Picked {
     /// holding the top-p nucleus, and the row's normaliser (its f64 sum,
     /// added in another order than the host's).
     Nucleus(Vec<(u32, f32)>, f64),
+    /// A host row after [`sampler::prepare`] (set by the update, before
+    /// the draw).
+    Prepared(sampler::Prepared),
 }
 
 #[derive(Debug, PartialEq)]

@@ -10,6 +10,7 @@ use crate::prompt::Decoder;
 use crate::sampler;
 use crate::scheduler::{Request, RequestKind, Scheduler, SeqId, StepPlan};
 use crate::{Error, Result};
+use rayon::prelude::*;
 use std::time::Instant;
 
 /// When a generation ends: stop tokens, stop strings, length, context.
@@ -80,6 +81,7 @@ pub fn apply(
 ) -> Result<Vec<(SeqId, FinishReason)>> {
     let now = Instant::now();
     let mut finished = Vec::new();
+    let picks = prepare_host_rows(sched, plan, picks, stops);
     for (c, pick) in plan.chunks.iter().zip(picks) {
         if !c.samples {
             continue; // mid-prefill chunk: nothing to do yet
@@ -88,17 +90,11 @@ pub fn apply(
             finished.push((c.seq, FinishReason::Scored));
             continue;
         }
-        let pick = match pick {
-            Some(Picked::Logits(mut row)) => {
-                stops.mask_early_stops(sched.request(c.seq), &mut row);
-                Some(Picked::Logits(row))
-            }
-            other => other,
-        };
         let req = sched.request_mut(c.seq);
         let (history, params, rng) = req.sampling_parts();
         let tok = match pick {
             Some(Picked::Token(t)) => t,
+            Some(Picked::Prepared(p)) => sampler::draw(&p, params, rng),
             Some(Picked::Logits(mut row)) => sampler::sample(&mut row, history, params, rng),
             Some(Picked::Candidates(cand)) => sampler::sample_sorted(&cand, params, rng),
             Some(Picked::Nucleus(cand, sum)) => sampler::sample_nucleus(&cand, sum, params, rng),
@@ -129,6 +125,39 @@ pub fn apply(
         }
     }
     Ok(finished)
+}
+
+/// The host rows' sampling work before their draws: the stop tokens that
+/// `min_new_tokens` still masks, then [`sampler::prepare`] (penalty,
+/// temperature, top-k's cut, top-p's sorted candidates) of every row at
+/// once on the rayon pool; the draws then take each record's uniform in
+/// chunk order, so a record's stream is the same as row by row.
+fn prepare_host_rows(
+    sched: &Scheduler,
+    plan: &StepPlan,
+    mut picks: Vec<Option<Picked>>,
+    stops: &StopRule<'_>,
+) -> Vec<Option<Picked>> {
+    let mut work: Vec<(usize, Vec<f32>, &Request)> = Vec::new();
+    for (i, (c, pick)) in plan.chunks.iter().zip(picks.iter_mut()).enumerate() {
+        let req = sched.request(c.seq);
+        if !c.samples || req.kind == RequestKind::Score {
+            continue;
+        }
+        if let Some(Picked::Logits(row)) = pick {
+            let mut row = std::mem::take(row);
+            stops.mask_early_stops(req, &mut row);
+            work.push((i, row, req));
+        }
+    }
+    let done: Vec<(usize, sampler::Prepared)> = work
+        .into_par_iter()
+        .map(|(i, mut row, req)| (i, sampler::prepare(&mut row, req.tokens(), &req.params)))
+        .collect();
+    for (i, p) in done {
+        picks[i] = Some(Picked::Prepared(p));
+    }
+    picks
 }
 
 /// Stores the log-probabilities of the known tokens whose rows ran in this

@@ -77,36 +77,92 @@ pub fn apply_repetition_penalty(logits: &mut [f32], seen: &[u32], penalty: f64) 
     }
 }
 
-/// Picks the next token. `seen` holds prompt and generated ids (for the
-/// repetition penalty).
+/// Picks the next token, as [`prepare`] then [`draw`]. `seen` holds prompt
+/// and generated ids (for the repetition penalty).
 pub fn sample(
     logits: &mut [f32],
     seen: &[u32],
     params: &GenerationParams,
     rng: &mut RecordRng,
 ) -> u32 {
+    let p = prepare(logits, seen, params);
+    draw(&p, params, rng)
+}
+
+/// What the host sampler draws from, prepared without the record's RNG
+/// (so many rows can be prepared at once, and drawn in order after).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prepared {
+    /// Temperature 0, or no finite logit: the argmax; no uniform is used.
+    Token(u32),
+    /// Neither top-k nor top-p: every `(token, logit / t)` in id order.
+    Unordered(Vec<(u32, f32)>),
+    /// Candidates sorted by value (ties by lower id) that hold the draw —
+    /// top-k's k best, or best ones holding the top-p nucleus — and the
+    /// softmax normaliser over the candidates the probabilities are taken
+    /// from (top-k: the k, summed in sorted order; top-p: the whole row,
+    /// summed in id order as [`row_norm`]).
+    Sorted(Vec<(u32, f32)>, f64),
+}
+
+/// The candidates' order: value descending, ties by lower id (total).
+fn order(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The repetition penalty, the temperature, top-k's cut and top-p's
+/// candidates of one row: everything of [`sample`] but the uniform.
+pub fn prepare(logits: &mut [f32], seen: &[u32], params: &GenerationParams) -> Prepared {
     apply_repetition_penalty(logits, seen, params.repetition_penalty);
     if params.temperature == 0.0 {
-        return argmax(logits);
+        return Prepared::Token(argmax(logits));
     }
-    let mut cand = candidates(logits, params.temperature as f32);
+    let t = params.temperature as f32;
+    let mut cand = candidates(logits, t);
     if cand.is_empty() {
-        return argmax(logits);
+        return Prepared::Token(argmax(logits));
     }
-    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     let cut = params.top_k > 0 && params.top_k < cand.len();
     if !cut && params.top_p >= 1.0 {
         // Neither top-k nor top-p: no order is needed, no sort.
-        return draw_unordered(&cand, rng.next_f64());
+        return Prepared::Unordered(cand);
     }
     if cut {
         // The k best (the order is total, so the set is too), then only
         // those sorted: the same prefix as a full sort.
         cand.select_nth_unstable_by(params.top_k - 1, order);
         cand.truncate(params.top_k);
+        cand.sort_by(order);
+        let sum = sorted_sum(&cand);
+        return Prepared::Sorted(cand, sum);
+    }
+    // Top-p over the whole row: the normaliser over every candidate, then
+    // the best 64, 256, ... sorted until they hold the nucleus (each a
+    // prefix of the full sort), so a narrow nucleus costs O(vocab), not a
+    // sort of the vocabulary.
+    let (_, sum) = row_norm(logits, t);
+    let mut k = 64;
+    while k < cand.len() {
+        cand.select_nth_unstable_by(k - 1, order);
+        cand[..k].sort_by(order);
+        if nucleus_fits(&cand[..k], sum, params.top_p) {
+            cand.truncate(k);
+            return Prepared::Sorted(cand, sum);
+        }
+        k *= 4;
     }
     cand.sort_by(order);
-    sample_sorted(&cand, params, rng)
+    Prepared::Sorted(cand, sum)
+}
+
+/// [`sample`]'s draw from a prepared row with one uniform from the
+/// record's RNG (none for [`Prepared::Token`]).
+pub fn draw(p: &Prepared, params: &GenerationParams, rng: &mut RecordRng) -> u32 {
+    match p {
+        Prepared::Token(t) => *t,
+        Prepared::Unordered(cand) => draw_unordered(cand, rng.next_f64()),
+        Prepared::Sorted(cand, sum) => draw_sorted(cand, *sum, params.top_p, rng),
+    }
 }
 
 /// A row's normaliser at temperature `t`, as [`sample`] computes it: (the
@@ -166,9 +222,13 @@ fn draw_unordered(cand: &[(u32, f32)], u: f64) -> u32 {
 /// one uniform from the record's RNG. The GPU top-k path calls this on the
 /// candidates it selected, so both paths draw identically.
 pub fn sample_sorted(cand: &[(u32, f32)], params: &GenerationParams, rng: &mut RecordRng) -> u32 {
+    draw_sorted(cand, sorted_sum(cand), params.top_p, rng)
+}
+
+/// The softmax normaliser of sorted candidates, added in their order.
+fn sorted_sum(cand: &[(u32, f32)]) -> f64 {
     let max = cand[0].1;
-    let sum: f64 = cand.iter().map(|(_, v)| ((v - max) as f64).exp()).sum();
-    draw_sorted(cand, sum, params.top_p, rng)
+    cand.iter().map(|(_, v)| ((v - max) as f64).exp()).sum()
 }
 
 /// Whether a row's best candidates (sorted as [`sample_sorted`]'s, the
@@ -372,6 +432,55 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn top_p_from_the_best_candidates_draws_as_a_sort_of_the_whole_row() {
+        // Rows whose nucleus is a few tokens, a few hundred, and nearly the
+        // whole row (flat logits): prepare() stops at 64, 256, 1024, ...
+        // best candidates or sorts everything; the draw must be the one a
+        // plain sort of the row gives, for every uniform.
+        let mut widths = Vec::new();
+        for seed in 0..40u64 {
+            let spread = [200.0f32, 60.0, 0.05][seed as usize % 3];
+            let mut r = RecordRng::new(seed, "flat");
+            let logits: Vec<f32> = (0..5000)
+                .map(|i| {
+                    if i % 611 == 7 {
+                        f32::NEG_INFINITY
+                    } else {
+                        spread * r.next_f64() as f32
+                    }
+                })
+                .collect();
+            let p = params(0.9, 0, 0.9);
+            let t = 0.9f32;
+            // The plain way: sort the whole row, normaliser in id order.
+            let mut all = candidates(&logits, t);
+            let (_, sum) = row_norm(&logits, t);
+            all.sort_by(order);
+            let prepared = prepare(&mut logits.clone(), &[], &p);
+            let Prepared::Sorted(cand, got_sum) = &prepared else {
+                panic!("top-p prepares sorted candidates, got {prepared:?}");
+            };
+            assert_eq!(*got_sum, sum);
+            assert_eq!(&all[..cand.len()], &cand[..], "seed {seed}");
+            widths.push(cand.len());
+            for k in 0..20 {
+                let id = format!("s{seed}-{k}");
+                let mut a = RecordRng::new(seed, &id);
+                let mut b = a.clone();
+                assert_eq!(
+                    draw(&prepared, &p, &mut a),
+                    draw_sorted(&all, sum, p.top_p, &mut b),
+                    "seed {seed} draw {k}"
+                );
+            }
+        }
+        // Every stopping point was taken: 64, a wider prefix, the whole row.
+        assert!(widths.contains(&64), "{widths:?}");
+        assert!(widths.iter().any(|&w| w > 64 && w < 4000), "{widths:?}");
+        assert!(widths.iter().any(|&w| w > 4000), "{widths:?}");
     }
 
     /// The device route's candidates: the row's best `k` (token, v / t) in

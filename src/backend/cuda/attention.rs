@@ -53,6 +53,16 @@ impl CudaKv {
                 s.head_dim
             )));
         }
+        let group = s.heads / s.kv_heads.max(1);
+        if s.kv_heads == 0
+            || group * s.kv_heads != s.heads
+            || !cuda::PREFILL_GROUPS.contains(&group)
+        {
+            return Err(crate::Error::Model(format!(
+                "{} attention heads over {} kv heads is not supported on CUDA (1, 2, 4 or 8 heads per kv head)",
+                s.heads, s.kv_heads
+            )));
+        }
         let rows = s.num_blocks * s.block_size;
         let row = s.kv_heads * s.head_dim;
         let mut layers = Vec::with_capacity(s.layers);
@@ -167,7 +177,7 @@ impl CudaKv {
         let prefill = if prefill.is_empty() {
             None
         } else {
-            let (tiles, ntiles) = cuda::prefill_tiles(&prefill, dev)?;
+            let (tiles, ntiles) = cuda::prefill_tiles(&prefill, self.heads / self.kv_heads, dev)?;
             let nk = keys.len();
             Some(Prefill {
                 keys: Tensor::from_vec(keys, nk, dev)?,

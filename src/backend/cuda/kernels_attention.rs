@@ -247,20 +247,37 @@ pub struct PrefillChunk {
     pub key_off: usize,
 }
 
-/// Query rows per block of the flash prefill kernel.
-pub const PREFILL_TILE: usize = 64;
+/// Query rows per block of the flash prefill kernel: the tokens of a tile
+/// times the query heads of one KV head.
+pub const PREFILL_ROWS: usize = 128;
 
-/// The flash prefill kernel's work list for `chunks`: tiles of up to 64
-/// query rows, most keys first (the long ones start first, the short ones
-/// fill the tail); returns (tiles as a [n, 4] u32 tensor, n).
-pub fn prefill_tiles(chunks: &[PrefillChunk], dev: &Device) -> Result<(Tensor, usize)> {
+/// Query heads per KV head the flash prefill kernel takes (a block's 128
+/// rows are 128 / G tokens of G heads).
+pub const PREFILL_GROUPS: [usize; 4] = [1, 2, 4, 8];
+
+/// Tokens per tile of the flash prefill kernel for `group` query heads per
+/// KV head.
+pub fn prefill_tile_tokens(group: usize) -> usize {
+    PREFILL_ROWS / group.max(1)
+}
+
+/// The flash prefill kernel's work list for `chunks`: tiles of up to
+/// [`prefill_tile_tokens`]`(group)` query tokens, most keys first (the long
+/// ones start first, the short ones fill the tail); returns (tiles as a
+/// [n, 4] u32 tensor, n).
+pub fn prefill_tiles(
+    chunks: &[PrefillChunk],
+    group: usize,
+    dev: &Device,
+) -> Result<(Tensor, usize)> {
+    let per = prefill_tile_tokens(group);
     let mut tiles: Vec<[u32; 4]> = chunks
         .iter()
         .flat_map(|c| {
-            (0..c.n).step_by(PREFILL_TILE).map(move |r| {
+            (0..c.n).step_by(per).map(move |r| {
                 [
                     (c.row0 + r) as u32,
-                    PREFILL_TILE.min(c.n - r) as u32,
+                    per.min(c.n - r) as u32,
                     (c.start + r) as u32,
                     c.key_off as u32,
                 ]
@@ -302,9 +319,10 @@ pub fn flash_prefill(
     if !crate::backend::HEAD_DIMS.contains(&s.head_dim)
         || s.kv_heads == 0
         || !s.heads.is_multiple_of(s.kv_heads)
+        || !PREFILL_GROUPS.contains(&(s.heads / s.kv_heads))
     {
         return Err(Error::Model(format!(
-            "flash_prefill: head_dim {} (16/32/64/128) with {} heads over {} kv heads is not supported",
+            "flash_prefill: head_dim {} (16/32/64/128) with {} heads over {} kv heads (1, 2, 4 or 8 heads per kv head) is not supported",
             s.head_dim, s.heads, s.kv_heads
         )));
     }
@@ -322,10 +340,11 @@ pub fn flash_prefill(
         ptr::<f16>(out)?,
     ];
     let cfg = LaunchConfig {
-        grid_dim: (tiles.1 as u32, s.heads as u32, 1),
+        grid_dim: (tiles.1 as u32, s.kv_heads as u32, 1),
         block_dim: (128, 1, 1),
-        // Two stages of a K and a V tile of 64 rows (padded by 8 halves).
-        shared_mem_bytes: (2 * 2 * PREFILL_TILE * (s.head_dim + 8) * 2) as u32,
+        // The block's 128 Q rows, then two stages of a K and a V tile of
+        // 64 keys (rows padded by 8 halves).
+        shared_mem_bytes: ((PREFILL_ROWS + 2 * 2 * 64) * (s.head_dim + 8) * 2) as u32,
     };
     let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
     args.extend([

@@ -199,12 +199,25 @@ fn paged_decode_of_a_sequence_does_not_depend_on_its_batch() {
 fn flash_prefill_matches_a_float64_reference() {
     let dev = gpu();
     let mut rng = Lcg(77);
-    let (nh, nkv) = (8usize, 2usize);
-    for (d, window) in [(16usize, 0usize), (16, 40), (64, 0), (128, 0), (128, 50)] {
-        // Two sequences' chunks: a first chunk of 70 queries (two tiles,
-        // the second ragged) and a later chunk of 33 queries after 100
-        // cached positions; the cache rows are scattered.
-        let chunks = [(0usize, 70usize), (100, 33)];
+    // (heads, kv heads, head dim, window): Mistral's 4 query heads per KV
+    // head at every head dim, then 1, 2 and 8 (a block's 128 rows are
+    // 128 / G tokens of G heads).
+    let cases = [
+        (8usize, 2usize, 16usize, 0usize),
+        (8, 2, 16, 40),
+        (8, 2, 64, 0),
+        (8, 2, 128, 0),
+        (8, 2, 128, 50),
+        (4, 4, 32, 0),
+        (4, 2, 64, 40),
+        (16, 2, 128, 0),
+    ];
+    for (nh, nkv, d, window) in cases {
+        // Three sequences' chunks: a first chunk of 70 queries (ragged at
+        // every tile size), a later chunk of 33 queries after 100 cached
+        // positions, and one of 140 after 130 (key tiles wholly visible to
+        // a tile, which skip the mask); the cache rows are scattered.
+        let chunks = [(0usize, 70usize), (100, 33), (130, 140)];
         let t: usize = chunks.iter().map(|c| c.1).sum();
         let total_keys: usize = chunks.iter().map(|c| c.0 + c.1).sum();
         let cache_rows = total_keys + 37;
@@ -269,7 +282,7 @@ fn flash_prefill_matches_a_float64_reference() {
         let qt = up(q, (t, nh * d));
         let nk = keys.len();
         let keyt = Tensor::from_vec(keys, nk, &dev).unwrap();
-        let (tiles, ntiles) = cuda::prefill_tiles(&pc, &dev).unwrap();
+        let (tiles, ntiles) = cuda::prefill_tiles(&pc, nh / nkv, &dev).unwrap();
         let out = Tensor::zeros((t, nh * d), DType::F16, &dev).unwrap();
         cuda::flash_prefill(
             &qt,
@@ -294,7 +307,7 @@ fn flash_prefill_matches_a_float64_reference() {
             .fold(0f64, f64::max);
         assert!(
             got.iter().all(|v| v.is_finite()) && worst < 4e-3,
-            "flash prefill d {d} window {window}: max abs err {worst}"
+            "flash prefill {nh}/{nkv} heads, d {d}, window {window}: max abs err {worst}"
         );
     }
 }
