@@ -457,7 +457,19 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
   const int kmin = window > 0 ? max(0, pos0 - window + 1) : 0;
   const int t0 = kmin / FP_KT, t1 = kmax / FP_KT;  // key tiles, inclusive
 
-  // Loads key tile `kt` into stage `st`: 64 rows x D/8 int4 per matrix.
+  // A warp loads 16 rows of each key tile (row r of the tile: lanes with
+  // (32 w + lane + 128 i) / DN = r, over the D/16 loads i). Lane q < 16
+  // reads the cache slot of the warp's q-th row one tile ahead (fetch),
+  // and the loads take it by shuffle, so no load waits on a slot read.
+  constexpr int RPI = 32 / DN;  // rows per warp and load
+  unsigned myslot = 0;
+  auto fetch = [&](int kt) {
+    const int r = (32 * warp) / DN + (lane % RPI) + (128 / DN) * (lane / RPI);
+    const int j = kt * FP_KT + r;
+    myslot = lane < 16 && j <= kmax ? __ldg(keys + koff + j) : 0u;
+  };
+  // Loads key tile `kt` into stage `st`: 64 rows x D/8 int4 per matrix,
+  // with the slots fetched for it.
   auto load = [&](int kt, int st) {
     half* ks = kvs + st * 2 * FP_KT * RS;
     half* vs = ks + FP_KT * RS;
@@ -465,9 +477,8 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
     for (int i = 0; i < FP_D / 16; i++) {
       const int idx = threadIdx.x + i * 128;
       const int r = idx / DN, c = (idx % DN) * 8;
-      const int j = kt * FP_KT + r;
-      const bool ok = j <= kmax;
-      const size_t slot = ok ? keys[koff + j] : 0;
+      const bool ok = kt * FP_KT + r <= kmax;
+      const size_t slot = __shfl_sync(0xffffffffu, myslot, i * RPI + lane / DN);
       cp_async16(ks + r * RS + c, kc + slot * kvstride + kvh * FP_D + c, ok);
       cp_async16(vs + r * RS + c, vc + slot * kvstride + kvh * FP_D + c, ok);
     }
@@ -494,13 +505,16 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
   const half2 sh2 = __float2half2_rn(scale);
   const half* qrows = qs + warp * 32 * RS;
 
+  fetch(t0);
   load(t0, 0);
   cp_async_commit();  // with the Q rows
+  if (t0 < t1) fetch(t0 + 1);
   for (int kt = t0; kt <= t1; kt++) {
     const int st = (kt - t0) & 1;
     if (kt < t1) {
       load(kt + 1, st ^ 1);
       cp_async_commit();
+      if (kt + 2 <= t1) fetch(kt + 2);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
