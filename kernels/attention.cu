@@ -381,35 +381,36 @@ extern "C" __global__ void paged_decode_combine(const float* __restrict__ part_o
 // for all G heads. Row r of the block is token r % MT of head kvh * G + r /
 // MT; warp w owns rows 32w..32w+31 as two m16 tiles, each 16 consecutive
 // tokens of one head, and every K and V fragment it loads feeds both. Q
-// sits in shared memory; key tiles of 64 (K and V rows gathered from the
-// cache through the chunk's slot list) are double-buffered behind it with
-// cp.async. Per tile: S = Q K^T on tensor cores (mma m16n8k16, f32
-// accumulate), rounded as HF's eager f16 arithmetic rounds it (the f16
-// product times the f16 scale), the causal and sliding-window mask (only on
-// tiles that cross a boundary), online softmax in f32 (running max and sum
-// per row), P rounded to f16 and O += P V on tensor cores; O / l at the
-// end. HF eager normalizes P before rounding it, so results differ from it
-// by f16 rounding only. A row's arithmetic depends only on its own position
-// (key tiles are aligned to multiples of 64 positions), not on the chunk,
-// the tile or the batch it comes in.
+// sits in shared memory; key tiles of 32 (K and V rows gathered from the
+// cache through the chunk's slot list, read a tile ahead) stream behind it
+// through three cp.async stages, one barrier per tile. Per tile: S = Q K^T
+// on tensor cores (mma m16n8k16, f32 accumulate), rounded as HF's eager f16
+// arithmetic rounds it (the f16 product times the f16 scale), the causal
+// and sliding-window mask (only on tiles that cross a boundary), online
+// softmax in f32 (running max and sum per row; O is rescaled only when a
+// row's max moved), P rounded to f16 and O += P V on tensor cores; O / l at
+// the end. HF eager normalizes P before rounding it, so results differ from
+// it by f16 rounding only. A row's arithmetic depends only on its own
+// position (key tiles are aligned to multiples of 32 positions), not on
+// the chunk, the tile or the batch it comes in.
 //
 // tiles[i] = (first row of the tile in q/out, tokens (<= MT), position of
 // the first token, offset of the chunk's slot list in `keys`); keys[off + j]
 // is the cache row of position j of that chunk's sequence.
-#define FP_KT 64
+#define FP_KT 32
 #define FP_ROWS 128
+#define FP_STAGES 3
 
 // S[mt] = Q K^T for a warp's two m16 tiles (rows 16 apart from `qrows`,
-// RS halves per row, in shared memory) over the 64 keys of `ks`, one k-step
-// of 16 dims at a time (fewer live registers than two): each K fragment is
-// loaded once for both tiles.
+// RS halves per row, in shared memory) over the 32 keys of `ks`, one k-step
+// of 16 dims at a time: each K fragment is loaded once for both tiles.
 template <int KS, int RS>
-__device__ __forceinline__ void qk_tiles(float (&s)[2][8][4], const half* qrows, const half* ks,
+__device__ __forceinline__ void qk_tiles(float (&s)[2][4][4], const half* qrows, const half* ks,
                                          int lane) {
 #pragma unroll
   for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-    for (int j = 0; j < 8; j++)
+    for (int j = 0; j < 4; j++)
 #pragma unroll
       for (int r = 0; r < 4; r++) s[mt][j][r] = 0.f;
 #pragma unroll
@@ -419,7 +420,7 @@ __device__ __forceinline__ void qk_tiles(float (&s)[2][8][4], const half* qrows,
     for (int mt = 0; mt < 2; mt++)
       ldsm_x4(qa[mt], qrows + (mt * 16 + (lane & 15)) * RS + k * 16 + (lane >> 4) * 8);
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
+    for (int j = 0; j < 4; j++) {
       uint32_t b[2];  // the 8 keys of n-tile j, d 16k (+8)
       ldsm_x2(b, ks + (j * 8 + (lane & 7)) * RS + k * 16 + ((lane >> 3) & 1) * 8);
 #pragma unroll
@@ -435,8 +436,9 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
                                    int heads, int kv_heads, int window, float scale) {
   constexpr int RS = FP_D + 8;  // smem row stride in halves (no bank conflicts at 128)
   constexpr int KS = FP_D / 16; // k-steps of Q K^T
-  constexpr int DN = FP_D / 8;  // n-tiles of P V
-  extern __shared__ __align__(16) half smem[];  // Q [128][RS], [2 stages][K, V][64][RS]
+  constexpr int DN = FP_D / 8;  // n-tiles of P V; 16-byte chunks per row
+  constexpr int CH = FP_KT * DN; // chunks per matrix and tile (a multiple of 32)
+  extern __shared__ __align__(16) half smem[];  // Q [128][RS], [stages][K, V][32][RS]
   half* qs = smem;
   half* kvs = smem + FP_ROWS * RS;
   const int4 tile = tiles[blockIdx.x];
@@ -450,37 +452,34 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
   for (int i = threadIdx.x; i < FP_ROWS * DN; i += 128) {
     const int r = i / DN, c = (i % DN) * 8, tok = r % MT;
     const bool ok = tok < rows;
-    cp_async16(qs + r * RS + c, q + (size_t)(row0 + (ok ? tok : 0)) * qstride + (kvh * G + r / MT) * FP_D + c,
-               ok);
+    cp_async16(qs + r * RS + c,
+               q + (size_t)(row0 + (ok ? tok : 0)) * qstride + (kvh * G + r / MT) * FP_D + c, ok);
   }
   const int kmax = pos0 + rows - 1;  // last visible key of the tile
   const int kmin = window > 0 ? max(0, pos0 - window + 1) : 0;
   const int t0 = kmin / FP_KT, t1 = kmax / FP_KT;  // key tiles, inclusive
 
-  // A warp loads 16 rows of each key tile (row r of the tile: lanes with
-  // (32 w + lane + 128 i) / DN = r, over the D/16 loads i). Lane q < 16
-  // reads the cache slot of the warp's q-th row one tile ahead (fetch),
-  // and the loads take it by shuffle, so no load waits on a slot read.
-  constexpr int RPI = 32 / DN;  // rows per warp and load
+  // Lane j holds the cache slot of row j of the next tile to load (read
+  // a tile ahead); the loads take it by shuffle, so none waits on it.
   unsigned myslot = 0;
   auto fetch = [&](int kt) {
-    const int r = (32 * warp) / DN + (lane % RPI) + (128 / DN) * (lane / RPI);
-    const int j = kt * FP_KT + r;
-    myslot = lane < 16 && j <= kmax ? __ldg(keys + koff + j) : 0u;
+    const int j = kt * FP_KT + lane;
+    myslot = j <= kmax ? __ldg(keys + koff + j) : 0u;
   };
-  // Loads key tile `kt` into stage `st`: 64 rows x D/8 int4 per matrix,
-  // with the slots fetched for it.
+  // Loads key tile `kt` into stage `st`: 32 rows x D/8 int4 per matrix.
   auto load = [&](int kt, int st) {
     half* ks = kvs + st * 2 * FP_KT * RS;
     half* vs = ks + FP_KT * RS;
 #pragma unroll
-    for (int i = 0; i < FP_D / 16; i++) {
+    for (int i = 0; i < (CH + 127) / 128; i++) {
       const int idx = threadIdx.x + i * 128;
-      const int r = idx / DN, c = (idx % DN) * 8;
-      const bool ok = kt * FP_KT + r <= kmax;
-      const size_t slot = __shfl_sync(0xffffffffu, myslot, i * RPI + lane / DN);
-      cp_async16(ks + r * RS + c, kc + slot * kvstride + kvh * FP_D + c, ok);
-      cp_async16(vs + r * RS + c, vc + slot * kvstride + kvh * FP_D + c, ok);
+      if (CH % 128 == 0 || idx < CH) {  // uniform over a warp (CH % 32 == 0)
+        const int r = idx / DN, c = (idx % DN) * 8;
+        const bool ok = kt * FP_KT + r <= kmax;
+        const size_t slot = __shfl_sync(0xffffffffu, myslot, r);
+        cp_async16(ks + r * RS + c, kc + slot * kvstride + kvh * FP_D + c, ok);
+        cp_async16(vs + r * RS + c, vc + slot * kvstride + kvh * FP_D + c, ok);
+      }
     }
   };
 
@@ -505,36 +504,43 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
   const half2 sh2 = __float2half2_rn(scale);
   const half* qrows = qs + warp * 32 * RS;
 
+  // Prologue: tiles t0 and t0 + 1 in flight (Q with the first); a group
+  // is committed for every tile index, empty past t1, so that waiting for
+  // all but the newest group always means the current tile has landed.
   fetch(t0);
   load(t0, 0);
-  cp_async_commit();  // with the Q rows
-  if (t0 < t1) fetch(t0 + 1);
+  cp_async_commit();
+  if (t0 + 1 <= t1) {
+    fetch(t0 + 1);
+    load(t0 + 1, 1);
+  }
+  cp_async_commit();
+  if (t0 + 2 <= t1) fetch(t0 + 2);
   for (int kt = t0; kt <= t1; kt++) {
-    const int st = (kt - t0) & 1;
-    if (kt < t1) {
-      load(kt + 1, st ^ 1);
-      cp_async_commit();
-      if (kt + 2 <= t1) fetch(kt + 2);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
+    cp_async_wait<1>();
+    __syncthreads();  // tile kt is in; every warp is done with tile kt - 1
+    const int st = (kt - t0) % FP_STAGES;
+    if (kt + 2 <= t1) {  // into the stage tile kt - 1 used
+      load(kt + 2, (kt - t0 + 2) % FP_STAGES);
+      if (kt + 3 <= t1) fetch(kt + 3);
     }
-    __syncthreads();
+    cp_async_commit();
     const half* ks = kvs + st * 2 * FP_KT * RS;
     const half* vs = ks + FP_KT * RS;
 
-    float s[2][8][4];
-    uint32_t pa[2][4][4];
+    float s[2][4][4];
     qk_tiles<KS, RS>(s, qrows, ks, lane);
     // Round as HF (f16 product times f16 scale); mask only a tile that
     // crosses the causal diagonal or the window's edge (the same for
     // every row of the block: uniform branch).
-    const bool inside = kt * FP_KT + FP_KT - 1 <= pos0 && (window <= 0 || kt * FP_KT > kmax - window);
+    const bool inside =
+        kt * FP_KT + FP_KT - 1 <= pos0 && (window <= 0 || kt * FP_KT > kmax - window);
+    uint32_t pa[2][2][4];  // P as f16 A fragments of the 2 k-steps of 16 keys
 #pragma unroll
     for (int mt = 0; mt < 2; mt++) {
       float mx[2] = {mrow[mt][0], mrow[mt][1]};
 #pragma unroll
-      for (int j = 0; j < 8; j++)
+      for (int j = 0; j < 4; j++)
 #pragma unroll
         for (int hr = 0; hr < 2; hr++) {
           const float2 f = __half22float2(
@@ -553,27 +559,29 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
           }
         }
       float alpha[2];
-      online_softmax<8>(s[mt], mx, mrow[mt], lrow[mt], alpha);
+      online_softmax<4>(s[mt], mx, mrow[mt], lrow[mt], alpha);
+      // o * 1 = o: skip the rescale when no row of the warp's tile moved.
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-      for (int i = 0; i < DN; i++) {
-        o[mt][i][0] *= alpha[0];
-        o[mt][i][1] *= alpha[0];
-        o[mt][i][2] *= alpha[1];
-        o[mt][i][3] *= alpha[1];
+        for (int i = 0; i < DN; i++) {
+          o[mt][i][0] *= alpha[0];
+          o[mt][i][1] *= alpha[0];
+          o[mt][i][2] *= alpha[1];
+          o[mt][i][3] *= alpha[1];
+        }
       }
-      // P as f16 A fragments of the 4 k-steps of 16 keys.
 #pragma unroll
-      for (int kk = 0; kk < 4; kk++) {
+      for (int kk = 0; kk < 2; kk++) {
         pa[mt][kk][0] = pack_h2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
         pa[mt][kk][1] = pack_h2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
         pa[mt][kk][2] = pack_h2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
         pa[mt][kk][3] = pack_h2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
       }
     }
-    // O += P V: 4 k-steps of 16 keys, D/8 n-tiles of 8 dims; each V
+    // O += P V: 2 k-steps of 16 keys, D/8 n-tiles of 8 dims; each V
     // fragment feeds both m16 tiles.
 #pragma unroll
-    for (int kk = 0; kk < 4; kk++) {
+    for (int kk = 0; kk < 2; kk++) {
 #pragma unroll
       for (int dn = 0; dn < DN; dn += 2) {
         // m0/m1: keys 16kk (+8), dims dn*8; m2/m3: dims (dn+1)*8.
@@ -586,12 +594,10 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
         }
       }
     }
-    __syncthreads();  // the next iteration's load overwrites this stage
   }
 #pragma unroll
   for (int mt = 0; mt < 2; mt++) {
-    const int r0 = warp * 32 + mt * 16;  // the m16 tile's first block row
-    const int h = kvh * G + r0 / MT;
+    const int h = kvh * G + (warp * 32 + mt * 16) / MT;
 #pragma unroll
     for (int hr = 0; hr < 2; hr++) {
       float l = lrow[mt][hr];

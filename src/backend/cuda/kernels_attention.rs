@@ -342,9 +342,9 @@ pub fn flash_prefill(
     let cfg = LaunchConfig {
         grid_dim: (tiles.1 as u32, s.kv_heads as u32, 1),
         block_dim: (128, 1, 1),
-        // The block's 128 Q rows, then two stages of a K and a V tile of
-        // 64 keys (rows padded by 8 halves).
-        shared_mem_bytes: ((PREFILL_ROWS + 2 * 2 * 64) * (s.head_dim + 8) * 2) as u32,
+        // The block's 128 Q rows, then three stages of a K and a V tile of
+        // 32 keys (rows padded by 8 halves).
+        shared_mem_bytes: ((PREFILL_ROWS + 3 * 2 * 32) * (s.head_dim + 8) * 2) as u32,
     };
     let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
     args.extend([
