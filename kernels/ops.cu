@@ -246,75 +246,180 @@ extern "C" __global__ void rope_qkv_cache(const half* __restrict__ q, const half
 }
 
 // Top-k candidates of each row of f32 logits, in the host sampler's order:
-// value v / t descending, ties by lower token id; non-finite values skipped.
-// One block per row; k rounds, each the block-wide best among the elements
-// that come after the previous pick in that order. ids/vals [rows, k];
-// a row with fewer than k finite values pads with id 0xffffffff.
-extern "C" __global__ void topk_rows(const float* __restrict__ logits, const float* __restrict__ temps,
-                                     unsigned* __restrict__ ids, float* __restrict__ vals, int V,
-                                     int k) {
-  __shared__ float bv[32];
-  __shared__ unsigned bi[32];
-  __shared__ float pv_s;
-  __shared__ unsigned pi_s;
+// value v / t descending (f32 total order: -0 below +0), ties by lower
+// token id; non-finite values skipped. One block of 1024 threads per row,
+// k <= 1024, O(V) per row whatever k:
+//  1. radix select of the k-th largest key (the order-preserving u32 of
+//     v / t), 8 bits per pass from the top: a histogram of the next digit
+//     among the keys that match the digits chosen so far (warp-aggregated
+//     shared atomics), then the digit whose bucket holds the k-th;
+//  2. every key above it, and of the keys equal to it the lowest ids (each
+//     thread walks 32 consecutive ids; a block scan ranks the ties in id
+//     order), into shared memory;
+//  3. a bitonic sort of those k in the host's order.
+// ids/vals [rows, k]; a row with fewer than k finite values pads with id
+// 0xffffffff and -inf.
+#define TOPK_THREADS 1024
+#define TOPK_MAX 1024
+
+__device__ __forceinline__ bool topk_key(const float* row, int i, int V, float t, unsigned* key) {
+  if (i >= V) return false;
+  const float v = row[i];
+  if (!isfinite(v)) return false;
+  const unsigned u = __float_as_uint(v / t);
+  *key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return true;
+}
+
+// Exclusive prefix sum of x over the block (1024 threads); total in *total.
+__device__ unsigned block_scan(unsigned x, unsigned* warp_sums, unsigned* total) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  unsigned inc = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const unsigned y = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += y;
+  }
+  if (lane == 31) warp_sums[w] = inc;
+  __syncthreads();
+  if (w == 0) {
+    unsigned ws = warp_sums[lane], wi = ws;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned y = __shfl_up_sync(0xffffffffu, wi, o);
+      if (lane >= o) wi += y;
+    }
+    warp_sums[lane] = wi - ws;  // exclusive
+    if (lane == 31) *total = wi;
+  }
+  __syncthreads();
+  const unsigned r = warp_sums[w] + inc - x;
+  __syncthreads();  // warp_sums is reused by the next call
+  return r;
+}
+
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    topk_rows(const float* __restrict__ logits, const float* __restrict__ temps,
+              unsigned* __restrict__ ids, float* __restrict__ vals, int V, int k) {
+  __shared__ unsigned hist[256];
+  __shared__ unsigned warp_sums[32];
+  __shared__ unsigned ckey[TOPK_MAX], cid[TOPK_MAX];
+  __shared__ unsigned s_prefix, s_mask, s_need, s_total, s_count, s_ties;
   const float* row = logits + (size_t)blockIdx.x * V;
   const float t = temps[blockIdx.x];
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  float pv = INFINITY;
-  unsigned pi = 0;
-  bool first = true;
-  for (int r = 0; r < k; r++) {
-    float best = -INFINITY;
-    unsigned besti = 0xffffffffu;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-      float v = row[i];
-      if (!isfinite(v)) continue;
-      v = v / t;
-      bool after = first || v < pv || (v == pv && (unsigned)i > pi);
-      if (!after) continue;
-      if (v > best || (v == best && (unsigned)i < besti)) {
-        best = v;
-        besti = i;
-      }
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-      float ov = __shfl_xor_sync(0xffffffffu, best, o);
-      unsigned oi = __shfl_xor_sync(0xffffffffu, besti, o);
-      if (ov > best || (ov == best && oi < besti)) {
-        best = ov;
-        besti = oi;
-      }
-    }
-    if (lane == 0) {
-      bv[w] = best;
-      bi[w] = besti;
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int span = (V + TOPK_THREADS - 1) / TOPK_THREADS * TOPK_THREADS;  // whole warps
+  if (tid == 0) {
+    s_prefix = 0u;
+    s_mask = 0u;
+    s_need = (unsigned)k;  // keys still to take at or below the chosen prefix
+  }
+  // 1. Radix select.
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += TOPK_THREADS) hist[i] = 0u;
+    __syncthreads();
+    const unsigned prefix = s_prefix, mask = s_mask;
+    for (int i = tid; i < span; i += TOPK_THREADS) {
+      unsigned key;
+      const bool in = topk_key(row, i, V, t, &key) && (key & mask) == prefix;
+      const unsigned bucket = in ? (key >> shift) & 255u : 256u;
+      const unsigned peers = __match_any_sync(0xffffffffu, bucket);
+      if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[bucket], __popc(peers));
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      float b = bv[0];
-      unsigned bix = bi[0];
-      for (int j = 1; j < nw; j++) {
-        if (bv[j] > b || (bv[j] == b && bi[j] < bix)) {
-          b = bv[j];
-          bix = bi[j];
+    if (tid == 0) {
+      unsigned need = s_need, cum = 0;
+      if (shift == 24) {
+        unsigned total = 0;
+        for (int b = 0; b < 256; b++) total += hist[b];
+        s_total = total;
+        if (total < need) need = total;  // fewer finite keys than k: take them all
+        s_need = need;
+      }
+      int b = 255;
+      for (; b > 0; b--) {
+        if (cum + hist[b] >= need) break;
+        cum += hist[b];
+      }
+      s_need = need - cum;  // of bucket b's keys
+      s_prefix = prefix | ((unsigned)b << shift);
+      s_mask = mask | (255u << shift);
+    }
+    __syncthreads();
+  }
+  const unsigned T = s_prefix, take_ties = s_need;
+  const unsigned n = min((unsigned)k, s_total);
+  // 2. Gather: keys above T in any order, then the ties in id order.
+  const int per = (V + TOPK_THREADS - 1) / TOPK_THREADS;
+  const int lo = tid * per, hi = min(V, lo + per);
+  unsigned above = 0, ties = 0;
+  for (int i = lo; i < hi; i++) {
+    unsigned key;
+    if (topk_key(row, i, V, t, &key)) {
+      above += key > T;
+      ties += key == T;
+    }
+  }
+  const unsigned a0 = block_scan(above, warp_sums, &s_count);
+  const unsigned t0 = block_scan(ties, warp_sums, &s_ties);
+  const unsigned n_above = s_count;
+  unsigned ra = a0, rt = t0;
+  if (n > 0) {
+    for (int i = lo; i < hi; i++) {
+      unsigned key;
+      if (!topk_key(row, i, V, t, &key)) continue;
+      if (key > T) {
+        ckey[ra] = key;
+        cid[ra] = i;
+        ra++;
+      } else if (key == T && rt < take_ties) {
+        ckey[n_above + rt] = key;
+        cid[n_above + rt] = i;
+        rt++;
+      }
+    }
+  }
+  __syncthreads();
+  // 3. Bitonic sort of the n candidates (padded to a power of two with
+  // keys below every finite one), largest key first, ties by lower id.
+  int P = 1;
+  while (P < (int)n) P <<= 1;
+  for (int i = n + tid; i < P; i += TOPK_THREADS) {
+    ckey[i] = 0u;
+    cid[i] = 0xffffffffu;
+  }
+  __syncthreads();
+  for (int size = 2; size <= P; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = tid; i < P; i += TOPK_THREADS) {
+        const int j = i ^ stride;
+        if (j > i) {
+          // "first" = i comes before j in the host's order.
+          const bool first = ckey[i] > ckey[j] || (ckey[i] == ckey[j] && cid[i] < cid[j]);
+          const bool down = (i & size) == 0;  // this run in the host's order
+          if (first != down) {
+            const unsigned kk = ckey[i], ii = cid[i];
+            ckey[i] = ckey[j];
+            cid[i] = cid[j];
+            ckey[j] = kk;
+            cid[j] = ii;
+          }
         }
       }
-      pv_s = b;
-      pi_s = bix;
-      ids[(size_t)blockIdx.x * k + r] = bix;
-      vals[(size_t)blockIdx.x * k + r] = b;
+      __syncthreads();
     }
-    __syncthreads();
-    pv = pv_s;
-    pi = pi_s;
-    first = false;
-    if (pi == 0xffffffffu) {
-      // No finite value left: pad the rest.
-      for (int rr = r + 1 + threadIdx.x; rr < k; rr += blockDim.x) {
-        ids[(size_t)blockIdx.x * k + rr] = 0xffffffffu;
-        vals[(size_t)blockIdx.x * k + rr] = -INFINITY;
-      }
-      break;
+  }
+  unsigned* oid = ids + (size_t)blockIdx.x * k;
+  float* oval = vals + (size_t)blockIdx.x * k;
+  for (int r = tid; r < k; r += TOPK_THREADS) {
+    if (r < (int)n) {
+      const unsigned key = ckey[r];
+      const unsigned u = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+      oid[r] = cid[r];
+      oval[r] = __uint_as_float(u);
+    } else {
+      oid[r] = 0xffffffffu;
+      oval[r] = -INFINITY;
     }
   }
 }

@@ -32,7 +32,7 @@ impl Event {
 }
 
 /// Largest top-k the device sampler takes.
-pub const TOPK_MAX: usize = 64;
+pub const TOPK_MAX: usize = 1024;
 
 /// A CUDA device: none in this build.
 pub fn single_stream_device(_ordinal: usize) -> Result<Device> {

@@ -37,6 +37,12 @@ pub enum Picked {
     Prepared(sampler::Prepared),
 }
 
+/// Candidates the top-p route takes per row: a real model's nucleus at
+/// top_p 0.9-0.95 is mostly narrower; a wider one goes to the host, which
+/// sorts only as much of the row as it needs. More would cost every row
+/// their transfer and conversion each step.
+const NUCLEUS_CANDIDATES: usize = 256;
+
 #[derive(Debug, PartialEq)]
 enum Route {
     Skip,
@@ -227,10 +233,8 @@ impl Picker<'_> {
             return Ok(host);
         }
         let (rows, t) = (self.rows(chunks)?, self.temps(chunks));
-        let cands = self
-            .out
-            .ops
-            .top_k_candidates(&rows, &t, self.out.ops.device_top_k_max())?;
+        let k = NUCLEUS_CANDIDATES.min(self.out.ops.device_top_k_max());
+        let cands = self.out.ops.top_k_candidates(&rows, &t, k)?;
         let norms = self.out.ops.row_norms(&rows, &t)?;
         for ((&i, c), (_, sum)) in chunks.iter().zip(cands).zip(norms) {
             if sampler::nucleus_fits(&c, sum, self.params(i).top_p) {

@@ -466,7 +466,7 @@ pub fn rope_qkv_cache(
 }
 
 /// Most candidates the GPU top-k selection returns per row.
-pub const TOPK_MAX: usize = 64;
+pub const TOPK_MAX: usize = 1024;
 
 /// Per row of f32 logits [R, V]: the `k` best `(token, logit / t)` in the
 /// host sampler's order (value descending, ties by lower id), non-finite
@@ -494,7 +494,7 @@ pub fn topk_rows(logits: &Tensor, temps: &[f32], k: usize) -> Result<Vec<Vec<(u3
     ];
     let cfg = LaunchConfig {
         grid_dim: (r as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (1024, 1, 1),
         shared_mem_bytes: 0,
     };
     launch(&dev, &OPS, "topk_rows", cfg, &args)?;

@@ -10,8 +10,27 @@ use runner::cuda;
 fn gpu_topk_matches_the_host_samplers_order() {
     let dev = gpu();
     let mut rng = Lcg(51);
-    for (rows, v, k) in [(5usize, 32002usize, 64usize), (3, 1000, 7), (4, 300, 1)] {
-        let mut logits: Vec<f32> = (0..rows * v).map(|_| rng.next() * 6.0).collect();
+    // k up to the kernel's 1,024; a row with fewer finite values than k;
+    // rows of few distinct values (ties at the k-th value, taken by id).
+    let cases = [
+        (5usize, 32002usize, 64usize, false),
+        (3, 32000, 1024, false),
+        (3, 32000, 300, true),
+        (3, 1000, 7, false),
+        (4, 300, 1, false),
+        (2, 40, 64, true),
+    ];
+    for (rows, v, k, few) in cases {
+        let mut logits: Vec<f32> = (0..rows * v)
+            .map(|_| {
+                let x = rng.next() * 6.0;
+                if few {
+                    (x * 4.0).round() / 4.0 // quarters: many equal values
+                } else {
+                    x
+                }
+            })
+            .collect();
         // Ties, infinities and NaN.
         for r in 0..rows {
             logits[r * v + 3] = 50.0;
@@ -19,6 +38,12 @@ fn gpu_topk_matches_the_host_samplers_order() {
             logits[r * v + 11] = f32::NAN;
             logits[r * v + 12] = f32::INFINITY;
             logits[r * v + 13] = f32::NEG_INFINITY;
+            if few {
+                // The host's total order puts -0.0 below 0.0.
+                logits[r * v + 20] = -0.0;
+                logits[r * v + 21] = 0.0;
+                logits[r * v + 22] = -0.0;
+            }
         }
         let temps: Vec<f32> = (0..rows).map(|r| 0.3 + 0.4 * r as f32).collect();
         let t = Tensor::from_vec(logits.clone(), (rows, v), &dev).unwrap();
@@ -32,7 +57,15 @@ fn gpu_topk_matches_the_host_samplers_order() {
                 .collect();
             cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             cand.truncate(k);
-            assert_eq!(got[r], cand, "rows {rows} v {v} k {k} row {r}");
+            assert_eq!(got[r].len(), cand.len(), "rows {rows} v {v} k {k} row {r}");
+            for (g, c) in got[r].iter().zip(&cand) {
+                // Bit for bit: -0.0 and 0.0 are different values here.
+                assert_eq!(
+                    (g.0, g.1.to_bits()),
+                    (c.0, c.1.to_bits()),
+                    "rows {rows} v {v} k {k} row {r}"
+                );
+            }
         }
     }
 }
