@@ -186,10 +186,18 @@ fn record_prompts(sched: &mut Scheduler, plan: &StepPlan, out: &StepLogits) -> R
         }
     }
     let lps = super::logprobs::token_logprobs(&out.logits, rows, tokens)?;
+    let mut touched = Vec::new();
     for ((seq, pos), lp) in at.into_iter().zip(lps) {
         if let Some(v) = sched.request_mut(seq).prompt_logprobs.as_mut() {
             v[pos] = Some(lp);
         }
+        if touched.last() != Some(&seq) {
+            touched.push(seq);
+        }
+    }
+    // Blocks now fully scored serve later prompts with the same prefix.
+    for seq in touched {
+        sched.keep_prompt_logprobs(seq);
     }
     Ok(())
 }

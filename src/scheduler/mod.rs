@@ -7,8 +7,10 @@
 //! recompute: its blocks are freed and it goes back to the front of the
 //! queue, keeping the tokens it generated.
 
+mod prompt_lps;
 mod request;
 
+use prompt_lps::PromptLps;
 pub use request::{RecordRef, Request, RequestKind, Timings};
 
 use crate::kv::{BlockAllocator, BlockCopy, BlockId, BlockTable, KvStats};
@@ -90,6 +92,8 @@ pub struct Scheduler {
     running: Vec<SeqId>,
     seqs: HashMap<SeqId, Request>,
     preemptions: u64,
+    /// Prompt log-probabilities of cached blocks (prefix caching only).
+    lps: PromptLps,
 }
 
 impl Scheduler {
@@ -102,13 +106,24 @@ impl Scheduler {
             running: Vec::new(),
             seqs: HashMap::new(),
             preemptions: 0,
+            lps: PromptLps::new(if cfg.prefix_caching {
+                cfg.num_blocks
+            } else {
+                0
+            }),
         }
     }
 
     /// Queues a request.
     pub fn add(&mut self, id: SeqId, mut req: Request) {
         let bs = self.cfg.block_size;
-        let prefix = req.reusable_prefix();
+        // A generation request that scores its prompt can reuse the blocks
+        // whose prompt log-probabilities are kept: it waits for a prefix in
+        // flight like any other.
+        let prefix = match req.kind {
+            RequestKind::Generate => &req.tokens[..],
+            RequestKind::Score => req.reusable_prefix(),
+        };
         req.first_block = (prefix.len() > bs).then(|| crate::kv::block_hash(None, &prefix[..bs]));
         self.seqs.insert(id, req);
         self.waiting.push_back(id);
@@ -150,6 +165,20 @@ impl Scheduler {
     /// A request in flight.
     pub fn request(&self, id: SeqId) -> &Request {
         &self.seqs[&id]
+    }
+
+    /// Keeps the prompt log-probabilities of `id`'s prompt blocks whose
+    /// values are all known by now, for later requests with the same
+    /// prefix (they reuse those blocks instead of computing them).
+    pub fn keep_prompt_logprobs(&mut self, id: SeqId) {
+        let bs = self.cfg.block_size;
+        let store = &mut self.lps;
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        if let Some(lps) = s.prompt_logprobs.as_ref() {
+            s.lps_kept = store.keep(&s.tokens, s.prompt_len, bs, lps, s.lps_kept);
+        }
     }
 
     /// A request in flight, for the engine's part of its state.
@@ -303,8 +332,16 @@ impl Scheduler {
             if self.cfg.prefix_caching && self.prefix_in_flight(id) {
                 break;
             }
+            let bs = self.cfg.block_size;
             let s = self.seqs.get_mut(&id).expect("waiting sequence");
-            let (table, reused) = self.alloc.start(s.reusable_prefix());
+            let scores_prompt = s.kind == RequestKind::Generate && s.scores_prompt();
+            let reusable = if scores_prompt {
+                // Only blocks whose prompt log-probabilities are kept.
+                self.lps.known_blocks(&s.tokens, s.prompt_len, bs) * bs + 1
+            } else {
+                s.reusable_prefix().len()
+            };
+            let (table, reused) = self.alloc.start(&s.tokens[..reusable]);
             let rest = s.tokens.len() - reused;
             let need = s.tokens.len().div_ceil(self.cfg.block_size) - table.blocks().len();
             if need > self.alloc.available() {
@@ -322,6 +359,9 @@ impl Scheduler {
             s.computed = reused;
             s.committed = reused;
             s.table = Some(table);
+            if let (true, Some(lps)) = (scores_prompt, s.prompt_logprobs.as_mut()) {
+                self.lps.fill(&s.tokens, reused / bs, bs, lps);
+            }
             self.running.push(id);
             let n = rest.min(budget);
             let copies = self.grow(id, n).expect("blocks were checked");

@@ -80,6 +80,8 @@ pub struct Request {
     /// Hash of the first full block (holds back requests whose prefix
     /// another request is computing right now).
     pub(super) first_block: Option<u64>,
+    /// Prompt blocks whose log-probabilities are kept for reuse.
+    pub(super) lps_kept: super::prompt_lps::Kept,
 }
 
 impl Request {
@@ -142,6 +144,7 @@ impl Request {
             table: None,
             cached_prompt_tokens: 0,
             first_block: None,
+            lps_kept: Default::default(),
         }
     }
 
@@ -164,7 +167,8 @@ impl Request {
     }
 
     /// Whether prompt log-probabilities are asked for and some are still
-    /// missing (their positions must be computed, not reused).
+    /// missing (their positions must be computed, or their values found
+    /// kept for the cached blocks reused).
     pub fn scores_prompt(&self) -> bool {
         self.prompt_logprobs
             .as_ref()
@@ -199,6 +203,7 @@ impl Request {
             // Every prompt token comes from the shared blocks.
             cached_prompt_tokens: self.prompt_len,
             first_block: self.first_block,
+            lps_kept: self.lps_kept,
         }
     }
 

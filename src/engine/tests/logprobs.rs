@@ -96,6 +96,46 @@ fn prompt_logprobs_cover_every_prompt_token_but_the_first() {
 }
 
 #[test]
+fn prompts_sharing_a_prefix_reuse_its_blocks_and_its_kept_prompt_logprobs() {
+    // Three records with the same first 13 tokens (3 blocks of 4 and one
+    // token more), one at a time: the second and third reuse the blocks
+    // of the first, and their prompt log-probabilities are still those of
+    // a direct log-softmax at every position.
+    let shared: Vec<u32> = (0..13).map(|t| (t * 7 + 3) % 31).collect();
+    let ps: Vec<Vec<u32>> = (0..3u32)
+        .map(|i| {
+            let mut p = shared.clone();
+            p.extend([i + 1, (i * 5) % 29, 11]);
+            p
+        })
+        .collect();
+    let opts = Opts {
+        prompt_logprobs: true,
+        ..Default::default()
+    };
+    let cfg = SchedulerConfig::tiny(64, 1, 64);
+    let (rows, sum) = run_with(
+        gen_items(&ps, &params(2)),
+        cfg,
+        &mut FakeRunner::default(),
+        opts,
+    );
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        let prompt = &ps[r.input_row as usize];
+        let got = r.prompt_logprobs.as_ref().expect("asked for");
+        assert_eq!(got[0], None);
+        for i in 1..prompt.len() {
+            let want = log_softmax(&prompt[..i])[prompt[i] as usize];
+            assert!(close(got[i].expect("scored"), want), "{} token {i}", r.id);
+        }
+        let reused = if r.input_row == 0 { 0 } else { 12 };
+        assert_eq!(r.cached_prompt_tokens as usize, reused, "{}", r.id);
+    }
+    assert_eq!(sum.prefix_hit_tokens, 2 * 12);
+}
+
+#[test]
 fn forked_samples_each_get_their_own_logprobs_and_the_shared_prompt_ones() {
     let ps = prompts(2, 6);
     let p = GenerationParams {
