@@ -2,7 +2,7 @@
 # The device sampler's cost: W1 at 512 sequences on dense dummy weights
 # (GPTQ dummy weights give non-finite logits on the GPU), greedy and then
 # with each device route: the whole-row draw (temperature only), top-k
-# candidates, top-p from 64 candidates. Scale $SCALE (default 0.5) of W1's
+# candidates, top-p from 256 candidates. Scale $SCALE (default 0.5) of W1's
 # prompts. Run on the device after benches/device.sh unpacked the bundle.
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib

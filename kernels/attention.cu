@@ -94,8 +94,8 @@ __device__ __forceinline__ float ex2(float x) {
 // g + 8 of an m16 tile; -inf where masked) whose per-lane row maxima,
 // starting from the running maxima mrow, are in mx: the rows' maxima over
 // the quad, the running sums rescaled by alpha (returned, for the caller's
-// outputs), s replaced by exp(s - max) = 2^(s log2 e - max log2 e) and
-// added to the sums.
+// outputs; exactly 1 where the max did not move), s replaced by exp(s -
+// max) = 2^(s log2 e - max log2 e) and added to the sums.
 template <int NJ>
 __device__ __forceinline__ void online_softmax(float (&s)[NJ][4], float* mx, float* mrow,
                                                float* lrow, float* alpha) {
@@ -105,7 +105,12 @@ __device__ __forceinline__ void online_softmax(float (&s)[NJ][4], float* mx, flo
     mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
     mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
     base[hr] = mx[hr] == -INFINITY ? 0.f : mx[hr] * LOG2E;
-    alpha[hr] = mrow[hr] == -INFINITY ? 0.f : ex2(fmaf(mrow[hr], LOG2E, -base[hr]));
+    // Exactly 1 when the max did not move (the FMA would leave the
+    // rounding error of max * log2 e): a row's tiles past its own keys then
+    // change nothing, so its result does not depend on where tiles end.
+    alpha[hr] = mx[hr] == mrow[hr]      ? 1.f
+                : mrow[hr] == -INFINITY ? 0.f
+                                        : ex2(fmaf(mrow[hr], LOG2E, -base[hr]));
     mrow[hr] = mx[hr];
     lrow[hr] *= alpha[hr];
   }

@@ -47,9 +47,14 @@ fn top_logits(ops: &dyn Ops, rows: &Tensor, k: usize) -> Result<Vec<Vec<(u32, f3
 
 /// The `k` largest `(token, logit)` of a row, largest first, ties by id.
 pub fn host_top(row: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let better = |a: &(u32, f32), b: &(u32, f32)| a.1 > b.1 || (a.1 == b.1 && a.0 < b.0);
+    // The device's order: f32 total order (-0.0 below 0.0), ties by id,
+    // non-finite values skipped.
+    let better = |a: &(u32, f32), b: &(u32, f32)| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)).is_gt();
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
     for (i, &v) in row.iter().enumerate() {
+        if !v.is_finite() {
+            continue;
+        }
         let c = (i as u32, v);
         if top.len() == k && !better(&c, &top[k - 1]) {
             continue;
@@ -125,6 +130,9 @@ mod tests {
         assert_eq!(host_top(&row, 3), vec![(4, 3.0), (1, 2.0), (3, 2.0)]);
         assert_eq!(host_top(&row, 1), vec![(4, 3.0)]);
         assert_eq!(host_top(&row, 10).len(), 6);
+        // As the device: -0.0 below 0.0 whatever the ids; no -inf or NaN.
+        let row = [-0.0, f32::NEG_INFINITY, 0.0, f32::NAN, -0.0];
+        assert_eq!(host_top(&row, 5), vec![(2, 0.0), (0, -0.0), (4, -0.0)]);
     }
 
     #[test]

@@ -217,9 +217,12 @@ impl Picker<'_> {
             .ops
             .top_k_candidates(&rows, &self.temps(chunks), k)?;
         for (&i, mut c) in chunks.iter().zip(cands) {
-            c.truncate(self.params(i).top_k);
-            if c.is_empty() {
-                host.push(i); // no finite logit: the host sampler's fallback
+            let k = self.params(i).top_k;
+            c.truncate(k);
+            if c.len() < k {
+                // Fewer finite logits than top_k: the host sampler does
+                // not cut then (and with none, takes the argmax).
+                host.push(i);
             } else {
                 picks[i] = Some(Picked::Candidates(c));
             }

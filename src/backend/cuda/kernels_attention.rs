@@ -251,6 +251,11 @@ pub struct PrefillChunk {
 /// times the query heads of one KV head.
 pub const PREFILL_ROWS: usize = 128;
 
+/// Keys per tile and cp.async stages of the flash prefill kernel (FP_KT and
+/// FP_STAGES in kernels/attention.cu: keep them equal).
+const PREFILL_KEY_TILE: usize = 32;
+const PREFILL_STAGES: usize = 3;
+
 /// Query heads per KV head the flash prefill kernel takes (a block's 128
 /// rows are 128 / G tokens of G heads).
 pub const PREFILL_GROUPS: [usize; 4] = [1, 2, 4, 8];
@@ -342,9 +347,11 @@ pub fn flash_prefill(
     let cfg = LaunchConfig {
         grid_dim: (tiles.1 as u32, s.kv_heads as u32, 1),
         block_dim: (128, 1, 1),
-        // The block's 128 Q rows, then three stages of a K and a V tile of
-        // 32 keys (rows padded by 8 halves).
-        shared_mem_bytes: ((PREFILL_ROWS + 3 * 2 * 32) * (s.head_dim + 8) * 2) as u32,
+        // The block's 128 Q rows, then the stages of a K and a V tile
+        // (rows padded by 8 halves).
+        shared_mem_bytes: ((PREFILL_ROWS + PREFILL_STAGES * 2 * PREFILL_KEY_TILE)
+            * (s.head_dim + 8)
+            * 2) as u32,
     };
     let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
     args.extend([
