@@ -357,6 +357,47 @@ fn min_new_tokens_masks_eos_and_early_stop_strings() {
 }
 
 #[test]
+fn min_new_tokens_masks_eos_for_sampled_rows_and_their_forks() {
+    // EOS is the top token from the 4th on; sampled at temperature 1 with
+    // 4 samples per record (host rows prepared together, forks among
+    // them), no sample may end before 6 tokens.
+    let ps = prompts(3, 5);
+    let p = GenerationParams {
+        max_new_tokens: 10,
+        min_new_tokens: 6,
+        temperature: 1.0,
+        seed: 3,
+        n: 4,
+        ..Default::default()
+    };
+    let mut runner = FakeRunner {
+        eos_after: Some(3),
+        ..Default::default()
+    };
+    let (rows, _) = run(
+        gen_items(&ps, &p),
+        SchedulerConfig::tiny(64, 16, 64),
+        &mut runner,
+        false,
+    );
+    assert_eq!(rows.len(), 12);
+    for r in &rows {
+        assert!(
+            r.completion_tokens >= 6,
+            "{} sample {}: {r:?}",
+            r.id,
+            r.sample_index
+        );
+        assert!(
+            !r.completion_token_ids[..6].contains(&EOS),
+            "{} sample {}",
+            r.id,
+            r.sample_index
+        );
+    }
+}
+
+#[test]
 fn stop_token_ids_end_the_completion() {
     let ps = prompts(1, 6);
     let full = expected(&ps[0], 8);
