@@ -133,6 +133,35 @@ fn prompts_sharing_a_prefix_reuse_its_blocks_and_its_kept_prompt_logprobs() {
         assert_eq!(r.cached_prompt_tokens as usize, reused, "{}", r.id);
     }
     assert_eq!(sum.prefix_hit_tokens, 2 * 12);
+    // Side by side, in small chunks and in a cache tight enough to preempt:
+    // whatever is reused, every value is still the direct one.
+    for cfg in [
+        SchedulerConfig::tiny(64, 3, 5),
+        SchedulerConfig::tiny(6, 3, 64),
+    ] {
+        let (rows, sum) = run_with(
+            gen_items(&ps, &params(4)),
+            cfg,
+            &mut FakeRunner::default(),
+            opts,
+        );
+        assert_eq!(rows.len(), 3, "{cfg:?}");
+        for r in &rows {
+            let prompt = &ps[r.input_row as usize];
+            let got = r.prompt_logprobs.as_ref().expect("asked for");
+            for i in 1..prompt.len() {
+                let want = log_softmax(&prompt[..i])[prompt[i] as usize];
+                assert!(
+                    close(got[i].expect("scored"), want),
+                    "{cfg:?} {} token {i}",
+                    r.id
+                );
+            }
+        }
+        if cfg.num_blocks == 6 {
+            assert!(sum.preemptions > 0, "the tight cache must preempt");
+        }
+    }
 }
 
 #[test]
