@@ -11,34 +11,51 @@ fn gpu_topk_matches_the_host_samplers_order() {
     let dev = gpu();
     let mut rng = Lcg(51);
     // k up to the kernel's 1,024; a row with fewer finite values than k;
-    // rows of few distinct values (ties at the k-th value, taken by id).
+    // rows of few distinct values (ties at the k-th value, taken by id);
+    // rows of one value (a tie group wider than k across every thread); a
+    // vocabulary of 131,072; rows with no finite value at all; logits whose
+    // v / t overflows to infinity (a candidate, as on the host).
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fill {
+        Random,
+        Quarters,
+        Equal,
+        NoneFinite,
+        Huge,
+    }
     let cases = [
-        (5usize, 32002usize, 64usize, false),
-        (3, 32000, 1024, false),
-        (3, 32000, 300, true),
-        (3, 1000, 7, false),
-        (4, 300, 1, false),
-        (2, 40, 64, true),
+        (5usize, 32002usize, 64usize, Fill::Random),
+        (3, 32000, 1024, Fill::Random),
+        (3, 32000, 300, Fill::Quarters),
+        (3, 1000, 7, Fill::Random),
+        (4, 300, 1, Fill::Random),
+        (2, 40, 64, Fill::Quarters),
+        (2, 32000, 300, Fill::Equal),
+        (1, 131072, 64, Fill::Random),
+        (2, 100, 50, Fill::NoneFinite),
+        (2, 5000, 40, Fill::Huge),
     ];
-    for (rows, v, k, few) in cases {
+    for (rows, v, k, fill) in cases {
         let mut logits: Vec<f32> = (0..rows * v)
             .map(|_| {
                 let x = rng.next() * 6.0;
-                if few {
-                    (x * 4.0).round() / 4.0 // quarters: many equal values
-                } else {
-                    x
+                match fill {
+                    Fill::Random => x,
+                    Fill::Quarters => (x * 4.0).round() / 4.0,
+                    Fill::Equal => 1.5,
+                    Fill::NoneFinite => f32::NEG_INFINITY,
+                    Fill::Huge => x * 1e38,
                 }
             })
             .collect();
         // Ties, infinities and NaN.
-        for r in 0..rows {
+        for r in (0..rows).filter(|_| fill != Fill::NoneFinite) {
             logits[r * v + 3] = 50.0;
             logits[r * v + 9] = 50.0;
             logits[r * v + 11] = f32::NAN;
             logits[r * v + 12] = f32::INFINITY;
             logits[r * v + 13] = f32::NEG_INFINITY;
-            if few {
+            if fill == Fill::Quarters {
                 // The host's total order puts -0.0 below 0.0.
                 logits[r * v + 20] = -0.0;
                 logits[r * v + 21] = 0.0;
