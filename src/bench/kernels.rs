@@ -96,13 +96,15 @@ pub struct GemmRow {
     pub fused_dev_gbs: Option<f64>,
 }
 
-/// Mistral-7B's linear shapes (K, N).
-pub const SHAPES: [(&str, usize, usize); 5] = [
+/// Mistral-7B's linear shapes (K, N), and the two products the engine
+/// fuses.
+pub const SHAPES: [(&str, usize, usize); 6] = [
     ("q/o", 4096, 4096),
     ("k/v", 4096, 1024),
     ("gate/up", 4096, 14336),
     ("down", 14336, 4096),
     ("qkv fused", 4096, 6144),
+    ("gate+up", 4096, 28672),
 ];
 
 /// GPTQ products against cuBLAS f16 for `bits`/`group` at each M.

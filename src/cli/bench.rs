@@ -54,7 +54,8 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                         "--kernels benches GPTQ products: model.dummy_quant is `{name}`, expected a quantization such as 4bit-128g or 8bit--1g"
                     )
                 })?;
-                let ms = [1, 4, 8, 16, 64, 256, 1024, 4096];
+                // Issue 16's breakpoints: 1-16, 32, 64, 128-256, 1024, 4096.
+                let ms = [1, 4, 8, 16, 32, 64, 128, 256, 1024, 4096];
                 let rows = bench::kernels::gemm_table(&dev, q.bits, q.group_size, &ms)?;
                 println!(
                     "GEMM {} (wall TFLOP/s; device µs per call from CUDA graphs):",
