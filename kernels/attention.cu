@@ -25,34 +25,6 @@ extern "C" __global__ void kv_write(const half* __restrict__ k, const half* __re
   *reinterpret_cast<int4*>(vc + dst) = *reinterpret_cast<const int4*>(v + (size_t)r * vs + c * 8);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  int bytes = valid ? 16 : 0;  // 0: zero-fill
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
-  unsigned s = (unsigned)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
-__device__ __forceinline__ void ldsm_x2(uint32_t* r, const void* p) {
-  unsigned s = (unsigned)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(s));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const void* p) {
-  unsigned s = (unsigned)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
 __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
   half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&h);
@@ -412,12 +384,7 @@ extern "C" __global__ void paged_decode_combine(const float* __restrict__ part_o
 template <int KS, int RS>
 __device__ __forceinline__ void qk_tiles(float (&s)[2][4][4], const half* qrows, const half* ks,
                                          int lane) {
-#pragma unroll
-  for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-#pragma unroll
-      for (int r = 0; r < 4; r++) s[mt][j][r] = 0.f;
+  zero_acc(s);
 #pragma unroll
   for (int k = 0; k < KS; k++) {
     uint32_t qa[2][4];  // A fragments: rows lane & 15, dims 16k + (lane >> 4) * 8
@@ -489,12 +456,7 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
   };
 
   float o[2][DN][4];
-#pragma unroll
-  for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-    for (int i = 0; i < DN; i++)
-#pragma unroll
-      for (int r = 0; r < 4; r++) o[mt][i][r] = 0.f;
+  zero_acc(o);
   float mrow[2][2], lrow[2][2];
   int tok0[2];  // token of row g of each m16 tile (row g + 8: tok0 + 8)
 #pragma unroll

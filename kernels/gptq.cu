@@ -160,12 +160,7 @@ __device__ void gptq_gemm_impl(const half* __restrict__ xp, const int* __restric
   }
 
   float acc[C][MT][4];
-#pragma unroll
-  for (int c = 0; c < C; c++)
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-      for (int r = 0; r < 4; r++) acc[c][mt][r] = 0.f;
+  zero_acc(acc);
 
   for (int i0 = 0; i0 < nch; i0 += AHEAD) {
 #pragma unroll
@@ -312,6 +307,137 @@ GPTQ_GEMM_C(4, 2, 0)
 GPTQ_GEMM_C(8, 1, 0)
 GPTQ_GEMM_C(8, 1, 1)
 GPTQ_GEMM_C(8, 2, 0)
+
+// The large-M product (not yet used by the engine: `runner bench
+// --kernels` and a GPU test only). A block computes 128 output columns x
+// 128 tokens over the whole sorted K, in chunks of 64 positions in order,
+// so an output's sum order depends on neither M nor the grid. 8 warps:
+// warp w takes the column tiles 2 (w & 3), +1 of the block (32 columns)
+// and tokens 64 (w >> 2) .. +64 (eight m8 tiles). Weights go from global
+// straight to registers a chunk ahead (a lane's int4 is its A fragment for
+// 64 k at 4-bit, 32 k at 8-bit); the permuted activation xp [M, Kp] (from
+// gptq_permute_x) streams through two shared-memory stages with cp.async,
+// rows of 64 + 8 halves (conflict-free ldmatrix), and each B fragment feeds
+// both column tiles. Dequantization is dequant_tile's, f32 accumulation.
+#define TL_BM 128
+#define TL_BK 64
+#define TL_RS (TL_BK + 8)
+
+template <int BITS>
+__device__ void gptq_tiled_impl(const half* __restrict__ xp, const int4* __restrict__ qt,
+                                const half2* __restrict__ sz, half* __restrict__ out, int M,
+                                int N, int Np, int Kp, int gs, int G) {
+  constexpr int KPL = BITS == 4 ? 64 : 32;  // k per int4
+  constexpr int LPC = TL_BK / KPL;          // int4 per column tile and chunk
+  constexpr int TPL = KPL / 16;             // k16 tiles per int4
+  __shared__ __align__(16) half xs[2][TL_BM * TL_RS];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int wn = warp & 3, wm = warp >> 2;
+  const int nt0 = blockIdx.x * 8 + wn * 2;  // the warp's first 16-column tile
+  const int ntiles = Np / 16;
+  const int m0 = blockIdx.y * TL_BM;
+  const int KQ = Kp / KPL, nchunks = Kp / TL_BK;
+
+  auto load_x = [&](int c, int st) {
+#pragma unroll
+    for (int i = 0; i < TL_BM * (TL_BK / 8) / 256; i++) {
+      const int idx = threadIdx.x + i * 256;
+      const int r = idx >> 3, cc = (idx & 7) * 8;
+      const bool ok = m0 + r < M;
+      cp_async16(&xs[st][r * TL_RS + cc],
+                    xp + (size_t)(ok ? m0 + r : 0) * Kp + (size_t)c * TL_BK + cc, ok);
+    }
+  };
+  auto load_w = [&](int c, int4 (&w)[2][LPC]) {
+#pragma unroll
+    for (int ct = 0; ct < 2; ct++)
+#pragma unroll
+      for (int l = 0; l < LPC; l++)
+        w[ct][l] = nt0 + ct < ntiles
+                       ? __ldg(qt + ((size_t)(nt0 + ct) * KQ + c * LPC + l) * 32 + lane)
+                       : make_int4(0, 0, 0, 0);
+  };
+
+  float acc[2][8][4];
+  zero_acc(acc);
+  int4 wcur[2][LPC], wnext[2][LPC];
+  load_x(0, 0);
+  cp_async_commit();
+  load_w(0, wcur);
+  for (int c = 0; c < nchunks; c++) {
+    const int st = c & 1;
+    if (c + 1 < nchunks) {
+      load_x(c + 1, st ^ 1);
+      cp_async_commit();
+      load_w(c + 1, wnext);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < TL_BK / 16; kk++) {
+      const int grp = min((c * TL_BK + kk * 16) / gs, G - 1);
+      // B fragments of the warp's 8 m8 tiles: x4 = two tiles (rows tok,
+      // tok + 8) x (k, k + 8).
+      uint32_t b[8][2];
+#pragma unroll
+      for (int mp = 0; mp < 4; mp++) {
+        const int row = wm * 64 + mp * 16 + (lane & 7) + ((lane >> 4) << 3);
+        const int col = kk * 16 + ((lane >> 3) & 1) * 8;
+        uint32_t r4[4];
+        ldsm_x4(r4, &xs[st][row * TL_RS + col]);
+        b[2 * mp][0] = r4[0];
+        b[2 * mp][1] = r4[1];
+        b[2 * mp + 1][0] = r4[2];
+        b[2 * mp + 1][1] = r4[3];
+      }
+#pragma unroll
+      for (int ct = 0; ct < 2; ct++) {
+        const int n0 = (nt0 + ct) * 16;
+        if (nt0 + ct >= ntiles) continue;  // uniform over the warp
+        const half2 lo = __ldg(sz + (size_t)grp * Np + n0 + g);
+        const half2 hi = __ldg(sz + (size_t)grp * Np + n0 + g + 8);
+        const int4 w4 = wcur[ct][kk / TPL];
+        const uint32_t w[4] = {(uint32_t)w4.x, (uint32_t)w4.y, (uint32_t)w4.z, (uint32_t)w4.w};
+        const int jt = kk % TPL;
+        uint32_t af[4];
+        dequant_tile<BITS>(BITS == 4 ? &w[jt] : &w[2 * jt], __low2half2(lo), __high2half2(lo),
+                           __low2half2(hi), __high2half2(hi), af);
+#pragma unroll
+        for (int mt = 0; mt < 8; mt++) mma_16816(acc[ct][mt], af, b[mt][0], b[mt][1]);
+      }
+    }
+    __syncthreads();  // the next load overwrites this stage
+#pragma unroll
+    for (int ct = 0; ct < 2; ct++)
+#pragma unroll
+      for (int l = 0; l < LPC; l++) wcur[ct][l] = wnext[ct][l];
+  }
+  // C fragment: rows are columns n, columns are tokens.
+#pragma unroll
+  for (int ct = 0; ct < 2; ct++)
+#pragma unroll
+    for (int mt = 0; mt < 8; mt++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) {
+        const int n = (nt0 + ct) * 16 + g + ((r & 2) ? 8 : 0);
+        const int m = m0 + wm * 64 + mt * 8 + 2 * t + (r & 1);
+        if (m < M && n < N) out[(size_t)m * N + n] = __float2half(acc[ct][mt][r]);
+      }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    gptq_tiled_b4(const half* xp, const int4* qt, const half2* sz, half* out, int M, int N, int Np,
+                  int Kp, int gs, int G) {
+  gptq_tiled_impl<4>(xp, qt, sz, out, M, N, Np, Kp, gs, G);
+}
+extern "C" __global__ void __launch_bounds__(256, 2)
+    gptq_tiled_b8(const half* xp, const int4* qt, const half2* sz, half* out, int M, int N, int Np,
+                  int Kp, int gs, int G) {
+  gptq_tiled_impl<8>(xp, qt, sz, out, M, N, Np, Kp, gs, G);
+}
 
 // Dequantizes the whole weight into f16 W^T [K, N] in original row order
 // (row perm[k] for sorted position k; padding is skipped), for the cuBLAS

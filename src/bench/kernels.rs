@@ -94,6 +94,9 @@ pub struct GemmRow {
     pub dev_speedup: Option<f64>,
     /// Fused product's weight + activation bytes per device second, GB/s.
     pub fused_dev_gbs: Option<f64>,
+    /// M >= 16: the large-M product (permute + `gptq_tiled`, not yet used
+    /// by the engine), device µs per call.
+    pub tiled_dev_us: Option<f64>,
 }
 
 /// Mistral-7B's linear shapes (K, N), and the two products the engine
@@ -153,6 +156,14 @@ pub fn gemm_table(
                 x.matmul(&w16)?;
                 Ok(())
             })?);
+            let tdev = if m >= 16 {
+                us(cuda::graph_time(dev, iters, || {
+                    g.tiled(&x)?;
+                    Ok(())
+                })?)
+            } else {
+                None
+            };
             let mut variants = Vec::new();
             if m <= 16 {
                 for stage in [0u8, 1] {
@@ -184,6 +195,7 @@ pub fn gemm_table(
                 cublas_dev_us: cdev,
                 dev_speedup: fdev.zip(cdev).map(|(f, c)| c / f),
                 fused_dev_gbs: fdev.map(|f| bytes / f / 1e3),
+                tiled_dev_us: tdev,
             });
         }
     }

@@ -62,7 +62,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                     q.short_name()
                 );
                 println!(
-                    "{:<10} {:>5} {:>7} {:>7} {:>7} {:>6} | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6}",
+                    "{:<10} {:>5} {:>7} {:>7} {:>7} {:>6} | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>6}",
                     "shape",
                     "M",
                     "fused",
@@ -74,7 +74,9 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                     "(c,d)",
                     "cuBLAS",
                     "cub/f",
-                    "GB/s"
+                    "GB/s",
+                    "tiled us",
+                    "cub/t"
                 );
                 let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
                 for r in &rows {
@@ -84,7 +86,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                         .filter_map(|&(c, st, t)| t.map(|t| (t, c, st)))
                         .min_by(|a, b| a.0.total_cmp(&b.0));
                     println!(
-                        "{:<10} {:>5} {:>7.1} {:>7.1} {:>7.1} {:>5.2}x | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6}",
+                        "{:<10} {:>5} {:>7.1} {:>7.1} {:>7.1} {:>5.2}x | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>6}",
                         r.shape,
                         r.m,
                         r.fused,
@@ -97,6 +99,10 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                         opt(r.cublas_dev_us),
                         r.dev_speedup.map_or("-".into(), |v| format!("{v:.2}x")),
                         r.fused_dev_gbs.map_or("-".into(), |v| format!("{v:.0}")),
+                        opt(r.tiled_dev_us),
+                        r.tiled_dev_us
+                            .zip(r.cublas_dev_us)
+                            .map_or("-".into(), |(t, c)| format!("{:.2}x", c / t)),
                     );
                 }
                 report.insert("gemm".into(), serde_json::to_value(&rows)?);

@@ -312,6 +312,63 @@ impl GptqGpu {
         }
     }
 
+    /// xp [mp, Kp] = the `m` rows of x (at device address `x.0`) in sorted
+    /// K order, zero past them and in the padding (gptq_permute_x).
+    fn permute(&self, dev: &CudaDevice, x: (u64, usize), xp: (u64, usize)) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (((xp.1 * self.kp) as u32).div_ceil(256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let dims = [x.1 as i32, self.k as i32, xp.1 as i32, self.kp as i32];
+        let mut args = vec![Arg::P(x.0), Arg::P(ptr::<u32>(&self.perm)?), Arg::P(xp.0)];
+        args.extend(dims.iter().map(|&v| Arg::I(v)));
+        launch(dev, &GPTQ, "gptq_permute_x", cfg, &args)
+    }
+
+    /// The large-M product (`gptq_tiled_b*` in kernels/gptq.cu: blocks of
+    /// 128 columns x 128 tokens over the whole K in order, tensor cores with
+    /// the dequantization in the main loop): y [M, N] = x [M, K] W^T. Not
+    /// used by the engine yet: the kernel bench and its GPU test only.
+    pub fn tiled(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() != DType::F16 {
+            return Err(Error::Model(format!(
+                "GPTQ on CUDA takes f16 activations, got {:?}",
+                x.dtype()
+            )));
+        }
+        let m = x.dim(0)?;
+        let dev = device_of(x)?;
+        let x = x.contiguous()?;
+        let out = empty::<f16>(&dev, (m, self.n))?;
+        if m == 0 {
+            return Ok(out);
+        }
+        let xp = empty::<f16>(&dev, (m, self.kp))?;
+        self.permute(&dev, (ptr::<f16>(&x)?, m), (ptr::<f16>(&xp)?, m))?;
+        let cfg = LaunchConfig {
+            grid_dim: (self.np.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut args = vec![
+            Arg::P(ptr::<f16>(&xp)?),
+            Arg::P(ptr::<u32>(&self.qt)?),
+            Arg::P(ptr::<f16>(&self.sz)?),
+            Arg::P(ptr::<f16>(&out)?),
+        ];
+        let ints = [m, self.n, self.np, self.kp, self.gs, self.groups];
+        args.extend(ints.iter().map(|&v| Arg::I(v as i32)));
+        launch(
+            &dev,
+            &GPTQ,
+            &format!("gptq_tiled_b{}", self.bits),
+            cfg,
+            &args,
+        )?;
+        Ok(out)
+    }
+
     fn fused(&self, x: &Tensor) -> Result<Tensor> {
         let m = x.dim(0)?;
         self.fused_tuned(x, self.cols_per_warp(), self.stage(m))
@@ -358,15 +415,7 @@ impl GptqGpu {
             let (xin, smem) = if stage == 1 {
                 (xc, self.stage_smem(mc))
             } else {
-                let cfg = LaunchConfig {
-                    grid_dim: (((mp * self.kp) as u32).div_ceil(256), 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let dims = [mc as i32, self.k as i32, mp as i32, self.kp as i32];
-                let mut args = vec![Arg::P(xc), Arg::P(pperm), Arg::P(pxp)];
-                args.extend(dims.iter().map(|&v| Arg::I(v)));
-                launch(&dev, &GPTQ, "gptq_permute_x", cfg, &args)?;
+                self.permute(&dev, (xc, mc), (pxp, mp))?;
                 (pxp, 0)
             };
             let cfg = LaunchConfig {
