@@ -1,6 +1,6 @@
 // GPTQ matrix products on f16 tensor cores (mma.sync m16n8k16, f32 accumulate).
 //
-// Weights are repacked once at load (src/cuda/gptq.rs) into a tile layout:
+// Weights are repacked once at load (src/quant/tiled.rs) into a tile layout:
 // K is first sorted by g_idx (act-order), so that every group is a run of
 // `gs` consecutive sorted positions, then padded to Kp (multiple of 64);
 // N is padded to Np (multiple of 64). Each 16(n) x 16(k) tile is what one
@@ -410,10 +410,12 @@ __device__ void gptq_tiled_impl(const half* __restrict__ xp, const int4* __restr
       }
     }
     __syncthreads();  // the next load overwrites this stage
+    if (c + 1 < nchunks) {
 #pragma unroll
-    for (int ct = 0; ct < 2; ct++)
+      for (int ct = 0; ct < 2; ct++)
 #pragma unroll
-      for (int l = 0; l < LPC; l++) wcur[ct][l] = wnext[ct][l];
+        for (int l = 0; l < LPC; l++) wcur[ct][l] = wnext[ct][l];
+    }
   }
   // C fragment: rows are columns n, columns are tokens.
 #pragma unroll

@@ -315,8 +315,14 @@ impl GptqGpu {
     /// xp [mp, Kp] = the `m` rows of x (at device address `x.0`) in sorted
     /// K order, zero past them and in the padding (gptq_permute_x).
     fn permute(&self, dev: &CudaDevice, x: (u64, usize), xp: (u64, usize)) -> Result<()> {
+        let blocks = u32::try_from((xp.1 * self.kp).div_ceil(256)).map_err(|_| {
+            Error::Model(format!(
+                "gptq permute: {} tokens x {} positions is more than one launch takes",
+                xp.1, self.kp
+            ))
+        })?;
         let cfg = LaunchConfig {
-            grid_dim: (((xp.1 * self.kp) as u32).div_ceil(256), 1, 1),
+            grid_dim: (blocks, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
