@@ -171,6 +171,9 @@ impl Scheduler {
     /// values are all known by now, for later requests with the same
     /// prefix (they reuse those blocks instead of computing them).
     pub fn keep_prompt_logprobs(&mut self, id: SeqId) {
+        if !self.cfg.prefix_caching {
+            return; // nothing is reused
+        }
         let bs = self.cfg.block_size;
         let store = &mut self.lps;
         let Some(s) = self.seqs.get_mut(&id) else {
