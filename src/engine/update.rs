@@ -91,17 +91,17 @@ pub fn apply(
             continue;
         }
         let req = sched.request_mut(c.seq);
-        let (history, params, rng) = req.sampling_parts();
+        let (params, rng) = req.sampling_parts();
         let tok = match pick {
             Some(Picked::Token(t)) => t,
             Some(Picked::Prepared(p)) => sampler::draw(&p, params, rng),
-            Some(Picked::Logits(mut row)) => sampler::sample(&mut row, history, params, rng),
             Some(Picked::Candidates(cand)) => sampler::sample_sorted(&cand, params, rng),
             Some(Picked::Nucleus(cand, sum)) => sampler::sample_nucleus(&cand, sum, params, rng),
             Some(Picked::Drawn(t)) => {
                 rng.next_f64(); // the uniform the device drew with
                 t
             }
+            Some(Picked::Logits(_)) => unreachable!("prepare_host_rows prepares every host row"),
             None => unreachable!("every sampling chunk of a generation request has a pick"),
         };
         req.timings.first_token.get_or_insert(now);

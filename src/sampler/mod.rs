@@ -133,14 +133,14 @@ pub fn prepare(logits: &mut [f32], seen: &[u32], params: &GenerationParams) -> P
         cand.select_nth_unstable_by(params.top_k - 1, order);
         cand.truncate(params.top_k);
         cand.sort_by(order);
-        let sum = sorted_sum(&cand);
+        let (_, sum) = norm(&cand);
         return Prepared::Sorted(cand, sum);
     }
-    // Top-p over the whole row: the normaliser over every candidate, then
-    // the best 64, 256, ... sorted until they hold the nucleus (each a
-    // prefix of the full sort), so a narrow nucleus costs O(vocab), not a
-    // sort of the vocabulary.
-    let (_, sum) = row_norm(logits, t);
+    // Top-p over the whole row: the normaliser over every candidate (in
+    // id order, as row_norm), then the best 64, 256, ... sorted until they
+    // hold the nucleus (each a prefix of the full sort), so a narrow
+    // nucleus costs O(vocab), not a sort of the vocabulary.
+    let (_, sum) = norm(&cand);
     let mut k = 64;
     while k < cand.len() {
         cand.select_nth_unstable_by(k - 1, order);
@@ -169,17 +169,17 @@ pub fn draw(p: &Prepared, params: &GenerationParams, rng: &mut RecordRng) -> u32
 /// largest finite logit / t, the f64 sum of exp(f64(logit / t - max)) over
 /// the finite logits); the twin of the device's `row_norms`.
 pub fn row_norm(logits: &[f32], t: f32) -> (f32, f64) {
-    let max = logits
-        .iter()
-        .filter(|v| v.is_finite())
-        .map(|v| v / t)
-        .fold(f32::NEG_INFINITY, f32::max);
-    let sum = logits
-        .iter()
-        .filter(|v| v.is_finite())
-        .map(|v| ((v / t - max) as f64).exp())
-        .sum();
-    (max, sum)
+    norm(&candidates(logits, t))
+}
+
+/// The softmax normaliser of candidates `(token, logit / t)`: (their
+/// largest value, the f64 sum of exp(f64(v - max)) added in their order).
+fn norm(cand: &[(u32, f32)]) -> (f32, f64) {
+    let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+    (
+        max,
+        cand.iter().map(|(_, v)| ((v - max) as f64).exp()).sum(),
+    )
 }
 
 /// Every finite logit as `(token, logit / t)`, in id order: what the
@@ -222,13 +222,7 @@ fn draw_unordered(cand: &[(u32, f32)], u: f64) -> u32 {
 /// one uniform from the record's RNG. The GPU top-k path calls this on the
 /// candidates it selected, so both paths draw identically.
 pub fn sample_sorted(cand: &[(u32, f32)], params: &GenerationParams, rng: &mut RecordRng) -> u32 {
-    draw_sorted(cand, sorted_sum(cand), params.top_p, rng)
-}
-
-/// The softmax normaliser of sorted candidates, added in their order.
-fn sorted_sum(cand: &[(u32, f32)]) -> f64 {
-    let max = cand[0].1;
-    cand.iter().map(|(_, v)| ((v - max) as f64).exp()).sum()
+    draw_sorted(cand, norm(cand).1, params.top_p, rng)
 }
 
 /// Whether a row's best candidates (sorted as [`sample_sorted`]'s, the

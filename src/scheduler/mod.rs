@@ -117,13 +117,7 @@ impl Scheduler {
     /// Queues a request.
     pub fn add(&mut self, id: SeqId, mut req: Request) {
         let bs = self.cfg.block_size;
-        // A generation request that scores its prompt can reuse the blocks
-        // whose prompt log-probabilities are kept: it waits for a prefix in
-        // flight like any other.
-        let prefix = match req.kind {
-            RequestKind::Generate => &req.tokens[..],
-            RequestKind::Score => req.reusable_prefix(),
-        };
+        let prefix = req.reusable_prefix();
         req.first_block = (prefix.len() > bs).then(|| crate::kv::block_hash(None, &prefix[..bs]));
         self.seqs.insert(id, req);
         self.waiting.push_back(id);
@@ -337,16 +331,17 @@ impl Scheduler {
             }
             let bs = self.cfg.block_size;
             let s = self.seqs.get_mut(&id).expect("waiting sequence");
-            let scores_prompt = s.kind == RequestKind::Generate && s.scores_prompt();
-            let reusable = if scores_prompt {
-                // Only blocks whose prompt log-probabilities are kept.
-                self.lps.known_blocks(&s.tokens, s.prompt_len, bs) * bs + 1
-            } else {
-                s.reusable_prefix().len()
-            };
-            let (table, reused) = self.alloc.start(&s.tokens[..reusable]);
+            // A request still scoring its prompt reuses only the leading
+            // blocks whose prompt log-probabilities are kept.
+            let kept = (s.kind == RequestKind::Generate && s.scores_prompt())
+                .then(|| self.lps.kept(&s.tokens, s.prompt_len, bs));
+            let prefix = s.reusable_prefix();
+            let prefix = kept
+                .as_ref()
+                .map_or(prefix, |v| &prefix[..v.len() * bs + 1]);
+            let (table, reused) = self.alloc.start(prefix);
             let rest = s.tokens.len() - reused;
-            let need = s.tokens.len().div_ceil(self.cfg.block_size) - table.blocks().len();
+            let need = s.tokens.len().div_ceil(bs) - table.blocks().len();
             if need > self.alloc.available() {
                 self.alloc.free(table);
                 break;
@@ -362,8 +357,8 @@ impl Scheduler {
             s.computed = reused;
             s.committed = reused;
             s.table = Some(table);
-            if let (true, Some(lps)) = (scores_prompt, s.prompt_logprobs.as_mut()) {
-                self.lps.fill(&s.tokens, reused / bs, bs, lps);
+            if let (Some(v), Some(lps)) = (kept, s.prompt_logprobs.as_mut()) {
+                prompt_lps::fill(lps, &v[..reused / bs], bs);
             }
             self.running.push(id);
             let n = rest.min(budget);

@@ -33,6 +33,16 @@ fn reusable_blocks(len: usize, bs: usize) -> usize {
     len.saturating_sub(1) / bs
 }
 
+/// Fills `lps[1..=n * bs]` from the kept values of a prompt's first `n`
+/// blocks (block i: the tokens at i*bs + 1 ..= (i+1)*bs).
+pub(super) fn fill(lps: &mut [Option<f32>], kept: &[&[f32]], bs: usize) {
+    for (i, v) in kept.iter().enumerate() {
+        for (j, &lp) in v.iter().enumerate() {
+            lps[i * bs + 1 + j] = Some(lp);
+        }
+    }
+}
+
 impl PromptLps {
     /// Keeps at most `cap` blocks' values.
     pub fn new(cap: usize) -> Self {
@@ -47,33 +57,20 @@ impl PromptLps {
         block_hash(Some(chain), &tokens[(i + 1) * bs..(i + 1) * bs + 1])
     }
 
-    /// How many leading blocks of the prompt `tokens[..len]` have their
-    /// values kept.
-    pub fn known_blocks(&self, tokens: &[u32], len: usize, bs: usize) -> usize {
+    /// The kept values of the leading blocks of the prompt `tokens[..len]`
+    /// that have them, block by block.
+    pub fn kept(&self, tokens: &[u32], len: usize, bs: usize) -> Vec<&[f32]> {
         let mut chain = None;
+        let mut out = Vec::new();
         for i in 0..reusable_blocks(len, bs) {
             let h = block_hash(chain, &tokens[i * bs..(i + 1) * bs]);
-            if !self.map.contains_key(&Self::key(h, tokens, i, bs)) {
-                return i;
-            }
+            let Some(v) = self.map.get(&Self::key(h, tokens, i, bs)) else {
+                break;
+            };
+            out.push(v.as_slice());
             chain = Some(h);
         }
-        reusable_blocks(len, bs)
-    }
-
-    /// Fills `lps[1..=n * bs]` from the kept values of the first `n`
-    /// blocks of `tokens` (all known: see [`Self::known_blocks`]).
-    pub fn fill(&self, tokens: &[u32], n: usize, bs: usize, lps: &mut [Option<f32>]) {
-        let mut chain = None;
-        for i in 0..n {
-            let h = block_hash(chain, &tokens[i * bs..(i + 1) * bs]);
-            if let Some(v) = self.map.get(&Self::key(h, tokens, i, bs)) {
-                for (j, &lp) in v.iter().enumerate() {
-                    lps[i * bs + 1 + j] = Some(lp);
-                }
-            }
-            chain = Some(h);
-        }
+        out
     }
 
     /// Keeps the values of every further block of the prompt `tokens[..len]`
@@ -136,15 +133,15 @@ mod tests {
         // reach token 8) are known, block 2 is not.
         let mut b = a.clone();
         b[9] = 99;
-        assert_eq!(kept.known_blocks(&b, b.len(), bs), 2);
+        assert_eq!(kept.kept(&b, b.len(), bs).len(), 2);
         let mut got = vec![None; b.len()];
-        kept.fill(&b, 2, bs, &mut got);
+        fill(&mut got, &kept.kept(&b, b.len(), bs)[..2], bs);
         assert_eq!(&got[..=8], &lps[..=8]);
         assert!(got[9..].iter().all(Option::is_none));
         // The token right after a block is part of its key.
         let mut c = a.clone();
         c[8] = 77;
-        assert_eq!(kept.known_blocks(&c, c.len(), bs), 1);
+        assert_eq!(kept.kept(&c, c.len(), bs).len(), 1);
     }
 
     #[test]
@@ -156,6 +153,6 @@ mod tests {
         let k = kept.keep(&a, a.len(), bs, &lps, Kept::default());
         assert_eq!(k.blocks, 4);
         assert_eq!(kept.map.len(), 2);
-        assert_eq!(kept.known_blocks(&a, a.len(), bs), 0, "block 0 was dropped");
+        assert_eq!(kept.kept(&a, a.len(), bs).len(), 0, "block 0 was dropped");
     }
 }

@@ -235,10 +235,11 @@ impl Request {
     /// The tokens whose cached blocks admission may reuse: a scoring
     /// request computes every position from its prompt's last token on
     /// (their logits score the continuation), so only blocks of the prompt
-    /// before that can come from the cache.
+    /// before that can come from the cache. (A generation request that
+    /// still scores its prompt reuses only the leading blocks whose prompt
+    /// log-probabilities are kept: admission cuts this prefix there.)
     pub(super) fn reusable_prefix(&self) -> &[u32] {
         match self.kind {
-            RequestKind::Generate if self.scores_prompt() => &self.tokens[..1],
             RequestKind::Generate => &self.tokens,
             RequestKind::Score => &self.tokens[..self.prompt_len.max(1)],
         }
@@ -279,10 +280,9 @@ impl Request {
         }
     }
 
-    /// What the host sampler needs at once: the token history (for the
-    /// repetition penalty), the parameters and the record's RNG.
-    pub fn sampling_parts(&mut self) -> (&[u32], &GenerationParams, &mut RecordRng) {
-        (&self.tokens, &self.params, &mut self.rng)
+    /// What a draw needs at once: the parameters and the record's RNG.
+    pub fn sampling_parts(&mut self) -> (&GenerationParams, &mut RecordRng) {
+        (&self.params, &mut self.rng)
     }
 
     /// Whether every continuation token has its log-probability.

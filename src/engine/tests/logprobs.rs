@@ -14,6 +14,22 @@ fn close(a: f32, b: f32) -> bool {
     (a - b).abs() < 1e-5
 }
 
+/// A row's prompt log-probabilities: none for the first token, then a
+/// direct log-softmax of the fake model's logits at every position.
+fn assert_prompt_logprobs(r: &OutputRow, prompt: &[u32], what: &str) {
+    let got = r.prompt_logprobs.as_ref().expect("asked for");
+    assert_eq!(got.len(), prompt.len(), "{what} {}", r.id);
+    assert_eq!(got[0], None, "{what} {}", r.id);
+    for i in 1..prompt.len() {
+        let want = log_softmax(&prompt[..i])[prompt[i] as usize];
+        assert!(
+            close(got[i].expect("scored"), want),
+            "{what} {} token {i}",
+            r.id
+        );
+    }
+}
+
 #[test]
 fn completion_logprobs_are_the_raw_log_softmax_at_each_sampled_token() {
     let ps = prompts(3, 9);
@@ -78,14 +94,7 @@ fn prompt_logprobs_cover_every_prompt_token_but_the_first() {
         opts,
     );
     for r in &rows {
-        let prompt = &ps[r.input_row as usize];
-        let got = r.prompt_logprobs.as_ref().expect("asked for");
-        assert_eq!(got.len(), prompt.len());
-        assert_eq!(got[0], None);
-        for i in 1..prompt.len() {
-            let want = log_softmax(&prompt[..i])[prompt[i] as usize];
-            assert!(close(got[i].expect("scored"), want), "{} token {i}", r.id);
-        }
+        assert_prompt_logprobs(r, &ps[r.input_row as usize], "");
         // Greedy: the top-1 is the chosen token.
         let lp = r.logprobs.as_ref().unwrap();
         for (j, &tok) in r.completion_token_ids.iter().enumerate() {
@@ -122,13 +131,7 @@ fn prompts_sharing_a_prefix_reuse_its_blocks_and_its_kept_prompt_logprobs() {
     );
     assert_eq!(rows.len(), 3);
     for r in &rows {
-        let prompt = &ps[r.input_row as usize];
-        let got = r.prompt_logprobs.as_ref().expect("asked for");
-        assert_eq!(got[0], None);
-        for i in 1..prompt.len() {
-            let want = log_softmax(&prompt[..i])[prompt[i] as usize];
-            assert!(close(got[i].expect("scored"), want), "{} token {i}", r.id);
-        }
+        assert_prompt_logprobs(r, &ps[r.input_row as usize], "one at a time");
         let reused = if r.input_row == 0 { 0 } else { 12 };
         assert_eq!(r.cached_prompt_tokens as usize, reused, "{}", r.id);
     }
@@ -147,16 +150,7 @@ fn prompts_sharing_a_prefix_reuse_its_blocks_and_its_kept_prompt_logprobs() {
         );
         assert_eq!(rows.len(), 3, "{cfg:?}");
         for r in &rows {
-            let prompt = &ps[r.input_row as usize];
-            let got = r.prompt_logprobs.as_ref().expect("asked for");
-            for i in 1..prompt.len() {
-                let want = log_softmax(&prompt[..i])[prompt[i] as usize];
-                assert!(
-                    close(got[i].expect("scored"), want),
-                    "{cfg:?} {} token {i}",
-                    r.id
-                );
-            }
+            assert_prompt_logprobs(r, &ps[r.input_row as usize], &format!("{cfg:?}"));
         }
         if cfg.num_blocks == 6 {
             assert!(sum.preemptions > 0, "the tight cache must preempt");
