@@ -167,6 +167,35 @@ __device__ __forceinline__ void rope8(const half* src, half* dst, const half* co
   *reinterpret_cast<int4*>(dst + j + half_d) = o2.v;
 }
 
+// This thread's token t, head h and first pair j when each of T tokens has
+// `heads` heads of per_h threads, `step` pairs each; false past the end.
+__device__ __forceinline__ bool rope_slot(int T, int heads, int per_h, int step, int* t, int* h,
+                                          int* j) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const size_t per_t = (size_t)heads * per_h;
+  if (i >= (size_t)T * per_t) return false;
+  *t = i / per_t;
+  const int r = i % per_t;
+  *h = r / per_h;
+  *j = (r % per_h) * step;
+  return true;
+}
+
+// Source and destination rows of head h of token t: q heads first (rows
+// qs halves apart, to the dense qo), then k heads (ks apart, to the row of
+// head h - nq from kdst, the token's first k row out).
+__device__ __forceinline__ void qk_rows(const half* q, const half* k, half* qo, half* kdst, int t,
+                                        int h, int nq, int qs, int ks, int D, const half** src,
+                                        half** dst) {
+  if (h < nq) {
+    *src = q + (size_t)t * qs + (size_t)h * D;
+    *dst = qo + ((size_t)t * nq + h) * D;
+  } else {
+    *src = k + (size_t)t * ks + (size_t)(h - nq) * D;
+    *dst = kdst + (size_t)(h - nq) * D;
+  }
+}
+
 // Rotate-half RoPE on q [T, nq*D] and k [T, nk*D] for token positions pos[T],
 // in HF's f16 order: out1 = x1*c + (-x2)*s, out2 = x2*c + x1*s, each product
 // and the sum rounded to f16. cos/sin: [positions, D/2] tables. q and k
@@ -178,24 +207,13 @@ extern "C" __global__ void rope_qk(const half* __restrict__ q, const half* __res
                                    const unsigned* __restrict__ pos, half* __restrict__ qo,
                                    half* __restrict__ ko, int T, int nq, int nk, int D, int qs,
                                    int ks, int vec) {
-  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const int half_d = D / 2;
   const int step = vec ? 8 : 1;  // pairs per thread
-  const int per_h = half_d / step;
-  size_t per_t = (size_t)(nq + nk) * per_h;
-  if (i >= (size_t)T * per_t) return;
-  int t = i / per_t;
-  int r = i % per_t;
-  int h = r / per_h, j = (r % per_h) * step;
+  int t, h, j;
+  if (!rope_slot(T, nq + nk, half_d / step, step, &t, &h, &j)) return;
   const half* src;
   half* dst;
-  if (h < nq) {
-    src = q + (size_t)t * qs + (size_t)h * D;
-    dst = qo + ((size_t)t * nq + h) * D;
-  } else {
-    src = k + (size_t)t * ks + (size_t)(h - nq) * D;
-    dst = ko + ((size_t)t * nk + (h - nq)) * D;
-  }
+  qk_rows(q, k, qo, ko + (size_t)t * nk * D, t, h, nq, qs, ks, D, &src, &dst);
   const size_t cs = (size_t)pos[t] * half_d + j;
   if (vec) {
     rope8(src, dst, cos, sin, cs, j, half_d);
@@ -216,14 +234,9 @@ extern "C" __global__ void rope_qkv_cache(const half* __restrict__ q, const half
                                           const unsigned* __restrict__ slots, half* __restrict__ qo,
                                           half* __restrict__ kc, half* __restrict__ vc, int T,
                                           int nq, int nk, int D, int qs, int ks, int vs) {
-  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const int half_d = D / 2;
-  const int per_h = half_d / 8;
-  const size_t per_t = (size_t)(nq + 2 * nk) * per_h;
-  if (i >= (size_t)T * per_t) return;
-  const int t = i / per_t;
-  const int r = i % per_t;
-  const int h = r / per_h, j = (r % per_h) * 8;
+  int t, h, j;
+  if (!rope_slot(T, nq + 2 * nk, half_d / 8, 8, &t, &h, &j)) return;
   const size_t row = (size_t)slots[t] * nk * D;  // the token's cache row
   if (h >= nq + nk) {
     const int hv = h - nq - nk;
@@ -235,13 +248,7 @@ extern "C" __global__ void rope_qkv_cache(const half* __restrict__ q, const half
   }
   const half* src;
   half* dst;
-  if (h < nq) {
-    src = q + (size_t)t * qs + (size_t)h * D;
-    dst = qo + ((size_t)t * nq + h) * D;
-  } else {
-    src = k + (size_t)t * ks + (size_t)(h - nq) * D;
-    dst = kc + row + (size_t)(h - nq) * D;
-  }
+  qk_rows(q, k, qo, kc + row, t, h, nq, qs, ks, D, &src, &dst);
   rope8(src, dst, cos, sin, (size_t)pos[t] * half_d + j, j, half_d);
 }
 
