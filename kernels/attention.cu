@@ -113,14 +113,26 @@ __device__ __forceinline__ void online_softmax(float (&s)[NJ][4], float* mx, flo
 // (rows null: row b), so a mixed step's decode rows are read and written in
 // place. P == 1: writes half(O / l) to out. P > 1: per (b, head, p) the max
 // and sum (part_ml) and the unnormalised f32 output (part_o).
+//
+// Shared partitions (items non-null; grid (kv_heads, items, 1)): item i =
+// items[i * ITEM_INTS ..] = {p, n, s_0 .. s_{n-1}} is partition p of the n
+// (n * G <= 16) sequences s_j, which the host found to cover the same cache
+// blocks there and to see all PART keys of it (no window cut). Row r of the
+// tensor-core tile is head r % G of sequence s_{r / G}, so the partition's
+// K/V is read once for all of them. A row's arithmetic is the same
+// instruction sequence over the same keys as in its own block (the rows of
+// an mma are independent), so its partials are bit-identical to the
+// unshared kernel's. The unshared launch then skips partitions p < skip[b].
 #define PART 512
+#define ITEM_INTS 18
 
 template <int D, int NW, int ST>
 __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__ kc,
                             const half* __restrict__ vc, const int* __restrict__ tables,
                             const int* __restrict__ ctx_lens, const unsigned* __restrict__ rows,
                             float* __restrict__ part_o, float* __restrict__ part_ml,
-                            half* __restrict__ out, int nh, int nkv, int max_blocks,
+                            half* __restrict__ out, const int* __restrict__ items,
+                            const unsigned* __restrict__ skip, int nh, int nkv, int max_blocks,
                             int block_size, int window, float scale, int P) {
   constexpr int RS = D + 8;   // smem row stride in halves
   constexpr int KS = D / 16;  // k-steps of Q K^T
@@ -129,8 +141,20 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   constexpr int KT = 16 * NW;  // keys per tile
   constexpr int NT = 32 * NW;  // threads
   extern __shared__ __align__(16) half smem[];  // [ST][K, V][KT][RS], then the table
-  const int kvh = blockIdx.x, b = blockIdx.y, p = blockIdx.z;
+  const int kvh = blockIdx.x;
+  const int* item = items != nullptr ? items + (size_t)blockIdx.y * ITEM_INTS : nullptr;
+  const int b = item != nullptr ? item[2] : blockIdx.y;  // its table and context serve all
+  const int p = item != nullptr ? item[0] : blockIdx.z;
+  if (item == nullptr && skip != nullptr && p < (int)skip[b]) return;  // a shared item's
   const int G = nh / nkv;
+  const int R = item != nullptr ? item[1] * G : G;  // live rows of the tile
+  // Row r: head kvh * G + r % G of sequence seq(r), at q/out row qrow(r).
+  auto seq = [&](int r) { return item != nullptr ? item[2 + r / G] : b; };
+  auto head = [&](int r) {
+    const int s = seq(r);
+    return (size_t)(rows != nullptr ? rows[s] : s) * nh + kvh * G + r % G;
+  };
+  auto phead = [&](int r) { return (size_t)seq(r) * nh + kvh * G + r % G; };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   // The block-table entries of a partition that starts at p * PART (no
@@ -147,7 +171,7 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   const int kend = min(pos + 1, kstart + PART);
   const size_t head0 = (size_t)b * nh + kvh * G;  // this group's first (b, head) partial
   const size_t qhead0 = (size_t)(rows != nullptr ? rows[b] : b) * nh + kvh * G;  // in q / out
-  if (kstart >= kend) {
+  if (kstart >= kend) {  // (never a shared item: its partition is full)
     for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
       const size_t bh = head0 + i / D;
       if (P == 1) {
@@ -192,12 +216,12 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
     cp_async_commit();
   }
 
-  // Q fragments: rows g and g + 8 are query heads kvh*G + g (+8), zero past G.
+  // Q fragments: rows g and g + 8 (zero past R).
   uint32_t qa[KS][4];
   {
-    const half* qra = q + (qhead0 + g) * D;
-    const half* qrb = q + (qhead0 + g + 8) * D;
-    const bool va = g < G, vb = g + 8 < G;
+    const bool va = g < R, vb = g + 8 < R;
+    const half* qra = q + (va ? head(g) : 0) * D;
+    const half* qrb = q + (vb ? head(g + 8) : 0) * D;
 #pragma unroll
     for (int s = 0; s < KS; s++) {
       const int c0 = s * 16 + 2 * t;
@@ -263,42 +287,42 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
     lrow[hr] += __shfl_xor_sync(0xffffffffu, lrow[hr], 1);
     lrow[hr] += __shfl_xor_sync(0xffffffffu, lrow[hr], 2);
   }
-  float* red_o = reinterpret_cast<float*>(smem);  // [NW][G][D]
-  float* red_m = red_o + NW * G * D;              // [NW][G]
-  float* red_l = red_m + NW * G;
+  float* red_o = reinterpret_cast<float*>(smem);  // [NW][R][D]
+  float* red_m = red_o + NW * R * D;              // [NW][R]
+  float* red_l = red_m + NW * R;
 #pragma unroll
   for (int hr = 0; hr < 2; hr++) {
     const int r = g + 8 * hr;
-    if (r >= G) continue;
-    float* dst = red_o + (warp * G + r) * D + 2 * t;
+    if (r >= R) continue;
+    float* dst = red_o + (warp * R + r) * D + 2 * t;
 #pragma unroll
     for (int dn = 0; dn < DN; dn++) {
       dst[dn * 8] = o[dn][2 * hr];
       dst[dn * 8 + 1] = o[dn][2 * hr + 1];
     }
     if (t == 0) {
-      red_m[warp * G + r] = mrow[hr];
-      red_l[warp * G + r] = lrow[hr];
+      red_m[warp * R + r] = mrow[hr];
+      red_l[warp * R + r] = lrow[hr];
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+  for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
     const int r = i / D, d = i % D;
     float m = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < NW; w++) m = fmaxf(m, red_m[w * G + r]);
+    for (int w = 0; w < NW; w++) m = fmaxf(m, red_m[w * R + r]);
     float l = 0.f, acc = 0.f;
 #pragma unroll
     for (int w = 0; w < NW; w++) {
-      const float mw = red_m[w * G + r];
+      const float mw = red_m[w * R + r];
       if (mw == -INFINITY) continue;
       const float c = expf(mw - m);
-      l += red_l[w * G + r] * c;
-      acc += red_o[(w * G + r) * D + d] * c;
+      l += red_l[w * R + r] * c;
+      acc += red_o[(w * R + r) * D + d] * c;
     }
-    const size_t bh = head0 + r;
+    const size_t bh = phead(r);
     if (P == 1) {
-      out[(qhead0 + r) * D + d] = __float2half(l > 0.f ? acc / l : 0.f);
+      out[head(r) * D + d] = __float2half(l > 0.f ? acc / l : 0.f);
     } else {
       part_o[(bh * P + p) * D + d] = acc;
       if (d == 0) {
@@ -312,16 +336,18 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
 #define DECODE(D, NW, ST)                                                                       \
   extern "C" __global__ void __launch_bounds__(32 * NW) paged_decode_d##D##_w##NW##s##ST(      \
       const half* q, const half* kc, const half* vc, const int* tables, const int* ctx_lens,    \
-      const unsigned* rows, float* part_o, float* part_ml, half* out, int nh, int nkv,          \
-      int max_blocks, int block_size, int window, float scale, int P) {                         \
-    decode_impl<D, NW, ST>(q, kc, vc, tables, ctx_lens, rows, part_o, part_ml, out, nh, nkv,   \
-                           max_blocks, block_size, window, scale, P);                           \
+      const unsigned* rows, float* part_o, float* part_ml, half* out, const int* items,         \
+      const unsigned* skip, int nh, int nkv, int max_blocks, int block_size, int window,        \
+      float scale, int P) {                                                                     \
+    decode_impl<D, NW, ST>(q, kc, vc, tables, ctx_lens, rows, part_o, part_ml, out, items,     \
+                           skip, nh, nkv, max_blocks, block_size, window, scale, P);            \
   }
 #define DECODE_VARIANTS(D) \
   DECODE(D, 2, 2)          \
   DECODE(D, 4, 2)          \
   DECODE(D, 2, 3)          \
-  DECODE(D, 4, 3)
+  DECODE(D, 4, 3)          \
+  DECODE(D, 2, 4)
 DECODE_VARIANTS(16)
 DECODE_VARIANTS(32)
 DECODE_VARIANTS(64)

@@ -8,6 +8,8 @@
 //! - `cuda/`: the CUDA glue (the crate's only `unsafe`): PTX loading and
 //!   launches on the device's stream, the GPTQ layer, the paged cache and
 //!   attention, fused ops, the device sampler, the memory pool's counters.
+//! - `decode_plan.rs`: the decode partitions several sequences share (read
+//!   once for all of them on CUDA).
 //! - `device.rs`: which device a job runs on (`engine.device = "auto"`) and
 //!   how large its KV cache is.
 
@@ -20,6 +22,7 @@ pub mod cuda;
 mod cache;
 mod cpu;
 mod cuda_ops;
+pub mod decode_plan;
 pub mod device;
 pub mod timeline;
 

@@ -100,6 +100,15 @@ pub struct KindTimes {
     pub seqs: usize,
     /// Milliseconds per kernel class.
     pub ms: BTreeMap<String, f64>,
+    /// Wall milliseconds from the start of each step of this kind to the
+    /// start of the next step (the device time, then the host's work
+    /// after it and before the next forward), over `periods` steps (the
+    /// last step of a run has none).
+    #[serde(default)]
+    pub period_ms: f64,
+    /// Steps with a period.
+    #[serde(default)]
+    pub periods: usize,
 }
 
 impl Breakdown {
@@ -110,20 +119,34 @@ impl Breakdown {
             k.steps += t.steps;
             k.tokens += t.tokens;
             k.seqs += t.seqs;
+            k.period_ms += t.period_ms;
+            k.periods += t.periods;
             for (class, ms) in &t.ms {
                 *k.ms.entry(class.clone()).or_insert(0.0) += ms;
             }
         }
     }
 
-    /// Adds one step of `chunk_lens` with its class times.
-    pub fn add(&mut self, chunk_lens: &[usize], times: BTreeMap<&'static str, f64>) {
-        let kind = match (chunk_lens.iter().all(|&l| l == 1), chunk_lens.contains(&1)) {
+    /// The kind of a step of `chunk_lens`.
+    pub fn kind(chunk_lens: &[usize]) -> &'static str {
+        match (chunk_lens.iter().all(|&l| l == 1), chunk_lens.contains(&1)) {
             (true, _) => "decode",
             (false, false) => "prefill",
             (false, true) => "mixed",
-        };
+        }
+    }
+
+    /// Adds the wall period of one step of `kind` (see
+    /// [`KindTimes::period_ms`]).
+    pub fn add_period(&mut self, kind: &str, ms: f64) {
         let k = self.kinds.entry(kind.into()).or_default();
+        k.period_ms += ms;
+        k.periods += 1;
+    }
+
+    /// Adds one step of `chunk_lens` with its class times.
+    pub fn add(&mut self, chunk_lens: &[usize], times: BTreeMap<&'static str, f64>) {
+        let k = self.kinds.entry(Self::kind(chunk_lens).into()).or_default();
         k.steps += 1;
         k.tokens += chunk_lens.iter().sum::<usize>();
         k.seqs += chunk_lens.len();
@@ -155,6 +178,17 @@ mod tests {
         assert_eq!(b.kinds["decode"].seqs, 5);
         assert_eq!(b.kinds["mixed"].tokens, 8);
         assert!(b.kinds["decode"].ms["a"] >= 18.0);
+        b.add_period("decode", 12.0);
+        b.add_period("decode", 14.0);
+        assert_eq!(b.kinds["decode"].periods, 2);
+        assert_eq!(b.kinds["decode"].period_ms, 26.0);
+        let mut all = Breakdown::default();
+        all.absorb(&b);
+        all.absorb(&b);
+        assert_eq!(
+            (all.kinds["decode"].periods, all.kinds["mixed"].steps),
+            (4, 2)
+        );
         assert!(Timeline::off().finish().unwrap().is_empty());
     }
 }

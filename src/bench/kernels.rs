@@ -219,6 +219,18 @@ pub struct AttnRow {
     pub us: f64,
 }
 
+/// Mistral-7B's decode shape (32 q, 8 kv, d 128, blocks of 16, no window).
+fn mistral_decode(max_keys: usize) -> DecodeShape {
+    DecodeShape {
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        block_size: 16,
+        window: 0,
+        max_keys,
+    }
+}
+
 /// Decode attention on Mistral-7B's heads (32 q, 8 kv, d 128, blocks of
 /// 16), every build of the kernel per case.
 pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<AttnRow>> {
@@ -237,14 +249,7 @@ pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Att
             .collect();
         let tables = Tensor::from_vec(tables, (b, per), dev)?;
         let ctxs = Tensor::from_vec(vec![ctx as u32; b], b, dev)?;
-        let shape = DecodeShape {
-            heads: nh,
-            kv_heads: nkv,
-            head_dim: d,
-            block_size: bs,
-            window: 0,
-            max_keys: ctx,
-        };
+        let shape = mistral_decode(ctx);
         for variant in DecodeVariant::ALL {
             let t = time(dev, 20, || {
                 cuda::paged_decode_with(&q, &kc, &vc, &tables, &ctxs, &shape, variant)?;
@@ -318,6 +323,84 @@ pub fn prefill_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Prefi
             tokens: n,
             us: t.map(|t| t * 1e6),
             tflops: t.map(|t| flop / t / 1e12),
+        });
+    }
+    Ok(rows)
+}
+
+/// One shared-prefix decode measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct SharedRow {
+    /// Sequences.
+    pub batch: usize,
+    /// Keys every sequence holds in the same cache blocks.
+    pub shared: usize,
+    /// Keys of each sequence's own after them.
+    pub own: usize,
+    /// µs per call (one layer) without a plan: every sequence reads the
+    /// prefix.
+    pub plain_us: f64,
+    /// µs per call with the plan, per stage count of the shared launch.
+    pub shared_us: Vec<(usize, f64)>,
+}
+
+/// Decode attention (the engine's build) over `shared` keys that every
+/// sequence holds in the same blocks (as the prefix cache hands them out)
+/// plus `own` keys each, without and with the shared-partition plan.
+pub fn shared_decode_table(
+    dev: &Device,
+    cases: &[(usize, usize, usize)],
+) -> Result<Vec<SharedRow>> {
+    use crate::backend::decode_plan;
+    use crate::kv::BlockId;
+    let cd = cuda::cuda(dev)?;
+    let (nh, nkv, d, bs) = (32, 8, 128, 16);
+    let mut rows = Vec::new();
+    for &(b, shared, own) in cases {
+        let (sb, ob) = (shared / bs, own.div_ceil(bs));
+        let blocks = sb + b * ob;
+        let kc = cuda::fill_f16(&cd, (blocks * bs, nkv * d), 6, -1.0, 1.0)?;
+        let vc = cuda::fill_f16(&cd, (blocks * bs, nkv * d), 7, -1.0, 1.0)?;
+        let q = cuda::fill_f16(&cd, (b, nh * d), 8, -1.0, 1.0)?;
+        let ids: Vec<Vec<BlockId>> = (0..b)
+            .map(|i| {
+                let own = (0..ob).map(|j| (sb + j * b + i) as u32);
+                (0..sb as u32).chain(own).map(BlockId).collect()
+            })
+            .collect();
+        let refs: Vec<&[BlockId]> = ids.iter().map(|t| t.as_slice()).collect();
+        let ctx = vec![(shared + own) as u32; b];
+        let plan = decode_plan::plan(&refs, &ctx, bs, cuda::DECODE_PART, nh / nkv);
+        let flat: Vec<u32> = ids.iter().flatten().map(|x| x.0).collect();
+        let tables = Tensor::from_vec(flat, (b, sb + ob), dev)?;
+        let ctxs = Tensor::from_vec(ctx, b, dev)?;
+        let shape = mistral_decode(shared + own);
+        let out = Tensor::zeros((b, nh * d), DType::F16, dev)?;
+        let mut run = |sh: Option<&cuda::SharedDecode>| {
+            time(dev, 20, || {
+                let io = cuda::DecodeIo {
+                    q: &q,
+                    rows: None,
+                    out: &out,
+                    shared: sh,
+                };
+                cuda::paged_decode_into(io, &kc, &vc, &tables, &ctxs, &shape, Default::default())
+            })
+        };
+        let plain_us = run(None)? * 1e6;
+        let mut shared_us = Vec::new();
+        if let Some(p) = &plan {
+            for stages in [2, 3, 4] {
+                let sh = cuda::SharedDecode::new(p, dev)?.with_stages(stages);
+                shared_us.push((stages, run(Some(&sh))? * 1e6));
+            }
+        }
+        rows.push(SharedRow {
+            batch: b,
+            shared,
+            own,
+            plain_us,
+            shared_us,
         });
     }
     Ok(rows)

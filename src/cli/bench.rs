@@ -110,6 +110,32 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                     &dev,
                     &[(64, 512), (256, 1024), (256, 2048), (512, 192), (64, 8192)],
                 )?;
+                let shared = bench::kernels::shared_decode_table(
+                    &dev,
+                    &[
+                        (256, 1024, 64),
+                        (512, 1024, 64),
+                        (256, 2048, 128),
+                        (64, 4096, 256),
+                    ],
+                )?;
+                println!("decode attention over a shared prefix (the engine's build): batch shared+own keys, µs per layer without the plan, then with it per stages of the shared launch");
+                for r in &shared {
+                    let cells: Vec<String> = r
+                        .shared_us
+                        .iter()
+                        .map(|(s, us)| format!("s{s} {us:>7.1}"))
+                        .collect();
+                    println!(
+                        "  {:>4} {:>5}+{:<4} {:>8.1}  {}",
+                        r.batch,
+                        r.shared,
+                        r.own,
+                        r.plain_us,
+                        cells.join("  ")
+                    );
+                }
+                report.insert("shared_decode".into(), serde_json::to_value(&shared)?);
                 let read = bench::kernels::read_gbs(&dev)?;
                 report.insert("read_gbs".into(), read.into());
                 println!(
@@ -204,6 +230,14 @@ fn print_breakdown(b: &crate::backend::timeline::Breakdown) {
             t.seqs as f64 / steps,
             total / steps
         );
+        if t.periods > 0 {
+            // Device time, then the host's work before the next forward.
+            let period = t.period_ms / t.periods as f64;
+            println!(
+                "    step period {period:.3} ms: {:.3} ms of it beside the device time (the GPU waits on the host)",
+                period - total / steps
+            );
+        }
         let mut classes: Vec<(&String, &f64)> = t.ms.iter().collect();
         classes.sort_by(|a, b| b.1.total_cmp(a.1));
         for (class, ms) in classes {

@@ -8,6 +8,7 @@ use crate::model::{LogitRows, Mistral, PagedKvCache, SeqChunk};
 use crate::scheduler::{Scheduler, StepPlan};
 use crate::Result;
 use candle_core::Tensor;
+use std::time::Instant;
 
 /// The logits of one step.
 #[derive(Debug)]
@@ -61,6 +62,8 @@ pub struct MistralRunner<'m> {
     cache: PagedKvCache,
     /// Kernel-class times of every step, when measured.
     breakdown: Option<Breakdown>,
+    /// When the last timed step started, and its kind.
+    last_step: Option<(Instant, &'static str)>,
 }
 
 impl<'m> MistralRunner<'m> {
@@ -70,6 +73,7 @@ impl<'m> MistralRunner<'m> {
             cache: model.new_cache(num_blocks, block_size)?,
             model,
             breakdown: None,
+            last_step: None,
         })
     }
 
@@ -82,6 +86,14 @@ impl<'m> MistralRunner<'m> {
 
 impl ModelRunner for MistralRunner<'_> {
     fn execute(&mut self, plan: &StepPlan, sched: &Scheduler) -> Result<StepLogits> {
+        let lens: Vec<usize> = plan.chunks.iter().map(|c| c.len).collect();
+        if let Some(b) = &mut self.breakdown {
+            let now = Instant::now();
+            if let Some((t0, kind)) = self.last_step.take() {
+                b.add_period(kind, (now - t0).as_secs_f64() * 1e3);
+            }
+            self.last_step = Some((now, Breakdown::kind(&lens)));
+        }
         self.cache.copy_blocks(&plan.copies)?;
         let chunks: Vec<SeqChunk<'_>> = plan
             .chunks
@@ -104,7 +116,6 @@ impl ModelRunner for MistralRunner<'_> {
             self.model
                 .forward_timed(&chunks, &mut self.cache, LogitRows::These(pick), &mut t)?;
         if let Some(b) = &mut self.breakdown {
-            let lens: Vec<usize> = plan.chunks.iter().map(|c| c.len).collect();
             b.add(&lens, t.finish()?);
         }
         Ok(StepLogits {

@@ -2,7 +2,8 @@
 //! one batched decode kernel for every single-token chunk, and one flash
 //! prefill kernel for every longer chunk (head dims 16, 32, 64, 128).
 
-use super::{self as cuda, DecodeIo, DecodeShape, PrefillChunk, PrefillShape};
+use super::{self as cuda, DecodeIo, DecodeShape, PrefillChunk, PrefillShape, SharedDecode};
+use crate::backend::decode_plan;
 use crate::backend::{AttnIn, KvShape};
 use crate::kv::{BlockCopy, BlockId};
 use crate::Result;
@@ -36,6 +37,9 @@ struct Prefill {
 
 struct Decode {
     rows: Tensor,
+    /// Partitions several sequences share (prefix-cache blocks), and the
+    /// longest context among those sequences.
+    shared: Option<(SharedDecode, usize)>,
     /// Every row of the step is a decode row, in order (q needs no gather).
     whole: bool,
     tables: Tensor,
@@ -166,8 +170,15 @@ impl CudaKv {
             let bd = rows.len();
             let whole = prefill.is_empty();
             let max_keys = *ctx.iter().max().unwrap_or(&1) as usize;
+            let group = self.heads / self.kv_heads;
+            let plan = decode_plan::plan(&tables, &ctx, self.block_size, cuda::DECODE_PART, group);
+            let shared = match plan {
+                Some(p) => Some((SharedDecode::new(&p, dev)?, p.max_ctx)),
+                None => None,
+            };
             Some(Decode {
                 rows: Tensor::from_vec(rows, bd, dev)?,
+                shared,
                 whole,
                 tables: Tensor::from_vec(flat, (bd, maxb), dev)?,
                 ctx: Tensor::from_vec(ctx, bd, dev)?,
@@ -250,10 +261,17 @@ impl CudaKv {
             )?;
         }
         if let Some(dd) = &b.decode {
+            // A window that cuts a sequence with shared partitions moves
+            // its partitions: the plan does not hold then.
+            let shared = dd
+                .shared
+                .as_ref()
+                .filter(|(_, c)| window.is_none_or(|w| *c <= w));
             let io = DecodeIo {
                 q: &q,
                 rows: (!dd.whole).then_some(&dd.rows),
                 out: &out,
+                shared: shared.map(|(s, _)| s),
             };
             let shape = DecodeShape {
                 heads: nh,

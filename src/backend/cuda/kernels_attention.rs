@@ -2,6 +2,7 @@
 //! attention and flash prefill over the paged cache.
 
 use super::{check_f16, device_of, empty, grid, launch, ptr, rows_ptr, Arg, ATTENTION};
+use crate::backend::decode_plan::SharedParts;
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{Device, Tensor};
@@ -64,7 +65,7 @@ impl DecodeVariant {
     /// its sums, so one build keeps a sequence's result independent of the
     /// batch): 2 x 2 was the fastest at short contexts in runs 31 and 32
     /// (H200, BENCHMARKS.md) and within 3% of 4 x 2 at long ones.
-    pub const ALL: [DecodeVariant; 4] = [
+    pub const ALL: [DecodeVariant; 5] = [
         DecodeVariant {
             warps: 2,
             stages: 2,
@@ -80,6 +81,10 @@ impl DecodeVariant {
         DecodeVariant {
             warps: 4,
             stages: 3,
+        },
+        DecodeVariant {
+            warps: 2,
+            stages: 4,
         },
     ];
 }
@@ -122,6 +127,7 @@ pub fn paged_decode_with(
         q,
         rows: None,
         out: &out,
+        shared: None,
     };
     paged_decode_into(io, kc, vc, tables, ctx_lens, s, v)?;
     Ok(out)
@@ -135,7 +141,48 @@ pub struct DecodeIo<'a> {
     pub rows: Option<&'a Tensor>,
     /// Output [T, heads*D]; only the sequences' rows are written.
     pub out: &'a Tensor,
+    /// Partitions several sequences share, each read once for all of them.
+    pub shared: Option<&'a SharedDecode>,
 }
+
+/// A [`SharedParts`] plan on the device.
+#[derive(Debug)]
+pub struct SharedDecode {
+    items: Tensor,
+    skip: Tensor,
+    count: usize,
+    group: usize,
+    seqs: usize,
+    stages: usize,
+}
+
+impl SharedDecode {
+    /// Uploads a plan.
+    pub fn new(plan: &SharedParts, dev: &Device) -> Result<Self> {
+        let n = plan.items.len();
+        Ok(Self {
+            items: Tensor::from_vec(plan.items.clone(), n, dev)?,
+            skip: Tensor::from_vec(plan.skip.clone(), plan.skip.len(), dev)?,
+            count: plan.count(),
+            group: plan.group,
+            seqs: plan.skip.len(),
+            stages: SHARED_STAGES,
+        })
+    }
+
+    /// The cp.async stages of the shared launch (its warps are the
+    /// per-sequence build's, which sets the order of the sums; the stages
+    /// do not touch the arithmetic): 2, 3 or 4 (for benchmarks).
+    pub fn with_stages(mut self, stages: usize) -> Self {
+        self.stages = stages;
+        self
+    }
+}
+
+/// The shared launch's stages: a shared partition is a whole 512 keys
+/// and few blocks run, so deeper pipelining hides more of each tile's
+/// latency.
+pub const SHARED_STAGES: usize = 2;
 
 /// Decode attention for the B sequences of `ctx_lens` [B], reading each
 /// one's query from, and writing its output to, its row of `io`.
@@ -176,6 +223,16 @@ pub fn paged_decode_into(
     let po = empty::<f32>(&dev, n * s.head_dim)?;
     let pml = empty::<f32>(&dev, n * 2)?;
     let prows = io.rows.map(ptr::<u32>).transpose()?.unwrap_or(0);
+    if let Some(sh) = io.shared.filter(|sh| sh.group != g || sh.seqs != b) {
+        return Err(Error::Model(format!(
+            "paged_decode: a shared-partition plan for {} sequences of {} heads per kv head, given {b} of {g}",
+            sh.seqs, sh.group
+        )));
+    }
+    let (items, skip) = match io.shared {
+        Some(sh) => (ptr::<u32>(&sh.items)?, ptr::<u32>(&sh.skip)?),
+        None => (0, 0),
+    };
     let p = [
         ptr::<f16>(io.q)?,
         ptr::<f16>(kc)?,
@@ -186,6 +243,8 @@ pub fn paged_decode_into(
         ptr::<f32>(&po)?,
         ptr::<f32>(&pml)?,
         ptr::<f16>(io.out)?,
+        0,
+        skip,
     ];
     let ints = [
         s.heads as i32,
@@ -196,21 +255,37 @@ pub fn paged_decode_into(
     ];
     let scale = 1.0f32 / (s.head_dim as f32).sqrt();
     let pi = parts as i32;
-    // The stages of a K and a V tile of 16 keys per warp (rows padded by 8
-    // halves; the warps' final combine reuses them), then the partition's
-    // block-table entries.
-    let tile = 16 * v.warps;
-    let table = 4 * (DECODE_PART.div_ceil(s.block_size) + 2);
     let cfg = LaunchConfig {
         grid_dim: (s.kv_heads as u32, b as u32, parts as u32),
         block_dim: (32 * v.warps as u32, 1, 1),
-        shared_mem_bytes: (v.stages * 2 * tile * (s.head_dim + 8) * 2 + table) as u32,
+        shared_mem_bytes: decode_smem(v, s),
     };
     let name = format!("paged_decode_d{}_w{}s{}", s.head_dim, v.warps, v.stages);
     let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
     args.extend(ints.iter().map(|&x| Arg::I(x)));
     args.extend([Arg::F(scale), Arg::I(pi)]);
     launch(&dev, &ATTENTION, &name, cfg, &args)?;
+    if let Some(sh) = io.shared {
+        // The shared partitions: one block per (kv head, item), the same
+        // warps (so the same sums), writing the same partials (or rows of
+        // `out`).
+        let sv = DecodeVariant {
+            warps: v.warps,
+            stages: sh.stages,
+        };
+        if !DecodeVariant::ALL.contains(&sv) {
+            return Err(Error::Model(format!("paged_decode: no build {sv:?}")));
+        }
+        args[9] = Arg::P(items);
+        args[10] = Arg::P(0);
+        let cfg = LaunchConfig {
+            grid_dim: (s.kv_heads as u32, sh.count as u32, 1),
+            block_dim: cfg.block_dim,
+            shared_mem_bytes: decode_smem(sv, s),
+        };
+        let name = format!("paged_decode_d{}_w{}s{}", s.head_dim, sv.warps, sv.stages);
+        launch(&dev, &ATTENTION, &name, cfg, &args)?;
+    }
     if parts == 1 {
         return Ok(());
     }
@@ -229,6 +304,15 @@ pub fn paged_decode_into(
         cfg,
         &[P(ppo), P(ppml), P(prows), P(pout), I(nh), I(d), I(pi)],
     )
+}
+
+/// Shared memory of a decode build: the stages of a K and a V tile of 16
+/// keys per warp (rows padded by 8 halves; the warps' final combine reuses
+/// them), then the partition's block-table entries.
+fn decode_smem(v: DecodeVariant, s: &DecodeShape) -> u32 {
+    let tile = 16 * v.warps;
+    let table = 4 * (DECODE_PART.div_ceil(s.block_size) + 2);
+    (v.stages * 2 * tile * (s.head_dim + 8) * 2 + table) as u32
 }
 
 /// One prefill chunk for [`flash_prefill`]: rows `row0..row0 + n` of q and

@@ -15,8 +15,8 @@ pub use device::{
 };
 pub use kernels_attention::{
     flash_prefill, kv_write, paged_decode, paged_decode_into, paged_decode_with, prefill_tiles,
-    DecodeIo, DecodeShape, DecodeVariant, PrefillChunk, PrefillShape, DECODE_PART, PREFILL_GROUPS,
-    PREFILL_ROWS,
+    DecodeIo, DecodeShape, DecodeVariant, PrefillChunk, PrefillShape, SharedDecode, DECODE_PART,
+    PREFILL_GROUPS, PREFILL_ROWS,
 };
 
 pub use gptq::{GptqGpu, STAGE_MAX_M};

@@ -170,6 +170,7 @@ fn paged_decode_of_a_sequence_does_not_depend_on_its_batch() {
         q: &q,
         rows: Some(&rows),
         out: &out,
+        shared: None,
     };
     cuda::paged_decode_into(io, &kc, &vc, &tables, &lens, &shape, Default::default()).unwrap();
     let got = host(&out);
@@ -189,6 +190,102 @@ fn paged_decode_of_a_sequence_does_not_depend_on_its_batch() {
             assert!(
                 got == &alone[i],
                 "sequence of {} keys in batch {seqs:?} differs from its run alone",
+                ctx[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn paged_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_plan() {
+    // Sequences whose block tables start with the same blocks (as the
+    // prefix cache hands them out): their full partitions there are read
+    // once per item of up to 16 / G sequences, and every output must equal
+    // the unshared kernel's bit for bit. Contexts: over the shared 1,024
+    // keys and beyond, exactly them, part of them (only partition 0 is
+    // full), and a sequence of its own; then a batch of one partition
+    // (P = 1, written directly).
+    let dev = gpu();
+    let mut rng = Lcg(17);
+    let (d, bs) = (128usize, 16usize);
+    let shared_blocks = 1024 / bs;
+    for (nh, nkv, ctx) in [
+        (
+            32usize,
+            8usize,
+            vec![1100usize, 1024, 1500, 600, 2000, 300, 1030],
+        ),
+        (32, 4, vec![1100, 1024, 2000, 700, 1200]),
+        (8, 8, vec![512, 512, 300, 512]),
+    ] {
+        let row = nkv * d;
+        let own: Vec<usize> = ctx.iter().map(|&c| c.div_ceil(bs)).collect();
+        let total = shared_blocks + own.iter().sum::<usize>();
+        let kc =
+            Tensor::from_vec(rng.f16s(total * bs * row, 1.0), (total * bs, row), &dev).unwrap();
+        let vc =
+            Tensor::from_vec(rng.f16s(total * bs * row, 1.0), (total * bs, row), &dev).unwrap();
+        let maxb = *own.iter().max().unwrap();
+        let mut tables = vec![0u32; ctx.len() * maxb];
+        let mut next = shared_blocks as u32;
+        for (i, &n) in own.iter().enumerate() {
+            // The last sequence but one (where there are three) has its own
+            // blocks from the start.
+            let alone = ctx.len() > 2 && i == ctx.len() - 2;
+            for j in 0..n {
+                tables[i * maxb + j] = if j < shared_blocks && !alone {
+                    j as u32
+                } else {
+                    next += 1;
+                    next - 1
+                };
+            }
+        }
+        let ids: Vec<Vec<runner::kv::BlockId>> = (0..ctx.len())
+            .map(|i| {
+                tables[i * maxb..i * maxb + own[i]]
+                    .iter()
+                    .map(|&b| runner::kv::BlockId(b))
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[runner::kv::BlockId]> = ids.iter().map(|t| t.as_slice()).collect();
+        let lens: Vec<u32> = ctx.iter().map(|&c| c as u32).collect();
+        let plan =
+            runner::backend::decode_plan::plan(&refs, &lens, bs, cuda::DECODE_PART, nh / nkv)
+                .expect("shared partitions");
+        assert!(plan.skip.iter().any(|&s| s == 0) && plan.skip.iter().any(|&s| s > 0));
+        let shared = cuda::SharedDecode::new(&plan, &dev).unwrap();
+        let tables = Tensor::from_vec(tables, (ctx.len(), maxb), &dev).unwrap();
+        let lens = Tensor::from_vec(lens, ctx.len(), &dev).unwrap();
+        let q =
+            Tensor::from_vec(rng.f16s(ctx.len() * nh * d, 2.0), (ctx.len(), nh * d), &dev).unwrap();
+        let shape = DecodeShape {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+            block_size: bs,
+            window: 0,
+            max_keys: *ctx.iter().max().unwrap(),
+        };
+        let run = |sh: Option<&cuda::SharedDecode>| {
+            let out = Tensor::zeros((ctx.len(), nh * d), DType::F16, &dev).unwrap();
+            let io = cuda::DecodeIo {
+                q: &q,
+                rows: None,
+                out: &out,
+                shared: sh,
+            };
+            cuda::paged_decode_into(io, &kc, &vc, &tables, &lens, &shape, Default::default())
+                .unwrap();
+            host(&out)
+        };
+        let (plain, with) = (run(None), run(Some(&shared)));
+        assert!(plain.iter().all(|v| v.is_finite()) && plain.iter().any(|&v| v != 0.0));
+        for (i, (a, b)) in plain.chunks(nh * d).zip(with.chunks(nh * d)).enumerate() {
+            assert!(
+                a == b,
+                "nh {nh} nkv {nkv}: sequence {i} of {} keys differs with the plan",
                 ctx[i]
             );
         }
