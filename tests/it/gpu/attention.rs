@@ -255,7 +255,6 @@ fn paged_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_
             runner::backend::decode_plan::plan(&refs, &lens, bs, cuda::DECODE_PART, nh / nkv)
                 .expect("shared partitions");
         assert!(plan.skip.iter().any(|&s| s == 0) && plan.skip.iter().any(|&s| s > 0));
-        let shared = cuda::SharedDecode::new(&plan, &dev).unwrap();
         let tables = Tensor::from_vec(tables, (ctx.len(), maxb), &dev).unwrap();
         let lens = Tensor::from_vec(lens, ctx.len(), &dev).unwrap();
         let q =
@@ -280,14 +279,22 @@ fn paged_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_
                 .unwrap();
             host(&out)
         };
-        let (plain, with) = (run(None), run(Some(&shared)));
+        let plain = run(None);
         assert!(plain.iter().all(|v| v.is_finite()) && plain.iter().any(|&v| v != 0.0));
-        for (i, (a, b)) in plain.chunks(nh * d).zip(with.chunks(nh * d)).enumerate() {
-            assert!(
-                a == b,
-                "nh {nh} nkv {nkv}: sequence {i} of {} keys differs with the plan",
-                ctx[i]
-            );
+        // Every stage count of the shared launch (pipelining only).
+        for stages in [2, 3, 4] {
+            let with = run(Some(
+                &cuda::SharedDecode::new(&plan, &dev)
+                    .unwrap()
+                    .with_stages(stages),
+            ));
+            for (i, (a, b)) in plain.chunks(nh * d).zip(with.chunks(nh * d)).enumerate() {
+                assert!(
+                    a == b,
+                    "nh {nh} nkv {nkv} stages {stages}: sequence {i} of {} keys differs with the plan",
+                    ctx[i]
+                );
+            }
         }
     }
 }
