@@ -126,7 +126,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[NJ][4], float* mx, flo
 #define PART 512
 #define ITEM_INTS 18
 
-template <int D, int NW, int ST>
+template <int D, int NW, int ST, bool SH>
 __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__ kc,
                             const half* __restrict__ vc, const int* __restrict__ tables,
                             const int* __restrict__ ctx_lens, const unsigned* __restrict__ rows,
@@ -142,19 +142,22 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   constexpr int NT = 32 * NW;  // threads
   extern __shared__ __align__(16) half smem[];  // [ST][K, V][KT][RS], then the table
   const int kvh = blockIdx.x;
-  const int* item = items != nullptr ? items + (size_t)blockIdx.y * ITEM_INTS : nullptr;
-  const int b = item != nullptr ? item[2] : blockIdx.y;  // its table and context serve all
-  const int p = item != nullptr ? item[0] : blockIdx.z;
-  if (item == nullptr && skip != nullptr && p < (int)skip[b]) return;  // a shared item's
+  const int* item = SH ? items + (size_t)blockIdx.y * ITEM_INTS : nullptr;
+  const int b = SH ? item[2] : blockIdx.y;  // its table and context serve all
+  const int p = SH ? item[0] : blockIdx.z;
+  // Partitions p < skip[b] are shared items' (checked once the loads
+  // below are in flight).
+  const int sk = !SH && skip != nullptr ? (int)skip[b] : 0;
   const int G = nh / nkv;
-  const int R = item != nullptr ? item[1] * G : G;  // live rows of the tile
-  // Row r: head kvh * G + r % G of sequence seq(r), at q/out row qrow(r).
-  auto seq = [&](int r) { return item != nullptr ? item[2 + r / G] : b; };
+  const int R = SH ? item[1] * G : G;  // live rows of the tile
+  // Row r of a shared item: head kvh * G + r % G of sequence item[2 + r /
+  // G], whose (sequence, head) partial is phead(r) and q/out row head(r).
+  // (Without an item: head0 + r and qhead0 + r, hoisted below.)
+  auto phead = [&](int r) { return (size_t)item[2 + r / G] * nh + kvh * G + r % G; };
   auto head = [&](int r) {
-    const int s = seq(r);
+    const int s = item[2 + r / G];
     return (size_t)(rows != nullptr ? rows[s] : s) * nh + kvh * G + r % G;
   };
-  auto phead = [&](int r) { return (size_t)seq(r) * nh + kvh * G + r % G; };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   // The block-table entries of a partition that starts at p * PART (no
@@ -165,13 +168,14 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   const int ctx = ctx_lens[b];
   for (int i = threadIdx.x; i < PART / block_size + 2 && s0 + i < max_blocks; i += NT)
     tab[i] = tables[(size_t)b * max_blocks + s0 + i];
+  if (p < sk) return;
   const int pos = ctx - 1;
   const int lo = window > 0 ? max(0, pos - window + 1) : 0;
   const int kstart = lo + p * PART;
   const int kend = min(pos + 1, kstart + PART);
   const size_t head0 = (size_t)b * nh + kvh * G;  // this group's first (b, head) partial
   const size_t qhead0 = (size_t)(rows != nullptr ? rows[b] : b) * nh + kvh * G;  // in q / out
-  if (kstart >= kend) {  // (never a shared item: its partition is full)
+  if (!SH && kstart >= kend) {  // (a shared item's partition is full)
     for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
       const size_t bh = head0 + i / D;
       if (P == 1) {
@@ -220,8 +224,8 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   uint32_t qa[KS][4];
   {
     const bool va = g < R, vb = g + 8 < R;
-    const half* qra = q + (va ? head(g) : 0) * D;
-    const half* qrb = q + (vb ? head(g + 8) : 0) * D;
+    const half* qra = q + (!va ? 0 : SH ? head(g) : qhead0 + g) * D;
+    const half* qrb = q + (!vb ? 0 : SH ? head(g + 8) : qhead0 + g + 8) * D;
 #pragma unroll
     for (int s = 0; s < KS; s++) {
       const int c0 = s * 16 + 2 * t;
@@ -320,9 +324,9 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
       l += red_l[w * R + r] * c;
       acc += red_o[(w * R + r) * D + d] * c;
     }
-    const size_t bh = phead(r);
+    const size_t bh = SH ? phead(r) : head0 + r;
     if (P == 1) {
-      out[head(r) * D + d] = __float2half(l > 0.f ? acc / l : 0.f);
+      out[(SH ? head(r) : qhead0 + r) * D + d] = __float2half(l > 0.f ? acc / l : 0.f);
     } else {
       part_o[(bh * P + p) * D + d] = acc;
       if (d == 0) {
@@ -333,15 +337,21 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   }
 }
 
-#define DECODE(D, NW, ST)                                                                       \
-  extern "C" __global__ void __launch_bounds__(32 * NW) paged_decode_d##D##_w##NW##s##ST(      \
-      const half* q, const half* kc, const half* vc, const int* tables, const int* ctx_lens,    \
-      const unsigned* rows, float* part_o, float* part_ml, half* out, const int* items,         \
-      const unsigned* skip, int nh, int nkv, int max_blocks, int block_size, int window,        \
-      float scale, int P) {                                                                     \
-    decode_impl<D, NW, ST>(q, kc, vc, tables, ctx_lens, rows, part_o, part_ml, out, items,     \
-                           skip, nh, nkv, max_blocks, block_size, window, scale, P);            \
+// Two entries per build: the per-sequence launch (`items` unused) and the
+// shared items' (`skip` unused); the same source, so the same arithmetic
+// per row (the GPU test checks it bit for bit).
+#define DECODE_ENTRY(NAME, D, NW, ST, SH)                                                      \
+  extern "C" __global__ void __launch_bounds__(32 * NW) NAME(                                  \
+      const half* q, const half* kc, const half* vc, const int* tables, const int* ctx_lens,   \
+      const unsigned* rows, float* part_o, float* part_ml, half* out, const int* items,        \
+      const unsigned* skip, int nh, int nkv, int max_blocks, int block_size, int window,       \
+      float scale, int P) {                                                                    \
+    decode_impl<D, NW, ST, SH>(q, kc, vc, tables, ctx_lens, rows, part_o, part_ml, out, items, \
+                               skip, nh, nkv, max_blocks, block_size, window, scale, P);       \
   }
+#define DECODE(D, NW, ST)                                                  \
+  DECODE_ENTRY(paged_decode_d##D##_w##NW##s##ST, D, NW, ST, false)         \
+  DECODE_ENTRY(paged_decode_shared_d##D##_w##NW##s##ST, D, NW, ST, true)
 #define DECODE_VARIANTS(D) \
   DECODE(D, 2, 2)          \
   DECODE(D, 4, 2)          \

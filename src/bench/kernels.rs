@@ -376,7 +376,7 @@ pub fn shared_decode_table(
         let ctxs = Tensor::from_vec(ctx, b, dev)?;
         let shape = mistral_decode(shared + own);
         let out = Tensor::zeros((b, nh * d), DType::F16, dev)?;
-        let mut run = |sh: Option<&cuda::SharedDecode>| {
+        let run = |sh: Option<&cuda::SharedDecode>| {
             time(dev, 20, || {
                 let io = cuda::DecodeIo {
                     q: &q,

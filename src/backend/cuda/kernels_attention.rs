@@ -283,7 +283,10 @@ pub fn paged_decode_into(
             block_dim: cfg.block_dim,
             shared_mem_bytes: decode_smem(sv, s),
         };
-        let name = format!("paged_decode_d{}_w{}s{}", s.head_dim, sv.warps, sv.stages);
+        let name = format!(
+            "paged_decode_shared_d{}_w{}s{}",
+            s.head_dim, sv.warps, sv.stages
+        );
         launch(&dev, &ATTENTION, &name, cfg, &args)?;
     }
     if parts == 1 {
