@@ -35,6 +35,18 @@ pub struct SchedulerConfig {
     pub prefix_caching: bool,
 }
 
+/// Whether a sequence `o` that has committed `committed` tokens will still
+/// commit a whole block that another sequence `s` could reuse: the common
+/// prefix of their first `limit` tokens reaches past o's next block
+/// boundary. Only the tokens up to that boundary are compared (one memcmp;
+/// none once `o` has committed every block the limit allows), so admission
+/// costs little when many running sequences share a long prompt prefix.
+fn reuse_pending(o: &[u32], s: &[u32], committed: usize, limit: usize, bs: usize) -> bool {
+    // common / bs * bs > committed  <=>  common >= need.
+    let need = (committed / bs + 1) * bs;
+    need <= limit && o[..need] == s[..need]
+}
+
 #[cfg(test)]
 impl SchedulerConfig {
     /// Blocks of 4 tokens with prefix caching: the unit tests' cache.
@@ -387,15 +399,14 @@ impl Scheduler {
             if o.first_block != Some(h) {
                 return false;
             }
-            // Whole blocks `id` could reuse from `o` once `o` commits them.
-            let bs = self.cfg.block_size;
             let limit = o.prompt_len.min(s.prompt_len).saturating_sub(1);
-            let common = o.tokens[..limit]
-                .iter()
-                .zip(&s.tokens[..limit])
-                .take_while(|(a, b)| a == b)
-                .count();
-            o.committed < common / bs * bs
+            reuse_pending(
+                &o.tokens,
+                &s.tokens,
+                o.committed,
+                limit,
+                self.cfg.block_size,
+            )
         })
     }
 
@@ -487,6 +498,41 @@ mod tests {
             tight.stats().preemptions > 0,
             "the tight cache must preempt"
         );
+    }
+
+    #[test]
+    fn reuse_pending_is_the_common_prefix_past_the_committed_blocks() {
+        // Against the definition: whole blocks of the common prefix (within
+        // the limit) beyond what `o` has committed.
+        let mut x = 7u64;
+        let mut next = move || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) as usize
+        };
+        for _ in 0..2000 {
+            let bs = 1 + next() % 8;
+            let n = 1 + next() % 60;
+            let o: Vec<u32> = (0..n).map(|_| (next() % 2) as u32).collect();
+            let mut s = o.clone();
+            let cut = next() % (n + 1);
+            for t in &mut s[cut..] {
+                *t = 2 + (next() % 2) as u32;
+            }
+            let limit = next() % (n + 1);
+            let committed = next() % (n + 1);
+            let common = o[..limit]
+                .iter()
+                .zip(&s[..limit])
+                .take_while(|(a, b)| a == b)
+                .count();
+            assert_eq!(
+                reuse_pending(&o, &s, committed, limit, bs),
+                committed < common / bs * bs,
+                "bs {bs} limit {limit} committed {committed} cut {cut}"
+            );
+        }
     }
 
     #[test]
