@@ -4,7 +4,9 @@
 # same card and clocks. Usage (on the device, from the repo root):
 #   benches/ab.sh A_BIN B_BIN TOKENIZER_DIR W1@512,W3@160
 # JSON per run lands in $OUT as <label>-<workload>-<seqs>.json (label a|b;
-# a repeated workload adds -2, -3 ...).
+# a repeated workload adds -2, -3 ...). A_ARGS / B_ARGS: extra arguments of
+# each side (e.g. B_ARGS="--set engine.kv_cache_dtype=fp8" with A = B: one
+# binary, two settings).
 set -uo pipefail
 A=$1 B=$2 TOK=$3 STEPS=$4
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -12,10 +14,11 @@ for s in ${STEPS//,/ }; do
   w=${s%%@*}; seqs=${s#*@}; [[ $seqs == "$s" ]] && seqs=256
   for pair in "a:$A" "b:$B"; do
     label=${pair%%:*}; bin=${pair#*:}
+    extra=${A_ARGS:-}; [[ $label == b ]] && extra=${B_ARGS:-}
     echo "== $label $w@$seqs $(date +%T)"
     json="$OUT/$label-$w-$seqs.json"; n=2
     while [[ -e $json ]]; do json="$OUT/$label-$w-$seqs-$n.json"; n=$((n + 1)); done  # a repeat keeps the earlier run
     timeout ${WTIME:-300} "$bin" bench jobs/bench.toml --workload "$w" --tokenizer "$TOK" \
-      --set engine.max_num_seqs="$seqs" --json "$json" 2>&1 | grep -v " INFO " | tail -3
+      --set engine.max_num_seqs="$seqs" $extra --json "$json" 2>&1 | grep -v " INFO " | tail -3
   done
 done

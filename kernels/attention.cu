@@ -4,7 +4,16 @@
 // kv_heads * D]; a sequence's position p lives in row
 // block_table[p / block_size] * block_size + p % block_size.
 // Sliding window: query at position i sees keys i - W < j <= i (W = 0: all).
+//
+// FP8 cache (engine.kv_cache_dtype = "fp8"): K and V rows of E4M3 codes (a
+// byte per value, same row layout) and f32 scales [slots, kv_heads], one
+// per token and KV head: the value is f16(decode(code) * scale), the CPU
+// cache's arithmetic (src/quant/fp8.rs) rounded to the f16 the kernels
+// multiply. The attention kernels' *_f8 builds stream the codes and scales
+// through shared memory and widen each tile there before the same
+// tensor-core arithmetic as the f16 builds.
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <float.h>
 #include <stdint.h>
 
@@ -23,6 +32,70 @@ extern "C" __global__ void kv_write(const half* __restrict__ k, const half* __re
   size_t dst = (size_t)slots[r] * row + c * 8;
   *reinterpret_cast<int4*>(kc + dst) = *reinterpret_cast<const int4*>(k + (size_t)r * ks + c * 8);
   *reinterpret_cast<int4*>(vc + dst) = *reinterpret_cast<const int4*>(v + (size_t)r * vs + c * 8);
+}
+
+// The FP8 cache write: one warp per (token, kv head, K or V) row of D
+// values (k and v rows ks and vs halves apart): scale = max(amax / 448,
+// FLT_MIN) over the row's finite values (1 for a row of zeros), codes =
+// e4m3(x / scale), nearest-even and saturating -- quant::fp8::quantize_row
+// on the same values, bit for bit.
+extern "C" __global__ void kv_write_fp8(const half* __restrict__ k, const half* __restrict__ v,
+                                        uint8_t* __restrict__ kc, uint8_t* __restrict__ vc,
+                                        float* __restrict__ ksc, float* __restrict__ vsc,
+                                        const unsigned* __restrict__ slots, int n, int nk, int D,
+                                        int ks, int vs) {
+  const size_t w = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (w >= (size_t)n * nk * 2) return;  // (whole warps: blockDim is a multiple of 32)
+  const bool isv = w & 1;
+  const size_t r = (w >> 1) / nk;
+  const int h = (int)((w >> 1) % nk);
+  const half* src = (isv ? v + r * vs : k + r * ks) + (size_t)h * D;
+  float amax = 0.f;
+  for (int i = lane; i < D; i += 32) {
+    const float x = __half2float(src[i]);
+    if (isfinite(x)) amax = fmaxf(amax, fabsf(x));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float sc = amax > 0.f ? fmaxf(amax / 448.f, FLT_MIN) : 1.f;
+  const size_t slot = slots[r];
+  uint8_t* dst = (isv ? vc : kc) + (slot * nk + h) * D;
+  for (int i = lane; i < D; i += 32)
+    dst[i] = __nv_cvt_float_to_fp8(__half2float(src[i]) / sc, __NV_SATFINITE, __NV_E4M3);
+  if (lane == 0) (isv ? vsc : ksc)[slot * nk + h] = sc;
+}
+
+// Copies n rows of `words` 32-bit words of src (dense) to rows to[r] of
+// dst: the FP8 cache's block copies (codes and scales).
+extern "C" __global__ void scatter_rows_b32(const unsigned* __restrict__ src,
+                                            unsigned* __restrict__ dst,
+                                            const unsigned* __restrict__ to, int n, int words) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (size_t)n * words) return;
+  const size_t r = i / words, c = i % words;
+  dst[(size_t)to[r] * words + c] = src[i];
+}
+
+// 16 E4M3 codes at src (16-byte aligned) times the row's scale, as 16
+// halves at dst (16-byte aligned): f16(decode(code) * scale). Every E4M3
+// value is exact in f16, so the widening is exact and the one rounding is
+// the product's.
+__device__ __forceinline__ void dequant16(const uint8_t* src, float sc, half* dst) {
+  const uint4 w = *reinterpret_cast<const uint4*>(src);
+  const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+  uint32_t h[8];
+#pragma unroll
+  for (int i = 0; i < 8; i++) {
+    // Codes 2i (low byte) and 2i + 1: the half2's .x and .y.
+    const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(
+        (__nv_fp8x2_storage_t)((ws[i >> 1] >> (16 * (i & 1))) & 0xffffu), __NV_E4M3);
+    const float2 f = __half22float2(*reinterpret_cast<const half2*>(&raw));
+    const half2 o = __floats2half2_rn(f.x * sc, f.y * sc);
+    h[i] = *reinterpret_cast<const uint32_t*>(&o);
+  }
+  *reinterpret_cast<uint4*>(dst) = make_uint4(h[0], h[1], h[2], h[3]);
+  *reinterpret_cast<uint4*>(dst + 8) = make_uint4(h[4], h[5], h[6], h[7]);
 }
 
 __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
@@ -123,12 +196,28 @@ __device__ __forceinline__ void online_softmax(float (&s)[NJ][4], float* mx, flo
 // instruction sequence over the same keys as in its own block (the rows of
 // an mma are independent), so its partials are bit-identical to the
 // unshared kernel's. The unshared launch then skips partitions p < skip[b].
+//
+// F8 (an FP8 cache; ksc/vsc its scales): the stages hold a tile's codes and
+// scales; each warp widens its own 16 keys of K and V into a warp-private
+// f16 tile, then runs the same arithmetic on it.
 #define PART 512
 #define ITEM_INTS 18
 
-template <int D, int NW, int ST, bool SH>
-__device__ void decode_impl(const half* __restrict__ q, const half* __restrict__ kc,
-                            const half* __restrict__ vc, const int* __restrict__ tables,
+template <int D, int NW, int ST, bool F8>
+struct DecodeSmem {
+  static constexpr int RS = D + 8;
+  static constexpr int KT = 16 * NW;
+  static constexpr int CODES = ST * 2 * KT * D;   // bytes: [ST][K, V][KT][D]
+  static constexpr int SCALES = ST * 2 * KT * 4;  // bytes: [ST][K, V][KT] f32
+  static constexpr int TILES = NW * 2 * 16 * RS * 2;  // bytes: [NW][K, V][16][RS] halves
+  // Bytes before the block table.
+  static constexpr int BYTES = F8 ? CODES + SCALES + TILES : ST * 2 * KT * RS * 2;
+};
+
+template <int D, int NW, int ST, bool SH, bool F8>
+__device__ void decode_impl(const half* __restrict__ q, const void* __restrict__ kcv,
+                            const void* __restrict__ vcv, const float* __restrict__ ksc,
+                            const float* __restrict__ vsc, const int* __restrict__ tables,
                             const int* __restrict__ ctx_lens, const unsigned* __restrict__ rows,
                             float* __restrict__ part_o, float* __restrict__ part_ml,
                             half* __restrict__ out, const int* __restrict__ items,
@@ -140,7 +229,17 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   constexpr int VPR = D / 8;  // int4 per row
   constexpr int KT = 16 * NW;  // keys per tile
   constexpr int NT = 32 * NW;  // threads
-  extern __shared__ __align__(16) half smem[];  // [ST][K, V][KT][RS], then the table
+  using SM = DecodeSmem<D, NW, ST, F8>;
+  // f16: [ST][K, V][KT][RS]; F8: codes, scales, warp tiles (DecodeSmem);
+  // then the table.
+  extern __shared__ __align__(16) half smem[];
+  uint8_t* const codes = reinterpret_cast<uint8_t*>(smem);
+  float* const scl = reinterpret_cast<float*>(codes + SM::CODES);
+  half* const wtile = reinterpret_cast<half*>(codes + SM::CODES + SM::SCALES);
+  const half* const kc = static_cast<const half*>(kcv);
+  const half* const vc = static_cast<const half*>(vcv);
+  const uint8_t* const k8 = static_cast<const uint8_t*>(kcv);
+  const uint8_t* const v8 = static_cast<const uint8_t*>(vcv);
   const int kvh = blockIdx.x;
   const int* item = SH ? items + (size_t)blockIdx.y * ITEM_INTS : nullptr;
   const int b = SH ? item[2] : blockIdx.y;  // its table and context serve all
@@ -163,7 +262,7 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   // The block-table entries of a partition that starts at p * PART (no
   // window, or a context within it: the common case) load while
   // ctx_lens[b] is in flight; a window that cuts the context reloads them.
-  int* tab = reinterpret_cast<int*>(smem + ST * 2 * KT * RS);
+  int* tab = reinterpret_cast<int*>(codes + SM::BYTES);
   const int s0 = p * PART / block_size;
   const int ctx = ctx_lens[b];
   for (int i = threadIdx.x; i < PART / block_size + 2 && s0 + i < max_blocks; i += NT)
@@ -199,6 +298,30 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
   }
   __syncthreads();
   auto load = [&](int k0, int st) {
+    if (F8) {
+      constexpr int C = D / 16;  // 16-code vectors per row
+      uint8_t* kb = codes + st * 2 * KT * D;
+      uint8_t* vb = kb + KT * D;
+      for (int i = threadIdx.x; i < KT * C; i += NT) {
+        const int r = i / C, c = (i % C) * 16;
+        const int kp = k0 + r;
+        const bool ok = kp < kend;
+        const size_t slot = ok ? (size_t)tab[kp / block_size - b0] * block_size + kp % block_size : 0;
+        const size_t off = slot * row + (size_t)kvh * D + c;
+        cp_async16(kb + r * D + c, k8 + off, ok);
+        cp_async16(vb + r * D + c, v8 + off, ok);
+      }
+      if (threadIdx.x < KT) {  // KT < NT: a row's two scales per thread
+        const int kp = k0 + threadIdx.x;
+        const bool ok = kp < kend;
+        const size_t slot = ok ? (size_t)tab[kp / block_size - b0] * block_size + kp % block_size : 0;
+        const size_t so = slot * nkv + kvh;
+        float* sb = scl + st * 2 * KT + threadIdx.x;
+        cp_async4(sb, ksc + so, ok);
+        cp_async4(sb + KT, vsc + so, ok);
+      }
+      return;
+    }
     half* ks = smem + st * 2 * KT * RS;
     half* vs = ks + KT * RS;
 #pragma unroll
@@ -252,6 +375,21 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
     __syncthreads();
     const half* ks = smem + (it % ST) * 2 * KT * RS + warp * 16 * RS;
     const half* vs = ks + KT * RS;
+    if (F8) {  // widen this warp's 16 keys of K and V into its own tile
+      constexpr int C = D / 16;
+      const uint8_t* kb = codes + (it % ST) * 2 * KT * D + warp * 16 * D;
+      const float* sb = scl + (it % ST) * 2 * KT + warp * 16;
+      half* kt = wtile + warp * 2 * 16 * RS;
+      __syncwarp();  // the warp's reads of its previous tile are done
+      for (int i = lane; i < 16 * C; i += 32) {
+        const int r = i / C, c = (i % C) * 16;
+        dequant16(kb + r * D + c, sb[r], kt + r * RS + c);
+        dequant16(kb + KT * D + r * D + c, sb[KT + r], kt + 16 * RS + r * RS + c);
+      }
+      __syncwarp();
+      ks = kt;
+      vs = kt + 16 * RS;
+    }
     // S = Q K^T over this warp's 16 keys: 2 n-tiles of 8.
     float s[2][4];
 #pragma unroll
@@ -339,19 +477,25 @@ __device__ void decode_impl(const half* __restrict__ q, const half* __restrict__
 
 // Two entries per build: the per-sequence launch (`items` unused) and the
 // shared items' (`skip` unused); the same source, so the same arithmetic
-// per row (the GPU test checks it bit for bit).
-#define DECODE_ENTRY(NAME, D, NW, ST, SH)                                                      \
-  extern "C" __global__ void __launch_bounds__(32 * NW) NAME(                                  \
-      const half* q, const half* kc, const half* vc, const int* tables, const int* ctx_lens,   \
-      const unsigned* rows, float* part_o, float* part_ml, half* out, const int* items,        \
-      const unsigned* skip, int nh, int nkv, int max_blocks, int block_size, int window,       \
-      float scale, int P) {                                                                    \
-    decode_impl<D, NW, ST, SH>(q, kc, vc, tables, ctx_lens, rows, part_o, part_ml, out, items, \
-                               skip, nh, nkv, max_blocks, block_size, window, scale, P);       \
+// per row (the GPU test checks it bit for bit). ksc/vsc: the FP8 builds'
+// scales (unused by the f16 builds).
+#define DECODE_ENTRY(NAME, D, NW, ST, SH, F8)                                                   \
+  extern "C" __global__ void __launch_bounds__(32 * NW) NAME(                                   \
+      const half* q, const void* kc, const void* vc, const float* ksc, const float* vsc,        \
+      const int* tables, const int* ctx_lens, const unsigned* rows, float* part_o,              \
+      float* part_ml, half* out, const int* items, const unsigned* skip, int nh, int nkv,       \
+      int max_blocks, int block_size, int window, float scale, int P) {                         \
+    decode_impl<D, NW, ST, SH, F8>(q, kc, vc, ksc, vsc, tables, ctx_lens, rows, part_o, part_ml, \
+                                   out, items, skip, nh, nkv, max_blocks, block_size, window,   \
+                                   scale, P);                                                   \
   }
 #define DECODE(D, NW, ST)                                                  \
-  DECODE_ENTRY(paged_decode_d##D##_w##NW##s##ST, D, NW, ST, false)         \
-  DECODE_ENTRY(paged_decode_shared_d##D##_w##NW##s##ST, D, NW, ST, true)
+  DECODE_ENTRY(paged_decode_d##D##_w##NW##s##ST, D, NW, ST, false, false)  \
+  DECODE_ENTRY(paged_decode_shared_d##D##_w##NW##s##ST, D, NW, ST, true, false)
+// The FP8 cache's builds: the engine's (2 warps, 2 stages) only.
+#define DECODE_F8(D)                                                       \
+  DECODE_ENTRY(paged_decode_f8_d##D##_w2s2, D, 2, 2, false, true)          \
+  DECODE_ENTRY(paged_decode_shared_f8_d##D##_w2s2, D, 2, 2, true, true)
 #define DECODE_VARIANTS(D) \
   DECODE(D, 2, 2)          \
   DECODE(D, 4, 2)          \
@@ -362,6 +506,10 @@ DECODE_VARIANTS(16)
 DECODE_VARIANTS(32)
 DECODE_VARIANTS(64)
 DECODE_VARIANTS(128)
+DECODE_F8(16)
+DECODE_F8(32)
+DECODE_F8(64)
+DECODE_F8(128)
 
 // Combines the partitions: grid (B * nh), block D threads (D <= 1024);
 // sequence b's output goes to row rows[b] of out (rows null: row b).
@@ -410,6 +558,10 @@ extern "C" __global__ void paged_decode_combine(const float* __restrict__ part_o
 // tiles[i] = (first row of the tile in q/out, tokens (<= MT), position of
 // the first token, offset of the chunk's slot list in `keys`); keys[off + j]
 // is the cache row of position j of that chunk's sequence.
+//
+// F8 (an FP8 cache; ksc/vsc its scales): the stages hold a key tile's codes
+// and scales; the block widens the current one into one f16 K/V tile (one
+// more barrier per tile) and runs the same arithmetic on it.
 #define FP_KT 32
 #define FP_ROWS 128
 #define FP_STAGES 3
@@ -437,18 +589,31 @@ __device__ __forceinline__ void qk_tiles(float (&s)[2][4][4], const half* qrows,
   }
 }
 
-template <int FP_D>
-__device__ void flash_prefill_impl(const half* __restrict__ q, const half* __restrict__ kc,
-                                   const half* __restrict__ vc, const unsigned* __restrict__ keys,
+template <int FP_D, bool F8>
+__device__ void flash_prefill_impl(const half* __restrict__ q, const void* __restrict__ kcv,
+                                   const void* __restrict__ vcv, const float* __restrict__ ksc,
+                                   const float* __restrict__ vsc,
+                                   const unsigned* __restrict__ keys,
                                    const int4* __restrict__ tiles, half* __restrict__ out,
                                    int heads, int kv_heads, int window, float scale) {
   constexpr int RS = FP_D + 8;  // smem row stride in halves (no bank conflicts at 128)
   constexpr int KS = FP_D / 16; // k-steps of Q K^T
   constexpr int DN = FP_D / 8;  // n-tiles of P V; 16-byte chunks per row
   constexpr int CH = FP_KT * DN; // chunks per matrix and tile (a multiple of 32)
-  extern __shared__ __align__(16) half smem[];  // Q [128][RS], [stages][K, V][32][RS]
+  constexpr int C8 = FP_D / 16;  // F8: 16-code chunks per row
+  constexpr int CH8 = FP_KT * C8;  // F8: chunks per matrix and tile (a multiple of 32)
+  // Q [128][RS], then f16: [stages][K, V][32][RS]; F8: codes [stages][K,
+  // V][32][D] bytes, scales [stages][K, V][32] f32, the f16 tile [K, V][32][RS].
+  extern __shared__ __align__(16) half smem[];
   half* qs = smem;
   half* kvs = smem + FP_ROWS * RS;
+  uint8_t* const codes = reinterpret_cast<uint8_t*>(kvs);
+  float* const scl = reinterpret_cast<float*>(codes + FP_STAGES * 2 * FP_KT * FP_D);
+  half* const wide = reinterpret_cast<half*>(scl + FP_STAGES * 2 * FP_KT);
+  const half* const kc = static_cast<const half*>(kcv);
+  const half* const vc = static_cast<const half*>(vcv);
+  const uint8_t* const k8 = static_cast<const uint8_t*>(kcv);
+  const uint8_t* const v8 = static_cast<const uint8_t*>(vcv);
   const int4 tile = tiles[blockIdx.x];
   const int row0 = tile.x, rows = tile.y, pos0 = tile.z, koff = tile.w;
   const int kvh = blockIdx.y, G = heads / kv_heads, MT = FP_ROWS / G;
@@ -476,6 +641,28 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
   };
   // Loads key tile `kt` into stage `st`: 32 rows x D/8 int4 per matrix.
   auto load = [&](int kt, int st) {
+    if (F8) {
+      uint8_t* kb = codes + st * 2 * FP_KT * FP_D;
+      uint8_t* vb = kb + FP_KT * FP_D;
+#pragma unroll
+      for (int i = 0; i < (CH8 + 127) / 128; i++) {
+        const int idx = threadIdx.x + i * 128;
+        if (CH8 % 128 == 0 || idx < CH8) {  // uniform over a warp (CH8 % 32 == 0)
+          const int r = idx / C8, c = (idx % C8) * 16;
+          const bool ok = kt * FP_KT + r <= kmax;
+          const size_t slot = __shfl_sync(0xffffffffu, myslot, r);
+          cp_async16(kb + r * FP_D + c, k8 + slot * kvstride + kvh * FP_D + c, ok);
+          cp_async16(vb + r * FP_D + c, v8 + slot * kvstride + kvh * FP_D + c, ok);
+        }
+      }
+      if (threadIdx.x < 64) {  // warp 0: K's scales, warp 1: V's
+        const bool ok = kt * FP_KT + lane <= kmax;
+        const size_t slot = __shfl_sync(0xffffffffu, myslot, lane);
+        cp_async4(scl + (st * 2 + warp) * FP_KT + lane,
+                  (warp ? vsc : ksc) + slot * kv_heads + kvh, ok);
+      }
+      return;
+    }
     half* ks = kvs + st * 2 * FP_KT * RS;
     half* vs = ks + FP_KT * RS;
 #pragma unroll
@@ -530,6 +717,18 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
     cp_async_commit();
     const half* ks = kvs + st * 2 * FP_KT * RS;
     const half* vs = ks + FP_KT * RS;
+    if (F8) {  // widen the tile (the barrier above: every warp is done with the last one)
+      const uint8_t* kb = codes + st * 2 * FP_KT * FP_D;
+      const float* sb = scl + st * 2 * FP_KT;
+      for (int i = threadIdx.x; i < 2 * CH8; i += 128) {
+        const int m = i / CH8, j = i % CH8, r = j / C8, c = (j % C8) * 16;
+        dequant16(kb + (m * FP_KT + r) * FP_D + c, sb[m * FP_KT + r],
+                  wide + (m * FP_KT + r) * RS + c);
+      }
+      __syncthreads();
+      ks = wide;
+      vs = wide + FP_KT * RS;
+    }
 
     float s[2][4][4];
     qk_tiles<KS, RS>(s, qrows, ks, lane);
@@ -618,12 +817,17 @@ __device__ void flash_prefill_impl(const half* __restrict__ q, const half* __res
   }
 }
 
-#define FLASH_PREFILL(D)                                                                         \
-  extern "C" __global__ void __launch_bounds__(128, 2) flash_prefill_d##D(                      \
-      const half* q, const half* kc, const half* vc, const unsigned* keys, const int4* tiles,   \
-      half* out, int heads, int kv_heads, int window, float scale) {                            \
-    flash_prefill_impl<D>(q, kc, vc, keys, tiles, out, heads, kv_heads, window, scale);         \
+#define FLASH_PREFILL_ENTRY(NAME, D, F8)                                                        \
+  extern "C" __global__ void __launch_bounds__(128, 2) NAME(                                    \
+      const half* q, const void* kc, const void* vc, const float* ksc, const float* vsc,        \
+      const unsigned* keys, const int4* tiles, half* out, int heads, int kv_heads, int window,  \
+      float scale) {                                                                           \
+    flash_prefill_impl<D, F8>(q, kc, vc, ksc, vsc, keys, tiles, out, heads, kv_heads, window,  \
+                              scale);                                                          \
   }
+#define FLASH_PREFILL(D)                                  \
+  FLASH_PREFILL_ENTRY(flash_prefill_d##D, D, false)       \
+  FLASH_PREFILL_ENTRY(flash_prefill_f8_d##D, D, true)
 FLASH_PREFILL(16)
 FLASH_PREFILL(32)
 FLASH_PREFILL(64)

@@ -93,11 +93,6 @@ impl Ops for CudaOps {
     }
 
     fn new_cache(&self, s: &KvShape, dev: &Device) -> Result<PagedKvCache> {
-        if s.fp8 {
-            return Err(Error::Config(
-                "engine.kv_cache_dtype = \"fp8\" runs on the CPU only so far: the CUDA attention kernels read f16 keys and values; use \"auto\" on CUDA".into(),
-            ));
-        }
         Ok(PagedKvCache::Cuda(cuda::CudaKv::new(s, dev)?))
     }
 

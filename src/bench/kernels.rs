@@ -213,6 +213,8 @@ pub struct AttnRow {
     pub variant: DecodeVariant,
     /// Whether it is the build the engine uses.
     pub default: bool,
+    /// Over an FP8 cache (codes and scales; the engine's build).
+    pub fp8: bool,
     /// K/V bytes read per second, GB/s.
     pub gbs: f64,
     /// Microseconds per call (one layer).
@@ -232,7 +234,8 @@ fn mistral_decode(max_keys: usize) -> DecodeShape {
 }
 
 /// Decode attention on Mistral-7B's heads (32 q, 8 kv, d 128, blocks of
-/// 16), every build of the kernel per case.
+/// 16), every build of the kernel per case, then the engine's build over
+/// the same keys and values in an FP8 cache.
 pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<AttnRow>> {
     let cd = cuda::cuda(dev)?;
     let (nh, nkv, d, bs) = (32, 8, 128, 16);
@@ -250,9 +253,10 @@ pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Att
         let tables = Tensor::from_vec(tables, (b, per), dev)?;
         let ctxs = Tensor::from_vec(vec![ctx as u32; b], b, dev)?;
         let shape = mistral_decode(ctx);
+        let f16 = cuda::CacheLayer::f16(&kc, &vc);
         for variant in DecodeVariant::ALL {
             let t = time(dev, 20, || {
-                cuda::paged_decode_with(&q, &kc, &vc, &tables, &ctxs, &shape, variant)?;
+                cuda::paged_decode_with(&q, f16, &tables, &ctxs, &shape, variant)?;
                 Ok(())
             })?;
             let bytes = (b * ctx * nkv * d * 2 * 2) as f64;
@@ -261,12 +265,57 @@ pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Att
                 ctx,
                 variant,
                 default: variant == DecodeVariant::default(),
+                fp8: false,
                 gbs: bytes / t / 1e9,
                 us: t * 1e6,
             });
         }
+        let (k8, v8, ks, vs) = fp8_cache(&kc, &vc, d, dev)?;
+        let fp8 = cuda::CacheLayer {
+            k: &k8,
+            v: &v8,
+            scales: Some((&ks, &vs)),
+        };
+        let variant = DecodeVariant::default();
+        let t = time(dev, 20, || {
+            cuda::paged_decode_with(&q, fp8, &tables, &ctxs, &shape, variant)?;
+            Ok(())
+        })?;
+        // A byte per value and an f32 scale per row of d.
+        let bytes = (b * ctx * nkv * (d + 4) * 2) as f64;
+        rows.push(AttnRow {
+            batch: b,
+            ctx,
+            variant,
+            default: true,
+            fp8: true,
+            gbs: bytes / t / 1e9,
+            us: t * 1e6,
+        });
     }
     Ok(rows)
+}
+
+/// The FP8 cache holding the f16 cache rows `kc`/`vc` [slots, kv_heads *
+/// d] in the same slots: (k codes, v codes, k scales, v scales).
+fn fp8_cache(
+    kc: &Tensor,
+    vc: &Tensor,
+    d: usize,
+    dev: &Device,
+) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let (n, row) = kc.dims2()?;
+    let codes = || Tensor::zeros((n, row), candle_core::DType::U8, dev);
+    let scales = || Tensor::zeros((n, row / d), candle_core::DType::F32, dev);
+    let (k8, v8, ks, vs) = (codes()?, codes()?, scales()?, scales()?);
+    let slots = Tensor::arange(0u32, n as u32, dev)?;
+    let cache = cuda::CacheLayer {
+        k: &k8,
+        v: &v8,
+        scales: Some((&ks, &vs)),
+    };
+    cuda::kv_write_fp8(kc, vc, cache, d, &slots)?;
+    Ok((k8, v8, ks, vs))
 }
 
 /// One prefill-attention measurement.
@@ -280,6 +329,10 @@ pub struct PrefillRow {
     pub us: Option<f64>,
     /// Causal attention TFLOP/s (QK^T and PV over the visible keys only).
     pub tflops: Option<f64>,
+    /// The same over an FP8 cache: µs and TFLOP/s.
+    pub fp8_us: Option<f64>,
+    /// TFLOP/s over an FP8 cache.
+    pub fp8_tflops: Option<f64>,
 }
 
 /// Flash prefill attention on Mistral's heads (32 q, 8 kv, d 128, blocks of
@@ -313,7 +366,17 @@ pub fn prefill_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Prefi
             window: 0,
         };
         let t = cuda::graph_time(dev, 10, || {
-            cuda::flash_prefill(&q, &kc, &vc, &keys, (&tiles, ntiles), &out, &shape)
+            let cache = cuda::CacheLayer::f16(&kc, &vc);
+            cuda::flash_prefill(&q, cache, &keys, (&tiles, ntiles), &out, &shape)
+        })?;
+        let (k8, v8, ks, vs) = fp8_cache(&kc, &vc, d, dev)?;
+        let t8 = cuda::graph_time(dev, 10, || {
+            let cache = cuda::CacheLayer {
+                k: &k8,
+                v: &v8,
+                scales: Some((&ks, &vs)),
+            };
+            cuda::flash_prefill(&q, cache, &keys, (&tiles, ntiles), &out, &shape)
         })?;
         // Visible (query, key) pairs: n (n + 1) / 2 per head and sequence;
         // 2 FLOP per multiply-add, QK^T and PV.
@@ -323,6 +386,8 @@ pub fn prefill_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Prefi
             tokens: n,
             us: t.map(|t| t * 1e6),
             tflops: t.map(|t| flop / t / 1e12),
+            fp8_us: t8.map(|t| t * 1e6),
+            fp8_tflops: t8.map(|t| flop / t / 1e12),
         });
     }
     Ok(rows)
@@ -384,7 +449,14 @@ pub fn shared_decode_table(
                     out: &out,
                     shared: sh,
                 };
-                cuda::paged_decode_into(io, &kc, &vc, &tables, &ctxs, &shape, Default::default())
+                cuda::paged_decode_into(
+                    io,
+                    cuda::CacheLayer::f16(&kc, &vc),
+                    &tables,
+                    &ctxs,
+                    &shape,
+                    Default::default(),
+                )
             })
         };
         let plain_us = run(None)? * 1e6;

@@ -415,7 +415,7 @@ pub enum KvCacheDtype {
     #[default]
     Auto,
     /// FP8 E4M3 with one f32 scale per token and KV head
-    /// (`crate::quant::fp8`); the CPU cache only so far.
+    /// (`crate::quant::fp8`), on the CPU and on CUDA.
     Fp8,
 }
 

@@ -10,14 +10,16 @@ use candle_core::{DType, Device};
 /// Largest |logit difference| of FP8 KV against the f32 cache, over every
 /// position of every reference sequence, as a share of that position's
 /// logit range (max - min).
-const MAX_REL_DIFF: f32 = 0.05;
+pub const MAX_REL_DIFF: f32 = 0.05;
 
-/// (worst relative difference, positions, argmax agreements where the f32
-/// cache's top-2 margin is at least 0.1 of its range, such positions)
-fn compare(model: &str) -> (f32, usize, usize, usize) {
+/// FP8 KV against the model's own cache on `dev` with `dtype`
+/// activations: (worst relative difference, positions, argmax agreements
+/// where the own cache's top-2 margin is at least 0.1 of its range, such
+/// positions).
+pub fn compare_on(model: &str, dtype: DType, dev: &Device) -> (f32, usize, usize, usize) {
     let fx = fixtures();
     let load = |fp8: bool| {
-        let mut o = runner::model::LoadOptions::new(DType::F32, &Device::Cpu);
+        let mut o = runner::model::LoadOptions::new(dtype, dev);
         o.kv_fp8 = fp8;
         runner::model::load(&fx.join(model), &o).unwrap()
     };
@@ -26,8 +28,10 @@ fn compare(model: &str) -> (f32, usize, usize, usize) {
     let (mut worst, mut n, mut agree, mut clear) = (0f32, 0, 0, 0);
     for (_, ids) in seqs["sequences"].as_object().unwrap() {
         let ids: Vec<u32> = crate::common::token_ids(ids);
-        let a = base.logits_full(&ids).unwrap().to_vec2::<f32>().unwrap();
-        let b = fp8.logits_full(&ids).unwrap().to_vec2::<f32>().unwrap();
+        let rows =
+            |t: candle_core::Tensor| t.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+        let a = rows(base.logits_full(&ids).unwrap());
+        let b = rows(fp8.logits_full(&ids).unwrap());
         for (ra, rb) in a.iter().zip(&b) {
             let hi = ra.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let lo = ra.iter().copied().fold(f32::INFINITY, f32::min);
@@ -52,7 +56,7 @@ fn compare(model: &str) -> (f32, usize, usize, usize) {
 #[test]
 fn fp8_kv_logits_stay_within_the_stated_bound_of_the_f32_cache() {
     for m in crate::common::models() {
-        let (worst, n, agree, clear) = compare(m);
+        let (worst, n, agree, clear) = compare_on(m, DType::F32, &Device::Cpu);
         eprintln!("{m}: fp8 KV worst |dlogit| / range {worst:.4} over {n} positions; argmax {agree}/{clear} where the margin is clear");
         assert!(worst <= MAX_REL_DIFF, "{m}: {worst} > {MAX_REL_DIFF}");
         assert_eq!(
@@ -64,7 +68,7 @@ fn fp8_kv_logits_stay_within_the_stated_bound_of_the_f32_cache() {
 
 /// Greedy steps are compared up to the first whose reference top1-top2
 /// logit margin is below this (a near-tie that FP8's rounding may flip).
-const GREEDY_MARGIN: f64 = 0.5;
+pub const GREEDY_MARGIN: f64 = 0.5;
 
 #[test]
 fn fp8_kv_greedy_submit_gives_the_reference_tokens() {

@@ -1,8 +1,11 @@
-//! The paged KV cache on the GPU (f16 rows per layer) and attention over it:
-//! one batched decode kernel for every single-token chunk, and one flash
+//! The paged KV cache on the GPU (per layer, f16 rows, or FP8 E4M3 codes
+//! with an f32 scale per token and KV head) and attention over it: one
+//! batched decode kernel for every single-token chunk, and one flash
 //! prefill kernel for every longer chunk (head dims 16, 32, 64, 128).
 
-use super::{self as cuda, DecodeIo, DecodeShape, PrefillChunk, PrefillShape, SharedDecode};
+use super::{
+    self as cuda, CacheLayer, DecodeIo, DecodeShape, PrefillChunk, PrefillShape, SharedDecode,
+};
 use crate::backend::decode_plan;
 use crate::backend::{AttnIn, KvShape};
 use crate::kv::{BlockCopy, BlockId};
@@ -15,7 +18,25 @@ pub struct CudaKv {
     block_size: usize,
     kv_heads: usize,
     heads: usize,
-    layers: Vec<(Tensor, Tensor)>,
+    layers: Vec<Layer>,
+}
+
+/// One layer's storage: K and V rows, and the FP8 cache's scales.
+#[derive(Debug)]
+struct Layer {
+    k: Tensor,
+    v: Tensor,
+    scales: Option<(Tensor, Tensor)>,
+}
+
+impl Layer {
+    fn view(&self) -> CacheLayer<'_> {
+        CacheLayer {
+            k: &self.k,
+            v: &self.v,
+            scales: self.scales.as_ref().map(|(k, v)| (k, v)),
+        }
+    }
 }
 
 /// Index tensors of one forward, shared by every layer.
@@ -48,7 +69,7 @@ struct Decode {
 }
 
 impl CudaKv {
-    /// Zeroed f16 storage.
+    /// Zeroed storage: f16, or FP8 codes and scales (`s.fp8`).
     pub fn new(s: &KvShape, dev: &Device) -> Result<Self> {
         // The attention kernels are built for these head dims (Mistral-7B: 128).
         if !crate::backend::HEAD_DIMS.contains(&s.head_dim) {
@@ -69,12 +90,19 @@ impl CudaKv {
         }
         let rows = s.num_blocks * s.block_size;
         let row = s.kv_heads * s.head_dim;
+        let dtype = if s.fp8 { DType::U8 } else { DType::F16 };
         let mut layers = Vec::with_capacity(s.layers);
         for _ in 0..s.layers {
-            layers.push((
-                Tensor::zeros((rows, row), DType::F16, dev)?,
-                Tensor::zeros((rows, row), DType::F16, dev)?,
-            ));
+            let scales = || Tensor::zeros((rows, s.kv_heads), DType::F32, dev);
+            layers.push(Layer {
+                k: Tensor::zeros((rows, row), dtype, dev)?,
+                v: Tensor::zeros((rows, row), dtype, dev)?,
+                scales: if s.fp8 {
+                    Some((scales()?, scales()?))
+                } else {
+                    None
+                },
+            });
         }
         Ok(Self {
             block_size: s.block_size,
@@ -109,17 +137,25 @@ impl CudaKv {
             return Ok(());
         }
         let bs = self.block_size as u32;
-        let dev = self.layers[0].0.device().clone();
+        let dev = self.layers[0].k.device().clone();
         let rows = |b: BlockId| (0..bs).map(move |i| b.0 * bs + i);
         let n = copies.len() * bs as usize;
         let src: Vec<u32> = copies.iter().flat_map(|c| rows(c.from)).collect();
         let dst: Vec<u32> = copies.iter().flat_map(|c| rows(c.to)).collect();
         let src = Tensor::from_vec(src, n, &dev)?;
         let dst = Tensor::from_vec(dst, n, &dev)?;
-        for (kc, vc) in &self.layers {
-            let k = kc.index_select(&src, 0)?;
-            let v = vc.index_select(&src, 0)?;
-            cuda::kv_write(&k, &v, kc, vc, &dst)?;
+        for l in &self.layers {
+            let k = l.k.index_select(&src, 0)?;
+            let v = l.v.index_select(&src, 0)?;
+            match &l.scales {
+                None => cuda::kv_write(&k, &v, &l.k, &l.v, &dst)?,
+                Some((ks, vs)) => {
+                    cuda::scatter_rows(&k, &l.k, &dst)?;
+                    cuda::scatter_rows(&v, &l.v, &dst)?;
+                    cuda::scatter_rows(&ks.index_select(&src, 0)?, ks, &dst)?;
+                    cuda::scatter_rows(&vs.index_select(&src, 0)?, vs, &dst)?;
+                }
+            }
         }
         Ok(())
     }
@@ -216,8 +252,15 @@ impl CudaKv {
     ) -> Result<Tensor> {
         let [q, k, v] = a.qkv;
         let (cos, sin) = a.rope;
-        let (kc, vc) = &self.layers[layer];
+        let l = &self.layers[layer];
         let hd = a.dims.2;
+        if l.scales.is_some() {
+            // FP8: RoPE, then the quantizing write.
+            let (q, k) = cuda::rope_qk(q, k, cos, sin, positions, hd)?;
+            cuda::kv_write_fp8(&k, v, l.view(), hd, &b.slots)?;
+            return Ok(q);
+        }
+        let (kc, vc) = (&l.k, &l.v);
         let fused = cuda::rope_qkv_cache((q, k, v), cos, sin, positions, hd, (kc, vc), &b.slots)?;
         match fused {
             Some(q) => Ok(q),
@@ -241,14 +284,13 @@ impl CudaKv {
         let (t, nh) = (q.dim(0)?, self.heads);
         let d = q.dim(1)? / nh;
         let nkv = self.kv_heads;
-        let (kc, vc) = &self.layers[layer];
+        let cache = self.layers[layer].view();
         let q = q.contiguous()?;
         let out = cuda::empty::<half::f16>(&cuda::cuda(q.device())?, (t, nh * d))?;
         if let Some(p) = &b.prefill {
             cuda::flash_prefill(
                 &q,
-                kc,
-                vc,
+                cache,
                 &p.keys,
                 (&p.tiles, p.ntiles),
                 &out,
@@ -281,7 +323,7 @@ impl CudaKv {
                 window: window.unwrap_or(0),
                 max_keys: window.map_or(dd.max_keys, |w| dd.max_keys.min(w)),
             };
-            cuda::paged_decode_into(io, kc, vc, &dd.tables, &dd.ctx, &shape, Default::default())?;
+            cuda::paged_decode_into(io, cache, &dd.tables, &dd.ctx, &shape, Default::default())?;
         }
         Ok(out)
     }

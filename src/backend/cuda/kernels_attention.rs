@@ -1,34 +1,12 @@
-//! Launch wrappers of `kernels/attention.cu`: the cache write, paged decode
-//! attention and flash prefill over the paged cache.
+//! Launch wrappers of `kernels/attention.cu`: paged decode attention and
+//! flash prefill over the paged cache (the cache writes: `kernels_cache`).
 
-use super::{check_f16, device_of, empty, grid, launch, ptr, rows_ptr, Arg, ATTENTION};
+use super::{check_f16, device_of, empty, launch, ptr, Arg, CacheLayer, ATTENTION};
 use crate::backend::decode_plan::SharedParts;
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{Device, Tensor};
 use half::f16;
-
-/// Writes k/v rows [n, row] into the cache tensors [slots, row] at `slots`;
-/// k and v need only contiguous rows (v may be a column slice of a fused
-/// q/k/v output, read in place).
-pub fn kv_write(k: &Tensor, v: &Tensor, kc: &Tensor, vc: &Tensor, slots: &Tensor) -> Result<()> {
-    check_f16(k, "kv_write")?;
-    let dev = device_of(k)?;
-    let (n, row) = k.dims2()?;
-    let ((pk, ks), (pv, vs)) = (rows_ptr::<f16>(k)?, rows_ptr::<f16>(v)?);
-    let whole = [row, ks, vs].iter().all(|x| x.is_multiple_of(8))
-        && [pk, pv].iter().all(|a| a.is_multiple_of(16));
-    if !whole {
-        return Err(Error::Model(format!(
-            "kv_write: rows of {row} halves, {ks} and {vs} apart, are not whole 16-byte vectors"
-        )));
-    }
-    let p = [pk, pv, ptr::<f16>(kc)?, ptr::<f16>(vc)?, ptr::<u32>(slots)?];
-    let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
-    args.extend([n, row, ks, vs].map(|x| Arg::I(x as i32)));
-    launch(&dev, &ATTENTION, "kv_write", grid(n * row / 8, 256), &args)?;
-    Ok(())
-}
 
 /// What the decode kernel needs beside the tensors.
 pub struct DecodeShape {
@@ -103,20 +81,18 @@ impl Default for DecodeVariant {
 /// combined, so its result does not depend on the rest of the batch.
 pub fn paged_decode(
     q: &Tensor,
-    kc: &Tensor,
-    vc: &Tensor,
+    cache: CacheLayer<'_>,
     tables: &Tensor,
     ctx_lens: &Tensor,
     s: &DecodeShape,
 ) -> Result<Tensor> {
-    paged_decode_with(q, kc, vc, tables, ctx_lens, s, DecodeVariant::default())
+    paged_decode_with(q, cache, tables, ctx_lens, s, DecodeVariant::default())
 }
 
 /// [`paged_decode`] through a chosen build of the kernel (for benchmarks).
 pub fn paged_decode_with(
     q: &Tensor,
-    kc: &Tensor,
-    vc: &Tensor,
+    cache: CacheLayer<'_>,
     tables: &Tensor,
     ctx_lens: &Tensor,
     s: &DecodeShape,
@@ -129,7 +105,7 @@ pub fn paged_decode_with(
         out: &out,
         shared: None,
     };
-    paged_decode_into(io, kc, vc, tables, ctx_lens, s, v)?;
+    paged_decode_into(io, cache, tables, ctx_lens, s, v)?;
     Ok(out)
 }
 
@@ -188,20 +164,24 @@ pub const SHARED_STAGES: usize = 2;
 /// one's query from, and writing its output to, its row of `io`.
 pub fn paged_decode_into(
     io: DecodeIo<'_>,
-    kc: &Tensor,
-    vc: &Tensor,
+    cache: CacheLayer<'_>,
     tables: &Tensor,
     ctx_lens: &Tensor,
     s: &DecodeShape,
     v: DecodeVariant,
 ) -> Result<()> {
     check_f16(io.q, "paged_decode")?;
-    if !DecodeVariant::ALL.contains(&v) {
-        return Err(Error::Model(format!("paged_decode: no build {v:?}")));
+    if !DecodeVariant::ALL.contains(&v) || (cache.scales.is_some() && v != DecodeVariant::default())
+    {
+        return Err(Error::Model(format!(
+            "paged_decode: no build {v:?} for a {} cache",
+            if cache.scales.is_some() { "fp8" } else { "f16" }
+        )));
     }
     let dev = device_of(io.q)?;
     let b = ctx_lens.dim(0)?;
     let g = s.heads / s.kv_heads;
+    let fp8 = cache.scales.is_some();
     if !(1..=16).contains(&g) || !crate::backend::HEAD_DIMS.contains(&s.head_dim) {
         return Err(Error::Model(format!(
             "paged_decode: {} query heads per kv head (max 16) and head_dim {} (16/32/64/128) are not supported",
@@ -233,10 +213,13 @@ pub fn paged_decode_into(
         Some(sh) => (ptr::<u32>(&sh.items)?, ptr::<u32>(&sh.skip)?),
         None => (0, 0),
     };
+    let [kc, vc, ksc, vsc] = cache.ptrs()?;
     let p = [
         ptr::<f16>(io.q)?,
-        ptr::<f16>(kc)?,
-        ptr::<f16>(vc)?,
+        kc,
+        vc,
+        ksc,
+        vsc,
         ptr::<u32>(tables)?,
         ptr::<u32>(ctx_lens)?,
         prows,
@@ -258,9 +241,13 @@ pub fn paged_decode_into(
     let cfg = LaunchConfig {
         grid_dim: (s.kv_heads as u32, b as u32, parts as u32),
         block_dim: (32 * v.warps as u32, 1, 1),
-        shared_mem_bytes: decode_smem(v, s),
+        shared_mem_bytes: decode_smem(v, s, fp8),
     };
-    let name = format!("paged_decode_d{}_w{}s{}", s.head_dim, v.warps, v.stages);
+    let tag = cache.tag();
+    let name = format!(
+        "paged_decode_{tag}d{}_w{}s{}",
+        s.head_dim, v.warps, v.stages
+    );
     let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
     args.extend(ints.iter().map(|&x| Arg::I(x)));
     args.extend([Arg::F(scale), Arg::I(pi)]);
@@ -273,18 +260,20 @@ pub fn paged_decode_into(
             warps: v.warps,
             stages: sh.stages,
         };
-        if !DecodeVariant::ALL.contains(&sv) {
-            return Err(Error::Model(format!("paged_decode: no build {sv:?}")));
+        if !DecodeVariant::ALL.contains(&sv) || (fp8 && sv != DecodeVariant::default()) {
+            return Err(Error::Model(format!(
+                "paged_decode: no shared build {sv:?} for this cache"
+            )));
         }
-        args[9] = Arg::P(items);
-        args[10] = Arg::P(0);
+        args[11] = Arg::P(items);
+        args[12] = Arg::P(0);
         let cfg = LaunchConfig {
             grid_dim: (s.kv_heads as u32, sh.count as u32, 1),
             block_dim: cfg.block_dim,
-            shared_mem_bytes: decode_smem(sv, s),
+            shared_mem_bytes: decode_smem(sv, s, fp8),
         };
         let name = format!(
-            "paged_decode_shared_d{}_w{}s{}",
+            "paged_decode_shared_{tag}d{}_w{}s{}",
             s.head_dim, sv.warps, sv.stages
         );
         launch(&dev, &ATTENTION, &name, cfg, &args)?;
@@ -309,13 +298,21 @@ pub fn paged_decode_into(
     )
 }
 
-/// Shared memory of a decode build: the stages of a K and a V tile of 16
-/// keys per warp (rows padded by 8 halves; the warps' final combine reuses
-/// them), then the partition's block-table entries.
-fn decode_smem(v: DecodeVariant, s: &DecodeShape) -> u32 {
-    let tile = 16 * v.warps;
+/// Shared memory of a decode build (DecodeSmem in kernels/attention.cu):
+/// f16, the stages of a K and a V tile of 16 keys per warp (rows padded by
+/// 8 halves); FP8, the stages' codes and scales and each warp's widened K
+/// and V tile; then the partition's block-table entries. The warps' final
+/// combine reuses it.
+fn decode_smem(v: DecodeVariant, s: &DecodeShape, fp8: bool) -> u32 {
+    let (tile, d, rs) = (16 * v.warps, s.head_dim, s.head_dim + 8);
     let table = 4 * (DECODE_PART.div_ceil(s.block_size) + 2);
-    (v.stages * 2 * tile * (s.head_dim + 8) * 2 + table) as u32
+    let body = if fp8 {
+        v.stages * 2 * tile * (d + 4) + v.warps * 2 * 16 * rs * 2
+    } else {
+        v.stages * 2 * tile * rs * 2
+    };
+    let combine = v.warps * 16 * (d + 2) * 4;
+    (body + table).max(combine) as u32
 }
 
 /// One prefill chunk for [`flash_prefill`]: rows `row0..row0 + n` of q and
@@ -400,8 +397,7 @@ pub struct PrefillShape {
 /// `out` [T, heads*D] (other rows are left as they are).
 pub fn flash_prefill(
     q: &Tensor,
-    kc: &Tensor,
-    vc: &Tensor,
+    cache: CacheLayer<'_>,
     keys: &Tensor,
     tiles: (&Tensor, usize),
     out: &Tensor,
@@ -423,22 +419,30 @@ pub fn flash_prefill(
     }
     let dev = device_of(q)?;
     let q = q.contiguous()?;
+    let [kc, vc, ksc, vsc] = cache.ptrs()?;
     let p = [
         ptr::<f16>(&q)?,
-        ptr::<f16>(kc)?,
-        ptr::<f16>(vc)?,
+        kc,
+        vc,
+        ksc,
+        vsc,
         ptr::<u32>(keys)?,
         ptr::<u32>(tiles.0)?,
         ptr::<f16>(out)?,
     ];
+    let rs = s.head_dim + 8;
+    // The block's 128 Q rows (padded by 8 halves), then f16: the stages of
+    // a K and a V tile; FP8: the stages' codes and scales and one widened
+    // K and V tile.
+    let kv = if cache.scales.is_some() {
+        PREFILL_STAGES * 2 * PREFILL_KEY_TILE * (s.head_dim + 4) + 2 * PREFILL_KEY_TILE * rs * 2
+    } else {
+        PREFILL_STAGES * 2 * PREFILL_KEY_TILE * rs * 2
+    };
     let cfg = LaunchConfig {
         grid_dim: (tiles.1 as u32, s.kv_heads as u32, 1),
         block_dim: (128, 1, 1),
-        // The block's 128 Q rows, then the stages of a K and a V tile
-        // (rows padded by 8 halves).
-        shared_mem_bytes: ((PREFILL_ROWS + PREFILL_STAGES * 2 * PREFILL_KEY_TILE)
-            * (s.head_dim + 8)
-            * 2) as u32,
+        shared_mem_bytes: (PREFILL_ROWS * rs * 2 + kv) as u32,
     };
     let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
     args.extend([
@@ -447,6 +451,6 @@ pub fn flash_prefill(
         Arg::I(s.window as i32),
         Arg::F(1.0 / (s.head_dim as f32).sqrt()),
     ]);
-    let name = format!("flash_prefill_d{}", s.head_dim);
+    let name = format!("flash_prefill_{}d{}", cache.tag(), s.head_dim);
     launch(&dev, &ATTENTION, &name, cfg, &args)
 }

@@ -6,6 +6,7 @@ mod attention;
 mod device;
 mod gptq;
 mod kernels_attention;
+mod kernels_cache;
 mod sample;
 
 pub use attention::{CudaKv, GpuBatch};
@@ -14,10 +15,11 @@ pub use device::{
     Event,
 };
 pub use kernels_attention::{
-    flash_prefill, kv_write, paged_decode, paged_decode_into, paged_decode_with, prefill_tiles,
-    DecodeIo, DecodeShape, DecodeVariant, PrefillChunk, PrefillShape, SharedDecode, DECODE_PART,
+    flash_prefill, paged_decode, paged_decode_into, paged_decode_with, prefill_tiles, DecodeIo,
+    DecodeShape, DecodeVariant, PrefillChunk, PrefillShape, SharedDecode, DECODE_PART,
     PREFILL_GROUPS, PREFILL_ROWS,
 };
+pub use kernels_cache::{kv_write, kv_write_fp8, scatter_rows, CacheLayer};
 
 pub use gptq::{GptqGpu, STAGE_MAX_M};
 pub use sample::{draw_rows, penalize_rows, row_norms};

@@ -75,8 +75,7 @@ fn paged_decode_matches_a_float64_reference() {
         let t = |v: Vec<f16>, shape: (usize, usize)| Tensor::from_vec(v, shape, &dev).unwrap();
         let out = cuda::paged_decode(
             &t(q, (ctx.len(), nh * d)),
-            &t(kc, (total * bs, row)),
-            &t(vc, (total * bs, row)),
+            cuda::CacheLayer::f16(&t(kc, (total * bs, row)), &t(vc, (total * bs, row))),
             &Tensor::from_vec(tables, (ctx.len(), maxb), &dev).unwrap(),
             &Tensor::from_vec(
                 ctx.iter().map(|&c| c as u32).collect::<Vec<_>>(),
@@ -148,7 +147,8 @@ fn paged_decode_of_a_sequence_does_not_depend_on_its_batch() {
         let (tables, lens, shape) = batch(seqs, seqs.iter().map(|&i| ctx[i]).max().unwrap());
         let q: Vec<f16> = seqs.iter().flat_map(|&i| qs[i].clone()).collect();
         let q = Tensor::from_vec(q, (seqs.len(), nh * d), &dev).unwrap();
-        let out = cuda::paged_decode(&q, &kc, &vc, &tables, &lens, &shape).unwrap();
+        let out = cuda::paged_decode(&q, cuda::CacheLayer::f16(&kc, &vc), &tables, &lens, &shape)
+            .unwrap();
         let h = host(&out);
         h.chunks(nh * d).map(|c| c.to_vec()).collect()
     };
@@ -172,7 +172,15 @@ fn paged_decode_of_a_sequence_does_not_depend_on_its_batch() {
         out: &out,
         shared: None,
     };
-    cuda::paged_decode_into(io, &kc, &vc, &tables, &lens, &shape, Default::default()).unwrap();
+    cuda::paged_decode_into(
+        io,
+        cuda::CacheLayer::f16(&kc, &vc),
+        &tables,
+        &lens,
+        &shape,
+        Default::default(),
+    )
+    .unwrap();
     let got = host(&out);
     for (r, &i) in seqs.iter().enumerate() {
         assert!(got[2 * r * width..(2 * r + 1) * width]
@@ -254,7 +262,7 @@ fn paged_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_
         let plan =
             runner::backend::decode_plan::plan(&refs, &lens, bs, cuda::DECODE_PART, nh / nkv)
                 .expect("shared partitions");
-        assert!(plan.skip.iter().any(|&s| s == 0) && plan.skip.iter().any(|&s| s > 0));
+        assert!(plan.skip.contains(&0) && plan.skip.iter().any(|&s| s > 0));
         let tables = Tensor::from_vec(tables, (ctx.len(), maxb), &dev).unwrap();
         let lens = Tensor::from_vec(lens, ctx.len(), &dev).unwrap();
         let q =
@@ -275,8 +283,15 @@ fn paged_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_
                 out: &out,
                 shared: sh,
             };
-            cuda::paged_decode_into(io, &kc, &vc, &tables, &lens, &shape, Default::default())
-                .unwrap();
+            cuda::paged_decode_into(
+                io,
+                cuda::CacheLayer::f16(&kc, &vc),
+                &tables,
+                &lens,
+                &shape,
+                Default::default(),
+            )
+            .unwrap();
             host(&out)
         };
         let plain = run(None);
@@ -390,8 +405,7 @@ fn flash_prefill_matches_a_float64_reference() {
         let out = Tensor::zeros((t, nh * d), DType::F16, &dev).unwrap();
         cuda::flash_prefill(
             &qt,
-            &kct,
-            &vct,
+            cuda::CacheLayer::f16(&kct, &vct),
             &keyt,
             (&tiles, ntiles),
             &out,
@@ -453,7 +467,15 @@ fn flash_prefill_of_a_row_does_not_depend_on_how_its_prompt_is_chunked() {
                 }];
                 let (tiles, ntiles) = cuda::prefill_tiles(&pc, nh / nkv, &dev).unwrap();
                 let o = Tensor::zeros((len, nh * d), DType::F16, &dev).unwrap();
-                cuda::flash_prefill(&qt, &kc, &vc, &keys, (&tiles, ntiles), &o, &shape).unwrap();
+                cuda::flash_prefill(
+                    &qt,
+                    cuda::CacheLayer::f16(&kc, &vc),
+                    &keys,
+                    (&tiles, ntiles),
+                    &o,
+                    &shape,
+                )
+                .unwrap();
                 out.extend(host(&o));
             }
             out

@@ -10,6 +10,7 @@ use runner::model::linear::GptqMode;
 use runner::model::linear::{RandomGptq, TiledGptq};
 
 mod attention;
+mod kv_fp8;
 mod sampler;
 
 fn gpu() -> Device {
