@@ -323,7 +323,8 @@ impl CudaKv {
                 window: window.unwrap_or(0),
                 max_keys: window.map_or(dd.max_keys, |w| dd.max_keys.min(w)),
             };
-            cuda::paged_decode_into(io, cache, &dd.tables, &dd.ctx, &shape, Default::default())?;
+            let v = cuda::DecodeVariant::engine(cache.scales.is_some());
+            cuda::paged_decode_into(io, cache, &dd.tables, &dd.ctx, &shape, v)?;
         }
         Ok(out)
     }
