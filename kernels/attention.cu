@@ -209,7 +209,7 @@ struct DecodeSmem {
   static constexpr int KT = 16 * NW;
   static constexpr int CODES = ST * 2 * KT * D;   // bytes: [ST][K, V][KT][D]
   static constexpr int SCALES = ST * 2 * KT * 4;  // bytes: [ST][K, V][KT] f32
-  static constexpr int TILES = NW * 16 * RS * 2;  // bytes: [NW][16][RS] halves (K, then V)
+  static constexpr int TILES = NW * 2 * 16 * RS * 2;  // bytes: [NW][K, V][16][RS] halves
   // Bytes before the block table.
   static constexpr int BYTES = F8 ? CODES + SCALES + TILES : ST * 2 * KT * RS * 2;
 };
@@ -375,24 +375,20 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
     __syncthreads();
     const half* ks = smem + (it % ST) * 2 * KT * RS + warp * 16 * RS;
     const half* vs = ks + KT * RS;
-    // F8: this warp's 16 keys of K (m = 0), then of V (m = 1), widened into
-    // its own f16 tile, which V reuses once Q K^T has read it.
-    half* const wt = wtile + warp * 16 * RS;
-    auto widen = [&](int m) {
+    if (F8) {  // widen this warp's 16 keys of K and V into its own tile
       constexpr int C = D / 16;
-      const uint8_t* cb = codes + ((it % ST) * 2 + m) * KT * D + warp * 16 * D;
-      const float* sb = scl + ((it % ST) * 2 + m) * KT + warp * 16;
-      __syncwarp();  // the warp's reads of the tile's previous contents are done
+      const uint8_t* kb = codes + (it % ST) * 2 * KT * D + warp * 16 * D;
+      const float* sb = scl + (it % ST) * 2 * KT + warp * 16;
+      half* kt = wtile + warp * 2 * 16 * RS;
+      __syncwarp();  // the warp's reads of its previous tile are done
       for (int i = lane; i < 16 * C; i += 32) {
         const int r = i / C, c = (i % C) * 16;
-        dequant16(cb + r * D + c, sb[r], wt + r * RS + c);
+        dequant16(kb + r * D + c, sb[r], kt + r * RS + c);
+        dequant16(kb + KT * D + r * D + c, sb[KT + r], kt + 16 * RS + r * RS + c);
       }
       __syncwarp();
-    };
-    if (F8) {
-      widen(0);
-      ks = wt;
-      vs = wt;
+      ks = kt;
+      vs = kt + 16 * RS;
     }
     // S = Q K^T over this warp's 16 keys: 2 n-tiles of 8.
     float s[2][4];
@@ -411,7 +407,6 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
       }
     float alpha[2];
     online_softmax<2>(s, mx, mrow, lrow, alpha);
-    if (F8) widen(1);
     // O += P V: one k-step of this warp's 16 keys, D/8 n-tiles.
     const uint32_t pa[4] = {pack_h2(s[0][0], s[0][1]), pack_h2(s[0][2], s[0][3]),
                             pack_h2(s[1][0], s[1][1]), pack_h2(s[1][2], s[1][3])};
@@ -497,16 +492,10 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
 #define DECODE(D, NW, ST)                                                  \
   DECODE_ENTRY(paged_decode_d##D##_w##NW##s##ST, D, NW, ST, false, false)  \
   DECODE_ENTRY(paged_decode_shared_d##D##_w##NW##s##ST, D, NW, ST, true, false)
-// The FP8 cache's builds: 2 warps (one tile size, so one order of sums),
-// 2, 3, 4 or 6 stages (a stage holds half an f16 stage's bytes).
-#define DECODE_F8_BUILD(D, ST)                                                  \
-  DECODE_ENTRY(paged_decode_f8_d##D##_w2s##ST, D, 2, ST, false, true)          \
-  DECODE_ENTRY(paged_decode_shared_f8_d##D##_w2s##ST, D, 2, ST, true, true)
-#define DECODE_F8(D)     \
-  DECODE_F8_BUILD(D, 2)  \
-  DECODE_F8_BUILD(D, 3)  \
-  DECODE_F8_BUILD(D, 4)  \
-  DECODE_F8_BUILD(D, 6)
+// The FP8 cache's builds: the engine's (2 warps, 2 stages) only.
+#define DECODE_F8(D)                                                       \
+  DECODE_ENTRY(paged_decode_f8_d##D##_w2s2, D, 2, 2, false, true)          \
+  DECODE_ENTRY(paged_decode_shared_f8_d##D##_w2s2, D, 2, 2, true, true)
 #define DECODE_VARIANTS(D) \
   DECODE(D, 2, 2)          \
   DECODE(D, 4, 2)          \

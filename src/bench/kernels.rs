@@ -276,23 +276,22 @@ pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Att
             v: &v8,
             scales: Some((&ks, &vs)),
         };
-        for variant in DecodeVariant::FP8 {
-            let t = time(dev, 20, || {
-                cuda::paged_decode_with(&q, fp8, &tables, &ctxs, &shape, variant)?;
-                Ok(())
-            })?;
-            // A byte per value and an f32 scale per row of d.
-            let bytes = (b * ctx * nkv * (d + 4) * 2) as f64;
-            rows.push(AttnRow {
-                batch: b,
-                ctx,
-                variant,
-                default: variant == DecodeVariant::engine(true),
-                fp8: true,
-                gbs: bytes / t / 1e9,
-                us: t * 1e6,
-            });
-        }
+        let variant = DecodeVariant::default();
+        let t = time(dev, 20, || {
+            cuda::paged_decode_with(&q, fp8, &tables, &ctxs, &shape, variant)?;
+            Ok(())
+        })?;
+        // A byte per value and an f32 scale per row of d.
+        let bytes = (b * ctx * nkv * (d + 4) * 2) as f64;
+        rows.push(AttnRow {
+            batch: b,
+            ctx,
+            variant,
+            default: true,
+            fp8: true,
+            gbs: bytes / t / 1e9,
+            us: t * 1e6,
+        });
     }
     Ok(rows)
 }

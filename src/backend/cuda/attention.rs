@@ -323,8 +323,7 @@ impl CudaKv {
                 window: window.unwrap_or(0),
                 max_keys: window.map_or(dd.max_keys, |w| dd.max_keys.min(w)),
             };
-            let v = cuda::DecodeVariant::engine(cache.scales.is_some());
-            cuda::paged_decode_into(io, cache, &dd.tables, &dd.ctx, &shape, v)?;
+            cuda::paged_decode_into(io, cache, &dd.tables, &dd.ctx, &shape, Default::default())?;
         }
         Ok(out)
     }

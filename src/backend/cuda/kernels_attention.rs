@@ -67,45 +67,6 @@ impl DecodeVariant {
     ];
 }
 
-impl DecodeVariant {
-    /// The FP8 cache's builds (DECODE_F8): 2 warps, so one tile size and
-    /// one order of sums whatever the stages; the first is the engine's (a
-    /// stage holds half an f16 stage's bytes, so more of them keep as many
-    /// bytes in flight).
-    pub const FP8: [DecodeVariant; 4] = [
-        DecodeVariant {
-            warps: 2,
-            stages: 4,
-        },
-        DecodeVariant {
-            warps: 2,
-            stages: 2,
-        },
-        DecodeVariant {
-            warps: 2,
-            stages: 3,
-        },
-        DecodeVariant {
-            warps: 2,
-            stages: 6,
-        },
-    ];
-
-    /// The builds there are for a cache of FP8 codes or of f16.
-    pub fn builds(fp8: bool) -> &'static [DecodeVariant] {
-        if fp8 {
-            &Self::FP8
-        } else {
-            &Self::ALL
-        }
-    }
-
-    /// The engine's build for a cache of FP8 codes or of f16.
-    pub fn engine(fp8: bool) -> DecodeVariant {
-        Self::builds(fp8)[0]
-    }
-}
-
 impl Default for DecodeVariant {
     fn default() -> Self {
         Self::ALL[0]
@@ -125,8 +86,7 @@ pub fn paged_decode(
     ctx_lens: &Tensor,
     s: &DecodeShape,
 ) -> Result<Tensor> {
-    let v = DecodeVariant::engine(cache.scales.is_some());
-    paged_decode_with(q, cache, tables, ctx_lens, s, v)
+    paged_decode_with(q, cache, tables, ctx_lens, s, DecodeVariant::default())
 }
 
 /// [`paged_decode`] through a chosen build of the kernel (for benchmarks).
@@ -211,7 +171,8 @@ pub fn paged_decode_into(
     v: DecodeVariant,
 ) -> Result<()> {
     check_f16(io.q, "paged_decode")?;
-    if !DecodeVariant::builds(cache.scales.is_some()).contains(&v) {
+    if !DecodeVariant::ALL.contains(&v) || (cache.scales.is_some() && v != DecodeVariant::default())
+    {
         return Err(Error::Model(format!(
             "paged_decode: no build {v:?} for a {} cache",
             if cache.scales.is_some() { "fp8" } else { "f16" }
@@ -299,7 +260,7 @@ pub fn paged_decode_into(
             warps: v.warps,
             stages: sh.stages,
         };
-        if !DecodeVariant::builds(fp8).contains(&sv) {
+        if !DecodeVariant::ALL.contains(&sv) || (fp8 && sv != DecodeVariant::default()) {
             return Err(Error::Model(format!(
                 "paged_decode: no shared build {sv:?} for this cache"
             )));
@@ -346,7 +307,7 @@ fn decode_smem(v: DecodeVariant, s: &DecodeShape, fp8: bool) -> u32 {
     let (tile, d, rs) = (16 * v.warps, s.head_dim, s.head_dim + 8);
     let table = 4 * (DECODE_PART.div_ceil(s.block_size) + 2);
     let body = if fp8 {
-        v.stages * 2 * tile * (d + 4) + v.warps * 16 * rs * 2
+        v.stages * 2 * tile * (d + 4) + v.warps * 2 * 16 * rs * 2
     } else {
         v.stages * 2 * tile * rs * 2
     };

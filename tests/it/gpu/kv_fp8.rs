@@ -8,7 +8,7 @@
 use super::{gpu, host, Lcg};
 use candle_core::{DType, Device, Tensor};
 use half::f16;
-use runner::cuda::{self, CacheLayer, DecodeShape, DecodeVariant};
+use runner::cuda::{self, CacheLayer, DecodeShape};
 use runner::quant::fp8;
 
 /// An FP8 cache written by the kernel from random f16 rows, and the f16
@@ -148,16 +148,14 @@ fn fp8_decode_equals_the_f16_kernel_over_the_widened_values() {
             window,
             max_keys: if window > 0 { 2500.min(window) } else { 2500 },
         };
-        let want = host(&cuda::paged_decode(&q, p.f16(), &tables, &lens, &shape).unwrap());
-        assert!(want.iter().all(|v| v.is_finite()) && want.iter().any(|&v| v != 0.0));
-        // Every FP8 build (2 warps: one tile size) against the f16 engine's.
-        for v in DecodeVariant::FP8 {
-            let got = cuda::paged_decode_with(&q, p.fp8(), &tables, &lens, &shape, v).unwrap();
-            assert!(
-                host(&got) == want,
-                "decode nh {nh} nkv {nkv} d {d} window {window}: fp8 build {v:?} differs"
-            );
-        }
+        let run =
+            |c: CacheLayer<'_>| host(&cuda::paged_decode(&q, c, &tables, &lens, &shape).unwrap());
+        let (a, b) = (run(p.fp8()), run(p.f16()));
+        assert!(a.iter().all(|v| v.is_finite()) && a.iter().any(|&v| v != 0.0));
+        assert!(
+            a == b,
+            "decode nh {nh} nkv {nkv} d {d} window {window}: fp8 differs"
+        );
     }
 }
 
@@ -217,8 +215,7 @@ fn fp8_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_pl
             out: &out,
             shared,
         };
-        let v = DecodeVariant::engine(c.scales.is_some());
-        cuda::paged_decode_into(io, c, &tables, &lens, &shape, v).unwrap();
+        cuda::paged_decode_into(io, c, &tables, &lens, &shape, Default::default()).unwrap();
         host(&out)
     };
     let want = run(p.f16(), None);
