@@ -98,6 +98,29 @@ __device__ __forceinline__ void dequant16(const uint8_t* src, float sc, half* ds
   *reinterpret_cast<uint4*>(dst + 8) = make_uint4(h[4], h[5], h[6], h[7]);
 }
 
+// Two E4M3 codes (the low byte first) as an f16x2, exactly.
+__device__ __forceinline__ uint32_t e4m3x2_h2(uint32_t two) {
+  const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)two, __NV_E4M3);
+  return (uint32_t)r.x | ((uint32_t)r.y << 16);
+}
+
+// N codes at p (N-byte aligned; N = 2, 4, 8 or 16) into w, the first in
+// the low byte of w[0].
+template <int N>
+__device__ __forceinline__ void load_codes(const uint8_t* p, uint32_t (&w)[(N + 3) / 4]) {
+  if constexpr (N == 16) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else if constexpr (N == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x, w[1] = v.y;
+  } else if constexpr (N == 4) {
+    w[0] = *reinterpret_cast<const uint32_t*>(p);
+  } else {
+    w[0] = *reinterpret_cast<const uint16_t*>(p);
+  }
+}
+
 __device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
   half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&h);
@@ -200,21 +223,38 @@ __device__ __forceinline__ void online_softmax(float (&s)[NJ][4], float* mx, flo
 // F8 (an FP8 cache; ksc/vsc its scales): the stages hold a tile's codes and
 // scales; each warp widens its own 16 keys of K and V into a warp-private
 // f16 tile, then runs the same arithmetic on it.
+//
+// DIR (F8 "direct", the *_f8d builds; not yet the engine's): no widened
+// tile. The mma fragments are the codes converted to f16 as they are
+// (exact: every E4M3 value is an f16), read from code rows padded by 16
+// bytes: K's with the k-steps' dims permuted so that a lane reads 4
+// adjacent codes (Q's fragments permuted alike: a dot product does not
+// depend on the order of its terms, up to the mma's own sum order), V's
+// with each n-tile's dims spread so that a lane reads its codes of a key
+// as one vector (column n of n-tile dn is dim n * D/8 + dn, undone when
+// the output is written). K's scale multiplies the f32 score of its key
+// after Q K^T; V's scale (times 256, to keep small products out of f16's
+// subnormals) multiplies P before P's f16 rounding, and O is divided by
+// 256 at the end. So the values are decode(code) * scale unrounded (the
+// CPU cache's), and the results are not bit-identical to the f16 build
+// over f16(decode * scale): the GPU test bounds them against float64.
 #define PART 512
+#define DIR_VSCALE 256.f
 #define ITEM_INTS 18
 
-template <int D, int NW, int ST, bool F8>
+template <int D, int NW, int ST, bool F8, bool DIR>
 struct DecodeSmem {
   static constexpr int RS = D + 8;
   static constexpr int KT = 16 * NW;
-  static constexpr int CODES = ST * 2 * KT * D;   // bytes: [ST][K, V][KT][D]
+  static constexpr int CS = DIR ? D + 16 : D;      // bytes per code row
+  static constexpr int CODES = ST * 2 * KT * CS;   // bytes: [ST][K, V][KT][CS]
   static constexpr int SCALES = ST * 2 * KT * 4;  // bytes: [ST][K, V][KT] f32
-  static constexpr int TILES = NW * 2 * 16 * RS * 2;  // bytes: [NW][K, V][16][RS] halves
+  static constexpr int TILES = DIR ? 0 : NW * 2 * 16 * RS * 2;  // bytes: [NW][K, V][16][RS] halves
   // Bytes before the block table.
   static constexpr int BYTES = F8 ? CODES + SCALES + TILES : ST * 2 * KT * RS * 2;
 };
 
-template <int D, int NW, int ST, bool SH, bool F8>
+template <int D, int NW, int ST, bool SH, bool F8, bool DIR>
 __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__ kcv,
                             const void* __restrict__ vcv, const float* __restrict__ ksc,
                             const float* __restrict__ vsc, const int* __restrict__ tables,
@@ -229,7 +269,8 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
   constexpr int VPR = D / 8;  // int4 per row
   constexpr int KT = 16 * NW;  // keys per tile
   constexpr int NT = 32 * NW;  // threads
-  using SM = DecodeSmem<D, NW, ST, F8>;
+  using SM = DecodeSmem<D, NW, ST, F8, DIR>;
+  constexpr int CS = SM::CS;
   // f16: [ST][K, V][KT][RS]; F8: codes, scales, warp tiles (DecodeSmem);
   // then the table.
   extern __shared__ __align__(16) half smem[];
@@ -300,16 +341,16 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
   auto load = [&](int k0, int st) {
     if (F8) {
       constexpr int C = D / 16;  // 16-code vectors per row
-      uint8_t* kb = codes + st * 2 * KT * D;
-      uint8_t* vb = kb + KT * D;
+      uint8_t* kb = codes + st * 2 * KT * CS;
+      uint8_t* vb = kb + KT * CS;
       for (int i = threadIdx.x; i < KT * C; i += NT) {
         const int r = i / C, c = (i % C) * 16;
         const int kp = k0 + r;
         const bool ok = kp < kend;
         const size_t slot = ok ? (size_t)tab[kp / block_size - b0] * block_size + kp % block_size : 0;
         const size_t off = slot * row + (size_t)kvh * D + c;
-        cp_async16(kb + r * D + c, k8 + off, ok);
-        cp_async16(vb + r * D + c, v8 + off, ok);
+        cp_async16(kb + r * CS + c, k8 + off, ok);
+        cp_async16(vb + r * CS + c, v8 + off, ok);
       }
       if (threadIdx.x < KT) {  // KT < NT: a row's two scales per thread
         const int kp = k0 + threadIdx.x;
@@ -351,11 +392,12 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
     const half* qrb = q + (!vb ? 0 : SH ? head(g + 8) : qhead0 + g + 8) * D;
 #pragma unroll
     for (int s = 0; s < KS; s++) {
-      const int c0 = s * 16 + 2 * t;
+      // DIR: k slots 2t, 2t + 1 | 2t + 8, 2t + 9 hold dims 4t .. 4t + 3.
+      const int c0 = s * 16 + (DIR ? 4 : 2) * t, c2 = DIR ? c0 + 2 : c0 + 8;
       qa[s][0] = va ? *reinterpret_cast<const uint32_t*>(qra + c0) : 0u;
       qa[s][1] = vb ? *reinterpret_cast<const uint32_t*>(qrb + c0) : 0u;
-      qa[s][2] = va ? *reinterpret_cast<const uint32_t*>(qra + c0 + 8) : 0u;
-      qa[s][3] = vb ? *reinterpret_cast<const uint32_t*>(qrb + c0 + 8) : 0u;
+      qa[s][2] = va ? *reinterpret_cast<const uint32_t*>(qra + c2) : 0u;
+      qa[s][3] = vb ? *reinterpret_cast<const uint32_t*>(qrb + c2) : 0u;
     }
   }
   float o[DN][4];
@@ -375,7 +417,10 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
     __syncthreads();
     const half* ks = smem + (it % ST) * 2 * KT * RS + warp * 16 * RS;
     const half* vs = ks + KT * RS;
-    if (F8) {  // widen this warp's 16 keys of K and V into its own tile
+    // DIR: this warp's 16 keys' codes and scales in the stage.
+    const uint8_t* const kd = codes + (it % ST) * 2 * KT * CS + warp * 16 * CS;
+    const float* const ksd = scl + (it % ST) * 2 * KT + warp * 16;
+    if (F8 && !DIR) {  // widen this warp's 16 keys of K and V into its own tile
       constexpr int C = D / 16;
       const uint8_t* kb = codes + (it % ST) * 2 * KT * D + warp * 16 * D;
       const float* sb = scl + (it % ST) * 2 * KT + warp * 16;
@@ -392,8 +437,25 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
     }
     // S = Q K^T over this warp's 16 keys: 2 n-tiles of 8.
     float s[2][4];
+    if (DIR) {
 #pragma unroll
-    for (int j = 0; j < 2; j++) qk_tile<KS, RS>(s[j], qa, ks + j * 8 * RS, lane);
+      for (int j = 0; j < 2; j++) {
+#pragma unroll
+        for (int r = 0; r < 4; r++) s[j][r] = 0.f;
+        const uint8_t* kr = kd + (j * 8 + g) * CS + 4 * t;  // key j * 8 + g
+#pragma unroll
+        for (int k = 0; k < KS; k++) {
+          const uint32_t w = *reinterpret_cast<const uint32_t*>(kr + k * 16);
+          mma_16816(s[j], qa[k], e4m3x2_h2(w & 0xffffu), e4m3x2_h2(w >> 16));
+        }
+        // Column 2t + (r & 1): key j * 8 + 2t + (r & 1)'s scale.
+#pragma unroll
+        for (int r = 0; r < 4; r++) s[j][r] *= ksd[j * 8 + 2 * t + (r & 1)];
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 2; j++) qk_tile<KS, RS>(s[j], qa, ks + j * 8 * RS, lane);
+    }
     const int k0 = kstart + it * KT + warp * 16;
     float mx[2] = {mrow[0], mrow[1]};
 #pragma unroll
@@ -408,6 +470,33 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
     float alpha[2];
     online_softmax<2>(s, mx, mrow, lrow, alpha);
     // O += P V: one k-step of this warp's 16 keys, D/8 n-tiles.
+    if (DIR) {
+      // P's columns 2t, 2t + 1, 2t + 8, 2t + 9 times their keys' V scales.
+      const float* vsd = ksd + KT;
+      float f[4];
+#pragma unroll
+      for (int i = 0; i < 4; i++) f[i] = vsd[2 * t + (i & 1) + 8 * (i >> 1)] * DIR_VSCALE;
+      const uint32_t pa[4] = {pack_h2(s[0][0] * f[0], s[0][1] * f[1]),
+                              pack_h2(s[0][2] * f[0], s[0][3] * f[1]),
+                              pack_h2(s[1][0] * f[2], s[1][1] * f[3]),
+                              pack_h2(s[1][2] * f[2], s[1][3] * f[3])};
+      // Lane g's codes of keys 2t, 2t + 1, 2t + 8, 2t + 9: dims g * DN ..
+      const uint8_t* vr = kd + KT * CS + g * DN;
+      uint32_t w[4][(DN + 3) / 4];
+#pragma unroll
+      for (int i = 0; i < 4; i++) load_codes<DN>(vr + (2 * t + (i & 1) + 8 * (i >> 1)) * CS, w[i]);
+#pragma unroll
+      for (int dn = 0; dn < DN; dn++) {
+        const unsigned sel = (dn & 3) | ((4 + (dn & 3)) << 4);
+        const uint32_t b0 = e4m3x2_h2(__byte_perm(w[0][dn >> 2], w[1][dn >> 2], sel) & 0xffffu);
+        const uint32_t b1 = e4m3x2_h2(__byte_perm(w[2][dn >> 2], w[3][dn >> 2], sel) & 0xffffu);
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[dn][i] = o[dn][i] * alpha[i >> 1];
+        mma_16816(o[dn], pa, b0, b1);
+      }
+      __syncthreads();  // the next load overwrites this stage
+      continue;
+    }
     const uint32_t pa[4] = {pack_h2(s[0][0], s[0][1]), pack_h2(s[0][2], s[0][3]),
                             pack_h2(s[1][0], s[1][1]), pack_h2(s[1][2], s[1][3])};
 #pragma unroll
@@ -423,6 +512,12 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
     }
     __syncthreads();  // the next load overwrites this stage
   }
+  if (DIR) {  // P carried V's scales times DIR_VSCALE (exact: a power of 2)
+#pragma unroll
+    for (int dn = 0; dn < DN; dn++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) o[dn][i] *= 1.f / DIR_VSCALE;
+  }
   // Combine the warps' partial results per query head through smem.
 #pragma unroll
   for (int hr = 0; hr < 2; hr++) {
@@ -436,11 +531,12 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
   for (int hr = 0; hr < 2; hr++) {
     const int r = g + 8 * hr;
     if (r >= R) continue;
-    float* dst = red_o + (warp * R + r) * D + 2 * t;
+    float* dst = red_o + (warp * R + r) * D;
 #pragma unroll
     for (int dn = 0; dn < DN; dn++) {
-      dst[dn * 8] = o[dn][2 * hr];
-      dst[dn * 8 + 1] = o[dn][2 * hr + 1];
+      // Column 2t (+1) of n-tile dn: dim dn * 8 + 2t, DIR: (2t) * DN + dn.
+      dst[DIR ? 2 * t * DN + dn : dn * 8 + 2 * t] = o[dn][2 * hr];
+      dst[DIR ? (2 * t + 1) * DN + dn : dn * 8 + 2 * t + 1] = o[dn][2 * hr + 1];
     }
     if (t == 0) {
       red_m[warp * R + r] = mrow[hr];
@@ -479,23 +575,29 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
 // shared items' (`skip` unused); the same source, so the same arithmetic
 // per row (the GPU test checks it bit for bit). ksc/vsc: the FP8 builds'
 // scales (unused by the f16 builds).
-#define DECODE_ENTRY(NAME, D, NW, ST, SH, F8)                                                   \
+#define DECODE_ENTRY(NAME, D, NW, ST, SH, F8, DIR)                                              \
   extern "C" __global__ void __launch_bounds__(32 * NW) NAME(                                   \
       const half* q, const void* kc, const void* vc, const float* ksc, const float* vsc,        \
       const int* tables, const int* ctx_lens, const unsigned* rows, float* part_o,              \
       float* part_ml, half* out, const int* items, const unsigned* skip, int nh, int nkv,       \
       int max_blocks, int block_size, int window, float scale, int P) {                         \
-    decode_impl<D, NW, ST, SH, F8>(q, kc, vc, ksc, vsc, tables, ctx_lens, rows, part_o, part_ml, \
+    decode_impl<D, NW, ST, SH, F8, DIR>(q, kc, vc, ksc, vsc, tables, ctx_lens, rows, part_o,     \
+                                        part_ml,                                               \
                                    out, items, skip, nh, nkv, max_blocks, block_size, window,   \
                                    scale, P);                                                   \
   }
-#define DECODE(D, NW, ST)                                                  \
-  DECODE_ENTRY(paged_decode_d##D##_w##NW##s##ST, D, NW, ST, false, false)  \
-  DECODE_ENTRY(paged_decode_shared_d##D##_w##NW##s##ST, D, NW, ST, true, false)
-// The FP8 cache's builds: the engine's (2 warps, 2 stages) only.
-#define DECODE_F8(D)                                                       \
-  DECODE_ENTRY(paged_decode_f8_d##D##_w2s2, D, 2, 2, false, true)          \
-  DECODE_ENTRY(paged_decode_shared_f8_d##D##_w2s2, D, 2, 2, true, true)
+#define DECODE(D, NW, ST)                                                         \
+  DECODE_ENTRY(paged_decode_d##D##_w##NW##s##ST, D, NW, ST, false, false, false)  \
+  DECODE_ENTRY(paged_decode_shared_d##D##_w##NW##s##ST, D, NW, ST, true, false, false)
+// The FP8 cache's builds: the engine's (2 warps, 2 stages, widening), and
+// the direct builds (DIR) of 2 and 3 stages.
+#define DECODE_F8(D)                                                             \
+  DECODE_ENTRY(paged_decode_f8_d##D##_w2s2, D, 2, 2, false, true, false)         \
+  DECODE_ENTRY(paged_decode_shared_f8_d##D##_w2s2, D, 2, 2, true, true, false)   \
+  DECODE_ENTRY(paged_decode_f8d_d##D##_w2s2, D, 2, 2, false, true, true)         \
+  DECODE_ENTRY(paged_decode_shared_f8d_d##D##_w2s2, D, 2, 2, true, true, true)   \
+  DECODE_ENTRY(paged_decode_f8d_d##D##_w2s3, D, 2, 3, false, true, true)         \
+  DECODE_ENTRY(paged_decode_shared_f8d_d##D##_w2s3, D, 2, 3, true, true, true)
 #define DECODE_VARIANTS(D) \
   DECODE(D, 2, 2)          \
   DECODE(D, 4, 2)          \

@@ -213,8 +213,10 @@ pub struct AttnRow {
     pub variant: DecodeVariant,
     /// Whether it is the build the engine uses.
     pub default: bool,
-    /// Over an FP8 cache (codes and scales; the engine's build).
+    /// Over an FP8 cache (codes and scales).
     pub fp8: bool,
+    /// Over an FP8 cache through a direct build (`paged_decode_f8d_*`).
+    pub direct: bool,
     /// K/V bytes read per second, GB/s.
     pub gbs: f64,
     /// Microseconds per call (one layer).
@@ -266,32 +268,35 @@ pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Att
                 variant,
                 default: variant == DecodeVariant::default(),
                 fp8: false,
+                direct: false,
                 gbs: bytes / t / 1e9,
                 us: t * 1e6,
             });
         }
         let (k8, v8, ks, vs) = fp8_cache(&kc, &vc, d, dev)?;
-        let fp8 = cuda::CacheLayer {
-            k: &k8,
-            v: &v8,
-            scales: Some((&ks, &vs)),
-        };
-        let variant = DecodeVariant::default();
-        let t = time(dev, 20, || {
-            cuda::paged_decode_with(&q, fp8, &tables, &ctxs, &shape, variant)?;
-            Ok(())
-        })?;
-        // A byte per value and an f32 scale per row of d.
-        let bytes = (b * ctx * nkv * (d + 4) * 2) as f64;
-        rows.push(AttnRow {
-            batch: b,
-            ctx,
-            variant,
-            default: true,
-            fp8: true,
-            gbs: bytes / t / 1e9,
-            us: t * 1e6,
-        });
+        let fp8 = cuda::CacheLayer::fp8(&k8, &v8, &ks, &vs);
+        // The engine's build over FP8, then the direct ones.
+        let builds = [(fp8, DecodeVariant::default())]
+            .into_iter()
+            .chain(DecodeVariant::FP8_DIRECT.map(|v| (fp8.direct(), v)));
+        for (cache, variant) in builds {
+            let t = time(dev, 20, || {
+                cuda::paged_decode_with(&q, cache, &tables, &ctxs, &shape, variant)?;
+                Ok(())
+            })?;
+            // A byte per value and an f32 scale per row of d.
+            let bytes = (b * ctx * nkv * (d + 4) * 2) as f64;
+            rows.push(AttnRow {
+                batch: b,
+                ctx,
+                variant,
+                default: !cache.direct,
+                fp8: true,
+                direct: cache.direct,
+                gbs: bytes / t / 1e9,
+                us: t * 1e6,
+            });
+        }
     }
     Ok(rows)
 }
@@ -309,11 +314,7 @@ fn fp8_cache(
     let scales = || Tensor::zeros((n, row / d), candle_core::DType::F32, dev);
     let (k8, v8, ks, vs) = (codes()?, codes()?, scales()?, scales()?);
     let slots = Tensor::arange(0u32, n as u32, dev)?;
-    let cache = cuda::CacheLayer {
-        k: &k8,
-        v: &v8,
-        scales: Some((&ks, &vs)),
-    };
+    let cache = cuda::CacheLayer::fp8(&k8, &v8, &ks, &vs);
     cuda::kv_write_fp8(kc, vc, cache, d, &slots)?;
     Ok((k8, v8, ks, vs))
 }
@@ -371,11 +372,7 @@ pub fn prefill_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Prefi
         })?;
         let (k8, v8, ks, vs) = fp8_cache(&kc, &vc, d, dev)?;
         let t8 = cuda::graph_time(dev, 10, || {
-            let cache = cuda::CacheLayer {
-                k: &k8,
-                v: &v8,
-                scales: Some((&ks, &vs)),
-            };
+            let cache = cuda::CacheLayer::fp8(&k8, &v8, &ks, &vs);
             cuda::flash_prefill(&q, cache, &keys, (&tiles, ntiles), &out, &shape)
         })?;
         // Visible (query, key) pairs: n (n + 1) / 2 per head and sequence;

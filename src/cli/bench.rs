@@ -139,7 +139,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                 let read = bench::kernels::read_gbs(&dev)?;
                 report.insert("read_gbs".into(), read.into());
                 println!(
-                    "decode attention (32 q / 8 kv heads, d 128): batch ctx, then GB/s and % of the read ceiling ({read:.0} GB/s) and µs per build (warps x stages; * the engine's), then the engine's build over an FP8 cache"
+                    "decode attention (32 q / 8 kv heads, d 128): batch ctx, then GB/s and % of the read ceiling ({read:.0} GB/s) and µs per build (warps x stages; * the engine's), then the engine's build over an FP8 cache (fp8) and the direct FP8 builds (f8d, not the engine's)"
                 );
                 for case in att.chunk_by(|a, b| (a.batch, a.ctx) == (b.batch, b.ctx)) {
                     let cells: Vec<String> = case
@@ -147,7 +147,11 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                         .map(|r| {
                             let mark = if r.default { "*" } else { " " };
                             let v = r.variant;
-                            let fp8 = if r.fp8 { " fp8" } else { "" };
+                            let fp8 = match (r.fp8, r.direct) {
+                                (true, true) => " f8d",
+                                (true, false) => " fp8",
+                                _ => "",
+                            };
                             format!(
                                 "{}x{}{mark}{fp8} {:>5.0} {:>3.0}% {:>6.1}us",
                                 v.warps,

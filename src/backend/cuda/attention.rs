@@ -31,10 +31,9 @@ struct Layer {
 
 impl Layer {
     fn view(&self) -> CacheLayer<'_> {
-        CacheLayer {
-            k: &self.k,
-            v: &self.v,
-            scales: self.scales.as_ref().map(|(k, v)| (k, v)),
+        match &self.scales {
+            None => CacheLayer::f16(&self.k, &self.v),
+            Some((ks, vs)) => CacheLayer::fp8(&self.k, &self.v, ks, vs),
         }
     }
 }

@@ -67,6 +67,34 @@ impl DecodeVariant {
     ];
 }
 
+impl DecodeVariant {
+    /// The direct FP8 builds (DECODE_F8's `f8d`; 2 warps, so one order of
+    /// sums whatever the stages).
+    pub const FP8_DIRECT: [DecodeVariant; 2] = [
+        DecodeVariant {
+            warps: 2,
+            stages: 2,
+        },
+        DecodeVariant {
+            warps: 2,
+            stages: 3,
+        },
+    ];
+
+    /// The widening FP8 build (DECODE_F8's `f8`): the engine's.
+    pub const FP8_WIDEN: [DecodeVariant; 1] = [DecodeVariant::ALL[0]];
+
+    /// The builds there are for reading `cache`: every f16 build, the
+    /// engine's alone over FP8 codes widened, the direct FP8 builds.
+    pub fn builds(cache: &CacheLayer<'_>) -> &'static [DecodeVariant] {
+        match (cache.scales.is_some(), cache.direct) {
+            (false, _) => &Self::ALL,
+            (true, false) => &Self::FP8_WIDEN,
+            (true, true) => &Self::FP8_DIRECT,
+        }
+    }
+}
+
 impl Default for DecodeVariant {
     fn default() -> Self {
         Self::ALL[0]
@@ -171,17 +199,16 @@ pub fn paged_decode_into(
     v: DecodeVariant,
 ) -> Result<()> {
     check_f16(io.q, "paged_decode")?;
-    if !DecodeVariant::ALL.contains(&v) || (cache.scales.is_some() && v != DecodeVariant::default())
-    {
+    let builds = DecodeVariant::builds(&cache);
+    let tag = cache.decode_tag();
+    if !builds.contains(&v) {
         return Err(Error::Model(format!(
-            "paged_decode: no build {v:?} for a {} cache",
-            if cache.scales.is_some() { "fp8" } else { "f16" }
+            "paged_decode: no build {v:?} of paged_decode_{tag}* (there are {builds:?})"
         )));
     }
     let dev = device_of(io.q)?;
     let b = ctx_lens.dim(0)?;
     let g = s.heads / s.kv_heads;
-    let fp8 = cache.scales.is_some();
     if !(1..=16).contains(&g) || !crate::backend::HEAD_DIMS.contains(&s.head_dim) {
         return Err(Error::Model(format!(
             "paged_decode: {} query heads per kv head (max 16) and head_dim {} (16/32/64/128) are not supported",
@@ -241,9 +268,8 @@ pub fn paged_decode_into(
     let cfg = LaunchConfig {
         grid_dim: (s.kv_heads as u32, b as u32, parts as u32),
         block_dim: (32 * v.warps as u32, 1, 1),
-        shared_mem_bytes: decode_smem(v, s, fp8),
+        shared_mem_bytes: decode_smem(v, s, &cache),
     };
-    let tag = cache.tag();
     let name = format!(
         "paged_decode_{tag}d{}_w{}s{}",
         s.head_dim, v.warps, v.stages
@@ -260,9 +286,9 @@ pub fn paged_decode_into(
             warps: v.warps,
             stages: sh.stages,
         };
-        if !DecodeVariant::ALL.contains(&sv) || (fp8 && sv != DecodeVariant::default()) {
+        if !builds.contains(&sv) {
             return Err(Error::Model(format!(
-                "paged_decode: no shared build {sv:?} for this cache"
+                "paged_decode: no shared build {sv:?} of paged_decode_shared_{tag}*"
             )));
         }
         args[11] = Arg::P(items);
@@ -270,7 +296,7 @@ pub fn paged_decode_into(
         let cfg = LaunchConfig {
             grid_dim: (s.kv_heads as u32, sh.count as u32, 1),
             block_dim: cfg.block_dim,
-            shared_mem_bytes: decode_smem(sv, s, fp8),
+            shared_mem_bytes: decode_smem(sv, s, &cache),
         };
         let name = format!(
             "paged_decode_shared_{tag}d{}_w{}s{}",
@@ -301,15 +327,16 @@ pub fn paged_decode_into(
 /// Shared memory of a decode build (DecodeSmem in kernels/attention.cu):
 /// f16, the stages of a K and a V tile of 16 keys per warp (rows padded by
 /// 8 halves); FP8, the stages' codes and scales and each warp's widened K
-/// and V tile; then the partition's block-table entries. The warps' final
+/// and V tile; FP8 direct, the stages' codes (rows padded by 16 bytes) and
+/// scales; then the partition's block-table entries. The warps' final
 /// combine reuses it.
-fn decode_smem(v: DecodeVariant, s: &DecodeShape, fp8: bool) -> u32 {
+fn decode_smem(v: DecodeVariant, s: &DecodeShape, cache: &CacheLayer<'_>) -> u32 {
     let (tile, d, rs) = (16 * v.warps, s.head_dim, s.head_dim + 8);
     let table = 4 * (DECODE_PART.div_ceil(s.block_size) + 2);
-    let body = if fp8 {
-        v.stages * 2 * tile * (d + 4) + v.warps * 2 * 16 * rs * 2
-    } else {
-        v.stages * 2 * tile * rs * 2
+    let body = match (cache.scales.is_some(), cache.direct) {
+        (false, _) => v.stages * 2 * tile * rs * 2,
+        (true, false) => v.stages * 2 * tile * (d + 4) + v.warps * 2 * 16 * rs * 2,
+        (true, true) => v.stages * 2 * tile * (d + 16 + 4),
     };
     let combine = v.warps * 16 * (d + 2) * 4;
     (body + table).max(combine) as u32

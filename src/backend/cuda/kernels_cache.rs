@@ -40,12 +40,40 @@ pub struct CacheLayer<'a> {
     pub v: &'a Tensor,
     /// FP8: the keys' and the values' scales.
     pub scales: Option<(&'a Tensor, &'a Tensor)>,
+    /// FP8: decode through the direct builds (`paged_decode_*f8d_*`: the
+    /// codes converted into the mma fragments as they are, the scales
+    /// applied to the scores and to P; not bit-identical to the widening
+    /// builds, and not yet the engine's). Flash prefill always widens.
+    pub direct: bool,
 }
 
 impl<'a> CacheLayer<'a> {
     /// An f16 cache.
     pub fn f16(k: &'a Tensor, v: &'a Tensor) -> Self {
-        Self { k, v, scales: None }
+        Self {
+            k,
+            v,
+            scales: None,
+            direct: false,
+        }
+    }
+
+    /// An FP8 cache: codes `k`/`v` and their scales `ks`/`vs`.
+    pub fn fp8(k: &'a Tensor, v: &'a Tensor, ks: &'a Tensor, vs: &'a Tensor) -> Self {
+        Self {
+            k,
+            v,
+            scales: Some((ks, vs)),
+            direct: false,
+        }
+    }
+
+    /// The same cache, decoded through the direct FP8 builds.
+    pub fn direct(self) -> Self {
+        Self {
+            direct: true,
+            ..self
+        }
     }
 
     /// The kernels' pointer arguments: k, v, k scales, v scales (0 for f16).
@@ -67,6 +95,15 @@ impl<'a> CacheLayer<'a> {
             "f8_"
         } else {
             ""
+        }
+    }
+
+    /// The decode kernels' tag: [`Self::tag`], or `f8d_` for the direct
+    /// builds.
+    pub(super) fn decode_tag(&self) -> &'static str {
+        match (self.scales, self.direct) {
+            (Some(_), true) => "f8d_",
+            _ => self.tag(),
         }
     }
 }

@@ -1,7 +1,10 @@
 //! Attention kernels on the GPU: paged decode against a float64
 //! reference and across batches, flash prefill against a float64 reference.
 
-use super::{gpu, host, rel_err, Lcg};
+use super::{
+    decode_reference, gpu, host, rel_err, shuffled_tables, DecodeCase, Lcg, DECODE_CASES,
+    DECODE_CTX,
+};
 use candle_core::{DType, Tensor};
 use half::f16;
 use runner::cuda::{self, DecodeShape};
@@ -10,68 +13,25 @@ use runner::cuda::{self, DecodeShape};
 fn paged_decode_matches_a_float64_reference() {
     let dev = gpu();
     let mut rng = Lcg(11);
-    for (nh, nkv, d, bs, window) in [
-        (32usize, 8usize, 128usize, 16usize, 0usize),
-        (8, 2, 16, 16, 64),
-        (32, 8, 128, 16, 700),
-        (8, 2, 64, 8, 0),
-        (16, 1, 32, 16, 0),
-    ] {
-        let ctx = [1usize, 17, 300, 1100, 2500];
-        let blocks_per: Vec<usize> = ctx.iter().map(|c| c.div_ceil(bs)).collect();
-        let total: usize = blocks_per.iter().sum();
-        // Shuffled block ids, so tables are not contiguous.
-        let mut ids: Vec<u32> = (0..total as u32).collect();
-        for i in (1..ids.len()).rev() {
-            let j = ((rng.next() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
-            ids.swap(i, j);
-        }
-        let maxb = *blocks_per.iter().max().unwrap();
-        let mut tables = vec![0u32; ctx.len() * maxb];
-        let mut at = 0;
-        for (b, &nb) in blocks_per.iter().enumerate() {
-            tables[b * maxb..b * maxb + nb].copy_from_slice(&ids[at..at + nb]);
-            at += nb;
-        }
+    for (nh, nkv, d, bs, window) in DECODE_CASES {
+        let ctx = DECODE_CTX;
+        let (tables, maxb, total) = shuffled_tables(&mut rng, &ctx, bs);
         let row = nkv * d;
         let kc = rng.f16s(total * bs * row, 1.0);
         let vc = rng.f16s(total * bs * row, 1.0);
         let q = rng.f16s(ctx.len() * nh * d, 1.0);
-        let scale = 1.0 / (d as f64).sqrt();
-        let mut want = Vec::new();
-        for (b, &c) in ctx.iter().enumerate() {
-            let pos = c - 1;
-            let lo = if window > 0 {
-                (pos + 1).saturating_sub(window)
-            } else {
-                0
-            };
-            for h in 0..nh {
-                let kvh = h / (nh / nkv);
-                let slot = |j: usize| tables[b * maxb + j / bs] as usize * bs + j % bs;
-                let qv = &q[(b * nh + h) * d..(b * nh + h + 1) * d];
-                let s: Vec<f64> = (lo..=pos)
-                    .map(|j| {
-                        let kr = &kc[slot(j) * row + kvh * d..][..d];
-                        qv.iter()
-                            .zip(kr)
-                            .map(|(a, b)| a.to_f64() * b.to_f64())
-                            .sum::<f64>()
-                            * scale
-                    })
-                    .collect();
-                let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
-                let z: f64 = e.iter().sum();
-                for dd in 0..d {
-                    let o: f64 = (lo..=pos)
-                        .zip(&e)
-                        .map(|(j, p)| p / z * vc[slot(j) * row + kvh * d + dd].to_f64())
-                        .sum();
-                    want.push(o);
-                }
-            }
-        }
+        let f64s = |x: &[f16]| -> Vec<f64> { x.iter().map(|v| v.to_f64()).collect() };
+        let case = DecodeCase {
+            nh,
+            nkv,
+            d,
+            bs,
+            window,
+            ctx: &ctx,
+            tables: &tables,
+            maxb,
+        };
+        let want = decode_reference(&case, &f64s(&q), &f64s(&kc), &f64s(&vc));
         let t = |v: Vec<f16>, shape: (usize, usize)| Tensor::from_vec(v, shape, &dev).unwrap();
         let out = cuda::paged_decode(
             &t(q, (ctx.len(), nh * d)),

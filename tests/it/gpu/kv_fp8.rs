@@ -5,7 +5,10 @@
 //! the fixtures' logits and greedy tokens with FP8 KV within the CPU
 //! test's bounds.
 
-use super::{gpu, host, Lcg};
+use super::{
+    decode_reference, gpu, host, rel_err, shuffled_tables, DecodeCase, Lcg, DECODE_CASES,
+    DECODE_CTX,
+};
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use runner::cuda::{self, CacheLayer, DecodeShape};
@@ -24,11 +27,21 @@ struct Pair {
 
 impl Pair {
     fn fp8(&self) -> CacheLayer<'_> {
-        CacheLayer {
-            k: &self.k8,
-            v: &self.v8,
-            scales: Some((&self.ks, &self.vs)),
-        }
+        CacheLayer::fp8(&self.k8, &self.v8, &self.ks, &self.vs)
+    }
+
+    /// The FP8 cache's values, `decode(code) * scale`, unrounded: (k, v).
+    fn exact(&self) -> (Vec<f64>, Vec<f64>) {
+        let f = |codes: &Tensor, scales: &Tensor| -> Vec<f64> {
+            let c: Vec<u8> = codes.flatten_all().unwrap().to_vec1().unwrap();
+            let s: Vec<f32> = scales.flatten_all().unwrap().to_vec1().unwrap();
+            let d = c.len() / s.len();
+            c.iter()
+                .enumerate()
+                .map(|(i, &x)| fp8::e4m3_decode(x) as f64 * s[i / d] as f64)
+                .collect()
+        };
+        (f(&self.k8, &self.ks), f(&self.v8, &self.vs))
     }
 
     fn f16(&self) -> CacheLayer<'_> {
@@ -56,11 +69,7 @@ fn pair(dev: &Device, rng: &mut Lcg, rows: usize, nkv: usize, d: usize) -> Pair 
     let codes = || Tensor::zeros((rows, row), DType::U8, dev).unwrap();
     let scales = || Tensor::zeros((rows, nkv), DType::F32, dev).unwrap();
     let (k8, v8, ks, vs) = (codes(), codes(), scales(), scales());
-    let cache = CacheLayer {
-        k: &k8,
-        v: &v8,
-        scales: Some((&ks, &vs)),
-    };
+    let cache = CacheLayer::fp8(&k8, &v8, &ks, &vs);
     let t = |x: &[f16]| Tensor::from_vec(x.to_vec(), (rows, row), dev).unwrap();
     let slot_t = Tensor::from_vec(slots.clone(), rows, dev).unwrap();
     cuda::kv_write_fp8(&t(&k), &t(&v), cache, d, &slot_t).unwrap();
@@ -107,36 +116,33 @@ fn pair(dev: &Device, rng: &mut Lcg, rows: usize, nkv: usize, d: usize) -> Pair 
 }
 
 #[test]
-fn fp8_decode_equals_the_f16_kernel_over_the_widened_values() {
+fn fp8_decode_equals_the_f16_kernel_over_the_widened_values_and_direct_is_bounded() {
     // Several partitions (and the combine), a window, every head dim; the
-    // block tables shuffled.
+    // block tables shuffled. The widening build: the f16 kernel's bits over
+    // f16(decode * scale). The direct builds (codes into the mma
+    // fragments, scales on the scores and on P): within the f16 decode
+    // test's bound of attention in float64 over decode(code) * scale.
     let dev = gpu();
     let mut rng = Lcg(23);
-    for (nh, nkv, d, bs, window) in [
-        (32usize, 8usize, 128usize, 16usize, 0usize),
-        (8, 2, 16, 16, 64),
-        (32, 8, 128, 16, 700),
-        (8, 2, 64, 8, 0),
-        (16, 1, 32, 16, 0),
-    ] {
-        let ctx = [1usize, 17, 300, 1100, 2500];
-        let per: Vec<usize> = ctx.iter().map(|c| c.div_ceil(bs)).collect();
-        let total: usize = per.iter().sum();
-        let mut ids: Vec<u32> = (0..total as u32).collect();
-        for i in (1..ids.len()).rev() {
-            let j = ((rng.next() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
-            ids.swap(i, j);
-        }
-        let maxb = *per.iter().max().unwrap();
-        let mut tables = vec![0u32; ctx.len() * maxb];
-        let mut at = 0;
-        for (b, &nb) in per.iter().enumerate() {
-            tables[b * maxb..b * maxb + nb].copy_from_slice(&ids[at..at + nb]);
-            at += nb;
-        }
+    for (nh, nkv, d, bs, window) in DECODE_CASES {
+        let ctx = DECODE_CTX;
+        let (tables, maxb, total) = shuffled_tables(&mut rng, &ctx, bs);
         let p = pair(&dev, &mut rng, total * bs, nkv, d);
-        let q =
-            Tensor::from_vec(rng.f16s(ctx.len() * nh * d, 1.0), (ctx.len(), nh * d), &dev).unwrap();
+        let qh = rng.f16s(ctx.len() * nh * d, 1.0);
+        let (kx, vx) = p.exact();
+        let qx: Vec<f64> = qh.iter().map(|v| v.to_f64()).collect();
+        let case = DecodeCase {
+            nh,
+            nkv,
+            d,
+            bs,
+            window,
+            ctx: &ctx,
+            tables: &tables,
+            maxb,
+        };
+        let exact = decode_reference(&case, &qx, &kx, &vx);
+        let q = Tensor::from_vec(qh, (ctx.len(), nh * d), &dev).unwrap();
         let tables = Tensor::from_vec(tables, (ctx.len(), maxb), &dev).unwrap();
         let lens: Vec<u32> = ctx.iter().map(|&c| c as u32).collect();
         let lens = Tensor::from_vec(lens, ctx.len(), &dev).unwrap();
@@ -156,6 +162,19 @@ fn fp8_decode_equals_the_f16_kernel_over_the_widened_values() {
             a == b,
             "decode nh {nh} nkv {nkv} d {d} window {window}: fp8 differs"
         );
+        let mut first = None;
+        for v in cuda::DecodeVariant::FP8_DIRECT {
+            let out = cuda::paged_decode_with(&q, p.fp8().direct(), &tables, &lens, &shape, v);
+            let got = host(&out.unwrap());
+            let e = rel_err(&got, &exact);
+            assert!(
+                e < 2e-3,
+                "direct fp8 decode {v:?} nh {nh} nkv {nkv} d {d} window {window}: rel err {e}"
+            );
+            // The stages only pipeline: every direct build gives the same bits.
+            let first = first.get_or_insert(got.clone());
+            assert!(*first == got, "direct fp8 decode {v:?} differs from w2s2");
+        }
     }
 }
 
@@ -224,6 +243,13 @@ fn fp8_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_pl
     assert!(
         run(p.fp8(), Some(&sh)) == want,
         "fp8 decode with the plan differs"
+    );
+    // The direct builds: their own bits, the same with and without it.
+    let direct = run(p.fp8().direct(), None);
+    assert!(direct.iter().all(|v| v.is_finite()) && direct.iter().any(|&v| v != 0.0));
+    assert!(
+        run(p.fp8().direct(), Some(&sh)) == direct,
+        "direct fp8 decode with the plan differs"
     );
 }
 

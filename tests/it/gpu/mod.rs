@@ -31,6 +31,88 @@ impl Lcg {
     }
 }
 
+/// Block tables for contexts `ctx` of `bs`-token blocks, the block ids
+/// shuffled over all of them so that no table is contiguous: (tables
+/// [ctx.len() * max blocks], max blocks, total blocks).
+fn shuffled_tables(rng: &mut Lcg, ctx: &[usize], bs: usize) -> (Vec<u32>, usize, usize) {
+    let per: Vec<usize> = ctx.iter().map(|c| c.div_ceil(bs)).collect();
+    let total: usize = per.iter().sum();
+    let mut ids: Vec<u32> = (0..total as u32).collect();
+    for i in (1..ids.len()).rev() {
+        let j = ((rng.next() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
+        ids.swap(i, j);
+    }
+    let maxb = *per.iter().max().unwrap();
+    let mut tables = vec![0u32; ctx.len() * maxb];
+    let mut at = 0;
+    for (b, &nb) in per.iter().enumerate() {
+        tables[b * maxb..b * maxb + nb].copy_from_slice(&ids[at..at + nb]);
+        at += nb;
+    }
+    (tables, maxb, total)
+}
+
+/// The decode tests' shapes: (query heads, KV heads, head dim, block
+/// size, window): several partitions (and the combine), a window, every
+/// head dim.
+const DECODE_CASES: [(usize, usize, usize, usize, usize); 5] = [
+    (32, 8, 128, 16, 0),
+    (8, 2, 16, 16, 64),
+    (32, 8, 128, 16, 700),
+    (8, 2, 64, 8, 0),
+    (16, 1, 32, 16, 0),
+];
+
+/// The decode tests' contexts: one key, part of a block, one partition,
+/// several.
+const DECODE_CTX: [usize; 5] = [1, 17, 300, 1100, 2500];
+
+/// A decode batch for [`decode_reference`]: sequence b's context is
+/// ctx[b], its blocks row b of `tables` [ctx.len() * maxb].
+struct DecodeCase<'a> {
+    nh: usize,
+    nkv: usize,
+    d: usize,
+    bs: usize,
+    window: usize,
+    ctx: &'a [usize],
+    tables: &'a [u32],
+    maxb: usize,
+}
+
+/// Decode attention in float64: per sequence and query head,
+/// softmax(q k^T / sqrt(d)) v over its visible keys (the last `window`; 0:
+/// all), k and v cache rows [slots, nkv * d]; rows [sequence, head, d].
+fn decode_reference(c: &DecodeCase<'_>, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
+    let (nh, d, row) = (c.nh, c.d, c.nkv * c.d);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut want = Vec::new();
+    for (b, &n) in c.ctx.iter().enumerate() {
+        let pos = n - 1;
+        let lo = if c.window > 0 {
+            (pos + 1).saturating_sub(c.window)
+        } else {
+            0
+        };
+        let slot = |j: usize| c.tables[b * c.maxb + j / c.bs] as usize * c.bs + j % c.bs;
+        for h in 0..nh {
+            let at = |j: usize| slot(j) * row + h / (nh / c.nkv) * d;
+            let qv = &q[(b * nh + h) * d..][..d];
+            let s: Vec<f64> = (lo..=pos)
+                .map(|j| qv.iter().zip(&k[at(j)..]).map(|(a, b)| a * b).sum::<f64>() * scale)
+                .collect();
+            let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for dd in 0..d {
+                let o: f64 = (lo..=pos).zip(&e).map(|(j, p)| p / z * v[at(j) + dd]).sum();
+                want.push(o);
+            }
+        }
+    }
+    want
+}
+
 fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
     assert!(got.iter().all(|v| v.is_finite()), "non-finite output");
