@@ -7,9 +7,17 @@
 # a repeated workload adds -2, -3 ...). A_ARGS / B_ARGS: extra arguments of
 # each side (e.g. B_ARGS="--set engine.kv_cache_dtype=fp8" with A = B: one
 # binary, two settings).
+# The first workload of a call runs on a cold card (clocks, the driver's
+# PTX cache: W4 took 14.2 s cold against 5.1 s warm in run 45), so each
+# binary first runs a small untimed W1 (WARMUP=0 skips it).
 set -uo pipefail
 A=$1 B=$2 TOK=$3 STEPS=$4
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [[ ${WARMUP:-1} != 0 ]]; then
+  for bin in "$A" "$B"; do
+    timeout 120 "$bin" bench jobs/bench.toml --workload W1 --scale 0.1 --tokenizer "$TOK" >/dev/null 2>&1
+  done
+fi
 for s in ${STEPS//,/ }; do
   w=${s%%@*}; seqs=${s#*@}; [[ $seqs == "$s" ]] && seqs=256
   for pair in "a:$A" "b:$B"; do
