@@ -77,6 +77,12 @@ extern "C" __global__ void scatter_rows_b32(const unsigned* __restrict__ src,
   dst[(size_t)to[r] * words + c] = src[i];
 }
 
+// Two E4M3 codes (the low byte first) as an f16x2, exactly.
+__device__ __forceinline__ uint32_t e4m3x2_h2(uint32_t two) {
+  const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)two, __NV_E4M3);
+  return (uint32_t)r.x | ((uint32_t)r.y << 16);
+}
+
 // 16 E4M3 codes at src (16-byte aligned) times the row's scale, as 16
 // halves at dst (16-byte aligned): f16(decode(code) * scale). Every E4M3
 // value is exact in f16, so the widening is exact and the one rounding is
@@ -96,12 +102,6 @@ __device__ __forceinline__ void dequant16(const uint8_t* src, float sc, half* ds
   }
   *reinterpret_cast<uint4*>(dst) = make_uint4(h[0], h[1], h[2], h[3]);
   *reinterpret_cast<uint4*>(dst + 8) = make_uint4(h[4], h[5], h[6], h[7]);
-}
-
-// Two E4M3 codes (the low byte first) as an f16x2, exactly.
-__device__ __forceinline__ uint32_t e4m3x2_h2(uint32_t two) {
-  const __half2_raw r = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)two, __NV_E4M3);
-  return (uint32_t)r.x | ((uint32_t)r.y << 16);
 }
 
 // N codes at p (N-byte aligned; N = 2, 4, 8 or 16) into w, the first in
@@ -338,6 +338,10 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
       tab[i] = tables[(size_t)b * max_blocks + b0 + i];
   }
   __syncthreads();
+  // The cache row of key kp (0 past kend: a zero-filled load).
+  auto slot_of = [&](int kp) -> size_t {
+    return kp < kend ? (size_t)tab[kp / block_size - b0] * block_size + kp % block_size : 0;
+  };
   auto load = [&](int k0, int st) {
     if (F8) {
       constexpr int C = D / 16;  // 16-code vectors per row
@@ -345,18 +349,14 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
       uint8_t* vb = kb + KT * CS;
       for (int i = threadIdx.x; i < KT * C; i += NT) {
         const int r = i / C, c = (i % C) * 16;
-        const int kp = k0 + r;
-        const bool ok = kp < kend;
-        const size_t slot = ok ? (size_t)tab[kp / block_size - b0] * block_size + kp % block_size : 0;
-        const size_t off = slot * row + (size_t)kvh * D + c;
+        const bool ok = k0 + r < kend;
+        const size_t off = slot_of(k0 + r) * row + (size_t)kvh * D + c;
         cp_async16(kb + r * CS + c, k8 + off, ok);
         cp_async16(vb + r * CS + c, v8 + off, ok);
       }
       if (threadIdx.x < KT) {  // KT < NT: a row's two scales per thread
-        const int kp = k0 + threadIdx.x;
-        const bool ok = kp < kend;
-        const size_t slot = ok ? (size_t)tab[kp / block_size - b0] * block_size + kp % block_size : 0;
-        const size_t so = slot * nkv + kvh;
+        const bool ok = k0 + (int)threadIdx.x < kend;
+        const size_t so = slot_of(k0 + threadIdx.x) * nkv + kvh;
         float* sb = scl + st * 2 * KT + threadIdx.x;
         cp_async4(sb, ksc + so, ok);
         cp_async4(sb + KT, vsc + so, ok);
@@ -369,10 +369,8 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
     for (int n = 0; n < KT * VPR / NT; n++) {  // VPR / 2 vectors of each matrix per thread
       const int i = threadIdx.x + n * NT;
       const int r = i / VPR, c = (i % VPR) * 8;
-      const int kp = k0 + r;
-      const bool ok = kp < kend;
-      const size_t slot = ok ? (size_t)tab[kp / block_size - b0] * block_size + kp % block_size : 0;
-      const size_t off = slot * row + (size_t)kvh * D + c;
+      const bool ok = k0 + r < kend;
+      const size_t off = slot_of(k0 + r) * row + (size_t)kvh * D + c;
       cp_async16(ks + r * RS + c, kc + off, ok);
       cp_async16(vs + r * RS + c, vc + off, ok);
     }
@@ -417,19 +415,18 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
     __syncthreads();
     const half* ks = smem + (it % ST) * 2 * KT * RS + warp * 16 * RS;
     const half* vs = ks + KT * RS;
-    // DIR: this warp's 16 keys' codes and scales in the stage.
+    // F8: this warp's 16 keys' K codes (V's KT * CS further) and K
+    // scales (V's KT further) in the stage.
     const uint8_t* const kd = codes + (it % ST) * 2 * KT * CS + warp * 16 * CS;
     const float* const ksd = scl + (it % ST) * 2 * KT + warp * 16;
     if (F8 && !DIR) {  // widen this warp's 16 keys of K and V into its own tile
       constexpr int C = D / 16;
-      const uint8_t* kb = codes + (it % ST) * 2 * KT * D + warp * 16 * D;
-      const float* sb = scl + (it % ST) * 2 * KT + warp * 16;
       half* kt = wtile + warp * 2 * 16 * RS;
       __syncwarp();  // the warp's reads of its previous tile are done
       for (int i = lane; i < 16 * C; i += 32) {
         const int r = i / C, c = (i % C) * 16;
-        dequant16(kb + r * D + c, sb[r], kt + r * RS + c);
-        dequant16(kb + KT * D + r * D + c, sb[KT + r], kt + 16 * RS + r * RS + c);
+        dequant16(kd + r * CS + c, ksd[r], kt + r * RS + c);
+        dequant16(kd + KT * CS + r * CS + c, ksd[KT + r], kt + 16 * RS + r * RS + c);
       }
       __syncwarp();
       ks = kt;
@@ -582,9 +579,8 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
       float* part_ml, half* out, const int* items, const unsigned* skip, int nh, int nkv,       \
       int max_blocks, int block_size, int window, float scale, int P) {                         \
     decode_impl<D, NW, ST, SH, F8, DIR>(q, kc, vc, ksc, vsc, tables, ctx_lens, rows, part_o,     \
-                                        part_ml,                                               \
-                                   out, items, skip, nh, nkv, max_blocks, block_size, window,   \
-                                   scale, P);                                                   \
+                                        part_ml, out, items, skip, nh, nkv, max_blocks,        \
+                                        block_size, window, scale, P);                         \
   }
 #define DECODE(D, NW, ST)                                                         \
   DECODE_ENTRY(paged_decode_d##D##_w##NW##s##ST, D, NW, ST, false, false, false)  \

@@ -2,8 +2,8 @@
 //! reference and across batches, flash prefill against a float64 reference.
 
 use super::{
-    decode_reference, gpu, host, rel_err, shuffled_tables, DecodeCase, Lcg, DECODE_CASES,
-    DECODE_CTX,
+    decode_reference, gpu, host, rel_err, shared_prefix_batch, shuffled_tables, DecodeCase, Lcg,
+    DECODE_CASES, DECODE_CTX,
 };
 use candle_core::{DType, Tensor};
 use half::f16;
@@ -187,41 +187,12 @@ fn paged_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_
         (8, 8, vec![512, 512, 300, 512]),
     ] {
         let row = nkv * d;
-        let own: Vec<usize> = ctx.iter().map(|&c| c.div_ceil(bs)).collect();
-        let total = shared_blocks + own.iter().sum::<usize>();
+        let (tables, maxb, total, plan) = shared_prefix_batch(&ctx, bs, shared_blocks, nh / nkv);
         let kc =
             Tensor::from_vec(rng.f16s(total * bs * row, 1.0), (total * bs, row), &dev).unwrap();
         let vc =
             Tensor::from_vec(rng.f16s(total * bs * row, 1.0), (total * bs, row), &dev).unwrap();
-        let maxb = *own.iter().max().unwrap();
-        let mut tables = vec![0u32; ctx.len() * maxb];
-        let mut next = shared_blocks as u32;
-        for (i, &n) in own.iter().enumerate() {
-            // The last sequence but one (where there are three) has its own
-            // blocks from the start.
-            let alone = ctx.len() > 2 && i == ctx.len() - 2;
-            for j in 0..n {
-                tables[i * maxb + j] = if j < shared_blocks && !alone {
-                    j as u32
-                } else {
-                    next += 1;
-                    next - 1
-                };
-            }
-        }
-        let ids: Vec<Vec<runner::kv::BlockId>> = (0..ctx.len())
-            .map(|i| {
-                tables[i * maxb..i * maxb + own[i]]
-                    .iter()
-                    .map(|&b| runner::kv::BlockId(b))
-                    .collect()
-            })
-            .collect();
-        let refs: Vec<&[runner::kv::BlockId]> = ids.iter().map(|t| t.as_slice()).collect();
         let lens: Vec<u32> = ctx.iter().map(|&c| c as u32).collect();
-        let plan =
-            runner::backend::decode_plan::plan(&refs, &lens, bs, cuda::DECODE_PART, nh / nkv)
-                .expect("shared partitions");
         assert!(plan.skip.contains(&0) && plan.skip.iter().any(|&s| s > 0));
         let tables = Tensor::from_vec(tables, (ctx.len(), maxb), &dev).unwrap();
         let lens = Tensor::from_vec(lens, ctx.len(), &dev).unwrap();

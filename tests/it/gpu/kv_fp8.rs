@@ -6,8 +6,8 @@
 //! test's bounds.
 
 use super::{
-    decode_reference, gpu, host, rel_err, shuffled_tables, DecodeCase, Lcg, DECODE_CASES,
-    DECODE_CTX,
+    decode_reference, gpu, host, rel_err, shared_prefix_batch, shuffled_tables, DecodeCase, Lcg,
+    DECODE_CASES, DECODE_CTX,
 };
 use candle_core::{DType, Device, Tensor};
 use half::f16;
@@ -185,34 +185,9 @@ fn fp8_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_pl
     let mut rng = Lcg(29);
     let (nh, nkv, d, bs) = (32usize, 8usize, 128usize, 16usize);
     let ctx = [1100usize, 1024, 1500, 600, 2000];
-    let shared_blocks = 1024 / bs;
-    let own: Vec<usize> = ctx.iter().map(|&c| c.div_ceil(bs)).collect();
-    let total = shared_blocks + own.iter().sum::<usize>();
-    let maxb = *own.iter().max().unwrap();
-    let mut tables = vec![0u32; ctx.len() * maxb];
-    let mut next = shared_blocks as u32;
-    for (i, &n) in own.iter().enumerate() {
-        for j in 0..n {
-            tables[i * maxb + j] = if j < shared_blocks && i != 3 {
-                j as u32
-            } else {
-                next += 1;
-                next - 1
-            };
-        }
-    }
-    let ids: Vec<Vec<runner::kv::BlockId>> = (0..ctx.len())
-        .map(|i| {
-            tables[i * maxb..i * maxb + own[i]]
-                .iter()
-                .map(|&b| runner::kv::BlockId(b))
-                .collect()
-        })
-        .collect();
-    let refs: Vec<&[runner::kv::BlockId]> = ids.iter().map(|t| t.as_slice()).collect();
+    // Sequence 3 (the last but one) has its own blocks from the start.
+    let (tables, maxb, total, plan) = shared_prefix_batch(&ctx, bs, 1024 / bs, nh / nkv);
     let lens: Vec<u32> = ctx.iter().map(|&c| c as u32).collect();
-    let plan = runner::backend::decode_plan::plan(&refs, &lens, bs, cuda::DECODE_PART, nh / nkv)
-        .expect("shared partitions");
     let p = pair(&dev, &mut rng, total * bs, nkv, d);
     let tables = Tensor::from_vec(tables, (ctx.len(), maxb), &dev).unwrap();
     let lens = Tensor::from_vec(lens, ctx.len(), &dev).unwrap();

@@ -52,6 +52,53 @@ fn shuffled_tables(rng: &mut Lcg, ctx: &[usize], bs: usize) -> (Vec<u32>, usize,
     (tables, maxb, total)
 }
 
+/// A decode batch over a shared prefix: every sequence holds the same
+/// first `shared` blocks of `bs` tokens, then its own, except the last but
+/// one where there are more than two (its own blocks from the start); and
+/// the host's plan of the partitions they share (`group` query heads per
+/// KV head): (tables [ctx.len() * maxb], maxb, total blocks, plan).
+fn shared_prefix_batch(
+    ctx: &[usize],
+    bs: usize,
+    shared: usize,
+    group: usize,
+) -> (
+    Vec<u32>,
+    usize,
+    usize,
+    runner::backend::decode_plan::SharedParts,
+) {
+    let own: Vec<usize> = ctx.iter().map(|&c| c.div_ceil(bs)).collect();
+    let total = shared + own.iter().sum::<usize>();
+    let maxb = *own.iter().max().unwrap();
+    let mut tables = vec![0u32; ctx.len() * maxb];
+    let mut next = shared as u32;
+    for (i, &n) in own.iter().enumerate() {
+        let alone = ctx.len() > 2 && i == ctx.len() - 2;
+        for j in 0..n {
+            tables[i * maxb + j] = if j < shared && !alone {
+                j as u32
+            } else {
+                next += 1;
+                next - 1
+            };
+        }
+    }
+    let ids: Vec<Vec<runner::kv::BlockId>> = (0..ctx.len())
+        .map(|i| {
+            tables[i * maxb..i * maxb + own[i]]
+                .iter()
+                .map(|&b| runner::kv::BlockId(b))
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[runner::kv::BlockId]> = ids.iter().map(|t| t.as_slice()).collect();
+    let lens: Vec<u32> = ctx.iter().map(|&c| c as u32).collect();
+    let plan = runner::backend::decode_plan::plan(&refs, &lens, bs, cuda::DECODE_PART, group)
+        .expect("shared partitions");
+    (tables, maxb, total, plan)
+}
+
 /// The decode tests' shapes: (query heads, KV heads, head dim, block
 /// size, window): several partitions (and the combine), a window, every
 /// head dim.
