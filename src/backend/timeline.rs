@@ -109,6 +109,12 @@ pub struct KindTimes {
     /// Steps with a period.
     #[serde(default)]
     pub periods: usize,
+    /// Host wall milliseconds per phase of the engine's step (schedule,
+    /// commit, pick, update, rows), over `steps` steps. With the breakdown
+    /// on, the forward has finished before the pick (its timeline waits
+    /// for the device), so these are the host's own work.
+    #[serde(default)]
+    pub host_ms: BTreeMap<String, f64>,
 }
 
 impl Breakdown {
@@ -121,6 +127,9 @@ impl Breakdown {
             k.seqs += t.seqs;
             k.period_ms += t.period_ms;
             k.periods += t.periods;
+            for (phase, ms) in &t.host_ms {
+                *k.host_ms.entry(phase.clone()).or_insert(0.0) += ms;
+            }
             for (class, ms) in &t.ms {
                 *k.ms.entry(class.clone()).or_insert(0.0) += ms;
             }
@@ -142,6 +151,14 @@ impl Breakdown {
         let k = self.kinds.entry(kind.into()).or_default();
         k.period_ms += ms;
         k.periods += 1;
+    }
+
+    /// Adds host wall milliseconds of one step of `kind` per phase.
+    pub fn add_host(&mut self, kind: &str, phases: &[(&'static str, f64)]) {
+        let k = self.kinds.entry(kind.into()).or_default();
+        for (phase, ms) in phases {
+            *k.host_ms.entry((*phase).into()).or_insert(0.0) += ms;
+        }
     }
 
     /// Adds one step of `chunk_lens` with its class times.

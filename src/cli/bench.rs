@@ -247,6 +247,14 @@ fn print_breakdown(b: &crate::backend::timeline::Breakdown) {
                 period - total / steps
             );
         }
+        if !t.host_ms.is_empty() {
+            let phases: Vec<String> = t
+                .host_ms
+                .iter()
+                .map(|(p, ms)| format!("{p} {:.3}", ms / steps))
+                .collect();
+            println!("    host ms/step: {}", phases.join(", "));
+        }
         let mut classes: Vec<(&String, &f64)> = t.ms.iter().collect();
         classes.sort_by(|a, b| b.1.total_cmp(a.1));
         for (class, ms) in classes {

@@ -39,6 +39,10 @@ pub trait ModelRunner {
     fn breakdown(&self) -> Option<Breakdown> {
         None
     }
+
+    /// The host's wall time per phase of the step just executed, added to
+    /// the breakdown when one is kept.
+    fn note_host(&mut self, _phases: &[(&'static str, f64)]) {}
 }
 
 /// The rows of a step's flattened batch that need logits, and each chunk's
@@ -132,6 +136,12 @@ impl ModelRunner for MistralRunner<'_> {
     fn breakdown(&self) -> Option<Breakdown> {
         self.breakdown.clone()
     }
+
+    fn note_host(&mut self, phases: &[(&'static str, f64)]) {
+        if let (Some(b), Some((_, kind))) = (&mut self.breakdown, self.last_step) {
+            b.add_host(kind, phases);
+        }
+    }
 }
 
 /// The test-only device fault: with `RUNNER_TEST_DEVICE_FAULT_AFTER_STEPS=N`
@@ -189,5 +199,9 @@ impl<R: ModelRunner> ModelRunner for FaultAfter<R> {
 
     fn breakdown(&self) -> Option<Breakdown> {
         self.inner.breakdown()
+    }
+
+    fn note_host(&mut self, phases: &[(&'static str, f64)]) {
+        self.inner.note_host(phases);
     }
 }

@@ -60,19 +60,37 @@ impl<'a> Pipeline<'a> {
 
     /// Runs one step; writes the rows of the requests it finished.
     pub fn step(&mut self, runner: &mut dyn ModelRunner, sink: &mut dyn RowSink) -> Result<()> {
+        let mut clock = PhaseClock::start();
         let mut plan = self.sched.schedule();
         self.mark_admitted(&plan);
+        clock.lap("schedule");
         let mut out = runner.execute(&plan, &self.sched)?;
+        clock.skip();
         // The forward runs on the device while the host computes the
         // constrained requests' masks.
         self.compute_masks(&plan);
         self.sched.commit(&plan);
         self.count(&plan);
+        clock.lap("commit");
         let mut picks = pick::pick(&out, &plan, &self.sched)?;
+        clock.lap("pick");
         update::record_known(&mut self.sched, &plan, &out)?;
         self.fork_samples(&mut plan, &mut out, &mut picks);
         let finished = update::apply(&mut self.sched, &plan, picks, &self.stops)?;
         logprobs::record_sampled(&mut self.sched, &plan, &out, self.logprobs)?;
+        clock.lap("update");
+        self.write_rows(finished, sink)?;
+        clock.lap("rows");
+        runner.note_host(&clock.phases);
+        Ok(())
+    }
+
+    /// The rows of the requests this step finished, to the sink.
+    fn write_rows(
+        &mut self,
+        finished: Vec<(SeqId, crate::output::FinishReason)>,
+        sink: &mut dyn RowSink,
+    ) -> Result<()> {
         for (id, reason) in finished {
             let req = self.sched.finish(id).expect("a finished request is known");
             let row = self.rows.finished(req, reason)?;
@@ -177,5 +195,32 @@ impl<'a> Pipeline<'a> {
             preemptions = stats.preemptions,
             "step"
         );
+    }
+}
+
+/// Host wall time per phase of a step (`runner bench --breakdown`).
+struct PhaseClock {
+    last: Instant,
+    phases: Vec<(&'static str, f64)>,
+}
+
+impl PhaseClock {
+    fn start() -> Self {
+        Self {
+            last: Instant::now(),
+            phases: Vec::with_capacity(6),
+        }
+    }
+
+    /// The time since the last lap belongs to `phase`.
+    fn lap(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.phases.push((phase, ms(self.last, now)));
+        self.last = now;
+    }
+
+    /// The time since the last lap is not the host's own (the forward).
+    fn skip(&mut self) {
+        self.last = Instant::now();
     }
 }

@@ -4,7 +4,8 @@
 //! prefill kernel for every longer chunk (head dims 16, 32, 64, 128).
 
 use super::{
-    self as cuda, CacheLayer, DecodeIo, DecodeShape, PrefillChunk, PrefillShape, SharedDecode,
+    self as cuda, CacheLayer, DecodeIo, DecodeShape, DecodeVariant, PrefillChunk, PrefillShape,
+    SharedDecode,
 };
 use crate::backend::decode_plan;
 use crate::backend::{AttnIn, KvShape};
@@ -322,7 +323,15 @@ impl CudaKv {
                 window: window.unwrap_or(0),
                 max_keys: window.map_or(dd.max_keys, |w| dd.max_keys.min(w)),
             };
-            cuda::paged_decode_into(io, cache, &dd.tables, &dd.ctx, &shape, Default::default())?;
+            // FP8 decodes through the direct builds (codes straight into
+            // the mma fragments; run 48: 19-22% faster than widening).
+            let dcache = if cache.scales.is_some() {
+                cache.direct()
+            } else {
+                cache
+            };
+            let build = DecodeVariant::builds(&dcache)[0];
+            cuda::paged_decode_into(io, dcache, &dd.tables, &dd.ctx, &shape, build)?;
         }
         Ok(out)
     }
