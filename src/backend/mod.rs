@@ -166,3 +166,32 @@ pub fn ops_for(device: &Device, dtype: DType) -> Result<&'static dyn Ops> {
     }
     Ok(&CUDA)
 }
+
+/// Token ids on their way from the device to the host: a copy queued on
+/// the CUDA stream behind the work that computes them (the host reads them
+/// when it has queued the next step), or already read (the CPU).
+#[derive(Debug)]
+pub enum PendingIds {
+    /// Read.
+    Ready(Vec<u32>),
+    /// Queued on the CUDA stream.
+    Cuda(cuda::Download),
+}
+
+impl PendingIds {
+    /// Starts reading `ids` (u32 `[n]`).
+    pub fn start(ids: &Tensor) -> Result<Self> {
+        Ok(match ids.device() {
+            Device::Cuda(_) => Self::Cuda(cuda::start_download(ids)?),
+            _ => Self::Ready(ids.to_vec1()?),
+        })
+    }
+
+    /// The ids (waits for the device's copy).
+    pub fn wait(self) -> Result<Vec<u32>> {
+        match self {
+            Self::Ready(v) => Ok(v),
+            Self::Cuda(d) => d.wait(),
+        }
+    }
+}

@@ -139,7 +139,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                 let read = bench::kernels::read_gbs(&dev)?;
                 report.insert("read_gbs".into(), read.into());
                 println!(
-                    "decode attention (32 q / 8 kv heads, d 128): batch ctx, then GB/s and % of the read ceiling ({read:.0} GB/s) and µs per build (warps x stages; * the engine's), then the engine's build over an FP8 cache (fp8) and the direct FP8 builds (f8d, not the engine's)"
+                    "decode attention (32 q / 8 kv heads, d 128): batch ctx, then GB/s and % of the read ceiling ({read:.0} GB/s) and µs per build (warps x stages; * the engine's), then the widening build over an FP8 cache (fp8) and the direct FP8 builds (f8d; w2s2 is the engine's)"
                 );
                 for case in att.chunk_by(|a, b| (a.batch, a.ctx) == (b.batch, b.ctx)) {
                     let cells: Vec<String> = case

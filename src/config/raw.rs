@@ -144,6 +144,7 @@ pub struct RawEngine {
     pub kv_cache_mib: i64,
     pub gpu_memory_utilization: f64,
     pub prefix_caching: bool,
+    pub overlap: bool,
     pub gptq_kernel: GptqKernel,
     pub gptq_fused_max_m: i64,
     pub kv_cache_dtype: KvCacheDtype,

@@ -447,6 +447,7 @@ fn resolve_engine(e: &super::raw::RawEngine) -> Result<EngineSpec> {
             GptqKernel::Resident => crate::quant::GptqMode::Resident,
         },
         prefix_caching: e.prefix_caching,
+        overlap: e.overlap,
         kv_cache_dtype: e.kv_cache_dtype,
     })
 }

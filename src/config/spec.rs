@@ -316,6 +316,8 @@ pub struct EngineSpec {
     pub gpu_memory_utilization: f64,
     /// Share full prompt blocks between records.
     pub prefix_caching: bool,
+    /// Queue the next greedy step before this one's tokens reach the host.
+    pub overlap: bool,
     /// GPTQ kernel choice on CUDA (`auto` carries `gptq_fused_max_m`).
     pub gptq_kernel: crate::quant::GptqMode,
     /// How the KV cache stores keys and values.

@@ -10,6 +10,7 @@
 mod fleet;
 mod intake;
 mod logprobs;
+mod overlap;
 mod pick;
 mod rows;
 pub mod runner;
@@ -101,6 +102,8 @@ pub struct Engine {
     window: Option<usize>,
     /// Time every step's kernel classes (`runner bench --breakdown`).
     breakdown: bool,
+    /// `engine.overlap`.
+    overlap: bool,
 }
 
 impl Engine {
@@ -188,6 +191,7 @@ impl Engine {
             worker: 0,
             window: None,
             breakdown: false,
+            overlap: spec.engine.overlap,
         };
         // A job-wide constraint that does not compile fails before any record.
         if let Some(c) = &spec.generation.constraint {
@@ -285,6 +289,7 @@ impl Engine {
         let mut pipe = self.pipeline();
         pipe.logprobs = self.logprobs;
         pipe.vocab = self.model.config().vocab_size;
+        pipe.overlap = self.overlap;
         let mut intake = Intake::new(
             rx,
             &self.defaults,
@@ -367,5 +372,7 @@ fn drive(
         pipe.step(runner, sink)?;
         sink.tick()?;
     }
+    // An overlapped step still in flight: its finished rows too.
+    pipe.settle(sink)?;
     sink.flush()
 }

@@ -4,7 +4,7 @@
 
 use crate::backend::timeline::{Breakdown, Timeline};
 use crate::backend::Ops;
-use crate::model::{LogitRows, Mistral, PagedKvCache, SeqChunk};
+use crate::model::{IdPatch, LogitRows, Mistral, PagedKvCache, SeqChunk};
 use crate::scheduler::{Scheduler, StepPlan};
 use crate::Result;
 use candle_core::Tensor;
@@ -27,7 +27,19 @@ pub struct StepLogits {
 pub trait ModelRunner {
     /// Does the plan's block copies, runs its chunks through the model and
     /// returns the logits of the rows that `logit_rows` names.
-    fn execute(&mut self, plan: &StepPlan, sched: &Scheduler) -> Result<StepLogits>;
+    fn execute(&mut self, plan: &StepPlan, sched: &Scheduler) -> Result<StepLogits> {
+        self.execute_patched(plan, sched, None)
+    }
+
+    /// [`Self::execute`], with the token ids of `patch`'s rows (flattened
+    /// over the plan's chunks) taken from the device instead of the
+    /// scheduler's placeholders.
+    fn execute_patched(
+        &mut self,
+        plan: &StepPlan,
+        sched: &Scheduler,
+        patch: Option<&IdPatch>,
+    ) -> Result<StepLogits>;
 
     /// The most device memory this process's tensors took since the cache
     /// was sized (`None` where not measured: the CPU).
@@ -89,7 +101,12 @@ impl<'m> MistralRunner<'m> {
 }
 
 impl ModelRunner for MistralRunner<'_> {
-    fn execute(&mut self, plan: &StepPlan, sched: &Scheduler) -> Result<StepLogits> {
+    fn execute_patched(
+        &mut self,
+        plan: &StepPlan,
+        sched: &Scheduler,
+        patch: Option<&IdPatch>,
+    ) -> Result<StepLogits> {
         let lens: Vec<usize> = plan.chunks.iter().map(|c| c.len).collect();
         if let Some(b) = &mut self.breakdown {
             let now = Instant::now();
@@ -116,9 +133,10 @@ impl ModelRunner for MistralRunner<'_> {
             Some(_) => Timeline::on(self.model.device())?,
             None => Timeline::off(),
         };
-        let logits =
-            self.model
-                .forward_timed(&chunks, &mut self.cache, LogitRows::These(pick), &mut t)?;
+        let rows = LogitRows::These(pick);
+        let logits = self
+            .model
+            .forward_timed(&chunks, &mut self.cache, rows, patch, &mut t)?;
         if let Some(b) = &mut self.breakdown {
             b.add(&lens, t.finish()?);
         }
@@ -179,7 +197,12 @@ impl<R: ModelRunner> FaultAfter<R> {
 }
 
 impl<R: ModelRunner> ModelRunner for FaultAfter<R> {
-    fn execute(&mut self, plan: &StepPlan, sched: &Scheduler) -> Result<StepLogits> {
+    fn execute_patched(
+        &mut self,
+        plan: &StepPlan,
+        sched: &Scheduler,
+        patch: Option<&IdPatch>,
+    ) -> Result<StepLogits> {
         match &mut self.left {
             Some(0) if self.panic => panic!("injected device panic ({FAULT_ENV})"),
             Some(0) => Err(crate::Error::Device(format!(
@@ -187,9 +210,9 @@ impl<R: ModelRunner> ModelRunner for FaultAfter<R> {
             ))),
             Some(n) => {
                 *n -= 1;
-                self.inner.execute(plan, sched)
+                self.inner.execute_patched(plan, sched, patch)
             }
-            None => self.inner.execute(plan, sched),
+            None => self.inner.execute_patched(plan, sched, patch),
         }
     }
 

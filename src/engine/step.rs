@@ -2,6 +2,7 @@
 //! sampler picks -> scheduler update -> finished requests -> rows -> sink.
 
 use super::logprobs;
+use super::overlap::Inflight;
 use super::pick::{self, Picked};
 use super::rows::{ms, RowBuilder};
 use super::runner::{ModelRunner, StepLogits};
@@ -26,6 +27,11 @@ pub struct Pipeline<'a> {
     pub logprobs: usize,
     /// The logits row length (constraint masks cover it).
     pub vocab: usize,
+    /// `engine.overlap`: queue the next greedy step before this one's
+    /// tokens reach the host (`overlap`).
+    pub overlap: bool,
+    /// The overlapped step queued on the device, its ids on their way.
+    pub(super) inflight: Option<Inflight>,
     start: Instant,
     next_id: u64,
 }
@@ -40,6 +46,8 @@ impl<'a> Pipeline<'a> {
             sum: JobSummary::default(),
             logprobs: 0,
             vocab: 0,
+            overlap: false,
+            inflight: None,
             start: Instant::now(),
             next_id: 0,
         }
@@ -60,10 +68,30 @@ impl<'a> Pipeline<'a> {
 
     /// Runs one step; writes the rows of the requests it finished.
     pub fn step(&mut self, runner: &mut dyn ModelRunner, sink: &mut dyn RowSink) -> Result<()> {
+        if self.overlap {
+            return self.step_overlapped(runner, sink);
+        }
         let mut clock = PhaseClock::start();
-        let mut plan = self.sched.schedule();
-        self.mark_admitted(&plan);
+        let plan = self.schedule_step();
         clock.lap("schedule");
+        self.run_in_order(plan, runner, sink, clock)
+    }
+
+    /// The next step's plan.
+    pub(super) fn schedule_step(&mut self) -> StepPlan {
+        let plan = self.sched.schedule();
+        self.mark_admitted(&plan);
+        plan
+    }
+
+    /// Runs a planned step to its end: forward, picks, tokens, rows.
+    pub(super) fn run_in_order(
+        &mut self,
+        mut plan: StepPlan,
+        runner: &mut dyn ModelRunner,
+        sink: &mut dyn RowSink,
+        mut clock: PhaseClock,
+    ) -> Result<()> {
         let mut out = runner.execute(&plan, &self.sched)?;
         clock.skip();
         // The forward runs on the device while the host computes the
@@ -86,7 +114,7 @@ impl<'a> Pipeline<'a> {
     }
 
     /// The rows of the requests this step finished, to the sink.
-    fn write_rows(
+    pub(super) fn write_rows(
         &mut self,
         finished: Vec<(SeqId, crate::output::FinishReason)>,
         sink: &mut dyn RowSink,
@@ -169,7 +197,7 @@ impl<'a> Pipeline<'a> {
         }
     }
 
-    fn count(&mut self, plan: &StepPlan) {
+    pub(super) fn count(&mut self, plan: &StepPlan) {
         self.sum.steps += 1;
         let tokens: usize = plan.chunks.iter().map(|c| c.len).sum();
         self.sum.forward_tokens += tokens;
@@ -199,13 +227,13 @@ impl<'a> Pipeline<'a> {
 }
 
 /// Host wall time per phase of a step (`runner bench --breakdown`).
-struct PhaseClock {
+pub(super) struct PhaseClock {
     last: Instant,
-    phases: Vec<(&'static str, f64)>,
+    pub(super) phases: Vec<(&'static str, f64)>,
 }
 
 impl PhaseClock {
-    fn start() -> Self {
+    pub(super) fn start() -> Self {
         Self {
             last: Instant::now(),
             phases: Vec::with_capacity(6),
@@ -213,14 +241,14 @@ impl PhaseClock {
     }
 
     /// The time since the last lap belongs to `phase`.
-    fn lap(&mut self, phase: &'static str) {
+    pub(super) fn lap(&mut self, phase: &'static str) {
         let now = Instant::now();
         self.phases.push((phase, ms(self.last, now)));
         self.last = now;
     }
 
     /// The time since the last lap is not the host's own (the forward).
-    fn skip(&mut self) {
+    pub(super) fn skip(&mut self) {
         self.last = Instant::now();
     }
 }

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod linear;
 pub mod mistral;
+pub mod patch;
 pub mod source;
 
 pub use crate::quant::{CheckpointFormat, QuantConfig};
@@ -11,6 +12,7 @@ pub use checkpoint::Checkpoint;
 pub use mistral::{
     check_checkpoint, LoadOptions, LogitRows, Mistral, MistralConfig, PagedKvCache, SeqChunk,
 };
+pub use patch::IdPatch;
 pub use source::{resolve_model_dir, HubSettings};
 
 use crate::Result;

@@ -250,6 +250,17 @@ impl Scheduler {
         self.request_mut(id).tokens.push(token);
     }
 
+    /// Takes back the newest token (the overlapped step's placeholder,
+    /// before the sampled token replaces it).
+    pub fn pop_token(&mut self, id: SeqId) -> Option<u32> {
+        self.request_mut(id).tokens.pop()
+    }
+
+    /// Whether `id` is waiting or running (not finished).
+    pub fn contains(&self, id: SeqId) -> bool {
+        self.seqs.contains_key(&id)
+    }
+
     /// Removes a finished request, frees its blocks and hands it back.
     pub fn finish(&mut self, id: SeqId) -> Option<Request> {
         let mut req = self.seqs.remove(&id)?;
@@ -379,14 +390,22 @@ impl Scheduler {
             self.push_chunk(&mut plan, id, n);
             budget -= n;
         }
-        // Nothing could run: free room by preempting until something fits.
-        if plan.chunks.is_empty() && !self.running.is_empty() {
+        // Nothing could run: free room by preempting until something fits
+        // (not when every running sequence waits for a token still on its
+        // way: the overlapped step's last tokens by length).
+        if plan.chunks.is_empty() && self.running.iter().any(|id| self.has_work(*id)) {
             self.preempt_youngest(&mut plan);
             let mut more = self.schedule();
             more.preempted.splice(0..0, plan.preempted);
             return more;
         }
         plan
+    }
+
+    /// Whether `id` has tokens to compute.
+    fn has_work(&self, id: SeqId) -> bool {
+        let s = &self.seqs[&id];
+        s.tokens.len() > s.computed
     }
 
     /// Whether a running sequence is still computing the prompt prefix that

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// 44 records of mixed lengths (some past the 64-token sliding window).
-fn mixed_prompts(dir: &Path) {
+pub fn mixed_prompts(dir: &Path) {
     let words = [
         "alpha", "bravo", "charlie", "delta", "echo", "fox", "golf", "hotel", "india",
     ];
@@ -22,7 +22,22 @@ fn mixed_prompts(dir: &Path) {
 }
 
 fn run(dir: &Path, model: &str, input: &str, sets: &[&str]) -> (BTreeMap<String, Row>, String) {
-    let out = dir.join(format!("out-{}", sets.join("_").replace(['=', '.'], "-")));
+    run_as(dir, model, input, "f32", sets)
+}
+
+/// `runner submit` of `input` with `model.dtype = dtype` and `sets`: rows by
+/// id, and the log.
+pub fn run_as(
+    dir: &Path,
+    model: &str,
+    input: &str,
+    dtype: &str,
+    sets: &[&str],
+) -> (BTreeMap<String, Row>, String) {
+    let out = dir.join(format!(
+        "out-{}",
+        sets.join("_").replace(['=', '.', ':'], "-")
+    ));
     let job = write_job(
         dir,
         &fixtures().join(model),
@@ -36,7 +51,7 @@ fn run(dir: &Path, model: &str, input: &str, sets: &[&str]) -> (BTreeMap<String,
         "submit".to_string(),
         job.to_str().unwrap().to_string(),
         "--set".into(),
-        "model.dtype=f32".into(),
+        format!("model.dtype={dtype}"),
     ];
     for s in sets {
         args.push("--set".into());
@@ -51,7 +66,7 @@ fn run(dir: &Path, model: &str, input: &str, sets: &[&str]) -> (BTreeMap<String,
     )
 }
 
-fn field(log: &str, key: &str) -> u64 {
+pub fn field(log: &str, key: &str) -> u64 {
     let i = log
         .rfind(&format!("{key}="))
         .unwrap_or_else(|| panic!("no {key} in log:\n{log}"));
@@ -100,6 +115,59 @@ fn greedy_outputs_do_not_depend_on_batching_chunking_or_preemption() {
         );
         assert_eq!(a.token_ids, b.token_ids, "record {id}");
     }
+    assert!(
+        field(&log, "preemptions") > 0,
+        "the small cache must force preemption:\n{log}"
+    );
+}
+
+/// The settings of a small, preempting engine, and the greedy rows of the
+/// mixed prompts with `engine.overlap` off and on.
+pub fn overlap_off_and_on(
+    dir: &Path,
+    model: &str,
+    dtype: &str,
+    device: &[&str],
+) -> [(BTreeMap<String, Row>, String); 2] {
+    mixed_prompts(dir);
+    let base = [
+        "engine.max_num_seqs=16",
+        "engine.max_batch_tokens=24",
+        "engine.num_blocks=16",
+        "engine.block_size=8",
+    ];
+    ["engine.overlap=false", "engine.overlap=true"].map(|o| {
+        let sets: Vec<&str> = base.iter().chain(device).chain([&o]).copied().collect();
+        run_as(dir, model, "mixed.jsonl", dtype, &sets)
+    })
+}
+
+/// Asserts the same rows (status ok, tokens, finish reasons) in both runs.
+pub fn assert_same_rows(off: &BTreeMap<String, Row>, on: &BTreeMap<String, Row>) {
+    assert_eq!(off.len(), 44);
+    assert_eq!(
+        off.keys().collect::<Vec<_>>(),
+        on.keys().collect::<Vec<_>>()
+    );
+    for (id, a) in off {
+        let b = &on[id];
+        assert_eq!(
+            (a.status.as_str(), b.status.as_str()),
+            ("ok", "ok"),
+            "record {id}: {:?}",
+            b.error
+        );
+        assert_eq!(a.token_ids, b.token_ids, "record {id}");
+        assert_eq!(a.finish_reason, b.finish_reason, "record {id}");
+        assert_eq!(a.completion, b.completion, "record {id}");
+    }
+}
+
+#[test]
+fn overlapped_steps_give_the_in_order_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let [(off, _), (on, log)] = overlap_off_and_on(tmp.path(), ALL_MODELS[1], "f32", &[]);
+    assert_same_rows(&off, &on);
     assert!(
         field(&log, "preemptions") > 0,
         "the small cache must force preemption:\n{log}"

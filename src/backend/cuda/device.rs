@@ -125,3 +125,93 @@ impl Event {
             .map_err(|e| Error::Device(format!("cuda: event timing failed: {e}")))
     }
 }
+
+type Pinned = candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>;
+
+thread_local! {
+    /// Page-locked buffers of finished downloads, for the next ones
+    /// (pinning host memory costs more than the copy of a step's ids).
+    static PINNED: std::cell::RefCell<Vec<Pinned>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A copy of a u32 tensor to page-locked host memory, queued on the
+/// device's stream: it completes when the work queued before it has run,
+/// so the host can queue more work and read the ids later.
+pub struct Download {
+    host: Option<Pinned>,
+    done: candle_core::cuda_backend::cudarc::driver::CudaEvent,
+    n: usize,
+    /// The source stays alive until the copy has run.
+    _src: candle_core::Tensor,
+}
+
+impl std::fmt::Debug for Download {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Download({} ids)", self.n)
+    }
+}
+
+/// Queues the copy of `ids` (u32) to the host.
+pub fn start_download(ids: &candle_core::Tensor) -> Result<Download> {
+    let ids = ids.contiguous()?;
+    let n = ids.elem_count();
+    let d = super::device_of(&ids)?;
+    let stream = d.cuda_stream();
+    let ctx = stream.context().clone();
+    let err = |e| Error::Device(format!("cuda: cannot copy {n} ids to the host: {e}"));
+    let reused = PINNED.with(|p| {
+        let mut p = p.borrow_mut();
+        let at = p.iter().position(|b| b.len() >= n)?;
+        Some(p.swap_remove(at))
+    });
+    let mut host = match reused {
+        Some(b) => b,
+        // SAFETY: the buffer is written by a copy before it is read
+        // (`Download::wait` waits for the copy's event first).
+        None => unsafe { ctx.alloc_pinned_with_flags::<u32>(n.max(1024), 0) }.map_err(err)?,
+    };
+    if n > 0 {
+        let src = super::ptr::<u32>(&ids)?;
+        let dst = host.as_mut_ptr().map_err(err)?;
+        // SAFETY: `src` is the address of `n` live u32 on this stream's
+        // device (the tensor stays in the Download until the copy has run),
+        // `dst` is page-locked host memory of at least `n` u32 that nothing
+        // else uses until the Download is dropped, which first waits for
+        // the copy's event; the copy is queued on the stream that writes
+        // `src`, after that work.
+        unsafe { sys::cuMemcpyDtoHAsync_v2(dst.cast(), src, n * 4, stream.cu_stream()) }
+            .result()
+            .map_err(err)?;
+    }
+    let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+    let done = stream.record_event(Some(flags)).map_err(err)?;
+    Ok(Download {
+        host: Some(host),
+        done,
+        n,
+        _src: ids,
+    })
+}
+
+impl Download {
+    /// The ids, once the copy has run.
+    pub fn wait(self) -> Result<Vec<u32>> {
+        let n = self.n;
+        let err = |e| Error::Device(format!("cuda: waiting for {n} ids failed: {e}"));
+        self.done.synchronize().map_err(err)?;
+        let host = self.host.as_ref().expect("a download holds its buffer");
+        Ok(host.as_slice().map_err(err)?[..n].to_vec())
+    }
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        // The copy may still be running into the buffer: wait before it is
+        // reused or freed.
+        if self.done.synchronize().is_ok() {
+            if let Some(b) = self.host.take() {
+                PINNED.with(|p| p.borrow_mut().push(b));
+            }
+        }
+    }
+}

@@ -69,7 +69,7 @@ impl DecodeVariant {
 
 impl DecodeVariant {
     /// The direct FP8 builds (DECODE_F8's `f8d`; 2 warps, so one order of
-    /// sums whatever the stages).
+    /// sums whatever the stages); the first is the engine's.
     pub const FP8_DIRECT: [DecodeVariant; 2] = [
         DecodeVariant {
             warps: 2,
@@ -81,7 +81,8 @@ impl DecodeVariant {
         },
     ];
 
-    /// The widening FP8 build (DECODE_F8's `f8`): the engine's.
+    /// The widening FP8 build (DECODE_F8's `f8`: bit-identical to the f16
+    /// build over the widened values; the tests' and benches' twin).
     pub const FP8_WIDEN: [DecodeVariant; 1] = [DecodeVariant::ALL[0]];
 
     /// The builds there are for reading `cache`: every f16 build, the

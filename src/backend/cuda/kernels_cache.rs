@@ -43,7 +43,7 @@ pub struct CacheLayer<'a> {
     /// FP8: decode through the direct builds (`paged_decode_*f8d_*`: the
     /// codes converted into the mma fragments as they are, the scales
     /// applied to the scores and to P; not bit-identical to the widening
-    /// builds, and not yet the engine's). Flash prefill always widens.
+    /// builds; the engine's, `CudaKv::attend`). Flash prefill always widens.
     pub direct: bool,
 }
 

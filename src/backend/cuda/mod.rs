@@ -12,7 +12,7 @@ mod sample;
 pub use attention::{CudaKv, GpuBatch};
 pub use device::{
     device_count, mem_info, memory_usage, record_event, reset_memory_peak, single_stream_device,
-    Event,
+    start_download, Download, Event,
 };
 pub use kernels_attention::{
     flash_prefill, paged_decode, paged_decode_into, paged_decode_with, prefill_tiles, DecodeIo,

@@ -9,6 +9,7 @@ use super::update::StopRule;
 use super::{drive, Pipeline, Prepared, Tokenized};
 use crate::config::{GenerationParams, ScoringSpec};
 use crate::input::InputRecord;
+use crate::model::IdPatch;
 use crate::output::{FinishReason, OutputRow, RowStatus};
 use crate::prompt::Decoder;
 use crate::scheduler::{Scheduler, SchedulerConfig, StepPlan};
@@ -17,6 +18,7 @@ use crate::Result;
 use candle_core::{Device, Tensor};
 
 mod logprobs;
+mod overlap;
 mod samples;
 
 const VOCAB: usize = 32;
@@ -61,20 +63,60 @@ fn fake_logits(history: &[u32]) -> Vec<f32> {
 struct FakeRunner {
     tokens_run: usize,
     eos_after: Option<usize>,
+    /// EOS tops every generated position whose history sums to a multiple
+    /// of this (stops at varied lengths).
+    eos_sum_mod: Option<u64>,
+    /// Rows whose token came from the device (an overlapped step's patch).
+    patched: usize,
 }
 
 impl ModelRunner for FakeRunner {
-    fn execute(&mut self, plan: &StepPlan, sched: &Scheduler) -> Result<StepLogits> {
+    fn execute_patched(
+        &mut self,
+        plan: &StepPlan,
+        sched: &Scheduler,
+        patch: Option<&IdPatch>,
+    ) -> Result<StepLogits> {
         let (_, spans) = logit_rows(plan, sched);
+        let patched: Vec<(u32, u32)> = match patch {
+            Some(p) => {
+                let ids = p.ids.to_vec1::<u32>()?;
+                p.rows
+                    .iter()
+                    .zip(&p.src)
+                    .map(|(&r, &s)| (r, ids[s as usize]))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        self.patched += patched.len();
         let mut data = Vec::new();
+        let mut offset = 0;
         for c in &plan.chunks {
             let req = sched.request(c.seq);
+            let mut tokens = req.tokens().to_vec();
+            for &(row, id) in &patched {
+                if (offset..offset + c.len).contains(&(row as usize)) {
+                    tokens[c.start + row as usize - offset] = id;
+                }
+            }
+            assert!(
+                !tokens[..c.start + c.len].contains(&u32::MAX),
+                "a placeholder reached the model"
+            );
+            offset += c.len;
             let (from, to) = req.logit_rows(c.start, c.len);
             for pos in c.start + from..c.start + to {
-                let history = &req.tokens()[..=pos];
+                let history = &tokens[..=pos];
                 let mut row = fake_logits(history);
                 if self.eos_after.is_some()
                     && self.eos_after == history.len().checked_sub(req.prompt_len())
+                {
+                    row[EOS as usize] = 10.0;
+                }
+                let sum = history.iter().map(|&t| t as u64).sum::<u64>();
+                if history.len() > req.prompt_len()
+                    && self.eos_sum_mod.is_some_and(|m| sum % m == 0)
                 {
                     row[EOS as usize] = 10.0;
                 }
@@ -137,6 +179,7 @@ struct Opts {
     include_stop_str: bool,
     logprobs: usize,
     prompt_logprobs: bool,
+    overlap: bool,
 }
 
 fn run_with(
@@ -172,6 +215,7 @@ fn run_with(
     let mut pipe = Pipeline::new(cfg, stops, rows);
     pipe.logprobs = opts.logprobs;
     pipe.vocab = VOCAB;
+    pipe.overlap = opts.overlap;
     let (tx, rx) = std::sync::mpsc::sync_channel(items.len().max(1));
     for it in items {
         tx.send(Ok(it)).unwrap();

@@ -11,6 +11,7 @@ pub use config::MistralConfig;
 
 use super::checkpoint::Checkpoint;
 use super::linear::{GptqMode, Linear, LinearSpec, Proj, RandomGptq};
+use super::patch::IdPatch;
 use crate::backend::timeline::Timeline;
 use crate::backend::{AttnIn, KvShape, LayerTarget, Ops};
 use crate::quant::QuantConfig;
@@ -350,7 +351,7 @@ impl Mistral {
         cache: &mut PagedKvCache,
         rows: LogitRows<'_>,
     ) -> Result<Tensor> {
-        self.forward_timed(chunks, cache, rows, &mut Timeline::off())
+        self.forward_timed(chunks, cache, rows, None, &mut Timeline::off())
     }
 
     /// [`Self::forward`], marking the end of each kernel class on `t`:
@@ -358,12 +359,13 @@ impl Mistral {
     /// (RMSNorm with the residual add), `gemm_qkv`, `rope`, `attention`
     /// (the cache write and attention), `gemm_o`, `gemm_gate_up`,
     /// `silu_mul`, `gemm_down`, then `logits` (row pick, final norm, LM
-    /// head).
+    /// head). `patch` names the rows whose token is still on the device.
     pub fn forward_timed(
         &self,
         chunks: &[SeqChunk<'_>],
         cache: &mut PagedKvCache,
         rows: LogitRows<'_>,
+        patch: Option<&IdPatch>,
         t: &mut Timeline,
     ) -> Result<Tensor> {
         let batch = cache.prepare(chunks, &self.device)?;
@@ -372,7 +374,10 @@ impl Mistral {
             .flat_map(|c| c.tokens.iter().copied())
             .collect();
         let total = ids.len();
-        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let mut ids = Tensor::from_vec(ids, total, &self.device)?;
+        if let Some(p) = patch {
+            ids = p.apply(&ids)?;
+        }
         let mut x = self.embed.index_select(&ids, 0)?;
         let rope = self.ops.rope_rows(&self.cos, &self.sin, &batch.positions)?;
         t.mark("batch")?;

@@ -11,6 +11,7 @@ use runner::model::linear::{RandomGptq, TiledGptq};
 
 mod attention;
 mod kv_fp8;
+mod overlap;
 mod sampler;
 
 fn gpu() -> Device {
