@@ -81,6 +81,61 @@ impl Timeline {
     }
 }
 
+/// The device's idle time between forwards, measured without waiting for
+/// it (`RUNNER_GPU_GAPS=1`, a diagnostic): an event where each forward
+/// starts and one where it ends, read when the run is over. The time from
+/// one forward's end to the next one's start is the pick (a few
+/// microseconds of device work) and whatever the device waited for the
+/// host.
+pub struct GapMeter {
+    dev: Device,
+    open: Option<Stamp>,
+    steps: Vec<(Stamp, Stamp)>,
+}
+
+/// The variable that turns the [`GapMeter`] on.
+pub const GAPS_ENV: &str = "RUNNER_GPU_GAPS";
+
+impl GapMeter {
+    /// A meter on `dev` when the environment asks for one.
+    pub fn from_env(dev: &Device) -> Option<Self> {
+        std::env::var(GAPS_ENV)
+            .is_ok_and(|v| v == "1")
+            .then(|| Self {
+                dev: dev.clone(),
+                open: None,
+                steps: Vec::new(),
+            })
+    }
+
+    /// A forward is about to be queued.
+    pub fn begin(&mut self) -> Result<()> {
+        self.open = Some(Stamp::now(&self.dev)?);
+        Ok(())
+    }
+
+    /// The forward begun last is queued.
+    pub fn end(&mut self) -> Result<()> {
+        if let Some(start) = self.open.take() {
+            self.steps.push((start, Stamp::now(&self.dev)?));
+        }
+        Ok(())
+    }
+
+    /// (forwards, their device milliseconds, the milliseconds between
+    /// them); waits for the device.
+    pub fn totals(&self) -> Result<(usize, f64, f64)> {
+        let (mut busy, mut gaps) = (0.0, 0.0);
+        for (i, (a, b)) in self.steps.iter().enumerate() {
+            busy += a.ms_until(b)?;
+            if let Some((next, _)) = self.steps.get(i + 1) {
+                gaps += b.ms_until(next)?;
+            }
+        }
+        Ok((self.steps.len(), busy, gaps))
+    }
+}
+
 /// Device time per kernel class, added up over the steps of each kind.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Breakdown {

@@ -4,7 +4,8 @@
 //! and schedules. A greedy token goes from step n's argmax straight into
 //! step n + 1's embedding ([`IdPatch`]); until its id arrives, the
 //! sequence holds [`PLACEHOLDER`] in its tokens. A sequence that step n
-//! finishes by length is not scheduled again; one that it finishes by a
+//! finishes by length is retired when n is queued (step n + 1 admits in
+//! its place); one that it finishes by a
 //! stop token or string has run one step too many, whose token is
 //! dropped. A step that needs the host between its forward and its pick
 //! (sampling, penalties, constraints, forks, log-probabilities, scoring,
@@ -105,8 +106,8 @@ impl Pipeline<'_> {
         self.count(&plan);
         self.resolve(sink)?;
         clock.lap("update");
-        let (rows, placed) = self.hold_places(&plan, &out);
         self.sched.commit(&plan);
+        let (rows, placed) = self.hold_places(&plan, &out);
         clock.lap("commit");
         self.inflight = Some(Inflight {
             plan,
@@ -170,8 +171,9 @@ impl Pipeline<'_> {
 
     /// Per chunk of a step just queued: its row of the greedy ids (each
     /// live generation chunk that samples) and whether a placeholder now
-    /// holds its token's place (not for a sequence's last token by length,
-    /// which is appended when it arrives).
+    /// holds its token's place; a sequence whose token this is its last by
+    /// length is retired instead (its slot and blocks go to the next
+    /// step's admissions; the token is appended when it arrives).
     fn hold_places(&mut self, plan: &StepPlan, out: &StepLogits) -> (Vec<Option<u32>>, Vec<bool>) {
         let n = plan.chunks.len();
         let (mut rows, mut placed) = (vec![None; n], vec![false; n]);
@@ -184,7 +186,9 @@ impl Pipeline<'_> {
             let req = self.sched.request(c.seq);
             let last = req.generated().len() + 1 >= req.params.max_new_tokens
                 || req.tokens().len() + 1 >= self.stops.ctx;
-            if !last {
+            if last {
+                self.sched.retire(c.seq);
+            } else {
                 self.sched.push_token(c.seq, PLACEHOLDER);
                 placed[i] = true;
             }

@@ -2,7 +2,7 @@
 //! the logits rows the step's requests asked for. It owns the device-side
 //! state of a batch (the paged KV cache; CUDA graphs will live here).
 
-use crate::backend::timeline::{Breakdown, Timeline};
+use crate::backend::timeline::{Breakdown, GapMeter, Timeline};
 use crate::backend::Ops;
 use crate::model::{IdPatch, LogitRows, Mistral, PagedKvCache, SeqChunk};
 use crate::scheduler::{Scheduler, StepPlan};
@@ -80,6 +80,8 @@ pub struct MistralRunner<'m> {
     breakdown: Option<Breakdown>,
     /// When the last timed step started, and its kind.
     last_step: Option<(Instant, &'static str)>,
+    /// The device's idle time between forwards (`RUNNER_GPU_GAPS=1`).
+    gaps: Option<GapMeter>,
 }
 
 impl<'m> MistralRunner<'m> {
@@ -90,6 +92,7 @@ impl<'m> MistralRunner<'m> {
             model,
             breakdown: None,
             last_step: None,
+            gaps: GapMeter::from_env(model.device()),
         })
     }
 
@@ -114,6 +117,9 @@ impl ModelRunner for MistralRunner<'_> {
                 b.add_period(kind, (now - t0).as_secs_f64() * 1e3);
             }
             self.last_step = Some((now, Breakdown::kind(&lens)));
+        }
+        if let Some(g) = &mut self.gaps {
+            g.begin()?;
         }
         self.cache.copy_blocks(&plan.copies)?;
         let chunks: Vec<SeqChunk<'_>> = plan
@@ -140,6 +146,9 @@ impl ModelRunner for MistralRunner<'_> {
         if let Some(b) = &mut self.breakdown {
             b.add(&lens, t.finish()?);
         }
+        if let Some(g) = &mut self.gaps {
+            g.end()?;
+        }
         Ok(StepLogits {
             logits,
             spans,
@@ -158,6 +167,24 @@ impl ModelRunner for MistralRunner<'_> {
     fn note_host(&mut self, phases: &[(&'static str, f64)]) {
         if let (Some(b), Some((_, kind))) = (&mut self.breakdown, self.last_step) {
             b.add_host(kind, phases);
+        }
+    }
+}
+
+impl Drop for MistralRunner<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = &self.gaps {
+            match g.totals() {
+                Ok((steps, busy_ms, gap_ms)) => {
+                    tracing::info!(
+                        steps,
+                        busy_ms,
+                        gap_ms,
+                        "device time of the forwards and between them"
+                    )
+                }
+                Err(e) => tracing::warn!("the gap meter failed: {e}"),
+            }
         }
     }
 }

@@ -256,6 +256,20 @@ impl Scheduler {
         self.request_mut(id).tokens.pop()
     }
 
+    /// Frees the slot and blocks of a running sequence whose last token
+    /// is queued on the device (the overlapped step: it finishes by length
+    /// when the token arrives), so that the next step can admit in its
+    /// place; it stays known until [`Self::finish`]. Work queued later
+    /// reuses its blocks after the device has run the step that reads
+    /// them (one stream).
+    pub fn retire(&mut self, id: SeqId) {
+        let s = self.seqs.get_mut(&id).expect("known sequence");
+        if let Some(t) = s.table.take() {
+            self.alloc.free(t);
+        }
+        self.running.retain(|&r| r != id);
+    }
+
     /// Whether `id` is waiting or running (not finished).
     pub fn contains(&self, id: SeqId) -> bool {
         self.seqs.contains_key(&id)

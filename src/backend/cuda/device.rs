@@ -166,9 +166,12 @@ pub fn start_download(ids: &candle_core::Tensor) -> Result<Download> {
     });
     let mut host = match reused {
         Some(b) => b,
-        // SAFETY: the buffer is written by a copy before it is read
-        // (`Download::wait` waits for the copy's event first).
-        None => unsafe { ctx.alloc_pinned_with_flags::<u32>(n.max(1024), 0) }.map_err(err)?,
+        None => {
+            let flags = sys::CU_MEMHOSTALLOC_PORTABLE; // any context of the process
+                                                       // SAFETY: the buffer is written by a copy before it is read
+                                                       // (`Download::wait` waits for the copy's event first).
+            unsafe { ctx.alloc_pinned_with_flags::<u32>(n.max(1024), flags) }.map_err(err)?
+        }
     };
     if n > 0 {
         let src = super::ptr::<u32>(&ids)?;
