@@ -8,8 +8,9 @@
 //! its place); one that it finishes by a
 //! stop token or string has run one step too many, whose token is
 //! dropped. A step that needs the host between its forward and its pick
-//! (sampling, penalties, constraints, forks, log-probabilities, scoring,
-//! `min_new_tokens` still masking) runs in order, after the step in flight.
+//! (sampling, penalties, constraints, forks, log-probabilities, the job's
+//! or a record's own, scoring, `min_new_tokens` still masking) runs in
+//! order, after the step in flight.
 
 use super::pick::Picked;
 use super::runner::{ModelRunner, StepLogits};
@@ -132,6 +133,7 @@ impl Pipeline<'_> {
                     && (!c.samples
                         || p.temperature == 0.0
                             && p.repetition_penalty == 1.0
+                            && p.logprobs.is_none()
                             && r.guide.is_none()
                             && r.fork_indices().is_empty()
                             && r.generated().len() >= p.min_new_tokens)

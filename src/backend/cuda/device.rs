@@ -187,7 +187,15 @@ pub fn start_download(ids: &candle_core::Tensor) -> Result<Download> {
             .map_err(err)?;
     }
     let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
-    let done = stream.record_event(Some(flags)).map_err(err)?;
+    let done = match stream.record_event(Some(flags)) {
+        Ok(e) => e,
+        Err(e) => {
+            // The copy may be queued: wait for the stream before the buffer
+            // is freed with this error.
+            let _ = stream.synchronize();
+            return Err(err(e));
+        }
+    };
     Ok(Download {
         host: Some(host),
         done,

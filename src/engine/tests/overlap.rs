@@ -119,3 +119,42 @@ fn records_that_need_the_host_run_in_order_between_overlapped_ones() {
     assert!(patched > 0, "no step ran overlapped");
     assert_eq!(off, on);
 }
+
+#[test]
+fn a_records_own_logprobs_keep_its_steps_in_order() {
+    // Greedy records asking for log-probabilities themselves (an OpenAI
+    // Batch record's `logprobs`), beside greedy records that do not.
+    let ps = prompts(6, 5);
+    let items = || {
+        (0..ps.len())
+            .map(|i| {
+                let mut p = params(8);
+                p.logprobs = (i % 2 == 0).then_some(2);
+                let tok = Tokenized {
+                    tokens: ps[i].clone(),
+                    prompt_len: ps[i].len(),
+                };
+                (record(i, p), Ok(tok))
+            })
+            .collect::<Vec<Prepared>>()
+    };
+    let mut by_mode = Vec::new();
+    for overlap in [false, true] {
+        let opts = Opts {
+            overlap,
+            ..Default::default()
+        };
+        let cfg = SchedulerConfig::tiny(200, 2, 64);
+        let (mut rows, _) = run_with(items(), cfg, &mut FakeRunner::default(), opts);
+        rows.sort_by(|a, b| a.id.cmp(&b.id));
+        by_mode.push(rows);
+    }
+    for (a, b) in by_mode[0].iter().zip(&by_mode[1]) {
+        assert_eq!(a.completion_token_ids, b.completion_token_ids, "{}", a.id);
+        assert_eq!(a.logprobs, b.logprobs, "{}", a.id);
+        if a.input_row % 2 == 0 {
+            let lp = a.logprobs.as_ref().expect("asked for log-probabilities");
+            assert_eq!(lp.chosen.len(), a.completion_token_ids.len(), "{}", a.id);
+        }
+    }
+}
