@@ -185,10 +185,7 @@ impl Pipeline<'_> {
                 continue;
             }
             rows[i] = Some((first + count - 1) as u32);
-            let req = self.sched.request(c.seq);
-            let last = req.generated().len() + 1 >= req.params.max_new_tokens
-                || req.tokens().len() + 1 >= self.stops.ctx;
-            if last {
+            if self.stops.length_reached(self.sched.request(c.seq), 1) {
                 self.sched.retire(c.seq);
             } else {
                 self.sched.push_token(c.seq, PLACEHOLDER);

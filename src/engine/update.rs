@@ -44,10 +44,17 @@ impl StopRule<'_> {
                 return Ok(Some(FinishReason::Stop));
             }
         }
-        if generated.len() >= p.max_new_tokens || req.tokens().len() >= self.ctx {
+        if self.length_reached(req, 0) {
             return Ok(Some(FinishReason::Length));
         }
         Ok(None)
+    }
+
+    /// Whether `req` is at its length limit (`max_new_tokens` or the
+    /// context) once `ahead` more tokens are appended.
+    pub fn length_reached(&self, req: &Request, ahead: usize) -> bool {
+        req.generated().len() + ahead >= req.params.max_new_tokens
+            || req.tokens().len() + ahead >= self.ctx
     }
 
     /// EOS (unless ignored) or one of the record's `stop_token_ids`.

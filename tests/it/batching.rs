@@ -89,40 +89,25 @@ fn greedy_outputs_do_not_depend_on_batching_chunking_or_preemption() {
         "mixed.jsonl",
         &["engine.max_num_seqs=1", "engine.prefix_caching=false"],
     );
-    let (many, log) = run(
-        tmp.path(),
-        model,
-        "mixed.jsonl",
-        &[
-            "engine.max_num_seqs=16",
-            "engine.max_batch_tokens=24",
-            "engine.num_blocks=16",
-            "engine.block_size=8",
-        ],
-    );
-    assert_eq!(one.len(), 44);
-    assert_eq!(
-        one.keys().collect::<Vec<_>>(),
-        many.keys().collect::<Vec<_>>()
-    );
-    for (id, a) in &one {
-        let b = &many[id];
-        assert_eq!(
-            (a.status.as_str(), b.status.as_str()),
-            ("ok", "ok"),
-            "record {id}: {:?}",
-            b.error
-        );
-        assert_eq!(a.token_ids, b.token_ids, "record {id}");
-    }
+    let (many, log) = run(tmp.path(), model, "mixed.jsonl", &SMALL_ENGINE);
+    assert_same_rows(&one, &many);
     assert!(
         field(&log, "preemptions") > 0,
         "the small cache must force preemption:\n{log}"
     );
 }
 
-/// The settings of a small, preempting engine, and the greedy rows of the
-/// mixed prompts with `engine.overlap` off and on.
+/// A small engine that batches, chunks prefills and preempts on the mixed
+/// prompts.
+const SMALL_ENGINE: [&str; 4] = [
+    "engine.max_num_seqs=16",
+    "engine.max_batch_tokens=24",
+    "engine.num_blocks=16",
+    "engine.block_size=8",
+];
+
+/// The greedy rows of the mixed prompts through [`SMALL_ENGINE`] with
+/// `engine.overlap` off and on.
 pub fn overlap_off_and_on(
     dir: &Path,
     model: &str,
@@ -130,19 +115,19 @@ pub fn overlap_off_and_on(
     device: &[&str],
 ) -> [(BTreeMap<String, Row>, String); 2] {
     mixed_prompts(dir);
-    let base = [
-        "engine.max_num_seqs=16",
-        "engine.max_batch_tokens=24",
-        "engine.num_blocks=16",
-        "engine.block_size=8",
-    ];
     ["engine.overlap=false", "engine.overlap=true"].map(|o| {
-        let sets: Vec<&str> = base.iter().chain(device).chain([&o]).copied().collect();
+        let sets: Vec<&str> = SMALL_ENGINE
+            .iter()
+            .chain(device)
+            .chain([&o])
+            .copied()
+            .collect();
         run_as(dir, model, "mixed.jsonl", dtype, &sets)
     })
 }
 
-/// Asserts the same rows (status ok, tokens, finish reasons) in both runs.
+/// Asserts the same 44 rows in both runs: status ok, tokens, finish
+/// reasons and completions.
 pub fn assert_same_rows(off: &BTreeMap<String, Row>, on: &BTreeMap<String, Row>) {
     assert_eq!(off.len(), 44);
     assert_eq!(

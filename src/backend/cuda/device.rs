@@ -167,9 +167,10 @@ pub fn start_download(ids: &candle_core::Tensor) -> Result<Download> {
     let mut host = match reused {
         Some(b) => b,
         None => {
-            let flags = sys::CU_MEMHOSTALLOC_PORTABLE; // any context of the process
-                                                       // SAFETY: the buffer is written by a copy before it is read
-                                                       // (`Download::wait` waits for the copy's event first).
+            // Portable: page-locked for every context of the process.
+            let flags = sys::CU_MEMHOSTALLOC_PORTABLE;
+            // SAFETY: the buffer is written by a copy before it is read
+            // (`Download::wait` waits for the copy's event first).
             unsafe { ctx.alloc_pinned_with_flags::<u32>(n.max(1024), flags) }.map_err(err)?
         }
     };

@@ -101,7 +101,7 @@ impl ModelRunner for FakeRunner {
                 }
             }
             assert!(
-                !tokens[..c.start + c.len].contains(&u32::MAX),
+                !tokens[..c.start + c.len].contains(&super::overlap::PLACEHOLDER),
                 "a placeholder reached the model"
             );
             offset += c.len;
