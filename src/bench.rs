@@ -130,7 +130,21 @@ pub fn engine(spec: &JobSpec, tokenizer_dir: &Path) -> Result<Engine> {
         gptq_mode: spec.engine.gptq_kernel,
         kv_fp8: spec.engine.kv_cache_dtype == crate::config::KvCacheDtype::Fp8,
     };
+    let used = |dev: &candle_core::Device| {
+        dev.is_cuda()
+            .then(|| crate::cuda::memory_usage(dev).ok())
+            .flatten()
+            .map(|u| u.0)
+    };
+    let before = used(&opts.device);
     let model = Mistral::dummy(&cfg, quant.as_ref(), &opts, 0x5eed)?;
+    if let (Some(a), Some(b)) = (before, used(&opts.device)) {
+        tracing::info!(
+            gptq_kernel = ?spec.engine.gptq_kernel,
+            "model weights on the device: {:.2} GB",
+            b.saturating_sub(a) as f64 / 1e9
+        );
+    }
     let prompter = Prompter::load(tokenizer_dir, &cfg.eos_token_ids)?;
     Ok(Engine::assemble(model, prompter, spec)?.0)
 }

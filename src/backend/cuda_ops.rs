@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 pub struct CudaOps;
 
 impl CudaOps {
+    /// `resident` and `auto` keep an f16 copy beside the packed weight.
     fn place(mut g: cuda::GptqGpu, mode: GptqMode) -> Result<LinearWeight> {
         if matches!(mode, GptqMode::Resident | GptqMode::Auto { .. }) {
             g.make_resident()?;

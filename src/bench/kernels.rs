@@ -97,6 +97,11 @@ pub struct GemmRow {
     /// M >= 16: the large-M product (permute + `gptq_tiled`, not yet used
     /// by the engine), device µs per call.
     pub tiled_dev_us: Option<f64>,
+    /// M >= 32 on Hopper: the warpgroup product on packed weights (permute
+    /// + `gptq_wg`, its default launch), device µs per call.
+    pub wg_dev_us: Option<f64>,
+    /// Its launch choices and their device µs.
+    pub wg_variants: Vec<(cuda::WgLaunch, Option<f64>)>,
 }
 
 /// Mistral-7B's linear shapes (K, N), and the two products the engine
@@ -164,6 +169,11 @@ pub fn gemm_table(
             } else {
                 None
             };
+            let (wg_dev_us, wg_variants) = if m >= 32 && cuda::GptqGpu::wg_available(&cd) {
+                wg_times(&g, &x, iters)?
+            } else {
+                (None, Vec::new())
+            };
             let mut variants = Vec::new();
             if m <= 16 {
                 for stage in [0u8, 1] {
@@ -196,10 +206,42 @@ pub fn gemm_table(
                 dev_speedup: fdev.zip(cdev).map(|(f, c)| c / f),
                 fused_dev_gbs: fdev.map(|f| bytes / f / 1e3),
                 tiled_dev_us: tdev,
+                wg_dev_us,
+                wg_variants,
             });
         }
     }
     Ok(rows)
+}
+
+/// Device µs of the warpgroup product's default launch, and of each built
+/// shape with its default K split and with none.
+fn wg_times(
+    g: &GptqGpu,
+    x: &Tensor,
+    iters: usize,
+) -> Result<(Option<f64>, Vec<(cuda::WgLaunch, Option<f64>)>)> {
+    let dev = x.device().clone();
+    let cd = cuda::cuda(&dev)?;
+    let m = x.dim(0)?;
+    let us = |t: Option<f64>| t.map(|t| t * 1e6);
+    let default = us(cuda::graph_time(&dev, iters, || {
+        g.wg(x)?;
+        Ok(())
+    })?);
+    let mut variants = Vec::new();
+    for (bm, nw) in cuda::WG_SHAPES {
+        let auto = g.wg_splits(&cd, m, bm, nw);
+        for splits in if auto > 1 { vec![auto, 1] } else { vec![1] } {
+            let launch = cuda::WgLaunch { bm, nw, splits };
+            let t = cuda::graph_time(&dev, iters, || {
+                g.wg_tuned(x, launch)?;
+                Ok(())
+            })?;
+            variants.push((launch, us(t)));
+        }
+    }
+    Ok((default, variants))
 }
 
 /// One decode-attention measurement.

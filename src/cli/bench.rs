@@ -15,6 +15,10 @@ pub struct BenchArgs<'a> {
     pub tokenizer: &'a Path,
     /// Also run the kernel benches (CUDA).
     pub kernels: bool,
+    /// With `kernels`: the GPTQ products only.
+    pub gemm_only: bool,
+    /// With `kernels`: the GPTQ products' token counts (empty: the default).
+    pub gemm_m: &'a [usize],
     /// Time the workloads' kernel classes.
     pub breakdown: bool,
     /// Write the results here as JSON.
@@ -35,7 +39,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
     #[allow(unused_mut)]
     let mut matmul = 0.0;
     #[cfg(not(feature = "cuda"))]
-    if args.kernels {
+    if args.kernels || args.gemm_only || !args.gemm_m.is_empty() {
         anyhow::bail!("--kernels needs a binary built with the `cuda` feature");
     }
     #[cfg(feature = "cuda")]
@@ -55,14 +59,18 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                     )
                 })?;
                 // Issue 16's breakpoints: 1-16, 32, 64, 128-256, 1024, 4096.
-                let ms = [1, 4, 8, 16, 32, 64, 128, 256, 1024, 4096];
-                let rows = bench::kernels::gemm_table(&dev, q.bits, q.group_size, &ms)?;
+                let ms: &[usize] = if args.gemm_m.is_empty() {
+                    &[1, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+                } else {
+                    args.gemm_m
+                };
+                let rows = bench::kernels::gemm_table(&dev, q.bits, q.group_size, ms)?;
                 println!(
                     "GEMM {} (wall TFLOP/s; device µs per call from CUDA graphs):",
                     q.short_name()
                 );
                 println!(
-                    "{:<10} {:>5} {:>7} {:>7} {:>7} {:>6} | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>6}",
+                    "{:<10} {:>5} {:>7} {:>7} {:>7} {:>6} | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>6} {:>8} {:>6} {:>12}",
                     "shape",
                     "M",
                     "fused",
@@ -76,7 +84,10 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                     "cub/f",
                     "GB/s",
                     "tiled us",
-                    "cub/t"
+                    "cub/t",
+                    "wg us",
+                    "cub/wg",
+                    "wg (bm,nw,s) us"
                 );
                 let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
                 for r in &rows {
@@ -86,7 +97,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                         .filter_map(|&(c, st, t)| t.map(|t| (t, c, st)))
                         .min_by(|a, b| a.0.total_cmp(&b.0));
                     println!(
-                        "{:<10} {:>5} {:>7.1} {:>7.1} {:>7.1} {:>5.2}x | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>6}",
+                        "{:<10} {:>5} {:>7.1} {:>7.1} {:>7.1} {:>5.2}x | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>6} {:>8} {:>6} {}",
                         r.shape,
                         r.m,
                         r.fused,
@@ -103,93 +114,104 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                         r.tiled_dev_us
                             .zip(r.cublas_dev_us)
                             .map_or("-".into(), |(t, c)| format!("{:.2}x", c / t)),
+                        opt(r.wg_dev_us),
+                        r.wg_dev_us
+                            .zip(r.cublas_dev_us)
+                            .map_or("-".into(), |(t, c)| format!("{:.2}x", c / t)),
+                        r.wg_variants
+                            .iter()
+                            .map(|(l, t)| format!("({},{},{}) {}", l.bm, l.nw, l.splits, opt(*t)))
+                            .collect::<Vec<_>>()
+                            .join(" "),
                     );
                 }
                 report.insert("gemm".into(), serde_json::to_value(&rows)?);
-                let att = bench::kernels::attention_table(
-                    &dev,
-                    &[(64, 512), (256, 1024), (256, 2048), (512, 192), (64, 8192)],
-                )?;
-                let shared = bench::kernels::shared_decode_table(
-                    &dev,
-                    &[
-                        (256, 1024, 64),
-                        (512, 1024, 64),
-                        (256, 2048, 128),
-                        (64, 4096, 256),
-                    ],
-                )?;
-                println!("decode attention over a shared prefix (the engine's build): batch shared+own keys, µs per layer without the plan, then with it per stages of the shared launch");
-                for r in &shared {
-                    let cells: Vec<String> = r
-                        .shared_us
-                        .iter()
-                        .map(|(s, us)| format!("s{s} {us:>7.1}"))
-                        .collect();
+                if !args.gemm_only {
+                    let att = bench::kernels::attention_table(
+                        &dev,
+                        &[(64, 512), (256, 1024), (256, 2048), (512, 192), (64, 8192)],
+                    )?;
+                    let shared = bench::kernels::shared_decode_table(
+                        &dev,
+                        &[
+                            (256, 1024, 64),
+                            (512, 1024, 64),
+                            (256, 2048, 128),
+                            (64, 4096, 256),
+                        ],
+                    )?;
+                    println!("decode attention over a shared prefix (the engine's build): batch shared+own keys, µs per layer without the plan, then with it per stages of the shared launch");
+                    for r in &shared {
+                        let cells: Vec<String> = r
+                            .shared_us
+                            .iter()
+                            .map(|(s, us)| format!("s{s} {us:>7.1}"))
+                            .collect();
+                        println!(
+                            "  {:>4} {:>5}+{:<4} {:>8.1}  {}",
+                            r.batch,
+                            r.shared,
+                            r.own,
+                            r.plain_us,
+                            cells.join("  ")
+                        );
+                    }
+                    report.insert("shared_decode".into(), serde_json::to_value(&shared)?);
+                    let read = bench::kernels::read_gbs(&dev)?;
+                    report.insert("read_gbs".into(), read.into());
                     println!(
-                        "  {:>4} {:>5}+{:<4} {:>8.1}  {}",
-                        r.batch,
-                        r.shared,
-                        r.own,
-                        r.plain_us,
-                        cells.join("  ")
-                    );
-                }
-                report.insert("shared_decode".into(), serde_json::to_value(&shared)?);
-                let read = bench::kernels::read_gbs(&dev)?;
-                report.insert("read_gbs".into(), read.into());
-                println!(
                     "decode attention (32 q / 8 kv heads, d 128): batch ctx, then GB/s and % of the read ceiling ({read:.0} GB/s) and µs per build (warps x stages; * the engine's), then the widening build over an FP8 cache (fp8) and the direct FP8 builds (f8d; w2s2 is the engine's)"
                 );
-                for case in att.chunk_by(|a, b| (a.batch, a.ctx) == (b.batch, b.ctx)) {
-                    let cells: Vec<String> = case
-                        .iter()
-                        .map(|r| {
-                            let mark = if r.default { "*" } else { " " };
-                            let v = r.variant;
-                            let fp8 = match (r.fp8, r.direct) {
-                                (true, true) => " f8d",
-                                (true, false) => " fp8",
-                                _ => "",
-                            };
-                            format!(
-                                "{}x{}{mark}{fp8} {:>5.0} {:>3.0}% {:>6.1}us",
-                                v.warps,
-                                v.stages,
-                                r.gbs,
-                                100.0 * r.gbs / read,
-                                r.us
-                            )
-                        })
-                        .collect();
+                    for case in att.chunk_by(|a, b| (a.batch, a.ctx) == (b.batch, b.ctx)) {
+                        let cells: Vec<String> = case
+                            .iter()
+                            .map(|r| {
+                                let mark = if r.default { "*" } else { " " };
+                                let v = r.variant;
+                                let fp8 = match (r.fp8, r.direct) {
+                                    (true, true) => " f8d",
+                                    (true, false) => " fp8",
+                                    _ => "",
+                                };
+                                format!(
+                                    "{}x{}{mark}{fp8} {:>5.0} {:>3.0}% {:>6.1}us",
+                                    v.warps,
+                                    v.stages,
+                                    r.gbs,
+                                    100.0 * r.gbs / read,
+                                    r.us
+                                )
+                            })
+                            .collect();
+                        println!(
+                            "  {:>4} {:>5}  {}",
+                            case[0].batch,
+                            case[0].ctx,
+                            cells.join("  ")
+                        );
+                    }
+                    report.insert("attention".into(), serde_json::to_value(&att)?);
+                    let pre = bench::kernels::prefill_table(
+                        &dev,
+                        &[(4, 2048), (16, 512), (1, 4096), (64, 128)],
+                    )?;
                     println!(
-                        "  {:>4} {:>5}  {}",
-                        case[0].batch,
-                        case[0].ctx,
-                        cells.join("  ")
-                    );
-                }
-                report.insert("attention".into(), serde_json::to_value(&att)?);
-                let pre = bench::kernels::prefill_table(
-                    &dev,
-                    &[(4, 2048), (16, 512), (1, 4096), (64, 128)],
-                )?;
-                println!(
                     "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens us TFLOP/s, then over an FP8 cache  (cuBLAS {matmul:.0})"
                 );
-                let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
-                for r in &pre {
-                    println!(
-                        "  {:>4} {:>5} {:>9} {:>7} {:>9} {:>7}",
-                        r.seqs,
-                        r.tokens,
-                        f(r.us),
-                        f(r.tflops),
-                        f(r.fp8_us),
-                        f(r.fp8_tflops)
-                    );
+                    let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
+                    for r in &pre {
+                        println!(
+                            "  {:>4} {:>5} {:>9} {:>7} {:>9} {:>7}",
+                            r.seqs,
+                            r.tokens,
+                            f(r.us),
+                            f(r.tflops),
+                            f(r.fp8_us),
+                            f(r.fp8_tflops)
+                        );
+                    }
+                    report.insert("prefill".into(), serde_json::to_value(&pre)?);
                 }
-                report.insert("prefill".into(), serde_json::to_value(&pre)?);
             }
         }
     }

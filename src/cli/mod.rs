@@ -102,6 +102,13 @@ enum Command {
         /// Also run the GEMM and attention kernel benches (CUDA).
         #[arg(long)]
         kernels: bool,
+        /// With --kernels: the GPTQ product bench only.
+        #[arg(long, requires = "kernels")]
+        gemm_only: bool,
+        /// With --kernels: the token counts M of the GPTQ product bench
+        /// (default: 1, 4, 8, 16, 32, 64, 128, 256, 1024, 4096).
+        #[arg(long, requires = "kernels", value_delimiter = ',')]
+        gemm_m: Vec<usize>,
         /// Time each kernel class of every step of the workloads (CUDA
         /// events between classes) and print where a decode and a prefill
         /// step's device time goes.
@@ -210,6 +217,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             scale,
             tokenizer,
             kernels,
+            gemm_only,
+            gemm_m,
             breakdown,
             json,
             set,
@@ -225,6 +234,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     scale,
                     tokenizer: &tok,
                     kernels,
+                    gemm_only,
+                    gemm_m: &gemm_m,
                     breakdown,
                     json: json.as_deref(),
                 },

@@ -445,6 +445,9 @@ fn resolve_engine(e: &super::raw::RawEngine) -> Result<EngineSpec> {
             GptqKernel::Fused => crate::quant::GptqMode::Fused,
             GptqKernel::Dequant => crate::quant::GptqMode::Dequant,
             GptqKernel::Resident => crate::quant::GptqMode::Resident,
+            GptqKernel::Packed => crate::quant::GptqMode::Packed {
+                max_m: positive("engine.gptq_fused_max_m", e.gptq_fused_max_m)?,
+            },
         },
         prefix_caching: e.prefix_caching,
         overlap: e.overlap,

@@ -407,6 +407,9 @@ pub enum GptqKernel {
     Dequant,
     /// cuBLAS on f16 weights kept from load.
     Resident,
+    /// The fused kernel up to `gptq_fused_max_m` tokens, the warpgroup
+    /// product on the packed weights above (Hopper): no f16 copy.
+    Packed,
 }
 
 /// `engine.kv_cache_dtype`: how the paged cache stores keys and values.

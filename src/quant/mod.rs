@@ -251,6 +251,13 @@ pub enum GptqMode {
     Dequant,
     /// Dequantize once at load and keep f16 weights (3.7x the memory).
     Resident,
+    /// The fused kernel up to `max_m` tokens, the warpgroup product on the
+    /// packed weights above (Hopper; elsewhere dequantize + cuBLAS per
+    /// product): the packed weights only.
+    Packed {
+        /// Largest M of the fused kernel.
+        max_m: usize,
+    },
 }
 
 impl Default for GptqMode {

@@ -2,7 +2,11 @@
 //! once per product, dequantized in registers) and the dequantize-then-cuBLAS
 //! path, over weights in the tile layout of [`TiledGptq`].
 
-use super::{device_of, empty, launch, ptr, Arg, GPTQ};
+mod wg;
+
+pub use wg::{WgLaunch, WG_SHAPES};
+
+use super::{device_of, empty, is_sm90a, launch, ptr, Arg, GPTQ};
 use crate::quant::GptqMode;
 use crate::quant::{RandomGptq, TiledGptq};
 use crate::{Error, Result};
@@ -258,6 +262,13 @@ impl GptqGpu {
         ]
     }
 
+    /// Whether this layer's device runs the warpgroup product on the packed
+    /// weights (Hopper), so that `auto` needs no f16 copy above the fused
+    /// kernel's M.
+    pub fn wg_runs_here(&self) -> bool {
+        device_of(&self.qt).is_ok_and(|d| is_sm90a(&d))
+    }
+
     /// Dequantizes once and keeps W^T in f16 beside the packed weight (3.7x
     /// the memory of 4-bit), for the cuBLAS products at large M.
     pub fn make_resident(&mut self) -> Result<()> {
@@ -301,13 +312,14 @@ impl GptqGpu {
         let fused = match path {
             GptqMode::Fused => true,
             GptqMode::Dequant | GptqMode::Resident => false,
-            GptqMode::Auto { max_m } => m <= max_m,
+            GptqMode::Auto { max_m } | GptqMode::Packed { max_m } => m <= max_m,
         };
         if fused {
             return self.fused(x);
         }
         match (&self.resident, path) {
             (Some(wt), GptqMode::Auto { .. } | GptqMode::Resident) => Ok(x.matmul(wt)?),
+            (_, GptqMode::Packed { .. }) if self.wg_runs_here() => self.wg(x),
             _ => Ok(x.matmul(&self.dequantize()?)?),
         }
     }
@@ -332,11 +344,9 @@ impl GptqGpu {
         launch(dev, &GPTQ, "gptq_permute_x", cfg, &args)
     }
 
-    /// The large-M product (`gptq_tiled_b*` in kernels/gptq.cu: blocks of
-    /// 128 columns x 128 tokens over the whole K in order, tensor cores with
-    /// the dequantization in the main loop): y [M, N] = x [M, K] W^T. Not
-    /// used by the engine yet: the kernel bench and its GPU test only.
-    pub fn tiled(&self, x: &Tensor) -> Result<Tensor> {
+    /// The large-M products' common start: the f16 check, out [M, N]
+    /// allocated, and xp [M, Kp] = x in sorted K order (`None` at M = 0).
+    fn large_m_input(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         if x.dtype() != DType::F16 {
             return Err(Error::Model(format!(
                 "GPTQ on CUDA takes f16 activations, got {:?}",
@@ -348,10 +358,21 @@ impl GptqGpu {
         let x = x.contiguous()?;
         let out = empty::<f16>(&dev, (m, self.n))?;
         if m == 0 {
-            return Ok(out);
+            return Ok((out, None));
         }
         let xp = empty::<f16>(&dev, (m, self.kp))?;
         self.permute(&dev, (ptr::<f16>(&x)?, m), (ptr::<f16>(&xp)?, m))?;
+        Ok((out, Some(xp)))
+    }
+
+    /// The large-M product (`gptq_tiled_b*` in kernels/gptq.cu: blocks of
+    /// 128 columns x 128 tokens over the whole K in order, tensor cores with
+    /// the dequantization in the main loop): y [M, N] = x [M, K] W^T. Not
+    /// used by the engine yet: the kernel bench and its GPU test only.
+    pub fn tiled(&self, x: &Tensor) -> Result<Tensor> {
+        let (out, xp) = self.large_m_input(x)?;
+        let Some(xp) = xp else { return Ok(out) };
+        let (m, dev) = (x.dim(0)?, device_of(x)?);
         let cfg = LaunchConfig {
             grid_dim: (self.np.div_ceil(128) as u32, m.div_ceil(128) as u32, 1),
             block_dim: (256, 1, 1),

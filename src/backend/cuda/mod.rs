@@ -21,7 +21,7 @@ pub use kernels_attention::{
 };
 pub use kernels_cache::{kv_write, kv_write_fp8, scatter_rows, CacheLayer};
 
-pub use gptq::{GptqGpu, STAGE_MAX_M};
+pub use gptq::{GptqGpu, WgLaunch, STAGE_MAX_M, WG_SHAPES};
 pub use sample::{draw_rows, penalize_rows, row_norms};
 
 use crate::{Error, Result};
@@ -52,6 +52,13 @@ macro_rules! ptx {
 pub(crate) const GPTQ: Ptx = ptx!("gptq");
 pub(crate) const ATTENTION: Ptx = ptx!("attention");
 pub(crate) const OPS: Ptx = ptx!("ops");
+/// Hopper-only kernels (wgmma), compiled for compute_90a alone: launched
+/// only where [`is_sm90a`] holds (there is no sm_80 build).
+pub(crate) const GPTQ_WG: Ptx = Ptx {
+    name: "gptq_wg",
+    sm80: "",
+    sm90: include_str!(concat!(env!("OUT_DIR"), "/gptq_wg_sm90a.ptx")),
+};
 
 /// The CUDA device of a tensor.
 pub(crate) fn device_of(t: &Tensor) -> Result<CudaDevice> {
@@ -73,21 +80,43 @@ pub(crate) fn cuda(dev: &Device) -> Result<CudaDevice> {
     }
 }
 
-/// Whether a device is Hopper or newer, asked once per device ordinal (a
-/// host may mix GPU generations, e.g. a sweep over several cards).
-fn is_sm90(dev: &CudaDevice) -> bool {
-    static SM90: OnceLock<std::sync::Mutex<std::collections::HashMap<usize, bool>>> =
+/// A device's compute capability and multiprocessor count, asked once per
+/// device ordinal (a host may mix GPU generations, e.g. a sweep over several
+/// cards).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Arch {
+    /// Compute capability (major, minor); (0, 0) when the driver does not say.
+    pub cc: (i32, i32),
+    /// Streaming multiprocessors.
+    pub sms: usize,
+}
+
+pub(crate) fn arch(dev: &CudaDevice) -> Arch {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    static ARCH: OnceLock<std::sync::Mutex<std::collections::HashMap<usize, Arch>>> =
         OnceLock::new();
     let ctx = dev.cuda_stream().context().clone();
-    let mut known = SM90
+    let mut known = ARCH
         .get_or_init(Default::default)
         .lock()
-        .expect("sm90 cache");
-    *known.entry(ctx.ordinal()).or_insert_with(|| {
-        ctx.compute_capability()
-            .map(|(major, _)| major >= 9)
-            .unwrap_or(false)
+        .expect("device arch cache");
+    *known.entry(ctx.ordinal()).or_insert_with(|| Arch {
+        cc: ctx.compute_capability().unwrap_or((0, 0)),
+        sms: ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_or(1, |n| n.max(1) as usize),
     })
+}
+
+/// Whether a device is Hopper or newer.
+fn is_sm90(dev: &CudaDevice) -> bool {
+    arch(dev).cc.0 >= 9
+}
+
+/// Whether a device runs sm_90a code (compute capability 9.0 exactly: the
+/// architecture-specific wgmma code runs on Hopper and nowhere else).
+pub(crate) fn is_sm90a(dev: &CudaDevice) -> bool {
+    arch(dev).cc == (9, 0)
 }
 
 /// A kernel argument, pushed with its exact C type.

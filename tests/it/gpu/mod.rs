@@ -250,17 +250,15 @@ fn gptq_kernels_match_the_exact_cpu_dequantization() {
                 })
                 .collect();
             let xt = Tensor::from_vec(x, (m, k), &dev).unwrap();
-            for path in [
-                GptqMode::Fused,
-                GptqMode::Dequant,
-                GptqMode::Resident,
-                GptqMode::Auto { max_m: 16 },
+            // `packed`: the warpgroup product above 16 tokens on Hopper,
+            // dequantize + cuBLAS elsewhere.
+            for (path, layer) in [
+                (GptqMode::Fused, &g),
+                (GptqMode::Dequant, &g),
+                (GptqMode::Resident, &resident),
+                (GptqMode::Auto { max_m: 16 }, &resident),
+                (GptqMode::Packed { max_m: 16 }, &g),
             ] {
-                let layer = if path == GptqMode::Dequant || path == GptqMode::Fused {
-                    &g
-                } else {
-                    &resident
-                };
                 let y = host(&layer.forward(&xt, path).unwrap());
                 let e = rel_err(&y, &want);
                 assert!(
@@ -268,14 +266,37 @@ fn gptq_kernels_match_the_exact_cpu_dequantization() {
                     "{path:?} bits {bits} group {group:?} k {k} n {n} m {m}: rel err {e}"
                 );
             }
-            // The large-M product (not yet used by the engine).
+            // The large-M products: the tiled mma.sync one (not used by the
+            // engine) and, on Hopper, every launch of the warpgroup one.
             let e = rel_err(&host(&g.tiled(&xt).unwrap()), &want);
             assert!(
                 e < 2e-3,
                 "tiled bits {bits} group {group:?} k {k} n {n} m {m}: rel err {e}"
             );
+            for l in wg_launches(&g, k) {
+                let e = rel_err(&host(&g.wg_tuned(&xt, l).unwrap()), &want);
+                assert!(
+                    e < 2e-3,
+                    "wg {l:?} bits {bits} group {group:?} k {k} n {n} m {m}: rel err {e}"
+                );
+            }
         }
     }
+}
+
+/// The warpgroup product's launches to check: every built shape, unsplit
+/// and split along K in three (or as many as K's chunks of 64 allow). None
+/// before Hopper, where the product does not exist (sm_90a code) and
+/// `packed` runs dequantize + cuBLAS.
+fn wg_launches(g: &GptqGpu, k: usize) -> Vec<cuda::WgLaunch> {
+    if !g.wg_runs_here() {
+        return Vec::new();
+    }
+    let chunks = k.div_ceil(64);
+    cuda::WG_SHAPES
+        .iter()
+        .flat_map(|&(bm, nw)| [1, 3.min(chunks)].map(|splits| cuda::WgLaunch { bm, nw, splits }))
+        .collect()
 }
 
 #[test]
@@ -300,14 +321,25 @@ fn fused_gptq_rows_do_not_depend_on_the_batch() {
         let x = Tensor::from_vec(rng.f16s(300 * k, 1.0), (300, k), &dev).unwrap();
         let full = host(&g.forward(&x, GptqMode::Fused).unwrap());
         let tiled = host(&g.tiled(&x).unwrap());
+        let wg_full: Vec<Vec<f32>> = wg_launches(&g, k)
+            .into_iter()
+            .map(|l| host(&g.wg_tuned(&x, l).unwrap()))
+            .collect();
         for m in [1usize, 3, 4, 5, 8, 9, 16, 17, 64, 129] {
             let xm = x.narrow(0, 0, m).unwrap();
-            // The large-M product sums K in one order whatever M is.
+            // The large-M products sum K in one order whatever M is.
             assert_eq!(
                 host(&g.tiled(&xm).unwrap()),
                 tiled[..m * n].to_vec(),
                 "{bits}-bit tiled: rows of M={m} vs M=300 differ"
             );
+            for (l, rows) in wg_launches(&g, k).into_iter().zip(&wg_full) {
+                assert_eq!(
+                    &host(&g.wg_tuned(&xm, l).unwrap()),
+                    &rows[..m * n],
+                    "{bits}-bit wg {l:?}: rows of M={m} vs M=300 differ"
+                );
+            }
             let part = host(&g.forward(&xm, GptqMode::Fused).unwrap());
             assert_eq!(
                 part,
@@ -325,6 +357,19 @@ fn fused_gptq_rows_do_not_depend_on_the_batch() {
                         let y = host(&g.fused_tuned(&xm, c, stage).unwrap());
                         assert_eq!(y, part, "{bits}-bit M={m} c={c} stage={stage}");
                     }
+                }
+            }
+        }
+        // The block's shape sets the wgmma instruction's N, not the order of
+        // an output's sum: every shape gives the same bits per K split.
+        let launches = wg_launches(&g, k);
+        for (a, la) in launches.iter().enumerate() {
+            for (b, lb) in launches.iter().enumerate().skip(a + 1) {
+                if la.splits == lb.splits {
+                    assert_eq!(
+                        wg_full[a], wg_full[b],
+                        "{bits}-bit wg launches {la:?} vs {lb:?}"
+                    );
                 }
             }
         }

@@ -1,0 +1,181 @@
+//! The large-M GPTQ product on Hopper (`gptq_wg_*` in kernels/gptq_wg.cu):
+//! warpgroup tensor-core products over the packed weights, dequantized in
+//! the main loop. Blocks of 128 x `nw` output columns and `bm` tokens,
+//! optionally split along K with the partials summed in split order.
+
+use super::super::{arch, device_of, empty, is_sm90a, launch, ptr, Arg, GPTQ_WG};
+use super::GptqGpu;
+use crate::{Error, Result};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::{DType, Tensor};
+use half::f16;
+use std::sync::OnceLock;
+
+/// A launch of the warpgroup product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct WgLaunch {
+    /// Tokens per block (the wgmma N: 64, 128, 256).
+    pub bm: usize,
+    /// m64 products per warpgroup (128 `nw` output columns per block).
+    pub nw: usize,
+    /// Blocks along K.
+    pub splits: usize,
+}
+
+/// The builds of kernels/gptq_wg.cu: (bits, bm, nw) and their stages (the
+/// GPTQ_WG lines there).
+const BUILDS: [(u32, usize, usize, usize); 10] = [
+    (4, 64, 1, 8),
+    (4, 128, 1, 8),
+    (4, 256, 1, 5),
+    (4, 64, 2, 8),
+    (4, 128, 2, 7),
+    (8, 64, 1, 8),
+    (8, 128, 1, 8),
+    (8, 256, 1, 5),
+    (8, 64, 2, 8),
+    (8, 128, 2, 6),
+];
+/// The (bm, nw) shapes built for either bit width.
+pub const WG_SHAPES: [(usize, usize); 5] = [(64, 1), (128, 1), (256, 1), (64, 2), (128, 2)];
+/// Sorted positions per chunk (WG_BK).
+const BK: usize = 64;
+
+/// Shared memory of a launch: the stages (token tile, weight words, group
+/// parameters) as WgShape in kernels/gptq_wg.cu sizes them, plus the
+/// alignment slack; `None` for a shape not built.
+fn smem_bytes(bits: u32, bm: usize, nw: usize) -> Option<usize> {
+    let &(_, _, _, stages) = BUILDS.iter().find(|b| (b.0, b.1, b.2) == (bits, bm, nw))?;
+    let bn = 128 * nw;
+    let words = if bits == 4 { 1 } else { 2 };
+    let stage = bm * BK * 2 + (bn / 16) * words * 32 * 16 + 4 * bn * 4;
+    Some(stages * stage + 1024)
+}
+
+/// Launch choices overridable for tuning, read once: GPTQ_WG_BM (64, 128,
+/// 256) and GPTQ_WG_SPLITS (blocks along K).
+fn tune() -> (Option<usize>, Option<usize>) {
+    static T: OnceLock<(Option<usize>, Option<usize>)> = OnceLock::new();
+    *T.get_or_init(|| {
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+        (
+            var("GPTQ_WG_BM").filter(|b| [64, 128, 256].contains(b)),
+            var("GPTQ_WG_SPLITS").filter(|&s| s > 0),
+        )
+    })
+}
+
+impl GptqGpu {
+    /// Whether `dev` runs the warpgroup product (compute capability 9.0).
+    pub fn wg_available(dev: &CudaDevice) -> bool {
+        is_sm90a(dev)
+    }
+
+    /// The token width for `m` tokens: the least padded work, counting a
+    /// wider tile's better use of the tensor cores.
+    pub fn wg_width(m: usize) -> usize {
+        if let Some(bm) = tune().0 {
+            return bm;
+        }
+        let cost = |bm: usize, speed: f64| (m.div_ceil(bm) * bm) as f64 / speed;
+        [(64, 0.80), (128, 0.92), (256, 1.0)]
+            .into_iter()
+            .min_by(|a, b| cost(a.0, a.1).total_cmp(&cost(b.0, b.1)))
+            .map_or(256, |(bm, _)| bm)
+    }
+
+    /// Blocks along K for `m` tokens in blocks of `bm` x 128 `nw`: enough
+    /// blocks for every multiprocessor, at least 8 chunks (512 positions)
+    /// per block.
+    pub fn wg_splits(&self, dev: &CudaDevice, m: usize, bm: usize, nw: usize) -> usize {
+        let chunks = self.kp / BK;
+        let want = tune().1.unwrap_or_else(|| {
+            let tiles = self.np.div_ceil(128 * nw) * m.div_ceil(bm);
+            arch(dev).sms.div_ceil(tiles.max(1)).min(chunks / 8)
+        });
+        let kc = chunks.div_ceil(want.clamp(1, chunks.max(1)));
+        chunks.div_ceil(kc.max(1)).max(1)
+    }
+
+    /// The default launch at `m` tokens.
+    pub fn wg_launch(&self, dev: &CudaDevice, m: usize) -> WgLaunch {
+        let bm = Self::wg_width(m);
+        let nw = 1;
+        WgLaunch {
+            bm,
+            nw,
+            splits: self.wg_splits(dev, m, bm, nw),
+        }
+    }
+
+    /// y [M, N] = x [M, K] W^T by the warpgroup product with its default
+    /// launch.
+    pub fn wg(&self, x: &Tensor) -> Result<Tensor> {
+        let dev = device_of(x)?;
+        self.wg_tuned(x, self.wg_launch(&dev, x.dim(0)?))
+    }
+
+    /// The warpgroup product with a given launch (public for the kernel
+    /// bench and its tests).
+    pub fn wg_tuned(&self, x: &Tensor, launch_: WgLaunch) -> Result<Tensor> {
+        let WgLaunch { bm, nw, splits } = launch_;
+        let dev = device_of(x)?;
+        let chunks = self.kp / BK;
+        let smem = smem_bytes(self.bits, bm, nw)
+            .filter(|_| Self::wg_available(&dev) && (1..=chunks).contains(&splits));
+        let Some(smem) = smem else {
+            return Err(Error::Model(format!(
+                "gptq warpgroup product: {}-bit, {bm} tokens x {nw} products per warpgroup (built: {WG_SHAPES:?}) with {splits} splits (1..={chunks}) on a device of compute capability {:?} (9.0 only) is not built",
+                self.bits,
+                arch(&dev).cc
+            )));
+        };
+        let (out, xp) = self.large_m_input(x)?;
+        let Some(xp) = xp else { return Ok(out) };
+        let m = x.dim(0)?;
+        let kc = chunks.div_ceil(splits);
+        let splits = chunks.div_ceil(kc);
+        let part = if splits > 1 {
+            Some(empty::<f32>(&dev, (splits, m, self.n))?)
+        } else {
+            None
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (
+                self.np.div_ceil(128 * nw) as u32,
+                m.div_ceil(bm) as u32,
+                splits as u32,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut args = vec![
+            Arg::P(ptr::<f16>(&xp)?),
+            Arg::P(ptr::<u32>(&self.qt)?),
+            Arg::P(ptr::<f16>(&self.sz)?),
+            Arg::P(ptr::<f16>(&out)?),
+            Arg::P(part.as_ref().map(ptr::<f32>).transpose()?.unwrap_or(0)),
+        ];
+        let ints = [m, self.n, self.np, self.kp, self.gs, self.groups, kc];
+        args.extend(ints.iter().map(|&v| Arg::I(v as i32)));
+        let name = format!("gptq_wg_b{}_n{bm}_w{nw}", self.bits);
+        launch(&dev, &GPTQ_WG, &name, cfg, &args)?;
+        if let Some(part) = part {
+            let mn = m * self.n;
+            let cfg = LaunchConfig {
+                grid_dim: (mn.div_ceil(256) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let args = [
+                Arg::P(ptr::<f32>(&part)?),
+                Arg::P(ptr::<f16>(&out)?),
+                Arg::U(mn as u64),
+                Arg::I(splits as i32),
+            ];
+            launch(&dev, &GPTQ_WG, "gptq_wg_reduce", cfg, &args)?;
+        }
+        Ok(out)
+    }
+}
