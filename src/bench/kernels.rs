@@ -101,7 +101,7 @@ pub struct GemmRow {
     /// + `gptq_wg`, its default launch), device µs per call.
     pub wg_dev_us: Option<f64>,
     /// Its launch choices and their device µs.
-    pub wg_variants: Vec<(cuda::WgLaunch, Option<f64>)>,
+    pub wg_variants: Vec<WgTime>,
 }
 
 /// Mistral-7B's linear shapes (K, N), and the two products the engine
@@ -214,13 +214,12 @@ pub fn gemm_table(
     Ok(rows)
 }
 
+/// A launch of the warpgroup product and its device µs per call.
+pub type WgTime = (cuda::WgLaunch, Option<f64>);
+
 /// Device µs of the warpgroup product's default launch, and of each built
 /// shape with its default K split and with none.
-fn wg_times(
-    g: &GptqGpu,
-    x: &Tensor,
-    iters: usize,
-) -> Result<(Option<f64>, Vec<(cuda::WgLaunch, Option<f64>)>)> {
+fn wg_times(g: &GptqGpu, x: &Tensor, iters: usize) -> Result<(Option<f64>, Vec<WgTime>)> {
     let dev = x.device().clone();
     let cd = cuda::cuda(&dev)?;
     let m = x.dim(0)?;

@@ -245,7 +245,9 @@ pub enum GptqMode {
         /// Largest M of the fused kernel.
         max_m: usize,
     },
-    /// The fused kernel at every M: reduction order independent of the batch.
+    /// Batch-invariant: one reduction order per output at every M. On
+    /// Hopper the warpgroup product with one block along K; elsewhere the
+    /// fused kernel at every M.
     Fused,
     /// Dequantize per product into f16 scratch, then cuBLAS.
     Dequant,

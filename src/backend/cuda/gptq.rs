@@ -309,6 +309,9 @@ impl GptqGpu {
             )));
         }
         let m = x.dim(0)?;
+        if path == GptqMode::Fused && self.wg_runs_here() {
+            return self.wg_invariant(x);
+        }
         let fused = match path {
             GptqMode::Fused => true,
             GptqMode::Dequant | GptqMode::Resident => false,

@@ -318,8 +318,26 @@ fn fused_gptq_rows_do_not_depend_on_the_batch() {
         }
         .build();
         let g = GptqGpu::upload(&TiledGptq::from_weight(&w).unwrap(), &dev).unwrap();
-        let x = Tensor::from_vec(rng.f16s(300 * k, 1.0), (300, k), &dev).unwrap();
-        let full = host(&g.forward(&x, GptqMode::Fused).unwrap());
+        // `fused`, the batch-invariant mode: a row's output is the same bits
+        // at any M from 1 to 4096 (on Hopper the warpgroup product at every
+        // M, elsewhere the small-M fused kernel).
+        let big = Tensor::from_vec(rng.f16s(4096 * k, 1.0), (4096, k), &dev).unwrap();
+        let all = host(&g.forward(&big, GptqMode::Fused).unwrap());
+        for m in [1usize, 2, 31, 64, 65, 300, 1000, 2049, 4095] {
+            let y = host(
+                &g.forward(&big.narrow(0, 0, m).unwrap(), GptqMode::Fused)
+                    .unwrap(),
+            );
+            assert_eq!(
+                y,
+                all[..m * n],
+                "{bits}-bit fused: rows of M={m} vs M=4096 differ"
+            );
+        }
+        let x = big.narrow(0, 0, 300).unwrap();
+        // The small-M fused kernel (the `fused` mode before Hopper) at its
+        // widest launch; every other launch choice is compared with it below.
+        let full = host(&g.fused_tuned(&x, 4, 0).unwrap());
         let tiled = host(&g.tiled(&x).unwrap());
         let wg_full: Vec<Vec<f32>> = wg_launches(&g, k)
             .into_iter()
@@ -340,11 +358,11 @@ fn fused_gptq_rows_do_not_depend_on_the_batch() {
                     "{bits}-bit wg {l:?}: rows of M={m} vs M=300 differ"
                 );
             }
-            let part = host(&g.forward(&xm, GptqMode::Fused).unwrap());
+            let part = host(&g.fused_tuned(&xm, 4, 0).unwrap());
             assert_eq!(
                 part,
                 full[..m * n].to_vec(),
-                "{bits}-bit: rows of M={m} vs M=300 differ"
+                "{bits}-bit fused kernel: rows of M={m} vs M=300 differ"
             );
             if m <= 17 {
                 // Every launch choice (column tiles per warp, activation

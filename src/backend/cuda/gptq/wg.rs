@@ -8,7 +8,7 @@ use super::GptqGpu;
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::CudaDevice;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use half::f16;
 use std::sync::OnceLock;
 
@@ -114,6 +114,23 @@ impl GptqGpu {
     pub fn wg(&self, x: &Tensor) -> Result<Tensor> {
         let dev = device_of(x)?;
         self.wg_tuned(x, self.wg_launch(&dev, x.dim(0)?))
+    }
+
+    /// The batch-invariant product (`fused` on Hopper): one block along K,
+    /// so each output sums its 64-position chunks of sorted K in order, 16
+    /// positions per wgmma, in f32, whatever M, the token width or the
+    /// output columns per block (bit-identical across them: GPU test
+    /// `fused_gptq_rows_do_not_depend_on_the_batch`).
+    pub fn wg_invariant(&self, x: &Tensor) -> Result<Tensor> {
+        let bm = Self::wg_width(x.dim(0)?);
+        self.wg_tuned(
+            x,
+            WgLaunch {
+                bm,
+                nw: 1,
+                splits: 1,
+            },
+        )
     }
 
     /// The warpgroup product with a given launch (public for the kernel
