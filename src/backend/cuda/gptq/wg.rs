@@ -72,27 +72,40 @@ impl GptqGpu {
         is_sm90a(dev)
     }
 
-    /// The token width for `m` tokens: the least padded work, counting a
-    /// wider tile's better use of the tensor cores.
-    pub fn wg_width(m: usize) -> usize {
-        if let Some(bm) = tune().0 {
-            return bm;
-        }
-        let cost = |bm: usize, speed: f64| (m.div_ceil(bm) * bm) as f64 / speed;
-        [(64, 0.80), (128, 0.92), (256, 1.0)]
+    /// Blocks of (`bm` tokens, 128 `nw` columns) for `m` tokens, from the
+    /// launch table of BENCHMARKS.md (H200, run 57): the widest block that
+    /// still gives 70% of the multiprocessors a block (two products per
+    /// warpgroup only up to 128 tokens), else 64 x 128.
+    pub fn wg_shape(&self, dev: &CudaDevice, m: usize) -> (usize, usize) {
+        let sms = arch(dev).sms;
+        let enough =
+            |bm: usize, nw: usize| 10 * self.np.div_ceil(128 * nw) * m.div_ceil(bm) >= 7 * sms;
+        let widest = m.next_power_of_two().max(64);
+        let pick = [(256, 1), (128, 2), (128, 1), (64, 2), (64, 1)]
             .into_iter()
-            .min_by(|a, b| cost(a.0, a.1).total_cmp(&cost(b.0, b.1)))
-            .map_or(256, |(bm, _)| bm)
+            .filter(|&(bm, nw)| bm <= widest && (nw == 1 || m <= 128))
+            .find(|&(bm, nw)| enough(bm, nw))
+            .unwrap_or((64, 1));
+        match tune().0 {
+            Some(bm) => (bm, 1),
+            None => pick,
+        }
     }
 
-    /// Blocks along K for `m` tokens in blocks of `bm` x 128 `nw`: enough
-    /// blocks for every multiprocessor, at least 8 chunks (512 positions)
-    /// per block.
+    /// Blocks along K for `m` tokens in blocks of `bm` x 128 `nw`: with
+    /// fewer blocks than half the multiprocessors, enough splits for all of
+    /// them, at least 8 chunks (512 positions) each; else none (the
+    /// partials' traffic costs more than idle multiprocessors: run 57).
     pub fn wg_splits(&self, dev: &CudaDevice, m: usize, bm: usize, nw: usize) -> usize {
         let chunks = self.kp / BK;
         let want = tune().1.unwrap_or_else(|| {
+            let sms = arch(dev).sms;
             let tiles = self.np.div_ceil(128 * nw) * m.div_ceil(bm);
-            arch(dev).sms.div_ceil(tiles.max(1)).min(chunks / 8)
+            if 2 * tiles < sms {
+                sms.div_ceil(tiles.max(1)).min(chunks / 8)
+            } else {
+                1
+            }
         });
         let kc = chunks.div_ceil(want.clamp(1, chunks.max(1)));
         chunks.div_ceil(kc.max(1)).max(1)
@@ -100,8 +113,7 @@ impl GptqGpu {
 
     /// The default launch at `m` tokens.
     pub fn wg_launch(&self, dev: &CudaDevice, m: usize) -> WgLaunch {
-        let bm = Self::wg_width(m);
-        let nw = 1;
+        let (bm, nw) = self.wg_shape(dev, m);
         WgLaunch {
             bm,
             nw,
@@ -122,15 +134,8 @@ impl GptqGpu {
     /// output columns per block (bit-identical across them: GPU test
     /// `fused_gptq_rows_do_not_depend_on_the_batch`).
     pub fn wg_invariant(&self, x: &Tensor) -> Result<Tensor> {
-        let bm = Self::wg_width(x.dim(0)?);
-        self.wg_tuned(
-            x,
-            WgLaunch {
-                bm,
-                nw: 1,
-                splits: 1,
-            },
-        )
+        let (bm, nw) = self.wg_shape(&device_of(x)?, x.dim(0)?);
+        self.wg_tuned(x, WgLaunch { bm, nw, splits: 1 })
     }
 
     /// The warpgroup product with a given launch (public for the kernel
