@@ -250,24 +250,32 @@ __device__ void gptq_wg_impl(const half* __restrict__ xp, const int4* __restrict
 #endif
 }
 
-// Stages per build: as many as fit in ~215 KiB of shared memory
+// Stages per build: as many as fit in ~215 KiB of shared memory, or, for
+// two resident blocks per multiprocessor (OCC 2: more warps to hide the
+// dequantization's latency, at most 128 registers a thread), in ~110 KiB
 // (src/backend/cuda/gptq/wg.rs sizes the launch's shared memory to match).
-#define GPTQ_WG(BITS, BM, NW, S)                                                                 \
-  extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) gptq_wg_b##BITS##_n##BM##_w##NW( \
-      const half* xp, const int4* qt, const half2* sz, half* out, float* part, int M, int N,    \
-      int Np, int Kp, int gs, int G, int kc) {                                                  \
-    gptq_wg_impl<BITS, BM, NW, S>(xp, qt, sz, out, part, M, N, Np, Kp, gs, G, kc);              \
+#define GPTQ_WG(BITS, BM, NW, S, OCC)                                                  \
+  extern "C" __global__ void __launch_bounds__(WG_THREADS, OCC)                        \
+      gptq_wg_b##BITS##_n##BM##_w##NW##_o##OCC(const half* xp, const int4* qt,          \
+                                               const half2* sz, half* out, float* part, \
+                                               int M, int N, int Np, int Kp, int gs,    \
+                                               int G, int kc) {                         \
+    gptq_wg_impl<BITS, BM, NW, S>(xp, qt, sz, out, part, M, N, Np, Kp, gs, G, kc);     \
   }
-GPTQ_WG(4, 64, 1, 8)
-GPTQ_WG(4, 128, 1, 8)
-GPTQ_WG(4, 256, 1, 5)
-GPTQ_WG(4, 64, 2, 8)
-GPTQ_WG(4, 128, 2, 7)
-GPTQ_WG(8, 64, 1, 8)
-GPTQ_WG(8, 128, 1, 8)
-GPTQ_WG(8, 256, 1, 5)
-GPTQ_WG(8, 64, 2, 8)
-GPTQ_WG(8, 128, 2, 6)
+GPTQ_WG(4, 64, 1, 8, 1)
+GPTQ_WG(4, 128, 1, 8, 1)
+GPTQ_WG(4, 256, 1, 5, 1)
+GPTQ_WG(4, 64, 2, 8, 1)
+GPTQ_WG(4, 128, 2, 7, 1)
+GPTQ_WG(4, 64, 1, 6, 2)
+GPTQ_WG(4, 128, 1, 4, 2)
+GPTQ_WG(8, 64, 1, 8, 1)
+GPTQ_WG(8, 128, 1, 8, 1)
+GPTQ_WG(8, 256, 1, 5, 1)
+GPTQ_WG(8, 64, 2, 8, 1)
+GPTQ_WG(8, 128, 2, 6, 1)
+GPTQ_WG(8, 64, 1, 5, 2)
+GPTQ_WG(8, 128, 1, 4, 2)
 
 // out[i] = the splits' partials of element i summed in split order.
 extern "C" __global__ void gptq_wg_reduce(const float* __restrict__ part, half* __restrict__ out,

@@ -229,10 +229,15 @@ fn wg_times(g: &GptqGpu, x: &Tensor, iters: usize) -> Result<(Option<f64>, Vec<W
         Ok(())
     })?);
     let mut variants = Vec::new();
-    for (bm, nw) in cuda::WG_SHAPES {
+    for (bm, nw, occ) in cuda::WG_SHAPES {
         let auto = g.wg_splits(&cd, m, bm, nw);
         for splits in if auto > 1 { vec![auto, 1] } else { vec![1] } {
-            let launch = cuda::WgLaunch { bm, nw, splits };
+            let launch = cuda::WgLaunch {
+                bm,
+                nw,
+                splits,
+                occ,
+            };
             let t = cuda::graph_time(&dev, iters, || {
                 g.wg_tuned(x, launch)?;
                 Ok(())

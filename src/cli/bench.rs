@@ -87,7 +87,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                     "cub/t",
                     "wg us",
                     "cub/wg",
-                    "wg (bm,nw,s) us"
+                    "wg (bm,nw,s,occ) us"
                 );
                 let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
                 for r in &rows {
@@ -120,7 +120,9 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                             .map_or("-".into(), |(t, c)| format!("{:.2}x", c / t)),
                         r.wg_variants
                             .iter()
-                            .map(|(l, t)| format!("({},{},{}) {}", l.bm, l.nw, l.splits, opt(*t)))
+                            .map(|(l, t)| {
+                                format!("({},{},{},{}) {}", l.bm, l.nw, l.splits, l.occ, opt(*t))
+                            })
                             .collect::<Vec<_>>()
                             .join(" "),
                     );

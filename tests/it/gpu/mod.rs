@@ -295,7 +295,14 @@ fn wg_launches(g: &GptqGpu, k: usize) -> Vec<cuda::WgLaunch> {
     let chunks = k.div_ceil(64);
     cuda::WG_SHAPES
         .iter()
-        .flat_map(|&(bm, nw)| [1, 3.min(chunks)].map(|splits| cuda::WgLaunch { bm, nw, splits }))
+        .flat_map(|&(bm, nw, occ)| {
+            [1, 3.min(chunks)].map(|splits| cuda::WgLaunch {
+                bm,
+                nw,
+                splits,
+                occ,
+            })
+        })
         .collect()
 }
 

@@ -21,32 +21,49 @@ pub struct WgLaunch {
     pub nw: usize,
     /// Blocks along K.
     pub splits: usize,
+    /// Blocks per multiprocessor the build is made for (1, or 2 with fewer
+    /// stages and at most 128 registers a thread).
+    pub occ: usize,
 }
 
-/// The builds of kernels/gptq_wg.cu: (bits, bm, nw) and their stages (the
-/// GPTQ_WG lines there).
-const BUILDS: [(u32, usize, usize, usize); 10] = [
-    (4, 64, 1, 8),
-    (4, 128, 1, 8),
-    (4, 256, 1, 5),
-    (4, 64, 2, 8),
-    (4, 128, 2, 7),
-    (8, 64, 1, 8),
-    (8, 128, 1, 8),
-    (8, 256, 1, 5),
-    (8, 64, 2, 8),
-    (8, 128, 2, 6),
+/// The builds of kernels/gptq_wg.cu: (bits, bm, nw, occ) and their stages
+/// (the GPTQ_WG lines there).
+const BUILDS: [(u32, usize, usize, usize, usize); 14] = [
+    (4, 64, 1, 1, 8),
+    (4, 128, 1, 1, 8),
+    (4, 256, 1, 1, 5),
+    (4, 64, 2, 1, 8),
+    (4, 128, 2, 1, 7),
+    (4, 64, 1, 2, 6),
+    (4, 128, 1, 2, 4),
+    (8, 64, 1, 1, 8),
+    (8, 128, 1, 1, 8),
+    (8, 256, 1, 1, 5),
+    (8, 64, 2, 1, 8),
+    (8, 128, 2, 1, 6),
+    (8, 64, 1, 2, 5),
+    (8, 128, 1, 2, 4),
 ];
-/// The (bm, nw) shapes built for either bit width.
-pub const WG_SHAPES: [(usize, usize); 5] = [(64, 1), (128, 1), (256, 1), (64, 2), (128, 2)];
+/// The (bm, nw, occ) shapes built for either bit width.
+pub const WG_SHAPES: [(usize, usize, usize); 7] = [
+    (64, 1, 1),
+    (128, 1, 1),
+    (256, 1, 1),
+    (64, 2, 1),
+    (128, 2, 1),
+    (64, 1, 2),
+    (128, 1, 2),
+];
 /// Sorted positions per chunk (WG_BK).
 const BK: usize = 64;
 
 /// Shared memory of a launch: the stages (token tile, weight words, group
 /// parameters) as WgShape in kernels/gptq_wg.cu sizes them, plus the
 /// alignment slack; `None` for a shape not built.
-fn smem_bytes(bits: u32, bm: usize, nw: usize) -> Option<usize> {
-    let &(_, _, _, stages) = BUILDS.iter().find(|b| (b.0, b.1, b.2) == (bits, bm, nw))?;
+fn smem_bytes(l: WgLaunch, bits: u32) -> Option<usize> {
+    let (bm, nw) = (l.bm, l.nw);
+    let key = (bits, bm, nw, l.occ);
+    let &(.., stages) = BUILDS.iter().find(|b| (b.0, b.1, b.2, b.3) == key)?;
     let bn = 128 * nw;
     let words = if bits == 4 { 1 } else { 2 };
     let stage = bm * BK * 2 + (bn / 16) * words * 32 * 16 + 4 * bn * 4;
@@ -118,6 +135,7 @@ impl GptqGpu {
             bm,
             nw,
             splits: self.wg_splits(dev, m, bm, nw),
+            occ: 1,
         }
     }
 
@@ -135,20 +153,34 @@ impl GptqGpu {
     /// `fused_gptq_rows_do_not_depend_on_the_batch`).
     pub fn wg_invariant(&self, x: &Tensor) -> Result<Tensor> {
         let (bm, nw) = self.wg_shape(&device_of(x)?, x.dim(0)?);
-        self.wg_tuned(x, WgLaunch { bm, nw, splits: 1 })
+        let splits = 1;
+        self.wg_tuned(
+            x,
+            WgLaunch {
+                bm,
+                nw,
+                splits,
+                occ: 1,
+            },
+        )
     }
 
     /// The warpgroup product with a given launch (public for the kernel
     /// bench and its tests).
     pub fn wg_tuned(&self, x: &Tensor, launch_: WgLaunch) -> Result<Tensor> {
-        let WgLaunch { bm, nw, splits } = launch_;
+        let WgLaunch {
+            bm,
+            nw,
+            splits,
+            occ,
+        } = launch_;
         let dev = device_of(x)?;
         let chunks = self.kp / BK;
-        let smem = smem_bytes(self.bits, bm, nw)
+        let smem = smem_bytes(launch_, self.bits)
             .filter(|_| Self::wg_available(&dev) && (1..=chunks).contains(&splits));
         let Some(smem) = smem else {
             return Err(Error::Model(format!(
-                "gptq warpgroup product: {}-bit, {bm} tokens x {nw} products per warpgroup (built: {WG_SHAPES:?}) with {splits} splits (1..={chunks}) on a device of compute capability {:?} (9.0 only) is not built",
+                "gptq warpgroup product: {}-bit, {bm} tokens x {nw} products per warpgroup x {occ} blocks per multiprocessor (built: {WG_SHAPES:?}) with {splits} splits (1..={chunks}) on a device of compute capability {:?} (9.0 only) is not built",
                 self.bits,
                 arch(&dev).cc
             )));
@@ -181,7 +213,7 @@ impl GptqGpu {
         ];
         let ints = [m, self.n, self.np, self.kp, self.gs, self.groups, kc];
         args.extend(ints.iter().map(|&v| Arg::I(v as i32)));
-        let name = format!("gptq_wg_b{}_n{bm}_w{nw}", self.bits);
+        let name = format!("gptq_wg_b{}_n{bm}_w{nw}_o{occ}", self.bits);
         launch(&dev, &GPTQ_WG, &name, cfg, &args)?;
         if let Some(part) = part {
             let mn = m * self.n;
