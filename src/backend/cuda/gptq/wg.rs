@@ -150,7 +150,7 @@ impl GptqGpu {
     /// so each output sums its 64-position chunks of sorted K in order, 16
     /// positions per wgmma, in f32, whatever M, the token width or the
     /// output columns per block (bit-identical across them: GPU test
-    /// `fused_gptq_rows_do_not_depend_on_the_batch`).
+    /// `gptq::fused_gptq_rows_do_not_depend_on_the_batch`).
     pub fn wg_invariant(&self, x: &Tensor) -> Result<Tensor> {
         let (bm, nw) = self.wg_shape(&device_of(x)?, x.dim(0)?);
         let splits = 1;
