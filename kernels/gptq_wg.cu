@@ -23,8 +23,11 @@
 // Reduction order of an output: its split's chunks in order, 16 positions
 // per product in the tensor core's order, accumulated in f32; with splits,
 // the partials part[z][m][n] are summed in split order by gptq_wg_reduce.
-// It depends on the split count and the token width BM, not on M or on the
-// row's position in the batch.
+// By construction it depends on the split count, not on M or on the row's
+// position in the batch. That the block shape (the wgmma's N, two products
+// per warpgroup, blocks per multiprocessor) does not change it either is the
+// tensor cores' observed behaviour, not a documented one: the GPU test
+// gptq::fused_gptq_rows_do_not_depend_on_the_batch pins it (H200).
 #include <cuda_fp16.h>
 #include <stdint.h>
 
@@ -250,7 +253,7 @@ __device__ void gptq_wg_impl(const half* __restrict__ xp, const int4* __restrict
 #endif
 }
 
-// Stages per build: as many as fit in ~215 KiB of shared memory, or, for
+// Stages per build: as many as fit in the 227 KiB a block may have, or, for
 // two resident blocks per multiprocessor (OCC 2: more warps to hide the
 // dequantization's latency, at most 128 registers a thread), in ~110 KiB
 // (src/backend/cuda/gptq/wg.rs sizes the launch's shared memory to match).

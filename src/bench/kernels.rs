@@ -140,8 +140,11 @@ pub fn gemm_table(
         for &m in ms {
             let x = cuda::fill_f16(&cd, (m, k), 5 + m as u64, -1.0, 1.0)?;
             let iters = if m <= 64 { 50 } else { 10 };
+            // The fused (small-M) kernel at every M: `auto` with no limit
+            // (`fused` mode is the warpgroup product on Hopper).
+            let fused = GptqMode::Auto { max_m: usize::MAX };
             let tf = time(dev, iters, || {
-                g.forward(&x, GptqMode::Fused)?;
+                g.forward(&x, fused)?;
                 Ok(())
             })?;
             let td = time(dev, iters, || {
@@ -154,7 +157,7 @@ pub fn gemm_table(
             })?;
             let us = |t: Option<f64>| t.map(|t| t * 1e6);
             let fdev = us(cuda::graph_time(dev, iters, || {
-                g.forward(&x, GptqMode::Fused)?;
+                g.forward(&x, fused)?;
                 Ok(())
             })?);
             let cdev = us(cuda::graph_time(dev, iters, || {

@@ -176,13 +176,21 @@ impl GptqGpu {
         } = launch_;
         let dev = device_of(x)?;
         let chunks = self.kp / BK;
-        let smem = smem_bytes(launch_, self.bits)
-            .filter(|_| Self::wg_available(&dev) && (1..=chunks).contains(&splits));
-        let Some(smem) = smem else {
+        if !Self::wg_available(&dev) {
             return Err(Error::Model(format!(
-                "gptq warpgroup product: {}-bit, {bm} tokens x {nw} products per warpgroup x {occ} blocks per multiprocessor (built: {WG_SHAPES:?}) with {splits} splits (1..={chunks}) on a device of compute capability {:?} (9.0 only) is not built",
-                self.bits,
+                "gptq warpgroup product: the device's compute capability is {:?}, the product runs on 9.0 only",
                 arch(&dev).cc
+            )));
+        }
+        if !(1..=chunks).contains(&splits) {
+            return Err(Error::Model(format!(
+                "gptq warpgroup product: {splits} blocks along K, expected 1..={chunks} (the layer's chunks of {BK} positions)"
+            )));
+        }
+        let Some(smem) = smem_bytes(launch_, self.bits) else {
+            return Err(Error::Model(format!(
+                "gptq warpgroup product: {}-bit blocks of {bm} tokens x {nw} products per warpgroup x {occ} per multiprocessor are not built (built: (tokens, products, blocks) {WG_SHAPES:?})",
+                self.bits
             )));
         };
         let (out, xp) = self.large_m_input(x)?;
