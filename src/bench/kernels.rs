@@ -6,6 +6,7 @@ use crate::cuda::{self, DecodeShape, DecodeVariant, GptqGpu};
 use crate::model::linear::RandomGptq;
 use crate::quant::GptqMode;
 use crate::Result;
+use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use std::time::Instant;
@@ -173,7 +174,7 @@ pub fn gemm_table(
                 None
             };
             let (wg_dev_us, wg_variants) = if m >= 32 && cuda::GptqGpu::wg_available(&cd) {
-                wg_times(&g, &x, iters)?
+                wg_times(&cd, &g, &x, iters)?
             } else {
                 (None, Vec::new())
             };
@@ -222,18 +223,22 @@ pub type WgTime = (cuda::WgLaunch, Option<f64>);
 
 /// Device µs of the warpgroup product's default launch, and of each built
 /// shape with its default K split and with none.
-fn wg_times(g: &GptqGpu, x: &Tensor, iters: usize) -> Result<(Option<f64>, Vec<WgTime>)> {
-    let dev = x.device().clone();
-    let cd = cuda::cuda(&dev)?;
+fn wg_times(
+    cd: &CudaDevice,
+    g: &GptqGpu,
+    x: &Tensor,
+    iters: usize,
+) -> Result<(Option<f64>, Vec<WgTime>)> {
+    let dev = x.device();
     let m = x.dim(0)?;
     let us = |t: Option<f64>| t.map(|t| t * 1e6);
-    let default = us(cuda::graph_time(&dev, iters, || {
+    let default = us(cuda::graph_time(dev, iters, || {
         g.wg(x)?;
         Ok(())
     })?);
     let mut variants = Vec::new();
-    for (bm, nw, occ) in cuda::WG_SHAPES {
-        let auto = g.wg_splits(&cd, m, bm, nw);
+    for (bm, nw, occ) in g.wg_shapes() {
+        let auto = g.wg_splits(cd, m, bm, nw);
         for splits in if auto > 1 { vec![auto, 1] } else { vec![1] } {
             let launch = cuda::WgLaunch {
                 bm,
@@ -241,7 +246,7 @@ fn wg_times(g: &GptqGpu, x: &Tensor, iters: usize) -> Result<(Option<f64>, Vec<W
                 splits,
                 occ,
             };
-            let t = cuda::graph_time(&dev, iters, || {
+            let t = cuda::graph_time(dev, iters, || {
                 g.wg_tuned(x, launch)?;
                 Ok(())
             })?;

@@ -91,6 +91,11 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                 );
                 let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
                 for r in &rows {
+                    // cuBLAS's device time over a product's.
+                    let vs_cublas = |us: Option<f64>| {
+                        us.zip(r.cublas_dev_us)
+                            .map_or("-".into(), |(t, c)| format!("{:.2}x", c / t))
+                    };
                     let best = r
                         .variants
                         .iter()
@@ -111,13 +116,9 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                         r.dev_speedup.map_or("-".into(), |v| format!("{v:.2}x")),
                         r.fused_dev_gbs.map_or("-".into(), |v| format!("{v:.0}")),
                         opt(r.tiled_dev_us),
-                        r.tiled_dev_us
-                            .zip(r.cublas_dev_us)
-                            .map_or("-".into(), |(t, c)| format!("{:.2}x", c / t)),
+                        vs_cublas(r.tiled_dev_us),
                         opt(r.wg_dev_us),
-                        r.wg_dev_us
-                            .zip(r.cublas_dev_us)
-                            .map_or("-".into(), |(t, c)| format!("{:.2}x", c / t)),
+                        vs_cublas(r.wg_dev_us),
                         r.wg_variants
                             .iter()
                             .map(|(l, t)| {

@@ -4,7 +4,7 @@
 
 mod wg;
 
-pub use wg::{WgLaunch, WG_SHAPES};
+pub use wg::WgLaunch;
 
 use super::{device_of, empty, is_sm90a, launch, ptr, Arg, GPTQ};
 use crate::quant::GptqMode;

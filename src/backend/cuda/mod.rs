@@ -21,7 +21,7 @@ pub use kernels_attention::{
 };
 pub use kernels_cache::{kv_write, kv_write_fp8, scatter_rows, CacheLayer};
 
-pub use gptq::{GptqGpu, WgLaunch, STAGE_MAX_M, WG_SHAPES};
+pub use gptq::{GptqGpu, WgLaunch, STAGE_MAX_M};
 pub use sample::{draw_rows, penalize_rows, row_norms};
 
 use crate::{Error, Result};

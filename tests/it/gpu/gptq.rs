@@ -119,9 +119,9 @@ fn wg_launches(g: &GptqGpu, k: usize) -> Vec<cuda::WgLaunch> {
         return Vec::new();
     }
     let chunks = k.div_ceil(64);
-    cuda::WG_SHAPES
-        .iter()
-        .flat_map(|&(bm, nw, occ)| {
+    g.wg_shapes()
+        .into_iter()
+        .flat_map(|(bm, nw, occ)| {
             [1, 3.min(chunks)].map(|splits| cuda::WgLaunch {
                 bm,
                 nw,

@@ -44,16 +44,6 @@ const BUILDS: [(u32, usize, usize, usize, usize); 14] = [
     (8, 64, 1, 2, 5),
     (8, 128, 1, 2, 4),
 ];
-/// The (bm, nw, occ) shapes built for either bit width.
-pub const WG_SHAPES: [(usize, usize, usize); 7] = [
-    (64, 1, 1),
-    (128, 1, 1),
-    (256, 1, 1),
-    (64, 2, 1),
-    (128, 2, 1),
-    (64, 1, 2),
-    (128, 1, 2),
-];
 /// Sorted positions per chunk (WG_BK).
 const BK: usize = 64;
 
@@ -89,24 +79,32 @@ impl GptqGpu {
         is_sm90a(dev)
     }
 
+    /// The block shapes (bm, nw, occ) built for this layer's bit width.
+    pub fn wg_shapes(&self) -> Vec<(usize, usize, usize)> {
+        BUILDS
+            .iter()
+            .filter(|b| b.0 == self.bits)
+            .map(|b| (b.1, b.2, b.3))
+            .collect()
+    }
+
     /// Blocks of (`bm` tokens, 128 `nw` columns) for `m` tokens, from the
     /// launch table of BENCHMARKS.md (H200, run 57): the widest block that
     /// still gives 70% of the multiprocessors a block (two products per
     /// warpgroup only up to 128 tokens), else 64 x 128.
     pub fn wg_shape(&self, dev: &CudaDevice, m: usize) -> (usize, usize) {
+        if let Some(bm) = tune().0 {
+            return (bm, 1);
+        }
         let sms = arch(dev).sms;
         let enough =
             |bm: usize, nw: usize| 10 * self.np.div_ceil(128 * nw) * m.div_ceil(bm) >= 7 * sms;
         let widest = m.next_power_of_two().max(64);
-        let pick = [(256, 1), (128, 2), (128, 1), (64, 2), (64, 1)]
+        [(256, 1), (128, 2), (128, 1), (64, 2), (64, 1)]
             .into_iter()
             .filter(|&(bm, nw)| bm <= widest && (nw == 1 || m <= 128))
             .find(|&(bm, nw)| enough(bm, nw))
-            .unwrap_or((64, 1));
-        match tune().0 {
-            Some(bm) => (bm, 1),
-            None => pick,
-        }
+            .unwrap_or((64, 1))
     }
 
     /// Blocks along K for `m` tokens in blocks of `bm` x 128 `nw`: with
@@ -153,16 +151,13 @@ impl GptqGpu {
     /// `gptq::fused_gptq_rows_do_not_depend_on_the_batch`).
     pub fn wg_invariant(&self, x: &Tensor) -> Result<Tensor> {
         let (bm, nw) = self.wg_shape(&device_of(x)?, x.dim(0)?);
-        let splits = 1;
-        self.wg_tuned(
-            x,
-            WgLaunch {
-                bm,
-                nw,
-                splits,
-                occ: 1,
-            },
-        )
+        let one_block = WgLaunch {
+            bm,
+            nw,
+            splits: 1,
+            occ: 1,
+        };
+        self.wg_tuned(x, one_block)
     }
 
     /// The warpgroup product with a given launch (public for the kernel
@@ -189,8 +184,9 @@ impl GptqGpu {
         }
         let Some(smem) = smem_bytes(launch_, self.bits) else {
             return Err(Error::Model(format!(
-                "gptq warpgroup product: {}-bit blocks of {bm} tokens x {nw} products per warpgroup x {occ} per multiprocessor are not built (built: (tokens, products, blocks) {WG_SHAPES:?})",
-                self.bits
+                "gptq warpgroup product: {}-bit blocks of {bm} tokens x {nw} products per warpgroup x {occ} per multiprocessor are not built (built: (tokens, products, blocks) {:?})",
+                self.bits,
+                self.wg_shapes()
             )));
         };
         let (out, xp) = self.large_m_input(x)?;
