@@ -1,24 +1,29 @@
 // The large-M GPTQ product on Hopper (sm_90a): warpgroup tensor-core
 // products (wgmma) over the packed weights, dequantized in the main loop.
 //
-// out [M, N] = xp [M, Kp] W^T, xp the activation in sorted-K order (from
-// gptq_permute_x in gptq.cu), W in the tile layout of gptq.cu. The product is
+// out [M, N] = xp [M, Kp] W^T, xp the activation in sorted-K order (laid
+// out by gptq_wg_permute_x below), W in the tile layout of gptq.cu. The product is
 // computed transposed, out^T = W xp^T: the weights are wgmma's A operand,
 // which may come from registers, so a warp dequantizes its 16 x 16 tile
 // straight into the A fragment (dequant_tile: the tile layout's fragment is
 // wgmma's register layout); the tokens are wgmma's N, read from shared
 // memory through a matrix descriptor.
 //
-// A block is two warpgroups over BN = 128 NW output columns (64 NW each:
-// warp w of warpgroup wg dequantizes the 16-column tiles 4 (NW wg + u) + w,
-// u < NW, one per m64 product) and BM tokens (blockIdx.y), over the sorted
-// range of `kc` chunks of 64 positions (blockIdx.z: the K split). Each chunk's stage holds the token tile
-// [BM][64] f16 in the 128-byte swizzled layout wgmma reads (16-byte piece p
-// of row r at p ^ (r & 7)), the block's weight words and the (scale, 1024 +
-// zero) pairs of each 16-position step's group; S stages stream through
-// cp.async, S - 2 chunks ahead. Per chunk a warpgroup issues its m64nBMk16
-// products as one group and dequantizes the next chunk while they run (the
-// A fragments double-buffered by chunk).
+// A block is two consumer warpgroups over BN = 128 NW output columns (64 NW
+// each: warp w of warpgroup wg dequantizes the 16-column tiles
+// 4 (NW wg + u) + w, u < NW, one per m64 product) and BM tokens
+// (blockIdx.y), over the sorted range of `kc` chunks of 64 positions
+// (blockIdx.z: the K split), and one producer warp. Each chunk's stage
+// holds the token tile [BM][64] f16 in the 128-byte swizzled layout wgmma
+// reads (16-byte piece p of row r at p ^ (r & 7)), the block's weight words
+// and the (scale, 1024 + zero) pairs of each 16-position step's group. The
+// producer fills S stages by bulk copies (cp.async.bulk), the token tile in
+// one copy because gptq_wg_permute_x lays the activation out chunk by chunk
+// already swizzled; an mbarrier per stage counts the bytes in (full) and
+// another the consumer warps done with it (empty). A consumer warpgroup
+// issues a chunk's m64nBMk16 products as one group and dequantizes the
+// next chunk while they run (the A fragments double-buffered by chunk): it
+// issues no loads and meets the other warpgroup at no barrier.
 //
 // Reduction order of an output: its split's chunks in order, 16 positions
 // per product in the tensor core's order, accumulated in f32; with splits,
@@ -32,10 +37,11 @@
 #include <stdint.h>
 
 #include "gptq.cuh"
-#include "mma.cuh"
+#include "sm90.cuh"
 #include "wgmma.cuh"
 
-#define WG_THREADS 256
+#define WG_CONSUMERS 256  // two warpgroups: dequantize and issue the products
+#define WG_THREADS 384    // and a producer warpgroup, one warp of it issuing the copies
 #define WG_BK 64  // sorted positions per chunk (one 128-byte swizzle row)
 
 template <int BITS, int BM, int NW>
@@ -66,17 +72,24 @@ __device__ __forceinline__ void wg_mma(float (&d)[BM / 2], const uint32_t (&a)[4
   if constexpr (BM == 256) wg_m64n256k16(d, a, desc);
 }
 
+// The consumer warpgroups' own barrier (the producer warp does not join).
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(WG_CONSUMERS) : "memory");
+}
+
 template <int BITS, int BM, int NW, int S>
-__device__ void gptq_wg_impl(const half* __restrict__ xp, const int4* __restrict__ qt,
+__device__ void gptq_wg_impl(const half* __restrict__ xs, const int4* __restrict__ qt,
                              const half2* __restrict__ sz, half* __restrict__ out,
-                             float* __restrict__ part, int M, int N, int Np, int Kp, int gs,
-                             int G, int kc) {
+                             float* __restrict__ part, int M, int Mp, int N, int Np, int Kp,
+                             int gs, int G, int kc) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Sh = WgShape<BITS, BM, NW>;
   extern __shared__ uint8_t smem_raw[];
   // Swizzle atoms must sit on 1,024-byte boundaries.
-  const uint32_t raw = (uint32_t)__cvta_generic_to_shared(smem_raw);
+  const uint32_t raw = sh(smem_raw);
   uint8_t* smem = smem_raw + ((1024 - (raw & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + S * Sh::STAGE);
+  uint64_t* empty = full + S;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int wg = warp >> 2, wq = warp & 3;
@@ -87,44 +100,60 @@ __device__ void gptq_wg_impl(const half* __restrict__ xp, const int4* __restrict
   const int KQ = Kp / Sh::KPL;
   const int c0 = blockIdx.z * kc;
   const int nch = max(0, min(Kp / WG_BK - c0, kc));
-  // The warp's tile of product u: 4 (NW wg + u) + wq. Np is a multiple of
-  // 64, so an m64 product's four tiles all exist or none do; a warpgroup
-  // with none skips its products (past-the-end tiles load as zeros).
+  // Warpgroup wg's products cover tiles 4 NW wg .. +4 NW. Np is a multiple
+  // of 64, so an m64 product's four tiles all exist or none do; warpgroup 0
+  // always has one, warpgroup 1 may have none and then sits the loop out.
   const bool active = nt0 + 4 * NW * wg < ntiles;
+  const int consumers = nt0 + 4 * NW < ntiles ? 8 : 4;  // warps that release a stage
 
-  // Each thread's share of a stage, fixed per thread (compile-time trip
-  // counts, so that a chunk's loads are a few address adds): token rows
-  // r0 + 32 it (16-byte piece p, swizzled by r & 7 = r0 & 7), weight words
-  // tid + 256 it, and for tid < BN one piece of the group parameters.
-  const int r0 = tid >> 3, p = tid & 7;
-  const int xoff = r0 * 128 + ((p ^ (r0 & 7)) << 4);
-  auto load = [&](int c, int st) {
-    uint8_t* base = smem + st * Sh::STAGE;
-    const int k0 = (c0 + c) * WG_BK;
-#pragma unroll
-    for (int it = 0; it < BM * 8 / WG_THREADS; it++) {
-      const int r = r0 + 32 * it;
-      const bool ok = m0 + r < M;
-      cp_async16(base + xoff + it * 4096, xp + (size_t)(ok ? m0 + r : 0) * Kp + k0 + p * 8, ok);
+  if (tid == 0) {
+    for (int s = 0; s < S; s++) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], consumers);
     }
-    int4* ws = reinterpret_cast<int4*>(base + Sh::XB);
-#pragma unroll
-    for (int it = 0; it < Sh::TILES * Sh::LPC * 32 / WG_THREADS; it++) {
-      const int i = tid + it * WG_THREADS;
-      const int tl = i / (Sh::LPC * 32), l = (i >> 5) % Sh::LPC, ln = i & 31;
-      const bool ok = nt0 + tl < ntiles;
-      cp_async16(ws + i, qt + ((size_t)(ok ? nt0 + tl : 0) * KQ + k0 / Sh::KPL + l) * 32 + ln, ok);
-    }
-    if (tid < Sh::BN) {  // 4 steps x BN / 4 pieces of 16 bytes
-      half2* ss = reinterpret_cast<half2*>(base + Sh::XB + Sh::WB);
-      const int j = tid / (Sh::BN / 4), q = tid % (Sh::BN / 4);
-      const int grp = min((k0 + 16 * j) / gs, G - 1);
-      const int col = nt0 * 16 + 4 * q;
-      const bool ok = col < Np;
-      cp_async16(ss + j * Sh::BN + 4 * q, sz + (size_t)grp * Np + (ok ? col : 0), ok);
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  // The producer warp: chunk i into stage i % S once its previous chunk's
+  // products are done, as bulk copies counted on full[stage]: the token
+  // tile (one contiguous, already swizzled run of xs), one run of weight
+  // words per 16-column tile, one run of group parameters per 16-position
+  // step.
+  auto produce = [&]() {
+    const int vt = min(Sh::TILES, ntiles - nt0);
+    const uint32_t bytes = BM * 128 + vt * (Sh::LPC * 512 + 256);
+    for (int i = 0, st = 0, ph = 0; i < nch; i++) {
+      if (i >= S) mbar_wait(&empty[st], ph ^ 1);
+      uint8_t* base = smem + st * Sh::STAGE;
+      const int c = c0 + i, k0 = c * WG_BK;
+      if (lane == 0) mbar_expect(&full[st], bytes);
+      __syncwarp();
+      if (lane < vt) {
+        const int4* src = qt + ((size_t)(nt0 + lane) * KQ + k0 / Sh::KPL) * 32;
+        bulk_load(base + Sh::XB + lane * Sh::LPC * 512, src, Sh::LPC * 512, &full[st]);
+      } else if (lane >= 16 && lane < 20) {
+        const int j = lane - 16;
+        const int grp = min((k0 + 16 * j) / gs, G - 1);
+        bulk_load(base + Sh::XB + Sh::WB + j * Sh::BN * 4, sz + (size_t)grp * Np + nt0 * 16,
+                  vt * 64, &full[st]);
+      } else if (lane == 31) {
+        bulk_load(base, xs + ((size_t)c * Mp + m0) * WG_BK, BM * 128, &full[st]);
+      }
+      if (++st == S) st = 0, ph ^= 1;
     }
   };
 
+  // Registers move from the producer warpgroup to the consumers (a
+  // multiprocessor's quarter holds one warp of each warpgroup: 40 + 2 x 232
+  // of its 512 registers a lane).
+  if (warp >= WG_CONSUMERS / 32) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (warp == WG_CONSUMERS / 32) produce();
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   float acc[NW][BM / 2];
 #pragma unroll
   for (int u = 0; u < NW; u++)
@@ -171,51 +200,39 @@ __device__ void gptq_wg_impl(const half* __restrict__ xp, const int4* __restrict
       }
     wg_commit();
   };
-  // cp.async writes through the generic proxy, wgmma reads through the
-  // async one.
-  auto ready = [&]() {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();
-  };
 
-  // Chunks 0 .. S - 3 in flight before the first product. Step i issues
-  // chunk i's products, then loads chunk i + S - 2 into the stage of chunk
-  // i - 2 (every warpgroup waited for those products in step i - 1, before
-  // its barrier), then dequantizes chunk i + 1 while chunk i's products
-  // run: only the dequantization lies between a barrier and the next issue.
-#pragma unroll
-  for (int s = 0; s < S - 2; s++) {
-    if (s < nch) load(s, s);
-    cp_async_commit();
-  }
-  // Two named fragment sets (a runtime index would put them in local memory).
-  uint32_t af0[NW][4][4], af1[NW][4][4];
-  int st = 0;  // the stage of chunk i
+  // Step i issues chunk i's products, waits for chunk i - 1's (releasing
+  // its stage to the producer), then waits for chunk i + 1's stage and
+  // dequantizes it while chunk i's products run.
+  uint32_t af0[NW][4][4], af1[NW][4][4];  // named sets: a runtime index would spill
+  int st = 0, ph = 0, prev = 0;           // stage and phase of chunk i, stage of i - 1
   auto step = [&](int i, const uint32_t (&cur)[NW][4][4], uint32_t (&next)[NW][4][4]) {
-    if (active) issue(st, cur);
-    const int ahead = st + S - 2 >= S ? st - 2 : st + S - 2;  // (i + S - 2) % S
-    if (i + S - 2 < nch) load(i + S - 2, ahead);
-    cp_async_commit();
-    if (active) wg_wait<1>();  // chunk i - 1's products are done, chunk i's run
-    cp_async_wait<S - 3>();    // chunk i + 1 has landed
-    ready();
-    st = st + 1 == S ? 0 : st + 1;
-    if (active && i + 1 < nch) dequant(st, next);
+    issue(st, cur);
+    wg_wait<1>();
+    if (i > 0 && lane == 0) mbar_arrive(&empty[prev]);
+    prev = st;
+    if (++st == S) st = 0, ph ^= 1;
+    if (i + 1 < nch) {
+      mbar_wait(&full[st], ph);
+      dequant(st, next);
+    }
   };
-  cp_async_wait<S - 3>();
-  ready();
-  if (active && nch > 0) dequant(0, af0);
-  for (int i = 0; i < nch; i += 2) {
-    step(i, af0, af1);
-    if (i + 1 < nch) step(i + 1, af1, af0);
+  if (active && nch > 0) {
+    mbar_wait(&full[0], 0);
+    dequant(0, af0);
+    for (int i = 0; i < nch; i += 2) {
+      step(i, af0, af1);
+      if (i + 1 < nch) step(i + 1, af1, af0);
+    }
+    wg_wait<0>();
+#pragma unroll
+    for (int u = 0; u < NW; u++)
+#pragma unroll
+      for (int i = 0; i < BM / 2; i++) wg_keep(acc[u][i]);
   }
-  wg_wait<0>();
-#pragma unroll
-  for (int u = 0; u < NW; u++)
-#pragma unroll
-    for (int i = 0; i < BM / 2; i++) wg_keep(acc[u][i]);
-  cp_async_wait<0>();
-  __syncthreads();
+  // Every chunk has landed (warpgroup 0 waited for each) and no product
+  // reads a stage any more: the stages become the epilogue's rows.
+  consumers_sync();
 
   // Through shared memory, so that rows go out in 16-byte pieces.
   float* es = reinterpret_cast<float*>(smem);
@@ -229,10 +246,10 @@ __device__ void gptq_wg_impl(const half* __restrict__ xp, const int4* __restrict
         es[row * Sh::ER + col] = acc[u][i];
       }
   }
-  __syncthreads();
+  consumers_sync();
   const int rows = min(BM, M - m0);
   const int n0 = nt0 * 16;
-  for (int i = tid; i < rows * (Sh::BN / 8); i += WG_THREADS) {
+  for (int i = tid; i < rows * (Sh::BN / 8); i += WG_CONSUMERS) {
     const int r = i / (Sh::BN / 8), c = (i % (Sh::BN / 8)) * 8;
     const int n = n0 + c;
     if (n >= N) continue;
@@ -253,32 +270,54 @@ __device__ void gptq_wg_impl(const half* __restrict__ xp, const int4* __restrict
 #endif
 }
 
-// Stages per build: as many as fit in the 227 KiB a block may have, or, for
-// two resident blocks per multiprocessor (OCC 2: more warps to hide the
-// dequantization's latency, at most 128 registers a thread), in ~110 KiB
+// Stages per build: as many as fit in the 227 KiB a block may have
 // (src/backend/cuda/gptq/wg.rs sizes the launch's shared memory to match).
-#define GPTQ_WG(BITS, BM, NW, S, OCC)                                                  \
-  extern "C" __global__ void __launch_bounds__(WG_THREADS, OCC)                        \
-      gptq_wg_b##BITS##_n##BM##_w##NW##_o##OCC(const half* xp, const int4* qt,          \
-                                               const half2* sz, half* out, float* part, \
-                                               int M, int N, int Np, int Kp, int gs,    \
-                                               int G, int kc) {                         \
-    gptq_wg_impl<BITS, BM, NW, S>(xp, qt, sz, out, part, M, N, Np, Kp, gs, G, kc);     \
+#define GPTQ_WG(BITS, BM, NW, S)                                                      \
+  extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                         \
+      gptq_wg_b##BITS##_n##BM##_w##NW(const half* xs, const int4* qt, const half2* sz, \
+                                      half* out, float* part, int M, int Mp, int N,    \
+                                      int Np, int Kp, int gs, int G, int kc) {         \
+    gptq_wg_impl<BITS, BM, NW, S>(xs, qt, sz, out, part, M, Mp, N, Np, Kp, gs, G, kc); \
   }
-GPTQ_WG(4, 64, 1, 8, 1)
-GPTQ_WG(4, 128, 1, 8, 1)
-GPTQ_WG(4, 256, 1, 5, 1)
-GPTQ_WG(4, 64, 2, 8, 1)
-GPTQ_WG(4, 128, 2, 7, 1)
-GPTQ_WG(4, 64, 1, 6, 2)
-GPTQ_WG(4, 128, 1, 4, 2)
-GPTQ_WG(8, 64, 1, 8, 1)
-GPTQ_WG(8, 128, 1, 8, 1)
-GPTQ_WG(8, 256, 1, 5, 1)
-GPTQ_WG(8, 64, 2, 8, 1)
-GPTQ_WG(8, 128, 2, 6, 1)
-GPTQ_WG(8, 64, 1, 5, 2)
-GPTQ_WG(8, 128, 1, 4, 2)
+GPTQ_WG(4, 64, 1, 8)
+GPTQ_WG(4, 128, 1, 8)
+GPTQ_WG(4, 256, 1, 5)
+GPTQ_WG(4, 64, 2, 8)
+GPTQ_WG(4, 128, 2, 7)
+GPTQ_WG(8, 64, 1, 8)
+GPTQ_WG(8, 128, 1, 8)
+GPTQ_WG(8, 256, 1, 5)
+GPTQ_WG(8, 64, 2, 8)
+GPTQ_WG(8, 128, 2, 6)
+
+// xs = the activation in sorted K order, laid out as the stages read it:
+// chunk c of 64 positions holds Mp rows (M rounded up to the launch's token
+// block) of 128 bytes, the 16-byte piece p of row r stored at p ^ (r & 7)
+// (wgmma's 128-byte swizzle), zero past M and in the padding. A block's
+// token tile of a chunk is then one contiguous run (its first row a
+// multiple of 8). One block per row: the row is read whole into shared
+// memory (K halves), then gathered through `perm` in 16-byte pieces.
+extern "C" __global__ void gptq_wg_permute_x(const half* __restrict__ x,
+                                             const int* __restrict__ perm, half* __restrict__ xs,
+                                             int M, int K, int Mp, int Kp) {
+  extern __shared__ half row[];
+  const int r = blockIdx.x;
+  if (r < M) {
+    for (int k = threadIdx.x; k < K; k += blockDim.x) row[k] = x[(size_t)r * K + k];
+  }
+  __syncthreads();
+  for (int q = threadIdx.x; q < Kp / 8; q += blockDim.x) {
+    __align__(16) half v[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+      const int src = perm[8 * q + e];
+      v[e] = (r < M && src >= 0) ? row[src] : __float2half(0.f);
+    }
+    const int c = q >> 3, p = q & 7;
+    half* dst = xs + ((size_t)c * Mp + r) * WG_BK + ((p ^ (r & 7)) << 3);
+    *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(v);
+  }
+}
 
 // out[i] = the splits' partials of element i summed in split order.
 extern "C" __global__ void gptq_wg_reduce(const float* __restrict__ part, half* __restrict__ out,

@@ -5,7 +5,7 @@
 use crate::cuda::{self, DecodeShape, DecodeVariant, GptqGpu};
 use crate::model::linear::RandomGptq;
 use crate::quant::GptqMode;
-use crate::Result;
+use crate::{Error, Result};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -116,16 +116,30 @@ pub const SHAPES: [(&str, usize, usize); 6] = [
     ("gate+up", 4096, 28672),
 ];
 
-/// GPTQ products against cuBLAS f16 for `bits`/`group` at each M.
+/// GPTQ products against cuBLAS f16 for `bits`/`group` at each M, over the
+/// shapes named in `only` (all when empty).
 pub fn gemm_table(
     dev: &Device,
     bits: u32,
     group: Option<usize>,
     ms: &[usize],
+    only: &[String],
 ) -> Result<Vec<GemmRow>> {
+    if let Some(bad) = only
+        .iter()
+        .find(|o| !SHAPES.iter().any(|s| s.0 == o.as_str()))
+    {
+        return Err(Error::Config(format!(
+            "gemm shape `{bad}` is not one of {:?}",
+            SHAPES.map(|s| s.0)
+        )));
+    }
     let cd = cuda::cuda(dev)?;
     let mut rows = Vec::new();
-    for (name, k, n) in SHAPES {
+    let wanted = SHAPES
+        .into_iter()
+        .filter(|s| only.is_empty() || only.iter().any(|o| o == s.0));
+    for (name, k, n) in wanted {
         let g = GptqGpu::dummy(
             &RandomGptq {
                 bits,
@@ -237,15 +251,10 @@ fn wg_times(
         Ok(())
     })?);
     let mut variants = Vec::new();
-    for (bm, nw, occ) in g.wg_shapes() {
+    for (bm, nw) in g.wg_shapes() {
         let auto = g.wg_splits(cd, m, bm, nw);
         for splits in if auto > 1 { vec![auto, 1] } else { vec![1] } {
-            let launch = cuda::WgLaunch {
-                bm,
-                nw,
-                splits,
-                occ,
-            };
+            let launch = cuda::WgLaunch { bm, nw, splits };
             let t = cuda::graph_time(dev, iters, || {
                 g.wg_tuned(x, launch)?;
                 Ok(())

@@ -19,6 +19,8 @@ pub struct BenchArgs<'a> {
     pub gemm_only: bool,
     /// With `kernels`: the GPTQ products' token counts (empty: the default).
     pub gemm_m: &'a [usize],
+    /// With `kernels`: the GPTQ products' shapes by name (empty: all).
+    pub gemm_shapes: &'a [String],
     /// Time the workloads' kernel classes.
     pub breakdown: bool,
     /// Write the results here as JSON.
@@ -39,7 +41,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
     #[allow(unused_mut)]
     let mut matmul = 0.0;
     #[cfg(not(feature = "cuda"))]
-    if args.kernels || args.gemm_only || !args.gemm_m.is_empty() {
+    if args.kernels || args.gemm_only || !args.gemm_m.is_empty() || !args.gemm_shapes.is_empty() {
         anyhow::bail!("--kernels needs a binary built with the `cuda` feature");
     }
     #[cfg(feature = "cuda")]
@@ -64,7 +66,8 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                 } else {
                     args.gemm_m
                 };
-                let rows = bench::kernels::gemm_table(&dev, q.bits, q.group_size, ms)?;
+                let rows =
+                    bench::kernels::gemm_table(&dev, q.bits, q.group_size, ms, args.gemm_shapes)?;
                 println!(
                     "GEMM {} (wall TFLOP/s; device µs per call from CUDA graphs):",
                     q.short_name()
@@ -87,7 +90,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                     "cub/t",
                     "wg us",
                     "cub/wg",
-                    "wg (bm,nw,s,occ) us"
+                    "wg (bm,nw,s) us"
                 );
                 let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
                 for r in &rows {
@@ -122,7 +125,7 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
                         r.wg_variants
                             .iter()
                             .map(|(l, t)| {
-                                format!("({},{},{},{}) {}", l.bm, l.nw, l.splits, l.occ, opt(*t))
+                                format!("({},{},{}) {}", l.bm, l.nw, l.splits, opt(*t))
                             })
                             .collect::<Vec<_>>()
                             .join(" "),

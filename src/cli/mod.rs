@@ -109,6 +109,10 @@ enum Command {
         /// (default: 1, 4, 8, 16, 32, 64, 128, 256, 1024, 4096).
         #[arg(long, requires = "kernels", value_delimiter = ',')]
         gemm_m: Vec<usize>,
+        /// With --kernels: the GPTQ product bench's shapes by name (q/o,
+        /// k/v, gate/up, down, qkv fused, gate+up; default: all).
+        #[arg(long, requires = "kernels", value_delimiter = ',')]
+        gemm_shapes: Vec<String>,
         /// Time each kernel class of every step of the workloads (CUDA
         /// events between classes) and print where a decode and a prefill
         /// step's device time goes.
@@ -219,6 +223,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             kernels,
             gemm_only,
             gemm_m,
+            gemm_shapes,
             breakdown,
             json,
             set,
@@ -236,6 +241,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     kernels,
                     gemm_only,
                     gemm_m: &gemm_m,
+                    gemm_shapes: &gemm_shapes,
                     breakdown,
                     json: json.as_deref(),
                 },

@@ -121,14 +121,7 @@ fn wg_launches(g: &GptqGpu, k: usize) -> Vec<cuda::WgLaunch> {
     let chunks = k.div_ceil(64);
     g.wg_shapes()
         .into_iter()
-        .flat_map(|(bm, nw, occ)| {
-            [1, 3.min(chunks)].map(|splits| cuda::WgLaunch {
-                bm,
-                nw,
-                splits,
-                occ,
-            })
-        })
+        .flat_map(|(bm, nw)| [1, 3.min(chunks)].map(|splits| cuda::WgLaunch { bm, nw, splits }))
         .collect()
 }
 

@@ -8,7 +8,7 @@ use super::GptqGpu;
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::CudaDevice;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use half::f16;
 use std::sync::OnceLock;
 
@@ -21,55 +21,58 @@ pub struct WgLaunch {
     pub nw: usize,
     /// Blocks along K.
     pub splits: usize,
-    /// Blocks per multiprocessor the build is made for (1, or 2 with fewer
-    /// stages and at most 128 registers a thread).
-    pub occ: usize,
 }
 
-/// The builds of kernels/gptq_wg.cu: (bits, bm, nw, occ) and their stages
-/// (the GPTQ_WG lines there).
-const BUILDS: [(u32, usize, usize, usize, usize); 14] = [
-    (4, 64, 1, 1, 8),
-    (4, 128, 1, 1, 8),
-    (4, 256, 1, 1, 5),
-    (4, 64, 2, 1, 8),
-    (4, 128, 2, 1, 7),
-    (4, 64, 1, 2, 6),
-    (4, 128, 1, 2, 4),
-    (8, 64, 1, 1, 8),
-    (8, 128, 1, 1, 8),
-    (8, 256, 1, 1, 5),
-    (8, 64, 2, 1, 8),
-    (8, 128, 2, 1, 6),
-    (8, 64, 1, 2, 5),
-    (8, 128, 1, 2, 4),
+/// The builds of kernels/gptq_wg.cu: (bits, bm, nw) and their stages (the
+/// GPTQ_WG lines there).
+const BUILDS: [(u32, usize, usize, usize); 10] = [
+    (4, 64, 1, 8),
+    (4, 128, 1, 8),
+    (4, 256, 1, 5),
+    (4, 64, 2, 8),
+    (4, 128, 2, 7),
+    (8, 64, 1, 8),
+    (8, 128, 1, 8),
+    (8, 256, 1, 5),
+    (8, 64, 2, 8),
+    (8, 128, 2, 6),
 ];
 /// Sorted positions per chunk (WG_BK).
 const BK: usize = 64;
+/// Threads of a block (WG_THREADS): two consumer warpgroups and the
+/// producer warpgroup.
+const THREADS: u32 = 384;
 
 /// Shared memory of a launch: the stages (token tile, weight words, group
 /// parameters) as WgShape in kernels/gptq_wg.cu sizes them, plus the
 /// alignment slack; `None` for a shape not built.
 fn smem_bytes(l: WgLaunch, bits: u32) -> Option<usize> {
     let (bm, nw) = (l.bm, l.nw);
-    let key = (bits, bm, nw, l.occ);
-    let &(.., stages) = BUILDS.iter().find(|b| (b.0, b.1, b.2, b.3) == key)?;
+    let &(.., stages) = BUILDS.iter().find(|b| (b.0, b.1, b.2) == (bits, bm, nw))?;
     let bn = 128 * nw;
     let words = if bits == 4 { 1 } else { 2 };
     let stage = bm * BK * 2 + (bn / 16) * words * 32 * 16 + 4 * bn * 4;
-    Some(stages * stage + 1024)
+    // Plus the alignment slack and a full and an empty barrier per stage.
+    Some(stages * stage + 1024 + 16 * stages)
 }
 
-/// Launch choices overridable for tuning, read once: GPTQ_WG_BM (64, 128,
-/// 256) and GPTQ_WG_SPLITS (blocks along K).
-fn tune() -> (Option<usize>, Option<usize>) {
-    static T: OnceLock<(Option<usize>, Option<usize>)> = OnceLock::new();
+/// Launch choices overridable for tuning, read once.
+#[derive(Clone, Copy)]
+struct Tune {
+    /// GPTQ_WG_BM: tokens per block (64, 128, 256).
+    bm: Option<usize>,
+    /// GPTQ_WG_SPLITS: blocks along K.
+    splits: Option<usize>,
+}
+
+fn tune() -> Tune {
+    static T: OnceLock<Tune> = OnceLock::new();
     *T.get_or_init(|| {
         let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
-        (
-            var("GPTQ_WG_BM").filter(|b| [64, 128, 256].contains(b)),
-            var("GPTQ_WG_SPLITS").filter(|&s| s > 0),
-        )
+        Tune {
+            bm: var("GPTQ_WG_BM").filter(|b| [64, 128, 256].contains(b)),
+            splits: var("GPTQ_WG_SPLITS").filter(|&s| s > 0),
+        }
     })
 }
 
@@ -79,12 +82,12 @@ impl GptqGpu {
         is_sm90a(dev)
     }
 
-    /// The block shapes (bm, nw, occ) built for this layer's bit width.
-    pub fn wg_shapes(&self) -> Vec<(usize, usize, usize)> {
+    /// The block shapes (bm, nw) built for this layer's bit width.
+    pub fn wg_shapes(&self) -> Vec<(usize, usize)> {
         BUILDS
             .iter()
             .filter(|b| b.0 == self.bits)
-            .map(|b| (b.1, b.2, b.3))
+            .map(|b| (b.1, b.2))
             .collect()
     }
 
@@ -93,7 +96,7 @@ impl GptqGpu {
     /// still gives 70% of the multiprocessors a block (two products per
     /// warpgroup only up to 128 tokens), else 64 x 128.
     pub fn wg_shape(&self, dev: &CudaDevice, m: usize) -> (usize, usize) {
-        if let Some(bm) = tune().0 {
+        if let Some(bm) = tune().bm {
             return (bm, 1);
         }
         let sms = arch(dev).sms;
@@ -113,7 +116,7 @@ impl GptqGpu {
     /// partials' traffic costs more than idle multiprocessors: run 57).
     pub fn wg_splits(&self, dev: &CudaDevice, m: usize, bm: usize, nw: usize) -> usize {
         let chunks = self.kp / BK;
-        let want = tune().1.unwrap_or_else(|| {
+        let want = tune().splits.unwrap_or_else(|| {
             let sms = arch(dev).sms;
             let tiles = self.np.div_ceil(128 * nw) * m.div_ceil(bm);
             if 2 * tiles < sms {
@@ -133,7 +136,6 @@ impl GptqGpu {
             bm,
             nw,
             splits: self.wg_splits(dev, m, bm, nw),
-            occ: 1,
         }
     }
 
@@ -151,24 +153,43 @@ impl GptqGpu {
     /// `gptq::fused_gptq_rows_do_not_depend_on_the_batch`).
     pub fn wg_invariant(&self, x: &Tensor) -> Result<Tensor> {
         let (bm, nw) = self.wg_shape(&device_of(x)?, x.dim(0)?);
-        let one_block = WgLaunch {
-            bm,
-            nw,
-            splits: 1,
-            occ: 1,
-        };
+        let one_block = WgLaunch { bm, nw, splits: 1 };
         self.wg_tuned(x, one_block)
+    }
+
+    /// xs = x [M, K] in sorted K order, in the layout the product's stages
+    /// read (gptq_wg_permute_x: per chunk of 64 positions, `mp` swizzled
+    /// rows of 128 bytes, `mp` = M rounded up to the token block `bm`).
+    fn wg_input(&self, dev: &CudaDevice, x: &Tensor, bm: usize) -> Result<(Tensor, usize)> {
+        if x.dtype() != DType::F16 {
+            return Err(Error::Model(format!(
+                "GPTQ on CUDA takes f16 activations, got {:?}",
+                x.dtype()
+            )));
+        }
+        let (m, x) = (x.dim(0)?, x.contiguous()?);
+        let mp = m.next_multiple_of(bm);
+        let xs = empty::<f16>(dev, (mp * self.kp,))?;
+        // One block per row, the row in shared memory.
+        let cfg = LaunchConfig {
+            grid_dim: (mp as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (2 * self.k).next_multiple_of(16) as u32,
+        };
+        let mut args = vec![
+            Arg::P(ptr::<f16>(&x)?),
+            Arg::P(ptr::<u32>(&self.perm)?),
+            Arg::P(ptr::<f16>(&xs)?),
+        ];
+        args.extend([m, self.k, mp, self.kp].iter().map(|&v| Arg::I(v as i32)));
+        launch(dev, &GPTQ_WG, "gptq_wg_permute_x", cfg, &args)?;
+        Ok((xs, mp))
     }
 
     /// The warpgroup product with a given launch (public for the kernel
     /// bench and its tests).
     pub fn wg_tuned(&self, x: &Tensor, launch_: WgLaunch) -> Result<Tensor> {
-        let WgLaunch {
-            bm,
-            nw,
-            splits,
-            occ,
-        } = launch_;
+        let WgLaunch { bm, nw, splits } = launch_;
         let dev = device_of(x)?;
         let chunks = self.kp / BK;
         if !Self::wg_available(&dev) {
@@ -184,14 +205,17 @@ impl GptqGpu {
         }
         let Some(smem) = smem_bytes(launch_, self.bits) else {
             return Err(Error::Model(format!(
-                "gptq warpgroup product: {}-bit blocks of {bm} tokens x {nw} products per warpgroup x {occ} per multiprocessor are not built (built: (tokens, products, blocks) {:?})",
+                "gptq warpgroup product: {}-bit blocks of {bm} tokens x {nw} products per warpgroup are not built (built: (tokens, products) {:?})",
                 self.bits,
                 self.wg_shapes()
             )));
         };
-        let (out, xp) = self.large_m_input(x)?;
-        let Some(xp) = xp else { return Ok(out) };
         let m = x.dim(0)?;
+        let out = empty::<f16>(&dev, (m, self.n))?;
+        if m == 0 {
+            return Ok(out);
+        }
+        let (xs, mp) = self.wg_input(&dev, x, bm)?;
         let kc = chunks.div_ceil(splits);
         let splits = chunks.div_ceil(kc);
         let part = if splits > 1 {
@@ -205,19 +229,19 @@ impl GptqGpu {
                 m.div_ceil(bm) as u32,
                 splits as u32,
             ),
-            block_dim: (256, 1, 1),
+            block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let mut args = vec![
-            Arg::P(ptr::<f16>(&xp)?),
+            Arg::P(ptr::<f16>(&xs)?),
             Arg::P(ptr::<u32>(&self.qt)?),
             Arg::P(ptr::<f16>(&self.sz)?),
             Arg::P(ptr::<f16>(&out)?),
             Arg::P(part.as_ref().map(ptr::<f32>).transpose()?.unwrap_or(0)),
         ];
-        let ints = [m, self.n, self.np, self.kp, self.gs, self.groups, kc];
+        let ints = [m, mp, self.n, self.np, self.kp, self.gs, self.groups, kc];
         args.extend(ints.iter().map(|&v| Arg::I(v as i32)));
-        let name = format!("gptq_wg_b{}_n{bm}_w{nw}_o{occ}", self.bits);
+        let name = format!("gptq_wg_b{}_n{bm}_w{nw}", self.bits);
         launch(&dev, &GPTQ_WG, &name, cfg, &args)?;
         if let Some(part) = part {
             let mn = m * self.n;
