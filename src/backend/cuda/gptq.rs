@@ -350,12 +350,7 @@ impl GptqGpu {
     /// The large-M products' common start: the f16 check, out [M, N]
     /// allocated, and xp [M, Kp] = x in sorted K order (`None` at M = 0).
     fn large_m_input(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        if x.dtype() != DType::F16 {
-            return Err(Error::Model(format!(
-                "GPTQ on CUDA takes f16 activations, got {:?}",
-                x.dtype()
-            )));
-        }
+        check_f16(x)?;
         let m = x.dim(0)?;
         let dev = device_of(x)?;
         let x = x.contiguous()?;
@@ -483,4 +478,16 @@ impl GptqGpu {
         }
         Ok(out)
     }
+}
+
+/// The large-M products' activation check (shared with the warpgroup
+/// product's input).
+fn check_f16(x: &Tensor) -> Result<()> {
+    if x.dtype() != DType::F16 {
+        return Err(Error::Model(format!(
+            "GPTQ on CUDA takes f16 activations, got {:?}",
+            x.dtype()
+        )));
+    }
+    Ok(())
 }

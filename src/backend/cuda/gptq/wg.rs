@@ -4,11 +4,11 @@
 //! optionally split along K with the partials summed in split order.
 
 use super::super::{arch, device_of, empty, is_sm90a, launch, ptr, Arg, GPTQ_WG};
-use super::GptqGpu;
+use super::{check_f16, GptqGpu};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::CudaDevice;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use half::f16;
 use std::sync::OnceLock;
 
@@ -161,12 +161,7 @@ impl GptqGpu {
     /// read (gptq_wg_permute_x: per chunk of 64 positions, `mp` swizzled
     /// rows of 128 bytes, `mp` = M rounded up to the token block `bm`).
     fn wg_input(&self, dev: &CudaDevice, x: &Tensor, bm: usize) -> Result<(Tensor, usize)> {
-        if x.dtype() != DType::F16 {
-            return Err(Error::Model(format!(
-                "GPTQ on CUDA takes f16 activations, got {:?}",
-                x.dtype()
-            )));
-        }
+        check_f16(x)?;
         let (m, x) = (x.dim(0)?, x.contiguous()?);
         let mp = m.next_multiple_of(bm);
         let xs = empty::<f16>(dev, (mp * self.kp,))?;
