@@ -24,6 +24,11 @@ pub fn record_event(_dev: &Device) -> Result<Event> {
     off()
 }
 
+/// Starts or stops the profiler: none in this build.
+pub fn profiler(_dev: &Device, _on: bool) -> Result<()> {
+    off()
+}
+
 impl Event {
     /// Device milliseconds between two events: none in this build.
     pub fn elapsed_ms(&self, _end: &Event) -> Result<f64> {

@@ -86,30 +86,52 @@ impl Timeline {
 /// starts and one where it ends, read when the run is over. The time from
 /// one forward's end to the next one's start is the pick (a few
 /// microseconds of device work) and whatever the device waited for the
-/// host.
+/// host. `RUNNER_PROFILE_STEPS=a-b` also puts forwards a..b (counted from
+/// 0) between a profiler start and stop (`ncu --profile-from-start off`
+/// then sees only their kernels) and logs each one's device time.
 pub struct GapMeter {
     dev: Device,
     open: Option<Stamp>,
     steps: Vec<(Stamp, Stamp)>,
+    profile: Option<(usize, usize)>,
 }
 
 /// The variable that turns the [`GapMeter`] on.
 pub const GAPS_ENV: &str = "RUNNER_GPU_GAPS";
+/// The variable that names the forwards to profile (`a-b`, `b` excluded).
+pub const PROFILE_ENV: &str = "RUNNER_PROFILE_STEPS";
+
+/// `a-b` with a < b.
+fn step_range(v: &str) -> Option<(usize, usize)> {
+    let (a, b) = v.split_once('-')?;
+    let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (a < b).then_some((a, b))
+}
 
 impl GapMeter {
     /// A meter on `dev` when the environment asks for one.
     pub fn from_env(dev: &Device) -> Option<Self> {
-        std::env::var(GAPS_ENV)
-            .is_ok_and(|v| v == "1")
-            .then(|| Self {
-                dev: dev.clone(),
-                open: None,
-                steps: Vec::new(),
-            })
+        let profile = std::env::var(PROFILE_ENV).ok().map(|v| {
+            let r = step_range(&v);
+            if r.is_none() {
+                tracing::warn!("{PROFILE_ENV}={v:?} ignored: expected a-b with a < b");
+            }
+            r
+        });
+        let on = std::env::var(GAPS_ENV).is_ok_and(|v| v == "1");
+        (on || profile.is_some()).then(|| Self {
+            dev: dev.clone(),
+            open: None,
+            steps: Vec::new(),
+            profile: profile.flatten(),
+        })
     }
 
     /// A forward is about to be queued.
     pub fn begin(&mut self) -> Result<()> {
+        if self.profile.is_some_and(|(a, _)| a == self.steps.len()) {
+            self.profiler(true);
+        }
         self.open = Some(Stamp::now(&self.dev)?);
         Ok(())
     }
@@ -119,17 +141,32 @@ impl GapMeter {
         if let Some(start) = self.open.take() {
             self.steps.push((start, Stamp::now(&self.dev)?));
         }
+        if self.profile.is_some_and(|(_, b)| b == self.steps.len()) {
+            self.profiler(false);
+        }
         Ok(())
     }
 
+    /// Starts or stops the profiler; a failure (no CUDA device) is logged,
+    /// not raised: the meter is a diagnostic and must not stop a job.
+    fn profiler(&self, on: bool) {
+        if let Err(e) = crate::cuda::profiler(&self.dev, on) {
+            tracing::warn!("{PROFILE_ENV}: {e}");
+        }
+    }
+
     /// (forwards, their device milliseconds, the milliseconds between
-    /// them); waits for the device.
+    /// them); waits for the device. Logs the profiled forwards' own times.
     pub fn totals(&self) -> Result<(usize, f64, f64)> {
         let (mut busy, mut gaps) = (0.0, 0.0);
         for (i, (a, b)) in self.steps.iter().enumerate() {
-            busy += a.ms_until(b)?;
+            let ms = a.ms_until(b)?;
+            busy += ms;
             if let Some((next, _)) = self.steps.get(i + 1) {
                 gaps += b.ms_until(next)?;
+            }
+            if self.profile.is_some_and(|(a, b)| (a..b).contains(&i)) {
+                tracing::info!(forward = i, device_ms = ms, "profiled forward");
             }
         }
         Ok((self.steps.len(), busy, gaps))
@@ -262,5 +299,14 @@ mod tests {
             (4, 2)
         );
         assert!(Timeline::off().finish().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_profile_range_is_a_to_b_with_a_below_b() {
+        assert_eq!(step_range("20-23"), Some((20, 23)));
+        assert_eq!(step_range(" 0 - 1"), Some((0, 1)));
+        assert_eq!(step_range("5-5"), None);
+        assert_eq!(step_range("7"), None);
+        assert_eq!(step_range("a-3"), None);
     }
 }

@@ -116,6 +116,22 @@ pub fn record_event(dev: &Device) -> Result<Event> {
         .map_err(|e| Error::Device(format!("cuda: cannot record an event: {e}")))
 }
 
+/// Starts (`on`) or stops the profiler's collection on `dev`'s context,
+/// for `ncu --profile-from-start off` (a diagnostic).
+pub fn profiler(dev: &Device, on: bool) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{profiler_start, profiler_stop};
+    let d = cuda(dev)?;
+    let what = if on { "start" } else { "stop" };
+    let fail = |e| Error::Device(format!("cuda: cannot {what} the profiler: {e}"));
+    d.cuda_stream().context().bind_to_thread().map_err(fail)?;
+    if on {
+        profiler_start()
+    } else {
+        profiler_stop()
+    }
+    .map_err(fail)
+}
+
 impl Event {
     /// Device milliseconds from this event to `end` (waits for both).
     pub fn elapsed_ms(&self, end: &Event) -> Result<f64> {

@@ -11,8 +11,8 @@ mod sample;
 
 pub use attention::{CudaKv, GpuBatch};
 pub use device::{
-    device_count, mem_info, memory_usage, record_event, reset_memory_peak, single_stream_device,
-    start_download, Download, Event,
+    device_count, mem_info, memory_usage, profiler, record_event, reset_memory_peak,
+    single_stream_device, start_download, Download, Event,
 };
 pub use kernels_attention::{
     flash_prefill, paged_decode, paged_decode_into, paged_decode_with, prefill_tiles, DecodeIo,

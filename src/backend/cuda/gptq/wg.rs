@@ -56,6 +56,20 @@ fn smem_bytes(l: WgLaunch, bits: u32) -> Option<usize> {
     Some(stages * stage + 1024 + 16 * stages)
 }
 
+/// Microseconds of one 64-position chunk in a block of (`bm` tokens, 128
+/// `nw` columns), from its main loop at 4,096 tokens on an H200 (run 65,
+/// gate/up: wall time over waves and chunks): the wider the token block,
+/// the better the tensor cores are fed from the A fragments in registers.
+fn chunk_us(bm: usize, nw: usize) -> f64 {
+    match (bm, nw) {
+        (256, 1) => 1.0,
+        (128, 2) => 1.3,
+        (128, 1) => 0.87,
+        (64, 2) => 1.2,
+        _ => 0.82,
+    }
+}
+
 /// Launch choices overridable for tuning, read once.
 #[derive(Clone, Copy)]
 struct Tune {
@@ -91,52 +105,77 @@ impl GptqGpu {
             .collect()
     }
 
-    /// Blocks of (`bm` tokens, 128 `nw` columns) for `m` tokens, from the
-    /// launch table of BENCHMARKS.md (H200, run 57): the widest block that
-    /// still gives 70% of the multiprocessors a block (two products per
-    /// warpgroup only up to 128 tokens), else 64 x 128.
-    pub fn wg_shape(&self, dev: &CudaDevice, m: usize) -> (usize, usize) {
-        if let Some(bm) = tune().bm {
-            return (bm, 1);
-        }
+    /// The launch at `m` tokens with the least estimated time (see
+    /// [`chunk_us`]): per block shape, K splits only while the blocks fill
+    /// less than a third of the multiprocessors (enough splits for all of
+    /// them, at least 8 chunks each) and only where `split` allows; then
+    /// waves x chunks per block x the shape's time per chunk, plus the
+    /// partials' traffic of a split. Two products per warpgroup only up to
+    /// 128 tokens; no token block wider than `m` rounded up to a power of
+    /// two (at least 128). Matches the best measured launch within 3% at 64,
+    /// 256, 1,024 and 4,096 tokens on every Mistral shape (run 65).
+    fn wg_choose(&self, dev: &CudaDevice, m: usize, split: bool) -> WgLaunch {
         let sms = arch(dev).sms;
-        let enough =
-            |bm: usize, nw: usize| 10 * self.np.div_ceil(128 * nw) * m.div_ceil(bm) >= 7 * sms;
-        let widest = m.next_power_of_two().max(64);
-        [(256, 1), (128, 2), (128, 1), (64, 2), (64, 1)]
+        let chunks = self.kp / BK;
+        let t = tune();
+        let widest = m.next_power_of_two().max(128);
+        let launch = |(bm, nw): (usize, usize)| {
+            let tiles = self.np.div_ceil(128 * nw) * m.div_ceil(bm);
+            let splits = self.splits_of(sms, m, (bm, nw), split);
+            let kc = chunks.div_ceil(splits);
+            let waves = (tiles * splits).div_ceil(sms) as f64;
+            let part = if splits > 1 {
+                (m * self.n * splits * 8) as f64 / 3e6
+            } else {
+                0.0
+            };
+            let us = waves * kc as f64 * chunk_us(bm, nw) + part;
+            (us, WgLaunch { bm, nw, splits })
+        };
+        self.wg_shapes()
             .into_iter()
-            .filter(|&(bm, nw)| bm <= widest && (nw == 1 || m <= 128))
-            .find(|&(bm, nw)| enough(bm, nw))
-            .unwrap_or((64, 1))
+            .filter(|&(bm, nw)| match t.bm {
+                Some(b) => (bm, nw) == (b, 1),
+                None => bm <= widest && (nw == 1 || m <= 128),
+            })
+            .map(launch)
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .map_or(
+                WgLaunch {
+                    bm: 64,
+                    nw: 1,
+                    splits: 1,
+                },
+                |(_, l)| l,
+            )
     }
 
-    /// Blocks along K for `m` tokens in blocks of `bm` x 128 `nw`: with
-    /// fewer blocks than half the multiprocessors, enough splits for all of
-    /// them, at least 8 chunks (512 positions) each; else none (the
-    /// partials' traffic costs more than idle multiprocessors: run 57).
-    pub fn wg_splits(&self, dev: &CudaDevice, m: usize, bm: usize, nw: usize) -> usize {
+    /// Blocks along K for `m` tokens in blocks of `shape` (bm, nw): while
+    /// the blocks fill less than a third of the `sms` multiprocessors and
+    /// `split` allows, enough for all of them, at least 8 chunks (512
+    /// positions) each; else none. GPTQ_WG_SPLITS overrides.
+    fn splits_of(&self, sms: usize, m: usize, (bm, nw): (usize, usize), split: bool) -> usize {
         let chunks = self.kp / BK;
-        let want = tune().splits.unwrap_or_else(|| {
-            let sms = arch(dev).sms;
-            let tiles = self.np.div_ceil(128 * nw) * m.div_ceil(bm);
-            if 2 * tiles < sms {
-                sms.div_ceil(tiles.max(1)).min(chunks / 8)
-            } else {
-                1
-            }
-        });
-        let kc = chunks.div_ceil(want.clamp(1, chunks.max(1)));
-        chunks.div_ceil(kc.max(1)).max(1)
+        let tiles = self.np.div_ceil(128 * nw) * m.div_ceil(bm);
+        let want = match tune().splits {
+            _ if !split => 1,
+            Some(s) => s,
+            None if 3 * tiles < sms => sms.div_ceil(tiles.max(1)).min(chunks / 8),
+            None => 1,
+        };
+        let kc = chunks.div_ceil(want.clamp(1, chunks.max(1))).max(1);
+        chunks.div_ceil(kc).max(1)
+    }
+
+    /// [`Self::splits_of`] the default launch would use with blocks of
+    /// (`bm`, `nw`) (for the kernel bench).
+    pub fn wg_splits(&self, dev: &CudaDevice, m: usize, bm: usize, nw: usize) -> usize {
+        self.splits_of(arch(dev).sms, m, (bm, nw), true)
     }
 
     /// The default launch at `m` tokens.
     pub fn wg_launch(&self, dev: &CudaDevice, m: usize) -> WgLaunch {
-        let (bm, nw) = self.wg_shape(dev, m);
-        WgLaunch {
-            bm,
-            nw,
-            splits: self.wg_splits(dev, m, bm, nw),
-        }
+        self.wg_choose(dev, m, true)
     }
 
     /// y [M, N] = x [M, K] W^T by the warpgroup product with its default
@@ -152,9 +191,14 @@ impl GptqGpu {
     /// output columns per block (bit-identical across them: GPU test
     /// `gptq::fused_gptq_rows_do_not_depend_on_the_batch`).
     pub fn wg_invariant(&self, x: &Tensor) -> Result<Tensor> {
-        let (bm, nw) = self.wg_shape(&device_of(x)?, x.dim(0)?);
-        let one_block = WgLaunch { bm, nw, splits: 1 };
-        self.wg_tuned(x, one_block)
+        let one_block = self.wg_choose(&device_of(x)?, x.dim(0)?, false);
+        self.wg_tuned(
+            x,
+            WgLaunch {
+                splits: 1,
+                ..one_block
+            },
+        )
     }
 
     /// xs = x [M, K] in sorted K order, in the layout the product's stages
