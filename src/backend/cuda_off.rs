@@ -24,6 +24,15 @@ pub fn record_event(_dev: &Device) -> Result<Event> {
     off()
 }
 
+/// Seconds per call of `f` replayed from a CUDA graph: none in this build.
+pub fn graph_time(
+    _dev: &Device,
+    _iters: usize,
+    _f: impl FnMut() -> Result<()>,
+) -> Result<Option<f64>> {
+    off()
+}
+
 /// Starts or stops the profiler: none in this build.
 pub fn profiler(_dev: &Device, _on: bool) -> Result<()> {
     off()

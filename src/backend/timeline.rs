@@ -94,12 +94,16 @@ pub struct GapMeter {
     open: Option<Stamp>,
     steps: Vec<(Stamp, Stamp)>,
     profile: Option<(usize, usize)>,
+    probe: bool,
 }
 
 /// The variable that turns the [`GapMeter`] on.
 pub const GAPS_ENV: &str = "RUNNER_GPU_GAPS";
 /// The variable that names the forwards to profile (`a-b`, `b` excluded).
 pub const PROFILE_ENV: &str = "RUNNER_PROFILE_STEPS";
+/// With [`PROFILE_ENV`], `1` also times each profiled forward eagerly and
+/// from a CUDA graph before it runs (`Mistral::probe_graph`).
+pub const PROBE_ENV: &str = "RUNNER_GRAPH_PROBE";
 
 /// `a-b` with a < b.
 fn step_range(v: &str) -> Option<(usize, usize)> {
@@ -124,7 +128,16 @@ impl GapMeter {
             open: None,
             steps: Vec::new(),
             profile: profile.flatten(),
+            probe: std::env::var(PROBE_ENV).is_ok_and(|v| v == "1"),
         })
+    }
+
+    /// Whether the next forward is one to probe with a graph.
+    pub fn probe_now(&self) -> bool {
+        self.probe
+            && self
+                .profile
+                .is_some_and(|(a, b)| (a..b).contains(&self.steps.len()))
     }
 
     /// A forward is about to be queued.

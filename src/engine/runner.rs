@@ -118,10 +118,6 @@ impl ModelRunner for MistralRunner<'_> {
             }
             self.last_step = Some((now, Breakdown::kind(&lens)));
         }
-        if let Some(g) = &mut self.gaps {
-            g.begin()?;
-        }
-        self.cache.copy_blocks(&plan.copies)?;
         let chunks: Vec<SeqChunk<'_>> = plan
             .chunks
             .iter()
@@ -135,11 +131,21 @@ impl ModelRunner for MistralRunner<'_> {
         // A step of mid-prefill chunks only still takes one row through the
         // LM head (no zero-row products); no span points at it.
         let pick: &[u32] = if rows.is_empty() { &[0] } else { &rows };
+        let rows = LogitRows::These(pick);
+        if let Some(g) = &mut self.gaps {
+            if g.probe_now() && plan.copies.is_empty() {
+                let (eager, graph) =
+                    self.model
+                        .probe_graph(&chunks, &mut self.cache, rows, patch)?;
+                tracing::info!(tokens = lens.len(), eager_ms = eager, graph_ms = ?graph, "graph probe");
+            }
+            g.begin()?;
+        }
+        self.cache.copy_blocks(&plan.copies)?;
         let mut t = match self.breakdown {
             Some(_) => Timeline::on(self.model.device())?,
             None => Timeline::off(),
         };
-        let rows = LogitRows::These(pick);
         let logits = self
             .model
             .forward_timed(&chunks, &mut self.cache, rows, patch, &mut t)?;

@@ -5,6 +5,7 @@
 //! attention runs per sequence against its own cache.
 
 mod config;
+mod probe;
 
 pub use crate::backend::{PagedKvCache, SeqChunk};
 pub use config::MistralConfig;
@@ -368,6 +369,18 @@ impl Mistral {
         patch: Option<&IdPatch>,
         t: &mut Timeline,
     ) -> Result<Tensor> {
+        let (batch, ids) = self.inputs(chunks, cache, patch)?;
+        self.compute(chunks, (&batch, &ids), cache, rows, t)
+    }
+
+    /// A step's inputs on the device: the batch (positions, block tables)
+    /// and the token ids, `patch` applied.
+    fn inputs(
+        &self,
+        chunks: &[SeqChunk<'_>],
+        cache: &PagedKvCache,
+        patch: Option<&IdPatch>,
+    ) -> Result<(crate::backend::Batch, Tensor)> {
         let batch = cache.prepare(chunks, &self.device)?;
         let ids: Vec<u32> = chunks
             .iter()
@@ -378,7 +391,21 @@ impl Mistral {
         if let Some(p) = patch {
             ids = p.apply(&ids)?;
         }
-        let mut x = self.embed.index_select(&ids, 0)?;
+        Ok((batch, ids))
+    }
+
+    /// The forward over a step's prepared inputs (batch, ids). Where `rows`
+    /// are every row in order (a decode step) it copies nothing from the
+    /// host, so a CUDA graph can capture it (`probe.rs`).
+    fn compute(
+        &self,
+        chunks: &[SeqChunk<'_>],
+        (batch, ids): (&crate::backend::Batch, &Tensor),
+        cache: &mut PagedKvCache,
+        rows: LogitRows<'_>,
+        t: &mut Timeline,
+    ) -> Result<Tensor> {
+        let mut x = self.embed.index_select(ids, 0)?;
         let rope = self.ops.rope_rows(&self.cos, &self.sin, &batch.positions)?;
         t.mark("batch")?;
         let mut pending: Option<Tensor> = None; // the MLP output not yet added to x
@@ -388,7 +415,7 @@ impl Mistral {
                 .add_forward(self.ops, &x, pending.as_ref())?;
             x = xr;
             t.mark("norm")?;
-            let attn = self.attention(layer, li, &h, &batch, (&rope.0, &rope.1), cache, t)?;
+            let attn = self.attention(layer, li, &h, batch, (&rope.0, &rope.1), cache, t)?;
             let o = layer.o.forward(&attn)?;
             t.mark("gemm_o")?;
             let (h, xr) = layer.post_norm.add_forward(self.ops, &x, Some(&o))?;
