@@ -33,6 +33,24 @@ pub fn graph_time(
     off()
 }
 
+/// A captured CUDA graph: none in this build (never built: [`capture`]
+/// fails; not uninhabited, so that a cache of them reads as plain code).
+pub struct Graph {
+    _never: (),
+}
+
+/// Captures a CUDA graph: none in this build.
+pub fn capture(_dev: &Device, _f: impl FnOnce() -> Result<()>) -> Result<Option<Graph>> {
+    off()
+}
+
+impl Graph {
+    /// Replays the graph: none in this build.
+    pub fn launch(&self) -> Result<()> {
+        off()
+    }
+}
+
 /// Starts or stops the profiler: none in this build.
 pub fn profiler(_dev: &Device, _on: bool) -> Result<()> {
     off()
@@ -179,6 +197,18 @@ pub enum CudaKv {}
 
 /// A forward's GPU index tensors: cannot exist in this build.
 pub enum GpuBatch {}
+
+impl GpuBatch {
+    /// A CUDA graph's key: not in this build.
+    pub fn graph_key(&self) -> Option<(usize, usize)> {
+        match *self {}
+    }
+
+    /// Copies index tensors: not in this build.
+    pub fn copy_into(&self, _dst: &GpuBatch) -> Result<()> {
+        match *self {}
+    }
+}
 
 impl CudaKv {
     /// Zeroed storage: not in this build.

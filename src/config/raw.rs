@@ -145,6 +145,7 @@ pub struct RawEngine {
     pub gpu_memory_utilization: f64,
     pub prefix_caching: bool,
     pub overlap: bool,
+    pub cuda_graphs: bool,
     pub gptq_kernel: GptqKernel,
     pub gptq_fused_max_m: i64,
     pub kv_cache_dtype: KvCacheDtype,

@@ -451,6 +451,7 @@ fn resolve_engine(e: &super::raw::RawEngine) -> Result<EngineSpec> {
         },
         prefix_caching: e.prefix_caching,
         overlap: e.overlap,
+        cuda_graphs: e.cuda_graphs,
         kv_cache_dtype: e.kv_cache_dtype,
     })
 }

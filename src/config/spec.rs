@@ -318,6 +318,8 @@ pub struct EngineSpec {
     pub prefix_caching: bool,
     /// Queue the next greedy step before this one's tokens reach the host.
     pub overlap: bool,
+    /// CUDA: replay decode steps from CUDA graphs.
+    pub cuda_graphs: bool,
     /// GPTQ kernel choice on CUDA (`auto` carries `gptq_fused_max_m`).
     pub gptq_kernel: crate::quant::GptqMode,
     /// How the KV cache stores keys and values.

@@ -104,6 +104,8 @@ pub struct Engine {
     breakdown: bool,
     /// `engine.overlap`.
     overlap: bool,
+    /// `engine.cuda_graphs`.
+    cuda_graphs: bool,
 }
 
 impl Engine {
@@ -192,6 +194,7 @@ impl Engine {
             window: None,
             breakdown: false,
             overlap: spec.engine.overlap,
+            cuda_graphs: spec.engine.cuda_graphs,
         };
         // A job-wide constraint that does not compile fails before any record.
         if let Some(c) = &spec.generation.constraint {
@@ -284,7 +287,8 @@ impl Engine {
     ) -> Result<JobSummary> {
         let mistral =
             MistralRunner::new(&self.model, self.sched.num_blocks, self.sched.block_size)?
-                .with_breakdown(self.breakdown);
+                .with_breakdown(self.breakdown)
+                .with_graphs(self.cuda_graphs);
         let mut runner = runner::FaultAfter::from_env(mistral, self.worker);
         let mut pipe = self.pipeline();
         pipe.logprobs = self.logprobs;

@@ -4,7 +4,7 @@
 
 use crate::backend::timeline::{Breakdown, GapMeter, Timeline};
 use crate::backend::Ops;
-use crate::model::{IdPatch, LogitRows, Mistral, PagedKvCache, SeqChunk};
+use crate::model::{DecodeGraphs, IdPatch, LogitRows, Mistral, PagedKvCache, SeqChunk};
 use crate::scheduler::{Scheduler, StepPlan};
 use crate::Result;
 use candle_core::Tensor;
@@ -82,6 +82,8 @@ pub struct MistralRunner<'m> {
     last_step: Option<(Instant, &'static str)>,
     /// The device's idle time between forwards (`RUNNER_GPU_GAPS=1`).
     gaps: Option<GapMeter>,
+    /// Decode steps through CUDA graphs (`engine.cuda_graphs`, CUDA only).
+    graphs: Option<DecodeGraphs>,
 }
 
 impl<'m> MistralRunner<'m> {
@@ -93,7 +95,17 @@ impl<'m> MistralRunner<'m> {
             breakdown: None,
             last_step: None,
             gaps: GapMeter::from_env(model.device()),
+            graphs: None,
         })
+    }
+
+    /// Replays decode steps from CUDA graphs (`engine.cuda_graphs`; a
+    /// CUDA device only, and never while the breakdown times each kernel
+    /// class).
+    pub fn with_graphs(mut self, on: bool) -> Self {
+        let cuda = matches!(self.model.device(), candle_core::Device::Cuda(_));
+        self.graphs = (on && cuda).then(DecodeGraphs::default);
+        self
     }
 
     /// Times every step's kernel classes (`runner bench --breakdown`).
@@ -146,9 +158,15 @@ impl ModelRunner for MistralRunner<'_> {
             Some(_) => Timeline::on(self.model.device())?,
             None => Timeline::off(),
         };
-        let logits = self
-            .model
-            .forward_timed(&chunks, &mut self.cache, rows, patch, &mut t)?;
+        let logits = match (&mut self.graphs, &self.breakdown) {
+            (Some(g), None) => {
+                self.model
+                    .forward_graphed(g, &chunks, &mut self.cache, rows, patch)?
+            }
+            _ => self
+                .model
+                .forward_timed(&chunks, &mut self.cache, rows, patch, &mut t)?,
+        };
         if let Some(b) = &mut self.breakdown {
             b.add(&lens, t.finish()?);
         }
@@ -179,6 +197,13 @@ impl ModelRunner for MistralRunner<'_> {
 
 impl Drop for MistralRunner<'_> {
     fn drop(&mut self) {
+        if let Some(g) = &self.graphs {
+            tracing::info!(
+                captures = g.captures,
+                replays = g.replays,
+                "decode steps replayed from cuda graphs"
+            );
+        }
         if let Some(g) = &self.gaps {
             match g.totals() {
                 Ok((steps, busy_ms, gap_ms)) => {

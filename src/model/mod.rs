@@ -10,7 +10,8 @@ pub mod source;
 pub use crate::quant::{CheckpointFormat, QuantConfig};
 pub use checkpoint::Checkpoint;
 pub use mistral::{
-    check_checkpoint, LoadOptions, LogitRows, Mistral, MistralConfig, PagedKvCache, SeqChunk,
+    check_checkpoint, DecodeGraphs, LoadOptions, LogitRows, Mistral, MistralConfig, PagedKvCache,
+    SeqChunk,
 };
 pub use patch::IdPatch;
 pub use source::{resolve_model_dir, HubSettings};

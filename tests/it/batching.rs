@@ -114,13 +114,26 @@ pub fn overlap_off_and_on(
     dtype: &str,
     device: &[&str],
 ) -> [(BTreeMap<String, Row>, String); 2] {
+    setting_off_and_on(dir, model, dtype, device, "engine.overlap")
+}
+
+/// The greedy rows of the mixed prompts through [`SMALL_ENGINE`] with the
+/// boolean `setting` off and on.
+pub fn setting_off_and_on(
+    dir: &Path,
+    model: &str,
+    dtype: &str,
+    device: &[&str],
+    setting: &str,
+) -> [(BTreeMap<String, Row>, String); 2] {
     mixed_prompts(dir);
-    ["engine.overlap=false", "engine.overlap=true"].map(|o| {
+    [false, true].map(|on| {
+        let o = format!("{setting}={on}");
         let sets: Vec<&str> = SMALL_ENGINE
             .iter()
             .chain(device)
-            .chain([&o])
             .copied()
+            .chain([o.as_str()])
             .collect();
         run_as(dir, model, "mixed.jsonl", dtype, &sets)
     })

@@ -68,6 +68,33 @@ struct Decode {
     max_keys: usize,
 }
 
+impl GpuBatch {
+    /// What a CUDA graph of a forward over this batch depends on besides
+    /// its token count: (block-table width, decode partitions per
+    /// sequence); `None` unless every row is a decode row, in order, with
+    /// no shared-partition plan (whose size changes from step to step).
+    pub fn graph_key(&self) -> Option<(usize, usize)> {
+        let d = self.decode.as_ref()?;
+        if self.prefill.is_some() || !d.whole || d.shared.is_some() {
+            return None;
+        }
+        let parts = d.max_keys.div_ceil(cuda::DECODE_PART).max(1);
+        Some((d.tables.dim(1).ok()?, parts))
+    }
+
+    /// Copies this batch's index tensors into `dst`, a batch of the same
+    /// token count and graph key (a graph's inputs).
+    pub fn copy_into(&self, dst: &GpuBatch) -> Result<()> {
+        dst.slots.slice_set(&self.slots, 0, 0)?;
+        if let (Some(a), Some(b)) = (&self.decode, &dst.decode) {
+            b.rows.slice_set(&a.rows, 0, 0)?;
+            b.tables.slice_set(&a.tables, 0, 0)?;
+            b.ctx.slice_set(&a.ctx, 0, 0)?;
+        }
+        Ok(())
+    }
+}
+
 impl CudaKv {
     /// Zeroed storage: f16, or FP8 codes and scales (`s.fp8`).
     pub fn new(s: &KvShape, dev: &Device) -> Result<Self> {
@@ -196,7 +223,10 @@ impl CudaKv {
         let decode = if rows.is_empty() {
             None
         } else {
-            let maxb = tables.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
+            // The table's width in steps of 16 blocks, so that a CUDA graph
+            // of the forward holds over many steps (see `graph_key`).
+            let maxb = tables.iter().map(|t| t.len()).max().unwrap_or(1);
+            let maxb = maxb.max(1).next_multiple_of(16);
             let mut flat = vec![0u32; tables.len() * maxb];
             for (i, t) in tables.iter().enumerate() {
                 for (j, b) in t.iter().enumerate() {

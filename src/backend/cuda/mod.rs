@@ -5,6 +5,7 @@
 mod attention;
 mod device;
 mod gptq;
+mod graph;
 mod kernels_attention;
 mod kernels_cache;
 mod sample;
@@ -14,6 +15,7 @@ pub use device::{
     device_count, mem_info, memory_usage, profiler, record_event, reset_memory_peak,
     single_stream_device, start_download, Download, Event,
 };
+pub use graph::{capture, Graph};
 pub use kernels_attention::{
     flash_prefill, paged_decode, paged_decode_into, paged_decode_with, prefill_tiles, DecodeIo,
     DecodeShape, DecodeVariant, PrefillChunk, PrefillShape, SharedDecode, DECODE_PART,

@@ -5,10 +5,12 @@
 //! attention runs per sequence against its own cache.
 
 mod config;
+mod graphs;
 mod probe;
 
 pub use crate::backend::{PagedKvCache, SeqChunk};
 pub use config::MistralConfig;
+pub use graphs::DecodeGraphs;
 
 use super::checkpoint::Checkpoint;
 use super::linear::{GptqMode, Linear, LinearSpec, Proj, RandomGptq};
