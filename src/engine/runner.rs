@@ -104,7 +104,7 @@ impl<'m> MistralRunner<'m> {
     /// class).
     pub fn with_graphs(mut self, on: bool) -> Self {
         let cuda = matches!(self.model.device(), candle_core::Device::Cuda(_));
-        self.graphs = (on && cuda).then(DecodeGraphs::default);
+        self.graphs = (on && cuda).then(DecodeGraphs::new);
         self
     }
 

@@ -21,7 +21,9 @@ unsafe impl Send for Graph {}
 /// memory; the stream is out of capture mode either way.
 pub fn capture(dev: &Device, f: impl FnOnce() -> Result<()>) -> Result<Option<Graph>> {
     let stream = cuda(dev)?.cuda_stream();
-    let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+    // Thread-local: a call of this thread that a graph cannot hold (a
+    // synchronous copy, a wait) fails the capture instead of running.
+    let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
     if let Err(e) = stream.begin_capture(mode) {
         tracing::warn!("cuda graph capture failed to start: {e}");
         return Ok(None);

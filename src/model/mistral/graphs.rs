@@ -44,6 +44,27 @@ pub struct DecodeGraphs {
     /// Steps replayed and graphs captured so far.
     pub replays: usize,
     pub captures: usize,
+    /// `RUNNER_GRAPH_CHECK=1` (a diagnostic): each graph's logits are
+    /// compared with the eager forward's, and the difference logged.
+    check: bool,
+}
+
+impl DecodeGraphs {
+    /// An empty set (checking against the eager forward where the
+    /// environment asks for it).
+    pub fn new() -> Self {
+        Self {
+            check: std::env::var("RUNNER_GRAPH_CHECK").is_ok_and(|v| v == "1"),
+            ..Self::default()
+        }
+    }
+}
+
+/// Logs the largest difference between a graph's logits and the eager ones.
+fn check(graph: &Tensor, eager: &Tensor, what: &str, key: Option<Key>) -> Result<()> {
+    let diff = (graph - eager)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    tracing::info!(what, ?key, diff, "graph check");
+    Ok(())
 }
 
 impl DecodeGraphs {
@@ -110,7 +131,13 @@ impl Mistral {
             }
             e.graph.launch()?;
             graphs.replays += 1;
-            return Ok(e.out.copy()?);
+            let logits = e.out.copy()?;
+            if graphs.check {
+                let eager =
+                    self.compute(chunks, (&batch, &ids), cache, rows, &mut Timeline::off())?;
+                check(&logits, &eager, "replay", key)?;
+            }
+            return Ok(logits);
         }
         let mut off = Timeline::off();
         let Some(key) = key.filter(|&k| graphs.wants_capture(k)) else {
@@ -127,6 +154,10 @@ impl Mistral {
         };
         graph.launch()?;
         let logits = out.copy()?;
+        if graphs.check {
+            let eager = self.compute(chunks, (&batch, &ids), cache, rows, &mut Timeline::off())?;
+            check(&logits, &eager, "capture", Some(key))?;
+        }
         graphs.insert(Entry {
             key,
             graph,
