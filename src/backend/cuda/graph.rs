@@ -20,7 +20,8 @@ unsafe impl Send for Graph {}
 /// did something a graph cannot hold, such as a copy from pageable host
 /// memory; the stream is out of capture mode either way.
 pub fn capture(dev: &Device, f: impl FnOnce() -> Result<()>) -> Result<Option<Graph>> {
-    let stream = cuda(dev)?.cuda_stream();
+    let cd = cuda(dev)?;
+    let stream = cd.cuda_stream();
     // Thread-local: a call of this thread that a graph cannot hold (a
     // synchronous copy, a wait) fails the capture instead of running.
     let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
@@ -28,7 +29,13 @@ pub fn capture(dev: &Device, f: impl FnOnce() -> Result<()>) -> Result<Option<Gr
         tracing::warn!("cuda graph capture failed to start: {e}");
         return Ok(None);
     }
-    let ran = f();
+    // candle copies some kernels' shapes from host memory at each call; a
+    // graph would replay the copy from a buffer freed since. With its
+    // parameter cache on, such a copy fails the capture instead.
+    let ran = {
+        let _cache = cd.enable_cuda_graph_htod_cache();
+        f()
+    };
     match (ran, stream.end_capture(sys::CUgraphInstantiate_flags(0))) {
         (Ok(()), Ok(Some(g))) => Ok(Some(Graph(g))),
         (ran, ended) => {

@@ -27,7 +27,8 @@ struct Entry {
     graph: crate::cuda::Graph,
     /// The graph's inputs: a replay copies the step's own into them.
     batch: Batch,
-    ids: Tensor,
+    /// Embedding rows [tokens, hidden].
+    x0: Tensor,
     /// f32 logits [tokens, vocab], written by every replay.
     out: Tensor,
     used: u64,
@@ -117,14 +118,14 @@ impl Mistral {
         rows: LogitRows<'_>,
         patch: Option<&IdPatch>,
     ) -> Result<Tensor> {
-        let (batch, ids) = self.inputs(chunks, cache, patch)?;
-        let tokens = ids.dim(0)?;
+        let (batch, x0) = self.inputs(chunks, cache, patch)?;
+        let tokens = x0.dim(0)?;
         let key = key_of(&batch, rows, tokens);
         graphs.tick += 1;
         let tick = graphs.tick;
         if let Some(e) = key.and_then(|k| graphs.entries.iter_mut().find(|e| e.key == k)) {
             e.used = tick;
-            e.ids.slice_set(&ids, 0, 0)?;
+            e.x0.slice_set(&x0, 0, 0)?;
             e.batch.positions.slice_set(&batch.positions, 0, 0)?;
             if let (Some(src), Some(dst)) = (&batch.gpu, &e.batch.gpu) {
                 src.copy_into(dst)?;
@@ -134,35 +135,35 @@ impl Mistral {
             let logits = e.out.copy()?;
             if graphs.check {
                 let eager =
-                    self.compute(chunks, (&batch, &ids), cache, rows, &mut Timeline::off())?;
+                    self.compute(chunks, (&batch, &x0), cache, rows, &mut Timeline::off())?;
                 check(&logits, &eager, "replay", key)?;
             }
             return Ok(logits);
         }
         let mut off = Timeline::off();
         let Some(key) = key.filter(|&k| graphs.wants_capture(k)) else {
-            return self.compute(chunks, (&batch, &ids), cache, rows, &mut off);
+            return self.compute(chunks, (&batch, &x0), cache, rows, &mut off);
         };
         let out = Tensor::zeros((tokens, self.cfg.vocab_size), DType::F32, &self.device)?;
         let graph = crate::cuda::capture(&self.device, || {
-            let logits = self.compute(chunks, (&batch, &ids), cache, rows, &mut Timeline::off())?;
+            let logits = self.compute(chunks, (&batch, &x0), cache, rows, &mut Timeline::off())?;
             Ok(out.slice_set(&logits, 0, 0)?)
         })?;
         let Some(graph) = graph else {
             graphs.seen.insert(key, u32::MAX);
-            return self.compute(chunks, (&batch, &ids), cache, rows, &mut off);
+            return self.compute(chunks, (&batch, &x0), cache, rows, &mut off);
         };
         graph.launch()?;
         let logits = out.copy()?;
         if graphs.check {
-            let eager = self.compute(chunks, (&batch, &ids), cache, rows, &mut Timeline::off())?;
+            let eager = self.compute(chunks, (&batch, &x0), cache, rows, &mut Timeline::off())?;
             check(&logits, &eager, "capture", Some(key))?;
         }
         graphs.insert(Entry {
             key,
             graph,
             batch,
-            ids,
+            x0,
             out,
             used: tick,
         });

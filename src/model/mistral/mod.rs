@@ -376,7 +376,9 @@ impl Mistral {
     }
 
     /// A step's inputs on the device: the batch (positions, block tables)
-    /// and the token ids, `patch` applied.
+    /// and the embedding rows of its token ids (`patch` applied). The
+    /// lookup is here, not in [`Self::compute`]: candle's `index_select`
+    /// copies its shape from host memory, which a CUDA graph cannot hold.
     fn inputs(
         &self,
         chunks: &[SeqChunk<'_>],
@@ -393,21 +395,22 @@ impl Mistral {
         if let Some(p) = patch {
             ids = p.apply(&ids)?;
         }
-        Ok((batch, ids))
+        Ok((batch, self.embed.index_select(&ids, 0)?))
     }
 
-    /// The forward over a step's prepared inputs (batch, ids). Where `rows`
+    /// The forward over a step's prepared inputs (batch, embedding rows
+    /// `x0`). Where `rows`
     /// are every row in order (a decode step) it copies nothing from the
     /// host, so a CUDA graph can capture it (`probe.rs`).
     fn compute(
         &self,
         chunks: &[SeqChunk<'_>],
-        (batch, ids): (&crate::backend::Batch, &Tensor),
+        (batch, x0): (&crate::backend::Batch, &Tensor),
         cache: &mut PagedKvCache,
         rows: LogitRows<'_>,
         t: &mut Timeline,
     ) -> Result<Tensor> {
-        let mut x = self.embed.index_select(ids, 0)?;
+        let mut x = x0.clone();
         let rope = self.ops.rope_rows(&self.cos, &self.sin, &batch.positions)?;
         t.mark("batch")?;
         let mut pending: Option<Tensor> = None; // the MLP output not yet added to x

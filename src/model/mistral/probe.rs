@@ -41,10 +41,10 @@ impl Mistral {
         patch: Option<&IdPatch>,
     ) -> Result<(f64, Option<f64>)> {
         const ITERS: usize = 3;
-        let (batch, ids) = self.inputs(chunks, cache, patch)?;
+        let (batch, x0) = self.inputs(chunks, cache, patch)?;
         let mut run = || -> Result<()> {
             let mut off = Timeline::off();
-            self.compute(chunks, (&batch, &ids), cache, rows, &mut off)
+            self.compute(chunks, (&batch, &x0), cache, rows, &mut off)
                 .map(drop)
         };
         let eager = eager_time(&self.device, ITERS, &mut run)?;
