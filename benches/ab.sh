@@ -27,6 +27,6 @@ for s in ${STEPS//,/ }; do
     json="$OUT/$label-$w-$seqs.json"; n=2
     while [[ -e $json ]]; do json="$OUT/$label-$w-$seqs-$n.json"; n=$((n + 1)); done  # a repeat keeps the earlier run
     timeout ${WTIME:-300} "$bin" bench jobs/bench.toml --workload "$w" --tokenizer "$TOK" \
-      --set engine.max_num_seqs="$seqs" $extra --json "$json" 2>&1 | grep -v " INFO " | tail -3
+      --set engine.max_num_seqs="$seqs" $extra --json "$json" 2>&1 | awk '!/ INFO / || /cuda graphs|device time of/' | tail -4
   done
 done
