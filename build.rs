@@ -16,7 +16,13 @@ fn main() {
     for k in KERNELS.iter().chain(&KERNELS_90A) {
         println!("cargo:rerun-if-changed=kernels/{k}.cu");
     }
-    for h in ["mma", "gptq", "wgmma"] {
+    for h in [
+        "mma",
+        "gptq",
+        "wgmma",
+        "attention_decode",
+        "attention_prefill",
+    ] {
         println!("cargo:rerun-if-changed=kernels/{h}.cuh");
     }
     println!("cargo:rerun-if-env-changed=CUDA_HOME");

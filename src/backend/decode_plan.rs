@@ -6,7 +6,7 @@
 //! fixed size (`part`). Sequences that reached the same prompt prefix
 //! through the prefix cache hold the same physical blocks there, so their
 //! full partitions over it hold the same keys. This module groups them on
-//! the host; the kernel (kernels/attention.cu, `items`) computes each
+//! the host; the kernel (kernels/attention_decode.cuh, `items`) computes each
 //! sequence's partials exactly as its own block would, so the result is
 //! bit-identical with or without the plan.
 
@@ -17,7 +17,7 @@ use std::collections::HashMap;
 /// sequences of `group` query heads each.
 pub const ITEM_ROWS: usize = 16;
 
-/// Integers per item (ITEM_INTS in kernels/attention.cu): the partition,
+/// Integers per item (ITEM_INTS in kernels/attention_decode.cuh): the partition,
 /// the sequence count, then up to 16 sequence indices (unused: 0).
 pub const ITEM_INTS: usize = 2 + ITEM_ROWS;
 

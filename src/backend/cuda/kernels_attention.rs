@@ -24,7 +24,7 @@ pub struct DecodeShape {
     pub max_keys: usize,
 }
 
-/// Keys per partition of the decode kernel (PART in kernels/attention.cu).
+/// Keys per partition of the decode kernel (PART in kernels/attention_decode.cuh).
 pub const DECODE_PART: usize = 512;
 
 /// A build of the decode kernel: `warps` per block (each 16 keys of a
@@ -38,7 +38,7 @@ pub struct DecodeVariant {
 }
 
 impl DecodeVariant {
-    /// The builds in kernels/attention.cu (DECODE_VARIANTS). The first is
+    /// The builds in kernels/attention_decode.cuh (DECODE_VARIANTS). The first is
     /// the engine's, for every batch (a build's tile size sets the order of
     /// its sums, so one build keeps a sequence's result independent of the
     /// batch): 2 x 2 was the fastest at short contexts in runs 31 and 32
@@ -325,7 +325,7 @@ pub fn paged_decode_into(
     )
 }
 
-/// Shared memory of a decode build (DecodeSmem in kernels/attention.cu):
+/// Shared memory of a decode build (DecodeSmem in kernels/attention_decode.cuh):
 /// f16, the stages of a K and a V tile of 16 keys per warp (rows padded by
 /// 8 halves); FP8, the stages' codes and scales and each warp's widened K
 /// and V tile; FP8 direct, the stages' codes (rows padded by 16 bytes) and
@@ -364,7 +364,7 @@ pub struct PrefillChunk {
 pub const PREFILL_ROWS: usize = 128;
 
 /// Keys per tile and cp.async stages of the flash prefill kernel (FP_KT and
-/// FP_STAGES in kernels/attention.cu: keep them equal).
+/// FP_STAGES in kernels/attention_prefill.cuh: keep them equal).
 const PREFILL_KEY_TILE: usize = 32;
 const PREFILL_STAGES: usize = 3;
 
