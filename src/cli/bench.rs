@@ -38,219 +38,272 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
             .unwrap_or_else(|| "unknown".into())
             .into(),
     );
-    #[allow(unused_mut)]
-    let mut matmul = 0.0;
     #[cfg(not(feature = "cuda"))]
     if args.kernels || args.gemm_only || !args.gemm_m.is_empty() || !args.gemm_shapes.is_empty() {
         anyhow::bail!("--kernels needs a binary built with the `cuda` feature");
     }
     #[cfg(feature = "cuda")]
-    {
-        let dev = crate::engine::candle_device(spec.engine.device, spec.model.dtype)?;
-        if dev.is_cuda() {
-            matmul = bench::kernels::matmul_tflops(&dev)?;
-            let copy = bench::kernels::copy_gbs(&dev)?;
-            println!("ceilings: cuBLAS f16 8192^3 {matmul:.0} TFLOP/s, d2d copy {copy:.0} GB/s");
-            report.insert("matmul_tflops".into(), matmul.into());
-            report.insert("copy_gbs".into(), copy.into());
-            if args.kernels {
-                let name = spec.model.dummy_quant.as_deref().unwrap_or("4bit-128g");
-                let q = crate::model::QuantConfig::from_short_name(name)?.ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--kernels benches GPTQ products: model.dummy_quant is `{name}`, expected a quantization such as 4bit-128g or 8bit--1g"
-                    )
-                })?;
-                // Issue 16's breakpoints: 1-16, 32, 64, 128-256, 1024, 4096.
-                let ms: &[usize] = if args.gemm_m.is_empty() {
-                    &[1, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
-                } else {
-                    args.gemm_m
-                };
-                let rows =
-                    bench::kernels::gemm_table(&dev, q.bits, q.group_size, ms, args.gemm_shapes)?;
-                println!(
-                    "GEMM {} (wall TFLOP/s; device µs per call from CUDA graphs):",
-                    q.short_name()
-                );
-                println!(
-                    "{:<10} {:>5} {:>7} {:>7} {:>7} {:>6} | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>6} {:>8} {:>6} {:>12}",
-                    "shape",
-                    "M",
-                    "fused",
-                    "deq+cub",
-                    "cuBLAS",
-                    "f/cub",
-                    "fused us",
-                    "best us",
-                    "(c,d)",
-                    "cuBLAS",
-                    "cub/f",
-                    "GB/s",
-                    "tiled us",
-                    "cub/t",
-                    "wg us",
-                    "cub/wg",
-                    "wg (bm,nw,s) us"
-                );
-                let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
-                for r in &rows {
-                    // cuBLAS's device time over a product's.
-                    let vs_cublas = |us: Option<f64>| {
-                        us.zip(r.cublas_dev_us)
-                            .map_or("-".into(), |(t, c)| format!("{:.2}x", c / t))
-                    };
-                    let best = r
-                        .variants
-                        .iter()
-                        .filter_map(|&(c, st, t)| t.map(|t| (t, c, st)))
-                        .min_by(|a, b| a.0.total_cmp(&b.0));
-                    println!(
-                        "{:<10} {:>5} {:>7.1} {:>7.1} {:>7.1} {:>5.2}x | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>6} {:>8} {:>6} {}",
-                        r.shape,
-                        r.m,
-                        r.fused,
-                        r.dequant,
-                        r.cublas,
-                        r.fused / r.cublas,
-                        opt(r.fused_dev_us),
-                        opt(best.map(|b| b.0)),
-                        best.map_or("-".into(), |b| format!("(c{},s{})", b.1, b.2)),
-                        opt(r.cublas_dev_us),
-                        r.dev_speedup.map_or("-".into(), |v| format!("{v:.2}x")),
-                        r.fused_dev_gbs.map_or("-".into(), |v| format!("{v:.0}")),
-                        opt(r.tiled_dev_us),
-                        vs_cublas(r.tiled_dev_us),
-                        opt(r.wg_dev_us),
-                        vs_cublas(r.wg_dev_us),
-                        r.wg_variants
-                            .iter()
-                            .map(|(l, t)| {
-                                format!("({},{},{}) {}", l.bm, l.nw, l.splits, opt(*t))
-                            })
-                            .collect::<Vec<_>>()
-                            .join(" "),
-                    );
-                }
-                report.insert("gemm".into(), serde_json::to_value(&rows)?);
-                if !args.gemm_only {
-                    let att = bench::kernels::attention_table(
-                        &dev,
-                        &[(64, 512), (256, 1024), (256, 2048), (512, 192), (64, 8192)],
-                    )?;
-                    let shared = bench::kernels::shared_decode_table(
-                        &dev,
-                        &[
-                            (256, 1024, 64),
-                            (512, 1024, 64),
-                            (256, 2048, 128),
-                            (64, 4096, 256),
-                        ],
-                    )?;
-                    println!("decode attention over a shared prefix (the engine's build): batch shared+own keys, µs per layer without the plan, then with it per stages of the shared launch");
-                    for r in &shared {
-                        let cells: Vec<String> = r
-                            .shared_us
-                            .iter()
-                            .map(|(s, us)| format!("s{s} {us:>7.1}"))
-                            .collect();
-                        println!(
-                            "  {:>4} {:>5}+{:<4} {:>8.1}  {}",
-                            r.batch,
-                            r.shared,
-                            r.own,
-                            r.plain_us,
-                            cells.join("  ")
-                        );
-                    }
-                    report.insert("shared_decode".into(), serde_json::to_value(&shared)?);
-                    let read = bench::kernels::read_gbs(&dev)?;
-                    report.insert("read_gbs".into(), read.into());
-                    println!(
-                    "decode attention (32 q / 8 kv heads, d 128): batch ctx, then GB/s and % of the read ceiling ({read:.0} GB/s) and µs per build (warps x stages; * the engine's), then the widening build over an FP8 cache (fp8) and the direct FP8 builds (f8d; w2s2 is the engine's)"
-                );
-                    for case in att.chunk_by(|a, b| (a.batch, a.ctx) == (b.batch, b.ctx)) {
-                        let cells: Vec<String> = case
-                            .iter()
-                            .map(|r| {
-                                let mark = if r.default { "*" } else { " " };
-                                let v = r.variant;
-                                let fp8 = match (r.fp8, r.direct) {
-                                    (true, true) => " f8d",
-                                    (true, false) => " fp8",
-                                    _ => "",
-                                };
-                                format!(
-                                    "{}x{}{mark}{fp8} {:>5.0} {:>3.0}% {:>6.1}us",
-                                    v.warps,
-                                    v.stages,
-                                    r.gbs,
-                                    100.0 * r.gbs / read,
-                                    r.us
-                                )
-                            })
-                            .collect();
-                        println!(
-                            "  {:>4} {:>5}  {}",
-                            case[0].batch,
-                            case[0].ctx,
-                            cells.join("  ")
-                        );
-                    }
-                    report.insert("attention".into(), serde_json::to_value(&att)?);
-                    let pre = bench::kernels::prefill_table(
-                        &dev,
-                        &[(4, 2048), (16, 512), (1, 4096), (64, 128)],
-                    )?;
-                    println!(
-                    "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens us TFLOP/s, then over an FP8 cache  (cuBLAS {matmul:.0})"
-                );
-                    let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
-                    for r in &pre {
-                        println!(
-                            "  {:>4} {:>5} {:>9} {:>7} {:>9} {:>7}",
-                            r.seqs,
-                            r.tokens,
-                            f(r.us),
-                            f(r.tflops),
-                            f(r.fp8_us),
-                            f(r.fp8_tflops)
-                        );
-                    }
-                    report.insert("prefill".into(), serde_json::to_value(&pre)?);
-                }
-            }
-        }
-    }
+    let matmul = cuda_benches(spec, args, &mut report)?;
+    #[cfg(not(feature = "cuda"))]
+    let matmul = 0.0;
     if !args.workloads.is_empty() {
-        let mut fleet = bench::fleet(spec, args.tokenizer, args.breakdown)?;
-        let devices: Vec<String> = fleet.devices().iter().map(|d| d.to_string()).collect();
-        println!("devices: {}", devices.join(", "));
-        report.insert("devices".into(), devices.into());
-        let mut results = Vec::new();
-        for name in args.workloads {
-            let mut w = *WORKLOADS
-                .iter()
-                .find(|w| w.name.eq_ignore_ascii_case(name))
-                .ok_or_else(|| {
-                    anyhow::anyhow!("unknown workload `{name}`, expected W1, W2, W3 or W4")
-                })?;
-            w.prompts = ((w.prompts as f64 * args.scale).round() as usize).max(1);
-            let r = bench::run_workload(&mut fleet, spec, &w, matmul)?;
-            println!(
-                "{}: {} prompts x ({}+{} in, {} out): {:.0} output tok/s, {:.0} total tok/s, {:.1} s, peak GPU {}, {:.1}% of the compute floor, {} prefix-hit tokens, {} preemptions",
-                w.name, w.prompts, w.shared_prefix, w.own, w.out, r.output_tok_s, r.total_tok_s, r.wall_s,
-                r.peak_gpu_gib.map_or("-".into(), |g| format!("{g:.1} GiB")), 100.0 * r.compute_floor_fraction, r.prefix_hit_tokens, r.summary.preemptions
-            );
-            if let Some(b) = &r.summary.breakdown {
-                print_breakdown(b);
-            }
-            results.push(r);
-        }
-        report.insert("workloads".into(), serde_json::to_value(&results)?);
+        workloads(spec, args, matmul, &mut report)?;
     }
     if let Some(p) = args.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
     }
+    Ok(())
+}
+
+/// The JSON report of one `runner bench`.
+type Report = serde_json::Map<String, serde_json::Value>;
+
+/// On a CUDA device: the ceilings (cuBLAS's 8192^3 rate, returned, and the
+/// copy bandwidth), then the kernel tables `--kernels` asks for.
+#[cfg(feature = "cuda")]
+fn cuda_benches(spec: &JobSpec, args: &BenchArgs<'_>, report: &mut Report) -> anyhow::Result<f64> {
+    let dev = crate::engine::candle_device(spec.engine.device, spec.model.dtype)?;
+    if !dev.is_cuda() {
+        return Ok(0.0);
+    }
+    let matmul = bench::kernels::matmul_tflops(&dev)?;
+    let copy = bench::kernels::copy_gbs(&dev)?;
+    println!("ceilings: cuBLAS f16 8192^3 {matmul:.0} TFLOP/s, d2d copy {copy:.0} GB/s");
+    report.insert("matmul_tflops".into(), matmul.into());
+    report.insert("copy_gbs".into(), copy.into());
+    if args.kernels {
+        gemm_tables(&dev, spec, args, report)?;
+        if !args.gemm_only {
+            attention_tables(&dev, report)?;
+            prefill_tables(&dev, matmul, report)?;
+        }
+    }
+    Ok(matmul)
+}
+
+/// The GPTQ products of `model.dummy_quant` against cuBLAS f16.
+#[cfg(feature = "cuda")]
+fn gemm_tables(
+    dev: &candle_core::Device,
+    spec: &JobSpec,
+    args: &BenchArgs<'_>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let name = spec.model.dummy_quant.as_deref().unwrap_or("4bit-128g");
+    let q = crate::model::QuantConfig::from_short_name(name)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "--kernels benches GPTQ products: model.dummy_quant is `{name}`, expected a quantization such as 4bit-128g or 8bit--1g"
+        )
+    })?;
+    // Issue 16's breakpoints: 1-16, 32, 64, 128-256, 1024, 4096.
+    let ms: &[usize] = if args.gemm_m.is_empty() {
+        &[1, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+    } else {
+        args.gemm_m
+    };
+    let rows = bench::kernels::gemm_table(dev, q.bits, q.group_size, ms, args.gemm_shapes)?;
+    print_gemm(&q.short_name(), &rows);
+    report.insert("gemm".into(), serde_json::to_value(&rows)?);
+    Ok(())
+}
+
+/// The GEMM table of `runner bench --kernels` for the quantization `name`.
+#[cfg(feature = "cuda")]
+fn print_gemm(name: &str, rows: &[bench::kernels::GemmRow]) {
+    println!(
+        "GEMM {} (wall TFLOP/s; device µs per call from CUDA graphs):",
+        name
+    );
+    println!(
+        "{:<10} {:>5} {:>7} {:>7} {:>7} {:>6} | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>6} {:>8} {:>6} {:>12}",
+        "shape",
+        "M",
+        "fused",
+        "deq+cub",
+        "cuBLAS",
+        "f/cub",
+        "fused us",
+        "best us",
+        "(c,d)",
+        "cuBLAS",
+        "cub/f",
+        "GB/s",
+        "tiled us",
+        "cub/t",
+        "wg us",
+        "cub/wg",
+        "wg (bm,nw,s) us"
+    );
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    for r in rows {
+        // cuBLAS's device time over a product's.
+        let vs_cublas = |us: Option<f64>| {
+            us.zip(r.cublas_dev_us)
+                .map_or("-".into(), |(t, c)| format!("{:.2}x", c / t))
+        };
+        let best = r
+            .variants
+            .iter()
+            .filter_map(|&(c, st, t)| t.map(|t| (t, c, st)))
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        println!(
+            "{:<10} {:>5} {:>7.1} {:>7.1} {:>7.1} {:>5.2}x | {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>6} {:>8} {:>6} {}",
+            r.shape,
+            r.m,
+            r.fused,
+            r.dequant,
+            r.cublas,
+            r.fused / r.cublas,
+            opt(r.fused_dev_us),
+            opt(best.map(|b| b.0)),
+            best.map_or("-".into(), |b| format!("(c{},s{})", b.1, b.2)),
+            opt(r.cublas_dev_us),
+            r.dev_speedup.map_or("-".into(), |v| format!("{v:.2}x")),
+            r.fused_dev_gbs.map_or("-".into(), |v| format!("{v:.0}")),
+            opt(r.tiled_dev_us),
+            vs_cublas(r.tiled_dev_us),
+            opt(r.wg_dev_us),
+            vs_cublas(r.wg_dev_us),
+            r.wg_variants
+                .iter()
+                .map(|(l, t)| {
+                    format!("({},{},{}) {}", l.bm, l.nw, l.splits, opt(*t))
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+    }
+}
+
+/// Decode attention, plain and over a shared prefix.
+#[cfg(feature = "cuda")]
+fn attention_tables(dev: &candle_core::Device, report: &mut Report) -> anyhow::Result<()> {
+    let att = bench::kernels::attention_table(
+        dev,
+        &[(64, 512), (256, 1024), (256, 2048), (512, 192), (64, 8192)],
+    )?;
+    let shared = bench::kernels::shared_decode_table(
+        dev,
+        &[
+            (256, 1024, 64),
+            (512, 1024, 64),
+            (256, 2048, 128),
+            (64, 4096, 256),
+        ],
+    )?;
+    println!("decode attention over a shared prefix (the engine's build): batch shared+own keys, µs per layer without the plan, then with it per stages of the shared launch");
+    for r in &shared {
+        let cells: Vec<String> = r
+            .shared_us
+            .iter()
+            .map(|(s, us)| format!("s{s} {us:>7.1}"))
+            .collect();
+        println!(
+            "  {:>4} {:>5}+{:<4} {:>8.1}  {}",
+            r.batch,
+            r.shared,
+            r.own,
+            r.plain_us,
+            cells.join("  ")
+        );
+    }
+    report.insert("shared_decode".into(), serde_json::to_value(&shared)?);
+    let read = bench::kernels::read_gbs(dev)?;
+    report.insert("read_gbs".into(), read.into());
+    println!(
+        "decode attention (32 q / 8 kv heads, d 128): batch ctx, then GB/s and % of the read ceiling ({read:.0} GB/s) and µs per build (warps x stages; * the engine's), then the widening build over an FP8 cache (fp8) and the direct FP8 builds (f8d; w2s2 is the engine's)"
+    );
+    for case in att.chunk_by(|a, b| (a.batch, a.ctx) == (b.batch, b.ctx)) {
+        let cells: Vec<String> = case
+            .iter()
+            .map(|r| {
+                let mark = if r.default { "*" } else { " " };
+                let v = r.variant;
+                let fp8 = match (r.fp8, r.direct) {
+                    (true, true) => " f8d",
+                    (true, false) => " fp8",
+                    _ => "",
+                };
+                format!(
+                    "{}x{}{mark}{fp8} {:>5.0} {:>3.0}% {:>6.1}us",
+                    v.warps,
+                    v.stages,
+                    r.gbs,
+                    100.0 * r.gbs / read,
+                    r.us
+                )
+            })
+            .collect();
+        println!(
+            "  {:>4} {:>5}  {}",
+            case[0].batch,
+            case[0].ctx,
+            cells.join("  ")
+        );
+    }
+    report.insert("attention".into(), serde_json::to_value(&att)?);
+    Ok(())
+}
+
+/// Flash prefill beside cuBLAS's rate `matmul`.
+#[cfg(feature = "cuda")]
+fn prefill_tables(
+    dev: &candle_core::Device,
+    matmul: f64,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let pre = bench::kernels::prefill_table(dev, &[(4, 2048), (16, 512), (1, 4096), (64, 128)])?;
+    println!(
+        "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens us TFLOP/s, then over an FP8 cache  (cuBLAS {matmul:.0})"
+    );
+    let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
+    for r in &pre {
+        println!(
+            "  {:>4} {:>5} {:>9} {:>7} {:>9} {:>7}",
+            r.seqs,
+            r.tokens,
+            f(r.us),
+            f(r.tflops),
+            f(r.fp8_us),
+            f(r.fp8_tflops)
+        );
+    }
+    report.insert("prefill".into(), serde_json::to_value(&pre)?);
+    Ok(())
+}
+
+/// The workloads of `args`, each printed and added to the report.
+fn workloads(
+    spec: &JobSpec,
+    args: &BenchArgs<'_>,
+    matmul: f64,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let mut fleet = bench::fleet(spec, args.tokenizer, args.breakdown)?;
+    let devices: Vec<String> = fleet.devices().iter().map(|d| d.to_string()).collect();
+    println!("devices: {}", devices.join(", "));
+    report.insert("devices".into(), devices.into());
+    let mut results = Vec::new();
+    for name in args.workloads {
+        let mut w = *WORKLOADS
+            .iter()
+            .find(|w| w.name.eq_ignore_ascii_case(name))
+            .ok_or_else(|| {
+                anyhow::anyhow!("unknown workload `{name}`, expected W1, W2, W3 or W4")
+            })?;
+        w.prompts = ((w.prompts as f64 * args.scale).round() as usize).max(1);
+        let r = bench::run_workload(&mut fleet, spec, &w, matmul)?;
+        println!(
+            "{}: {} prompts x ({}+{} in, {} out): {:.0} output tok/s, {:.0} total tok/s, {:.1} s, peak GPU {}, {:.1}% of the compute floor, {} prefix-hit tokens, {} preemptions",
+            w.name, w.prompts, w.shared_prefix, w.own, w.out, r.output_tok_s, r.total_tok_s, r.wall_s,
+            r.peak_gpu_gib.map_or("-".into(), |g| format!("{g:.1} GiB")), 100.0 * r.compute_floor_fraction, r.prefix_hit_tokens, r.summary.preemptions
+        );
+        if let Some(b) = &r.summary.breakdown {
+            print_breakdown(b);
+        }
+        results.push(r);
+    }
+    report.insert("workloads".into(), serde_json::to_value(&results)?);
     Ok(())
 }
 

@@ -347,17 +347,23 @@ impl GptqGpu {
         }
     }
 
+    /// The rows a cuBLAS product of `m` tokens is padded to ([`CUBLAS_PADS`],
+    /// Hopper only); `None`: run as it is.
+    pub fn cublas_pad(&self, m: usize) -> Option<usize> {
+        CUBLAS_PADS
+            .iter()
+            .find(|p| (p.k, p.n, p.m) == (self.k, self.n, m) && self.wg_runs_here())
+            .map(|p| p.rows)
+    }
+
     /// x W^T through cuBLAS on the resident f16 weights, with the token
     /// count padded where [`CUBLAS_PADS`] says cuBLAS's own choice is slow.
     fn cublas(&self, x: &Tensor, wt: &Tensor) -> Result<Tensor> {
         let m = x.dim(0)?;
-        let pad = CUBLAS_PADS
-            .iter()
-            .find(|p| (p.k, p.n, p.m) == (self.k, self.n, m) && self.wg_runs_here());
-        let Some(p) = pad else {
+        let Some(rows) = self.cublas_pad(m) else {
             return Ok(x.matmul(wt)?);
         };
-        let zeros = Tensor::zeros((p.rows - m, self.k), DType::F16, x.device())?;
+        let zeros = Tensor::zeros((rows - m, self.k), DType::F16, x.device())?;
         let xp = Tensor::cat(&[x, &zeros], 0)?;
         Ok(xp.matmul(wt)?.narrow(0, 0, m)?)
     }

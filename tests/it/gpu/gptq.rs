@@ -125,6 +125,36 @@ fn wg_launches(g: &GptqGpu, k: usize) -> Vec<cuda::WgLaunch> {
         .collect()
 }
 
+/// cuBLAS's detour (`CUBLAS_PADS`): Mistral-7B's gate+up (K 4096, N 28672)
+/// at 128 tokens runs padded to 144 rows on Hopper; its rows are the plain
+/// product's up to the f16 rounding of two cuBLAS kernels.
+#[test]
+fn the_padded_cublas_product_gives_the_plain_products_rows() {
+    let dev = gpu();
+    let (k, n, m) = (4096, 28672, 128);
+    let spec = RandomGptq {
+        bits: 4,
+        group_size: Some(128),
+        k,
+        n,
+        act_order: true,
+        seed: 3,
+    };
+    let mut g = GptqGpu::dummy(&spec, &dev).unwrap();
+    g.make_resident().unwrap();
+    assert_eq!(g.cublas_pad(m), g.wg_runs_here().then_some(144));
+    assert_eq!(g.cublas_pad(m + 1), None);
+    let x = Tensor::from_vec(Lcg(5).f16s(m * k, 1.0), (m, k), &dev).unwrap();
+    let plain: Vec<f64> = host(&x.matmul(&g.dequantize().unwrap()).unwrap())
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let got = host(&g.forward(&x, GptqMode::Resident).unwrap());
+    assert_eq!(got.len(), m * n);
+    let e = rel_err(&got, &plain);
+    assert!(e < 1e-3, "padded against plain cuBLAS: rel err {e}");
+}
+
 #[test]
 fn fused_gptq_rows_do_not_depend_on_the_batch() {
     let dev = gpu();
