@@ -9,7 +9,7 @@ use std::process::Command;
 
 const KERNELS: [&str; 3] = ["gptq", "attention", "ops"];
 /// Built for compute_90a alone (wgmma exists on sm_90a only).
-const KERNELS_90A: [&str; 1] = ["gptq_wg"];
+const KERNELS_90A: [&str; 2] = ["gptq_wg", "attention_wg"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Writes kernels/wgmma.cuh: the Hopper warpgroup products the GPTQ kernel
-uses (A from registers, B from shared memory, f16 in, f32 accumulated), one
-inline-asm wrapper per token width. Run from the repository root."""
+"""Writes kernels/wgmma.cuh: the Hopper warpgroup products (f16 in, f32
+accumulated), one inline-asm wrapper per width: the GPTQ kernel's (A from
+registers, B from shared memory, K-major), and the flash prefill plan's
+(kernels/WGMMA-PREFILL-PLAN.md): S = Q K^T with both operands from shared
+memory, and O += P V with P from registers and V read transposed (B stored
+N-major). Run from the repository root."""
 
 WIDTHS = (64, 128, 256)
 
@@ -47,7 +50,38 @@ __device__ __forceinline__ void wg_m64n{n}k16(float (&d)[{regs}], const uint32_t
 """
 
 
+def wrapper_ss(n):
+    """D[64 x n] += A B, A and B both through descriptors, K-major."""
+    regs = n // 2
+    d = ", ".join(f"%{i}" for i in range(regs))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    return f"""
+__device__ __forceinline__ void wg_ss_m64n{n}k16(float (&d)[{regs}], uint64_t adesc,
+                                               uint64_t bdesc) {{
+  asm volatile(
+      "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 2}, 0;\\n"
+      "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16 "
+      "{{{d}}}, "
+      "%{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n}}\\n"
+      : {outs}
+      : "l"(adesc), "l"(bdesc), "r"(1));
+}}
+"""
+
+
+def wrapper_tb(n):
+    """D[64 x n] += A B, A from registers, B through a descriptor of an
+    N-major (transposed) operand."""
+    return (
+        wrapper(n)
+        .replace(f"wg_m64n{n}k16(", f"wg_m64n{n}k16_tb(")
+        .replace("p, 1, 1, 0;", "p, 1, 1, 1;")
+    )
+
+
 with open("kernels/wgmma.cuh", "w") as f:
     f.write(HEAD)
     for n in WIDTHS:
         f.write(wrapper(n))
+    f.write(wrapper_ss(128))
+    f.write(wrapper_tb(128))

@@ -3,6 +3,7 @@
 //! module with `unsafe`; every block says why it holds.
 
 mod attention;
+mod attention_wg;
 mod device;
 mod gptq;
 mod graph;
@@ -11,6 +12,7 @@ mod kernels_cache;
 mod sample;
 
 pub use attention::{CudaKv, GpuBatch};
+pub use attention_wg::wg_prefill_selftest;
 pub use device::{
     device_count, mem_info, memory_usage, profiler, record_event, reset_memory_peak,
     single_stream_device, start_download, Download, Event,
@@ -60,6 +62,14 @@ pub(crate) const GPTQ_WG: Ptx = Ptx {
     name: "gptq_wg",
     sm80: "",
     sm90: include_str!(concat!(env!("OUT_DIR"), "/gptq_wg_sm90a.ptx")),
+};
+
+/// The wgmma flash prefill's pieces (kernels/attention_wg.cu), Hopper only
+/// like [`GPTQ_WG`].
+pub(crate) const ATTENTION_WG: Ptx = Ptx {
+    name: "attention_wg",
+    sm80: "",
+    sm90: include_str!(concat!(env!("OUT_DIR"), "/attention_wg_sm90a.ptx")),
 };
 
 /// The CUDA device of a tensor.

@@ -426,3 +426,48 @@ fn flash_prefill_of_a_row_does_not_depend_on_how_its_prompt_is_chunked() {
         }
     }
 }
+
+/// Step 1 of kernels/WGMMA-PREFILL-PLAN.md: the warpgroup products of the
+/// wgmma flash prefill over its swizzled shared-memory layout (S = Q K^T
+/// with both operands from shared memory, O = P V with V read transposed)
+/// against float64 products of the same f16 values. Before Hopper the
+/// kernel does not exist and the wrapper says so.
+#[test]
+fn wgmma_prefill_products_match_float64() {
+    let dev = gpu();
+    let mut rng = Lcg(23);
+    let (q, k, p, v) = (
+        rng.f16s(64 * 128, 1.0),
+        rng.f16s(128 * 128, 1.0),
+        rng.f16s(64 * 128, 1.0),
+        rng.f16s(128 * 128, 1.0),
+    );
+    let t = |x: &[f16], rows: usize| Tensor::from_vec(x.to_vec(), (rows, 128), &dev).unwrap();
+    let got = cuda::wg_prefill_selftest(&t(&q, 64), &t(&k, 128), &t(&p, 64), &t(&v, 128));
+    let hopper = matches!(&dev, candle_core::Device::Cuda(d)
+        if d.cuda_stream().context().attribute(
+            candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+        ).unwrap() == 9);
+    let Ok((s, o)) = got else {
+        assert!(!hopper, "the wgmma self-test failed on Hopper: {got:?}");
+        return;
+    };
+    let f = |x: &[f16], i: usize| x[i].to_f64();
+    let want_s: Vec<f64> = (0..64 * 128)
+        .map(|i| {
+            (0..128)
+                .map(|d| f(&q, (i / 128) * 128 + d) * f(&k, (i % 128) * 128 + d))
+                .sum()
+        })
+        .collect();
+    let want_o: Vec<f64> = (0..64 * 128)
+        .map(|i| {
+            (0..128)
+                .map(|j| f(&p, (i / 128) * 128 + j) * f(&v, j * 128 + i % 128))
+                .sum()
+        })
+        .collect();
+    let (es, eo) = (rel_err(&host(&s), &want_s), rel_err(&host(&o), &want_o));
+    assert!(es < 1e-5, "S = Q K^T from shared memory: rel err {es}");
+    assert!(eo < 1e-5, "O = P V with V transposed: rel err {eo}");
+}

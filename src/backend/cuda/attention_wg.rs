@@ -1,0 +1,66 @@
+//! Launch wrappers of `kernels/attention_wg.cu`: the pieces of the wgmma
+//! flash prefill (kernels/WGMMA-PREFILL-PLAN.md), Hopper only.
+
+use super::{check_f16, device_of, empty, is_sm90a, launch, ptr, Arg, ATTENTION_WG};
+use crate::{Error, Result};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::Tensor;
+use half::f16;
+
+/// The plan's two warpgroup products over its shared-memory layout, for
+/// the GPU test: S [64, 128] = q k^T and O [64, 128] = p v, f32, for q
+/// [64, 128], k [128, 128], p [64, 128] and v [128, 128] in f16 (S's
+/// columns are k's rows, O's are v's columns). An error before Hopper
+/// (compute capability 9.0), where the kernel does not exist.
+pub fn wg_prefill_selftest(
+    q: &Tensor,
+    k: &Tensor,
+    p: &Tensor,
+    v: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let dev = device_of(q)?;
+    if !is_sm90a(&dev) {
+        return Err(Error::Model(
+            "wg_prefill_selftest: the wgmma kernels run on compute capability 9.0 only".into(),
+        ));
+    }
+    for (t, want, what) in [
+        (q, [64, 128], "q"),
+        (k, [128, 128], "k"),
+        (p, [64, 128], "p"),
+        (v, [128, 128], "v"),
+    ] {
+        check_f16(t, "wg_prefill_selftest")?;
+        if t.dims() != want {
+            return Err(Error::Model(format!(
+                "wg_prefill_selftest: {what} is {:?}, expected {want:?}",
+                t.dims()
+            )));
+        }
+    }
+    let (q, k, p, v) = (
+        q.contiguous()?,
+        k.contiguous()?,
+        p.contiguous()?,
+        v.contiguous()?,
+    );
+    let s = empty::<f32>(&dev, (64, 128))?;
+    let o = empty::<f32>(&dev, (64, 128))?;
+    let args = [
+        Arg::P(ptr::<f16>(&q)?),
+        Arg::P(ptr::<f16>(&k)?),
+        Arg::P(ptr::<f16>(&p)?),
+        Arg::P(ptr::<f16>(&v)?),
+        Arg::P(ptr::<f32>(&s)?),
+        Arg::P(ptr::<f32>(&o)?),
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (128, 1, 1),
+        // Q (16 KiB), K and V (32 KiB each), and room to align them to
+        // 1,024 bytes.
+        shared_mem_bytes: 80 * 1024 + 1024,
+    };
+    launch(&dev, &ATTENTION_WG, "wg_prefill_selftest", cfg, &args)?;
+    Ok((s, o))
+}
