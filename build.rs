@@ -17,6 +17,7 @@ fn main() {
         println!("cargo:rerun-if-changed=kernels/{k}.cu");
     }
     for h in [
+        "softmax",
         "mma",
         "gptq",
         "wgmma",

@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "mma.cuh"
+#include "softmax.cuh"
 
 // Copies n rows of `row` halves (k and v, rows ks and vs halves apart: a
 // column slice of a fused q/k/v output is read in place) to their cache slots.
@@ -121,11 +122,6 @@ __device__ __forceinline__ void load_codes(const uint8_t* p, uint32_t (&w)[(N + 
   }
 }
 
-__device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
-  half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
 // One n-tile of S = Q K^T: the 8 keys of `krows` (rows RS halves apart)
 // against a warp's Q fragments `qa` over KS k-steps of 16 dims; s = 0 + QK.
 template <int KS, int RS>
@@ -147,49 +143,6 @@ __device__ __forceinline__ void qk_tile(float* s, const uint32_t (*qa)[4], const
       mma_16816(s, qa[s2 + 1], b[2], b[3]);
     }
   }
-}
-
-// 2^x (MUFU.EX2; relative error below 2^-22, far under the f16 rounding
-// of P that follows).
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-#define LOG2E 1.4426950408889634f
-
-// One online-softmax step over a warp's masked scores s[NJ][4] (rows g and
-// g + 8 of an m16 tile; -inf where masked) whose per-lane row maxima,
-// starting from the running maxima mrow, are in mx: the rows' maxima over
-// the quad, the running sums rescaled by alpha (returned, for the caller's
-// outputs; exactly 1 where the max did not move), s replaced by exp(s -
-// max) = 2^(s log2 e - max log2 e) and added to the sums.
-template <int NJ>
-__device__ __forceinline__ void online_softmax(float (&s)[NJ][4], float* mx, float* mrow,
-                                               float* lrow, float* alpha) {
-  float base[2];
-#pragma unroll
-  for (int hr = 0; hr < 2; hr++) {
-    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
-    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
-    base[hr] = mx[hr] == -INFINITY ? 0.f : mx[hr] * LOG2E;
-    // Exactly 1 when the max did not move (the FMA would leave the
-    // rounding error of max * log2 e): a row's tiles past its own keys then
-    // change nothing, so its result does not depend on where tiles end.
-    alpha[hr] = mx[hr] == mrow[hr]      ? 1.f
-                : mrow[hr] == -INFINITY ? 0.f
-                                        : ex2(fmaf(mrow[hr], LOG2E, -base[hr]));
-    mrow[hr] = mx[hr];
-    lrow[hr] *= alpha[hr];
-  }
-#pragma unroll
-  for (int j = 0; j < NJ; j++)
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const float e = ex2(fmaf(s[j][r], LOG2E, -base[r >> 1]));  // 2^-inf = 0
-      s[j][r] = e;
-      lrow[r >> 1] += e;
-    }
 }
 
 // The two kernels' families, one translation unit (one PTX module).
