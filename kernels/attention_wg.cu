@@ -1,8 +1,10 @@
-// Hopper (sm_90a) pieces of the wgmma flash prefill (issue 15, item 3;
-// kernels/WGMMA-PREFILL-PLAN.md). So far step 1 of the plan: a self-test
-// of the two warpgroup products the kernel will be made of, over the
-// shared-memory layout it will use, checked by the GPU test
-// `gpu::attention::wgmma_prefill_products_match_float64`.
+// Hopper (sm_90a) wgmma flash prefill (issue 15, item 3;
+// kernels/WGMMA-PREFILL-PLAN.md): step 1, a self-test of its two
+// warpgroup products over its shared-memory layout (GPU test
+// `gpu::attention::wgmma_prefill_products_match_float64`), and a first
+// plain kernel, `flash_prefill_wg_d128` (no producer warp yet: both
+// warpgroups load), checked against float64 beside the mma.sync kernel
+// in `gpu::attention::flash_prefill_matches_a_float64_reference`.
 //
 // The layout (Q, K and V alike; a "row" is a query row or a key): two
 // panels, dims 0-63 and 64-127, each ROWS rows of 128 bytes; the 16-byte
@@ -12,6 +14,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "mma.cuh"
+#include "softmax.cuh"
 #include "wgmma.cuh"
 
 #define WG_D 128
@@ -114,4 +118,170 @@ extern "C" __global__ void __launch_bounds__(128)
   wg_commit();
   wg_wait<0>();
   store_acc(o_out, o);
+}
+
+// The plain wgmma flash prefill, D = 128, f16 cache: the mma.sync kernel's
+// work list, row mapping, score rounding, mask and online softmax
+// (attention_prefill.cuh), with 128-key tiles and two warpgroups of 64
+// rows each (warp w = 4c + u of warpgroup c owns rows 16w..16w+15, 16
+// consecutive tokens of one head since 128 / G >= 16). Per tile: S [64 x
+// 128] = Q K^T from shared memory (wg_ss), the scores rounded and masked
+// as in the twin, online softmax over its 16 n-tiles, P packed to f16 A
+// fragments, O += P V with V read transposed. Two stages of cp.async K/V
+// tiles shared by both warpgroups, two barriers per tile. A row's softmax
+// moves its max at 128-key boundaries (the twin: 32), so the results are
+// the twin's up to f16 rounding, not bit for bit; a row still depends only
+// on its own position (tiles aligned to multiples of 128 positions).
+#define WG_KT 128
+#define WG_ROWS 128
+// Shared memory: Q (128 rows) then 2 stages of K and V (128 rows each), all
+// in the two-panel layout, 1,024-aligned.
+#define WG_QBYTES (WG_ROWS * 256)
+#define WG_TBYTES (WG_KT * 256)
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    flash_prefill_wg_d128(const half* __restrict__ q, const half* __restrict__ kc,
+                          const half* __restrict__ vc, const unsigned* __restrict__ keys,
+                          const int4* __restrict__ tiles, half* __restrict__ out, int heads,
+                          int kv_heads, int window, float scale) {
+  extern __shared__ uint8_t wg_smem[];
+  uint8_t* const qs = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(wg_smem) + 1023) & ~(uintptr_t)1023);
+  uint8_t* const kvs = qs + WG_QBYTES;  // stage st: K at kvs + 2 st T, V after it
+  const int4 tile = tiles[blockIdx.x];
+  const int row0 = tile.x, rows = tile.y, pos0 = tile.z, koff = tile.w;
+  const int kvh = blockIdx.y, G = heads / kv_heads, MT = WG_ROWS / G;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wgi = warp >> 2;
+  const int g = lane >> 2, t = lane & 3;
+  const size_t qstride = (size_t)heads * WG_D, kvstride = (size_t)kv_heads * WG_D;
+
+  // Q rows (token r % MT of head kvh * G + r / MT; zeros past `rows`).
+  for (int i = threadIdx.x; i < WG_ROWS * 16; i += 256) {
+    const int r = i >> 4, c = i & 15, tok = r % MT;
+    const bool ok = tok < rows;
+    cp_async16(qs + sw128(r, c, WG_ROWS),
+               q + (size_t)(row0 + (ok ? tok : 0)) * qstride + (kvh * G + r / MT) * WG_D + c * 8,
+               ok);
+  }
+  const int kmax = pos0 + rows - 1;
+  const int kmin = window > 0 ? max(0, pos0 - window + 1) : 0;
+  const int t0 = kmin / WG_KT, t1 = kmax / WG_KT;
+  // Key tile kt into stage st: K and V rows gathered through the slot list
+  // (zeros past kmax: V must be finite there).
+  auto load = [&](int kt, int st) {
+    uint8_t* kb = kvs + st * 2 * WG_TBYTES;
+    uint8_t* vb = kb + WG_TBYTES;
+    for (int i = threadIdx.x; i < WG_KT * 16; i += 256) {
+      const int r = i >> 4, c = i & 15, j = kt * WG_KT + r;
+      const bool ok = j <= kmax;
+      const size_t slot = ok ? __ldg(keys + koff + j) : 0u;
+      const size_t src = slot * kvstride + kvh * WG_D + c * 8;
+      cp_async16(kb + sw128(r, c, WG_KT), kc + src, ok);
+      cp_async16(vb + sw128(r, c, WG_KT), vc + src, ok);
+    }
+  };
+
+  float o[16][4];
+#pragma unroll
+  for (int i = 0; i < 16; i++)
+#pragma unroll
+    for (int r = 0; r < 4; r++) o[i][r] = 0.f;
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
+  const int tok0 = (warp * 16) % MT + g;  // token of row g (row g + 8: tok0 + 8)
+  const half2 sh2 = __float2half2_rn(scale);
+  uint8_t* const qwg = qs + wgi * 64 * 128;  // this warpgroup's 64 rows
+
+  load(t0, 0);
+  cp_async_commit();
+  for (int kt = t0; kt <= t1; kt++) {
+    const int st = (kt - t0) & 1;
+    __syncthreads();  // every warp is done with tile kt - 1's stage
+    if (kt + 1 <= t1) load(kt + 1, st ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // tile kt (and Q) landed for this thread's copies
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();  // ... and for every thread's
+    const uint8_t* kb = kvs + st * 2 * WG_TBYTES;
+    const uint8_t* vb = kb + WG_TBYTES;
+
+    float s[16][4];
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) s[i][r] = 0.f;
+    float(&sf)[64] = *reinterpret_cast<float(*)[64]>(&s[0][0]);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; kk++) {
+      const int off = (kk & 3) * 32;
+      wg_ss_m64n128k16(sf, wg_desc_sw128(qwg + (kk >> 2) * WG_QBYTES / 2 + off, 16, 1024),
+                       wg_desc_sw128(kb + (kk >> 2) * WG_TBYTES / 2 + off, 16, 1024));
+    }
+    wg_commit();
+    wg_wait<0>();
+
+    const bool inside =
+        kt * WG_KT + WG_KT - 1 <= pos0 && (window <= 0 || kt * WG_KT > kmax - window);
+    float mx[2] = {mrow[0], mrow[1]};
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+#pragma unroll
+      for (int hr = 0; hr < 2; hr++) {
+        const float2 f =
+            __half22float2(__hmul2(__floats2half2_rn(s[j][2 * hr], s[j][2 * hr + 1]), sh2));
+        float v[2] = {f.x, f.y};
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+          if (!inside) {
+            const int kp = kt * WG_KT + j * 8 + 2 * t + c, tok = tok0 + 8 * hr;
+            const int qp = pos0 + tok;
+            const bool vis = tok < rows && kp <= qp && (window <= 0 || kp > qp - window);
+            v[c] = vis ? v[c] : -INFINITY;
+          }
+          s[j][2 * hr + c] = v[c];
+          mx[hr] = fmaxf(mx[hr], v[c]);
+        }
+      }
+    float alpha[2];
+    online_softmax<16>(s, mx, mrow, lrow, alpha);
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+      for (int i = 0; i < 16; i++) {
+        o[i][0] *= alpha[0];
+        o[i][1] *= alpha[0];
+        o[i][2] *= alpha[1];
+        o[i][3] *= alpha[1];
+      }
+    }
+    uint32_t pa[8][4];  // P as the A fragments of 8 k-steps of 16 keys
+#pragma unroll
+    for (int kk = 0; kk < 8; kk++) {
+      pa[kk][0] = pack_h2(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack_h2(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack_h2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack_h2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+    float(&of)[64] = *reinterpret_cast<float(*)[64]>(&o[0][0]);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; kk++)
+      wg_m64n128k16_tb(of, pa[kk], wg_desc_sw128(vb + kk * 16 * 128, WG_TBYTES / 2, 1024));
+    wg_commit();
+    wg_wait<0>();
+  }
+  const int h = kvh * G + (warp * 16) / MT;
+#pragma unroll
+  for (int hr = 0; hr < 2; hr++) {
+    float l = lrow[hr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int tok = tok0 + 8 * hr;
+    if (tok >= rows) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    half* dst = out + (size_t)(row0 + tok) * qstride + h * WG_D + 2 * t;
+#pragma unroll
+    for (int dn = 0; dn < 16; dn++)
+      *reinterpret_cast<half2*>(dst + dn * 8) =
+          __floats2half2_rn(o[dn][2 * hr] * inv, o[dn][2 * hr + 1] * inv);
+  }
 }

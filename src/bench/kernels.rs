@@ -397,6 +397,11 @@ pub struct PrefillRow {
     pub fp8_us: Option<f64>,
     /// TFLOP/s over an FP8 cache.
     pub fp8_tflops: Option<f64>,
+    /// The wgmma kernel (`flash_prefill_wg_d128`, Hopper only; not yet the
+    /// engine's): µs and TFLOP/s over the f16 cache.
+    pub wg_us: Option<f64>,
+    /// TFLOP/s of the wgmma kernel.
+    pub wg_tflops: Option<f64>,
 }
 
 /// Flash prefill attention on Mistral's heads (32 q, 8 kv, d 128, blocks of
@@ -438,6 +443,14 @@ pub fn prefill_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Prefi
             let cache = cuda::CacheLayer::fp8(&k8, &v8, &ks, &vs);
             cuda::flash_prefill(&q, cache, &keys, (&tiles, ntiles), &out, &shape)
         })?;
+        let twg = if cuda::GptqGpu::wg_available(&cd) {
+            cuda::graph_time(dev, 10, || {
+                let cache = cuda::CacheLayer::f16(&kc, &vc);
+                cuda::flash_prefill_wg(&q, cache, &keys, (&tiles, ntiles), &out, &shape)
+            })?
+        } else {
+            None
+        };
         // Visible (query, key) pairs: n (n + 1) / 2 per head and sequence;
         // 2 FLOP per multiply-add, QK^T and PV.
         let flop = (b * nh) as f64 * (n * (n + 1) / 2) as f64 * d as f64 * 4.0;
@@ -448,6 +461,8 @@ pub fn prefill_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Prefi
             tflops: t.map(|t| flop / t / 1e12),
             fp8_us: t8.map(|t| t * 1e6),
             fp8_tflops: t8.map(|t| flop / t / 1e12),
+            wg_us: twg.map(|t| t * 1e6),
+            wg_tflops: twg.map(|t| flop / t / 1e12),
         });
     }
     Ok(rows)

@@ -254,18 +254,20 @@ fn prefill_tables(
 ) -> anyhow::Result<()> {
     let pre = bench::kernels::prefill_table(dev, &[(4, 2048), (16, 512), (1, 4096), (64, 128)])?;
     println!(
-        "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens us TFLOP/s, then over an FP8 cache  (cuBLAS {matmul:.0})"
+        "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens us TFLOP/s, then over an FP8 cache, then the wgmma kernel (Hopper; not yet the engine's)  (cuBLAS {matmul:.0})"
     );
     let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
     for r in &pre {
         println!(
-            "  {:>4} {:>5} {:>9} {:>7} {:>9} {:>7}",
+            "  {:>4} {:>5} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7}",
             r.seqs,
             r.tokens,
             f(r.us),
             f(r.tflops),
             f(r.fp8_us),
-            f(r.fp8_tflops)
+            f(r.fp8_tflops),
+            f(r.wg_us),
+            f(r.wg_tflops)
         );
     }
     report.insert("prefill".into(), serde_json::to_value(&pre)?);

@@ -64,3 +64,62 @@ pub fn wg_prefill_selftest(
     launch(&dev, &ATTENTION_WG, "wg_prefill_selftest", cfg, &args)?;
     Ok((s, o))
 }
+
+/// The plain wgmma flash prefill (`flash_prefill_wg_d128`): what
+/// [`super::flash_prefill`] computes for head dim 128 over an f16 cache,
+/// with 128-key tiles (the twin's results up to f16 rounding). Not yet the
+/// engine's: GPU-tested beside the twin. An error before Hopper, for other
+/// head dims and for an FP8 cache.
+pub fn flash_prefill_wg(
+    q: &Tensor,
+    cache: super::CacheLayer<'_>,
+    keys: &Tensor,
+    tiles: (&Tensor, usize),
+    out: &Tensor,
+    s: &super::PrefillShape,
+) -> Result<()> {
+    check_f16(q, "flash_prefill_wg")?;
+    let dev = device_of(q)?;
+    let g = s.heads / s.kv_heads.max(1);
+    if !is_sm90a(&dev)
+        || s.head_dim != 128
+        || cache.scales.is_some()
+        || g * s.kv_heads != s.heads
+        || !super::PREFILL_GROUPS.contains(&g)
+    {
+        return Err(Error::Model(format!(
+            "flash_prefill_wg: compute capability 9.0, head_dim 128, an f16 cache and 1, 2, 4 or 8 heads per kv head (got head_dim {}, {} heads over {} kv heads)",
+            s.head_dim, s.heads, s.kv_heads
+        )));
+    }
+    if tiles.1 == 0 {
+        return Ok(());
+    }
+    let q = q.contiguous()?;
+    let [kc, vc, _, _] = cache.ptrs()?;
+    let mut args: Vec<Arg> = [
+        ptr::<f16>(&q)?,
+        kc,
+        vc,
+        ptr::<u32>(keys)?,
+        ptr::<u32>(tiles.0)?,
+        ptr::<f16>(out)?,
+    ]
+    .iter()
+    .map(|&x| Arg::P(x))
+    .collect();
+    args.extend([
+        Arg::I(s.heads as i32),
+        Arg::I(s.kv_heads as i32),
+        Arg::I(s.window as i32),
+        Arg::F(1.0 / (s.head_dim as f32).sqrt()),
+    ]);
+    let cfg = LaunchConfig {
+        grid_dim: (tiles.1 as u32, s.kv_heads as u32, 1),
+        block_dim: (256, 1, 1),
+        // Q (128 rows) and two stages of K and V (128 rows each), 256
+        // bytes a row, and room to align them to 1,024 bytes.
+        shared_mem_bytes: (128 * 256 + 2 * 2 * 128 * 256 + 1024) as u32,
+    };
+    launch(&dev, &ATTENTION_WG, "flash_prefill_wg_d128", cfg, &args)
+}

@@ -2,8 +2,8 @@
 //! reference and across batches, flash prefill against a float64 reference.
 
 use super::{
-    decode_reference, gpu, host, rel_err, shared_prefix_batch, shuffled_tables, DecodeCase, Lcg,
-    DECODE_CASES, DECODE_CTX,
+    decode_reference, gpu, hopper, host, rel_err, shared_prefix_batch, shuffled_tables, DecodeCase,
+    Lcg, DECODE_CASES, DECODE_CTX,
 };
 use candle_core::{DType, Tensor};
 use half::f16;
@@ -245,6 +245,16 @@ fn paged_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_
     }
 }
 
+/// A flash prefill launch ([`cuda::flash_prefill`] or its wgmma twin).
+type Prefill = fn(
+    &Tensor,
+    cuda::CacheLayer<'_>,
+    &Tensor,
+    (&Tensor, usize),
+    &Tensor,
+    &cuda::PrefillShape,
+) -> runner::Result<()>;
+
 #[test]
 fn flash_prefill_matches_a_float64_reference() {
     let dev = gpu();
@@ -333,31 +343,40 @@ fn flash_prefill_matches_a_float64_reference() {
         let nk = keys.len();
         let keyt = Tensor::from_vec(keys, nk, &dev).unwrap();
         let (tiles, ntiles) = cuda::prefill_tiles(&pc, nh / nkv, &dev).unwrap();
-        let out = Tensor::zeros((t, nh * d), DType::F16, &dev).unwrap();
-        cuda::flash_prefill(
-            &qt,
-            cuda::CacheLayer::f16(&kct, &vct),
-            &keyt,
-            (&tiles, ntiles),
-            &out,
-            &cuda::PrefillShape {
-                heads: nh,
-                kv_heads: nkv,
-                head_dim: d,
-                window,
-            },
-        )
-        .unwrap();
-        let got = host(&out);
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (*a as f64 - b).abs())
-            .fold(0f64, f64::max);
-        assert!(
-            got.iter().all(|v| v.is_finite()) && worst < 4e-3,
-            "flash prefill {nh}/{nkv} heads, d {d}, window {window}: max abs err {worst}"
-        );
+        let worst = |got: &[f32]| {
+            got.iter()
+                .zip(&want)
+                .map(|(a, b)| {
+                    if a.is_finite() {
+                        (*a as f64 - b).abs()
+                    } else {
+                        f64::INFINITY
+                    }
+                })
+                .fold(0f64, f64::max)
+        };
+        let shape = cuda::PrefillShape {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+            window,
+        };
+        // The mma.sync kernel, and on Hopper at head dim 128 the wgmma one
+        // (kernels/attention_wg.cu), against the same reference.
+        let mut kernels: Vec<(&str, Prefill)> = vec![("mma.sync", cuda::flash_prefill)];
+        if d == 128 && hopper(&dev) {
+            kernels.push(("wgmma", cuda::flash_prefill_wg));
+        }
+        for (name, kernel) in kernels {
+            let out = Tensor::zeros((t, nh * d), DType::F16, &dev).unwrap();
+            let cache = cuda::CacheLayer::f16(&kct, &vct);
+            kernel(&qt, cache, &keyt, (&tiles, ntiles), &out, &shape).unwrap();
+            let e = worst(&host(&out));
+            assert!(
+                e < 4e-3,
+                "{name} flash prefill {nh}/{nkv} heads, d {d}, window {window}: max abs err {e}"
+            );
+        }
     }
 }
 
@@ -444,12 +463,11 @@ fn wgmma_prefill_products_match_float64() {
     );
     let t = |x: &[f16], rows: usize| Tensor::from_vec(x.to_vec(), (rows, 128), &dev).unwrap();
     let got = cuda::wg_prefill_selftest(&t(&q, 64), &t(&k, 128), &t(&p, 64), &t(&v, 128));
-    let hopper = matches!(&dev, candle_core::Device::Cuda(d)
-        if d.cuda_stream().context().attribute(
-            candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-        ).unwrap() == 9);
     let Ok((s, o)) = got else {
-        assert!(!hopper, "the wgmma self-test failed on Hopper: {got:?}");
+        assert!(
+            !hopper(&dev),
+            "the wgmma self-test failed on Hopper: {got:?}"
+        );
         return;
     };
     let f = |x: &[f16], i: usize| x[i].to_f64();
