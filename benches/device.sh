@@ -2,7 +2,7 @@
 # One GPU-machine session: unpacks dev/bundle.tar.xz (built by
 # benches/bundle.sh: stripped `runner` + `it` test binaries built with
 # --features cuda, and fixture folders), then runs the steps named in $STEPS
-# (comma-separated): tests, kernels (kernels:<branch>, e.g. kernels:8bit-32g), W1..W4 (at $SCALE of their prompts;
+# (comma-separated): tests, tests-wg (the wgmma tests, one process each), kernels (kernels:<branch>, e.g. kernels:8bit-32g), W1..W4 (at $SCALE of their prompts;
 # W1@512 = max_num_seqs 512, default 256), peer / peer512 (HF transformers
 # at batch 256 / 512). Logs and JSON land in $OUT.
 set -uo pipefail
@@ -19,6 +19,11 @@ for s in ${STEPS//,/ }; do
   echo "== $s $(date +%T)"
   case $s in
     tests) timeout 300 "$B/it" gpu:: --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|rel err|differ" ;;
+    # The wgmma kernels' tests, each in its own process (a fault in one
+    # poisons the CUDA context of every later test in the process).
+    tests-wg) for t in wgmma_prefill_products flash_prefill_matches the_padded_cublas; do
+        timeout 120 "$B/it" "$t" --test-threads=1 2>&1 | tee -a "$OUT/tests-wg.log" | grep -E "^test |test result|panicked|err"
+      done ;;
     kernels) timeout 300 "$B/runner" bench jobs/bench.toml --kernels --tokenizer "$TOK" \
         ${QUANT:+--set model.dummy_quant=$QUANT} --json "$OUT/kernels${QUANT:+-$QUANT}.json" 2>&1 | grep -v INFO ;;
     kernels:*) q=${s#kernels:}; timeout 300 "$B/runner" bench jobs/bench.toml --kernels --tokenizer "$TOK" \
