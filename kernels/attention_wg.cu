@@ -25,14 +25,6 @@ __device__ __forceinline__ int sw128(int r, int c, int rows) {
   return (c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4);
 }
 
-// A matrix descriptor of the 128-byte swizzle at p: leading and stride
-// byte offsets `lbo` and `sbo` (multiples of 16).
-__device__ __forceinline__ uint64_t wg_desc_sw128(const void* p, uint32_t lbo, uint32_t sbo) {
-  const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-  return (uint64_t)((a & 0x3ffff) >> 4) | ((uint64_t)((lbo >> 4) & 0x3fff) << 16) |
-         ((uint64_t)((sbo >> 4) & 0x3fff) << 32) | ((uint64_t)1 << 62);
-}
-
 // Copies `rows` rows of WG_D halves from global memory into the layout.
 __device__ __forceinline__ void load_rows(uint8_t* dst, const half* src, int rows) {
   for (int i = threadIdx.x; i < rows * (WG_D / 8); i += blockDim.x) {
@@ -120,8 +112,8 @@ extern "C" __global__ void __launch_bounds__(128)
   store_acc(o_out, o);
 }
 
-// The plain wgmma flash prefill, D = 128, f16 cache: the mma.sync kernel's
-// work list, row mapping, score rounding, mask and online softmax
+// The plain wgmma flash prefill, D = 128, f16 cache (the twin's arguments;
+// the FP8 scales unused): the mma.sync kernel's work list, row mapping, score rounding, mask and online softmax
 // (attention_prefill.cuh), with 128-key tiles and two warpgroups of 64
 // rows each (warp w = 4c + u of warpgroup c owns rows 16w..16w+15, 16
 // consecutive tokens of one head since 128 / G >= 16). Per tile: S [64 x
@@ -141,7 +133,8 @@ extern "C" __global__ void __launch_bounds__(128)
 
 extern "C" __global__ void __launch_bounds__(256, 1)
     flash_prefill_wg_d128(const half* __restrict__ q, const half* __restrict__ kc,
-                          const half* __restrict__ vc, const unsigned* __restrict__ keys,
+                          const half* __restrict__ vc, const float* /* ksc: FP8 only */,
+                          const float* /* vsc */, const unsigned* __restrict__ keys,
                           const int4* __restrict__ tiles, half* __restrict__ out, int heads,
                           int kv_heads, int window, float scale) {
   extern __shared__ uint8_t wg_smem[];

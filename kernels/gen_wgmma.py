@@ -28,6 +28,14 @@ __device__ __forceinline__ void wg_wait() {
 }
 // Keeps the compiler from moving accesses of a register across a wgmma.
 __device__ __forceinline__ void wg_keep(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+// A shared-memory matrix descriptor of the 128-byte swizzle at p (the
+// tile 1,024-byte aligned): leading and stride byte offsets `lbo` and
+// `sbo` (multiples of 16; K-major rows of 128 bytes: lbo unused, sbo 1,024).
+__device__ __forceinline__ uint64_t wg_desc_sw128(const void* p, uint32_t lbo, uint32_t sbo) {
+  const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+  return (uint64_t)((a & 0x3ffff) >> 4) | ((uint64_t)((lbo >> 4) & 0x3fff) << 16) |
+         ((uint64_t)((sbo >> 4) & 0x3fff) << 32) | ((uint64_t)1 << 62);
+}
 """
 
 

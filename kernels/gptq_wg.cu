@@ -59,11 +59,7 @@ struct WgShape {
 
 // Shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte
 // swizzle, 8-row groups 1,024 bytes apart.
-__device__ __forceinline__ uint64_t wg_desc(const void* p) {
-  const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-  return (uint64_t)((a & 0x3ffff) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
-         ((uint64_t)1 << 62);
-}
+__device__ __forceinline__ uint64_t wg_desc(const void* p) { return wg_desc_sw128(p, 16, 1024); }
 
 template <int BM>
 __device__ __forceinline__ void wg_mma(float (&d)[BM / 2], const uint32_t (&a)[4], uint64_t desc) {

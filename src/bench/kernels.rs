@@ -443,7 +443,7 @@ pub fn prefill_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Prefi
             let cache = cuda::CacheLayer::fp8(&k8, &v8, &ks, &vs);
             cuda::flash_prefill(&q, cache, &keys, (&tiles, ntiles), &out, &shape)
         })?;
-        let twg = if cuda::GptqGpu::wg_available(&cd) {
+        let twg = if cuda::is_sm90a(&cd) {
             cuda::graph_time(dev, 10, || {
                 let cache = cuda::CacheLayer::f16(&kc, &vc);
                 cuda::flash_prefill_wg(&q, cache, &keys, (&tiles, ntiles), &out, &shape)

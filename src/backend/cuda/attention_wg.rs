@@ -78,42 +78,18 @@ pub fn flash_prefill_wg(
     out: &Tensor,
     s: &super::PrefillShape,
 ) -> Result<()> {
-    check_f16(q, "flash_prefill_wg")?;
     let dev = device_of(q)?;
-    let g = s.heads / s.kv_heads.max(1);
-    if !is_sm90a(&dev)
-        || s.head_dim != 128
-        || cache.scales.is_some()
-        || g * s.kv_heads != s.heads
-        || !super::PREFILL_GROUPS.contains(&g)
-    {
+    if !is_sm90a(&dev) || s.head_dim != 128 || cache.scales.is_some() {
         return Err(Error::Model(format!(
-            "flash_prefill_wg: compute capability 9.0, head_dim 128, an f16 cache and 1, 2, 4 or 8 heads per kv head (got head_dim {}, {} heads over {} kv heads)",
-            s.head_dim, s.heads, s.kv_heads
+            "flash_prefill_wg: compute capability 9.0, head_dim 128 and an f16 cache (got head_dim {})",
+            s.head_dim
         )));
     }
-    if tiles.1 == 0 {
+    let Some((_q, args)) =
+        super::kernels_attention::prefill_args(q, &cache, keys, tiles, out, s, "flash_prefill_wg")?
+    else {
         return Ok(());
-    }
-    let q = q.contiguous()?;
-    let [kc, vc, _, _] = cache.ptrs()?;
-    let mut args: Vec<Arg> = [
-        ptr::<f16>(&q)?,
-        kc,
-        vc,
-        ptr::<u32>(keys)?,
-        ptr::<u32>(tiles.0)?,
-        ptr::<f16>(out)?,
-    ]
-    .iter()
-    .map(|&x| Arg::P(x))
-    .collect();
-    args.extend([
-        Arg::I(s.heads as i32),
-        Arg::I(s.kv_heads as i32),
-        Arg::I(s.window as i32),
-        Arg::F(1.0 / (s.head_dim as f32).sqrt()),
-    ]);
+    };
     let cfg = LaunchConfig {
         grid_dim: (tiles.1 as u32, s.kv_heads as u32, 1),
         block_dim: (256, 1, 1),

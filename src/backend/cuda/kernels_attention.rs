@@ -431,33 +431,9 @@ pub fn flash_prefill(
     out: &Tensor,
     s: &PrefillShape,
 ) -> Result<()> {
-    check_f16(q, "flash_prefill")?;
-    if !crate::backend::HEAD_DIMS.contains(&s.head_dim)
-        || s.kv_heads == 0
-        || !s.heads.is_multiple_of(s.kv_heads)
-        || !PREFILL_GROUPS.contains(&(s.heads / s.kv_heads))
-    {
-        return Err(Error::Model(format!(
-            "flash_prefill: head_dim {} (16/32/64/128) with {} heads over {} kv heads (1, 2, 4 or 8 heads per kv head) is not supported",
-            s.head_dim, s.heads, s.kv_heads
-        )));
-    }
-    if tiles.1 == 0 {
+    let Some((_q, args)) = prefill_args(q, &cache, keys, tiles, out, s, "flash_prefill")? else {
         return Ok(());
-    }
-    let dev = device_of(q)?;
-    let q = q.contiguous()?;
-    let [kc, vc, ksc, vsc] = cache.ptrs()?;
-    let p = [
-        ptr::<f16>(&q)?,
-        kc,
-        vc,
-        ksc,
-        vsc,
-        ptr::<u32>(keys)?,
-        ptr::<u32>(tiles.0)?,
-        ptr::<f16>(out)?,
-    ];
+    };
     let rs = s.head_dim + 8;
     // The block's 128 Q rows (padded by 8 halves), then f16: the stages of
     // a K and a V tile; FP8: the stages' codes and scales and one widened
@@ -472,6 +448,50 @@ pub fn flash_prefill(
         block_dim: (128, 1, 1),
         shared_mem_bytes: (PREFILL_ROWS * rs * 2 + kv) as u32,
     };
+    let name = format!("flash_prefill_{}d{}", cache.tag(), s.head_dim);
+    launch(&device_of(q)?, &ATTENTION, &name, cfg, &args)
+}
+
+/// The checks and the arguments both flash prefill kernels take (this
+/// one and `flash_prefill_wg`): q, the cache's K, V and FP8 scales, keys,
+/// tiles, out, then heads, kv heads, window and the score scale. With
+/// them, q made contiguous (the arguments point into it, so it must live
+/// until the launch); `None` when there are no tiles.
+pub(crate) fn prefill_args(
+    q: &Tensor,
+    cache: &CacheLayer<'_>,
+    keys: &Tensor,
+    tiles: (&Tensor, usize),
+    out: &Tensor,
+    s: &PrefillShape,
+    what: &str,
+) -> Result<Option<(Tensor, Vec<Arg>)>> {
+    check_f16(q, what)?;
+    if !crate::backend::HEAD_DIMS.contains(&s.head_dim)
+        || s.kv_heads == 0
+        || !s.heads.is_multiple_of(s.kv_heads)
+        || !PREFILL_GROUPS.contains(&(s.heads / s.kv_heads))
+    {
+        return Err(Error::Model(format!(
+            "{what}: head_dim {} (16/32/64/128) with {} heads over {} kv heads (1, 2, 4 or 8 heads per kv head) is not supported",
+            s.head_dim, s.heads, s.kv_heads
+        )));
+    }
+    if tiles.1 == 0 {
+        return Ok(None);
+    }
+    let q = q.contiguous()?;
+    let [kc, vc, ksc, vsc] = cache.ptrs()?;
+    let p = [
+        ptr::<f16>(&q)?,
+        kc,
+        vc,
+        ksc,
+        vsc,
+        ptr::<u32>(keys)?,
+        ptr::<u32>(tiles.0)?,
+        ptr::<f16>(out)?,
+    ];
     let mut args: Vec<Arg> = p.iter().map(|&x| Arg::P(x)).collect();
     args.extend([
         Arg::I(s.heads as i32),
@@ -479,6 +499,5 @@ pub fn flash_prefill(
         Arg::I(s.window as i32),
         Arg::F(1.0 / (s.head_dim as f32).sqrt()),
     ]);
-    let name = format!("flash_prefill_{}d{}", cache.tag(), s.head_dim);
-    launch(&dev, &ATTENTION, &name, cfg, &args)
+    Ok(Some((q, args)))
 }

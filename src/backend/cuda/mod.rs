@@ -5,6 +5,7 @@
 mod attention;
 mod attention_wg;
 mod device;
+mod fill;
 mod gptq;
 mod graph;
 mod kernels_attention;
@@ -17,6 +18,8 @@ pub use device::{
     device_count, mem_info, memory_usage, profiler, record_event, reset_memory_peak,
     single_stream_device, start_download, Download, Event,
 };
+pub use fill::fill_f16;
+pub(crate) use fill::{fill_sz, fill_u32};
 pub use graph::{capture, Graph};
 pub use kernels_attention::{
     flash_prefill, paged_decode, paged_decode_into, paged_decode_with, prefill_tiles, DecodeIo,
@@ -129,6 +132,12 @@ fn is_sm90(dev: &CudaDevice) -> bool {
 /// architecture-specific wgmma code runs on Hopper and nowhere else).
 pub(crate) fn is_sm90a(dev: &CudaDevice) -> bool {
     arch(dev).cc == (9, 0)
+}
+
+/// Whether the Hopper-only (wgmma) kernels run on `dev`: a CUDA device of
+/// compute capability 9.0 ([`is_sm90a`]).
+pub fn wgmma_runs_on(dev: &Device) -> bool {
+    matches!(dev, Device::Cuda(d) if is_sm90a(d))
 }
 
 /// A kernel argument, pushed with its exact C type.
@@ -356,66 +365,6 @@ pub fn read_all(t: &Tensor) -> Result<()> {
         cfg,
         &[P(p), U((bytes / 16) as u64), P(ps)],
     )
-}
-
-/// Random u32 words (as a U32 tensor) for dummy quantized weights.
-pub(crate) fn fill_u32(dev: &CudaDevice, n: usize, seed: u64) -> Result<Tensor> {
-    let t = empty::<u32>(dev, n)?;
-    let p = ptr::<u32>(&t)?;
-    use Arg::*;
-    launch(
-        dev,
-        &OPS,
-        "fill_u32",
-        grid(n, 256),
-        &[P(p), U(n as u64), U(seed)],
-    )?;
-    Ok(t)
-}
-
-/// Uniform f16 values in [lo, hi).
-pub fn fill_f16(
-    dev: &CudaDevice,
-    shape: impl Into<Shape>,
-    seed: u64,
-    lo: f32,
-    hi: f32,
-) -> Result<Tensor> {
-    let shape = shape.into();
-    let n = shape.elem_count();
-    let t = empty::<f16>(dev, shape)?;
-    let p = ptr::<f16>(&t)?;
-    use Arg::*;
-    launch(
-        dev,
-        &OPS,
-        "fill_f16",
-        grid(n, 256),
-        &[P(p), U(n as u64), U(seed), F(lo), F(hi)],
-    )?;
-    Ok(t)
-}
-
-/// Dummy group parameters half2(scale, 1024 + zero) for `pairs` entries.
-pub(crate) fn fill_sz(
-    dev: &CudaDevice,
-    pairs: usize,
-    seed: u64,
-    bits: u32,
-    (lo, span): (f32, f32),
-) -> Result<Tensor> {
-    let t = empty::<f16>(dev, 2 * pairs)?;
-    let p = ptr::<f16>(&t)?;
-    let bi = bits as i32;
-    use Arg::*;
-    launch(
-        dev,
-        &OPS,
-        "fill_sz",
-        grid(pairs, 256),
-        &[P(p), U(pairs as u64), U(seed), I(bi), F(lo), F(span)],
-    )?;
-    Ok(t)
 }
 
 /// HF-order f16 RoPE of q [T, nq*D] and k [T, nk*D] (rows contiguous:

@@ -2,8 +2,8 @@
 //! reference and across batches, flash prefill against a float64 reference.
 
 use super::{
-    decode_reference, gpu, hopper, host, rel_err, shared_prefix_batch, shuffled_tables, DecodeCase,
-    Lcg, DECODE_CASES, DECODE_CTX,
+    decode_reference, gpu, host, rel_err, shared_prefix_batch, shuffled_tables, DecodeCase, Lcg,
+    DECODE_CASES, DECODE_CTX,
 };
 use candle_core::{DType, Tensor};
 use half::f16;
@@ -364,7 +364,7 @@ fn flash_prefill_matches_a_float64_reference() {
         // The mma.sync kernel, and on Hopper at head dim 128 the wgmma one
         // (kernels/attention_wg.cu), against the same reference.
         let mut kernels: Vec<(&str, Prefill)> = vec![("mma.sync", cuda::flash_prefill)];
-        if d == 128 && hopper(&dev) {
+        if d == 128 && cuda::wgmma_runs_on(&dev) {
             kernels.push(("wgmma", cuda::flash_prefill_wg));
         }
         for (name, kernel) in kernels {
@@ -465,7 +465,7 @@ fn wgmma_prefill_products_match_float64() {
     let got = cuda::wg_prefill_selftest(&t(&q, 64), &t(&k, 128), &t(&p, 64), &t(&v, 128));
     let Ok((s, o)) = got else {
         assert!(
-            !hopper(&dev),
+            !cuda::wgmma_runs_on(&dev),
             "the wgmma self-test failed on Hopper: {got:?}"
         );
         return;

@@ -17,20 +17,6 @@ fn gpu() -> Device {
     runner::cuda::single_stream_device(0).expect("the `cuda` feature's tests need a CUDA GPU")
 }
 
-/// Whether `dev` is a Hopper GPU (compute capability 9.x), where the
-/// wgmma kernels exist.
-fn hopper(dev: &Device) -> bool {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-    match dev {
-        Device::Cuda(d) => d
-            .cuda_stream()
-            .context()
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-            .is_ok_and(|major| major == 9),
-        _ => false,
-    }
-}
-
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> f32 {
