@@ -14,6 +14,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,n
 export BENCH_COMMIT=$(cat dev/COMMIT 2>/dev/null)  # recorded in the bench JSON
 echo "commit $BENCH_COMMIT"
 export TEST_FIXTURES_DIR=$B/fixtures TEST_RUNNER_BIN=$B/runner
+# The tests check the fixture models the bundle carries (unless named).
+: "${TEST_MODELS:=$(cd "$B/fixtures" && ls -d tiny-mistral-* | paste -sd, -)}"
+export TEST_MODELS
 TOK=$(ls -d "$B"/fixtures/tiny-mistral-* | head -1)
 for s in ${STEPS//,/ }; do
   echo "== $s $(date +%T)"
@@ -21,7 +24,7 @@ for s in ${STEPS//,/ }; do
     tests) timeout 300 "$B/it" gpu:: --test-threads=1 2>&1 | tee "$OUT/tests.log" | grep -E "^test |test result|panicked|rel err|differ" ;;
     # The wgmma kernels' tests, each in its own process (a fault in one
     # poisons the CUDA context of every later test in the process).
-    tests-wg) for t in wgmma_prefill_products flash_prefill_matches the_padded_cublas; do
+    tests-wg) for t in wgmma_prefill_products flash_prefill_matches flash_prefill_of_a_row the_padded_cublas; do
         timeout 120 "$B/it" "$t" --test-threads=1 2>&1 | tee -a "$OUT/tests-wg.log" | grep -E "^test |test result|panicked|err"
       done ;;
     kernels) timeout 300 "$B/runner" bench jobs/bench.toml --kernels --tokenizer "$TOK" \

@@ -112,53 +112,196 @@ extern "C" __global__ void __launch_bounds__(128)
   store_acc(o_out, o);
 }
 
-// The plain wgmma flash prefill, D = 128, f16 cache (the twin's arguments;
-// the FP8 scales unused): the mma.sync kernel's work list, row mapping, score rounding, mask and online softmax
-// (attention_prefill.cuh), with 128-key tiles and two warpgroups of 64
-// rows each (warp w = 4c + u of warpgroup c owns rows 16w..16w+15, 16
-// consecutive tokens of one head since 128 / G >= 16). Per tile: S [64 x
-// 128] = Q K^T from shared memory (wg_ss), the scores rounded and masked
-// as in the twin, online softmax over its 16 n-tiles, P packed to f16 A
-// fragments, O += P V with V read transposed. Two stages of cp.async K/V
-// tiles shared by both warpgroups, two barriers per tile. A row's softmax
-// moves its max at 128-key boundaries (the twin: 32), so the results are
-// the twin's up to f16 rounding, not bit for bit; a row still depends only
-// on its own position (tiles aligned to multiples of 128 positions).
+// The wgmma flash prefills, D = 128, f16 cache (the twin's arguments; the
+// FP8 scales unused): the mma.sync kernel's work list, row mapping, score
+// rounding, mask and online softmax (attention_prefill.cuh), with 128-key
+// tiles and two warpgroups of 64 rows each (warp w = 4c + u of warpgroup c
+// owns rows 16w..16w+15, 16 consecutive tokens of one head since 128 / G >=
+// 16). Per tile: S [64 x 128] = Q K^T from shared memory (wg_ss), the
+// scores rounded and masked as in the twin, online softmax over its 16
+// n-tiles, P packed to f16 A fragments, O += P V with V read transposed.
+// A row's softmax moves its max at 128-key boundaries (the twin: 32), so
+// the results are the twin's up to f16 rounding, not bit for bit; a row
+// still depends only on its own position (tiles aligned to multiples of
+// 128 positions). The two kernels differ only in scheduling and give the
+// same bits: `flash_prefill_wg_d128` (plain: both warpgroups load, two
+// block barriers a tile) and `flash_prefill_ws_d128` (attention_ws.cuh: a
+// producer warpgroup, mbarriers, S_n beside PV_{n-1}, pingpong).
 #define WG_KT 128
 #define WG_ROWS 128
-// Shared memory: Q (128 rows) then 2 stages of K and V (128 rows each), all
-// in the two-panel layout, 1,024-aligned.
 #define WG_QBYTES (WG_ROWS * 256)
 #define WG_TBYTES (WG_KT * 256)
 
-extern "C" __global__ void __launch_bounds__(256, 1)
-    flash_prefill_wg_d128(const half* __restrict__ q, const half* __restrict__ kc,
-                          const half* __restrict__ vc, const float* /* ksc: FP8 only */,
-                          const float* /* vsc */, const unsigned* __restrict__ keys,
-                          const int4* __restrict__ tiles, half* __restrict__ out, int heads,
-                          int kv_heads, int window, float scale) {
-  extern __shared__ uint8_t wg_smem[];
-  uint8_t* const qs = reinterpret_cast<uint8_t*>(
-      (reinterpret_cast<uintptr_t>(wg_smem) + 1023) & ~(uintptr_t)1023);
-  uint8_t* const kvs = qs + WG_QBYTES;  // stage st: K at kvs + 2 st T, V after it
-  const int4 tile = tiles[blockIdx.x];
-  const int row0 = tile.x, rows = tile.y, pos0 = tile.z, koff = tile.w;
-  const int kvh = blockIdx.y, G = heads / kv_heads, MT = WG_ROWS / G;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wgi = warp >> 2;
-  const int g = lane >> 2, t = lane & 3;
-  const size_t qstride = (size_t)heads * WG_D, kvstride = (size_t)kv_heads * WG_D;
+// The twin's arguments (the FP8 scales unused), and the Q tile at the
+// first 1,024-byte boundary of the dynamic shared memory.
+#define WG_PREFILL_PARAMS                                                                 \
+  const half *__restrict__ q, const half *__restrict__ kc, const half *__restrict__ vc,   \
+      const float * /* ksc: FP8 only */, const float * /* vsc */,                        \
+      const unsigned *__restrict__ keys, const int4 *__restrict__ tiles,                 \
+      half *__restrict__ out, int heads, int kv_heads, int window, float scale
+#define WG_SMEM_Q                                                      \
+  extern __shared__ uint8_t wg_smem[];                                 \
+  uint8_t* const qs = reinterpret_cast<uint8_t*>(                      \
+      (reinterpret_cast<uintptr_t>(wg_smem) + 1023) & ~(uintptr_t)1023)
 
-  // Q rows (token r % MT of head kvh * G + r / MT; zeros past `rows`).
-  for (int i = threadIdx.x; i < WG_ROWS * 16; i += 256) {
-    const int r = i >> 4, c = i & 15, tok = r % MT;
-    const bool ok = tok < rows;
-    cp_async16(qs + sw128(r, c, WG_ROWS),
-               q + (size_t)(row0 + (ok ? tok : 0)) * qstride + (kvh * G + r / MT) * WG_D + c * 8,
-               ok);
+// What a block works on: its tile of the host's list and its KV head.
+struct WgTile {
+  int row0, rows, pos0, koff, kvh, G, MT, kmax, kmin, t0, t1;
+  size_t qstride, kvstride;
+};
+
+__device__ __forceinline__ WgTile wg_tile(const int4* tiles, int heads, int kv_heads, int window) {
+  const int4 tl = tiles[blockIdx.x];
+  WgTile w;
+  w.row0 = tl.x, w.rows = tl.y, w.pos0 = tl.z, w.koff = tl.w;
+  w.kvh = blockIdx.y, w.G = heads / kv_heads, w.MT = WG_ROWS / w.G;
+  w.kmax = w.pos0 + w.rows - 1;
+  w.kmin = window > 0 ? max(0, w.pos0 - window + 1) : 0;
+  w.t0 = w.kmin / WG_KT, w.t1 = w.kmax / WG_KT;
+  w.qstride = (size_t)heads * WG_D, w.kvstride = (size_t)kv_heads * WG_D;
+  return w;
+}
+
+// Chunk i (of WG_ROWS * 16) of the Q tile: row r = token r % MT of head
+// kvh * G + r / MT, zeros past `rows`.
+__device__ __forceinline__ void wg_load_q(uint8_t* qs, const half* q, const WgTile& w, int i) {
+  const int r = i >> 4, c = i & 15, tok = r % w.MT;
+  const bool ok = tok < w.rows;
+  cp_async16(qs + sw128(r, c, WG_ROWS),
+             q + (size_t)(w.row0 + (ok ? tok : 0)) * w.qstride + (w.kvh * w.G + r / w.MT) * WG_D +
+                 c * 8,
+             ok);
+}
+
+// A warp's rows (16w + g and + 8): the scores of key tile kt rounded as
+// the twin does (f16, times the f16 scale, back to f32), masked outside
+// the causal / window range, then the online softmax; returns alpha.
+__device__ __forceinline__ void wg_softmax(float (&s)[16][4], const WgTile& w, int kt, int tok0,
+                                           int window, half2 sh2, float* mrow, float* lrow,
+                                           float* alpha) {
+  const int t = threadIdx.x & 3;
+  const bool inside =
+      kt * WG_KT + WG_KT - 1 <= w.pos0 && (window <= 0 || kt * WG_KT > w.kmax - window);
+  float mx[2] = {mrow[0], mrow[1]};
+#pragma unroll
+  for (int j = 0; j < 16; j++)
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+      const float2 f =
+          __half22float2(__hmul2(__floats2half2_rn(s[j][2 * hr], s[j][2 * hr + 1]), sh2));
+      float v[2] = {f.x, f.y};
+#pragma unroll
+      for (int c = 0; c < 2; c++) {
+        if (!inside) {
+          const int kp = kt * WG_KT + j * 8 + 2 * t + c, tok = tok0 + 8 * hr;
+          const int qp = w.pos0 + tok;
+          const bool vis = tok < w.rows && kp <= qp && (window <= 0 || kp > qp - window);
+          v[c] = vis ? v[c] : -INFINITY;
+        }
+        s[j][2 * hr + c] = v[c];
+        mx[hr] = fmaxf(mx[hr], v[c]);
+      }
+    }
+  online_softmax<16>(s, mx, mrow, lrow, alpha);
+}
+
+// O *= alpha (skipped when the warp's rows all kept their max: o * 1 = o).
+__device__ __forceinline__ void wg_rescale(float (&o)[16][4], const float* alpha) {
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+      o[i][0] *= alpha[0];
+      o[i][1] *= alpha[0];
+      o[i][2] *= alpha[1];
+      o[i][3] *= alpha[1];
+    }
   }
-  const int kmax = pos0 + rows - 1;
-  const int kmin = window > 0 ? max(0, pos0 - window + 1) : 0;
-  const int t0 = kmin / WG_KT, t1 = kmax / WG_KT;
+}
+
+// P as the A fragments of 8 k-steps of 16 keys.
+__device__ __forceinline__ void wg_pack_p(uint32_t (&pa)[8][4], const float (&s)[16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 8; kk++) {
+    pa[kk][0] = pack_h2(s[2 * kk][0], s[2 * kk][1]);
+    pa[kk][1] = pack_h2(s[2 * kk][2], s[2 * kk][3]);
+    pa[kk][2] = pack_h2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pa[kk][3] = pack_h2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+  }
+}
+
+__device__ __forceinline__ void wg_zero(float (&a)[16][4]) {
+#pragma unroll
+  for (int i = 0; i < 16; i++)
+#pragma unroll
+    for (int r = 0; r < 4; r++) a[i][r] = 0.f;
+}
+
+// Issues S = Q K^T for a warpgroup's 64 rows (qwg) against K tile kb.
+__device__ __forceinline__ void wg_issue_qk(float (&s)[16][4], const uint8_t* qwg,
+                                            const uint8_t* kb) {
+  wg_zero(s);
+  float(&sf)[64] = *reinterpret_cast<float(*)[64]>(&s[0][0]);
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < 8; kk++) {
+    const int off = (kk & 3) * 32;
+    wg_ss_m64n128k16(sf, wg_desc_sw128(qwg + (kk >> 2) * WG_QBYTES / 2 + off, 16, 1024),
+                     wg_desc_sw128(kb + (kk >> 2) * WG_TBYTES / 2 + off, 16, 1024));
+  }
+  wg_commit();
+}
+
+// Issues O += P V against V tile vb (read transposed).
+__device__ __forceinline__ void wg_issue_pv(float (&o)[16][4], const uint32_t (&pa)[8][4],
+                                            const uint8_t* vb) {
+  float(&of)[64] = *reinterpret_cast<float(*)[64]>(&o[0][0]);
+  wg_fence();
+#pragma unroll
+  for (int kk = 0; kk < 8; kk++)
+    wg_m64n128k16_tb(of, pa[kk], wg_desc_sw128(vb + kk * 16 * 128, WG_TBYTES / 2, 1024));
+  wg_commit();
+}
+
+// Keeps reads and writes of an accumulator after the wait that ends it.
+__device__ __forceinline__ void wg_keep_all(float (&a)[16][4]) {
+#pragma unroll
+  for (int i = 0; i < 16; i++)
+#pragma unroll
+    for (int r = 0; r < 4; r++) wg_keep(a[i][r]);
+}
+
+// O / l for the warp's rows, f16, rows past `rows` not written.
+__device__ __forceinline__ void wg_store_out(half* out, const float (&o)[16][4], const float* lrow,
+                                             const WgTile& w, int warp) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int tok0 = (warp * 16) % w.MT + g;
+  const int h = w.kvh * w.G + (warp * 16) / w.MT;
+#pragma unroll
+  for (int hr = 0; hr < 2; hr++) {
+    float l = lrow[hr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int tok = tok0 + 8 * hr;
+    if (tok >= w.rows) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    half* dst = out + (size_t)(w.row0 + tok) * w.qstride + h * WG_D + 2 * t;
+#pragma unroll
+    for (int dn = 0; dn < 16; dn++)
+      *reinterpret_cast<half2*>(dst + dn * 8) =
+          __floats2half2_rn(o[dn][2 * hr] * inv, o[dn][2 * hr + 1] * inv);
+  }
+}
+
+// Shared memory: Q (128 rows) then 2 stages of K and V (128 rows each), all
+// in the two-panel layout, 1,024-aligned.
+extern "C" __global__ void __launch_bounds__(256, 1)
+    flash_prefill_wg_d128(WG_PREFILL_PARAMS) {
+  WG_SMEM_Q;
+  uint8_t* const kvs = qs + WG_QBYTES;  // stage st: K at kvs + 2 st T, V after it
+  const WgTile w = wg_tile(tiles, heads, kv_heads, window);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wgi = warp >> 2;
+
+  for (int i = threadIdx.x; i < WG_ROWS * 16; i += 256) wg_load_q(qs, q, w, i);
   // Key tile kt into stage st: K and V rows gathered through the slot list
   // (zeros past kmax: V must be finite there).
   auto load = [&](int kt, int st) {
@@ -166,115 +309,46 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     uint8_t* vb = kb + WG_TBYTES;
     for (int i = threadIdx.x; i < WG_KT * 16; i += 256) {
       const int r = i >> 4, c = i & 15, j = kt * WG_KT + r;
-      const bool ok = j <= kmax;
-      const size_t slot = ok ? __ldg(keys + koff + j) : 0u;
-      const size_t src = slot * kvstride + kvh * WG_D + c * 8;
+      const bool ok = j <= w.kmax;
+      const size_t slot = ok ? __ldg(keys + w.koff + j) : 0u;
+      const size_t src = slot * w.kvstride + w.kvh * WG_D + c * 8;
       cp_async16(kb + sw128(r, c, WG_KT), kc + src, ok);
       cp_async16(vb + sw128(r, c, WG_KT), vc + src, ok);
     }
   };
 
   float o[16][4];
-#pragma unroll
-  for (int i = 0; i < 16; i++)
-#pragma unroll
-    for (int r = 0; r < 4; r++) o[i][r] = 0.f;
+  wg_zero(o);
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
-  const int tok0 = (warp * 16) % MT + g;  // token of row g (row g + 8: tok0 + 8)
+  const int tok0 = (warp * 16) % w.MT + (lane >> 2);  // token of row g (row g + 8: tok0 + 8)
   const half2 sh2 = __float2half2_rn(scale);
-  uint8_t* const qwg = qs + wgi * 64 * 128;  // this warpgroup's 64 rows
+  const uint8_t* const qwg = qs + wgi * 64 * 128;  // this warpgroup's 64 rows
 
-  load(t0, 0);
+  load(w.t0, 0);
   cp_async_commit();
-  for (int kt = t0; kt <= t1; kt++) {
-    const int st = (kt - t0) & 1;
+  for (int kt = w.t0; kt <= w.t1; kt++) {
+    const int st = (kt - w.t0) & 1;
     __syncthreads();  // every warp is done with tile kt - 1's stage
-    if (kt + 1 <= t1) load(kt + 1, st ^ 1);
+    if (kt + 1 <= w.t1) load(kt + 1, st ^ 1);
     cp_async_commit();
     cp_async_wait<1>();  // tile kt (and Q) landed for this thread's copies
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();  // ... and for every thread's
     const uint8_t* kb = kvs + st * 2 * WG_TBYTES;
-    const uint8_t* vb = kb + WG_TBYTES;
-
     float s[16][4];
-#pragma unroll
-    for (int i = 0; i < 16; i++)
-#pragma unroll
-      for (int r = 0; r < 4; r++) s[i][r] = 0.f;
-    float(&sf)[64] = *reinterpret_cast<float(*)[64]>(&s[0][0]);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < 8; kk++) {
-      const int off = (kk & 3) * 32;
-      wg_ss_m64n128k16(sf, wg_desc_sw128(qwg + (kk >> 2) * WG_QBYTES / 2 + off, 16, 1024),
-                       wg_desc_sw128(kb + (kk >> 2) * WG_TBYTES / 2 + off, 16, 1024));
-    }
-    wg_commit();
+    wg_issue_qk(s, qwg, kb);
     wg_wait<0>();
-
-    const bool inside =
-        kt * WG_KT + WG_KT - 1 <= pos0 && (window <= 0 || kt * WG_KT > kmax - window);
-    float mx[2] = {mrow[0], mrow[1]};
-#pragma unroll
-    for (int j = 0; j < 16; j++)
-#pragma unroll
-      for (int hr = 0; hr < 2; hr++) {
-        const float2 f =
-            __half22float2(__hmul2(__floats2half2_rn(s[j][2 * hr], s[j][2 * hr + 1]), sh2));
-        float v[2] = {f.x, f.y};
-#pragma unroll
-        for (int c = 0; c < 2; c++) {
-          if (!inside) {
-            const int kp = kt * WG_KT + j * 8 + 2 * t + c, tok = tok0 + 8 * hr;
-            const int qp = pos0 + tok;
-            const bool vis = tok < rows && kp <= qp && (window <= 0 || kp > qp - window);
-            v[c] = vis ? v[c] : -INFINITY;
-          }
-          s[j][2 * hr + c] = v[c];
-          mx[hr] = fmaxf(mx[hr], v[c]);
-        }
-      }
+    wg_keep_all(s);
     float alpha[2];
-    online_softmax<16>(s, mx, mrow, lrow, alpha);
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-      for (int i = 0; i < 16; i++) {
-        o[i][0] *= alpha[0];
-        o[i][1] *= alpha[0];
-        o[i][2] *= alpha[1];
-        o[i][3] *= alpha[1];
-      }
-    }
-    uint32_t pa[8][4];  // P as the A fragments of 8 k-steps of 16 keys
-#pragma unroll
-    for (int kk = 0; kk < 8; kk++) {
-      pa[kk][0] = pack_h2(s[2 * kk][0], s[2 * kk][1]);
-      pa[kk][1] = pack_h2(s[2 * kk][2], s[2 * kk][3]);
-      pa[kk][2] = pack_h2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[kk][3] = pack_h2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-    float(&of)[64] = *reinterpret_cast<float(*)[64]>(&o[0][0]);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < 8; kk++)
-      wg_m64n128k16_tb(of, pa[kk], wg_desc_sw128(vb + kk * 16 * 128, WG_TBYTES / 2, 1024));
-    wg_commit();
+    wg_softmax(s, w, kt, tok0, window, sh2, mrow, lrow, alpha);
+    wg_rescale(o, alpha);
+    uint32_t pa[8][4];
+    wg_pack_p(pa, s);
+    wg_issue_pv(o, pa, kb + WG_TBYTES);
     wg_wait<0>();
+    wg_keep_all(o);
   }
-  const int h = kvh * G + (warp * 16) / MT;
-#pragma unroll
-  for (int hr = 0; hr < 2; hr++) {
-    float l = lrow[hr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int tok = tok0 + 8 * hr;
-    if (tok >= rows) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    half* dst = out + (size_t)(row0 + tok) * qstride + h * WG_D + 2 * t;
-#pragma unroll
-    for (int dn = 0; dn < 16; dn++)
-      *reinterpret_cast<half2*>(dst + dn * 8) =
-          __floats2half2_rn(o[dn][2 * hr] * inv, o[dn][2 * hr + 1] * inv);
-  }
+  wg_store_out(out, o, lrow, w, warp);
 }
+
+#include "attention_ws.cuh"

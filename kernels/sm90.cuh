@@ -41,3 +41,16 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
       "l"(src), "r"(bytes), "r"(sh(b))
       : "memory");
 }
+// Arrives on `b` once this thread's earlier cp.async copies have landed
+// (no pending-count increment: `b`'s count includes these arrivals).
+__device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* b) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(sh(b)) : "memory");
+}
+// Named barriers (ids 1..15; 0 is __syncthreads'): wait with `n` threads
+// counted in all, or arrive without waiting.
+__device__ __forceinline__ void named_sync(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}

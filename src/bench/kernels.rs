@@ -387,8 +387,10 @@ fn fp8_cache(
 pub struct PrefillRow {
     /// Sequences (one chunk each, from position 0).
     pub seqs: usize,
-    /// Prompt tokens per sequence.
+    /// New tokens per sequence.
     pub tokens: usize,
+    /// Positions of each sequence already cached before them.
+    pub cached: usize,
     /// Device µs per call (one layer), from a CUDA graph.
     pub us: Option<f64>,
     /// Causal attention TFLOP/s (QK^T and PV over the visible keys only).
@@ -397,33 +399,39 @@ pub struct PrefillRow {
     pub fp8_us: Option<f64>,
     /// TFLOP/s over an FP8 cache.
     pub fp8_tflops: Option<f64>,
-    /// The wgmma kernel (`flash_prefill_wg_d128`, Hopper only; not yet the
+    /// The plain wgmma kernel (`flash_prefill_wg_d128`, Hopper only; not yet the
     /// engine's): µs and TFLOP/s over the f16 cache.
     pub wg_us: Option<f64>,
     /// TFLOP/s of the wgmma kernel.
     pub wg_tflops: Option<f64>,
+    /// The pipelined wgmma kernel (`flash_prefill_ws_d128`): µs.
+    pub ws_us: Option<f64>,
+    /// TFLOP/s of the pipelined wgmma kernel.
+    pub ws_tflops: Option<f64>,
 }
 
 /// Flash prefill attention on Mistral's heads (32 q, 8 kv, d 128, blocks of
-/// 16, cache rows interleaved across sequences).
-pub fn prefill_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<PrefillRow>> {
+/// 16, cache rows interleaved across sequences): cases of (sequences, new
+/// tokens each, positions each already cached before them).
+pub fn prefill_table(dev: &Device, cases: &[(usize, usize, usize)]) -> Result<Vec<PrefillRow>> {
     let cd = cuda::cuda(dev)?;
     let (nh, nkv, d) = (32, 8, 128);
     let mut rows = Vec::new();
-    for &(b, n) in cases {
-        let kc = cuda::fill_f16(&cd, (b * n, nkv * d), 6, -1.0, 1.0)?;
-        let vc = cuda::fill_f16(&cd, (b * n, nkv * d), 7, -1.0, 1.0)?;
+    for &(b, n, start) in cases {
+        let len = start + n;
+        let kc = cuda::fill_f16(&cd, (b * len, nkv * d), 6, -1.0, 1.0)?;
+        let vc = cuda::fill_f16(&cd, (b * len, nkv * d), 7, -1.0, 1.0)?;
         let q = cuda::fill_f16(&cd, (b * n, nh * d), 8, -1.0, 1.0)?;
         let keys: Vec<u32> = (0..b)
-            .flat_map(|i| (0..n).map(move |p| (p * b + i) as u32))
+            .flat_map(|i| (0..len).map(move |p| (p * b + i) as u32))
             .collect();
-        let keys = Tensor::from_vec(keys, b * n, dev)?;
+        let keys = Tensor::from_vec(keys, b * len, dev)?;
         let chunks: Vec<cuda::PrefillChunk> = (0..b)
             .map(|i| cuda::PrefillChunk {
                 row0: i * n,
                 n,
-                start: 0,
-                key_off: i * n,
+                start,
+                key_off: i * len,
             })
             .collect();
         let (tiles, ntiles) = cuda::prefill_tiles(&chunks, nh / nkv, dev)?;
@@ -443,26 +451,32 @@ pub fn prefill_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Prefi
             let cache = cuda::CacheLayer::fp8(&k8, &v8, &ks, &vs);
             cuda::flash_prefill(&q, cache, &keys, (&tiles, ntiles), &out, &shape)
         })?;
-        let twg = if cuda::is_sm90a(&cd) {
+        let wg = |which| -> Result<Option<f64>> {
+            if !cuda::is_sm90a(&cd) {
+                return Ok(None);
+            }
             cuda::graph_time(dev, 10, || {
                 let cache = cuda::CacheLayer::f16(&kc, &vc);
-                cuda::flash_prefill_wg(&q, cache, &keys, (&tiles, ntiles), &out, &shape)
-            })?
-        } else {
-            None
+                cuda::flash_prefill_wg(&q, cache, &keys, (&tiles, ntiles), &out, &shape, which)
+            })
         };
-        // Visible (query, key) pairs: n (n + 1) / 2 per head and sequence;
-        // 2 FLOP per multiply-add, QK^T and PV.
-        let flop = (b * nh) as f64 * (n * (n + 1) / 2) as f64 * d as f64 * 4.0;
+        let twg = wg(cuda::WgPrefill::Plain)?;
+        let tws = wg(cuda::WgPrefill::Pipelined)?;
+        // Visible (query, key) pairs: n start + n (n + 1) / 2 per head and
+        // sequence; 2 FLOP per multiply-add, QK^T and PV.
+        let flop = (b * nh) as f64 * (n * start + n * (n + 1) / 2) as f64 * d as f64 * 4.0;
         rows.push(PrefillRow {
             seqs: b,
             tokens: n,
+            cached: start,
             us: t.map(|t| t * 1e6),
             tflops: t.map(|t| flop / t / 1e12),
             fp8_us: t8.map(|t| t * 1e6),
             fp8_tflops: t8.map(|t| flop / t / 1e12),
             wg_us: twg.map(|t| t * 1e6),
             wg_tflops: twg.map(|t| flop / t / 1e12),
+            ws_us: tws.map(|t| t * 1e6),
+            ws_tflops: tws.map(|t| flop / t / 1e12),
         });
     }
     Ok(rows)

@@ -252,22 +252,34 @@ fn prefill_tables(
     matmul: f64,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let pre = bench::kernels::prefill_table(dev, &[(4, 2048), (16, 512), (1, 4096), (64, 128)])?;
+    // W3's and W1's prompts, a long one, short ones, and W4's own tokens
+    // after its shared prefix.
+    let cases = [
+        (4, 2048, 0),
+        (16, 512, 0),
+        (1, 4096, 0),
+        (64, 128, 0),
+        (128, 64, 1024),
+    ];
+    let pre = bench::kernels::prefill_table(dev, &cases)?;
     println!(
-        "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens us TFLOP/s, then over an FP8 cache, then the wgmma kernel (Hopper; not yet the engine's)  (cuBLAS {matmul:.0})"
+        "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens+cached us TFLOP/s, then over an FP8 cache, then the wgmma kernels, plain and pipelined (Hopper; not yet the engine's)  (cuBLAS {matmul:.0})"
     );
     let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
     for r in &pre {
         println!(
-            "  {:>4} {:>5} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7}",
+            "  {:>4} {:>5}+{:<5} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7}",
             r.seqs,
             r.tokens,
+            r.cached,
             f(r.us),
             f(r.tflops),
             f(r.fp8_us),
             f(r.fp8_tflops),
             f(r.wg_us),
-            f(r.wg_tflops)
+            f(r.wg_tflops),
+            f(r.ws_us),
+            f(r.ws_tflops)
         );
     }
     report.insert("prefill".into(), serde_json::to_value(&pre)?);

@@ -65,11 +65,21 @@ pub fn wg_prefill_selftest(
     Ok((s, o))
 }
 
-/// The plain wgmma flash prefill (`flash_prefill_wg_d128`): what
-/// [`super::flash_prefill`] computes for head dim 128 over an f16 cache,
-/// with 128-key tiles (the twin's results up to f16 rounding). Not yet the
-/// engine's: GPU-tested beside the twin. An error before Hopper, for other
-/// head dims and for an FP8 cache.
+/// Which wgmma flash prefill: the same arithmetic, so the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WgPrefill {
+    /// `flash_prefill_wg_d128`: both warpgroups load, two block barriers a
+    /// tile (the plan's step 3).
+    Plain,
+    /// `flash_prefill_ws_d128`: a producer warpgroup, mbarriers, S_n beside
+    /// PV_{n-1}, pingpong between the two computing warpgroups (steps 4-5).
+    Pipelined,
+}
+
+/// The wgmma flash prefill: what [`super::flash_prefill`] computes for
+/// head dim 128 over an f16 cache, with 128-key tiles (the twin's results
+/// up to f16 rounding). Not yet the engine's: GPU-tested beside the twin.
+/// An error before Hopper, for other head dims and for an FP8 cache.
 pub fn flash_prefill_wg(
     q: &Tensor,
     cache: super::CacheLayer<'_>,
@@ -77,6 +87,7 @@ pub fn flash_prefill_wg(
     tiles: (&Tensor, usize),
     out: &Tensor,
     s: &super::PrefillShape,
+    which: WgPrefill,
 ) -> Result<()> {
     let dev = device_of(q)?;
     if !is_sm90a(&dev) || s.head_dim != 128 || cache.scales.is_some() {
@@ -90,12 +101,18 @@ pub fn flash_prefill_wg(
     else {
         return Ok(());
     };
+    // Q (128 rows) and two stages of K and V (128 rows each), 256 bytes a
+    // row, room to align them to 1,024 bytes; the pipelined kernel's 9
+    // mbarriers after them.
+    let smem = 128 * 256 + 2 * 2 * 128 * 256 + 1024;
+    let (name, threads, smem) = match which {
+        WgPrefill::Plain => ("flash_prefill_wg_d128", 256, smem),
+        WgPrefill::Pipelined => ("flash_prefill_ws_d128", 384, smem + 9 * 8),
+    };
     let cfg = LaunchConfig {
         grid_dim: (tiles.1 as u32, s.kv_heads as u32, 1),
-        block_dim: (256, 1, 1),
-        // Q (128 rows) and two stages of K and V (128 rows each), 256
-        // bytes a row, and room to align them to 1,024 bytes.
-        shared_mem_bytes: (128 * 256 + 2 * 2 * 128 * 256 + 1024) as u32,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem as u32,
     };
-    launch(&dev, &ATTENTION_WG, "flash_prefill_wg_d128", cfg, &args)
+    launch(&dev, &ATTENTION_WG, name, cfg, &args)
 }

@@ -13,7 +13,7 @@ mod kernels_cache;
 mod sample;
 
 pub use attention::{CudaKv, GpuBatch};
-pub use attention_wg::{flash_prefill_wg, wg_prefill_selftest};
+pub use attention_wg::{flash_prefill_wg, wg_prefill_selftest, WgPrefill};
 pub use device::{
     device_count, mem_info, memory_usage, profiler, record_event, reset_memory_peak,
     single_stream_device, start_download, Download, Event,

@@ -363,19 +363,43 @@ fn flash_prefill_matches_a_float64_reference() {
         };
         // The mma.sync kernel, and on Hopper at head dim 128 the wgmma one
         // (kernels/attention_wg.cu), against the same reference.
+        // The two wgmma kernels differ only in scheduling: the same bits.
         let mut kernels: Vec<(&str, Prefill)> = vec![("mma.sync", cuda::flash_prefill)];
         if d == 128 && cuda::wgmma_runs_on(&dev) {
-            kernels.push(("wgmma", cuda::flash_prefill_wg));
+            kernels.push(("wgmma", |q, c, k, t, o, s| {
+                cuda::flash_prefill_wg(q, c, k, t, o, s, cuda::WgPrefill::Plain)
+            }));
+            kernels.push(("wgmma pipelined", |q, c, k, t, o, s| {
+                cuda::flash_prefill_wg(q, c, k, t, o, s, cuda::WgPrefill::Pipelined)
+            }));
         }
+        let mut plain_wg = None;
         for (name, kernel) in kernels {
             let out = Tensor::zeros((t, nh * d), DType::F16, &dev).unwrap();
             let cache = cuda::CacheLayer::f16(&kct, &vct);
             kernel(&qt, cache, &keyt, (&tiles, ntiles), &out, &shape).unwrap();
-            let e = worst(&host(&out));
+            let got = host(&out);
+            let e = worst(&got);
             assert!(
                 e < 4e-3,
                 "{name} flash prefill {nh}/{nkv} heads, d {d}, window {window}: max abs err {e}"
             );
+            match name {
+                "wgmma" => plain_wg = Some(got),
+                "wgmma pipelined" => {
+                    let plain = plain_wg.as_ref().expect("the plain wgmma kernel ran first");
+                    let differ = got
+                        .iter()
+                        .zip(plain)
+                        .filter(|(a, b)| a.to_bits() != b.to_bits())
+                        .count();
+                    assert_eq!(
+                        differ, 0,
+                        "{nh}/{nkv} heads, window {window}: {differ} values of the pipelined wgmma kernel differ from the plain one's"
+                    );
+                }
+                _ => {}
+            }
         }
     }
 }
@@ -402,7 +426,7 @@ fn flash_prefill_of_a_row_does_not_depend_on_how_its_prompt_is_chunked() {
             head_dim: d,
             window,
         };
-        let run = |chunks: &[(usize, usize)]| -> Vec<f32> {
+        let run = |kernel: Prefill, chunks: &[(usize, usize)]| -> Vec<f32> {
             let mut out = Vec::new();
             for &(start, len) in chunks {
                 let qt = up(
@@ -417,31 +441,33 @@ fn flash_prefill_of_a_row_does_not_depend_on_how_its_prompt_is_chunked() {
                 }];
                 let (tiles, ntiles) = cuda::prefill_tiles(&pc, nh / nkv, &dev).unwrap();
                 let o = Tensor::zeros((len, nh * d), DType::F16, &dev).unwrap();
-                cuda::flash_prefill(
-                    &qt,
-                    cuda::CacheLayer::f16(&kc, &vc),
-                    &keys,
-                    (&tiles, ntiles),
-                    &o,
-                    &shape,
-                )
-                .unwrap();
+                let cache = cuda::CacheLayer::f16(&kc, &vc);
+                kernel(&qt, cache, &keys, (&tiles, ntiles), &o, &shape).unwrap();
                 out.extend(host(&o));
             }
             out
         };
-        let whole = run(&[(0, n)]);
-        let split = run(&[(0, 70), (70, n - 70)]);
-        assert_eq!(whole.len(), split.len());
-        for (i, (a, b)) in whole.iter().zip(&split).enumerate() {
-            assert_eq!(
-                a.to_bits(),
-                b.to_bits(),
-                "window {window}: query {} head {} dim {}",
-                i / (nh * d),
-                i / d % nh,
-                i % d
-            );
+        // The mma.sync kernel, and on Hopper the pipelined wgmma one.
+        let mut kernels: Vec<(&str, Prefill)> = vec![("mma.sync", cuda::flash_prefill)];
+        if cuda::wgmma_runs_on(&dev) {
+            kernels.push(("wgmma pipelined", |q, c, k, t, o, s| {
+                cuda::flash_prefill_wg(q, c, k, t, o, s, cuda::WgPrefill::Pipelined)
+            }));
+        }
+        for (name, kernel) in kernels {
+            let whole = run(kernel, &[(0, n)]);
+            let split = run(kernel, &[(0, 70), (70, n - 70)]);
+            assert_eq!(whole.len(), split.len());
+            for (i, (a, b)) in whole.iter().zip(&split).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{name}, window {window}: query {} head {} dim {}",
+                    i / (nh * d),
+                    i / d % nh,
+                    i % d
+                );
+            }
         }
     }
 }
