@@ -129,6 +129,7 @@ pub fn engine(spec: &JobSpec, tokenizer_dir: &Path) -> Result<Engine> {
         device: crate::engine::candle_device(spec.engine.device, spec.model.dtype)?,
         gptq_mode: spec.engine.gptq_kernel,
         kv_fp8: spec.engine.kv_cache_dtype == crate::config::KvCacheDtype::Fp8,
+        prefill_attention: spec.engine.prefill_attention,
     };
     let used = |dev: &candle_core::Device| {
         dev.is_cuda()

@@ -53,6 +53,8 @@ pub struct KvShape {
     pub head_dim: usize,
     /// Keys and values as FP8 E4M3 with a scale per token and KV head.
     pub fp8: bool,
+    /// The flash prefill kernel on CUDA.
+    pub prefill_attention: crate::config::PrefillAttention,
 }
 
 /// The paged KV cache storage: per layer, keys and values as rows

@@ -11,8 +11,8 @@ mod spec;
 pub use raw::RawJob;
 pub use spec::{
     Constraint, DType, Device, EngineSpec, GenerationParams, InputFormat, InputSpec, JobSpec,
-    KvCacheDtype, LoadFormat, Metric, ModelSpec, Normalize, OutputSpec, ScoringSpec, SweepSpec,
-    Variant, MAX_LOGPROBS, MAX_SAMPLES,
+    KvCacheDtype, LoadFormat, Metric, ModelSpec, Normalize, OutputSpec, PrefillAttention,
+    ScoringSpec, SweepSpec, Variant, MAX_LOGPROBS, MAX_SAMPLES,
 };
 
 use crate::{Error, Result};

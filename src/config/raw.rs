@@ -2,7 +2,8 @@
 //! keys; nothing here is validated yet (see [`RawJob::resolve`]).
 
 use super::spec::{
-    DType, FormatChoice, GptqKernel, KvCacheDtype, LoadFormat, Metric, Normalize, ScoringMode,
+    DType, FormatChoice, GptqKernel, KvCacheDtype, LoadFormat, Metric, Normalize, PrefillAttention,
+    ScoringMode,
 };
 use figment::value::magic::RelativePathBuf;
 use serde::Deserialize;
@@ -149,4 +150,5 @@ pub struct RawEngine {
     pub gptq_kernel: GptqKernel,
     pub gptq_fused_max_m: i64,
     pub kv_cache_dtype: KvCacheDtype,
+    pub prefill_attention: PrefillAttention,
 }

@@ -453,5 +453,6 @@ fn resolve_engine(e: &super::raw::RawEngine) -> Result<EngineSpec> {
         overlap: e.overlap,
         cuda_graphs: e.cuda_graphs,
         kv_cache_dtype: e.kv_cache_dtype,
+        prefill_attention: e.prefill_attention,
     })
 }

@@ -324,6 +324,8 @@ pub struct EngineSpec {
     pub gptq_kernel: crate::quant::GptqMode,
     /// How the KV cache stores keys and values.
     pub kv_cache_dtype: KvCacheDtype,
+    /// The flash prefill kernel on CUDA.
+    pub prefill_attention: PrefillAttention,
 }
 
 /// A validated job.
@@ -424,6 +426,22 @@ pub enum KvCacheDtype {
     /// FP8 E4M3 with one f32 scale per token and KV head
     /// (`crate::quant::fp8`), on the CPU and on CUDA.
     Fp8,
+}
+
+/// `engine.prefill_attention`: the flash prefill kernel on CUDA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefillAttention {
+    /// The wgmma kernel on Hopper (head dim 128, f16 cache) for a forward
+    /// whose prefill tiles average at least
+    /// `cuda::WGMMA_PREFILL_MIN_KEYS` keys, the mma.sync kernel otherwise.
+    #[default]
+    Auto,
+    /// The mma.sync kernel always (every CUDA GPU, every head dim).
+    Mma,
+    /// The wgmma kernel wherever it runs (Hopper, head dim 128, f16
+    /// cache), the mma.sync kernel elsewhere.
+    Wgmma,
 }
 
 /// `scoring.mode`.

@@ -121,6 +121,7 @@ impl Engine {
             device,
             gptq_mode: spec.engine.gptq_kernel,
             kv_fp8: spec.engine.kv_cache_dtype == crate::config::KvCacheDtype::Fp8,
+            prefill_attention: spec.engine.prefill_attention,
         };
         let model = match spec.model.load_format {
             crate::config::LoadFormat::Auto => crate::model::load(&dir, &opts)?,

@@ -9,6 +9,7 @@ use super::{
 };
 use crate::backend::decode_plan;
 use crate::backend::{AttnIn, KvShape};
+use crate::config::PrefillAttention;
 use crate::kv::{BlockCopy, BlockId};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -20,6 +21,9 @@ pub struct CudaKv {
     kv_heads: usize,
     heads: usize,
     layers: Vec<Layer>,
+    /// Which flash prefill kernel, `engine.prefill_attention` where the
+    /// wgmma one runs (Hopper, head dim 128, f16 cache), else `Mma`.
+    prefill_kernel: PrefillAttention,
 }
 
 /// One layer's storage: K and V rows, and the FP8 cache's scales.
@@ -54,6 +58,8 @@ struct Prefill {
     keys: Tensor,
     tiles: Tensor,
     ntiles: usize,
+    /// Run by the wgmma kernel (else the mma.sync one).
+    wgmma: bool,
 }
 
 struct Decode {
@@ -131,11 +137,17 @@ impl CudaKv {
                 },
             });
         }
+        let wgmma = s.head_dim == 128 && !s.fp8 && cuda::wgmma_runs_on(dev);
         Ok(Self {
             block_size: s.block_size,
             kv_heads: s.kv_heads,
             heads: s.heads,
             layers,
+            prefill_kernel: if wgmma {
+                s.prefill_attention
+            } else {
+                PrefillAttention::Mma
+            },
         })
     }
 
@@ -254,12 +266,22 @@ impl CudaKv {
         let prefill = if prefill.is_empty() {
             None
         } else {
-            let (tiles, ntiles) = cuda::prefill_tiles(&prefill, self.heads / self.kv_heads, dev)?;
+            let group = self.heads / self.kv_heads;
+            let (tiles, ntiles) = cuda::prefill_tiles(&prefill, group, dev)?;
             let nk = keys.len();
+            let wgmma = match self.prefill_kernel {
+                PrefillAttention::Mma => false,
+                PrefillAttention::Wgmma => true,
+                PrefillAttention::Auto => {
+                    cuda::prefill_tile_keys(&prefill, group) / ntiles.max(1)
+                        >= cuda::WGMMA_PREFILL_MIN_KEYS
+                }
+            };
             Some(Prefill {
                 keys: Tensor::from_vec(keys, nk, dev)?,
                 tiles,
                 ntiles,
+                wgmma,
             })
         };
         let t = slots.len();
@@ -318,19 +340,19 @@ impl CudaKv {
         let q = q.contiguous()?;
         let out = cuda::empty::<half::f16>(&cuda::cuda(q.device())?, (t, nh * d))?;
         if let Some(p) = &b.prefill {
-            cuda::flash_prefill(
-                &q,
-                cache,
-                &p.keys,
-                (&p.tiles, p.ntiles),
-                &out,
-                &PrefillShape {
-                    heads: nh,
-                    kv_heads: nkv,
-                    head_dim: d,
-                    window: window.unwrap_or(0),
-                },
-            )?;
+            let shape = PrefillShape {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: d,
+                window: window.unwrap_or(0),
+            };
+            let tiles = (&p.tiles, p.ntiles);
+            if p.wgmma {
+                let which = cuda::WgPrefill::Pipelined;
+                cuda::flash_prefill_wg(&q, cache, &p.keys, tiles, &out, &shape, which)?;
+            } else {
+                cuda::flash_prefill(&q, cache, &p.keys, tiles, &out, &shape)?;
+            }
         }
         if let Some(dd) = &b.decode {
             // A window that cuts a sequence with shared partitions moves

@@ -378,6 +378,28 @@ pub fn prefill_tile_tokens(group: usize) -> usize {
     PREFILL_ROWS / group.max(1)
 }
 
+/// Keys over all of the flash prefill's tiles for `chunks` (a tile of
+/// tokens r..r+n of a chunk from position `start` sees start + r + n).
+pub fn prefill_tile_keys(chunks: &[PrefillChunk], group: usize) -> usize {
+    let per = prefill_tile_tokens(group);
+    chunks
+        .iter()
+        .flat_map(|c| {
+            (0..c.n)
+                .step_by(per)
+                .map(move |r| c.start + c.n.min(r + per))
+        })
+        .sum()
+}
+
+/// `engine.prefill_attention = "auto"` takes the wgmma flash prefill
+/// (Hopper) for a forward whose tiles see this many keys on average: from
+/// `runner bench --kernels` on an H200 (run 79), the pipelined wgmma kernel
+/// is 1.3x the mma.sync one at 4 x 2,048 and 1.2x at 64 tokens after 1,024
+/// cached, even at 16 x 512 (tiles of 272 keys on average: auto keeps the
+/// mma.sync kernel there) and 0.66x at 64 x 128 (one key tile each).
+pub const WGMMA_PREFILL_MIN_KEYS: usize = 512;
+
 /// The flash prefill kernel's work list for `chunks`: tiles of up to
 /// [`prefill_tile_tokens`]`(group)` query tokens, most keys first (the long
 /// ones start first, the short ones fill the tail); returns (tiles as a

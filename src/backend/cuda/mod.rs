@@ -22,9 +22,9 @@ pub use fill::fill_f16;
 pub(crate) use fill::{fill_sz, fill_u32};
 pub use graph::{capture, Graph};
 pub use kernels_attention::{
-    flash_prefill, paged_decode, paged_decode_into, paged_decode_with, prefill_tiles, DecodeIo,
-    DecodeShape, DecodeVariant, PrefillChunk, PrefillShape, SharedDecode, DECODE_PART,
-    PREFILL_GROUPS, PREFILL_ROWS,
+    flash_prefill, paged_decode, paged_decode_into, paged_decode_with, prefill_tile_keys,
+    prefill_tiles, DecodeIo, DecodeShape, DecodeVariant, PrefillChunk, PrefillShape, SharedDecode,
+    DECODE_PART, PREFILL_GROUPS, PREFILL_ROWS, WGMMA_PREFILL_MIN_KEYS,
 };
 pub use kernels_cache::{kv_write, kv_write_fp8, scatter_rows, CacheLayer};
 

@@ -17,6 +17,7 @@ use super::linear::{GptqMode, Linear, LinearSpec, Proj, RandomGptq};
 use super::patch::IdPatch;
 use crate::backend::timeline::Timeline;
 use crate::backend::{AttnIn, KvShape, LayerTarget, Ops};
+use crate::config::PrefillAttention;
 use crate::quant::QuantConfig;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
@@ -44,6 +45,8 @@ pub struct LoadOptions {
     pub gptq_mode: GptqMode,
     /// Keys and values stored as FP8 E4M3 (`engine.kv_cache_dtype = "fp8"`).
     pub kv_fp8: bool,
+    /// The flash prefill kernel on CUDA (`engine.prefill_attention`).
+    pub prefill_attention: PrefillAttention,
 }
 
 impl LoadOptions {
@@ -54,6 +57,7 @@ impl LoadOptions {
             device: device.clone(),
             gptq_mode: GptqMode::default(),
             kv_fp8: false,
+            prefill_attention: PrefillAttention::default(),
         }
     }
 }
@@ -114,6 +118,8 @@ pub struct Mistral {
     sin: Tensor,
     /// The cache stores FP8 E4M3 keys and values.
     kv_fp8: bool,
+    /// The flash prefill kernel on CUDA.
+    prefill_attention: PrefillAttention,
 }
 
 impl Mistral {
@@ -284,6 +290,7 @@ impl Mistral {
             cos,
             sin,
             kv_fp8: opts.kv_fp8,
+            prefill_attention: opts.prefill_attention,
         })
     }
 
@@ -342,6 +349,7 @@ impl Mistral {
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
             fp8: self.kv_fp8,
+            prefill_attention: self.prefill_attention,
         };
         self.ops.new_cache(&shape, &self.device)
     }
