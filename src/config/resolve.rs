@@ -453,6 +453,12 @@ fn resolve_engine(e: &super::raw::RawEngine) -> Result<EngineSpec> {
         overlap: e.overlap,
         cuda_graphs: e.cuda_graphs,
         kv_cache_dtype: e.kv_cache_dtype,
-        prefill_attention: e.prefill_attention,
+        // `auto` picks the flash prefill kernel per forward; a batch-invariant
+        // job (`fused`) must not, so it takes the wgmma kernel wherever it
+        // runs, for every forward.
+        prefill_attention: match (e.gptq_kernel, e.prefill_attention) {
+            (GptqKernel::Fused, PrefillAttention::Auto) => PrefillAttention::Wgmma,
+            (_, p) => p,
+        },
     })
 }

@@ -343,3 +343,35 @@ fn bf16_is_refused_before_loading() {
         );
     }
 }
+
+/// `engine.prefill_attention`: `auto` by default; a batch-invariant job
+/// (`gptq_kernel = "fused"`) resolves `auto` to the one wgmma kernel (the
+/// per-forward choice would make a row's bits depend on its batch), and an
+/// explicit choice stays as written; a misspelt value names the key.
+#[test]
+fn prefill_attention_auto_is_fixed_in_a_batch_invariant_job() {
+    use runner::config::PrefillAttention as P;
+    let dir = tempfile::tempdir().unwrap();
+    with_prompts(dir.path());
+    let model = fixtures().join(ALL_MODELS[1]);
+    let resolve = |engine: &str| {
+        let job = write_job(
+            dir.path(),
+            &model,
+            "p.jsonl",
+            &format!("[engine]\n{engine}"),
+        );
+        runner::config::load(&job, &Default::default()).map(|s| s.engine.prefill_attention)
+    };
+    assert_eq!(resolve("").unwrap(), P::Auto);
+    assert_eq!(resolve("gptq_kernel = \"fused\"").unwrap(), P::Wgmma);
+    assert_eq!(
+        resolve("gptq_kernel = \"fused\"\nprefill_attention = \"mma\"").unwrap(),
+        P::Mma
+    );
+    assert_eq!(resolve("prefill_attention = \"wgmma\"").unwrap(), P::Wgmma);
+    let e = resolve("prefill_attention = \"flash\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("prefill_attention"), "{e}");
+}
