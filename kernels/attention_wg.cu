@@ -67,17 +67,16 @@ extern "C" __global__ void __launch_bounds__(128)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
 
-  // S = Q K^T: 8 k-steps of 16 dims, 32 bytes apart within a panel.
+  // S = Q K^T: 8 k-steps of 16 dims, 32 bytes apart within a panel (the
+  // first one overwrites S).
   float s[64];
-#pragma unroll
-  for (int i = 0; i < 64; i++) s[i] = 0.f;
   wg_fence();
 #pragma unroll
   for (int kk = 0; kk < 8; kk++) {
     const int off = (kk & 3) * 32;
     const uint64_t da = wg_desc_sw128(qs + (kk >> 2) * 64 * 128 + off, 16, 1024);
     const uint64_t db = wg_desc_sw128(ks + (kk >> 2) * 128 * 128 + off, 16, 1024);
-    wg_ss_m64n128k16(s, da, db);
+    wg_ss_m64n128k16(s, da, db, kk > 0);
   }
   wg_commit();
   wg_wait<0>();
@@ -236,17 +235,17 @@ __device__ __forceinline__ void wg_zero(float (&a)[16][4]) {
     for (int r = 0; r < 4; r++) a[i][r] = 0.f;
 }
 
-// Issues S = Q K^T for a warpgroup's 64 rows (qwg) against K tile kb.
+// Issues S = Q K^T for a warpgroup's 64 rows (qwg) against K tile kb (the
+// first k-step overwrites S).
 __device__ __forceinline__ void wg_issue_qk(float (&s)[16][4], const uint8_t* qwg,
                                             const uint8_t* kb) {
-  wg_zero(s);
   float(&sf)[64] = *reinterpret_cast<float(*)[64]>(&s[0][0]);
   wg_fence();
 #pragma unroll
   for (int kk = 0; kk < 8; kk++) {
     const int off = (kk & 3) * 32;
     wg_ss_m64n128k16(sf, wg_desc_sw128(qwg + (kk >> 2) * WG_QBYTES / 2 + off, 16, 1024),
-                     wg_desc_sw128(kb + (kk >> 2) * WG_TBYTES / 2 + off, 16, 1024));
+                     wg_desc_sw128(kb + (kk >> 2) * WG_TBYTES / 2 + off, 16, 1024), kk > 0);
   }
   wg_commit();
 }

@@ -3,7 +3,7 @@
 // pieces it shares: the same arithmetic in the same order, so the same
 // bits. 384 threads: warpgroups 0 and 1 compute (64 rows each, 232
 // registers), warpgroup 2 gathers Q once and the K and V tiles into
-// WS_STAGES stages through cp.async, each stage's arrival counted on a
+// S stages (2 or 3) through cp.async, each stage's arrival counted on a
 // "full" mbarrier and its release on an "empty" one. A consumer issues
 // S_n = Q K_n^T and O += P_{n-1} V_{n-1} together, runs tile n's softmax
 // while the second product is on the tensor cores, then rescales O; the
@@ -12,24 +12,23 @@
 #pragma once
 #include "sm90.cuh"
 
-#define WS_STAGES 2
-
 // The producer: Q, then the key tiles t0..t1, K and V of tile n in stage n
-// % WS_STAGES once the consumers released it. Warp pw gathers rows 32pw..
+// % S once the consumers released it. Warp pw gathers rows 32pw..
 // 32pw+31 of a tile, a half-warp per 256-byte row (lane l holds the slot of
 // row 32pw + l); zeros past kmax (V must be finite there).
+template <int S>
 __device__ __forceinline__ void ws_produce(uint8_t* qs, uint8_t* ks, uint8_t* vs, uint64_t* bars,
                                            const half* q, const half* kc, const half* vc,
                                            const unsigned* keys, const WgTile& w) {
-  uint64_t *fullq = bars, *fullk = bars + 1, *fullv = fullk + WS_STAGES;
-  uint64_t *emptyk = fullv + WS_STAGES, *emptyv = emptyk + WS_STAGES;
+  uint64_t *fullq = bars, *fullk = bars + 1, *fullv = fullk + S;
+  uint64_t *emptyk = fullv + S, *emptyv = emptyk + S;
   const int ptid = threadIdx.x - 256, pw = ptid >> 5, lane = threadIdx.x & 31;
   for (int i = ptid; i < WG_ROWS * 16; i += 128) wg_load_q(qs, q, w, i);
   cp_async_mbar_arrive(fullq);
   const int c = lane & 15, half_row = lane >> 4;
   for (int kt = w.t0, n = 0; kt <= w.t1; kt++, n++) {
-    const int st = n % WS_STAGES;
-    const uint32_t par = ((n / WS_STAGES) & 1) ^ 1;  // the previous use's release
+    const int st = n % S;
+    const uint32_t par = ((n / S) & 1) ^ 1;  // the previous use's release
     const int j = kt * WG_KT + 32 * pw + lane;
     const unsigned slot = j <= w.kmax ? __ldg(keys + w.koff + j) : 0u;
     const half* srcs[2] = {kc, vc};
@@ -53,20 +52,20 @@ __device__ __forceinline__ void ws_produce(uint8_t* qs, uint8_t* ks, uint8_t* vs
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-extern "C" __global__ void __launch_bounds__(384, 1)
-    flash_prefill_ws_d128(WG_PREFILL_PARAMS) {
+template <int S>
+__device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS) {
   WG_SMEM_Q;
   uint8_t* const ks = qs + WG_QBYTES;
-  uint8_t* const vs = ks + WS_STAGES * WG_TBYTES;
+  uint8_t* const vs = ks + S * WG_TBYTES;
   // fullQ, fullK[S], fullV[S], emptyK[S], emptyV[S]
-  uint64_t* const bars = reinterpret_cast<uint64_t*>(vs + WS_STAGES * WG_TBYTES);
-  uint64_t *fullq = bars, *fullk = bars + 1, *fullv = fullk + WS_STAGES;
-  uint64_t *emptyk = fullv + WS_STAGES, *emptyv = emptyk + WS_STAGES;
+  uint64_t* const bars = reinterpret_cast<uint64_t*>(vs + S * WG_TBYTES);
+  uint64_t *fullq = bars, *fullk = bars + 1, *fullv = fullk + S;
+  uint64_t *emptyk = fullv + S, *emptyv = emptyk + S;
   const WgTile w = wg_tile(tiles, heads, kv_heads, window);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wgi = warp >> 2;
   if (threadIdx.x == 0) {
     mbar_init(fullq, 128);
-    for (int st = 0; st < WS_STAGES; st++) {
+    for (int st = 0; st < S; st++) {
       mbar_init(fullk + st, 128);
       mbar_init(fullv + st, 128);
       mbar_init(emptyk + st, 8);  // one arrival per consumer warp
@@ -80,7 +79,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
   // 232 of a lane's 512 per multiprocessor quarter).
   if (wgi == 2) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    ws_produce(qs, ks, vs, bars, q, kc, vc, keys, w);
+    ws_produce<S>(qs, ks, vs, bars, q, kc, vc, keys, w);
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
@@ -99,9 +98,9 @@ extern "C" __global__ void __launch_bounds__(384, 1)
   // Tile n: S_n issued beside PV_{n-1} (none for the first), the softmax
   // of S_n while PV_{n-1} runs, then O rescaled and P_n packed.
   auto step = [&](int n, bool pv) {
-    const int kt = w.t0 + n, st = n % WS_STAGES, pst = (n + WS_STAGES - 1) % WS_STAGES;
-    mbar_wait(fullk + st, (n / WS_STAGES) & 1);
-    if (pv) mbar_wait(fullv + pst, ((n - 1) / WS_STAGES) & 1);
+    const int kt = w.t0 + n, st = n % S, pst = (n + S - 1) % S;
+    mbar_wait(fullk + st, (n / S) & 1);
+    if (pv) mbar_wait(fullv + pst, ((n - 1) / S) & 1);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     named_sync(1 + wgi, 256);
     float s[16][4];
@@ -127,8 +126,8 @@ extern "C" __global__ void __launch_bounds__(384, 1)
   const int nt = w.t1 - w.t0 + 1;
   step(0, false);
   for (int n = 1; n < nt; n++) step(n, true);
-  const int pst = (nt - 1) % WS_STAGES;
-  const uint32_t pph = ((nt - 1) / WS_STAGES) & 1;
+  const int pst = (nt - 1) % S;
+  const uint32_t pph = ((nt - 1) / S) & 1;
   mbar_wait(fullv + pst, pph);
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   wg_issue_pv(o, pa, vs + pst * WG_TBYTES);
@@ -138,4 +137,15 @@ extern "C" __global__ void __launch_bounds__(384, 1)
   // loop) is waited for here, so both barriers end with no arrivals.
   if (wgi == 0) named_sync(1, 256);
   wg_store_out(out, o, lrow, w, warp);
+}
+
+// Two stages of K and V (the engine's), and three (164 and 230 KB of
+// shared memory).
+extern "C" __global__ void __launch_bounds__(384, 1) flash_prefill_ws_d128(WG_PREFILL_PARAMS) {
+  flash_prefill_ws<2>(q, kc, vc, nullptr, nullptr, keys, tiles, out, heads, kv_heads, window,
+                      scale);
+}
+extern "C" __global__ void __launch_bounds__(384, 1) flash_prefill_ws3_d128(WG_PREFILL_PARAMS) {
+  flash_prefill_ws<3>(q, kc, vc, nullptr, nullptr, keys, tiles, out, heads, kv_heads, window,
+                      scale);
 }

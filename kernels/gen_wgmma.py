@@ -59,20 +59,21 @@ __device__ __forceinline__ void wg_m64n{n}k16(float (&d)[{regs}], const uint32_t
 
 
 def wrapper_ss(n):
-    """D[64 x n] += A B, A and B both through descriptors, K-major."""
+    """D[64 x n] = A B (+ D when `accumulate`), A and B both through
+    descriptors, K-major."""
     regs = n // 2
     d = ", ".join(f"%{i}" for i in range(regs))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
     return f"""
 __device__ __forceinline__ void wg_ss_m64n{n}k16(float (&d)[{regs}], uint64_t adesc,
-                                               uint64_t bdesc) {{
+                                               uint64_t bdesc, int accumulate) {{
   asm volatile(
       "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 2}, 0;\\n"
       "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16 "
       "{{{d}}}, "
       "%{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n}}\\n"
       : {outs}
-      : "l"(adesc), "l"(bdesc), "r"(1));
+      : "l"(adesc), "l"(bdesc), "r"(accumulate));
 }}
 """
 

@@ -72,8 +72,11 @@ pub enum WgPrefill {
     /// tile (the plan's step 3).
     Plain,
     /// `flash_prefill_ws_d128`: a producer warpgroup, mbarriers, S_n beside
-    /// PV_{n-1}, pingpong between the two computing warpgroups (steps 4-5).
+    /// PV_{n-1}, pingpong between the two computing warpgroups (steps 4-5),
+    /// two stages of K and V (the engine's).
     Pipelined,
+    /// The same with three stages (`flash_prefill_ws3_d128`), for the bench.
+    Pipelined3,
 }
 
 /// The wgmma flash prefill: what [`super::flash_prefill`] computes for
@@ -101,13 +104,14 @@ pub fn flash_prefill_wg(
     else {
         return Ok(());
     };
-    // Q (128 rows) and two stages of K and V (128 rows each), 256 bytes a
-    // row, room to align them to 1,024 bytes; the pipelined kernel's 9
-    // mbarriers after them.
-    let smem = 128 * 256 + 2 * 2 * 128 * 256 + 1024;
+    // Q (128 rows) and the stages of K and V (128 rows each), 256 bytes a
+    // row, room to align them to 1,024 bytes; the pipelined kernels' 1 + 4
+    // stages mbarriers after them.
+    let smem = |stages: usize| 128 * 256 + stages * 2 * 128 * 256 + 1024;
     let (name, threads, smem) = match which {
-        WgPrefill::Plain => ("flash_prefill_wg_d128", 256, smem),
-        WgPrefill::Pipelined => ("flash_prefill_ws_d128", 384, smem + 9 * 8),
+        WgPrefill::Plain => ("flash_prefill_wg_d128", 256, smem(2)),
+        WgPrefill::Pipelined => ("flash_prefill_ws_d128", 384, smem(2) + 9 * 8),
+        WgPrefill::Pipelined3 => ("flash_prefill_ws3_d128", 384, smem(3) + 13 * 8),
     };
     let cfg = LaunchConfig {
         grid_dim: (tiles.1 as u32, s.kv_heads as u32, 1),
