@@ -149,11 +149,12 @@ struct WgTile {
   size_t qstride, kvstride;
 };
 
-__device__ __forceinline__ WgTile wg_tile(const int4* tiles, int heads, int kv_heads, int window) {
-  const int4 tl = tiles[blockIdx.x];
+__device__ __forceinline__ WgTile wg_tile(const int4* tiles, int tile, int kvh, int heads,
+                                          int kv_heads, int window) {
+  const int4 tl = tiles[tile];
   WgTile w;
   w.row0 = tl.x, w.rows = tl.y, w.pos0 = tl.z, w.koff = tl.w;
-  w.kvh = blockIdx.y, w.G = heads / kv_heads, w.MT = WG_ROWS / w.G;
+  w.kvh = kvh, w.G = heads / kv_heads, w.MT = WG_ROWS / w.G;
   w.kmax = w.pos0 + w.rows - 1;
   w.kmin = window > 0 ? max(0, w.pos0 - window + 1) : 0;
   w.t0 = w.kmin / WG_KT, w.t1 = w.kmax / WG_KT;
@@ -297,7 +298,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     flash_prefill_wg_d128(WG_PREFILL_PARAMS) {
   WG_SMEM_Q;
   uint8_t* const kvs = qs + WG_QBYTES;  // stage st: K at kvs + 2 st T, V after it
-  const WgTile w = wg_tile(tiles, heads, kv_heads, window);
+  const WgTile w = wg_tile(tiles, blockIdx.x, blockIdx.y, heads, kv_heads, window);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wgi = warp >> 2;
 
   for (int i = threadIdx.x; i < WG_ROWS * 16; i += 256) wg_load_q(qs, q, w, i);

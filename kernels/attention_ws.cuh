@@ -1,75 +1,90 @@
-// The warp-specialized wgmma flash prefill (kernels/WGMMA-PREFILL-PLAN.md,
-// steps 3-5), included by attention_wg.cu after the plain kernel whose
-// pieces it shares: the same arithmetic in the same order, so the same
-// bits. 384 threads: warpgroups 0 and 1 compute (64 rows each, 232
-// registers), warpgroup 2 gathers Q once and the K and V tiles into
-// S stages (2 or 3) through cp.async, each stage's arrival counted on a
-// "full" mbarrier and its release on an "empty" one. A consumer issues
-// S_n = Q K_n^T and O += P_{n-1} V_{n-1} together, runs tile n's softmax
-// while the second product is on the tensor cores, then rescales O; the
-// two consumers take turns issuing (named barriers 1 and 2), so one's
-// softmax runs under the other's products.
+// The warp-specialized, persistent wgmma flash prefill
+// (kernels/WGMMA-PREFILL-PLAN.md, steps 3-6), included by attention_wg.cu
+// after the plain kernel whose pieces it shares: the same arithmetic in the
+// same order, so the same bits. One block per multiprocessor walks the
+// work items (tile, KV head) blockIdx.x, + gridDim.x, ... of the host's
+// list (longest first). 384 threads: warpgroups 0 and 1 compute (64 rows
+// each, 232 registers), warpgroup 2 gathers each item's Q into one of QB
+// buffers and its K and V tiles into a ring of S stages through cp.async,
+// each buffer's arrival counted on a "full" mbarrier and its release on an
+// "empty" one, so the next item's loads run under this one's last tiles
+// and its output stores. A computing warpgroup issues S_n = Q K_n^T and O
+// += P_{n-1} V_{n-1} together, runs tile n's softmax while the second
+// product is on the tensor cores, then rescales O; the two warpgroups take
+// turns issuing (named barriers 1 and 2), so one's softmax runs under the
+// other's products.
 #pragma once
 #include "sm90.cuh"
 
-// The producer: Q, then the key tiles t0..t1, K and V of tile n in stage n
-// % S once the consumers released it. Warp pw gathers rows 32pw..
-// 32pw+31 of a tile, a half-warp per 256-byte row (lane l holds the slot of
-// row 32pw + l); zeros past kmax (V must be finite there).
-template <int S>
-__device__ __forceinline__ void ws_produce(uint8_t* qs, uint8_t* ks, uint8_t* vs, uint64_t* bars,
-                                           const half* q, const half* kc, const half* vc,
-                                           const unsigned* keys, const WgTile& w) {
-  uint64_t *fullq = bars, *fullk = bars + 1, *fullv = fullk + S;
-  uint64_t *emptyk = fullv + S, *emptyv = emptyk + S;
+// The blocks' mbarriers: Q buffers full/empty, K and V stages full/empty.
+template <int S, int QB>
+struct WsBars {
+  uint64_t fullq[QB], emptyq[QB], fullk[S], fullv[S], emptyk[S], emptyv[S];
+};
+
+// The producer. Warp pw gathers rows 32pw..32pw+31 of a key tile, a
+// half-warp per 256-byte row (lane l holds the slot of row 32pw + l);
+// zeros past kmax (V must be finite there). Global tile n goes to stage n %
+// S, item i's Q to buffer i % QB, each once the consumers released it.
+template <int S, int QB>
+__device__ __forceinline__ void ws_produce(uint8_t* qs, uint8_t* ks, uint8_t* vs,
+                                           WsBars<S, QB>& b, const half* q, const half* kc,
+                                           const half* vc, const unsigned* keys,
+                                           const int4* tiles, int ntiles, int heads,
+                                           int kv_heads, int window) {
   const int ptid = threadIdx.x - 256, pw = ptid >> 5, lane = threadIdx.x & 31;
-  for (int i = ptid; i < WG_ROWS * 16; i += 128) wg_load_q(qs, q, w, i);
-  cp_async_mbar_arrive(fullq);
-  const int c = lane & 15, half_row = lane >> 4;
-  for (int kt = w.t0, n = 0; kt <= w.t1; kt++, n++) {
-    const int st = n % S;
-    const uint32_t par = ((n / S) & 1) ^ 1;  // the previous use's release
-    const int j = kt * WG_KT + 32 * pw + lane;
-    const unsigned slot = j <= w.kmax ? __ldg(keys + w.koff + j) : 0u;
-    const half* srcs[2] = {kc, vc};
-    uint8_t* dsts[2] = {ks + st * WG_TBYTES, vs + st * WG_TBYTES};
-    uint64_t* empties[2] = {emptyk + st, emptyv + st};
-    uint64_t* fulls[2] = {fullk + st, fullv + st};
+  const int c = lane & 15, hr = lane >> 4;
+  // Byte offset of pass i's chunk in a stage: row 32pw + 2i + hr, whose
+  // swizzle row (2i + hr) & 7 has i's bits above hr's.
+  const int base = (c >> 3) * WG_KT * 128 + (32 * pw + hr) * 128, cx = (c & 7) ^ hr;
+  int n = 0;
+  for (int item = blockIdx.x, qi = 0; item < ntiles * kv_heads; item += gridDim.x, qi++) {
+    const WgTile w = wg_tile(tiles, item / kv_heads, item % kv_heads, heads, kv_heads, window);
+    const int qb = qi % QB;
+    mbar_wait(&b.emptyq[qb], ((qi / QB) & 1) ^ 1);  // the previous use's release
+    for (int i = ptid; i < WG_ROWS * 16; i += 128) wg_load_q(qs + qb * WG_QBYTES, q, w, i);
+    cp_async_mbar_arrive(&b.fullq[qb]);
+    const size_t head = (size_t)w.kvh * WG_D + c * 8;
+    for (int kt = w.t0; kt <= w.t1; kt++, n++) {
+      const int st = n % S;
+      const uint32_t par = ((n / S) & 1) ^ 1;
+      const int lim = w.kmax - kt * WG_KT - 32 * pw;  // rows rr <= lim exist
+      const unsigned slot = lane <= lim ? __ldg(keys + w.koff + kt * WG_KT + 32 * pw + lane) : 0u;
 #pragma unroll
-    for (int m = 0; m < 2; m++) {
-      mbar_wait(empties[m], par);
-#pragma unroll 4
-      for (int i = 0; i < 16; i++) {
-        const int rr = 2 * i + half_row, r = 32 * pw + rr;
-        const size_t sl = __shfl_sync(0xffffffffu, slot, rr);
-        const bool ok = kt * WG_KT + r <= w.kmax;
-        cp_async16(dsts[m] + sw128(r, c, WG_KT),
-                   srcs[m] + sl * w.kvstride + w.kvh * WG_D + c * 8, ok);
+      for (int m = 0; m < 2; m++) {
+        mbar_wait(m == 0 ? &b.emptyk[st] : &b.emptyv[st], par);
+        uint8_t* dst = (m == 0 ? ks : vs) + st * WG_TBYTES + base;
+        const half* src = (m == 0 ? kc : vc) + head;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+          const int rr = 2 * i + hr;
+          const size_t sl = __shfl_sync(0xffffffffu, slot, rr);
+          cp_async16(dst + i * 256 + ((cx ^ ((2 * i) & 7)) << 4), src + sl * w.kvstride, rr <= lim);
+        }
+        cp_async_mbar_arrive(m == 0 ? &b.fullk[st] : &b.fullv[st]);
       }
-      cp_async_mbar_arrive(fulls[m]);
     }
   }
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-template <int S>
-__device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS) {
+template <int S, int QB>
+__device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS, int ntiles) {
   WG_SMEM_Q;
-  uint8_t* const ks = qs + WG_QBYTES;
+  uint8_t* const ks = qs + QB * WG_QBYTES;
   uint8_t* const vs = ks + S * WG_TBYTES;
-  // fullQ, fullK[S], fullV[S], emptyK[S], emptyV[S]
-  uint64_t* const bars = reinterpret_cast<uint64_t*>(vs + S * WG_TBYTES);
-  uint64_t *fullq = bars, *fullk = bars + 1, *fullv = fullk + S;
-  uint64_t *emptyk = fullv + S, *emptyv = emptyk + S;
-  const WgTile w = wg_tile(tiles, heads, kv_heads, window);
+  WsBars<S, QB>& b = *reinterpret_cast<WsBars<S, QB>*>(vs + S * WG_TBYTES);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wgi = warp >> 2;
   if (threadIdx.x == 0) {
-    mbar_init(fullq, 128);
+    for (int i = 0; i < QB; i++) {
+      mbar_init(&b.fullq[i], 128);
+      mbar_init(&b.emptyq[i], 8);  // one arrival per consumer warp
+    }
     for (int st = 0; st < S; st++) {
-      mbar_init(fullk + st, 128);
-      mbar_init(fullv + st, 128);
-      mbar_init(emptyk + st, 8);  // one arrival per consumer warp
-      mbar_init(emptyv + st, 8);
+      mbar_init(&b.fullk[st], 128);
+      mbar_init(&b.fullv[st], 128);
+      mbar_init(&b.emptyk[st], 8);
+      mbar_init(&b.emptyv[st], 8);
     }
     mbar_init_fence();
   }
@@ -79,28 +94,23 @@ __device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS) {
   // 232 of a lane's 512 per multiprocessor quarter).
   if (wgi == 2) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    ws_produce<S>(qs, ks, vs, bars, q, kc, vc, keys, w);
+    ws_produce<S, QB>(qs, ks, vs, b, q, kc, vc, keys, tiles, ntiles, heads, kv_heads, window);
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
 
-  float o[16][4];
-  wg_zero(o);
-  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
-  const int tok0 = (warp * 16) % w.MT + (lane >> 2);
   const half2 sh2 = __float2half2_rn(scale);
-  const uint8_t* const qwg = qs + wgi * 64 * 128;
   uint32_t pa[8][4];  // P of the previous tile
-  // The copies are the generic proxy's, the products read through the
-  // async proxy: a proxy fence after each full barrier.
-  mbar_wait(fullq, 0);
-  if (wgi == 1) named_arrive(1, 256);  // warpgroup 0 issues first
-  // Tile n: S_n issued beside PV_{n-1} (none for the first), the softmax
-  // of S_n while PV_{n-1} runs, then O rescaled and P_n packed.
-  auto step = [&](int n, bool pv) {
-    const int kt = w.t0 + n, st = n % S, pst = (n + S - 1) % S;
-    mbar_wait(fullk + st, (n / S) & 1);
-    if (pv) mbar_wait(fullv + pst, ((n - 1) / S) & 1);
+  float o[16][4], mrow[2], lrow[2];
+  int n = 0;  // the block's key tiles so far (stage n % S)
+  // Tile n of the item: S_n issued beside PV_{n-1} (none for an item's
+  // first), the softmax of S_n while PV_{n-1} runs, then O rescaled and P_n
+  // packed. The copies are the generic proxy's, the products read through
+  // the async proxy: a proxy fence after each full barrier.
+  auto step = [&](const WgTile& w, const uint8_t* qwg, int kt, int tok0, bool pv) {
+    const int st = n % S, pst = (n + S - 1) % S;
+    mbar_wait(&b.fullk[st], (n / S) & 1);
+    if (pv) mbar_wait(&b.fullv[pst], ((n - 1) / S) & 1);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     named_sync(1 + wgi, 256);
     float s[16][4];
@@ -112,40 +122,55 @@ __device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS) {
     else
       wg_wait<0>();
     wg_keep_all(s);
-    if (lane == 0) mbar_arrive(emptyk + st);
+    if (lane == 0) mbar_arrive(&b.emptyk[st]);
     float alpha[2];
     wg_softmax(s, w, kt, tok0, window, sh2, mrow, lrow, alpha);
     if (pv) {
       wg_wait<0>();
       wg_keep_all(o);
-      if (lane == 0) mbar_arrive(emptyv + pst);
+      if (lane == 0) mbar_arrive(&b.emptyv[pst]);
     }
     wg_rescale(o, alpha);
     wg_pack_p(pa, s);
+    n++;
   };
-  const int nt = w.t1 - w.t0 + 1;
-  step(0, false);
-  for (int n = 1; n < nt; n++) step(n, true);
-  const int pst = (nt - 1) % S;
-  const uint32_t pph = ((nt - 1) / S) & 1;
-  mbar_wait(fullv + pst, pph);
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  wg_issue_pv(o, pa, vs + pst * WG_TBYTES);
-  wg_wait<0>();
-  wg_keep_all(o);
+
+  if (wgi == 1) named_arrive(1, 256);  // warpgroup 0 issues first
+  for (int item = blockIdx.x, qi = 0; item < ntiles * kv_heads; item += gridDim.x, qi++) {
+    const WgTile w = wg_tile(tiles, item / kv_heads, item % kv_heads, heads, kv_heads, window);
+    const int qb = qi % QB;
+    wg_zero(o);
+    mrow[0] = mrow[1] = -INFINITY;
+    lrow[0] = lrow[1] = 0.f;
+    const int tok0 = (warp * 16) % w.MT + (lane >> 2);
+    const uint8_t* const qwg = qs + qb * WG_QBYTES + wgi * 64 * 128;
+    mbar_wait(&b.fullq[qb], (qi / QB) & 1);
+    step(w, qwg, w.t0, tok0, false);
+    for (int kt = w.t0 + 1; kt <= w.t1; kt++) step(w, qwg, kt, tok0, true);
+    if (lane == 0) mbar_arrive(&b.emptyq[qb]);  // the item's last S is done
+    const int pst = (n - 1) % S;
+    mbar_wait(&b.fullv[pst], ((n - 1) / S) & 1);
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    wg_issue_pv(o, pa, vs + pst * WG_TBYTES);
+    wg_wait<0>();
+    wg_keep_all(o);
+    if (lane == 0) mbar_arrive(&b.emptyv[pst]);
+    wg_store_out(out, o, lrow, w, warp);
+  }
   // Warpgroup 1's last arrival on barrier 1 (it arrived once before the
   // loop) is waited for here, so both barriers end with no arrivals.
   if (wgi == 0) named_sync(1, 256);
-  wg_store_out(out, o, lrow, w, warp);
 }
 
-// Two stages of K and V (the engine's), and three (164 and 230 KB of
-// shared memory).
-extern "C" __global__ void __launch_bounds__(384, 1) flash_prefill_ws_d128(WG_PREFILL_PARAMS) {
-  flash_prefill_ws<2>(q, kc, vc, nullptr, nullptr, keys, tiles, out, heads, kv_heads, window,
-                      scale);
+// Two Q buffers and two stages of K and V (the engine's; 197 KB of shared
+// memory), and one Q buffer with three stages (230 KB).
+extern "C" __global__ void __launch_bounds__(384, 1)
+    flash_prefill_ws_d128(WG_PREFILL_PARAMS, int ntiles) {
+  flash_prefill_ws<2, 2>(q, kc, vc, nullptr, nullptr, keys, tiles, out, heads, kv_heads, window,
+                         scale, ntiles);
 }
-extern "C" __global__ void __launch_bounds__(384, 1) flash_prefill_ws3_d128(WG_PREFILL_PARAMS) {
-  flash_prefill_ws<3>(q, kc, vc, nullptr, nullptr, keys, tiles, out, heads, kv_heads, window,
-                      scale);
+extern "C" __global__ void __launch_bounds__(384, 1)
+    flash_prefill_ws3_d128(WG_PREFILL_PARAMS, int ntiles) {
+  flash_prefill_ws<3, 1>(q, kc, vc, nullptr, nullptr, keys, tiles, out, heads, kv_heads, window,
+                         scale, ntiles);
 }

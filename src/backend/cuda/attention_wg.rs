@@ -1,7 +1,7 @@
 //! Launch wrappers of `kernels/attention_wg.cu`: the pieces of the wgmma
 //! flash prefill (kernels/WGMMA-PREFILL-PLAN.md), Hopper only.
 
-use super::{check_f16, device_of, empty, is_sm90a, launch, ptr, Arg, ATTENTION_WG};
+use super::{arch, check_f16, device_of, empty, is_sm90a, launch, ptr, Arg, ATTENTION_WG};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::Tensor;
@@ -71,11 +71,13 @@ pub enum WgPrefill {
     /// `flash_prefill_wg_d128`: both warpgroups load, two block barriers a
     /// tile (the plan's step 3).
     Plain,
-    /// `flash_prefill_ws_d128`: a producer warpgroup, mbarriers, S_n beside
-    /// PV_{n-1}, pingpong between the two computing warpgroups (steps 4-5),
-    /// two stages of K and V (the engine's).
+    /// `flash_prefill_ws_d128`: one block per multiprocessor over the work
+    /// items, a producer warpgroup, mbarriers, S_n beside PV_{n-1},
+    /// pingpong between the two computing warpgroups (steps 4-6); two Q
+    /// buffers and two stages of K and V (the engine's).
     Pipelined,
-    /// The same with three stages (`flash_prefill_ws3_d128`), for the bench.
+    /// The same with one Q buffer and three stages
+    /// (`flash_prefill_ws3_d128`), for the bench.
     Pipelined3,
 }
 
@@ -99,24 +101,36 @@ pub fn flash_prefill_wg(
             s.head_dim
         )));
     }
-    let Some((_q, args)) =
+    let Some((_q, mut args)) =
         super::kernels_attention::prefill_args(q, &cache, keys, tiles, out, s, "flash_prefill_wg")?
     else {
         return Ok(());
     };
-    // Q (128 rows) and the stages of K and V (128 rows each), 256 bytes a
-    // row, room to align them to 1,024 bytes; the pipelined kernels' 1 + 4
-    // stages mbarriers after them.
-    let smem = |stages: usize| 128 * 256 + stages * 2 * 128 * 256 + 1024;
-    let (name, threads, smem) = match which {
-        WgPrefill::Plain => ("flash_prefill_wg_d128", 256, smem(2)),
-        WgPrefill::Pipelined => ("flash_prefill_ws_d128", 384, smem(2) + 9 * 8),
-        WgPrefill::Pipelined3 => ("flash_prefill_ws3_d128", 384, smem(3) + 13 * 8),
+    // Q buffers (128 rows) and stages of K and V (128 rows each), 256 bytes
+    // a row, room to align them to 1,024 bytes; the pipelined kernels'
+    // 2 (Q buffers + 2 stages) mbarriers after them.
+    let smem = |qb: usize, st: usize| (qb + 2 * st) * 128 * 256 + 1024 + 16 * (qb + 2 * st);
+    let (name, qb_st) = match which {
+        WgPrefill::Plain => ("flash_prefill_wg_d128", None),
+        WgPrefill::Pipelined => ("flash_prefill_ws_d128", Some((2, 2))),
+        WgPrefill::Pipelined3 => ("flash_prefill_ws3_d128", Some((1, 3))),
     };
-    let cfg = LaunchConfig {
-        grid_dim: (tiles.1 as u32, s.kv_heads as u32, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem as u32,
+    let cfg = match qb_st {
+        None => LaunchConfig {
+            grid_dim: (tiles.1 as u32, s.kv_heads as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem(1, 2) as u32,
+        },
+        // Persistent: a block per multiprocessor at most, over the items.
+        Some((qb, st)) => {
+            args.push(Arg::I(tiles.1 as i32));
+            let items = tiles.1 * s.kv_heads;
+            LaunchConfig {
+                grid_dim: (items.min(arch(&dev).sms) as u32, 1, 1),
+                block_dim: (384, 1, 1),
+                shared_mem_bytes: smem(qb, st) as u32,
+            }
+        }
     };
     launch(&dev, &ATTENTION_WG, name, cfg, &args)
 }
