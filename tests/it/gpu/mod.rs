@@ -11,6 +11,7 @@ mod attention;
 mod gptq;
 mod kv_fp8;
 mod overlap;
+mod prefill;
 mod sampler;
 
 fn gpu() -> Device {
