@@ -173,35 +173,69 @@ __device__ __forceinline__ void wg_load_q(uint8_t* qs, const half* q, const WgTi
              ok);
 }
 
-// A warp's rows (16w + g and + 8): the scores of key tile kt rounded as
-// the twin does (f16, times the f16 scale, back to f32), masked outside
-// the causal / window range, then the online softmax; returns alpha.
-__device__ __forceinline__ void wg_softmax(float (&s)[16][4], const WgTile& w, int kt, int tok0,
-                                           int window, half2 sh2, float* mrow, float* lrow,
-                                           float* alpha) {
-  const int t = threadIdx.x & 3;
-  const bool inside =
-      kt * WG_KT + WG_KT - 1 <= w.pos0 && (window <= 0 || kt * WG_KT > w.kmax - window);
-  float mx[2] = {mrow[0], mrow[1]};
+// The scores of a warp's rows rounded as the twin does (f16, times the f16
+// scale, back to f32), with MASK those of key offsets j * 8 + c (c = 0, 1;
+// the thread's keys are kt * 128 + 2t + offset) outside (lo[hr], hi[hr]]
+// set to -inf; returns the rows' maxima over the thread's scores and mx.
+template <bool MASK>
+__device__ __forceinline__ void wg_round(float (&s)[16][4], float (&mx)[2], half2 sh2,
+                                         const int (&lo)[2], const int (&hi)[2]) {
 #pragma unroll
   for (int j = 0; j < 16; j++)
 #pragma unroll
     for (int hr = 0; hr < 2; hr++) {
       const float2 f =
           __half22float2(__hmul2(__floats2half2_rn(s[j][2 * hr], s[j][2 * hr + 1]), sh2));
-      float v[2] = {f.x, f.y};
+      s[j][2 * hr] = f.x;
+      s[j][2 * hr + 1] = f.y;
+      if (MASK) {
 #pragma unroll
-      for (int c = 0; c < 2; c++) {
-        if (!inside) {
-          const int kp = kt * WG_KT + j * 8 + 2 * t + c, tok = tok0 + 8 * hr;
-          const int qp = w.pos0 + tok;
-          const bool vis = tok < w.rows && kp <= qp && (window <= 0 || kp > qp - window);
-          v[c] = vis ? v[c] : -INFINITY;
+        for (int c = 0; c < 2; c++) {
+          const int off = j * 8 + c;
+          s[j][2 * hr + c] = off > lo[hr] && off <= hi[hr] ? s[j][2 * hr + c] : -INFINITY;
         }
-        s[j][2 * hr + c] = v[c];
-        mx[hr] = fmaxf(mx[hr], v[c]);
       }
     }
+  // The maxima as a tree (max is exact in any order).
+#pragma unroll
+  for (int hr = 0; hr < 2; hr++) {
+    float m[16];
+#pragma unroll
+    for (int j = 0; j < 16; j++) m[j] = fmaxf(s[j][2 * hr], s[j][2 * hr + 1]);
+#pragma unroll
+    for (int j = 0; j < 8; j++) m[j] = fmaxf(m[j], m[j + 8]);
+#pragma unroll
+    for (int j = 0; j < 4; j++) m[j] = fmaxf(m[j], m[j + 4]);
+    m[0] = fmaxf(fmaxf(m[0], m[2]), fmaxf(m[1], m[3]));
+    mx[hr] = fmaxf(mx[hr], m[0]);
+  }
+}
+
+// A warp's rows (16w + g and + 8): the scores of key tile kt rounded as
+// the twin does, masked outside the causal / window range (only on the
+// tiles that reach past a row's position or before its window), then the
+// online softmax; returns alpha.
+__device__ __forceinline__ void wg_softmax(float (&s)[16][4], const WgTile& w, int kt, int tok0,
+                                           int window, half2 sh2, float* mrow, float* lrow,
+                                           float* alpha) {
+  const bool inside =
+      kt * WG_KT + WG_KT - 1 <= w.pos0 && (window <= 0 || kt * WG_KT > w.kmax - window);
+  float mx[2] = {mrow[0], mrow[1]};
+  int lo[2] = {-1, -1}, hi[2] = {WG_KT, WG_KT};
+  if (inside) {
+    wg_round<false>(s, mx, sh2, lo, hi);
+  } else {
+    // Key kp = base + offset is visible to the row of token tok (position
+    // qp) when tok < rows, kp <= qp and, with a window, kp > qp - window.
+    const int base = kt * WG_KT + 2 * (threadIdx.x & 3);
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+      const int tok = tok0 + 8 * hr, qp = w.pos0 + tok;
+      hi[hr] = tok < w.rows ? qp - base : -1;
+      lo[hr] = window > 0 ? qp - window - base : -1;
+    }
+    wg_round<true>(s, mx, sh2, lo, hi);
+  }
   online_softmax<16>(s, mx, mrow, lrow, alpha);
 }
 
@@ -241,12 +275,15 @@ __device__ __forceinline__ void wg_zero(float (&a)[16][4]) {
 __device__ __forceinline__ void wg_issue_qk(float (&s)[16][4], const uint8_t* qwg,
                                             const uint8_t* kb) {
   float(&sf)[64] = *reinterpret_cast<float(*)[64]>(&s[0][0]);
+  // k-step kk: 32 bytes on within a panel, the second panel from kk = 4
+  // (descriptor addresses count 16-byte units).
+  const uint64_t qd = wg_desc_sw128(qwg, 16, 1024), kd = wg_desc_sw128(kb, 16, 1024);
   wg_fence();
 #pragma unroll
   for (int kk = 0; kk < 8; kk++) {
-    const int off = (kk & 3) * 32;
-    wg_ss_m64n128k16(sf, wg_desc_sw128(qwg + (kk >> 2) * WG_QBYTES / 2 + off, 16, 1024),
-                     wg_desc_sw128(kb + (kk >> 2) * WG_TBYTES / 2 + off, 16, 1024), kk > 0);
+    const int off = (kk & 3) * 2;
+    wg_ss_m64n128k16(sf, qd + (kk >> 2) * (WG_QBYTES / 32) + off,
+                     kd + (kk >> 2) * (WG_TBYTES / 32) + off, kk > 0);
   }
   wg_commit();
 }
@@ -255,10 +292,11 @@ __device__ __forceinline__ void wg_issue_qk(float (&s)[16][4], const uint8_t* qw
 __device__ __forceinline__ void wg_issue_pv(float (&o)[16][4], const uint32_t (&pa)[8][4],
                                             const uint8_t* vb) {
   float(&of)[64] = *reinterpret_cast<float(*)[64]>(&o[0][0]);
+  // k-step kk: keys 16kk.., 2,048 bytes on.
+  const uint64_t vd = wg_desc_sw128(vb, WG_TBYTES / 2, 1024);
   wg_fence();
 #pragma unroll
-  for (int kk = 0; kk < 8; kk++)
-    wg_m64n128k16_tb(of, pa[kk], wg_desc_sw128(vb + kk * 16 * 128, WG_TBYTES / 2, 1024));
+  for (int kk = 0; kk < 8; kk++) wg_m64n128k16_tb(of, pa[kk], vd + kk * 128);
   wg_commit();
 }
 

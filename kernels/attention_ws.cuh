@@ -1,9 +1,8 @@
 // The warp-specialized, persistent wgmma flash prefill
 // (kernels/WGMMA-PREFILL-PLAN.md, steps 3-6), included by attention_wg.cu
 // after the plain kernel whose pieces it shares: the same arithmetic in the
-// same order, so the same bits. One block per multiprocessor walks the
-// work items (tile, KV head) blockIdx.x, + gridDim.x, ... of the host's
-// list (longest first). 384 threads: warpgroups 0 and 1 compute (64 rows
+// same order, so the same bits. One block per multiprocessor walks its
+// share of the work items (tile, KV head) of the host's list (ws_item). 384 threads: warpgroups 0 and 1 compute (64 rows
 // each, 232 registers), warpgroup 2 gathers each item's Q into one of QB
 // buffers and its K and V tiles into a ring of S stages through cp.async,
 // each buffer's arrival counted on a "full" mbarrier and its release on an
@@ -15,6 +14,14 @@
 // other's products.
 #pragma once
 #include "sm90.cuh"
+
+// The block's i-th work item: rounds of gridDim.x items over the list
+// (longest first), every other round in reverse, so that a block's long
+// and short items even out.
+__device__ __forceinline__ int ws_item(int i) {
+  const int r = i / gridDim.x * gridDim.x;
+  return (i / gridDim.x) & 1 ? r + gridDim.x - 1 - blockIdx.x : r + blockIdx.x;
+}
 
 // The blocks' mbarriers: Q buffers full/empty, K and V stages full/empty.
 template <int S, int QB>
@@ -38,7 +45,7 @@ __device__ __forceinline__ void ws_produce(uint8_t* qs, uint8_t* ks, uint8_t* vs
   // swizzle row (2i + hr) & 7 has i's bits above hr's.
   const int base = (c >> 3) * WG_KT * 128 + (32 * pw + hr) * 128, cx = (c & 7) ^ hr;
   int n = 0;
-  for (int item = blockIdx.x, qi = 0; item < ntiles * kv_heads; item += gridDim.x, qi++) {
+  for (int qi = 0, item; (item = ws_item(qi)) < ntiles * kv_heads; qi++) {
     const WgTile w = wg_tile(tiles, item / kv_heads, item % kv_heads, heads, kv_heads, window);
     const int qb = qi % QB;
     mbar_wait(&b.emptyq[qb], ((qi / QB) & 1) ^ 1);  // the previous use's release
@@ -136,7 +143,7 @@ __device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS, int ntiles) 
   };
 
   if (wgi == 1) named_arrive(1, 256);  // warpgroup 0 issues first
-  for (int item = blockIdx.x, qi = 0; item < ntiles * kv_heads; item += gridDim.x, qi++) {
+  for (int qi = 0, item; (item = ws_item(qi)) < ntiles * kv_heads; qi++) {
     const WgTile w = wg_tile(tiles, item / kv_heads, item % kv_heads, heads, kv_heads, window);
     const int qb = qi % QB;
     wg_zero(o);
@@ -162,15 +169,10 @@ __device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS, int ntiles) 
   if (wgi == 0) named_sync(1, 256);
 }
 
-// Two Q buffers and two stages of K and V (the engine's; 197 KB of shared
-// memory), and one Q buffer with three stages (230 KB).
+// Two Q buffers and two stages of K and V (197 KB of shared memory; one Q
+// buffer and three stages measured slower in run 82).
 extern "C" __global__ void __launch_bounds__(384, 1)
     flash_prefill_ws_d128(WG_PREFILL_PARAMS, int ntiles) {
   flash_prefill_ws<2, 2>(q, kc, vc, nullptr, nullptr, keys, tiles, out, heads, kv_heads, window,
-                         scale, ntiles);
-}
-extern "C" __global__ void __launch_bounds__(384, 1)
-    flash_prefill_ws3_d128(WG_PREFILL_PARAMS, int ntiles) {
-  flash_prefill_ws<3, 1>(q, kc, vc, nullptr, nullptr, keys, tiles, out, heads, kv_heads, window,
                          scale, ntiles);
 }

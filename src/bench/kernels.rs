@@ -408,8 +408,6 @@ pub struct PrefillRow {
     pub ws_us: Option<f64>,
     /// TFLOP/s of the pipelined wgmma kernel.
     pub ws_tflops: Option<f64>,
-    /// The pipelined wgmma kernel with three stages: µs.
-    pub ws3_us: Option<f64>,
 }
 
 /// Flash prefill attention on Mistral's heads (32 q, 8 kv, d 128, blocks of
@@ -464,7 +462,6 @@ pub fn prefill_table(dev: &Device, cases: &[(usize, usize, usize)]) -> Result<Ve
         };
         let twg = wg(cuda::WgPrefill::Plain)?;
         let tws = wg(cuda::WgPrefill::Pipelined)?;
-        let tws3 = wg(cuda::WgPrefill::Pipelined3)?;
         // Visible (query, key) pairs: n start + n (n + 1) / 2 per head and
         // sequence; 2 FLOP per multiply-add, QK^T and PV.
         let flop = (b * nh) as f64 * (n * start + n * (n + 1) / 2) as f64 * d as f64 * 4.0;
@@ -480,7 +477,6 @@ pub fn prefill_table(dev: &Device, cases: &[(usize, usize, usize)]) -> Result<Ve
             wg_tflops: twg.map(|t| flop / t / 1e12),
             ws_us: tws.map(|t| t * 1e6),
             ws_tflops: tws.map(|t| flop / t / 1e12),
-            ws3_us: tws3.map(|t| t * 1e6),
         });
     }
     Ok(rows)

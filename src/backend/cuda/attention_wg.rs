@@ -76,9 +76,6 @@ pub enum WgPrefill {
     /// pingpong between the two computing warpgroups (steps 4-6); two Q
     /// buffers and two stages of K and V (the engine's).
     Pipelined,
-    /// The same with one Q buffer and three stages
-    /// (`flash_prefill_ws3_d128`), for the bench.
-    Pipelined3,
 }
 
 /// The wgmma flash prefill: what [`super::flash_prefill`] computes for
@@ -113,7 +110,6 @@ pub fn flash_prefill_wg(
     let (name, qb_st) = match which {
         WgPrefill::Plain => ("flash_prefill_wg_d128", None),
         WgPrefill::Pipelined => ("flash_prefill_ws_d128", Some((2, 2))),
-        WgPrefill::Pipelined3 => ("flash_prefill_ws3_d128", Some((1, 3))),
     };
     let cfg = match qb_st {
         None => LaunchConfig {

@@ -394,11 +394,11 @@ pub fn prefill_tile_keys(chunks: &[PrefillChunk], group: usize) -> usize {
 
 /// `engine.prefill_attention = "auto"` takes the wgmma flash prefill
 /// (Hopper) for a forward whose tiles see this many keys on average: from
-/// `runner bench --kernels` on an H200 (run 79), the pipelined wgmma kernel
-/// is 1.3x the mma.sync one at 4 x 2,048 and 1.2x at 64 tokens after 1,024
-/// cached, even at 16 x 512 (tiles of 272 keys on average: auto keeps the
-/// mma.sync kernel there) and 0.66x at 64 x 128 (one key tile each).
-pub const WGMMA_PREFILL_MIN_KEYS: usize = 512;
+/// `runner bench --kernels` on an H200 (run 82, the persistent pipelined
+/// kernel), it is 1.3x the mma.sync kernel at 4 x 2,048, 1.2x at 64 tokens
+/// after 1,024 cached and 1.1x at 16 x 512 (tiles of 272 keys on average),
+/// but 0.87x at 64 x 128 (80 keys on average, one key tile each).
+pub const WGMMA_PREFILL_MIN_KEYS: usize = 256;
 
 /// The flash prefill kernel's work list for `chunks`: tiles of up to
 /// [`prefill_tile_tokens`]`(group)` query tokens, most keys first (the long
