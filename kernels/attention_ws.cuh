@@ -2,10 +2,10 @@
 // (kernels/WGMMA-PREFILL-PLAN.md, steps 3-6), included by attention_wg.cu
 // after the plain kernel whose pieces it shares: the same arithmetic in the
 // same order, so the same bits. One block per multiprocessor walks its
-// share of the work items (tile, KV head) of the host's list (ws_item). 384 threads: warpgroups 0 and 1 compute (64 rows
-// each, 232 registers), warpgroup 2 gathers each item's Q into one of QB
-// buffers and its K and V tiles into a ring of S stages through cp.async,
-// each buffer's arrival counted on a "full" mbarrier and its release on an
+// share of the work items (tile, KV head) of the host's list (ws_item).
+// 384 threads: warpgroups 0 and 1 compute (64 rows each, 232 registers),
+// warpgroup 2 gathers each item's Q into one of QB buffers and its K and V
+// tiles into a ring of S stages through cp.async, each buffer's arrival counted on a "full" mbarrier and its release on an
 // "empty" one, so the next item's loads run under this one's last tiles
 // and its output stores. A computing warpgroup issues S_n = Q K_n^T and O
 // += P_{n-1} V_{n-1} together, runs tile n's softmax while the second
@@ -16,12 +16,9 @@
 #include "sm90.cuh"
 
 // The block's i-th work item: rounds of gridDim.x items over the list
-// (longest first), every other round in reverse, so that a block's long
-// and short items even out.
-__device__ __forceinline__ int ws_item(int i) {
-  const int r = i / gridDim.x * gridDim.x;
-  return (i / gridDim.x) & 1 ? r + gridDim.x - 1 - blockIdx.x : r + blockIdx.x;
-}
+// (longest first), block b taking item b of each round (run 82's schedule;
+// a snake order that reverses every other round is not yet measured).
+__device__ __forceinline__ int ws_item(int i) { return i * gridDim.x + blockIdx.x; }
 
 // The blocks' mbarriers: Q buffers full/empty, K and V stages full/empty.
 template <int S, int QB>
