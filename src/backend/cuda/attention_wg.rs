@@ -80,8 +80,9 @@ pub enum WgPrefill {
 
 /// The wgmma flash prefill: what [`super::flash_prefill`] computes for
 /// head dim 128 over an f16 cache, with 128-key tiles (the twin's results
-/// up to f16 rounding). Not yet the engine's: GPU-tested beside the twin.
-/// An error before Hopper, for other head dims and for an FP8 cache.
+/// up to f16 rounding); the engine's on Hopper through
+/// `engine.prefill_attention`. An error before Hopper, for other head dims
+/// and for an FP8 cache.
 pub fn flash_prefill_wg(
     q: &Tensor,
     cache: super::CacheLayer<'_>,
@@ -103,29 +104,30 @@ pub fn flash_prefill_wg(
     else {
         return Ok(());
     };
-    // Q buffers (128 rows) and stages of K and V (128 rows each), 256 bytes
-    // a row, room to align them to 1,024 bytes; the pipelined kernels'
-    // 2 (Q buffers + 2 stages) mbarriers after them.
-    let smem = |qb: usize, st: usize| (qb + 2 * st) * 128 * 256 + 1024 + 16 * (qb + 2 * st);
-    let (name, qb_st) = match which {
-        WgPrefill::Plain => ("flash_prefill_wg_d128", None),
-        WgPrefill::Pipelined => ("flash_prefill_ws_d128", Some((2, 2))),
-    };
-    let cfg = match qb_st {
-        None => LaunchConfig {
-            grid_dim: (tiles.1 as u32, s.kv_heads as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: smem(1, 2) as u32,
-        },
-        // Persistent: a block per multiprocessor at most, over the items.
-        Some((qb, st)) => {
+    // Q (128 rows) and two stages of K and V (128 rows each), 256 bytes a
+    // row, and room to align them to 1,024 bytes.
+    let tile_bytes = |n: usize| n * 128 * 256 + 1024;
+    let (name, cfg) = match which {
+        WgPrefill::Plain => (
+            "flash_prefill_wg_d128",
+            LaunchConfig {
+                grid_dim: (tiles.1 as u32, s.kv_heads as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: tile_bytes(1 + 2 * 2) as u32,
+            },
+        ),
+        // Persistent: a block per multiprocessor at most, over the (tile,
+        // KV head) items; two Q buffers, two K/V stages, and their 12
+        // mbarriers (full and empty each).
+        WgPrefill::Pipelined => {
             args.push(Arg::I(tiles.1 as i32));
             let items = tiles.1 * s.kv_heads;
-            LaunchConfig {
+            let cfg = LaunchConfig {
                 grid_dim: (items.min(arch(&dev).sms) as u32, 1, 1),
                 block_dim: (384, 1, 1),
-                shared_mem_bytes: smem(qb, st) as u32,
-            }
+                shared_mem_bytes: (tile_bytes(2 + 2 * 2) + 12 * 8) as u32,
+            };
+            ("flash_prefill_ws_d128", cfg)
         }
     };
     launch(&dev, &ATTENTION_WG, name, cfg, &args)

@@ -378,17 +378,27 @@ pub fn prefill_tile_tokens(group: usize) -> usize {
     PREFILL_ROWS / group.max(1)
 }
 
-/// Keys over all of the flash prefill's tiles for `chunks` (a tile of
-/// tokens r..r+n of a chunk from position `start` sees start + r + n).
-pub fn prefill_tile_keys(chunks: &[PrefillChunk], group: usize) -> usize {
+/// The flash prefill's tiles of `chunks` in chunk order: [first row,
+/// rows, position of the first row, the chunk's key offset]; a tile sees
+/// its rows' positions' keys, position + rows in all.
+fn tile_list(chunks: &[PrefillChunk], group: usize) -> impl Iterator<Item = [u32; 4]> + '_ {
     let per = prefill_tile_tokens(group);
-    chunks
-        .iter()
-        .flat_map(|c| {
-            (0..c.n)
-                .step_by(per)
-                .map(move |r| c.start + c.n.min(r + per))
+    chunks.iter().flat_map(move |c| {
+        (0..c.n).step_by(per).map(move |r| {
+            [
+                (c.row0 + r) as u32,
+                per.min(c.n - r) as u32,
+                (c.start + r) as u32,
+                c.key_off as u32,
+            ]
         })
+    })
+}
+
+/// Keys over all of the flash prefill's tiles for `chunks`.
+pub fn prefill_tile_keys(chunks: &[PrefillChunk], group: usize) -> usize {
+    tile_list(chunks, group)
+        .map(|t| (t[1] + t[2]) as usize)
         .sum()
 }
 
@@ -409,20 +419,7 @@ pub fn prefill_tiles(
     group: usize,
     dev: &Device,
 ) -> Result<(Tensor, usize)> {
-    let per = prefill_tile_tokens(group);
-    let mut tiles: Vec<[u32; 4]> = chunks
-        .iter()
-        .flat_map(|c| {
-            (0..c.n).step_by(per).map(move |r| {
-                [
-                    (c.row0 + r) as u32,
-                    per.min(c.n - r) as u32,
-                    (c.start + r) as u32,
-                    c.key_off as u32,
-                ]
-            })
-        })
-        .collect();
+    let mut tiles: Vec<[u32; 4]> = tile_list(chunks, group).collect();
     tiles.sort_by_key(|t| std::cmp::Reverse(t[1] + t[2]));
     let n = tiles.len();
     let flat: Vec<u32> = tiles.into_iter().flatten().collect();
