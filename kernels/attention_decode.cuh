@@ -21,14 +21,17 @@
 // and sum (part_ml) and the unnormalised f32 output (part_o).
 //
 // Shared partitions (items non-null; grid (kv_heads, items, 1)): item i =
-// items[i * ITEM_INTS ..] = {p, n, s_0 .. s_{n-1}} is partition p of the n
-// (n * G <= 16) sequences s_j, which the host found to cover the same cache
-// blocks there and to see all PART keys of it (no window cut). Row r of the
-// tensor-core tile is head r % G of sequence s_{r / G}, so the partition's
-// K/V is read once for all of them. A row's arithmetic is the same
-// instruction sequence over the same keys as in its own block (the rows of
-// an mma are independent), so its partials are bit-identical to the
-// unshared kernel's. The unshared launch then skips partitions p < skip[b].
+// items[i * (2 + 16 RG) ..] = {p, n, s_0 .. s_{n-1}} is partition p of the n
+// (n * G <= 16 RG) sequences s_j, which the host found to cover the same
+// cache blocks there and to see all PART keys of it (no window cut). Row r
+// of the item is head r % G of sequence s_{r / G}; the block's RG row
+// groups of NW warps each take 16 rows (warp w: row group w / NW, keys
+// 16 (w % NW) .. of each tile), so the partition's K/V is read once for all
+// of them. A row's arithmetic is the same instruction sequence over the
+// same keys as in its own block (the rows of an mma are independent, and
+// a row group's NW warps split the keys as the per-sequence block's do),
+// so its partials are bit-identical to the unshared kernel's. The unshared
+// launch then skips partitions p < skip[b].
 //
 // F8 (an FP8 cache; ksc/vsc its scales): the stages hold a tile's codes and
 // scales; each warp widens its own 16 keys of K and V into a warp-private
@@ -50,21 +53,21 @@
 // over f16(decode * scale): the GPU test bounds them against float64.
 #define PART 512
 #define DIR_VSCALE 256.f
-#define ITEM_INTS 18
 
-template <int D, int NW, int ST, bool F8, bool DIR>
+template <int D, int NW, int ST, bool F8, bool DIR, int RG>
 struct DecodeSmem {
   static constexpr int RS = D + 8;
   static constexpr int KT = 16 * NW;
   static constexpr int CS = DIR ? D + 16 : D;      // bytes per code row
   static constexpr int CODES = ST * 2 * KT * CS;   // bytes: [ST][K, V][KT][CS]
   static constexpr int SCALES = ST * 2 * KT * 4;  // bytes: [ST][K, V][KT] f32
-  static constexpr int TILES = DIR ? 0 : NW * 2 * 16 * RS * 2;  // bytes: [NW][K, V][16][RS] halves
+  // bytes: [NW * RG][K, V][16][RS] halves (each warp widens its keys)
+  static constexpr int TILES = DIR ? 0 : NW * RG * 2 * 16 * RS * 2;
   // Bytes before the block table.
   static constexpr int BYTES = F8 ? CODES + SCALES + TILES : ST * 2 * KT * RS * 2;
 };
 
-template <int D, int NW, int ST, bool SH, bool F8, bool DIR>
+template <int D, int NW, int ST, bool SH, bool F8, bool DIR, int RG>
 __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__ kcv,
                             const void* __restrict__ vcv, const float* __restrict__ ksc,
                             const float* __restrict__ vsc, const int* __restrict__ tables,
@@ -78,8 +81,9 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
   constexpr int DN = D / 8;   // n-tiles of P V
   constexpr int VPR = D / 8;  // int4 per row
   constexpr int KT = 16 * NW;  // keys per tile
-  constexpr int NT = 32 * NW;  // threads
-  using SM = DecodeSmem<D, NW, ST, F8, DIR>;
+  constexpr int NT = 32 * NW * RG;  // threads
+  static_assert(SH || RG == 1, "row groups are the shared launch's");
+  using SM = DecodeSmem<D, NW, ST, F8, DIR, RG>;
   constexpr int CS = SM::CS;
   // f16: [ST][K, V][KT][RS]; F8: codes, scales, warp tiles (DecodeSmem);
   // then the table.
@@ -92,7 +96,7 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
   const uint8_t* const k8 = static_cast<const uint8_t*>(kcv);
   const uint8_t* const v8 = static_cast<const uint8_t*>(vcv);
   const int kvh = blockIdx.x;
-  const int* item = SH ? items + (size_t)blockIdx.y * ITEM_INTS : nullptr;
+  const int* item = SH ? items + (size_t)blockIdx.y * (2 + 16 * RG) : nullptr;
   const int b = SH ? item[2] : blockIdx.y;  // its table and context serve all
   const int p = SH ? item[0] : blockIdx.z;
   // Partitions p < skip[b] are shared items' (checked once the loads
@@ -109,6 +113,7 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
     return (size_t)(rows != nullptr ? rows[s] : s) * nh + kvh * G + r % G;
   };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int kw = warp % NW, r0 = warp / NW * 16;  // keys 16 kw.. of a tile; rows r0..r0 + 15
   const int g = lane >> 2, t = lane & 3;
   // The block-table entries of a partition that starts at p * PART (no
   // window, or a context within it: the common case) load while
@@ -176,8 +181,9 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
     half* ks = smem + st * 2 * KT * RS;
     half* vs = ks + KT * RS;
 #pragma unroll
-    for (int n = 0; n < KT * VPR / NT; n++) {  // VPR / 2 vectors of each matrix per thread
+    for (int n = 0; n < (KT * VPR + NT - 1) / NT; n++) {  // KT * VPR / NT vectors of each matrix
       const int i = threadIdx.x + n * NT;
+      if (KT * VPR % NT != 0 && i >= KT * VPR) break;
       const int r = i / VPR, c = (i % VPR) * 8;
       const bool ok = k0 + r < kend;
       const size_t off = slot_of(k0 + r) * row + (size_t)kvh * D + c;
@@ -192,12 +198,13 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
     cp_async_commit();
   }
 
-  // Q fragments: rows g and g + 8 (zero past R).
+  // Q fragments: rows r0 + g and r0 + g + 8 (zero past R).
   uint32_t qa[KS][4];
   {
-    const bool va = g < R, vb = g + 8 < R;
-    const half* qra = q + (!va ? 0 : SH ? head(g) : qhead0 + g) * D;
-    const half* qrb = q + (!vb ? 0 : SH ? head(g + 8) : qhead0 + g + 8) * D;
+    const int ra = r0 + g, rb = r0 + g + 8;
+    const bool va = ra < R, vb = rb < R;
+    const half* qra = q + (!va ? 0 : SH ? head(ra) : qhead0 + ra) * D;
+    const half* qrb = q + (!vb ? 0 : SH ? head(rb) : qhead0 + rb) * D;
 #pragma unroll
     for (int s = 0; s < KS; s++) {
       // DIR: k slots 2t, 2t + 1 | 2t + 8, 2t + 9 hold dims 4t .. 4t + 3.
@@ -216,22 +223,18 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
   const half sh = __float2half(scale);
 
-  for (int it = 0; it < ntiles; it++) {
-    // Tile it + ST - 1 goes into the stage tile it - 1 used (free since the
-    // previous iteration's closing barrier); an empty group keeps the count.
-    if (it + ST - 1 < ntiles) load(kstart + (it + ST - 1) * KT, (it + ST - 1) % ST);
-    cp_async_commit();
-    cp_async_wait<ST - 1>();
-    __syncthreads();
-    const half* ks = smem + (it % ST) * 2 * KT * RS + warp * 16 * RS;
+  // One tile's products for this warp's rows over its 16 keys of the
+  // tile in stage it % ST.
+  auto tile_step = [&](int it) {
+    const half* ks = smem + (it % ST) * 2 * KT * RS + kw * 16 * RS;
     const half* vs = ks + KT * RS;
     // F8: this warp's 16 keys' K codes (V's KT * CS further) and K
     // scales (V's KT further) in the stage.
-    const uint8_t* const kd = codes + (it % ST) * 2 * KT * CS + warp * 16 * CS;
-    const float* const ksd = scl + (it % ST) * 2 * KT + warp * 16;
+    const uint8_t* const kd = codes + (it % ST) * 2 * KT * CS + kw * 16 * CS;
+    const float* const ksd = scl + (it % ST) * 2 * KT + kw * 16;
     if (F8 && !DIR) {  // widen this warp's 16 keys of K and V into its own tile
       constexpr int C = D / 16;
-      half* kt = wtile + warp * 2 * 16 * RS;
+      half* kt = wtile + warp * 2 * 16 * RS;  // this warp's own
       __syncwarp();  // the warp's reads of its previous tile are done
       for (int i = lane; i < 16 * C; i += 32) {
         const int r = i / C, c = (i % C) * 16;
@@ -263,7 +266,7 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
 #pragma unroll
       for (int j = 0; j < 2; j++) qk_tile<KS, RS>(s[j], qa, ks + j * 8 * RS, lane);
     }
-    const int k0 = kstart + it * KT + warp * 16;
+    const int k0 = kstart + it * KT + kw * 16;
     float mx[2] = {mrow[0], mrow[1]};
 #pragma unroll
     for (int j = 0; j < 2; j++)
@@ -301,8 +304,7 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
         for (int i = 0; i < 4; i++) o[dn][i] = o[dn][i] * alpha[i >> 1];
         mma_16816(o[dn], pa, b0, b1);
       }
-      __syncthreads();  // the next load overwrites this stage
-      continue;
+      return;
     }
     const uint32_t pa[4] = {pack_h2(s[0][0], s[0][1]), pack_h2(s[0][2], s[0][3]),
                             pack_h2(s[1][0], s[1][1]), pack_h2(s[1][2], s[1][3])};
@@ -317,6 +319,17 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
       mma_16816(o[dn], pa, bb[0], bb[1]);
       mma_16816(o[dn + 1], pa, bb[2], bb[3]);
     }
+  };
+
+  for (int it = 0; it < ntiles; it++) {
+    // Tile it + ST - 1 goes into the stage tile it - 1 used (free since the
+    // previous iteration's closing barrier); an empty group keeps the count.
+    if (it + ST - 1 < ntiles) load(kstart + (it + ST - 1) * KT, (it + ST - 1) % ST);
+    cp_async_commit();
+    cp_async_wait<ST - 1>();
+    __syncthreads();
+    // A row group past the item's rows only loads (uniform per warp).
+    if (r0 < R) tile_step(it);
     __syncthreads();  // the next load overwrites this stage
   }
   if (DIR) {  // P carried V's scales times DIR_VSCALE (exact: a power of 2)
@@ -336,9 +349,9 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
   float* red_l = red_m + NW * R;
 #pragma unroll
   for (int hr = 0; hr < 2; hr++) {
-    const int r = g + 8 * hr;
+    const int r = r0 + g + 8 * hr;
     if (r >= R) continue;
-    float* dst = red_o + (warp * R + r) * D;
+    float* dst = red_o + (kw * R + r) * D;
 #pragma unroll
     for (int dn = 0; dn < DN; dn++) {
       // Column 2t (+1) of n-tile dn: dim dn * 8 + 2t, DIR: (2t) * DN + dn.
@@ -346,8 +359,8 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
       dst[DIR ? (2 * t + 1) * DN + dn : dn * 8 + 2 * t + 1] = o[dn][2 * hr + 1];
     }
     if (t == 0) {
-      red_m[warp * R + r] = mrow[hr];
-      red_l[warp * R + r] = lrow[hr];
+      red_m[kw * R + r] = mrow[hr];
+      red_l[kw * R + r] = lrow[hr];
     }
   }
   __syncthreads();
@@ -382,28 +395,31 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
 // shared items' (`skip` unused); the same source, so the same arithmetic
 // per row (the GPU test checks it bit for bit). ksc/vsc: the FP8 builds'
 // scales (unused by the f16 builds).
-#define DECODE_ENTRY(NAME, D, NW, ST, SH, F8, DIR)                                              \
-  extern "C" __global__ void __launch_bounds__(32 * NW) NAME(                                   \
+#define DECODE_ENTRY(NAME, D, NW, ST, SH, F8, DIR, RG)                                          \
+  extern "C" __global__ void __launch_bounds__(32 * NW * RG, RG > 1 ? 2 : 1) NAME(                            \
       const half* q, const void* kc, const void* vc, const float* ksc, const float* vsc,        \
       const int* tables, const int* ctx_lens, const unsigned* rows, float* part_o,              \
       float* part_ml, half* out, const int* items, const unsigned* skip, int nh, int nkv,       \
       int max_blocks, int block_size, int window, float scale, int P) {                         \
-    decode_impl<D, NW, ST, SH, F8, DIR>(q, kc, vc, ksc, vsc, tables, ctx_lens, rows, part_o,     \
-                                        part_ml, out, items, skip, nh, nkv, max_blocks,        \
-                                        block_size, window, scale, P);                         \
+    decode_impl<D, NW, ST, SH, F8, DIR, RG>(q, kc, vc, ksc, vsc, tables, ctx_lens, rows,       \
+                                            part_o, part_ml, out, items, skip, nh, nkv,        \
+                                            max_blocks, block_size, window, scale, P);         \
   }
-#define DECODE(D, NW, ST)                                                         \
-  DECODE_ENTRY(paged_decode_d##D##_w##NW##s##ST, D, NW, ST, false, false, false)  \
-  DECODE_ENTRY(paged_decode_shared_d##D##_w##NW##s##ST, D, NW, ST, true, false, false)
+// Shared builds: `_r64` (4 row groups, the engine's) and `_r16` (one: the
+// previous engine's, for the benches and the bit-identity test).
+#define DECODE(D, NW, ST)                                                                          \
+  DECODE_ENTRY(paged_decode_d##D##_w##NW##s##ST, D, NW, ST, false, false, false, 1)                \
+  DECODE_ENTRY(paged_decode_shared_r16_d##D##_w##NW##s##ST, D, NW, ST, true, false, false, 1)      \
+  DECODE_ENTRY(paged_decode_shared_r64_d##D##_w##NW##s##ST, D, NW, ST, true, false, false, 4)
 // The FP8 cache's builds: the engine's (2 warps, 2 stages, widening), and
 // the direct builds (DIR) of 2 and 3 stages.
-#define DECODE_F8(D)                                                             \
-  DECODE_ENTRY(paged_decode_f8_d##D##_w2s2, D, 2, 2, false, true, false)         \
-  DECODE_ENTRY(paged_decode_shared_f8_d##D##_w2s2, D, 2, 2, true, true, false)   \
-  DECODE_ENTRY(paged_decode_f8d_d##D##_w2s2, D, 2, 2, false, true, true)         \
-  DECODE_ENTRY(paged_decode_shared_f8d_d##D##_w2s2, D, 2, 2, true, true, true)   \
-  DECODE_ENTRY(paged_decode_f8d_d##D##_w2s3, D, 2, 3, false, true, true)         \
-  DECODE_ENTRY(paged_decode_shared_f8d_d##D##_w2s3, D, 2, 3, true, true, true)
+#define DECODE_F8(D)                                                                  \
+  DECODE_ENTRY(paged_decode_f8_d##D##_w2s2, D, 2, 2, false, true, false, 1)           \
+  DECODE_ENTRY(paged_decode_shared_r64_f8_d##D##_w2s2, D, 2, 2, true, true, false, 4) \
+  DECODE_ENTRY(paged_decode_f8d_d##D##_w2s2, D, 2, 2, false, true, true, 1)           \
+  DECODE_ENTRY(paged_decode_shared_r64_f8d_d##D##_w2s2, D, 2, 2, true, true, true, 4) \
+  DECODE_ENTRY(paged_decode_f8d_d##D##_w2s3, D, 2, 3, false, true, true, 1)           \
+  DECODE_ENTRY(paged_decode_shared_r64_f8d_d##D##_w2s3, D, 2, 3, true, true, true, 4)
 #define DECODE_VARIANTS(D) \
   DECODE(D, 2, 2)          \
   DECODE(D, 4, 2)          \

@@ -494,8 +494,13 @@ pub struct SharedRow {
     /// µs per call (one layer) without a plan: every sequence reads the
     /// prefix.
     pub plain_us: f64,
-    /// µs per call with the plan, per stage count of the shared launch.
-    pub shared_us: Vec<(usize, f64)>,
+    /// µs per call with the plan, per build of the shared launch: `r`
+    /// rows per item, `s` stages (`r64s2` is the engine's, `r16s2` the
+    /// previous engine's).
+    pub shared_us: Vec<(String, f64)>,
+    /// µs per call of the same decode over the sequences' own keys alone
+    /// (no prefix): what is left when the prefix costs nothing.
+    pub own_us: f64,
 }
 
 /// Decode attention (the engine's build) over `shared` keys that every
@@ -524,13 +529,14 @@ pub fn shared_decode_table(
             .collect();
         let refs: Vec<&[BlockId]> = ids.iter().map(|t| t.as_slice()).collect();
         let ctx = vec![(shared + own) as u32; b];
-        let plan = decode_plan::plan(&refs, &ctx, bs, cuda::DECODE_PART, nh / nkv);
+        let shape = decode_plan::PlanShape::new(bs, cuda::DECODE_PART, nh / nkv);
+        let plan = |rows| decode_plan::plan(&refs, &ctx, decode_plan::PlanShape { rows, ..shape });
         let flat: Vec<u32> = ids.iter().flatten().map(|x| x.0).collect();
         let tables = Tensor::from_vec(flat, (b, sb + ob), dev)?;
-        let ctxs = Tensor::from_vec(ctx, b, dev)?;
-        let shape = mistral_decode(shared + own);
+        let ctxs = Tensor::from_vec(ctx.clone(), b, dev)?;
         let out = Tensor::zeros((b, nh * d), DType::F16, dev)?;
-        let run = |sh: Option<&cuda::SharedDecode>| {
+        let run = |sh: Option<&cuda::SharedDecode>, tables: &Tensor, ctxs: &Tensor, keys: usize| {
+            let shape = mistral_decode(keys);
             time(dev, 20, || {
                 let io = cuda::DecodeIo {
                     q: &q,
@@ -541,27 +547,43 @@ pub fn shared_decode_table(
                 cuda::paged_decode_into(
                     io,
                     cuda::CacheLayer::f16(&kc, &vc),
-                    &tables,
-                    &ctxs,
+                    tables,
+                    ctxs,
                     &shape,
                     Default::default(),
                 )
             })
         };
-        let plain_us = run(None)? * 1e6;
+        let plain_us = run(None, &tables, &ctxs, shared + own)? * 1e6;
         let mut shared_us = Vec::new();
-        if let Some(p) = &plan {
-            for stages in [2, 3, 4] {
-                let sh = cuda::SharedDecode::new(p, dev)?.with_stages(stages);
-                shared_us.push((stages, run(Some(&sh))? * 1e6));
+        let builds = [
+            (decode_plan::TILE_ROWS, 2),
+            (decode_plan::ITEM_ROWS, 2),
+            (decode_plan::ITEM_ROWS, 3),
+            (decode_plan::ITEM_ROWS, 4),
+        ];
+        for (r, stages) in builds {
+            if let Some(p) = plan(r) {
+                let sh = cuda::SharedDecode::new(&p, dev)?.with_stages(stages);
+                let us = run(Some(&sh), &tables, &ctxs, shared + own)? * 1e6;
+                shared_us.push((format!("r{r}s{stages}"), us));
             }
         }
+        // The own keys alone: the same tables from their first own block.
+        let own_tables: Vec<u32> = ids
+            .iter()
+            .flat_map(|t| t[sb..].iter().map(|x| x.0))
+            .collect();
+        let own_tables = Tensor::from_vec(own_tables, (b, ob), dev)?;
+        let own_ctx = Tensor::from_vec(vec![own as u32; b], b, dev)?;
+        let own_us = run(None, &own_tables, &own_ctx, own)? * 1e6;
         rows.push(SharedRow {
             batch: b,
             shared,
             own,
             plain_us,
             shared_us,
+            own_us,
         });
     }
     Ok(rows)

@@ -191,20 +191,21 @@ fn attention_tables(dev: &candle_core::Device, report: &mut Report) -> anyhow::R
             (64, 4096, 256),
         ],
     )?;
-    println!("decode attention over a shared prefix (the engine's build): batch shared+own keys, µs per layer without the plan, then with it per stages of the shared launch");
+    println!("decode attention over a shared prefix (the engine's build): batch shared+own keys, µs per layer without the plan, then with it per build of the shared launch (rows per item, stages; r64s2 is the engine's), then over the own keys alone");
     for r in &shared {
         let cells: Vec<String> = r
             .shared_us
             .iter()
-            .map(|(s, us)| format!("s{s} {us:>7.1}"))
+            .map(|(b, us)| format!("{b} {us:>7.1}"))
             .collect();
         println!(
-            "  {:>4} {:>5}+{:<4} {:>8.1}  {}",
+            "  {:>4} {:>5}+{:<4} {:>8.1}  {}  own {:>7.1}",
             r.batch,
             r.shared,
             r.own,
             r.plain_us,
-            cells.join("  ")
+            cells.join("  "),
+            r.own_us
         );
     }
     report.insert("shared_decode".into(), serde_json::to_value(&shared)?);

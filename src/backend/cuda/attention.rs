@@ -249,7 +249,11 @@ impl CudaKv {
             let whole = prefill.is_empty();
             let max_keys = *ctx.iter().max().unwrap_or(&1) as usize;
             let group = self.heads / self.kv_heads;
-            let plan = decode_plan::plan(&tables, &ctx, self.block_size, cuda::DECODE_PART, group);
+            let plan = decode_plan::plan(
+                &tables,
+                &ctx,
+                decode_plan::PlanShape::new(self.block_size, cuda::DECODE_PART, group),
+            );
             let shared = match plan {
                 Some(p) => Some((SharedDecode::new(&p, dev)?, p.max_ctx)),
                 None => None,

@@ -2,7 +2,7 @@
 //! flash prefill over the paged cache (the cache writes: `kernels_cache`).
 
 use super::{check_f16, device_of, empty, launch, ptr, Arg, CacheLayer, ATTENTION};
-use crate::backend::decode_plan::SharedParts;
+use crate::backend::decode_plan::{self, SharedParts};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{Device, Tensor};
@@ -159,6 +159,7 @@ pub struct SharedDecode {
     group: usize,
     seqs: usize,
     stages: usize,
+    rows: usize,
 }
 
 impl SharedDecode {
@@ -172,6 +173,7 @@ impl SharedDecode {
             group: plan.group,
             seqs: plan.skip.len(),
             stages: SHARED_STAGES,
+            rows: plan.rows,
         })
     }
 
@@ -237,6 +239,15 @@ pub fn paged_decode_into(
             sh.seqs, sh.group
         )));
     }
+    // Shared builds: 64 rows per item for every cache, 16 for f16 only.
+    if let Some(sh) = io.shared.filter(|sh| {
+        !(sh.rows == decode_plan::ITEM_ROWS || sh.rows == decode_plan::TILE_ROWS && tag.is_empty())
+    }) {
+        return Err(Error::Model(format!(
+            "paged_decode: no shared build of {} rows per item for this cache (64; 16 over f16)",
+            sh.rows
+        )));
+    }
     let (items, skip) = match io.shared {
         Some(sh) => (ptr::<u32>(&sh.items)?, ptr::<u32>(&sh.skip)?),
         None => (0, 0),
@@ -269,7 +280,7 @@ pub fn paged_decode_into(
     let cfg = LaunchConfig {
         grid_dim: (s.kv_heads as u32, b as u32, parts as u32),
         block_dim: (32 * v.warps as u32, 1, 1),
-        shared_mem_bytes: decode_smem(v, s, &cache),
+        shared_mem_bytes: decode_smem(v, 1, s, &cache),
     };
     let name = format!(
         "paged_decode_{tag}d{}_w{}s{}",
@@ -294,14 +305,15 @@ pub fn paged_decode_into(
         }
         args[11] = Arg::P(items);
         args[12] = Arg::P(0);
+        let groups = sh.rows / decode_plan::TILE_ROWS;
         let cfg = LaunchConfig {
             grid_dim: (s.kv_heads as u32, sh.count as u32, 1),
-            block_dim: cfg.block_dim,
-            shared_mem_bytes: decode_smem(sv, s, &cache),
+            block_dim: (32 * (v.warps * groups) as u32, 1, 1),
+            shared_mem_bytes: decode_smem(sv, groups, s, &cache),
         };
         let name = format!(
-            "paged_decode_shared_{tag}d{}_w{}s{}",
-            s.head_dim, sv.warps, sv.stages
+            "paged_decode_shared_r{}_{tag}d{}_w{}s{}",
+            sh.rows, s.head_dim, sv.warps, sv.stages
         );
         launch(&dev, &ATTENTION, &name, cfg, &args)?;
     }
@@ -330,16 +342,18 @@ pub fn paged_decode_into(
 /// 8 halves); FP8, the stages' codes and scales and each warp's widened K
 /// and V tile; FP8 direct, the stages' codes (rows padded by 16 bytes) and
 /// scales; then the partition's block-table entries. The warps' final
-/// combine reuses it.
-fn decode_smem(v: DecodeVariant, s: &DecodeShape, cache: &CacheLayer<'_>) -> u32 {
+/// combine of their 16 rows per row group (`groups`: 1, or the shared
+/// launch's rows / 16) reuses it.
+fn decode_smem(v: DecodeVariant, groups: usize, s: &DecodeShape, cache: &CacheLayer<'_>) -> u32 {
     let (tile, d, rs) = (16 * v.warps, s.head_dim, s.head_dim + 8);
     let table = 4 * (DECODE_PART.div_ceil(s.block_size) + 2);
+    let warps = v.warps * groups;
     let body = match (cache.scales.is_some(), cache.direct) {
         (false, _) => v.stages * 2 * tile * rs * 2,
-        (true, false) => v.stages * 2 * tile * (d + 4) + v.warps * 2 * 16 * rs * 2,
+        (true, false) => v.stages * 2 * tile * (d + 4) + warps * 2 * 16 * rs * 2,
         (true, true) => v.stages * 2 * tile * (d + 16 + 4),
     };
-    let combine = v.warps * 16 * (d + 2) * 4;
+    let combine = v.warps * 16 * groups * (d + 2) * 4;
     (body + table).max(combine) as u32
 }
 

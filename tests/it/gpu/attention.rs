@@ -1,6 +1,8 @@
 //! Attention kernels on the GPU: paged decode against a float64
 //! reference and across batches, flash prefill against a float64 reference.
 
+use runner::backend::decode_plan::{ITEM_ROWS, TILE_ROWS};
+
 use super::{
     decode_reference, gpu, host, rel_err, shared_prefix_batch, shuffled_tables, DecodeCase, Lcg,
     DECODE_CASES, DECODE_CTX,
@@ -168,11 +170,12 @@ fn paged_decode_of_a_sequence_does_not_depend_on_its_batch() {
 fn paged_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_plan() {
     // Sequences whose block tables start with the same blocks (as the
     // prefix cache hands them out): their full partitions there are read
-    // once per item of up to 16 / G sequences, and every output must equal
-    // the unshared kernel's bit for bit. Contexts: over the shared 1,024
-    // keys and beyond, exactly them, part of them (only partition 0 is
-    // full), and a sequence of its own; then a batch of one partition
-    // (P = 1, written directly).
+    // once per item of up to 64 / G sequences (the engine's items; and 16
+    // / G, one tile's), and every output must equal the unshared kernel's
+    // bit for bit. Contexts: over the shared 1,024 keys and beyond,
+    // exactly them, part of them (only partition 0 is full), and a
+    // sequence of its own; 21 sequences (two items of 64 rows at G = 4);
+    // then a batch of one partition (P = 1, written directly).
     let dev = gpu();
     let mut rng = Lcg(17);
     let (d, bs) = (128usize, 16usize);
@@ -184,10 +187,14 @@ fn paged_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_
             vec![1100usize, 1024, 1500, 600, 2000, 300, 1030],
         ),
         (32, 4, vec![1100, 1024, 2000, 700, 1200]),
+        (32, 8, (0..21).map(|i| 1024 + 37 * i).collect()),
         (8, 8, vec![512, 512, 300, 512]),
     ] {
         let row = nkv * d;
-        let (tables, maxb, total, plan) = shared_prefix_batch(&ctx, bs, shared_blocks, nh / nkv);
+        let (tables, maxb, total, plan) =
+            shared_prefix_batch(&ctx, bs, shared_blocks, nh / nkv, TILE_ROWS);
+        let plan64 = shared_prefix_batch(&ctx, bs, shared_blocks, nh / nkv, ITEM_ROWS).3;
+        assert_eq!(plan64.rows, ITEM_ROWS);
         let kc =
             Tensor::from_vec(rng.f16s(total * bs * row, 1.0), (total * bs, row), &dev).unwrap();
         let vc =
@@ -227,17 +234,19 @@ fn paged_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_
         };
         let plain = run(None);
         assert!(plain.iter().all(|v| v.is_finite()) && plain.iter().any(|&v| v != 0.0));
-        // Every stage count of the shared launch (pipelining only).
-        for stages in [2, 3, 4] {
+        // Every stage count of the shared launch (pipelining only), items
+        // of one tile and of four.
+        for (p, stages) in [(&plan, 2), (&plan64, 2), (&plan64, 3), (&plan64, 4)] {
             let with = run(Some(
-                &cuda::SharedDecode::new(&plan, &dev)
+                &cuda::SharedDecode::new(p, &dev)
                     .unwrap()
                     .with_stages(stages),
             ));
             for (i, (a, b)) in plain.chunks(nh * d).zip(with.chunks(nh * d)).enumerate() {
                 assert!(
                     a == b,
-                    "nh {nh} nkv {nkv} stages {stages}: sequence {i} of {} keys differs with the plan",
+                    "nh {nh} nkv {nkv} rows {} stages {stages}: sequence {i} of {} keys differs with the plan",
+                    p.rows,
                     ctx[i]
                 );
             }

@@ -11,6 +11,7 @@ use super::{
 };
 use candle_core::{DType, Device, Tensor};
 use half::f16;
+use runner::backend::decode_plan::ITEM_ROWS;
 use runner::cuda::{self, CacheLayer, DecodeShape};
 use runner::quant::fp8;
 
@@ -186,7 +187,7 @@ fn fp8_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_pl
     let (nh, nkv, d, bs) = (32usize, 8usize, 128usize, 16usize);
     let ctx = [1100usize, 1024, 1500, 600, 2000];
     // Sequence 3 (the last but one) has its own blocks from the start.
-    let (tables, maxb, total, plan) = shared_prefix_batch(&ctx, bs, 1024 / bs, nh / nkv);
+    let (tables, maxb, total, plan) = shared_prefix_batch(&ctx, bs, 1024 / bs, nh / nkv, ITEM_ROWS);
     let lens: Vec<u32> = ctx.iter().map(|&c| c as u32).collect();
     let p = pair(&dev, &mut rng, total * bs, nkv, d);
     let tables = Tensor::from_vec(tables, (ctx.len(), maxb), &dev).unwrap();

@@ -57,12 +57,14 @@ fn shuffled_tables(rng: &mut Lcg, ctx: &[usize], bs: usize) -> (Vec<u32>, usize,
 /// first `shared` blocks of `bs` tokens, then its own, except the last but
 /// one where there are more than two (its own blocks from the start); and
 /// the host's plan of the partitions they share (`group` query heads per
-/// KV head): (tables [ctx.len() * maxb], maxb, total blocks, plan).
+/// KV head, `rows` rows per item): (tables [ctx.len() * maxb], maxb, total
+/// blocks, plan).
 fn shared_prefix_batch(
     ctx: &[usize],
     bs: usize,
     shared: usize,
     group: usize,
+    rows: usize,
 ) -> (
     Vec<u32>,
     usize,
@@ -95,8 +97,11 @@ fn shared_prefix_batch(
         .collect();
     let refs: Vec<&[runner::kv::BlockId]> = ids.iter().map(|t| t.as_slice()).collect();
     let lens: Vec<u32> = ctx.iter().map(|&c| c as u32).collect();
-    let plan = runner::backend::decode_plan::plan(&refs, &lens, bs, cuda::DECODE_PART, group)
-        .expect("shared partitions");
+    let shape = runner::backend::decode_plan::PlanShape {
+        rows,
+        ..runner::backend::decode_plan::PlanShape::new(bs, cuda::DECODE_PART, group)
+    };
+    let plan = runner::backend::decode_plan::plan(&refs, &lens, shape).expect("shared partitions");
     (tables, maxb, total, plan)
 }
 
