@@ -39,11 +39,17 @@ pub struct DecodeVariant {
 
 impl DecodeVariant {
     /// The builds in kernels/attention_decode.cuh (DECODE_VARIANTS). The first is
-    /// the engine's, for every batch (a build's tile size sets the order of
-    /// its sums, so one build keeps a sequence's result independent of the
-    /// batch): 2 x 2 was the fastest at short contexts in runs 31 and 32
-    /// (H200, BENCHMARKS.md) and within 3% of 4 x 2 at long ones.
+    /// the engine's, for every batch (a build's warps set the order of its
+    /// sums, so one build keeps a sequence's result independent of the
+    /// batch; its stages do not touch the arithmetic): 2 warps, 3 stages,
+    /// as fast as or faster than 2 x 2 (the engine's from runs 31-32 to 84)
+    /// at every case of run 84 but the smallest (H200, BENCHMARKS.md), and
+    /// bit-identical to it.
     pub const ALL: [DecodeVariant; 5] = [
+        DecodeVariant {
+            warps: 2,
+            stages: 3,
+        },
         DecodeVariant {
             warps: 2,
             stages: 2,
@@ -51,10 +57,6 @@ impl DecodeVariant {
         DecodeVariant {
             warps: 4,
             stages: 2,
-        },
-        DecodeVariant {
-            warps: 2,
-            stages: 3,
         },
         DecodeVariant {
             warps: 4,
@@ -83,7 +85,10 @@ impl DecodeVariant {
 
     /// The widening FP8 build (DECODE_F8's `f8`: bit-identical to the f16
     /// build over the widened values; the tests' and benches' twin).
-    pub const FP8_WIDEN: [DecodeVariant; 1] = [DecodeVariant::ALL[0]];
+    pub const FP8_WIDEN: [DecodeVariant; 1] = [DecodeVariant {
+        warps: 2,
+        stages: 2,
+    }];
 
     /// The builds there are for reading `cache`: every f16 build, the
     /// engine's alone over FP8 codes widened, the direct FP8 builds.
