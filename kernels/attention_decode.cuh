@@ -153,25 +153,45 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
       tab[i] = tables[(size_t)b * max_blocks + b0 + i];
   }
   __syncthreads();
-  // The cache row of key kp (0 past kend: a zero-filled load).
-  auto slot_of = [&](int kp) -> size_t {
-    return kp < kend ? (size_t)tab[kp / block_size - b0] * block_size + kp % block_size : 0;
+  // The cache rows of keys kp, kp + step, .. (0 past kend: a zero-filled
+  // load): one division by the block size per walk, then a block's offset
+  // stepped (an integer division per row was half of the tile loop's
+  // instructions).
+  struct Walk {
+    int blk, off;
+  };
+  auto walk_from = [&](int kp) {
+    const int blk = kp / block_size;
+    return Walk{blk, kp - blk * block_size};
+  };
+  auto walk_slot = [&](Walk& w, int kp, int step) -> size_t {
+    const size_t sl = kp < kend ? (size_t)tab[w.blk - b0] * block_size + w.off : 0;
+    w.off += step;
+    while (w.off >= block_size) {
+      w.off -= block_size;
+      w.blk++;
+    }
+    return sl;
   };
   auto load = [&](int k0, int st) {
     if (F8) {
-      constexpr int C = D / 16;  // 16-code vectors per row
+      constexpr int C = D / 16;       // 16-code vectors per row
+      constexpr int STEP = NT / C;    // rows between a thread's vectors
+      static_assert(NT % C == 0, "a thread's vectors share their column");
       uint8_t* kb = codes + st * 2 * KT * CS;
       uint8_t* vb = kb + KT * CS;
-      for (int i = threadIdx.x; i < KT * C; i += NT) {
-        const int r = i / C, c = (i % C) * 16;
+      const int rt = threadIdx.x / C, c = (threadIdx.x % C) * 16;
+      Walk w = walk_from(k0 + rt);
+      for (int r = rt; r < KT; r += STEP) {
         const bool ok = k0 + r < kend;
-        const size_t off = slot_of(k0 + r) * row + (size_t)kvh * D + c;
+        const size_t off = walk_slot(w, k0 + r, STEP) * row + (size_t)kvh * D + c;
         cp_async16(kb + r * CS + c, k8 + off, ok);
         cp_async16(vb + r * CS + c, v8 + off, ok);
       }
       if (threadIdx.x < KT) {  // KT < NT: a row's two scales per thread
         const bool ok = k0 + (int)threadIdx.x < kend;
-        const size_t so = slot_of(k0 + threadIdx.x) * nkv + kvh;
+        Walk ws = walk_from(k0 + threadIdx.x);
+        const size_t so = walk_slot(ws, k0 + threadIdx.x, 0) * nkv + kvh;
         float* sb = scl + st * 2 * KT + threadIdx.x;
         cp_async4(sb, ksc + so, ok);
         cp_async4(sb + KT, vsc + so, ok);
@@ -180,13 +200,16 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
     }
     half* ks = smem + st * 2 * KT * RS;
     half* vs = ks + KT * RS;
+    constexpr int STEP = NT / VPR;  // rows between a thread's vectors
+    static_assert(NT % VPR == 0, "a thread's vectors share their column");
+    const int rt = threadIdx.x / VPR, c = (threadIdx.x % VPR) * 8;
+    Walk w = walk_from(k0 + rt);
 #pragma unroll
-    for (int n = 0; n < (KT * VPR + NT - 1) / NT; n++) {  // KT * VPR / NT vectors of each matrix
-      const int i = threadIdx.x + n * NT;
-      if (KT * VPR % NT != 0 && i >= KT * VPR) break;
-      const int r = i / VPR, c = (i % VPR) * 8;
+    for (int n = 0; n < (KT + STEP - 1) / STEP; n++) {  // rows rt + n * STEP
+      const int r = rt + n * STEP;
+      if (KT % STEP != 0 && r >= KT) break;
       const bool ok = k0 + r < kend;
-      const size_t off = slot_of(k0 + r) * row + (size_t)kvh * D + c;
+      const size_t off = walk_slot(w, k0 + r, STEP) * row + (size_t)kvh * D + c;
       cp_async16(ks + r * RS + c, kc + off, ok);
       cp_async16(vs + r * RS + c, vc + off, ok);
     }
