@@ -23,6 +23,8 @@ fn main() {
         "wgmma",
         "attention_decode",
         "attention_prefill",
+        "attention_ws",
+        "sm90",
     ] {
         println!("cargo:rerun-if-changed=kernels/{h}.cuh");
     }

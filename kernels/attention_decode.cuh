@@ -302,6 +302,25 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
       }
     float alpha[2];
     online_softmax<2>(s, mx, mrow, lrow, alpha);
+    // O *= alpha, skipped where it is exactly 1 for every lane (the max
+    // did not move: o * 1 = o) and for rows g + 8 when they are past the
+    // item's rows (R <= r0 + 8: G <= 8 outside a shared item), whose
+    // accumulators are never written out.
+    const bool hi = r0 + 8 < R;
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || (hi && alpha[1] != 1.f))) {
+      if (hi) {
+#pragma unroll
+        for (int dn = 0; dn < DN; dn++)
+#pragma unroll
+          for (int i = 0; i < 4; i++) o[dn][i] *= alpha[i >> 1];
+      } else {
+#pragma unroll
+        for (int dn = 0; dn < DN; dn++) {
+          o[dn][0] *= alpha[0];
+          o[dn][1] *= alpha[0];
+        }
+      }
+    }
     // O += P V: one k-step of this warp's 16 keys, D/8 n-tiles.
     if (DIR) {
       // P's columns 2t, 2t + 1, 2t + 8, 2t + 9 times their keys' V scales.
@@ -323,8 +342,6 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
         const unsigned sel = (dn & 3) | ((4 + (dn & 3)) << 4);
         const uint32_t b0 = e4m3x2_h2(__byte_perm(w[0][dn >> 2], w[1][dn >> 2], sel) & 0xffffu);
         const uint32_t b1 = e4m3x2_h2(__byte_perm(w[2][dn >> 2], w[3][dn >> 2], sel) & 0xffffu);
-#pragma unroll
-        for (int i = 0; i < 4; i++) o[dn][i] = o[dn][i] * alpha[i >> 1];
         mma_16816(o[dn], pa, b0, b1);
       }
       return;
@@ -335,10 +352,6 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
     for (int dn = 0; dn < DN; dn += 2) {
       uint32_t bb[4];
       ldsm_x4_t(bb, vs + (lane & 15) * RS + dn * 8 + (lane >> 4) * 8);
-#pragma unroll
-      for (int i = 0; i < 4; i++) o[dn][i] = o[dn][i] * alpha[i >> 1];
-#pragma unroll
-      for (int i = 0; i < 4; i++) o[dn + 1][i] = o[dn + 1][i] * alpha[i >> 1];
       mma_16816(o[dn], pa, bb[0], bb[1]);
       mma_16816(o[dn + 1], pa, bb[2], bb[3]);
     }

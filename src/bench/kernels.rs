@@ -339,7 +339,7 @@ pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Att
         let (k8, v8, ks, vs) = fp8_cache(&kc, &vc, d, dev)?;
         let fp8 = cuda::CacheLayer::fp8(&k8, &v8, &ks, &vs);
         // The engine's build over FP8, then the direct ones.
-        let builds = [(fp8, DecodeVariant::default())]
+        let builds = [(fp8, DecodeVariant::builds(&fp8)[0])]
             .into_iter()
             .chain(DecodeVariant::FP8_DIRECT.map(|v| (fp8.direct(), v)));
         for (cache, variant) in builds {

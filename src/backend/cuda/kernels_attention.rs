@@ -120,7 +120,8 @@ pub fn paged_decode(
     ctx_lens: &Tensor,
     s: &DecodeShape,
 ) -> Result<Tensor> {
-    paged_decode_with(q, cache, tables, ctx_lens, s, DecodeVariant::default())
+    let engine = DecodeVariant::builds(&cache)[0];
+    paged_decode_with(q, cache, tables, ctx_lens, s, engine)
 }
 
 /// [`paged_decode`] through a chosen build of the kernel (for benchmarks).
