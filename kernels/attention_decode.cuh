@@ -158,14 +158,22 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
   // stepped (an integer division per row was half of the tile loop's
   // instructions).
   struct Walk {
-    int blk, off;
+    int blk, off, held;  // held: the block whose first slot `first` is
+    size_t first;
   };
   auto walk_from = [&](int kp) {
     const int blk = kp / block_size;
-    return Walk{blk, kp - blk * block_size};
+    return Walk{blk, kp - blk * block_size, -1, 0};
   };
   auto walk_slot = [&](Walk& w, int kp, int step) -> size_t {
-    const size_t sl = kp < kend ? (size_t)tab[w.blk - b0] * block_size + w.off : 0;
+    size_t sl = 0;
+    if (kp < kend) {
+      if (w.held != w.blk) {  // a table read only on entering a block
+        w.first = (size_t)tab[w.blk - b0] * block_size;
+        w.held = w.blk;
+      }
+      sl = w.first + w.off;
+    }
     w.off += step;
     while (w.off >= block_size) {
       w.off -= block_size;
