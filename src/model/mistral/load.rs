@@ -46,117 +46,20 @@ impl Mistral {
         quant: Option<&QuantConfig>,
         opts: &LoadOptions,
     ) -> Result<Self> {
-        let (dtype, device) = (opts.dtype, &opts.device);
-        let ops = crate::backend::ops_for(device, dtype)?;
-        let at = |name: &'static str| LayerTarget {
-            name,
-            dtype,
-            device,
-            mode: opts.gptq_mode,
-        };
-        let h = cfg.hidden_size;
-        let counter = std::cell::Cell::new(0u64);
-        let next_seed = |base: u64| {
-            counter.set(counter.get() + 1);
-            base.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ counter.get()
-        };
-        let float = |name: &str, shape: &[usize], lo: f32, hi: f32| -> Result<Tensor> {
-            match src {
-                Source::Checkpoint(ck) => ck.float(name, shape, dtype, device),
-                Source::Dummy { seed } => {
-                    ops.random(shape, (lo, hi), next_seed(*seed), &at("dummy"))
-                }
-            }
-        };
-        let norm = |name: String| -> Result<RmsNorm> {
-            Ok(RmsNorm {
-                weight: float(&name, &[h], 0.9, 1.1)?,
-                eps: cfg.rms_norm_eps,
-            })
-        };
-        let base = LinearSpec {
-            prefix: "",
-            in_features: 0,
-            out_features: 0,
+        let ops = crate::backend::ops_for(&opts.device, opts.dtype)?;
+        let b = Builder {
+            src,
+            cfg,
             quant,
-            dtype,
-            device,
-            mode: opts.gptq_mode,
+            opts,
             ops,
+            drawn: std::cell::Cell::new(0),
         };
-        let lin = |prefix: String, k: usize, n: usize| -> Result<Linear> {
-            let spec = LinearSpec {
-                prefix: &prefix,
-                in_features: k,
-                out_features: n,
-                ..base
-            };
-            match (src, quant) {
-                (Source::Checkpoint(ck), _) => Linear::load(ck, &spec),
-                // Uniform in +-sqrt(3/k): standard deviation 1/sqrt(k), so the
-                // activations keep their scale (finite logits in f16).
-                (Source::Dummy { seed }, None) => {
-                    let a = (3.0 / k.max(1) as f32).sqrt();
-                    Ok(Linear::dense(ops.random(
-                        &[n, k],
-                        (-a, a),
-                        next_seed(*seed),
-                        &at("dummy"),
-                    )?))
-                }
-                (Source::Dummy { seed }, Some(q)) => dummy_gptq(&spec, q, next_seed(*seed)),
-            }
-        };
-        // Layers sharing an input: one product when the checkpoint allows
-        // (dummy weights: always, as GPTQ's shared act-order would give),
-        // on the devices where that is faster (`Proj::fuses_on`).
-        let proj = |p: &str, parts: &[(&str, usize, usize)]| -> Result<Proj> {
-            let names: Vec<String> = parts.iter().map(|(nm, _, _)| format!("{p}.{nm}")).collect();
-            let specs: Vec<LinearSpec<'_>> = names
-                .iter()
-                .zip(parts)
-                .map(|(name, &(_, k, n))| LinearSpec {
-                    prefix: name,
-                    in_features: k,
-                    out_features: n,
-                    ..base
-                })
-                .collect();
-            match src {
-                Source::Checkpoint(ck) => Proj::load(ck, &specs),
-                Source::Dummy { .. } if Proj::fuses_on(device) => {
-                    let widths: Vec<usize> = parts.iter().map(|&(_, _, n)| n).collect();
-                    let fused = lin(names.join("+"), parts[0].1, widths.iter().sum())?;
-                    Ok(Proj::Fused(fused, widths))
-                }
-                Source::Dummy { .. } => Ok(Proj::Split(
-                    parts
-                        .iter()
-                        .map(|&(nm, k, n)| lin(format!("{p}.{nm}"), k, n))
-                        .collect::<Result<Vec<_>>>()?,
-                )),
-            }
-        };
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let shapes = linear_shapes(cfg);
-            let (o, down) = (shapes[3], shapes[6]);
-            layers.push(Layer {
-                input_norm: norm(format!("{p}.input_layernorm.weight"))?,
-                qkv: proj(&p, &shapes[0..3])?,
-                o: lin(format!("{p}.{}", o.0), o.1, o.2)?,
-                post_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
-                gate_up: proj(&p, &shapes[4..6])?,
-                down: lin(format!("{p}.{}", down.0), down.1, down.2)?,
-            });
-        }
-        let embed = float(
-            "model.embed_tokens.weight",
-            &[cfg.vocab_size, h],
-            -0.05,
-            0.05,
-        )?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| b.layer(i))
+            .collect::<Result<Vec<_>>>()?;
+        let h = cfg.hidden_size;
+        let embed = b.float("model.embed_tokens.weight", &[cfg.vocab_size, h], 0.05)?;
         let has_head = match src {
             Source::Checkpoint(ck) => ck.contains("lm_head.weight"),
             Source::Dummy { .. } => true,
@@ -164,29 +67,162 @@ impl Mistral {
         let lm_head = if cfg.tie_word_embeddings && !has_head {
             Linear::dense(embed.clone())
         } else {
-            Linear::dense(float("lm_head.weight", &[cfg.vocab_size, h], -0.05, 0.05)?)
+            Linear::dense(b.float("lm_head.weight", &[cfg.vocab_size, h], 0.05)?)
         };
+        let norm = b.norm("model.norm.weight")?;
         let (cos, sin) = crate::backend::rope_tables(
             cfg.max_position_embeddings,
             cfg.head_dim,
             cfg.rope_theta,
-            dtype,
-            device,
+            opts.dtype,
+            &opts.device,
         )?;
         Ok(Self {
             cfg: cfg.clone(),
             quant: quant.cloned(),
             embed,
             layers,
-            norm: norm("model.norm.weight".into())?,
+            norm,
             lm_head,
-            dtype,
-            device: device.clone(),
+            dtype: opts.dtype,
+            device: opts.device.clone(),
             ops,
             cos,
             sin,
             kv_fp8: opts.kv_fp8,
             prefill_attention: opts.prefill_attention,
+        })
+    }
+}
+
+/// One model's tensors as [`Mistral::build`] takes them, in a fixed order
+/// (dummy weights draw one seed per tensor, so the order is the values').
+struct Builder<'a> {
+    src: &'a Source<'a>,
+    cfg: &'a MistralConfig,
+    quant: Option<&'a QuantConfig>,
+    opts: &'a LoadOptions,
+    ops: &'static dyn crate::backend::Ops,
+    /// Dummy tensors drawn so far.
+    drawn: std::cell::Cell<u64>,
+}
+
+impl Builder<'_> {
+    fn target(&self) -> LayerTarget<'_> {
+        LayerTarget {
+            name: "dummy",
+            dtype: self.opts.dtype,
+            device: &self.opts.device,
+            mode: self.opts.gptq_mode,
+        }
+    }
+
+    /// The next dummy tensor's seed.
+    fn seed(&self, base: u64) -> u64 {
+        self.drawn.set(self.drawn.get() + 1);
+        base.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.drawn.get()
+    }
+
+    /// A float tensor; dummy values uniform in `center -+ spread`
+    /// (center 0, or 1 for norm weights).
+    fn float_around(
+        &self,
+        name: &str,
+        shape: &[usize],
+        center: f32,
+        spread: f32,
+    ) -> Result<Tensor> {
+        match self.src {
+            Source::Checkpoint(ck) => ck.float(name, shape, self.opts.dtype, &self.opts.device),
+            Source::Dummy { seed } => {
+                let range = (center - spread, center + spread);
+                self.ops
+                    .random(shape, range, self.seed(*seed), &self.target())
+            }
+        }
+    }
+
+    fn float(&self, name: &str, shape: &[usize], spread: f32) -> Result<Tensor> {
+        self.float_around(name, shape, 0.0, spread)
+    }
+
+    fn norm(&self, name: &str) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: self.float_around(name, &[self.cfg.hidden_size], 1.0, 0.1)?,
+            eps: self.cfg.rms_norm_eps,
+        })
+    }
+
+    fn spec<'s>(&'s self, prefix: &'s str, k: usize, n: usize) -> LinearSpec<'s> {
+        LinearSpec {
+            prefix,
+            in_features: k,
+            out_features: n,
+            quant: self.quant,
+            dtype: self.opts.dtype,
+            device: &self.opts.device,
+            mode: self.opts.gptq_mode,
+            ops: self.ops,
+        }
+    }
+
+    fn lin(&self, prefix: &str, k: usize, n: usize) -> Result<Linear> {
+        let spec = self.spec(prefix, k, n);
+        match (self.src, self.quant) {
+            (Source::Checkpoint(ck), _) => Linear::load(ck, &spec),
+            // Uniform in +-sqrt(3/k): standard deviation 1/sqrt(k), so the
+            // activations keep their scale (finite logits in f16).
+            (Source::Dummy { seed }, None) => {
+                let a = (3.0 / k.max(1) as f32).sqrt();
+                let w = self
+                    .ops
+                    .random(&[n, k], (-a, a), self.seed(*seed), &self.target())?;
+                Ok(Linear::dense(w))
+            }
+            (Source::Dummy { seed }, Some(q)) => dummy_gptq(&spec, q, self.seed(*seed)),
+        }
+    }
+
+    /// Layers sharing an input: one product when the checkpoint allows
+    /// (dummy weights: always, as GPTQ's shared act-order would give), on
+    /// the devices where that is faster (`Proj::fuses_on`).
+    fn proj(&self, p: &str, parts: &[(&str, usize, usize)]) -> Result<Proj> {
+        let names: Vec<String> = parts.iter().map(|(nm, _, _)| format!("{p}.{nm}")).collect();
+        match self.src {
+            Source::Checkpoint(ck) => {
+                let specs: Vec<LinearSpec<'_>> = names
+                    .iter()
+                    .zip(parts)
+                    .map(|(name, &(_, k, n))| self.spec(name, k, n))
+                    .collect();
+                Proj::load(ck, &specs)
+            }
+            Source::Dummy { .. } if Proj::fuses_on(&self.opts.device) => {
+                let widths: Vec<usize> = parts.iter().map(|&(_, _, n)| n).collect();
+                let fused = self.lin(&names.join("+"), parts[0].1, widths.iter().sum())?;
+                Ok(Proj::Fused(fused, widths))
+            }
+            Source::Dummy { .. } => Ok(Proj::Split(
+                names
+                    .iter()
+                    .zip(parts)
+                    .map(|(name, &(_, k, n))| self.lin(name, k, n))
+                    .collect::<Result<Vec<_>>>()?,
+            )),
+        }
+    }
+
+    fn layer(&self, i: usize) -> Result<Layer> {
+        let p = format!("model.layers.{i}");
+        let shapes = linear_shapes(self.cfg);
+        let (o, down) = (shapes[3], shapes[6]);
+        Ok(Layer {
+            input_norm: self.norm(&format!("{p}.input_layernorm.weight"))?,
+            qkv: self.proj(&p, &shapes[0..3])?,
+            o: self.lin(&format!("{p}.{}", o.0), o.1, o.2)?,
+            post_norm: self.norm(&format!("{p}.post_attention_layernorm.weight"))?,
+            gate_up: self.proj(&p, &shapes[4..6])?,
+            down: self.lin(&format!("{p}.{}", down.0), down.1, down.2)?,
         })
     }
 }
