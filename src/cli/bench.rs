@@ -191,8 +191,19 @@ fn attention_tables(dev: &candle_core::Device, report: &mut Report) -> anyhow::R
             (64, 4096, 256),
         ],
     )?;
+    print_shared(&shared);
+    report.insert("shared_decode".into(), serde_json::to_value(&shared)?);
+    let read = bench::kernels::read_gbs(dev)?;
+    report.insert("read_gbs".into(), read.into());
+    print_attention(&att, read);
+    report.insert("attention".into(), serde_json::to_value(&att)?);
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn print_shared(shared: &[bench::kernels::SharedRow]) {
     println!("decode attention over a shared prefix (the engine's build): batch shared+own keys, µs per layer without the plan, then with it per build of the shared launch (rows per item, stages; r64s2 is the engine's), then over the own keys alone");
-    for r in &shared {
+    for r in shared {
         let cells: Vec<String> = r
             .shared_us
             .iter()
@@ -208,9 +219,11 @@ fn attention_tables(dev: &candle_core::Device, report: &mut Report) -> anyhow::R
             r.own_us
         );
     }
-    report.insert("shared_decode".into(), serde_json::to_value(&shared)?);
-    let read = bench::kernels::read_gbs(dev)?;
-    report.insert("read_gbs".into(), read.into());
+}
+
+/// The decode builds per case against the read ceiling `read` (GB/s).
+#[cfg(feature = "cuda")]
+fn print_attention(att: &[bench::kernels::AttnRow], read: f64) {
     println!(
         "decode attention (32 q / 8 kv heads, d 128): batch ctx, then GB/s and % of the read ceiling ({read:.0} GB/s) and µs per build (warps x stages; * the engine's), then the widening build over an FP8 cache (fp8) and the direct FP8 builds (f8d; w2s2 is the engine's)"
     );
@@ -219,19 +232,15 @@ fn attention_tables(dev: &candle_core::Device, report: &mut Report) -> anyhow::R
             .iter()
             .map(|r| {
                 let mark = if r.default { "*" } else { " " };
-                let v = r.variant;
                 let fp8 = match (r.fp8, r.direct) {
                     (true, true) => " f8d",
                     (true, false) => " fp8",
                     _ => "",
                 };
+                let (v, pct) = (r.variant, 100.0 * r.gbs / read);
                 format!(
-                    "{}x{}{mark}{fp8} {:>5.0} {:>3.0}% {:>6.1}us",
-                    v.warps,
-                    v.stages,
-                    r.gbs,
-                    100.0 * r.gbs / read,
-                    r.us
+                    "{}x{}{mark}{fp8} {:>5.0} {pct:>3.0}% {:>6.1}us",
+                    v.warps, v.stages, r.gbs, r.us
                 )
             })
             .collect();
@@ -242,8 +251,6 @@ fn attention_tables(dev: &candle_core::Device, report: &mut Report) -> anyhow::R
             cells.join("  ")
         );
     }
-    report.insert("attention".into(), serde_json::to_value(&att)?);
-    Ok(())
 }
 
 /// Flash prefill beside cuBLAS's rate `matmul`.
