@@ -54,9 +54,10 @@
 #define PART 512
 #define DIR_VSCALE 256.f
 
-template <int D, int NW, int ST, bool F8, bool DIR, int RG>
+template <int D, int NW, int ST, bool F8, bool DIR, int RG, bool SW>
 struct DecodeSmem {
   static constexpr int RS = D + 8;
+  static constexpr int TS = SW ? D : RS;  // f16 stage rows: swizzled, or padded
   static constexpr int KT = 16 * NW;
   static constexpr int CS = DIR ? D + 16 : D;      // bytes per code row
   static constexpr int CODES = ST * 2 * KT * CS;   // bytes: [ST][K, V][KT][CS]
@@ -64,10 +65,10 @@ struct DecodeSmem {
   // bytes: [NW * RG][K, V][16][RS] halves (each warp widens its keys)
   static constexpr int TILES = DIR ? 0 : NW * RG * 2 * 16 * RS * 2;
   // Bytes before the block table.
-  static constexpr int BYTES = F8 ? CODES + SCALES + TILES : ST * 2 * KT * RS * 2;
+  static constexpr int BYTES = F8 ? CODES + SCALES + TILES : ST * 2 * KT * TS * 2;
 };
 
-template <int D, int NW, int ST, bool SH, bool F8, bool DIR, int RG>
+template <int D, int NW, int ST, bool SH, bool F8, bool DIR, int RG, bool SW>
 __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__ kcv,
                             const void* __restrict__ vcv, const float* __restrict__ ksc,
                             const float* __restrict__ vsc, const int* __restrict__ tables,
@@ -83,7 +84,16 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
   constexpr int KT = 16 * NW;  // keys per tile
   constexpr int NT = 32 * NW * RG;  // threads
   static_assert(SH || RG == 1, "row groups are the shared launch's");
-  using SM = DecodeSmem<D, NW, ST, F8, DIR, RG>;
+  using SM = DecodeSmem<D, NW, ST, F8, DIR, RG, SW>;
+  // SW (f16, D = 128; `_sw_` builds, not yet the engine's): stage rows of
+  // 256 bytes, unpadded, their 16-byte chunks at chunk ^ (row & 7), so a
+  // 128-byte piece of a cache row lands in one aligned 128-byte piece of
+  // shared memory (the padded rows, 272 bytes apart, split each in two)
+  // and ldmatrix's 8 rows still hit 8 different bank groups.
+  static_assert(!SW || (D == 128 && !F8), "swizzled stages: f16, head dim 128");
+  constexpr int TS = SM::TS;
+  // Halves from a stage row's start to column c (a multiple of 8) of row r.
+  auto col = [](int r, int c) { return SW ? ((c >> 3) ^ (r & 7)) << 3 : c; };
   constexpr int CS = SM::CS;
   // f16: [ST][K, V][KT][RS]; F8: codes, scales, warp tiles (DecodeSmem);
   // then the table.
@@ -206,8 +216,8 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
       }
       return;
     }
-    half* ks = smem + st * 2 * KT * RS;
-    half* vs = ks + KT * RS;
+    half* ks = smem + st * 2 * KT * TS;
+    half* vs = ks + KT * TS;
     constexpr int STEP = NT / VPR;  // rows between a thread's vectors
     static_assert(NT % VPR == 0, "a thread's vectors share their column");
     const int rt = threadIdx.x / VPR, c = (threadIdx.x % VPR) * 8;
@@ -218,8 +228,8 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
       if (KT % STEP != 0 && r >= KT) break;
       const bool ok = k0 + r < kend;
       const size_t off = walk_slot(w, k0 + r, STEP) * row + (size_t)kvh * D + c;
-      cp_async16(ks + r * RS + c, kc + off, ok);
-      cp_async16(vs + r * RS + c, vc + off, ok);
+      cp_async16(ks + r * TS + col(r, c), kc + off, ok);
+      cp_async16(vs + r * TS + col(r, c), vc + off, ok);
     }
   };
   const int ntiles = (kend - kstart + KT - 1) / KT;
@@ -257,8 +267,8 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
   // One tile's products for this warp's rows over its 16 keys of the
   // tile in stage it % ST.
   auto tile_step = [&](int it) {
-    const half* ks = smem + (it % ST) * 2 * KT * RS + kw * 16 * RS;
-    const half* vs = ks + KT * RS;
+    const half* ks = smem + (it % ST) * 2 * KT * TS + kw * 16 * TS;
+    const half* vs = ks + KT * TS;
     // F8: this warp's 16 keys' K codes (V's KT * CS further) and K
     // scales (V's KT further) in the stage.
     const uint8_t* const kd = codes + (it % ST) * 2 * KT * CS + kw * 16 * CS;
@@ -292,6 +302,22 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
         // Column 2t + (r & 1): key j * 8 + 2t + (r & 1)'s scale.
 #pragma unroll
         for (int r = 0; r < 4; r++) s[j][r] *= ksd[j * 8 + 2 * t + (r & 1)];
+      }
+    } else if (SW) {
+      // qk_tile's reads at the swizzled columns (row & 7 = lane & 7: the
+      // warp's keys start at a multiple of 8 rows).
+#pragma unroll
+      for (int j = 0; j < 2; j++) {
+#pragma unroll
+        for (int r = 0; r < 4; r++) s[j][r] = 0.f;
+        const half* kr = ks + (j * 8 + (lane & 7)) * TS;
+#pragma unroll
+        for (int s2 = 0; s2 < KS; s2 += 2) {
+          uint32_t b[4];
+          ldsm_x4(b, kr + col(lane, s2 * 16 + ((lane >> 3) & 1) * 8 + (lane >> 4) * 16));
+          mma_16816(s[j], qa[s2], b[0], b[1]);
+          mma_16816(s[j], qa[s2 + 1], b[2], b[3]);
+        }
       }
     } else {
 #pragma unroll
@@ -359,7 +385,8 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
 #pragma unroll
     for (int dn = 0; dn < DN; dn += 2) {
       uint32_t bb[4];
-      ldsm_x4_t(bb, vs + (lane & 15) * RS + dn * 8 + (lane >> 4) * 8);
+      const int vr = lane & 15;  // (the warp's keys start at a multiple of 16 rows)
+      ldsm_x4_t(bb, vs + vr * TS + col(vr, dn * 8 + (lane >> 4) * 8));
       mma_16816(o[dn], pa, bb[0], bb[1]);
       mma_16816(o[dn + 1], pa, bb[2], bb[3]);
     }
@@ -439,37 +466,44 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
 // shared items' (`skip` unused); the same source, so the same arithmetic
 // per row (the GPU test checks it bit for bit). ksc/vsc: the FP8 builds'
 // scales (unused by the f16 builds).
-#define DECODE_ENTRY(NAME, D, NW, ST, SH, F8, DIR, RG)                                          \
-  extern "C" __global__ void __launch_bounds__(32 * NW * RG, RG > 1 ? 2 : 1) NAME(                            \
-      const half* q, const void* kc, const void* vc, const float* ksc, const float* vsc,        \
-      const int* tables, const int* ctx_lens, const unsigned* rows, float* part_o,              \
-      float* part_ml, half* out, const int* items, const unsigned* skip, int nh, int nkv,       \
-      int max_blocks, int block_size, int window, float scale, int P) {                         \
-    decode_impl<D, NW, ST, SH, F8, DIR, RG>(q, kc, vc, ksc, vsc, tables, ctx_lens, rows,       \
-                                            part_o, part_ml, out, items, skip, nh, nkv,        \
-                                            max_blocks, block_size, window, scale, P);         \
+#define DECODE_ENTRY(NAME, D, NW, ST, SH, F8, DIR, RG, SW)                                    \
+  extern "C" __global__ void __launch_bounds__(32 * NW * RG, RG > 1 ? 2 : 1)                  \
+      NAME(const half* q, const void* kc, const void* vc, const float* ksc, const float* vsc,  \
+           const int* tables, const int* ctx_lens, const unsigned* rows, float* part_o,       \
+           float* part_ml, half* out, const int* items, const unsigned* skip, int nh,         \
+           int nkv, int max_blocks, int block_size, int window, float scale, int P) {         \
+    decode_impl<D, NW, ST, SH, F8, DIR, RG, SW>(q, kc, vc, ksc, vsc, tables, ctx_lens, rows, \
+                                                part_o, part_ml, out, items, skip, nh, nkv,  \
+                                                max_blocks, block_size, window, scale, P);   \
   }
 // Shared builds: `_r64` (4 row groups, the engine's) and `_r16` (one: the
 // previous engine's, for the benches and the bit-identity test).
-#define DECODE(D, NW, ST)                                                                          \
-  DECODE_ENTRY(paged_decode_d##D##_w##NW##s##ST, D, NW, ST, false, false, false, 1)                \
-  DECODE_ENTRY(paged_decode_shared_r16_d##D##_w##NW##s##ST, D, NW, ST, true, false, false, 1)      \
-  DECODE_ENTRY(paged_decode_shared_r64_d##D##_w##NW##s##ST, D, NW, ST, true, false, false, 4)
+#define DECODE(D, NW, ST)                                                                  \
+  DECODE_ENTRY(paged_decode_d##D##_w##NW##s##ST, D, NW, ST, false, false, false, 1, false)  \
+  DECODE_ENTRY(paged_decode_shared_r16_d##D##_w##NW##s##ST, D, NW, ST, true, false, false, 1, \
+               false)                                                                       \
+  DECODE_ENTRY(paged_decode_shared_r64_d##D##_w##NW##s##ST, D, NW, ST, true, false, false, 4, \
+               false)
 // The FP8 cache's builds: the engine's (2 warps, 2 stages, widening), and
 // the direct builds (DIR) of 2 and 3 stages.
-#define DECODE_F8(D)                                                                  \
-  DECODE_ENTRY(paged_decode_f8_d##D##_w2s2, D, 2, 2, false, true, false, 1)           \
-  DECODE_ENTRY(paged_decode_shared_r64_f8_d##D##_w2s2, D, 2, 2, true, true, false, 4) \
-  DECODE_ENTRY(paged_decode_f8d_d##D##_w2s2, D, 2, 2, false, true, true, 1)           \
-  DECODE_ENTRY(paged_decode_shared_r64_f8d_d##D##_w2s2, D, 2, 2, true, true, true, 4) \
-  DECODE_ENTRY(paged_decode_f8d_d##D##_w2s3, D, 2, 3, false, true, true, 1)           \
-  DECODE_ENTRY(paged_decode_shared_r64_f8d_d##D##_w2s3, D, 2, 3, true, true, true, 4)
+#define DECODE_F8(D)                                                                         \
+  DECODE_ENTRY(paged_decode_f8_d##D##_w2s2, D, 2, 2, false, true, false, 1, false)           \
+  DECODE_ENTRY(paged_decode_shared_r64_f8_d##D##_w2s2, D, 2, 2, true, true, false, 4, false) \
+  DECODE_ENTRY(paged_decode_f8d_d##D##_w2s2, D, 2, 2, false, true, true, 1, false)           \
+  DECODE_ENTRY(paged_decode_shared_r64_f8d_d##D##_w2s2, D, 2, 2, true, true, true, 4, false) \
+  DECODE_ENTRY(paged_decode_f8d_d##D##_w2s3, D, 2, 3, false, true, true, 1, false)           \
+  DECODE_ENTRY(paged_decode_shared_r64_f8d_d##D##_w2s3, D, 2, 3, true, true, true, 4, false)
 #define DECODE_VARIANTS(D) \
   DECODE(D, 2, 2)          \
   DECODE(D, 4, 2)          \
   DECODE(D, 2, 3)          \
   DECODE(D, 4, 3)          \
   DECODE(D, 2, 4)
+// The swizzled f16 builds (SW; head dim 128, per-sequence launch only):
+// for `runner bench --kernels` and their bit-identity test, not yet the
+// engine's.
+DECODE_ENTRY(paged_decode_sw_d128_w2s2, 128, 2, 2, false, false, false, 1, true)
+DECODE_ENTRY(paged_decode_sw_d128_w2s3, 128, 2, 3, false, false, false, 1, true)
 DECODE_VARIANTS(16)
 DECODE_VARIANTS(32)
 DECODE_VARIANTS(64)

@@ -280,6 +280,8 @@ pub struct AttnRow {
     pub fp8: bool,
     /// Over an FP8 cache through a direct build (`paged_decode_f8d_*`).
     pub direct: bool,
+    /// Through a swizzled f16 build (`paged_decode_sw_*`).
+    pub swizzled: bool,
     /// K/V bytes read per second, GB/s.
     pub gbs: f64,
     /// Microseconds per call (one layer).
@@ -299,8 +301,8 @@ fn mistral_decode(max_keys: usize) -> DecodeShape {
 }
 
 /// Decode attention on Mistral-7B's heads (32 q, 8 kv, d 128, blocks of
-/// 16), every build of the kernel per case, then the engine's build over
-/// the same keys and values in an FP8 cache.
+/// 16), every build of the kernel per case (the swizzled ones last), then
+/// the engine's build over the same keys and values in an FP8 cache.
 pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<AttnRow>> {
     let cd = cuda::cuda(dev)?;
     let (nh, nkv, d, bs) = (32, 8, 128, 16);
@@ -319,9 +321,11 @@ pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Att
         let ctxs = Tensor::from_vec(vec![ctx as u32; b], b, dev)?;
         let shape = mistral_decode(ctx);
         let f16 = cuda::CacheLayer::f16(&kc, &vc);
-        for variant in DecodeVariant::ALL {
+        let f16_builds = DecodeVariant::ALL.map(|v| (f16, v)).into_iter();
+        let builds = f16_builds.chain(DecodeVariant::SWIZZLED.map(|v| (f16.swizzled(), v)));
+        for (cache, variant) in builds {
             let t = time(dev, 20, || {
-                cuda::paged_decode_with(&q, f16, &tables, &ctxs, &shape, variant)?;
+                cuda::paged_decode_with(&q, cache, &tables, &ctxs, &shape, variant)?;
                 Ok(())
             })?;
             let bytes = (b * ctx * nkv * d * 2 * 2) as f64;
@@ -329,9 +333,10 @@ pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Att
                 batch: b,
                 ctx,
                 variant,
-                default: variant == DecodeVariant::default(),
+                default: !cache.swizzled && variant == DecodeVariant::default(),
                 fp8: false,
                 direct: false,
+                swizzled: cache.swizzled,
                 gbs: bytes / t / 1e9,
                 us: t * 1e6,
             });
@@ -356,6 +361,7 @@ pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Att
                 default: !cache.direct,
                 fp8: true,
                 direct: cache.direct,
+                swizzled: false,
                 gbs: bytes / t / 1e9,
                 us: t * 1e6,
             });

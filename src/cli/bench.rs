@@ -225,16 +225,17 @@ fn print_shared(shared: &[bench::kernels::SharedRow]) {
 #[cfg(feature = "cuda")]
 fn print_attention(att: &[bench::kernels::AttnRow], read: f64) {
     println!(
-        "decode attention (32 q / 8 kv heads, d 128): batch ctx, then GB/s and % of the read ceiling ({read:.0} GB/s) and µs per build (warps x stages; * the engine's), then the widening build over an FP8 cache (fp8) and the direct FP8 builds (f8d; w2s2 is the engine's)"
+        "decode attention (32 q / 8 kv heads, d 128): batch ctx, then GB/s and % of the read ceiling ({read:.0} GB/s) and µs per build (warps x stages; * the engine's), then the swizzled f16 builds (sw: unpadded stages, not yet the engine's), the widening build over an FP8 cache (fp8) and the direct FP8 builds (f8d; w2s2 is the engine's)"
     );
     for case in att.chunk_by(|a, b| (a.batch, a.ctx) == (b.batch, b.ctx)) {
         let cells: Vec<String> = case
             .iter()
             .map(|r| {
                 let mark = if r.default { "*" } else { " " };
-                let fp8 = match (r.fp8, r.direct) {
-                    (true, true) => " f8d",
-                    (true, false) => " fp8",
+                let fp8 = match (r.fp8, r.direct, r.swizzled) {
+                    (true, true, _) => " f8d",
+                    (true, false, _) => " fp8",
+                    (false, _, true) => " sw",
                     _ => "",
                 };
                 let (v, pct) = (r.variant, 100.0 * r.gbs / read);

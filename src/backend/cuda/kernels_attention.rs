@@ -90,13 +90,19 @@ impl DecodeVariant {
         stages: 2,
     }];
 
+    /// The swizzled f16 builds (`paged_decode_sw_d128_*`, head dim 128,
+    /// no shared launch), for benchmarks: 2 x 3 and 2 x 2.
+    pub const SWIZZLED: [DecodeVariant; 2] = [Self::ALL[0], Self::ALL[1]];
+
     /// The builds there are for reading `cache`: every f16 build, the
-    /// engine's alone over FP8 codes widened, the direct FP8 builds.
+    /// engine's alone over FP8 codes widened, the direct FP8 builds, the
+    /// swizzled f16 builds.
     pub fn builds(cache: &CacheLayer<'_>) -> &'static [DecodeVariant] {
-        match (cache.scales.is_some(), cache.direct) {
-            (false, _) => &Self::ALL,
-            (true, false) => &Self::FP8_WIDEN,
-            (true, true) => &Self::FP8_DIRECT,
+        match (cache.scales.is_some(), cache.direct, cache.swizzled) {
+            (false, _, false) => &Self::ALL,
+            (false, _, true) => &Self::SWIZZLED,
+            (true, false, _) => &Self::FP8_WIDEN,
+            (true, true, _) => &Self::FP8_DIRECT,
         }
     }
 }
@@ -213,6 +219,13 @@ pub fn paged_decode_into(
     if !builds.contains(&v) {
         return Err(Error::Model(format!(
             "paged_decode: no build {v:?} of paged_decode_{tag}* (there are {builds:?})"
+        )));
+    }
+    if cache.swizzled && (s.head_dim != 128 || io.shared.is_some()) {
+        return Err(Error::Model(format!(
+            "paged_decode: the swizzled builds take head_dim 128 and no shared plan, given head_dim {}{}",
+            s.head_dim,
+            if io.shared.is_some() { " and a plan" } else { "" }
         )));
     }
     let dev = device_of(io.q)?;
@@ -345,7 +358,7 @@ pub fn paged_decode_into(
 
 /// Shared memory of a decode build (DecodeSmem in kernels/attention_decode.cuh):
 /// f16, the stages of a K and a V tile of 16 keys per warp (rows padded by
-/// 8 halves); FP8, the stages' codes and scales and each warp's widened K
+/// 8 halves; swizzled: unpadded); FP8, the stages' codes and scales and each warp's widened K
 /// and V tile; FP8 direct, the stages' codes (rows padded by 16 bytes) and
 /// scales; then the partition's block-table entries. The warps' final
 /// combine of their 16 rows per row group (`groups`: 1, or the shared
@@ -355,6 +368,7 @@ fn decode_smem(v: DecodeVariant, groups: usize, s: &DecodeShape, cache: &CacheLa
     let table = 4 * (DECODE_PART.div_ceil(s.block_size) + 2);
     let warps = v.warps * groups;
     let body = match (cache.scales.is_some(), cache.direct) {
+        (false, _) if cache.swizzled => v.stages * 2 * tile * d * 2,
         (false, _) => v.stages * 2 * tile * rs * 2,
         (true, false) => v.stages * 2 * tile * (d + 4) + warps * 2 * 16 * rs * 2,
         (true, true) => v.stages * 2 * tile * (d + 16 + 4),

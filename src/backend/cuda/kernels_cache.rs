@@ -45,6 +45,10 @@ pub struct CacheLayer<'a> {
     /// applied to the scores and to P; not bit-identical to the widening
     /// builds; the engine's, `CudaKv::attend`). Flash prefill always widens.
     pub direct: bool,
+    /// f16, head dim 128: decode through the swizzled builds
+    /// (`paged_decode_sw_*`: unpadded stage rows, bit-identical to the
+    /// padded ones; benches and tests only, not yet the engine's).
+    pub swizzled: bool,
 }
 
 impl<'a> CacheLayer<'a> {
@@ -55,6 +59,7 @@ impl<'a> CacheLayer<'a> {
             v,
             scales: None,
             direct: false,
+            swizzled: false,
         }
     }
 
@@ -65,6 +70,7 @@ impl<'a> CacheLayer<'a> {
             v,
             scales: Some((ks, vs)),
             direct: false,
+            swizzled: false,
         }
     }
 
@@ -72,6 +78,14 @@ impl<'a> CacheLayer<'a> {
     pub fn direct(self) -> Self {
         Self {
             direct: true,
+            ..self
+        }
+    }
+
+    /// The same f16 cache, decoded through the swizzled builds.
+    pub fn swizzled(self) -> Self {
+        Self {
+            swizzled: self.scales.is_none(),
             ..self
         }
     }
@@ -98,11 +112,12 @@ impl<'a> CacheLayer<'a> {
         }
     }
 
-    /// The decode kernels' tag: [`Self::tag`], or `f8d_` for the direct
-    /// builds.
+    /// The decode kernels' tag: [`Self::tag`], `f8d_` for the direct
+    /// builds, `sw_` for the swizzled ones.
     pub(super) fn decode_tag(&self) -> &'static str {
-        match (self.scales, self.direct) {
-            (Some(_), true) => "f8d_",
+        match (self.scales, self.direct, self.swizzled) {
+            (Some(_), true, _) => "f8d_",
+            (None, _, true) => "sw_",
             _ => self.tag(),
         }
     }

@@ -4,8 +4,8 @@
 use runner::backend::decode_plan::{ITEM_ROWS, TILE_ROWS};
 
 use super::{
-    decode_reference, gpu, host, rel_err, shared_prefix_batch, shuffled_tables, DecodeCase, Lcg,
-    DECODE_CASES, DECODE_CTX,
+    decode_case_shape, decode_reference, gpu, host, rel_err, shared_prefix_batch, shuffled_tables,
+    DecodeCase, Lcg, DECODE_CASES, DECODE_CTX,
 };
 use candle_core::{DType, Tensor};
 use half::f16;
@@ -45,14 +45,7 @@ fn paged_decode_matches_a_float64_reference() {
                 &dev,
             )
             .unwrap(),
-            &DecodeShape {
-                heads: nh,
-                kv_heads: nkv,
-                head_dim: d,
-                block_size: bs,
-                window,
-                max_keys: if window > 0 { 2500.min(window) } else { 2500 },
-            },
+            &decode_case_shape((nh, nkv, d, bs, window)),
         )
         .unwrap();
         let e = rel_err(&host(&out), &want);
@@ -60,6 +53,36 @@ fn paged_decode_matches_a_float64_reference() {
             e < 2e-3,
             "decode nh {nh} nkv {nkv} d {d} window {window}: rel err {e}"
         );
+    }
+}
+
+#[test]
+fn swizzled_decode_builds_equal_the_padded_ones_bit_for_bit() {
+    // The `sw` builds (unpadded, swizzled stage rows; head dim 128) move
+    // only where K and V sit in shared memory: every output equals the
+    // padded build's of the same warps and stages, with and without a
+    // window, over contexts of one key to several partitions.
+    let dev = gpu();
+    let mut rng = Lcg(19);
+    for (nh, nkv, d, bs, window) in DECODE_CASES.into_iter().filter(|c| c.2 == 128) {
+        let ctx = DECODE_CTX;
+        let (tables, maxb, total) = shuffled_tables(&mut rng, &ctx, bs);
+        let row = nkv * d;
+        let t = |v: Vec<f16>, shape: (usize, usize)| Tensor::from_vec(v, shape, &dev).unwrap();
+        let kc = t(rng.f16s(total * bs * row, 1.0), (total * bs, row));
+        let vc = t(rng.f16s(total * bs * row, 1.0), (total * bs, row));
+        let q = t(rng.f16s(ctx.len() * nh * d, 1.0), (ctx.len(), nh * d));
+        let tables = Tensor::from_vec(tables, (ctx.len(), maxb), &dev).unwrap();
+        let lens: Vec<u32> = ctx.iter().map(|&c| c as u32).collect();
+        let lens = Tensor::from_vec(lens, ctx.len(), &dev).unwrap();
+        let shape = decode_case_shape((nh, nkv, d, bs, window));
+        let padded = cuda::CacheLayer::f16(&kc, &vc);
+        for v in cuda::DecodeVariant::SWIZZLED {
+            let run = |c| host(&cuda::paged_decode_with(&q, c, &tables, &lens, &shape, v).unwrap());
+            let (a, b) = (run(padded), run(padded.swizzled()));
+            assert!(a.iter().all(|x| x.is_finite()) && a.iter().any(|&x| x != 0.0));
+            assert!(a == b, "{v:?} window {window}: the swizzled build differs");
+        }
     }
 }
 

@@ -6,8 +6,8 @@
 //! test's bounds.
 
 use super::{
-    decode_reference, gpu, host, rel_err, shared_prefix_batch, shuffled_tables, DecodeCase, Lcg,
-    DECODE_CASES, DECODE_CTX,
+    decode_case_shape, decode_reference, gpu, host, rel_err, shared_prefix_batch, shuffled_tables,
+    DecodeCase, Lcg, DECODE_CASES, DECODE_CTX,
 };
 use candle_core::{DType, Device, Tensor};
 use half::f16;
@@ -147,14 +147,7 @@ fn fp8_decode_equals_the_f16_kernel_over_the_widened_values_and_direct_is_bounde
         let tables = Tensor::from_vec(tables, (ctx.len(), maxb), &dev).unwrap();
         let lens: Vec<u32> = ctx.iter().map(|&c| c as u32).collect();
         let lens = Tensor::from_vec(lens, ctx.len(), &dev).unwrap();
-        let shape = DecodeShape {
-            heads: nh,
-            kv_heads: nkv,
-            head_dim: d,
-            block_size: bs,
-            window,
-            max_keys: if window > 0 { 2500.min(window) } else { 2500 },
-        };
+        let shape = decode_case_shape((nh, nkv, d, bs, window));
         let run =
             |c: CacheLayer<'_>| host(&cuda::paged_decode(&q, c, &tables, &lens, &shape).unwrap());
         let (a, b) = (run(p.fp8()), run(p.f16()));

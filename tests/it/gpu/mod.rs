@@ -120,6 +120,21 @@ const DECODE_CASES: [(usize, usize, usize, usize, usize); 5] = [
 /// several.
 const DECODE_CTX: [usize; 5] = [1, 17, 300, 1100, 2500];
 
+/// The shape of a [`DECODE_CASES`] case over [`DECODE_CTX`] (a window
+/// bounds the visible keys).
+fn decode_case_shape(
+    (nh, nkv, d, bs, window): (usize, usize, usize, usize, usize),
+) -> cuda::DecodeShape {
+    cuda::DecodeShape {
+        heads: nh,
+        kv_heads: nkv,
+        head_dim: d,
+        block_size: bs,
+        window,
+        max_keys: if window > 0 { 2500.min(window) } else { 2500 },
+    }
+}
+
 /// A decode batch for [`decode_reference`]: sequence b's context is
 /// ctx[b], its blocks row b of `tables` [ctx.len() * maxb].
 struct DecodeCase<'a> {
