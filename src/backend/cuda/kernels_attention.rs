@@ -42,9 +42,10 @@ impl DecodeVariant {
     /// the engine's, for every batch (a build's warps set the order of its
     /// sums, so one build keeps a sequence's result independent of the
     /// batch; its stages do not touch the arithmetic): 2 warps, 3 stages,
-    /// as fast as or faster than 2 x 2 (the engine's from runs 31-32 to 84)
-    /// at every case of run 84 but the smallest (H200, BENCHMARKS.md), and
-    /// bit-identical to it.
+    /// bit-identical to 2 x 2 (the engine's from runs 31-32 to 84). Run 84
+    /// measured 2 x 3 as fast or faster at all but the smallest case; run
+    /// 87, after the loads' address changes, had 2 x 2 1-3% ahead at every
+    /// case (H200, BENCHMARKS.md): a workload A/B is to decide.
     pub const ALL: [DecodeVariant; 5] = [
         DecodeVariant {
             warps: 2,
