@@ -72,7 +72,11 @@ __device__ __forceinline__ void ws_produce(uint8_t* qs, uint8_t* ks, uint8_t* vs
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-template <int S, int QB>
+// X (the `_x` build, not yet the engine's): an item's last PV goes beside
+// the next item's first S in one step (the item's l kept for its stores),
+// so the overlap does not stop at item boundaries; the same arithmetic per
+// item, so the same bits.
+template <int S, int QB, bool X>
 __device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS, int ntiles) {
   WG_SMEM_Q;
   uint8_t* const ks = qs + QB * WG_QBYTES;
@@ -138,20 +142,40 @@ __device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS, int ntiles) 
     wg_pack_p(pa, s);
     n++;
   };
-
-  if (wgi == 1) named_arrive(1, 256);  // warpgroup 0 issues first
-  for (int qi = 0, item; (item = ws_item(qi)) < ntiles * kv_heads; qi++) {
-    const WgTile w = wg_tile(tiles, item / kv_heads, item % kv_heads, heads, kv_heads, window);
-    const int qb = qi % QB;
-    wg_zero(o);
+  // X: the first tile of item w beside the last PV of item wp (whose
+  // running sums lp are its own): wp's output is stored once that PV is
+  // done, then O starts from zero (what the rescale of a zeroed O by the
+  // first tile's alpha gives).
+  auto step_across = [&](const WgTile& w, const uint8_t* qwg, int tok0, const WgTile& wp) {
+    const int st = n % S, pst = (n + S - 1) % S;
+    mbar_wait(&b.fullk[st], (n / S) & 1);
+    mbar_wait(&b.fullv[pst], ((n - 1) / S) & 1);
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    named_sync(1 + wgi, 256);
+    float s[16][4];
+    wg_issue_qk(s, qwg, ks + st * WG_TBYTES);
+    wg_issue_pv(o, pa, vs + pst * WG_TBYTES);
+    named_arrive(2 - wgi, 256);
+    wg_wait<1>();
+    wg_keep_all(s);
+    if (lane == 0) mbar_arrive(&b.emptyk[st]);
+    const float lp[2] = {lrow[0], lrow[1]};
     mrow[0] = mrow[1] = -INFINITY;
     lrow[0] = lrow[1] = 0.f;
-    const int tok0 = (warp * 16) % w.MT + (lane >> 2);
-    const uint8_t* const qwg = qs + qb * WG_QBYTES + wgi * 64 * 128;
-    mbar_wait(&b.fullq[qb], (qi / QB) & 1);
-    step(w, qwg, w.t0, tok0, false);
-    for (int kt = w.t0 + 1; kt <= w.t1; kt++) step(w, qwg, kt, tok0, true);
-    if (lane == 0) mbar_arrive(&b.emptyq[qb]);  // the item's last S is done
+    float alpha[2];
+    wg_softmax(s, w, w.t0, tok0, window, sh2, mrow, lrow, alpha);
+    wg_wait<0>();
+    wg_keep_all(o);
+    if (lane == 0) mbar_arrive(&b.emptyv[pst]);
+    wg_store_out(out, o, lp, wp, warp);
+    wg_zero(o);
+    wg_pack_p(pa, s);
+    n++;
+  };
+
+  // An item's last PV and its output's stores (X: after the last item
+  // only).
+  auto finish = [&](const WgTile& w) {
     const int pst = (n - 1) % S;
     mbar_wait(&b.fullv[pst], ((n - 1) / S) & 1);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -160,7 +184,35 @@ __device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS, int ntiles) 
     wg_keep_all(o);
     if (lane == 0) mbar_arrive(&b.emptyv[pst]);
     wg_store_out(out, o, lrow, w, warp);
+  };
+
+  if (wgi == 1) named_arrive(1, 256);  // warpgroup 0 issues first
+  WgTile wp{};  // X: the previous item, its last PV not yet issued
+  bool open = false;
+  for (int qi = 0, item; (item = ws_item(qi)) < ntiles * kv_heads; qi++) {
+    const WgTile w = wg_tile(tiles, item / kv_heads, item % kv_heads, heads, kv_heads, window);
+    const int qb = qi % QB;
+    const int tok0 = (warp * 16) % w.MT + (lane >> 2);
+    const uint8_t* const qwg = qs + qb * WG_QBYTES + wgi * 64 * 128;
+    mbar_wait(&b.fullq[qb], (qi / QB) & 1);
+    if (X && open) {
+      step_across(w, qwg, tok0, wp);
+    } else {
+      wg_zero(o);
+      mrow[0] = mrow[1] = -INFINITY;
+      lrow[0] = lrow[1] = 0.f;
+      step(w, qwg, w.t0, tok0, false);
+    }
+    for (int kt = w.t0 + 1; kt <= w.t1; kt++) step(w, qwg, kt, tok0, true);
+    if (lane == 0) mbar_arrive(&b.emptyq[qb]);  // the item's last S is done
+    if (X) {
+      wp = w;
+      open = true;
+    } else {
+      finish(w);
+    }
   }
+  if (X && open) finish(wp);
   // Warpgroup 1's last arrival on barrier 1 (it arrived once before the
   // loop) is waited for here, so both barriers end with no arrivals.
   if (wgi == 0) named_sync(1, 256);
@@ -170,6 +222,14 @@ __device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS, int ntiles) 
 // buffer and three stages measured slower in run 82).
 extern "C" __global__ void __launch_bounds__(384, 1)
     flash_prefill_ws_d128(WG_PREFILL_PARAMS, int ntiles) {
-  flash_prefill_ws<2, 2>(q, kc, vc, nullptr, nullptr, keys, tiles, out, heads, kv_heads, window,
-                         scale, ntiles);
+  flash_prefill_ws<2, 2, false>(q, kc, vc, nullptr, nullptr, keys, tiles, out, heads, kv_heads,
+                                window, scale, ntiles);
+}
+
+// The same with an item's last PV beside the next item's first S (X; the
+// `Crossed` launch, not yet the engine's).
+extern "C" __global__ void __launch_bounds__(384, 1)
+    flash_prefill_ws_x_d128(WG_PREFILL_PARAMS, int ntiles) {
+  flash_prefill_ws<2, 2, true>(q, kc, vc, nullptr, nullptr, keys, tiles, out, heads, kv_heads,
+                               window, scale, ntiles);
 }

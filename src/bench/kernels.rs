@@ -414,6 +414,11 @@ pub struct PrefillRow {
     pub ws_us: Option<f64>,
     /// TFLOP/s of the pipelined wgmma kernel.
     pub ws_tflops: Option<f64>,
+    /// The pipelined kernel with an item's last PV beside the next item's
+    /// first S (`flash_prefill_ws_x_d128`): µs.
+    pub wsx_us: Option<f64>,
+    /// TFLOP/s of the crossed pipelined kernel.
+    pub wsx_tflops: Option<f64>,
 }
 
 /// Flash prefill attention on Mistral's heads (32 q, 8 kv, d 128, blocks of
@@ -468,6 +473,7 @@ pub fn prefill_table(dev: &Device, cases: &[(usize, usize, usize)]) -> Result<Ve
         };
         let twg = wg(cuda::WgPrefill::Plain)?;
         let tws = wg(cuda::WgPrefill::Pipelined)?;
+        let twx = wg(cuda::WgPrefill::Crossed)?;
         // Visible (query, key) pairs: n start + n (n + 1) / 2 per head and
         // sequence; 2 FLOP per multiply-add, QK^T and PV.
         let flop = (b * nh) as f64 * (n * start + n * (n + 1) / 2) as f64 * d as f64 * 4.0;
@@ -483,6 +489,8 @@ pub fn prefill_table(dev: &Device, cases: &[(usize, usize, usize)]) -> Result<Ve
             wg_tflops: twg.map(|t| flop / t / 1e12),
             ws_us: tws.map(|t| t * 1e6),
             ws_tflops: tws.map(|t| flop / t / 1e12),
+            wsx_us: twx.map(|t| t * 1e6),
+            wsx_tflops: twx.map(|t| flop / t / 1e12),
         });
     }
     Ok(rows)

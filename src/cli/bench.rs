@@ -272,12 +272,12 @@ fn prefill_tables(
     ];
     let pre = bench::kernels::prefill_table(dev, &cases)?;
     println!(
-        "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens+cached us TFLOP/s, then over an FP8 cache, then the wgmma kernels, plain and pipelined (Hopper; the engine's for long prompts)  (cuBLAS {matmul:.0})"
+        "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens+cached us TFLOP/s, then over an FP8 cache, then the wgmma kernels, plain, pipelined (Hopper; the engine's for long prompts) and pipelined across items (not yet the engine's)  (cuBLAS {matmul:.0})"
     );
     let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
     for r in &pre {
         println!(
-            "  {:>4} {:>5}+{:<5} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7}",
+            "  {:>4} {:>5}+{:<5} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7}",
             r.seqs,
             r.tokens,
             r.cached,
@@ -288,7 +288,9 @@ fn prefill_tables(
             f(r.wg_us),
             f(r.wg_tflops),
             f(r.ws_us),
-            f(r.ws_tflops)
+            f(r.ws_tflops),
+            f(r.wsx_us),
+            f(r.wsx_tflops)
         );
     }
     report.insert("prefill".into(), serde_json::to_value(&pre)?);

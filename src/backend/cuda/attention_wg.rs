@@ -76,6 +76,10 @@ pub enum WgPrefill {
     /// pingpong between the two computing warpgroups (steps 4-6); two Q
     /// buffers and two stages of K and V (the engine's).
     Pipelined,
+    /// `flash_prefill_ws_x_d128`: [`Self::Pipelined`] with an item's last
+    /// PV beside the next item's first S (not yet the engine's; not yet run
+    /// on a GPU when written).
+    Crossed,
 }
 
 /// The wgmma flash prefill: what [`super::flash_prefill`] computes for
@@ -119,7 +123,7 @@ pub fn flash_prefill_wg(
         // Persistent: a block per multiprocessor at most, over the (tile,
         // KV head) items; two Q buffers, two K/V stages, and their 12
         // mbarriers (full and empty each).
-        WgPrefill::Pipelined => {
+        WgPrefill::Pipelined | WgPrefill::Crossed => {
             args.push(Arg::I(tiles.1 as i32));
             let items = tiles.1 * s.kv_heads;
             let cfg = LaunchConfig {
@@ -127,7 +131,11 @@ pub fn flash_prefill_wg(
                 block_dim: (384, 1, 1),
                 shared_mem_bytes: (tile_bytes(2 + 2 * 2) + 12 * 8) as u32,
             };
-            ("flash_prefill_ws_d128", cfg)
+            let name = match which {
+                WgPrefill::Crossed => "flash_prefill_ws_x_d128",
+                _ => "flash_prefill_ws_d128",
+            };
+            (name, cfg)
         }
     };
     launch(&dev, &ATTENTION_WG, name, cfg, &args)

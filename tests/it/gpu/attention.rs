@@ -395,7 +395,7 @@ fn flash_prefill_matches_a_float64_reference() {
         };
         // The mma.sync kernel, and on Hopper at head dim 128 the wgmma one
         // (kernels/attention_wg.cu), against the same reference.
-        // The two wgmma kernels differ only in scheduling: the same bits.
+        // The wgmma kernels differ only in scheduling: the same bits.
         let mut kernels: Vec<(&str, Prefill)> = vec![("mma.sync", cuda::flash_prefill)];
         if d == 128 && cuda::wgmma_runs_on(&dev) {
             kernels.push(("wgmma", |q, c, k, t, o, s| {
@@ -403,6 +403,9 @@ fn flash_prefill_matches_a_float64_reference() {
             }));
             kernels.push(("wgmma pipelined", |q, c, k, t, o, s| {
                 cuda::flash_prefill_wg(q, c, k, t, o, s, cuda::WgPrefill::Pipelined)
+            }));
+            kernels.push(("wgmma crossed", |q, c, k, t, o, s| {
+                cuda::flash_prefill_wg(q, c, k, t, o, s, cuda::WgPrefill::Crossed)
             }));
         }
         let mut plain_wg = None;
@@ -418,7 +421,7 @@ fn flash_prefill_matches_a_float64_reference() {
             );
             match name {
                 "wgmma" => plain_wg = Some(got),
-                "wgmma pipelined" => {
+                "wgmma pipelined" | "wgmma crossed" => {
                     let plain = plain_wg.as_ref().expect("the plain wgmma kernel ran first");
                     let differ = got
                         .iter()
@@ -479,11 +482,14 @@ fn flash_prefill_of_a_row_does_not_depend_on_how_its_prompt_is_chunked() {
             }
             out
         };
-        // The mma.sync kernel, and on Hopper the pipelined wgmma one.
+        // The mma.sync kernel, and on Hopper the pipelined wgmma ones.
         let mut kernels: Vec<(&str, Prefill)> = vec![("mma.sync", cuda::flash_prefill)];
         if cuda::wgmma_runs_on(&dev) {
             kernels.push(("wgmma pipelined", |q, c, k, t, o, s| {
                 cuda::flash_prefill_wg(q, c, k, t, o, s, cuda::WgPrefill::Pipelined)
+            }));
+            kernels.push(("wgmma crossed", |q, c, k, t, o, s| {
+                cuda::flash_prefill_wg(q, c, k, t, o, s, cuda::WgPrefill::Crossed)
             }));
         }
         for (name, kernel) in kernels {
@@ -546,4 +552,77 @@ fn wgmma_prefill_products_match_float64() {
     let (es, eo) = (rel_err(&host(&s), &want_s), rel_err(&host(&o), &want_o));
     assert!(es < 1e-5, "S = Q K^T from shared memory: rel err {es}");
     assert!(eo < 1e-5, "O = P V with V transposed: rel err {eo}");
+}
+
+#[test]
+fn crossed_wgmma_prefill_equals_the_pipelined_one_over_many_items() {
+    // The crossed build overlaps an item's last PV with the next item's
+    // first S, which happens only where a block takes several items: more
+    // items than multiprocessors (Mistral's heads, prompts of 2,100 and
+    // 900 tokens after 300 cached: ~100 tiles x 8 KV heads), with and
+    // without a window. Scheduling only: the same bits. Before Hopper the
+    // wgmma kernels do not run.
+    let dev = gpu();
+    if !cuda::wgmma_runs_on(&dev) {
+        return;
+    }
+    let mut rng = Lcg(37);
+    let (nh, nkv, d) = (32usize, 8usize, 128usize);
+    let chunks = [(0usize, 2100usize), (300, 900)];
+    let t: usize = chunks.iter().map(|c| c.1).sum();
+    let total_keys: usize = chunks.iter().map(|c| c.0 + c.1).sum();
+    let row = nkv * d;
+    let f16s = |rng: &mut Lcg, n: usize, shape: (usize, usize)| {
+        Tensor::from_vec(rng.f16s(n, 1.0), shape, &dev).unwrap()
+    };
+    let kc = f16s(&mut rng, total_keys * row, (total_keys, row));
+    let vc = f16s(&mut rng, total_keys * row, (total_keys, row));
+    let q = f16s(&mut rng, t * nh * d, (t, nh * d));
+    let (mut pc, mut row0, mut key_off) = (Vec::new(), 0, 0);
+    for &(start, n) in &chunks {
+        pc.push(cuda::PrefillChunk {
+            row0,
+            n,
+            start,
+            key_off,
+        });
+        row0 += n;
+        key_off += start + n;
+    }
+    let keys: Vec<u32> = (0..total_keys as u32).rev().collect();
+    let keys = Tensor::from_vec(keys, total_keys, &dev).unwrap();
+    let (tiles, ntiles) = cuda::prefill_tiles(&pc, nh / nkv, &dev).unwrap();
+    assert!(
+        ntiles * nkv > 2 * 132,
+        "{ntiles} tiles: too few items to cross"
+    );
+    for window in [0usize, 700] {
+        let shape = cuda::PrefillShape {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+            window,
+        };
+        let run = |which| {
+            let out = Tensor::zeros((t, nh * d), DType::F16, &dev).unwrap();
+            let cache = cuda::CacheLayer::f16(&kc, &vc);
+            cuda::flash_prefill_wg(&q, cache, &keys, (&tiles, ntiles), &out, &shape, which)
+                .unwrap();
+            host(&out)
+        };
+        let (a, b) = (
+            run(cuda::WgPrefill::Pipelined),
+            run(cuda::WgPrefill::Crossed),
+        );
+        assert!(a.iter().all(|x| x.is_finite()) && a.iter().any(|&x| x != 0.0));
+        let differ = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count();
+        assert_eq!(
+            differ, 0,
+            "window {window}: {differ} values of the crossed build differ"
+        );
+    }
 }
