@@ -173,8 +173,7 @@ __device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS, int ntiles) 
     n++;
   };
 
-  // An item's last PV and its output's stores (X: after the last item
-  // only).
+  // X: an item's last PV and its output's stores, after the last item.
   auto finish = [&](const WgTile& w) {
     const int pst = (n - 1) % S;
     mbar_wait(&b.fullv[pst], ((n - 1) / S) & 1);
@@ -192,24 +191,40 @@ __device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS, int ntiles) 
   for (int qi = 0, item; (item = ws_item(qi)) < ntiles * kv_heads; qi++) {
     const WgTile w = wg_tile(tiles, item / kv_heads, item % kv_heads, heads, kv_heads, window);
     const int qb = qi % QB;
-    const int tok0 = (warp * 16) % w.MT + (lane >> 2);
-    const uint8_t* const qwg = qs + qb * WG_QBYTES + wgi * 64 * 128;
-    mbar_wait(&b.fullq[qb], (qi / QB) & 1);
-    if (X && open) {
-      step_across(w, qwg, tok0, wp);
-    } else {
+    if constexpr (!X) {
       wg_zero(o);
       mrow[0] = mrow[1] = -INFINITY;
       lrow[0] = lrow[1] = 0.f;
+    }
+    const int tok0 = (warp * 16) % w.MT + (lane >> 2);
+    const uint8_t* const qwg = qs + qb * WG_QBYTES + wgi * 64 * 128;
+    mbar_wait(&b.fullq[qb], (qi / QB) & 1);
+    if constexpr (X) {
+      if (open) {
+        step_across(w, qwg, tok0, wp);
+      } else {
+        wg_zero(o);
+        mrow[0] = mrow[1] = -INFINITY;
+        lrow[0] = lrow[1] = 0.f;
+        step(w, qwg, w.t0, tok0, false);
+      }
+    } else {
       step(w, qwg, w.t0, tok0, false);
     }
     for (int kt = w.t0 + 1; kt <= w.t1; kt++) step(w, qwg, kt, tok0, true);
     if (lane == 0) mbar_arrive(&b.emptyq[qb]);  // the item's last S is done
-    if (X) {
+    if constexpr (X) {
       wp = w;
       open = true;
     } else {
-      finish(w);
+      const int pst = (n - 1) % S;
+      mbar_wait(&b.fullv[pst], ((n - 1) / S) & 1);
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      wg_issue_pv(o, pa, vs + pst * WG_TBYTES);
+      wg_wait<0>();
+      wg_keep_all(o);
+      if (lane == 0) mbar_arrive(&b.emptyv[pst]);
+      wg_store_out(out, o, lrow, w, warp);
     }
   }
   if (X && open) finish(wp);
