@@ -173,7 +173,8 @@ __device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS, int ntiles) 
     n++;
   };
 
-  // X: an item's last PV and its output's stores, after the last item.
+  // An item's last PV and its output's stores (X: deferred to the next
+  // item's first step, and after the last item).
   auto finish = [&](const WgTile& w) {
     const int pst = (n - 1) % S;
     mbar_wait(&b.fullv[pst], ((n - 1) / S) & 1);
@@ -184,6 +185,12 @@ __device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS, int ntiles) 
     if (lane == 0) mbar_arrive(&b.emptyv[pst]);
     wg_store_out(out, o, lrow, w, warp);
   };
+  // A fresh item's O and running max and sum.
+  auto begin = [&] {
+    wg_zero(o);
+    mrow[0] = mrow[1] = -INFINITY;
+    lrow[0] = lrow[1] = 0.f;
+  };
 
   if (wgi == 1) named_arrive(1, 256);  // warpgroup 0 issues first
   WgTile wp{};  // X: the previous item, its last PV not yet issued
@@ -191,40 +198,23 @@ __device__ __forceinline__ void flash_prefill_ws(WG_PREFILL_PARAMS, int ntiles) 
   for (int qi = 0, item; (item = ws_item(qi)) < ntiles * kv_heads; qi++) {
     const WgTile w = wg_tile(tiles, item / kv_heads, item % kv_heads, heads, kv_heads, window);
     const int qb = qi % QB;
-    if constexpr (!X) {
-      wg_zero(o);
-      mrow[0] = mrow[1] = -INFINITY;
-      lrow[0] = lrow[1] = 0.f;
-    }
+    if (!X) begin();  // (before the Q wait, as the engine's build always had it)
     const int tok0 = (warp * 16) % w.MT + (lane >> 2);
     const uint8_t* const qwg = qs + qb * WG_QBYTES + wgi * 64 * 128;
     mbar_wait(&b.fullq[qb], (qi / QB) & 1);
-    if constexpr (X) {
-      if (open) {
-        step_across(w, qwg, tok0, wp);
-      } else {
-        wg_zero(o);
-        mrow[0] = mrow[1] = -INFINITY;
-        lrow[0] = lrow[1] = 0.f;
-        step(w, qwg, w.t0, tok0, false);
-      }
+    if (X && open) {
+      step_across(w, qwg, tok0, wp);
     } else {
+      if (X) begin();
       step(w, qwg, w.t0, tok0, false);
     }
     for (int kt = w.t0 + 1; kt <= w.t1; kt++) step(w, qwg, kt, tok0, true);
     if (lane == 0) mbar_arrive(&b.emptyq[qb]);  // the item's last S is done
-    if constexpr (X) {
+    if (X) {
       wp = w;
       open = true;
     } else {
-      const int pst = (n - 1) % S;
-      mbar_wait(&b.fullv[pst], ((n - 1) / S) & 1);
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-      wg_issue_pv(o, pa, vs + pst * WG_TBYTES);
-      wg_wait<0>();
-      wg_keep_all(o);
-      if (lane == 0) mbar_arrive(&b.emptyv[pst]);
-      wg_store_out(out, o, lrow, w, warp);
+      finish(w);
     }
   }
   if (X && open) finish(wp);
