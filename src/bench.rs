@@ -242,6 +242,8 @@ pub fn run_workload(
 }
 
 #[cfg(feature = "cuda")]
+pub mod attention;
+#[cfg(feature = "cuda")]
 pub mod kernels;
 
 #[cfg(test)]

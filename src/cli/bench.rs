@@ -178,11 +178,11 @@ fn print_gemm(name: &str, rows: &[bench::kernels::GemmRow]) {
 /// Decode attention, plain and over a shared prefix.
 #[cfg(feature = "cuda")]
 fn attention_tables(dev: &candle_core::Device, report: &mut Report) -> anyhow::Result<()> {
-    let att = bench::kernels::attention_table(
+    let att = bench::attention::attention_table(
         dev,
         &[(64, 512), (256, 1024), (256, 2048), (512, 192), (64, 8192)],
     )?;
-    let shared = bench::kernels::shared_decode_table(
+    let shared = bench::attention::shared_decode_table(
         dev,
         &[
             (256, 1024, 64),
@@ -201,7 +201,7 @@ fn attention_tables(dev: &candle_core::Device, report: &mut Report) -> anyhow::R
 }
 
 #[cfg(feature = "cuda")]
-fn print_shared(shared: &[bench::kernels::SharedRow]) {
+fn print_shared(shared: &[bench::attention::SharedRow]) {
     println!("decode attention over a shared prefix (the engine's build): batch shared+own keys, µs per layer without the plan, then with it per build of the shared launch (rows per item, stages; r64s2 is the engine's), then over the own keys alone");
     for r in shared {
         let cells: Vec<String> = r
@@ -223,7 +223,7 @@ fn print_shared(shared: &[bench::kernels::SharedRow]) {
 
 /// The decode builds per case against the read ceiling `read` (GB/s).
 #[cfg(feature = "cuda")]
-fn print_attention(att: &[bench::kernels::AttnRow], read: f64) {
+fn print_attention(att: &[bench::attention::AttnRow], read: f64) {
     println!(
         "decode attention (32 q / 8 kv heads, d 128): batch ctx, then GB/s and % of the read ceiling ({read:.0} GB/s) and µs per build (warps x stages; * the engine's), then the swizzled f16 builds (sw: unpadded stages, not yet the engine's), the widening build over an FP8 cache (fp8) and the direct FP8 builds (f8d; w2s2 is the engine's)"
     );
@@ -270,7 +270,7 @@ fn prefill_tables(
         (64, 128, 0),
         (128, 64, 1024),
     ];
-    let pre = bench::kernels::prefill_table(dev, &cases)?;
+    let pre = bench::attention::prefill_table(dev, &cases)?;
     println!(
         "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens+cached us TFLOP/s, then over an FP8 cache, then the wgmma kernels, plain, pipelined (Hopper; the engine's for long prompts) and pipelined across items (not yet the engine's)  (cuBLAS {matmul:.0})"
     );
