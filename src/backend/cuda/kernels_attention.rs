@@ -359,9 +359,10 @@ pub fn paged_decode_into(
 
 /// Shared memory of a decode build (DecodeSmem in kernels/attention_decode.cuh):
 /// f16, the stages of a K and a V tile of 16 keys per warp (rows padded by
-/// 8 halves; swizzled: unpadded); FP8, the stages' codes and scales and each warp's widened K
-/// and V tile; FP8 direct, the stages' codes (rows padded by 16 bytes) and
-/// scales; then the partition's block-table entries. The warps' final
+/// 8 halves; swizzled: unpadded); FP8, the stages' codes and scales and
+/// each warp's widened K and V tile; FP8 direct, the stages' codes (rows
+/// padded by 16 bytes) and scales; then the partition's block-table
+/// entries. The warps' final
 /// combine of their 16 rows per row group (`groups`: 1, or the shared
 /// launch's rows / 16) reuses it.
 fn decode_smem(v: DecodeVariant, groups: usize, s: &DecodeShape, cache: &CacheLayer<'_>) -> u32 {
