@@ -37,7 +37,7 @@
 // scales; each warp widens its own 16 keys of K and V into a warp-private
 // f16 tile, then runs the same arithmetic on it.
 //
-// DIR (F8 "direct", the *_f8d builds; not yet the engine's): no widened
+// DIR (F8 "direct", the *_f8d builds; the engine's FP8 decode): no widened
 // tile. The mma fragments are the codes converted to f16 as they are
 // (exact: every E4M3 value is an f16), read from code rows padded by 16
 // bytes: K's with the k-steps' dims permuted so that a lane reads 4
@@ -85,7 +85,7 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
   constexpr int NT = 32 * NW * RG;  // threads
   static_assert(SH || RG == 1, "row groups are the shared launch's");
   using SM = DecodeSmem<D, NW, ST, F8, DIR, RG, SW>;
-  // SW (f16, D = 128; `_sw_` builds, not yet the engine's): stage rows of
+  // SW (f16, D = 128; `_sw_` builds, the engine's f16 decode): stage rows of
   // 256 bytes, unpadded, their 16-byte chunks at chunk ^ (row & 7), so a
   // 128-byte piece of a cache row lands in one aligned 128-byte piece of
   // shared memory (the padded rows, 272 bytes apart, split each in two)
@@ -499,9 +499,8 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
   DECODE(D, 2, 3)          \
   DECODE(D, 4, 3)          \
   DECODE(D, 2, 4)
-// The swizzled f16 builds (SW; head dim 128, per-sequence launch only):
-// for `runner bench --kernels` and their bit-identity test, not yet the
-// engine's.
+// The swizzled f16 builds (SW; head dim 128, per-sequence launch only; a
+// shared launch beside them is the padded one): the engine's f16 decode.
 DECODE_ENTRY(paged_decode_sw_d128_w2s2, 128, 2, 2, false, false, false, 1, true)
 DECODE_ENTRY(paged_decode_sw_d128_w2s3, 128, 2, 3, false, false, false, 1, true)
 DECODE_VARIANTS(16)

@@ -72,7 +72,7 @@ __device__ __forceinline__ void ws_produce(uint8_t* qs, uint8_t* ks, uint8_t* vs
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-// X (the `_x` build, not yet the engine's): an item's last PV goes beside
+// X (the `_x` build, not the engine's: no faster in W3, run 89): an item's last PV goes beside
 // the next item's first S in one step (the item's l kept for its stores),
 // so the overlap does not stop at item boundaries; the same arithmetic per
 // item, so the same bits.
@@ -232,7 +232,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
 }
 
 // The same with an item's last PV beside the next item's first S (X; the
-// `Crossed` launch, not yet the engine's).
+// `Crossed` launch, not the engine's).
 extern "C" __global__ void __launch_bounds__(384, 1)
     flash_prefill_ws_x_d128(WG_PREFILL_PARAMS, int ntiles) {
   flash_prefill_ws<2, 2, true>(q, kc, vc, nullptr, nullptr, keys, tiles, out, heads, kv_heads,

@@ -76,7 +76,7 @@ pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Att
                 batch: b,
                 ctx,
                 variant,
-                default: !cache.swizzled && variant == DecodeVariant::default(),
+                default: cache.swizzled && variant == DecodeVariant::default(),
                 fp8: false,
                 direct: false,
                 swizzled: cache.swizzled,
@@ -101,7 +101,7 @@ pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Att
                 batch: b,
                 ctx,
                 variant,
-                default: !cache.direct,
+                default: cache.direct && variant == DecodeVariant::FP8_DIRECT[0],
                 fp8: true,
                 direct: cache.direct,
                 swizzled: false,
@@ -303,7 +303,7 @@ pub fn shared_decode_table(
                 };
                 cuda::paged_decode_into(
                     io,
-                    cuda::CacheLayer::f16(&kc, &vc),
+                    cuda::CacheLayer::f16(&kc, &vc).swizzled(),
                     tables,
                     ctxs,
                     &shape,

@@ -225,7 +225,7 @@ fn print_shared(shared: &[bench::attention::SharedRow]) {
 #[cfg(feature = "cuda")]
 fn print_attention(att: &[bench::attention::AttnRow], read: f64) {
     println!(
-        "decode attention (32 q / 8 kv heads, d 128): batch ctx, then GB/s and % of the read ceiling ({read:.0} GB/s) and µs per build (warps x stages; * the engine's), then the swizzled f16 builds (sw: unpadded stages, not yet the engine's), the widening build over an FP8 cache (fp8) and the direct FP8 builds (f8d; w2s2 is the engine's)"
+        "decode attention (32 q / 8 kv heads, d 128): batch ctx, then GB/s and % of the read ceiling ({read:.0} GB/s) and µs per build (warps x stages; * the engine's), then the swizzled f16 builds (sw: unpadded stages; the engine's at head dim 128), the widening build over an FP8 cache (fp8) and the direct FP8 builds (f8d)"
     );
     for case in att.chunk_by(|a, b| (a.batch, a.ctx) == (b.batch, b.ctx)) {
         let cells: Vec<String> = case
@@ -272,7 +272,7 @@ fn prefill_tables(
     ];
     let pre = bench::attention::prefill_table(dev, &cases)?;
     println!(
-        "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens+cached us TFLOP/s, then over an FP8 cache, then the wgmma kernels, plain, pipelined (Hopper; the engine's for long prompts) and pipelined across items (not yet the engine's)  (cuBLAS {matmul:.0})"
+        "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens+cached us TFLOP/s, then over an FP8 cache, then the wgmma kernels, plain, pipelined (Hopper; the engine's for long prompts) and pipelined across items (wsx; not the engine's)  (cuBLAS {matmul:.0})"
     );
     let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
     for r in &pre {

@@ -380,9 +380,12 @@ impl CudaKv {
                 max_keys: window.map_or(dd.max_keys, |w| dd.max_keys.min(w)),
             };
             // FP8 decodes through the direct builds (codes straight into
-            // the mma fragments; run 48: 19-22% faster than widening).
+            // the mma fragments; run 48: 19-22% faster than widening); f16
+            // at head dim 128 through the swizzled ones (the same bits).
             let dcache = if cache.scales.is_some() {
                 cache.direct()
+            } else if d == 128 {
+                cache.swizzled()
             } else {
                 cache
             };

@@ -41,19 +41,19 @@ impl DecodeVariant {
     /// The builds in kernels/attention_decode.cuh (DECODE_VARIANTS). The first is
     /// the engine's, for every batch (a build's warps set the order of its
     /// sums, so one build keeps a sequence's result independent of the
-    /// batch; its stages do not touch the arithmetic): 2 warps, 3 stages,
-    /// bit-identical to 2 x 2 (the engine's from runs 31-32 to 84). Run 84
-    /// measured 2 x 3 as fast or faster at all but the smallest case; run
-    /// 87, after the loads' address changes, had 2 x 2 1-3% ahead at every
-    /// case (H200, BENCHMARKS.md): a workload A/B is to decide.
+    /// batch; its stages do not touch the arithmetic): 2 warps, 2 stages,
+    /// bit-identical to 2 x 3 (the engine's from c795b0c to 0a4b881). Run
+    /// 88 (H200, BENCHMARKS.md) had 2 x 2 ahead of 2 x 3 at every case, in
+    /// both layouts; at head dim 128 the engine reads through the swizzled
+    /// build of the same warps and stages ([`Self::SWIZZLED`]).
     pub const ALL: [DecodeVariant; 5] = [
         DecodeVariant {
             warps: 2,
-            stages: 3,
+            stages: 2,
         },
         DecodeVariant {
             warps: 2,
-            stages: 2,
+            stages: 3,
         },
         DecodeVariant {
             warps: 4,
@@ -91,8 +91,10 @@ impl DecodeVariant {
         stages: 2,
     }];
 
-    /// The swizzled f16 builds (`paged_decode_sw_d128_*`, head dim 128,
-    /// no shared launch), for benchmarks: 2 x 3 and 2 x 2.
+    /// The swizzled f16 builds (`paged_decode_sw_d128_*`, head dim 128;
+    /// a shared launch beside them reads through the padded shared
+    /// builds): the engine's 2 x 2 and 2 x 3. Run 88: 3-9% faster than
+    /// the padded build of the same warps and stages.
     pub const SWIZZLED: [DecodeVariant; 2] = [Self::ALL[0], Self::ALL[1]];
 
     /// The builds there are for reading `cache`: every f16 build, the
@@ -222,13 +224,19 @@ pub fn paged_decode_into(
             "paged_decode: no build {v:?} of paged_decode_{tag}* (there are {builds:?})"
         )));
     }
-    if cache.swizzled && (s.head_dim != 128 || io.shared.is_some()) {
+    if cache.swizzled && s.head_dim != 128 {
         return Err(Error::Model(format!(
-            "paged_decode: the swizzled builds take head_dim 128 and no shared plan, given head_dim {}{}",
-            s.head_dim,
-            if io.shared.is_some() { " and a plan" } else { "" }
+            "paged_decode: the swizzled builds take head_dim 128, given {}",
+            s.head_dim
         )));
     }
+    // The shared launch has no swizzled build: it reads a swizzled
+    // decode's shared partitions through the padded one (the same sums).
+    let scache = CacheLayer {
+        swizzled: false,
+        ..cache
+    };
+    let stag = scache.decode_tag();
     let dev = device_of(io.q)?;
     let b = ctx_lens.dim(0)?;
     let g = s.heads / s.kv_heads;
@@ -261,7 +269,7 @@ pub fn paged_decode_into(
     }
     // Shared builds: 64 rows per item for every cache, 16 for f16 only.
     if let Some(sh) = io.shared.filter(|sh| {
-        !(sh.rows == decode_plan::ITEM_ROWS || sh.rows == decode_plan::TILE_ROWS && tag.is_empty())
+        !(sh.rows == decode_plan::ITEM_ROWS || sh.rows == decode_plan::TILE_ROWS && stag.is_empty())
     }) {
         return Err(Error::Model(format!(
             "paged_decode: no shared build of {} rows per item for this cache (64; 16 over f16)",
@@ -318,9 +326,9 @@ pub fn paged_decode_into(
             warps: v.warps,
             stages: sh.stages,
         };
-        if !builds.contains(&sv) {
+        if !DecodeVariant::builds(&scache).contains(&sv) {
             return Err(Error::Model(format!(
-                "paged_decode: no shared build {sv:?} of paged_decode_shared_{tag}*"
+                "paged_decode: no shared build {sv:?} of paged_decode_shared_{stag}*"
             )));
         }
         args[11] = Arg::P(items);
@@ -329,10 +337,10 @@ pub fn paged_decode_into(
         let cfg = LaunchConfig {
             grid_dim: (s.kv_heads as u32, sh.count as u32, 1),
             block_dim: (32 * (v.warps * groups) as u32, 1, 1),
-            shared_mem_bytes: decode_smem(sv, groups, s, &cache),
+            shared_mem_bytes: decode_smem(sv, groups, s, &scache),
         };
         let name = format!(
-            "paged_decode_shared_r{}_{tag}d{}_w{}s{}",
+            "paged_decode_shared_r{}_{stag}d{}_w{}s{}",
             sh.rows, s.head_dim, sv.warps, sv.stages
         );
         launch(&dev, &ATTENTION, &name, cfg, &args)?;

@@ -236,7 +236,8 @@ fn paged_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_
             window: 0,
             max_keys: *ctx.iter().max().unwrap(),
         };
-        let run = |sh: Option<&cuda::SharedDecode>| {
+        let padded = cuda::CacheLayer::f16(&kc, &vc);
+        let run = |cache, sh: Option<&cuda::SharedDecode>| {
             let out = Tensor::zeros((ctx.len(), nh * d), DType::F16, &dev).unwrap();
             let io = cuda::DecodeIo {
                 q: &q,
@@ -244,32 +245,27 @@ fn paged_decode_over_shared_prefix_blocks_is_bit_identical_with_and_without_the_
                 out: &out,
                 shared: sh,
             };
-            cuda::paged_decode_into(
-                io,
-                cuda::CacheLayer::f16(&kc, &vc),
-                &tables,
-                &lens,
-                &shape,
-                Default::default(),
-            )
-            .unwrap();
+            cuda::paged_decode_into(io, cache, &tables, &lens, &shape, Default::default()).unwrap();
             host(&out)
         };
-        let plain = run(None);
+        let plain = run(padded, None);
         assert!(plain.iter().all(|v| v.is_finite()) && plain.iter().any(|&v| v != 0.0));
         // Every stage count of the shared launch (pipelining only), items
-        // of one tile and of four.
-        for (p, stages) in [(&plan, 2), (&plan64, 2), (&plan64, 3), (&plan64, 4)] {
-            let with = run(Some(
-                &cuda::SharedDecode::new(p, &dev)
-                    .unwrap()
-                    .with_stages(stages),
-            ));
+        // of one tile and of four; the per-sequence launch padded and
+        // swizzled (the engine's, beside the padded shared launch).
+        let cases = [(&plan, 2), (&plan64, 2), (&plan64, 3), (&plan64, 4)];
+        for ((p, stages), cache) in cases
+            .into_iter()
+            .flat_map(|c| [(c, padded), (c, padded.swizzled())])
+        {
+            let plan = cuda::SharedDecode::new(p, &dev).unwrap();
+            let with = run(cache, Some(&plan.with_stages(stages)));
             for (i, (a, b)) in plain.chunks(nh * d).zip(with.chunks(nh * d)).enumerate() {
                 assert!(
                     a == b,
-                    "nh {nh} nkv {nkv} rows {} stages {stages}: sequence {i} of {} keys differs with the plan",
+                    "nh {nh} nkv {nkv} rows {} stages {stages} swizzled {}: sequence {i} of {} keys differs with the plan",
                     p.rows,
+                    cache.swizzled,
                     ctx[i]
                 );
             }
