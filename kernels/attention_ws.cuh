@@ -16,9 +16,16 @@
 #include "sm90.cuh"
 
 // The block's i-th work item: rounds of gridDim.x items over the list
-// (longest first), block b taking item b of each round (run 82's schedule;
-// a snake order that reverses every other round is not yet measured).
-__device__ __forceinline__ int ws_item(int i) { return i * gridDim.x + blockIdx.x; }
+// (longest first), the blocks taking a round's items in turn, in reverse
+// every other round (a snake: the block that took a round's longest item
+// takes the next round's shortest). Run 82's schedule, block b taking item
+// b of every round, left the first blocks the longest of each round: at
+// one 2,048-token prompt (512 items, ~4 rounds on 132 SMs) block 0's keys
+// were ~1.23x the mean, the snake's ~1.0x.
+__device__ __forceinline__ int ws_item(int i) {
+  const int b = (i & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  return i * gridDim.x + b;
+}
 
 // The blocks' mbarriers: Q buffers full/empty, K and V stages full/empty.
 template <int S, int QB>

@@ -261,10 +261,11 @@ fn prefill_tables(
     matmul: f64,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    // W3's and W1's prompts, a long one, short ones, and W4's own tokens
-    // after its shared prefix.
+    // W3's prompts (four, and one: a W3 step's prefill), W1's, a long one,
+    // short ones, and W4's own tokens after its shared prefix.
     let cases = [
         (4, 2048, 0),
+        (1, 2048, 0),
         (16, 512, 0),
         (1, 4096, 0),
         (64, 128, 0),
