@@ -1,5 +1,6 @@
-//! CUDA glue: our kernels (kernels/*.cu, compiled to PTX by build.rs and
-//! embedded) launched on candle's stream, over candle tensors. The only
+//! CUDA glue: our kernels (kernels/*.cu, compiled by build.rs to SASS and
+//! PTX and embedded: `module`) launched on candle's stream, over candle
+//! tensors. The only
 //! module with `unsafe`; every block says why it holds.
 
 mod attention;
@@ -10,6 +11,7 @@ mod gptq;
 mod graph;
 mod kernels_attention;
 mod kernels_cache;
+mod module;
 mod sample;
 
 pub use attention::{CudaKv, GpuBatch};
@@ -29,6 +31,7 @@ pub use kernels_attention::{
 pub use kernels_cache::{kv_write, kv_write_fp8, scatter_rows, CacheLayer};
 
 pub use gptq::{GptqGpu, WgLaunch, STAGE_MAX_M};
+pub(crate) use module::{Module, ATTENTION, ATTENTION_WG, GPTQ, GPTQ_WG, OPS};
 pub use sample::{draw_rows, penalize_rows, row_norms};
 
 use crate::{Error, Result};
@@ -38,42 +41,6 @@ use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Shape, Storage, Tensor};
 use half::f16;
 use std::sync::OnceLock;
-
-/// One kernel file's PTX for the two targets.
-pub(crate) struct Ptx {
-    name: &'static str,
-    sm80: &'static str,
-    sm90: &'static str,
-}
-
-macro_rules! ptx {
-    ($name:literal) => {
-        Ptx {
-            name: $name,
-            sm80: include_str!(concat!(env!("OUT_DIR"), "/", $name, "_sm80.ptx")),
-            sm90: include_str!(concat!(env!("OUT_DIR"), "/", $name, "_sm90.ptx")),
-        }
-    };
-}
-
-pub(crate) const GPTQ: Ptx = ptx!("gptq");
-pub(crate) const ATTENTION: Ptx = ptx!("attention");
-pub(crate) const OPS: Ptx = ptx!("ops");
-/// Hopper-only kernels (wgmma), compiled for compute_90a alone: launched
-/// only where [`is_sm90a`] holds (there is no sm_80 build).
-pub(crate) const GPTQ_WG: Ptx = Ptx {
-    name: "gptq_wg",
-    sm80: "",
-    sm90: include_str!(concat!(env!("OUT_DIR"), "/gptq_wg_sm90a.ptx")),
-};
-
-/// The wgmma flash prefill's pieces (kernels/attention_wg.cu), Hopper only
-/// like [`GPTQ_WG`].
-pub(crate) const ATTENTION_WG: Ptx = Ptx {
-    name: "attention_wg",
-    sm80: "",
-    sm90: include_str!(concat!(env!("OUT_DIR"), "/attention_wg_sm90a.ptx")),
-};
 
 /// The CUDA device of a tensor.
 pub(crate) fn device_of(t: &Tensor) -> Result<CudaDevice> {
@@ -123,11 +90,6 @@ pub(crate) fn arch(dev: &CudaDevice) -> Arch {
     })
 }
 
-/// Whether a device is Hopper or newer.
-fn is_sm90(dev: &CudaDevice) -> bool {
-    arch(dev).cc.0 >= 9
-}
-
 /// Whether a device runs sm_90a code (compute capability 9.0 exactly: the
 /// architecture-specific wgmma code runs on Hopper and nowhere else).
 pub(crate) fn is_sm90a(dev: &CudaDevice) -> bool {
@@ -156,17 +118,12 @@ pub(crate) enum Arg {
 /// Launches `name` of `module` with `args`.
 pub(crate) fn launch(
     dev: &CudaDevice,
-    module: &Ptx,
+    module: &Module,
     name: &str,
     cfg: LaunchConfig,
     args: &[Arg],
 ) -> Result<()> {
-    let (mname, ptx) = if is_sm90(dev) {
-        (format!("runner_{}_sm90", module.name), module.sm90)
-    } else {
-        (format!("runner_{}_sm80", module.name), module.sm80)
-    };
-    let func = dev.get_or_load_custom_func(name, &mname, ptx)?;
+    let func = module::function(dev, module, name)?;
     if cfg.shared_mem_bytes > 0 {
         // Dynamic shared memory plus the kernel's static arrays may pass
         // the 48 KiB a kernel gets without opting in.
@@ -177,7 +134,8 @@ pub(crate) fn launch(
         )
         .map_err(|e| Error::Device(format!("cuda kernel {name}: shared memory: {e}")))?;
     }
-    let mut b = func.builder();
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
     for a in args {
         match a {
             Arg::P(v) | Arg::U(v) => b.arg(v),

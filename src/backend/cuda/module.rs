@@ -1,0 +1,97 @@
+//! Our kernel files as the device loads them. build.rs compiles each of
+//! kernels/*.cu to PTX (compute_80 and compute_90; compute_90a for the
+//! Hopper-only files) and assembles that PTX to SASS (sm_80, sm_90,
+//! sm_90a), and all of it is embedded. A device of compute capability 8.x
+//! loads the sm_80 SASS, 9.0 the sm_90 (or sm_90a) SASS, so no process
+//! waits on the driver's PTX compiler (run 91, H200: ~25 s on a fresh
+//! machine before the first forward, most of it ours); a newer device
+//! gets the compute_90 PTX and compiles it once.
+
+use super::arch;
+use crate::{Error, Result};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::CudaDevice;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// One kernel file: its PTX and SASS per target ("" / empty where a
+/// target is not built).
+pub(crate) struct Module {
+    name: &'static str,
+    ptx80: &'static str,
+    ptx90: &'static str,
+    sass80: &'static [u8],
+    sass90: &'static [u8],
+}
+
+macro_rules! module {
+    ($name:literal) => {
+        Module {
+            name: $name,
+            ptx80: include_str!(concat!(env!("OUT_DIR"), "/", $name, "_sm80.ptx")),
+            ptx90: include_str!(concat!(env!("OUT_DIR"), "/", $name, "_sm90.ptx")),
+            sass80: include_bytes!(concat!(env!("OUT_DIR"), "/", $name, "_sm80.cubin")),
+            sass90: include_bytes!(concat!(env!("OUT_DIR"), "/", $name, "_sm90.cubin")),
+        }
+    };
+    // A Hopper-only file: compute_90a / sm_90a alone.
+    ($name:literal, sm90a) => {
+        Module {
+            name: $name,
+            ptx80: "",
+            ptx90: include_str!(concat!(env!("OUT_DIR"), "/", $name, "_sm90a.ptx")),
+            sass80: &[],
+            sass90: include_bytes!(concat!(env!("OUT_DIR"), "/", $name, "_sm90a.cubin")),
+        }
+    };
+}
+
+pub(crate) const GPTQ: Module = module!("gptq");
+pub(crate) const ATTENTION: Module = module!("attention");
+pub(crate) const OPS: Module = module!("ops");
+/// Hopper-only kernels (wgmma), built for sm_90a alone: launched only
+/// where `is_sm90a` holds (there is no sm_80 build).
+pub(crate) const GPTQ_WG: Module = module!("gptq_wg", sm90a);
+/// The wgmma flash prefill's pieces (kernels/attention_wg.cu), Hopper only
+/// like [`GPTQ_WG`].
+pub(crate) const ATTENTION_WG: Module = module!("attention_wg", sm90a);
+
+/// What a device of compute capability `cc` loads of `m`: SASS where
+/// there is a build for its architecture, PTX otherwise; and its tag.
+fn image(m: &Module, cc: (i32, i32)) -> (Ptx, &'static str) {
+    match cc.0 {
+        9 if cc.1 == 0 && !m.sass90.is_empty() => (Ptx::from_binary(m.sass90.to_vec()), "sass90"),
+        8 if !m.sass80.is_empty() => (Ptx::from_binary(m.sass80.to_vec()), "sass80"),
+        0..=8 => (Ptx::from_src(m.ptx80), "ptx80"),
+        _ => (Ptx::from_src(m.ptx90), "ptx90"),
+    }
+}
+
+/// `name` of module `m` on `dev`, the module loaded once per device.
+pub(crate) fn function(dev: &CudaDevice, m: &Module, name: &str) -> Result<CudaFunction> {
+    type Loaded = HashMap<(usize, &'static str), Arc<CudaModule>>;
+    static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
+    let ctx = dev.cuda_stream().context().clone();
+    let key = (ctx.ordinal(), m.name);
+    let mut loaded = LOADED
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| Error::Device("the kernel module cache is poisoned".into()))?;
+    let module = match loaded.get(&key).cloned() {
+        Some(module) => module,
+        None => {
+            let (image, tag) = image(m, arch(dev).cc);
+            let module = ctx.load_module(image).map_err(|e| {
+                Error::Device(format!("loading kernels/{}.cu ({tag}): {e}", m.name))
+            })?;
+            tracing::debug!(module = m.name, image = tag, "kernel module loaded");
+            loaded.insert(key, module.clone());
+            module
+        }
+    };
+    drop(loaded);
+    module
+        .load_function(name)
+        .map_err(|e| Error::Device(format!("kernel {name} of kernels/{}.cu: {e}", m.name)))
+}
