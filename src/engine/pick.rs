@@ -5,11 +5,14 @@
 //! row, each after the repetition penalty on the device. The host then
 //! draws from the candidates with the record's RNG as from its own sorted
 //! list (top-k: exactly; top-p: up to the order and rounding of the
-//! normaliser's sum, which can move the cut only at a near-tie). Else (the CPU backend; top_k above the device's; a stop
-//! token still masked by `min_new_tokens`; a nucleus wider than the
+//! normaliser's sum, which can move the cut only at a near-tie). A row
+//! whose stop tokens `min_new_tokens` still masks is picked from a copy
+//! with them at -inf (the host sampler's mask), on the device too. Else
+//! (the CPU backend; top_k above the device's; a nucleus wider than the
 //! candidates) the row's logits go to the host sampler.
 
 use super::runner::StepLogits;
+use super::update::StopRule;
 use crate::config::GenerationParams;
 use crate::sampler;
 use crate::scheduler::{RequestKind, Scheduler, StepPlan};
@@ -58,8 +61,6 @@ enum Route {
 struct RowState {
     /// The backend's largest device top-k (0: it samples on the host).
     top_k_max: usize,
-    /// Tokens generated so far.
-    generated: usize,
     /// Vocabulary size.
     vocab: usize,
     /// The row's pick is copied to samples still to fork, each of which
@@ -68,13 +69,13 @@ struct RowState {
 }
 
 /// Where a row's token is picked: on the device when the backend samples
-/// there and no stop token is masked (`generated < min_new_tokens`), by the
-/// sampler's settings; top_k >= the vocabulary is no cut, as on the host.
+/// there, by the sampler's settings; top_k >= the vocabulary is no cut, as
+/// on the host.
 /// The whole-row draw happens on the device only for a row no sample forks
 /// from (the forks' own uniforms are drawn on the host, from the row).
 fn route(p: &GenerationParams, r: RowState) -> Route {
     let k = if p.top_k >= r.vocab { 0 } else { p.top_k };
-    if r.top_k_max == 0 || r.generated < p.min_new_tokens {
+    if r.top_k_max == 0 {
         Route::Host
     } else if p.temperature == 0.0 {
         Route::DeviceArgmax
@@ -95,10 +96,15 @@ fn route(p: &GenerationParams, r: RowState) -> Route {
 
 /// Per chunk of the plan: the pick of a generation chunk that samples,
 /// `None` for every other chunk.
-pub fn pick(out: &StepLogits, plan: &StepPlan, sched: &Scheduler) -> Result<Vec<Option<Picked>>> {
-    // Constrained rows are masked on the device; their masked copies are
-    // appended to the logits and picked from there.
-    let (logits, masked_row) = masked(out, plan, sched)?;
+pub fn pick(
+    out: &StepLogits,
+    plan: &StepPlan,
+    sched: &Scheduler,
+    stops: &StopRule<'_>,
+) -> Result<Vec<Option<Picked>>> {
+    // Constrained rows and rows with early stops are masked on the device;
+    // their masked copies are appended to the logits and picked from there.
+    let (logits, masked_row) = masked(out, plan, sched, stops)?;
     let routes = routes(out, plan, sched, logits.dim(1)?);
     // The sampled row is the last of a generation chunk's span, or its
     // masked copy; device routes read its penalized copy where there is one.
@@ -149,7 +155,6 @@ fn routes(out: &StepLogits, plan: &StepPlan, sched: &Scheduler, vocab: usize) ->
             }
             let state = RowState {
                 top_k_max,
-                generated: req.generated().len(),
                 vocab,
                 forks: !req.fork_indices().is_empty(),
             };
@@ -319,44 +324,86 @@ fn penalized(
     Ok((Tensor::cat(&[logits, &pen], 0)?, at))
 }
 
-/// The logits to pick from: `out.logits` with, appended, the masked rows of
-/// the constrained sampling chunks (allowed tokens keep their logit
-/// exactly, the others get [`BLOCKED`] added: never picked, probability 0),
-/// and per chunk the row of its masked copy. The masks travel as f16 biases
-/// (0 or `BLOCKED`) and are added in f32 on the device.
+/// The logits to pick from: `out.logits` with, appended, a masked copy of
+/// the sampled row of each chunk that is constrained (allowed tokens keep
+/// their logit exactly, the others get [`BLOCKED`] added: never picked,
+/// probability 0) or whose stop tokens `min_new_tokens` still masks (those
+/// at -inf, as the host sampler masks them), and per chunk the row of its
+/// copy. The constraint masks travel as f16 biases (0 or `BLOCKED`), the
+/// early stops as token ids; both are applied on the logits' device.
 fn masked(
     out: &StepLogits,
     plan: &StepPlan,
     sched: &Scheduler,
+    stops: &StopRule<'_>,
 ) -> Result<(Tensor, Vec<Option<u32>>)> {
     let mut at = vec![None; plan.chunks.len()];
-    let mut rows = Vec::new();
-    let mut bytes = Vec::new();
-    let (base, vocab) = out.logits.dims2()?;
+    let (mut rows, mut masks, mut early) = (Vec::new(), Vec::new(), Vec::new());
+    let base = out.logits.dim(0)?;
     for (i, (c, &(first, n))) in plan.chunks.iter().zip(&out.spans).enumerate() {
-        let mask = sched
-            .request(c.seq)
-            .guide
-            .as_ref()
-            .and_then(|g| g.allowed.as_ref());
-        if let (Some(mask), true) = (mask, c.samples && n > 0) {
+        let req = sched.request(c.seq);
+        if !c.samples || n == 0 || req.kind != RequestKind::Generate {
+            continue;
+        }
+        let mask = req.guide.as_ref().and_then(|g| g.allowed.as_deref());
+        let stops = stops.early_stops(req);
+        if mask.is_some() || !stops.is_empty() {
             at[i] = Some((base + rows.len()) as u32);
             rows.push((first + n - 1) as u32);
-            bytes.extend_from_slice(mask);
+            masks.push(mask);
+            early.push(stops);
         }
     }
     if rows.is_empty() {
         return Ok((out.logits.clone(), at));
     }
-    let n = rows.len();
-    let sel = select(&out.logits, rows)?;
-    let bias: Vec<half::f16> = bytes
-        .iter()
-        .map(|&a| if a == 1 { half::f16::ZERO } else { BLOCKED })
-        .collect();
-    let bias = Tensor::from_vec(bias, (n, vocab), sel.device())?.to_dtype(DType::F32)?;
-    let masked = (sel + bias)?;
-    Ok((Tensor::cat(&[&out.logits, &masked], 0)?, at))
+    let sel = constrain(select(&out.logits, rows)?, &masks)?;
+    let sel = block_tokens(&sel, &early)?;
+    Ok((Tensor::cat(&[&out.logits, &sel], 0)?, at))
+}
+
+/// `rows` [n, vocab] with each present mask applied (a disallowed token
+/// gets [`BLOCKED`] added); the rows without one unchanged.
+fn constrain(rows: Tensor, masks: &[Option<&[u8]>]) -> Result<Tensor> {
+    if masks.iter().all(Option::is_none) {
+        return Ok(rows);
+    }
+    let (n, vocab) = rows.dims2()?;
+    let mut bias = Vec::with_capacity(n * vocab);
+    for m in masks {
+        match m {
+            Some(m) => bias.extend(
+                m.iter()
+                    .map(|&a| if a == 1 { half::f16::ZERO } else { BLOCKED }),
+            ),
+            None => bias.extend(std::iter::repeat_n(half::f16::ZERO, vocab)),
+        }
+    }
+    let bias = Tensor::from_vec(bias, (n, vocab), rows.device())?.to_dtype(DType::F32)?;
+    Ok((rows + bias)?)
+}
+
+/// `rows` [n, vocab] (f32) with the tokens `ids[r]` of each row r at -inf:
+/// -inf is added there (x + -inf = -inf for every x but NaN, which no
+/// sampler route picks), 0 elsewhere (x + 0 = x, bit for bit).
+pub(super) fn block_tokens(rows: &Tensor, ids: &[Vec<u32>]) -> Result<Tensor> {
+    let width = ids.iter().map(Vec::len).max().unwrap_or(0);
+    if width == 0 {
+        return Ok(rows.clone());
+    }
+    let n = ids.len();
+    let (mut idx, mut add) = (Vec::with_capacity(n * width), Vec::with_capacity(n * width));
+    for row in ids {
+        let pad = width - row.len();
+        idx.extend(row.iter().copied().chain(std::iter::repeat_n(0, pad)));
+        add.extend(
+            std::iter::repeat_n(f32::NEG_INFINITY, row.len()).chain(std::iter::repeat_n(0.0, pad)),
+        );
+    }
+    let dev = rows.device();
+    let idx = Tensor::from_vec(idx, (n, width), dev)?;
+    let add = Tensor::from_vec(add, (n, width), dev)?;
+    Ok(rows.scatter_add(&idx, &add, 1)?)
 }
 
 /// What a blocked token's logit gets added: f16's lowest, far below any
@@ -384,7 +431,6 @@ mod tests {
         };
         let r = RowState {
             top_k_max: 64,
-            generated: 3,
             vocab: 32000,
             forks: false,
         };
@@ -399,12 +445,51 @@ mod tests {
         assert_eq!(route(&p(0.8, 0, 1.0), forks), Route::Host);
         assert_eq!(route(&p(0.8, 0, 0.9), forks), Route::DeviceNucleus);
         assert_eq!(route(&p(0.8, 40, 1.0), forks), Route::DeviceTopK);
+        // Early stops are masked in a copy of the row: the same route.
         let masked = GenerationParams {
             min_new_tokens: 5,
             ..p(0.8, 40, 1.0)
         };
-        assert_eq!(route(&masked, r), Route::Host);
+        assert_eq!(route(&masked, r), Route::DeviceTopK);
         let cpu = RowState { top_k_max: 0, ..r };
         assert_eq!(route(&p(0.0, 0, 1.0), cpu), Route::Host);
+    }
+
+    #[test]
+    fn blocked_tokens_are_minus_infinity_and_the_rest_is_untouched() {
+        let dev = candle_core::Device::Cpu;
+        let vals: Vec<f32> = vec![
+            0.5,
+            -1.25,
+            f32::NEG_INFINITY,
+            3.0,
+            f32::NAN,
+            -0.0,
+            1e30,
+            7.5,
+        ];
+        let rows = Tensor::from_vec(vals.repeat(3), (3, 8), &dev).unwrap();
+        // Row 0: two ids (one repeated), row 1: none, row 2: one id.
+        let ids = vec![vec![1, 6, 1], vec![], vec![3]];
+        let got = block_tokens(&rows, &ids).unwrap().to_vec2::<f32>().unwrap();
+        for (r, row) in got.iter().enumerate() {
+            for (t, (&g, &v)) in row.iter().zip(&vals).enumerate() {
+                if ids[r].contains(&(t as u32)) {
+                    assert_eq!(g, f32::NEG_INFINITY, "row {r} token {t}");
+                } else {
+                    assert!(
+                        g.to_bits() == v.to_bits() || g.is_nan() && v.is_nan(),
+                        "row {r} token {t}: {g} vs {v}"
+                    );
+                }
+            }
+        }
+        // No ids at all: the same values, NaN included.
+        let none = block_tokens(&rows, &[vec![], vec![], vec![]]).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(bits(&none), bits(&rows));
     }
 }

@@ -100,7 +100,7 @@ impl<'a> Pipeline<'a> {
         self.sched.commit(&plan);
         self.count(&plan);
         clock.lap("commit");
-        let mut picks = pick::pick(&out, &plan, &self.sched)?;
+        let mut picks = pick::pick(&out, &plan, &self.sched, &self.stops)?;
         clock.lap("pick");
         update::record_known(&mut self.sched, &plan, &out)?;
         self.fork_samples(&mut plan, &mut out, &mut picks);

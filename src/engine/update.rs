@@ -62,15 +62,20 @@ impl StopRule<'_> {
         (!p.ignore_eos && self.decoder.stop_ids().contains(&tok)) || p.stop_token_ids.contains(&tok)
     }
 
-    /// Masks the tokens that would end `req` too early (before
-    /// `min_new_tokens`) in its logits row.
-    pub fn mask_early_stops(&self, req: &Request, row: &mut [f32]) {
+    /// The tokens that would end `req` too early (before
+    /// `min_new_tokens`): none from then on.
+    pub fn early_stops(&self, req: &Request) -> Vec<u32> {
         let p = &req.params;
         if req.generated().len() >= p.min_new_tokens {
-            return;
+            return Vec::new();
         }
         let eos = self.decoder.stop_ids().iter().filter(|_| !p.ignore_eos);
-        for &t in eos.chain(&p.stop_token_ids) {
+        eos.chain(&p.stop_token_ids).copied().collect()
+    }
+
+    /// Masks [`Self::early_stops`] in `req`'s logits row (-inf).
+    pub fn mask_early_stops(&self, req: &Request, row: &mut [f32]) {
+        for t in self.early_stops(req) {
             if let Some(l) = row.get_mut(t as usize) {
                 *l = f32::NEG_INFINITY;
             }

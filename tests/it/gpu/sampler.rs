@@ -228,22 +228,8 @@ fn the_device_draw_follows_the_softmax_over_100000_draws() {
 
 #[test]
 fn seeded_sampling_on_the_gpu_is_reproducible() {
-    let fx = crate::common::fixtures();
-    // A quantized fixture among those this run checks (TEST_MODELS).
-    let model = crate::common::models()
-        .into_iter()
-        .find(|m| m.contains("gptq"))
-        .expect("TEST_MODELS names a GPTQ fixture");
     let tmp = tempfile::tempdir().unwrap();
-    let mut s = String::new();
-    for i in 0..6 {
-        s.push_str(
-            &serde_json::json!({"id": format!("s{i}"), "prompt": format!("Tell me about {i}.")})
-                .to_string(),
-        );
-        s.push('\n');
-    }
-    std::fs::write(tmp.path().join("p.jsonl"), s).unwrap();
+    let model = six_prompts(tmp.path(), "Tell me about");
     // Each device route: top-k candidates; top-p from the candidates and the
     // row's normaliser, after the repetition penalty; the whole-row draw.
     for (n, sampling) in [
@@ -254,8 +240,27 @@ fn seeded_sampling_on_the_gpu_is_reproducible() {
     .iter()
     .enumerate()
     {
-        seeded_twice(tmp.path(), &fx.join(model), n, sampling);
+        seeded_twice(tmp.path(), &model, n, sampling);
     }
+}
+
+/// Writes `dir`/p.jsonl, six prompts "`text` i." (ids s0..s5), and returns
+/// the GPTQ fixture among those this run checks (TEST_MODELS).
+fn six_prompts(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
+    let model = crate::common::models()
+        .into_iter()
+        .find(|m| m.contains("gptq"))
+        .expect("TEST_MODELS names a GPTQ fixture");
+    let lines: String = (0..6)
+        .map(|i| {
+            format!(
+                "{}\n",
+                serde_json::json!({"id": format!("s{i}"), "prompt": format!("{text} {i}.")})
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("p.jsonl"), lines).unwrap();
+    crate::common::fixtures().join(model)
 }
 
 /// Runs the job twice with `sampling` and checks both give the same tokens.
@@ -281,4 +286,51 @@ fn seeded_twice(dir: &std::path::Path, model: &std::path::Path, n: usize, sampli
         outs.push(rows.into_iter().map(|r| r.token_ids).collect::<Vec<_>>());
     }
     assert_eq!(outs[0], outs[1], "same seed, same samples ({sampling})");
+}
+
+#[test]
+fn min_new_tokens_masks_the_stop_tokens_on_every_device_route() {
+    // Half the vocabulary as stop tokens: unmasked, nearly every record
+    // would end within its first tokens. With min_new_tokens = 12 the rows
+    // are picked on the device from copies with those tokens at -inf
+    // (argmax, top-k, top-p, whole-row draw): no stop token among the
+    // first 12, and no record shorter.
+    let dir = tempfile::tempdir().unwrap();
+    let model = six_prompts(dir.path(), "Count to");
+    let stops: Vec<u32> = (0..16000).collect();
+    let list = format!("{stops:?}");
+    for (n, sampling) in [
+        "temperature = 0.0",
+        "temperature = 0.9\ntop_k = 20",
+        "temperature = 0.9\ntop_k = 0\ntop_p = 0.9",
+        "temperature = 0.9\ntop_k = 0\ntop_p = 1.0",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = format!("min{n}");
+        let job = crate::common::write_job(
+            dir.path(),
+            &model,
+            "p.jsonl",
+            &format!(
+                "[generation]\nmax_new_tokens = 14\nmin_new_tokens = 12\n{sampling}\nseed = 3\nstop_token_ids = {list}\n\n[output]\npath = \"{out}\"\ninclude_token_ids = true\n\n[engine]\ndevice = \"cuda\"\n"
+            ),
+        );
+        let run = crate::common::runner(dir.path(), &["submit", job.to_str().unwrap()], &[]);
+        assert!(run.ok, "{sampling}: {}", run.stderr);
+        let rows = crate::common::rows(&dir.path().join(&out));
+        assert_eq!(rows.len(), 6);
+        for r in &rows {
+            assert!(
+                r.status == "ok" && r.token_ids.len() >= 12,
+                "{sampling}: {r:?}"
+            );
+            assert!(
+                r.token_ids[..12].iter().all(|&t| t >= 16000),
+                "{sampling}: a stop token before min_new_tokens in {:?}",
+                r.token_ids
+            );
+        }
+    }
 }
