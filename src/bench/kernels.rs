@@ -265,3 +265,58 @@ fn wg_times(
     }
     Ok((default, variants))
 }
+
+/// One LM head measurement: Mistral-7B's [32000, 4096] f16 head over M rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeadRow {
+    /// Rows (sequences sampled in a step).
+    pub m: usize,
+    /// Device µs of the product as `Linear` runs it (x · wᵀ through a
+    /// transposed view).
+    pub view_us: Option<f64>,
+    /// Its TFLOP/s.
+    pub view_tflops: Option<f64>,
+    /// The same over a contiguous [4096, 32000] copy of the weight.
+    pub contiguous_us: Option<f64>,
+    /// The view's product then the f32 logits, as the model returns them.
+    pub with_f32_us: Option<f64>,
+}
+
+/// The LM head at each of `ms` rows (run 91's W1 decode step spent 0.60 ms
+/// in `logits` at 508 rows, ~3x the product's FLOP floor): cuBLAS through
+/// the transposed view, over a contiguous copy, and with the f32
+/// conversion.
+pub fn head_table(dev: &Device, ms: &[usize]) -> Result<Vec<HeadRow>> {
+    let cd = cuda::cuda(dev)?;
+    let (vocab, h) = (32000usize, 4096usize);
+    let w = cuda::fill_f16(&cd, (vocab, h), 11, -0.05, 0.05)?;
+    let wt = w.t()?.contiguous()?;
+    let mut rows = Vec::new();
+    for &m in ms {
+        let x = cuda::fill_f16(&cd, (m, h), 12 + m as u64, -1.0, 1.0)?;
+        let us = |f: &dyn Fn() -> Result<()>| -> Result<Option<f64>> {
+            Ok(cuda::graph_time(dev, 20, f)?.map(|t| t * 1e6))
+        };
+        let view_us = us(&|| {
+            x.matmul(&w.t()?)?;
+            Ok(())
+        })?;
+        let contiguous_us = us(&|| {
+            x.matmul(&wt)?;
+            Ok(())
+        })?;
+        let with_f32_us = us(&|| {
+            x.matmul(&w.t()?)?.to_dtype(candle_core::DType::F32)?;
+            Ok(())
+        })?;
+        let flop = 2.0 * (m * h * vocab) as f64;
+        rows.push(HeadRow {
+            m,
+            view_us,
+            view_tflops: view_us.map(|u| flop / u / 1e6),
+            contiguous_us,
+            with_f32_us,
+        });
+    }
+    Ok(rows)
+}

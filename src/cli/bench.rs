@@ -76,6 +76,7 @@ fn cuda_benches(spec: &JobSpec, args: &BenchArgs<'_>, report: &mut Report) -> an
         if !args.gemm_only {
             attention_tables(&dev, report)?;
             prefill_tables(&dev, matmul, report)?;
+            head_table(&dev, report)?;
         }
     }
     Ok(matmul)
@@ -104,6 +105,28 @@ fn gemm_tables(
     let rows = bench::kernels::gemm_table(dev, q.bits, q.group_size, ms, args.gemm_shapes)?;
     print_gemm(&q.short_name(), &rows);
     report.insert("gemm".into(), serde_json::to_value(&rows)?);
+    Ok(())
+}
+
+/// The LM head at the decode batch sizes of W2/W3, W1 and beyond.
+#[cfg(feature = "cuda")]
+fn head_table(dev: &candle_core::Device, report: &mut Report) -> anyhow::Result<()> {
+    let rows = bench::kernels::head_table(dev, &[64, 128, 256, 508, 1024])?;
+    println!(
+        "lm head (4096 -> 32000, f16, cuBLAS; device µs): M, through the transposed view as `Linear` runs it (TFLOP/s), over a contiguous copy, the view then f32 logits"
+    );
+    let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.1}"));
+    for r in &rows {
+        println!(
+            "  {:>5}  {:>8} ({:>4})  {:>8}  {:>8}",
+            r.m,
+            f(r.view_us),
+            r.view_tflops.map_or("-".into(), |v| format!("{v:.0}")),
+            f(r.contiguous_us),
+            f(r.with_f32_us)
+        );
+    }
+    report.insert("lm_head".into(), serde_json::to_value(&rows)?);
     Ok(())
 }
 
