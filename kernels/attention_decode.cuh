@@ -466,8 +466,11 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
 // shared items' (`skip` unused); the same source, so the same arithmetic
 // per row (the GPU test checks it bit for bit). ksc/vsc: the FP8 builds'
 // scales (unused by the f16 builds).
-#define DECODE_ENTRY(NAME, D, NW, ST, SH, F8, DIR, RG, SW)                                    \
-  extern "C" __global__ void __launch_bounds__(32 * NW * RG, RG > 1 ? 2 : 1)                  \
+#define DECODE_ENTRY(NAME, D, NW, ST, SH, F8, DIR, RG, SW) \
+  DECODE_ENTRY_B(NAME, D, NW, ST, SH, F8, DIR, RG, SW, RG > 1 ? 2 : 1)
+// The same with MINB blocks per multiprocessor asked of the compiler.
+#define DECODE_ENTRY_B(NAME, D, NW, ST, SH, F8, DIR, RG, SW, MINB)                            \
+  extern "C" __global__ void __launch_bounds__(32 * NW * RG, MINB)                             \
       NAME(const half* q, const void* kc, const void* vc, const float* ksc, const float* vsc,  \
            const int* tables, const int* ctx_lens, const unsigned* rows, float* part_o,       \
            float* part_ml, half* out, const int* items, const unsigned* skip, int nh,         \
@@ -500,9 +503,16 @@ __device__ void decode_impl(const half* __restrict__ q, const void* __restrict__
   DECODE(D, 4, 3)          \
   DECODE(D, 2, 4)
 // The swizzled f16 builds (SW; head dim 128, per-sequence launch only; a
-// shared launch beside them is the padded one): the engine's f16 decode.
+// shared launch beside them is the padded one): w2s2 is the engine's f16
+// decode.
 DECODE_ENTRY(paged_decode_sw_d128_w2s2, 128, 2, 2, false, false, false, 1, true)
 DECODE_ENTRY(paged_decode_sw_d128_w2s3, 128, 2, 3, false, false, false, 1, true)
+// One stage at 8 blocks per multiprocessor (<= 128 registers; 16.5 KB of
+// shared memory against the 2-stage build's 33 KB, which fits 6 blocks):
+// more warps in flight instead of a second stage, for short contexts (run
+// 91: 512 x 192 at 18.75% occupancy, 5.17 waves). For `runner bench
+// --kernels` and the bit-identity test; not the engine's.
+DECODE_ENTRY_B(paged_decode_sw_d128_w2s1, 128, 2, 1, false, false, false, 1, true, 8)
 DECODE_VARIANTS(16)
 DECODE_VARIANTS(32)
 DECODE_VARIANTS(64)

@@ -93,9 +93,18 @@ impl DecodeVariant {
 
     /// The swizzled f16 builds (`paged_decode_sw_d128_*`, head dim 128;
     /// a shared launch beside them reads through the padded shared
-    /// builds): the engine's 2 x 2 and 2 x 3. Run 88: 3-9% faster than
-    /// the padded build of the same warps and stages.
-    pub const SWIZZLED: [DecodeVariant; 2] = [Self::ALL[0], Self::ALL[1]];
+    /// builds): the engine's 2 x 2, 2 x 3 (run 88: 3-9% faster than the
+    /// padded build of the same warps and stages), and 2 x 1 compiled for 8
+    /// blocks per multiprocessor (more warps in flight at short contexts;
+    /// not yet run on a GPU).
+    pub const SWIZZLED: [DecodeVariant; 3] = [
+        Self::ALL[0],
+        Self::ALL[1],
+        DecodeVariant {
+            warps: 2,
+            stages: 1,
+        },
+    ];
 
     /// The builds there are for reading `cache`: every f16 build, the
     /// engine's alone over FP8 codes widened, the direct FP8 builds, the
