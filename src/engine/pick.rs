@@ -339,14 +339,16 @@ fn masked(
 ) -> Result<(Tensor, Vec<Option<u32>>)> {
     let mut at = vec![None; plan.chunks.len()];
     let (mut rows, mut masks, mut early) = (Vec::new(), Vec::new(), Vec::new());
-    let base = out.logits.dim(0)?;
+    let (base, vocab) = out.logits.dims2()?;
     for (i, (c, &(first, n))) in plan.chunks.iter().zip(&out.spans).enumerate() {
         let req = sched.request(c.seq);
         if !c.samples || n == 0 || req.kind != RequestKind::Generate {
             continue;
         }
         let mask = req.guide.as_ref().and_then(|g| g.allowed.as_deref());
-        let stops = stops.early_stops(req);
+        // Ids past the vocabulary are no token (the host mask skips them).
+        let mut stops = stops.early_stops(req);
+        stops.retain(|&t| (t as usize) < vocab);
         if mask.is_some() || !stops.is_empty() {
             at[i] = Some((base + rows.len()) as u32);
             rows.push((first + n - 1) as u32);
@@ -383,9 +385,10 @@ fn constrain(rows: Tensor, masks: &[Option<&[u8]>]) -> Result<Tensor> {
     Ok((rows + bias)?)
 }
 
-/// `rows` [n, vocab] (f32) with the tokens `ids[r]` of each row r at -inf:
-/// -inf is added there (x + -inf = -inf for every x but NaN, which no
-/// sampler route picks), 0 elsewhere (x + 0 = x, bit for bit).
+/// `rows` [n, vocab] (f32) with the tokens `ids[r]` (each < vocab) of each
+/// row r at -inf: -inf is added there (x + -inf = -inf for every x but NaN,
+/// which no sampler route picks); the other values are untouched, bit for
+/// bit (the padding index `u32::MAX` is one candle's scatter skips).
 pub(super) fn block_tokens(rows: &Tensor, ids: &[Vec<u32>]) -> Result<Tensor> {
     let width = ids.iter().map(Vec::len).max().unwrap_or(0);
     if width == 0 {
@@ -395,7 +398,11 @@ pub(super) fn block_tokens(rows: &Tensor, ids: &[Vec<u32>]) -> Result<Tensor> {
     let (mut idx, mut add) = (Vec::with_capacity(n * width), Vec::with_capacity(n * width));
     for row in ids {
         let pad = width - row.len();
-        idx.extend(row.iter().copied().chain(std::iter::repeat_n(0, pad)));
+        idx.extend(
+            row.iter()
+                .copied()
+                .chain(std::iter::repeat_n(u32::MAX, pad)),
+        );
         add.extend(
             std::iter::repeat_n(f32::NEG_INFINITY, row.len()).chain(std::iter::repeat_n(0.0, pad)),
         );
@@ -458,13 +465,14 @@ mod tests {
     #[test]
     fn blocked_tokens_are_minus_infinity_and_the_rest_is_untouched() {
         let dev = candle_core::Device::Cpu;
+        // -0.0 at token 0, where a padding that added 0.0 would flip it.
         let vals: Vec<f32> = vec![
-            0.5,
+            -0.0,
             -1.25,
             f32::NEG_INFINITY,
             3.0,
             f32::NAN,
-            -0.0,
+            0.5,
             1e30,
             7.5,
         ];

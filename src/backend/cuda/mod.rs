@@ -123,17 +123,7 @@ pub(crate) fn launch(
     cfg: LaunchConfig,
     args: &[Arg],
 ) -> Result<()> {
-    let func = module::function(dev, module, name)?;
-    if cfg.shared_mem_bytes > 0 {
-        // Dynamic shared memory plus the kernel's static arrays may pass
-        // the 48 KiB a kernel gets without opting in.
-        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-        func.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            cfg.shared_mem_bytes as i32,
-        )
-        .map_err(|e| Error::Device(format!("cuda kernel {name}: shared memory: {e}")))?;
-    }
+    let func = module::function(dev, module, name, cfg.shared_mem_bytes)?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&func);
     for a in args {

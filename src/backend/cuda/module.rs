@@ -68,8 +68,16 @@ fn image(m: &Module, cc: (i32, i32)) -> (Ptx, &'static str) {
     }
 }
 
-/// `name` of module `m` on `dev`, the module loaded once per device.
-pub(crate) fn function(dev: &CudaDevice, m: &Module, name: &str) -> Result<CudaFunction> {
+/// `name` of module `m` on `dev` (the module loaded once per device),
+/// allowed at least `smem` bytes of dynamic shared memory. The handles are
+/// shared by every thread launching on the device, so that allowance only
+/// ever grows (under the lock): a launch never finds it below its own.
+pub(crate) fn function(
+    dev: &CudaDevice,
+    m: &Module,
+    name: &str,
+    smem: u32,
+) -> Result<CudaFunction> {
     type Loaded = HashMap<(usize, &'static str), Arc<CudaModule>>;
     static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
     let ctx = dev.cuda_stream().context().clone();
@@ -90,8 +98,29 @@ pub(crate) fn function(dev: &CudaDevice, m: &Module, name: &str) -> Result<CudaF
             module
         }
     };
-    drop(loaded);
-    module
+    let func = module
         .load_function(name)
-        .map_err(|e| Error::Device(format!("kernel {name} of kernels/{}.cu: {e}", m.name)))
+        .map_err(|e| Error::Device(format!("kernel {name} of kernels/{}.cu: {e}", m.name)))?;
+    if smem > 0 {
+        type Allowed = HashMap<(usize, String), u32>;
+        static ALLOWED: OnceLock<Mutex<Allowed>> = OnceLock::new();
+        let mut allowed = ALLOWED
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|_| Error::Device("the kernel allowance cache is poisoned".into()))?;
+        let now = allowed.entry((key.0, name.to_string())).or_insert(0);
+        if smem > *now {
+            // Dynamic shared memory plus the kernel's static arrays may
+            // pass the 48 KiB a kernel gets without opting in.
+            use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+            func.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| Error::Device(format!("cuda kernel {name}: shared memory: {e}")))?;
+            *now = smem;
+        }
+    }
+    drop(loaded);
+    Ok(func)
 }

@@ -294,7 +294,10 @@ fn min_new_tokens_masks_the_stop_tokens_on_every_device_route() {
     // would end within its first tokens. With min_new_tokens = 12 the rows
     // are picked on the device from copies with those tokens at -inf
     // (argmax, top-k, top-p, whole-row draw): no stop token among the
-    // first 12, and no record shorter.
+    // first 12, and no record shorter. (Which route a row takes is the
+    // unit test `routes_follow_the_settings...`; a top-p nucleus wider than
+    // the device's candidates still falls back to the host, which masks
+    // the same copy.)
     let dir = tempfile::tempdir().unwrap();
     let model = six_prompts(dir.path(), "Count to");
     let stops: Vec<u32> = (0..16000).collect();
