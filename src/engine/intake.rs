@@ -86,6 +86,7 @@ impl<'a> Intake<'a> {
                 continue;
             }
             let (tokens, guide) = self.guide_of(&rec, tokens);
+            let tokens = stop_ids_in(&rec, tokens, pipe.vocab);
             match tokens {
                 Err(err) => {
                     tracing::warn!(record = %rec.id, "{err}");
@@ -161,5 +162,28 @@ impl Intake<'_> {
                 None,
             ),
         }
+    }
+}
+
+/// A record whose `stop_token_ids` name an id past the model's vocabulary
+/// (`vocab`; 0: not known, no check) is an error: no such token is ever
+/// generated, so the stop could never apply (a wrong tokenizer's ids, or
+/// a typo).
+fn stop_ids_in(
+    rec: &crate::input::InputRecord,
+    tokens: std::result::Result<super::Tokenized, RecordError>,
+    vocab: usize,
+) -> std::result::Result<super::Tokenized, RecordError> {
+    let stops = rec.body.as_ref().map(|b| &b.params.stop_token_ids);
+    match (tokens, stops) {
+        (Ok(t), Ok(ids)) if vocab > 0 => match ids.iter().find(|&&i| i as usize >= vocab) {
+            Some(bad) => Err(RecordError::Field(format!(
+                "record {}: `stop_token_ids` holds {bad}, past the model's vocabulary of {vocab} tokens (0..{})",
+                rec.id,
+                vocab - 1
+            ))),
+            None => Ok(t),
+        },
+        (tokens, _) => tokens,
     }
 }

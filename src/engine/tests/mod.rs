@@ -528,6 +528,27 @@ fn records_that_cannot_run_become_error_rows_and_the_rest_run() {
     assert_eq!(rows.iter().filter(|r| r.status == RowStatus::Ok).count(), 2);
 }
 
+#[test]
+fn stop_token_ids_past_the_vocabulary_make_error_rows() {
+    let mut p = params(4);
+    p.stop_token_ids = vec![3, VOCAB as u32 + 5];
+    let cfg = SchedulerConfig::tiny(64, 4, 64);
+    let (rows, sum) = run(
+        gen_items(&prompts(2, 5), &p),
+        cfg,
+        &mut FakeRunner::default(),
+        false,
+    );
+    assert_eq!((sum.records, sum.errors), (2, 2));
+    let want = format!(
+        "`stop_token_ids` holds {}, past the model's vocabulary",
+        VOCAB + 5
+    );
+    assert!(rows
+        .iter()
+        .all(|r| r.error.as_deref().unwrap().contains(&want)));
+}
+
 /// Scoring: prompt + continuation; each continuation token's log-probability
 /// under the fake model, summed.
 fn expected_score(tokens: &[u32], prompt_len: usize) -> f64 {
