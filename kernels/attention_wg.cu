@@ -1,10 +1,10 @@
 // Hopper (sm_90a) wgmma flash prefill (issue 15, item 3;
 // kernels/WGMMA-PREFILL-PLAN.md): step 1, a self-test of its two
 // warpgroup products over its shared-memory layout (GPU test
-// `gpu::attention::wgmma_prefill_products_match_float64`), and a first
+// `gpu::flash_prefill::wgmma_prefill_products_match_float64`), and a first
 // plain kernel, `flash_prefill_wg_d128` (no producer warp yet: both
 // warpgroups load), checked against float64 beside the mma.sync kernel
-// in `gpu::attention::flash_prefill_matches_a_float64_reference`.
+// in `gpu::flash_prefill::flash_prefill_matches_a_float64_reference`.
 //
 // The layout (Q, K and V alike; a "row" is a query row or a key): two
 // panels, dims 0-63 and 64-127, each ROWS rows of 128 bytes; the 16-byte

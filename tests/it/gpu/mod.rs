@@ -8,6 +8,7 @@ use half::f16;
 use runner::cuda;
 
 mod attention;
+mod flash_prefill;
 mod gptq;
 mod kv_fp8;
 mod overlap;
