@@ -63,7 +63,9 @@ impl StopRule<'_> {
     }
 
     /// The tokens that would end `req` too early (before
-    /// `min_new_tokens`): none from then on.
+    /// `min_new_tokens`): none from then on. The pick masks them (-inf) in
+    /// a copy of the row that every route, the host's too, reads
+    /// (`pick::masked`).
     pub fn early_stops(&self, req: &Request) -> Vec<u32> {
         let p = &req.params;
         if req.generated().len() >= p.min_new_tokens {
@@ -71,15 +73,6 @@ impl StopRule<'_> {
         }
         let eos = self.decoder.stop_ids().iter().filter(|_| !p.ignore_eos);
         eos.chain(&p.stop_token_ids).copied().collect()
-    }
-
-    /// Masks [`Self::early_stops`] in `req`'s logits row (-inf).
-    pub fn mask_early_stops(&self, req: &Request, row: &mut [f32]) {
-        for t in self.early_stops(req) {
-            if let Some(l) = row.get_mut(t as usize) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
     }
 }
 
@@ -93,7 +86,7 @@ pub fn apply(
 ) -> Result<Vec<(SeqId, FinishReason)>> {
     let now = Instant::now();
     let mut finished = Vec::new();
-    let picks = prepare_host_rows(sched, plan, picks, stops);
+    let picks = prepare_host_rows(sched, plan, picks);
     for (c, pick) in plan.chunks.iter().zip(picks) {
         if !c.samples {
             continue; // mid-prefill chunk: nothing to do yet
@@ -139,8 +132,8 @@ pub fn apply(
     Ok(finished)
 }
 
-/// The host rows' sampling work before their draws: the stop tokens that
-/// `min_new_tokens` still masks, then [`sampler::prepare`] (penalty,
+/// The host rows' sampling work before their draws (rows whose early stops
+/// the pick already masked): [`sampler::prepare`] (penalty,
 /// temperature, top-k's cut, top-p's sorted candidates) of every row at
 /// once on the rayon pool; the draws then take each record's uniform in
 /// chunk order, so a record's stream is the same as row by row.
@@ -148,7 +141,6 @@ fn prepare_host_rows(
     sched: &Scheduler,
     plan: &StepPlan,
     mut picks: Vec<Option<Picked>>,
-    stops: &StopRule<'_>,
 ) -> Vec<Option<Picked>> {
     let mut work: Vec<(usize, Vec<f32>, &Request)> = Vec::new();
     for (i, (c, pick)) in plan.chunks.iter().zip(picks.iter_mut()).enumerate() {
@@ -157,9 +149,7 @@ fn prepare_host_rows(
             continue;
         }
         if let Some(Picked::Logits(row)) = pick {
-            let mut row = std::mem::take(row);
-            stops.mask_early_stops(req, &mut row);
-            work.push((i, row, req));
+            work.push((i, std::mem::take(row), req));
         }
     }
     let done: Vec<(usize, sampler::Prepared)> = work
