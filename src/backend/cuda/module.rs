@@ -12,6 +12,7 @@ use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::CudaDevice;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -68,6 +69,13 @@ fn image(m: &Module, cc: (i32, i32)) -> (Ptx, &'static str) {
     }
 }
 
+/// A module loaded on a device, and the dynamic shared memory each of its
+/// kernels has been allowed so far.
+struct Loaded {
+    module: Arc<CudaModule>,
+    allowed: HashMap<String, u32>,
+}
+
 /// `name` of module `m` on `dev` (the module loaded once per device),
 /// allowed at least `smem` bytes of dynamic shared memory. The handles are
 /// shared by every thread launching on the device, so that allowance only
@@ -78,49 +86,41 @@ pub(crate) fn function(
     name: &str,
     smem: u32,
 ) -> Result<CudaFunction> {
-    type Loaded = HashMap<(usize, &'static str), Arc<CudaModule>>;
-    static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
+    static LOADED: OnceLock<Mutex<HashMap<(usize, &'static str), Loaded>>> = OnceLock::new();
     let ctx = dev.cuda_stream().context().clone();
-    let key = (ctx.ordinal(), m.name);
     let mut loaded = LOADED
         .get_or_init(Default::default)
         .lock()
         .map_err(|_| Error::Device("the kernel module cache is poisoned".into()))?;
-    let module = match loaded.get(&key).cloned() {
-        Some(module) => module,
-        None => {
+    let here = match loaded.entry((ctx.ordinal(), m.name)) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => {
             let (image, tag) = image(m, arch(dev).cc);
             let module = ctx.load_module(image).map_err(|e| {
                 Error::Device(format!("loading kernels/{}.cu ({tag}): {e}", m.name))
             })?;
             tracing::debug!(module = m.name, image = tag, "kernel module loaded");
-            loaded.insert(key, module.clone());
-            module
+            e.insert(Loaded {
+                module,
+                allowed: HashMap::new(),
+            })
         }
     };
-    let func = module
+    let func = here
+        .module
         .load_function(name)
         .map_err(|e| Error::Device(format!("kernel {name} of kernels/{}.cu: {e}", m.name)))?;
-    if smem > 0 {
-        type Allowed = HashMap<(usize, String), u32>;
-        static ALLOWED: OnceLock<Mutex<Allowed>> = OnceLock::new();
-        let mut allowed = ALLOWED
-            .get_or_init(Default::default)
-            .lock()
-            .map_err(|_| Error::Device("the kernel allowance cache is poisoned".into()))?;
-        let now = allowed.entry((key.0, name.to_string())).or_insert(0);
-        if smem > *now {
-            // Dynamic shared memory plus the kernel's static arrays may
-            // pass the 48 KiB a kernel gets without opting in.
-            use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-            func.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(|e| Error::Device(format!("cuda kernel {name}: shared memory: {e}")))?;
-            *now = smem;
-        }
+    let now = here.allowed.get(name).copied().unwrap_or(0);
+    if smem > now {
+        // Dynamic shared memory plus the kernel's static arrays may pass
+        // the 48 KiB a kernel gets without opting in.
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+        func.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| Error::Device(format!("cuda kernel {name}: shared memory: {e}")))?;
+        here.allowed.insert(name.to_string(), smem);
     }
-    drop(loaded);
     Ok(func)
 }
