@@ -303,7 +303,7 @@ pub fn shared_decode_table(
                 };
                 cuda::paged_decode_into(
                     io,
-                    cuda::CacheLayer::f16(&kc, &vc).swizzled(),
+                    cuda::CacheLayer::f16(&kc, &vc).engine_decode(d),
                     tables,
                     ctxs,
                     &shape,

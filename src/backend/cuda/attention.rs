@@ -379,16 +379,7 @@ impl CudaKv {
                 window: window.unwrap_or(0),
                 max_keys: window.map_or(dd.max_keys, |w| dd.max_keys.min(w)),
             };
-            // FP8 decodes through the direct builds (codes straight into
-            // the mma fragments; run 48: 19-22% faster than widening); f16
-            // at head dim 128 through the swizzled ones (the same bits).
-            let dcache = if cache.scales.is_some() {
-                cache.direct()
-            } else if d == 128 {
-                cache.swizzled()
-            } else {
-                cache
-            };
+            let dcache = cache.engine_decode(d);
             let build = DecodeVariant::builds(&dcache)[0];
             cuda::paged_decode_into(io, dcache, &dd.tables, &dd.ctx, &shape, build)?;
         }
