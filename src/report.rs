@@ -253,7 +253,8 @@ pub fn build(out: &Path) -> Result<(SweepInfo, Vec<VariantReport>)> {
     Ok((info, out_rows))
 }
 
-fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+/// `v` to `digits` decimals, or "-" when there is none (a table's empty cell).
+pub(crate) fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |x| format!("{x:.digits$}"))
 }
 

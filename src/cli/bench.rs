@@ -3,6 +3,8 @@
 
 use crate::bench::{self, WORKLOADS};
 use crate::config::JobSpec;
+#[cfg(feature = "cuda")]
+use crate::report::fmt_opt;
 use std::path::Path;
 
 /// What `runner bench` was asked to do.
@@ -115,13 +117,13 @@ fn head_table(dev: &candle_core::Device, report: &mut Report) -> anyhow::Result<
     println!(
         "lm head (4096 -> 32000, f16, cuBLAS; device µs): M, through the transposed view as `Linear` runs it (TFLOP/s), over a contiguous copy, the view then f32 logits"
     );
-    let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.1}"));
+    let f = |x| fmt_opt(x, 1);
     for r in &rows {
         println!(
             "  {:>5}  {:>8} ({:>4})  {:>8}  {:>8}",
             r.m,
             f(r.view_us),
-            r.view_tflops.map_or("-".into(), |v| format!("{v:.0}")),
+            fmt_opt(r.view_tflops, 0),
             f(r.contiguous_us),
             f(r.with_f32_us)
         );
@@ -157,7 +159,7 @@ fn print_gemm(name: &str, rows: &[bench::kernels::GemmRow]) {
         "cub/wg",
         "wg (bm,nw,s) us"
     );
-    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let opt = |v| fmt_opt(v, 1);
     for r in rows {
         // cuBLAS's device time over a product's.
         let vs_cublas = |us: Option<f64>| {
@@ -298,7 +300,7 @@ fn prefill_tables(
     println!(
         "flash prefill (32 q / 8 kv heads, d 128, causal): seqs tokens+cached us TFLOP/s, then over an FP8 cache, then the wgmma kernels, plain, pipelined (Hopper; the engine's for long prompts) and pipelined across items (wsx; not the engine's)  (cuBLAS {matmul:.0})"
     );
-    let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.0}"));
+    let f = |x| fmt_opt(x, 0);
     for r in &pre {
         println!(
             "  {:>4} {:>5}+{:<5} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7}",
