@@ -245,6 +245,8 @@ pub fn run_workload(
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod kernels;
+#[cfg(feature = "cuda")]
+pub mod lt;
 
 #[cfg(test)]
 mod tests {

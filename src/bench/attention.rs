@@ -76,7 +76,8 @@ pub fn attention_table(dev: &Device, cases: &[(usize, usize)]) -> Result<Vec<Att
                 batch: b,
                 ctx,
                 variant,
-                default: cache.swizzled && variant == DecodeVariant::default(),
+                default: cache.swizzled
+                    && variant == DecodeVariant::engine(&cache, b, nkv, shape.max_keys),
                 fp8: false,
                 direct: false,
                 swizzled: cache.swizzled,

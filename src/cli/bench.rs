@@ -23,6 +23,8 @@ pub struct BenchArgs<'a> {
     pub gemm_m: &'a [usize],
     /// With `kernels`: the GPTQ products' shapes by name (empty: all).
     pub gemm_shapes: &'a [String],
+    /// Token counts of the cuBLASLt algorithm table (empty: none).
+    pub gemm_lt: &'a [usize],
     /// Time the workloads' kernel classes.
     pub breakdown: bool,
     /// Write the results here as JSON.
@@ -41,8 +43,13 @@ pub fn bench(spec: &JobSpec, args: &BenchArgs<'_>) -> anyhow::Result<()> {
             .into(),
     );
     #[cfg(not(feature = "cuda"))]
-    if args.kernels || args.gemm_only || !args.gemm_m.is_empty() || !args.gemm_shapes.is_empty() {
-        anyhow::bail!("--kernels needs a binary built with the `cuda` feature");
+    if args.kernels
+        || args.gemm_only
+        || !args.gemm_m.is_empty()
+        || !args.gemm_shapes.is_empty()
+        || !args.gemm_lt.is_empty()
+    {
+        anyhow::bail!("--kernels and --gemm-lt need a binary built with the `cuda` feature");
     }
     #[cfg(feature = "cuda")]
     let matmul = cuda_benches(spec, args, &mut report)?;
@@ -81,7 +88,44 @@ fn cuda_benches(spec: &JobSpec, args: &BenchArgs<'_>, report: &mut Report) -> an
             head_table(&dev, report)?;
         }
     }
+    if !args.gemm_lt.is_empty() {
+        lt_table(&dev, args.gemm_lt, report)?;
+    }
     Ok(matmul)
+}
+
+/// cuBLAS's own choice against every algorithm cuBLASLt offers.
+#[cfg(feature = "cuda")]
+fn lt_table(dev: &candle_core::Device, ms: &[usize], report: &mut Report) -> anyhow::Result<()> {
+    let rows = bench::lt::lt_table(dev, ms, 32)?;
+    println!(
+        "cuBLASLt algorithms (f16, f32 compute; device µs): shape, M, cuBLAS's choice (candle matmul), the heuristic's first, the fastest (config id/tile/stages/splits/reduction/cluster, = where its values equal matmul's), the fastest with matmul's values, algorithms offered / with matmul's values"
+    );
+    let f = |x| fmt_opt(x, 1);
+    for r in &rows {
+        let first = r.algos.first();
+        let best = r.best(false);
+        let same = r.best(true);
+        println!(
+            "  {:<8} {:>5}  {:>8}  {:>8}  {:>8} {:<20}{}  {:>8}  {:>2}/{:<2}",
+            r.shape,
+            r.m,
+            f(r.cublas_us),
+            f(first.and_then(|a| a.us)),
+            f(best.and_then(|a| a.us)),
+            best.map_or(String::new(), |a| a.config.clone()),
+            if best.is_some_and(|a| a.same_values) {
+                "="
+            } else {
+                " "
+            },
+            f(same.and_then(|a| a.us)),
+            r.algos.len(),
+            r.algos.iter().filter(|a| a.same_values).count()
+        );
+    }
+    report.insert("gemm_lt".into(), serde_json::to_value(&rows)?);
+    Ok(())
 }
 
 /// The GPTQ products of `model.dummy_quant` against cuBLAS f16.
@@ -205,7 +249,15 @@ fn print_gemm(name: &str, rows: &[bench::kernels::GemmRow]) {
 fn attention_tables(dev: &candle_core::Device, report: &mut Report) -> anyhow::Result<()> {
     let att = bench::attention::attention_table(
         dev,
-        &[(64, 512), (256, 1024), (256, 2048), (512, 192), (64, 8192)],
+        &[
+            (64, 512),
+            (256, 1024),
+            (256, 2048),
+            (512, 192),
+            (256, 192),
+            (128, 192),
+            (64, 8192),
+        ],
     )?;
     let shared = bench::attention::shared_decode_table(
         dev,

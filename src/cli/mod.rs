@@ -113,6 +113,10 @@ enum Command {
         /// k/v, gate/up, down, qkv fused, gate+up; default: all).
         #[arg(long, requires = "kernels", value_delimiter = ',')]
         gemm_shapes: Vec<String>,
+        /// Time every algorithm cuBLASLt offers for Mistral-7B's products
+        /// at these token counts, beside cuBLAS's own choice (CUDA).
+        #[arg(long, value_delimiter = ',')]
+        gemm_lt: Vec<usize>,
         /// Time each kernel class of every step of the workloads (CUDA
         /// events between classes) and print where a decode and a prefill
         /// step's device time goes.
@@ -224,6 +228,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             gemm_only,
             gemm_m,
             gemm_shapes,
+            gemm_lt,
             breakdown,
             json,
             set,
@@ -242,6 +247,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     gemm_only,
                     gemm_m: &gemm_m,
                     gemm_shapes: &gemm_shapes,
+                    gemm_lt: &gemm_lt,
                     breakdown,
                     json: json.as_deref(),
                 },

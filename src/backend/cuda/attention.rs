@@ -380,7 +380,7 @@ impl CudaKv {
                 max_keys: window.map_or(dd.max_keys, |w| dd.max_keys.min(w)),
             };
             let dcache = cache.engine_decode(d);
-            let build = DecodeVariant::builds(&dcache)[0];
+            let build = DecodeVariant::engine(&dcache, dd.ctx.dim(0)?, nkv, shape.max_keys);
             cuda::paged_decode_into(io, dcache, &dd.tables, &dd.ctx, &shape, build)?;
         }
         Ok(out)

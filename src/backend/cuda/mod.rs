@@ -11,6 +11,7 @@ mod gptq;
 mod graph;
 mod kernels_attention;
 mod kernels_cache;
+mod lt;
 mod module;
 mod sample;
 
@@ -31,6 +32,7 @@ pub use kernels_attention::{
 pub use kernels_cache::{kv_write, kv_write_fp8, scatter_rows, CacheLayer};
 
 pub use gptq::{GptqGpu, WgLaunch, STAGE_MAX_M};
+pub use lt::{LtAlgo, LtProduct};
 pub(crate) use module::{Module, ATTENTION, ATTENTION_WG, GPTQ, GPTQ_WG, OPS};
 pub use sample::{draw_rows, penalize_rows, row_norms};
 

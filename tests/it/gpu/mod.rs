@@ -11,6 +11,7 @@ mod attention;
 mod flash_prefill;
 mod gptq;
 mod kv_fp8;
+mod lt;
 mod overlap;
 mod prefill;
 mod sampler;

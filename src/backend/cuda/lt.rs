@@ -1,0 +1,252 @@
+//! cuBLASLt products y [M, N] = x [M, K] W^T over the resident f16
+//! weights (W^T [K, N], as `GptqGpu`'s `resident` and candle's `matmul`
+//! read them), with the algorithm chosen by the caller from the list
+//! cuBLASLt's heuristic offers: the kernel bench times every one of them
+//! beside cuBLAS's own choice (candle's `matmul`), to see how far that
+//! choice is from the best cuBLAS has for our shapes.
+//!
+//! The same arithmetic contract as candle's f16 product: f16 inputs and
+//! output, f32 compute and scale (`CUBLAS_COMPUTE_32F`).
+
+use super::{device_of, empty, ptr};
+use crate::{Error, Result};
+use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
+use candle_core::Tensor;
+use half::f16;
+use std::ffi::c_void;
+
+/// The workspace NVIDIA recommends for Hopper (32 MiB).
+const WORKSPACE: usize = 32 << 20;
+
+/// One algorithm cuBLASLt offers for a shape, and what it is.
+#[derive(Clone, Copy)]
+pub struct LtAlgo {
+    algo: sys::cublasLtMatmulAlgo_t,
+    workspace: usize,
+    /// Algorithm id, tile id, stages id, K splits (1: none), reduction
+    /// scheme, cluster shape id.
+    pub config: [u32; 6],
+}
+
+impl std::fmt::Debug for LtAlgo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.describe())
+    }
+}
+
+impl LtAlgo {
+    /// "id/tile/stages/splits/reduction/cluster", e.g. "66/20/35/1/0/2".
+    pub fn describe(&self) -> String {
+        let c = self.config.map(|v| v.to_string());
+        c.join("/")
+    }
+
+    /// The number of K splits (1: the K reduction runs in order in one
+    /// block per output tile).
+    pub fn splits(&self) -> u32 {
+        self.config[3]
+    }
+}
+
+fn err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Device(format!("cublaslt {what}: {e:?}"))
+}
+
+/// A cuBLASLt handle with the descriptors of one product shape and its
+/// workspace. Not `Send`: the bench builds and drops it on one thread.
+pub struct LtProduct {
+    handle: sys::cublasLtHandle_t,
+    desc: sys::cublasLtMatmulDesc_t,
+    /// W^T as column-major [N, K], x as column-major [K, M], y as [N, M].
+    layouts: [sys::cublasLtMatrixLayout_t; 3],
+    pref: sys::cublasLtMatmulPreference_t,
+    ws: Tensor,
+    dims: (usize, usize, usize),
+}
+
+impl LtProduct {
+    /// The descriptors of y [m, n] = x [m, k] W^T on the device of `like`.
+    pub fn new(like: &Tensor, m: usize, n: usize, k: usize) -> Result<Self> {
+        let dev = device_of(like)?;
+        let ws = empty::<u8>(&dev, WORKSPACE)?;
+        let h16 = sys::cudaDataType::CUDA_R_16F;
+        let handle = lt::create_handle().map_err(|e| err("handle", e))?;
+        let desc = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(|e| err("matmul descriptor", e))?;
+        let layout = |rows: usize, cols: usize| {
+            lt::create_matrix_layout(h16, rows as u64, cols as u64, rows as i64)
+                .map_err(|e| err("layout", e))
+        };
+        let layouts = [layout(n, k)?, layout(k, m)?, layout(n, m)?];
+        let pref = lt::create_matmul_pref().map_err(|e| err("preference", e))?;
+        let bytes = WORKSPACE as u64;
+        // SAFETY: `pref` was just created and is alive; the buffer is a u64
+        // read for its size, as the attribute's type says.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &bytes as *const u64 as *const c_void,
+                std::mem::size_of::<u64>(),
+            )
+        }
+        .map_err(|e| err("workspace preference", e))?;
+        Ok(Self {
+            handle,
+            desc,
+            layouts,
+            pref,
+            ws,
+            dims: (m, n, k),
+        })
+    }
+
+    /// Up to `count` algorithms, in the heuristic's order (its first is
+    /// what it would pick).
+    pub fn algos(&self, count: usize) -> Result<Vec<LtAlgo>> {
+        let mut found = vec![
+            // SAFETY: a plain C struct of integers and floats; all zeros is
+            // a valid (empty) value that the call overwrites.
+            unsafe { std::mem::zeroed::<sys::cublasLtMatmulHeuristicResult_t>() };
+            count
+        ];
+        let mut n = 0i32;
+        let [a, b, d] = self.layouts;
+        // SAFETY: every descriptor is alive (dropped only in Drop); `found`
+        // holds `count` results for the call to fill, `n` says how many.
+        unsafe {
+            sys::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                self.desc,
+                a,
+                b,
+                d,
+                d,
+                self.pref,
+                count as i32,
+                found.as_mut_ptr(),
+                &mut n,
+            )
+            .result()
+        }
+        .map_err(|e| err("heuristic", e))?;
+        found.truncate(n.max(0) as usize);
+        Ok(found
+            .iter()
+            .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|r| LtAlgo {
+                algo: r.algo,
+                workspace: r.workspaceSize,
+                config: config_of(&r.algo),
+            })
+            .collect())
+    }
+
+    /// y [m, n] = x [m, k] wt, `wt` the [k, n] f16 weights, through `algo`.
+    pub fn run(&self, x: &Tensor, wt: &Tensor, algo: &LtAlgo) -> Result<Tensor> {
+        let (m, n, k) = self.dims;
+        if x.dims() != [m, k] || wt.dims() != [k, n] {
+            return Err(Error::Model(format!(
+                "cublaslt product for [{m}, {k}] x [{k}, {n}] was given {:?} x {:?}",
+                x.dims(),
+                wt.dims()
+            )));
+        }
+        let dev = device_of(x)?;
+        let y = empty::<f16>(&dev, (m, n))?;
+        let (px, pw, py) = (ptr::<f16>(x)?, ptr::<f16>(wt)?, ptr::<f16>(&y)?);
+        let pws = ptr::<u8>(&self.ws)?;
+        let (one, zero) = (1f32, 0f32);
+        let stream = dev.cuda_stream().cu_stream() as sys::cudaStream_t;
+        let [la, lb, ld] = self.layouts;
+        // SAFETY: the descriptors are alive; the pointers are device
+        // addresses of tensors alive for the call, of the sizes the layouts
+        // say (checked above); the workspace holds WORKSPACE bytes, at least
+        // what any offered algorithm asked for; launched on candle's stream,
+        // ordered with the kernels that made x and read y.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                self.desc,
+                &one as *const f32 as *const c_void,
+                &zero as *const f32 as *const c_void,
+                pw as *const c_void,
+                la,
+                px as *const c_void,
+                lb,
+                py as *const c_void,
+                ld,
+                py as *mut c_void,
+                ld,
+                &algo.algo,
+                pws as *mut c_void,
+                algo.workspace.min(WORKSPACE),
+                stream,
+            )
+        }
+        .map_err(|e| err("matmul", e))?;
+        Ok(y)
+    }
+}
+
+/// The configuration attributes of an algorithm (zero where the library
+/// does not report one).
+fn config_of(algo: &sys::cublasLtMatmulAlgo_t) -> [u32; 6] {
+    use sys::cublasLtMatmulAlgoConfigAttributes_t as A;
+    let attrs = [
+        A::CUBLASLT_ALGO_CONFIG_ID,
+        A::CUBLASLT_ALGO_CONFIG_TILE_ID,
+        A::CUBLASLT_ALGO_CONFIG_STAGES_ID,
+        A::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+        A::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME,
+        A::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID,
+    ];
+    attrs.map(|a| {
+        let (mut need, mut got) = (0usize, 0usize);
+        let mut buf = [0u8; 8];
+        // SAFETY: `algo` is an initialized algorithm from the heuristic; a
+        // first call with no buffer asks the attribute's size, the second
+        // writes at most that many bytes into an 8-byte buffer (checked).
+        let ok = unsafe {
+            let s = sys::cublasLtMatmulAlgoConfigGetAttribute(
+                algo,
+                a,
+                std::ptr::null_mut(),
+                0,
+                &mut need,
+            );
+            s == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                && need <= buf.len()
+                && sys::cublasLtMatmulAlgoConfigGetAttribute(
+                    algo,
+                    a,
+                    buf.as_mut_ptr() as *mut c_void,
+                    need,
+                    &mut got,
+                ) == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+        };
+        if ok {
+            u64::from_le_bytes(buf) as u32
+        } else {
+            0
+        }
+    })
+}
+
+impl Drop for LtProduct {
+    fn drop(&mut self) {
+        // SAFETY: each descriptor was created in `new` and is destroyed
+        // once, here; no call uses them after.
+        unsafe {
+            for l in self.layouts {
+                let _ = lt::destroy_matrix_layout(l);
+            }
+            let _ = lt::destroy_matmul_pref(self.pref);
+            let _ = lt::destroy_matmul_desc(self.desc);
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}

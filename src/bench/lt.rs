@@ -1,0 +1,113 @@
+//! How far cuBLAS's own choice of algorithm is from the best it has, on
+//! Mistral-7B's products: for each shape and token count, candle's
+//! `matmul` (cuBLAS's heuristic) beside every algorithm cuBLASLt's
+//! heuristic offers, each timed from a CUDA graph and compared with
+//! `matmul`'s output value for value.
+
+use crate::cuda::{self, LtProduct};
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+/// Mistral-7B's products as the engine runs them (K, N).
+pub const LT_SHAPES: [(&str, usize, usize); 5] = [
+    ("qkv", 4096, 6144),
+    ("o", 4096, 4096),
+    ("gate+up", 4096, 28672),
+    ("down", 14336, 4096),
+    ("lm head", 4096, 32000),
+];
+
+/// One algorithm's time and whether its output equals `matmul`'s.
+#[derive(Debug, Clone, Serialize)]
+pub struct LtAlgoTime {
+    /// id/tile/stages/splits/reduction/cluster.
+    pub config: String,
+    pub splits: u32,
+    pub us: Option<f64>,
+    /// Every output value equals cuBLAS's own choice's.
+    pub same_values: bool,
+}
+
+/// One shape at one token count.
+#[derive(Debug, Clone, Serialize)]
+pub struct LtRow {
+    pub shape: &'static str,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    /// candle's `matmul` (cuBLAS's heuristic), device µs.
+    pub cublas_us: Option<f64>,
+    /// The algorithms cuBLASLt offers, in its heuristic's order.
+    pub algos: Vec<LtAlgoTime>,
+}
+
+impl LtRow {
+    /// The fastest algorithm, among those whose values equal `matmul`'s
+    /// when `same` is set.
+    pub fn best(&self, same: bool) -> Option<&LtAlgoTime> {
+        self.algos
+            .iter()
+            .filter(|a| a.us.is_some() && (a.same_values || !same))
+            .min_by(|a, b| {
+                a.us.unwrap_or(f64::MAX)
+                    .total_cmp(&b.us.unwrap_or(f64::MAX))
+            })
+    }
+}
+
+/// The table over `ms` for every shape in [`LT_SHAPES`] (`count`
+/// algorithms asked of the heuristic).
+pub fn lt_table(dev: &Device, ms: &[usize], count: usize) -> Result<Vec<LtRow>> {
+    let cd = cuda::cuda(dev)?;
+    let mut rows = Vec::new();
+    for (si, &(shape, k, n)) in LT_SHAPES.iter().enumerate() {
+        let wt = cuda::fill_f16(&cd, (k, n), 40 + si as u64, -0.05, 0.05)?;
+        for &m in ms {
+            let x = cuda::fill_f16(&cd, (m, k), 50 + m as u64, -1.0, 1.0)?;
+            let iters = if m <= 256 { 20 } else { 5 };
+            let us = |t: Option<f64>| t.map(|t| t * 1e6);
+            let reference = x.matmul(&wt)?;
+            let cublas_us = us(cuda::graph_time(dev, iters, || {
+                x.matmul(&wt)?;
+                Ok(())
+            })?);
+            let p = LtProduct::new(&x, m, n, k)?;
+            let mut algos = Vec::new();
+            for a in p.algos(count)? {
+                let y = match p.run(&x, &wt, &a) {
+                    Ok(y) => y,
+                    Err(e) => {
+                        tracing::warn!("{shape} M {m}: algorithm {a:?} failed: {e}");
+                        continue;
+                    }
+                };
+                let t = us(cuda::graph_time(dev, iters, || {
+                    p.run(&x, &wt, &a)?;
+                    Ok(())
+                })?);
+                algos.push(LtAlgoTime {
+                    config: a.describe(),
+                    splits: a.splits(),
+                    us: t,
+                    same_values: differing(&y, &reference)? == 0,
+                });
+            }
+            rows.push(LtRow {
+                shape,
+                m,
+                k,
+                n,
+                cublas_us,
+                algos,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// How many values of `a` and `b` differ.
+fn differing(a: &Tensor, b: &Tensor) -> Result<usize> {
+    let ne = a.ne(b)?.to_dtype(DType::F32)?.sum_all()?;
+    Ok(ne.to_scalar::<f32>()? as usize)
+}

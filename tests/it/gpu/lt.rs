@@ -1,0 +1,50 @@
+//! cuBLASLt products (the kernel bench's algorithm table) against candle's
+//! `matmul`: the glue's layouts (W^T as column-major [N, K], x as [K, M])
+//! give the same product through every algorithm the heuristic offers.
+
+use super::{gpu, Lcg};
+use candle_core::{DType, Tensor};
+use runner::cuda;
+
+fn max_excess(y: &Tensor, want: &Tensor) -> f32 {
+    let y = y.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let w = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let (y, w) = (y.to_vec1::<f32>().unwrap(), w.to_vec1::<f32>().unwrap());
+    // One f16 rounding apart at most (2^-10 relative), with room for the
+    // f32 sums' order: excess over 2^-9 of the value's size.
+    y.iter()
+        .zip(&w)
+        .map(|(a, b)| (a - b).abs() - b.abs().max(1.0) / 512.0)
+        .fold(f32::MIN, f32::max)
+}
+
+#[test]
+fn lt_products_match_candle_matmul_through_every_offered_algorithm() {
+    let dev = gpu();
+    let mut rng = Lcg(17);
+    for (m, k, n) in [
+        (1, 256, 512),
+        (37, 4096, 1024),
+        (130, 1024, 4096),
+        (515, 512, 768),
+    ] {
+        let x = Tensor::from_vec(rng.f16s(m * k, 1.0), (m, k), &dev).unwrap();
+        let wt = Tensor::from_vec(rng.f16s(k * n, 0.05), (k, n), &dev).unwrap();
+        let want = x.matmul(&wt).unwrap();
+        let p = cuda::LtProduct::new(&x, m, n, k).unwrap();
+        let algos = p.algos(16).unwrap();
+        assert!(
+            !algos.is_empty(),
+            "no cuBLASLt algorithm for {m} x {k} x {n}"
+        );
+        for a in &algos {
+            let y = p.run(&x, &wt, a).unwrap();
+            assert_eq!(y.dims(), [m, n]);
+            let e = max_excess(&y, &want);
+            assert!(
+                e <= 0.0,
+                "{m} x {k} x {n}, algorithm {a:?}: off by {e} past 2^-9"
+            );
+        }
+    }
+}
