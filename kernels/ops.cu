@@ -18,17 +18,23 @@ union H8 {
 // with the mean in f32. vec: H % 8 == 0, H / 8 <= NORM_RV * blockDim.x and
 // every pointer 16-byte aligned: each thread moves eight halves per access
 // and keeps its part of the row (and of w) in registers across the mean.
-extern "C" __global__ void rmsnorm_add(const half* __restrict__ x, const half* __restrict__ add,
-                                       const half* __restrict__ w, half* __restrict__ out,
-                                       half* __restrict__ res_out, int H, float eps, int vec) {
+// RV: the vectors a thread keeps (the rmsnorm_add_r1 build: one, with a
+// thread per vector of the row, so that all of a row's loads are in flight
+// at once and a thread needs few registers).
+template <int RV>
+__device__ __forceinline__ void rmsnorm_add_impl(const half* __restrict__ x,
+                                                 const half* __restrict__ add,
+                                                 const half* __restrict__ w, half* __restrict__ out,
+                                                 half* __restrict__ res_out, int H, float eps,
+                                                 int vec) {
   __shared__ float red[32];
   size_t base = (size_t)blockIdx.x * H;
   float ss = 0.f;
-  H8 r[NORM_RV], wv[NORM_RV];
+  H8 r[RV], wv[RV];
   if (vec) {
     const int nv = H / 8;
 #pragma unroll
-    for (int k = 0; k < NORM_RV; k++) {
+    for (int k = 0; k < RV; k++) {
       const int i = threadIdx.x + k * blockDim.x;
       if (i >= nv) break;
       r[k].v = reinterpret_cast<const int4*>(x + base)[i];
@@ -67,7 +73,7 @@ extern "C" __global__ void rmsnorm_add(const half* __restrict__ x, const half* _
   if (vec) {
     const int nv = H / 8;
 #pragma unroll
-    for (int k = 0; k < NORM_RV; k++) {
+    for (int k = 0; k < RV; k++) {
       const int i = threadIdx.x + k * blockDim.x;
       if (i >= nv) break;
       H8 o;
@@ -83,6 +89,18 @@ extern "C" __global__ void rmsnorm_add(const half* __restrict__ x, const half* _
       out[base + i] = __hmul(w[i], nrm);
     }
   }
+}
+
+extern "C" __global__ void rmsnorm_add(const half* __restrict__ x, const half* __restrict__ add,
+                                       const half* __restrict__ w, half* __restrict__ out,
+                                       half* __restrict__ res_out, int H, float eps, int vec) {
+  rmsnorm_add_impl<NORM_RV>(x, add, w, out, res_out, H, eps, vec);
+}
+
+extern "C" __global__ void rmsnorm_add_r1(const half* __restrict__ x, const half* __restrict__ add,
+                                          const half* __restrict__ w, half* __restrict__ out,
+                                          half* __restrict__ res_out, int H, float eps, int vec) {
+  rmsnorm_add_impl<1>(x, add, w, out, res_out, H, eps, vec);
 }
 
 __device__ __forceinline__ half silu_mul1(half gate, half up) {

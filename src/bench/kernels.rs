@@ -320,3 +320,56 @@ pub fn head_table(dev: &Device, ms: &[usize]) -> Result<Vec<HeadRow>> {
     }
     Ok(rows)
 }
+
+/// The element-wise kernels of a layer at one token count: device µs per
+/// call (CUDA graphs) and GB/s of the bytes each must move.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpsRow {
+    pub m: usize,
+    /// RMSNorm with the residual add, 128 threads of up to 8 vectors a row
+    /// (the engine's until e111a44), then a thread per vector (now).
+    pub norm_us: [Option<f64>; 2],
+    pub norm_gbs: [Option<f64>; 2],
+    /// SiLU-mul over one fused gate/up output (14,336 wide).
+    pub silu_us: Option<f64>,
+    pub silu_gbs: Option<f64>,
+}
+
+/// [`OpsRow`] for Mistral-7B's widths at each of `ms`.
+pub fn ops_table(dev: &Device, ms: &[usize]) -> Result<Vec<OpsRow>> {
+    let cd = cuda::cuda(dev)?;
+    let (h, f) = (4096usize, 14336usize);
+    let w = cuda::fill_f16(&cd, h, 20, 0.5, 1.5)?;
+    let mut rows = Vec::new();
+    for &m in ms {
+        let x = cuda::fill_f16(&cd, (m, h), 21, -1.0, 1.0)?;
+        let a = cuda::fill_f16(&cd, (m, h), 22, -1.0, 1.0)?;
+        let gu = cuda::fill_f16(&cd, (m, 2 * f), 23, -4.0, 4.0)?;
+        let us = |g: &dyn Fn() -> Result<()>| -> Result<Option<f64>> {
+            Ok(cuda::graph_time(dev, 20, g)?.map(|t| t * 1e6))
+        };
+        let norm = |one: bool| {
+            us(&|| {
+                cuda::rmsnorm_add_with(&x, Some(&a), &w, 1e-5, one)?;
+                Ok(())
+            })
+        };
+        let norm_us = [norm(false)?, norm(true)?];
+        let silu_us = us(&|| {
+            cuda::silu_mul(&gu.narrow(1, 0, f)?, &gu.narrow(1, f, f)?)?;
+            Ok(())
+        })?;
+        // x, add in; the sum and the normed row out (the weight is cached).
+        let norm_bytes = (4 * m * h * 2) as f64;
+        let silu_bytes = (3 * m * f * 2) as f64;
+        let gbs = |b: f64, t: Option<f64>| t.map(|t| b / t / 1e3);
+        rows.push(OpsRow {
+            m,
+            norm_us,
+            norm_gbs: norm_us.map(|t| gbs(norm_bytes, t)),
+            silu_us,
+            silu_gbs: gbs(silu_bytes, silu_us),
+        });
+    }
+    Ok(rows)
+}

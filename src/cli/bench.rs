@@ -86,6 +86,7 @@ fn cuda_benches(spec: &JobSpec, args: &BenchArgs<'_>, report: &mut Report) -> an
             attention_tables(&dev, report)?;
             prefill_tables(&dev, matmul, report)?;
             head_table(&dev, report)?;
+            ops_table(&dev, report)?;
         }
     }
     if !args.gemm_lt.is_empty() {
@@ -173,6 +174,31 @@ fn head_table(dev: &candle_core::Device, report: &mut Report) -> anyhow::Result<
         );
     }
     report.insert("lm_head".into(), serde_json::to_value(&rows)?);
+    Ok(())
+}
+
+/// The element-wise kernels at W3's and W1's decode batches and a mixed
+/// step's tokens.
+#[cfg(feature = "cuda")]
+fn ops_table(dev: &candle_core::Device, report: &mut Report) -> anyhow::Result<()> {
+    let rows = bench::kernels::ops_table(dev, &[119, 508, 8049])?;
+    println!(
+        "element-wise (H 4096, FFN 14336; device µs, GB/s): M, RMSNorm + residual add by 128 threads of up to 8 vectors, by a thread per vector (the engine's), SiLU-mul"
+    );
+    let (f, g) = (|x| fmt_opt(x, 1), |x| fmt_opt(x, 0));
+    for r in &rows {
+        println!(
+            "  {:>5}  {:>7} {:>5}  {:>7} {:>5}  {:>7} {:>5}",
+            r.m,
+            f(r.norm_us[0]),
+            g(r.norm_gbs[0]),
+            f(r.norm_us[1]),
+            g(r.norm_gbs[1]),
+            f(r.silu_us),
+            g(r.silu_gbs)
+        );
+    }
+    report.insert("ops".into(), serde_json::to_value(&rows)?);
     Ok(())
 }
 

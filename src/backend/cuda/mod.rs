@@ -236,6 +236,20 @@ pub fn rmsnorm_add(
     weight: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
+    rmsnorm_add_with(x, add, weight, eps, true)
+}
+
+/// [`rmsnorm_add`], with a thread per 8-half vector of the row where a
+/// block holds the row so (`one_vector`, the engine's: H = 4,096 takes 512
+/// threads, every load of a row in flight at once) or, as until e111a44,
+/// 128 threads keeping up to 8 vectors each.
+pub fn rmsnorm_add_with(
+    x: &Tensor,
+    add: Option<&Tensor>,
+    weight: &Tensor,
+    eps: f64,
+    one_vector: bool,
+) -> Result<(Tensor, Tensor)> {
     check_f16(x, "rmsnorm")?;
     let dev = device_of(x)?;
     let (rows, h) = x.dims2()?;
@@ -251,18 +265,26 @@ pub fn rmsnorm_add(
     let pr = if add.is_some() { ptr::<f16>(&res)? } else { 0 };
     let (hh, e) = (h as i32, eps as f32);
     // The vector path keeps a row in registers: up to 8 vectors of 8
-    // halves per thread of 128 (NORM_RV in kernels/ops.cu).
-    let vec = vec8(h, &[px, pa, pw, po, pr]) & i32::from(h <= 8 * 8 * 128);
+    // halves per thread of 128 (NORM_RV in kernels/ops.cu), or one per
+    // thread of up to 1,024 (rmsnorm_add_r1).
+    let one = one_vector && h <= 8 * 1024;
+    let threads = if one { (h / 8).div_ceil(32) * 32 } else { 128 };
+    let vec = vec8(h, &[px, pa, pw, po, pr]) & i32::from(h <= 8 * 8 * 128 || one);
+    let (name, threads) = match (vec != 0, one) {
+        (true, true) => ("rmsnorm_add_r1", threads as u32),
+        (true, false) => ("rmsnorm_add", 128),
+        (false, _) => ("rmsnorm_add", 256),
+    };
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (if vec != 0 { 128 } else { 256 }, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
     use Arg::*;
     launch(
         &dev,
         &OPS,
-        "rmsnorm_add",
+        name,
         cfg,
         &[P(px), P(pa), P(pw), P(po), P(pr), I(hh), F(e), I(vec)],
     )?;

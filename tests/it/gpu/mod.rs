@@ -209,7 +209,14 @@ fn fused_norm_and_silu_match_the_cpu_ops() {
     let dev = gpu();
     let mut rng = Lcg(5);
     // 999: not a multiple of 8, the kernels' one-half-per-access path.
-    for (rows, h) in [(1usize, 4096usize), (37, 128), (5, 1000), (3, 999)] {
+    for (rows, h) in [
+        (1usize, 4096usize),
+        (37, 128),
+        (5, 1000),
+        (3, 999),
+        (2, 8192),
+        (4, 40),
+    ] {
         let x = rng.f16s(rows * h, 2.0);
         let a = rng.f16s(rows * h, 2.0);
         let w = rng.f16s(h, 1.0);
@@ -235,15 +242,22 @@ fn fused_norm_and_silu_match_the_cpu_ops() {
             ac.to_device(&dev).unwrap(),
             wc.to_device(&dev).unwrap(),
         );
-        let (out, res) = cuda::rmsnorm_add(&xg, Some(&ag), &wg, 1e-5).unwrap();
-        assert_eq!(host(&res), host(&r), "residual add");
-        let (got, want) = (host(&out), host(&want));
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs() / b.abs().max(1e-2))
-            .fold(0f32, f32::max);
-        assert!(worst < 2e-3, "rmsnorm rows {rows} h {h}: worst rel {worst}");
+        // Both builds: a thread per vector (the engine's) and 128 threads
+        // of up to 8 vectors.
+        for one in [true, false] {
+            let (out, res) = cuda::rmsnorm_add_with(&xg, Some(&ag), &wg, 1e-5, one).unwrap();
+            assert_eq!(host(&res), host(&r), "residual add");
+            let (got, want) = (host(&out), host(&want));
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs() / b.abs().max(1e-2))
+                .fold(0f32, f32::max);
+            assert!(
+                worst < 2e-3,
+                "rmsnorm rows {rows} h {h} one {one}: worst rel {worst}"
+            );
+        }
         let sm = cuda::silu_mul(&xg, &ag).unwrap();
         let want = (xc.silu().unwrap() * &ac).unwrap();
         // Column slices of one fused [gate | up] output, read in place.
