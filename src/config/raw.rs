@@ -147,6 +147,7 @@ pub struct RawEngine {
     pub prefix_caching: bool,
     pub overlap: bool,
     pub cuda_graphs: bool,
+    pub cublas_tuning: bool,
     pub gptq_kernel: GptqKernel,
     pub gptq_fused_max_m: i64,
     pub kv_cache_dtype: KvCacheDtype,

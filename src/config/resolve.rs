@@ -452,6 +452,7 @@ fn resolve_engine(e: &super::raw::RawEngine) -> Result<EngineSpec> {
         prefix_caching: e.prefix_caching,
         overlap: e.overlap,
         cuda_graphs: e.cuda_graphs,
+        cublas_tuning: e.cublas_tuning,
         kv_cache_dtype: e.kv_cache_dtype,
         // `auto` picks the flash prefill kernel per forward; a batch-invariant
         // job (`fused`) must not, so it takes the wgmma kernel wherever it

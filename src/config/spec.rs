@@ -320,6 +320,9 @@ pub struct EngineSpec {
     pub overlap: bool,
     /// CUDA: replay decode steps from CUDA graphs.
     pub cuda_graphs: bool,
+    /// CUDA: products over resident f16 weights through the fastest
+    /// algorithm with cuBLAS's values (timed once per shape and M).
+    pub cublas_tuning: bool,
     /// GPTQ kernel choice on CUDA (`auto` carries `gptq_fused_max_m`).
     pub gptq_kernel: crate::quant::GptqMode,
     /// How the KV cache stores keys and values.

@@ -197,6 +197,7 @@ impl Engine {
             overlap: spec.engine.overlap,
             cuda_graphs: spec.engine.cuda_graphs,
         };
+        crate::backend::cuda::set_cublas_tuning(spec.engine.cublas_tuning);
         // A job-wide constraint that does not compile fails before any record.
         if let Some(c) = &spec.generation.constraint {
             engine

@@ -357,10 +357,15 @@ impl GptqGpu {
     }
 
     /// x W^T through cuBLAS on the resident f16 weights, with the token
-    /// count padded where [`CUBLAS_PADS`] says cuBLAS's own choice is slow.
+    /// count padded where [`CUBLAS_PADS`] says cuBLAS's own choice is slow,
+    /// else through the fastest algorithm with cuBLAS's values
+    /// (`lt_tune`, `engine.cublas_tuning`).
     fn cublas(&self, x: &Tensor, wt: &Tensor) -> Result<Tensor> {
         let m = x.dim(0)?;
         let Some(rows) = self.cublas_pad(m) else {
+            if let Some(y) = super::lt_tune::tuned_product(x, wt)? {
+                return Ok(y);
+            }
             return Ok(x.matmul(wt)?);
         };
         let zeros = Tensor::zeros((rows - m, self.k), DType::F16, x.device())?;

@@ -13,7 +13,9 @@ use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
 use candle_core::Tensor;
 use half::f16;
+use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The workspace NVIDIA recommends for Hopper (32 MiB).
 const WORKSPACE: usize = 32 << 20;
@@ -52,25 +54,54 @@ fn err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("cublaslt {what}: {e:?}"))
 }
 
-/// A cuBLASLt handle with the descriptors of one product shape and its
-/// workspace. Not `Send`: the bench builds and drops it on one thread.
-pub struct LtProduct {
+/// A device's cuBLASLt handle and workspace, made once and shared by its
+/// products (stream-ordered on candle's one stream per device).
+struct Shared {
     handle: sys::cublasLtHandle_t,
+    ws: Tensor,
+}
+
+// SAFETY: a cuBLASLt handle may be used from any thread (the library keeps
+// no per-thread state in it); the workspace is only written by products
+// queued on the device's one stream, in order.
+unsafe impl Send for Shared {}
+// SAFETY: as for Send: calls through a shared handle are thread-safe.
+unsafe impl Sync for Shared {}
+
+/// The handle and workspace of `like`'s device.
+fn shared(like: &Tensor) -> Result<Arc<Shared>> {
+    static MAP: OnceLock<Mutex<HashMap<usize, Arc<Shared>>>> = OnceLock::new();
+    let dev = device_of(like)?;
+    let mut map = MAP
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .map_err(|_| Error::Device("cublaslt: the handle map's lock is poisoned".into()))?;
+    if let Some(s) = map.get(&dev.cuda_stream().context().ordinal()) {
+        return Ok(s.clone());
+    }
+    let s = Arc::new(Shared {
+        handle: lt::create_handle().map_err(|e| err("handle", e))?,
+        ws: empty::<u8>(&dev, WORKSPACE)?,
+    });
+    map.insert(dev.cuda_stream().context().ordinal(), s.clone());
+    Ok(s)
+}
+
+/// The descriptors of one product shape over its device's shared handle.
+pub struct LtProduct {
+    shared: Arc<Shared>,
     desc: sys::cublasLtMatmulDesc_t,
     /// W^T as column-major [N, K], x as column-major [K, M], y as [N, M].
     layouts: [sys::cublasLtMatrixLayout_t; 3],
     pref: sys::cublasLtMatmulPreference_t,
-    ws: Tensor,
     dims: (usize, usize, usize),
 }
 
 impl LtProduct {
     /// The descriptors of y [m, n] = x [m, k] W^T on the device of `like`.
     pub fn new(like: &Tensor, m: usize, n: usize, k: usize) -> Result<Self> {
-        let dev = device_of(like)?;
-        let ws = empty::<u8>(&dev, WORKSPACE)?;
+        let shared = shared(like)?;
         let h16 = sys::cudaDataType::CUDA_R_16F;
-        let handle = lt::create_handle().map_err(|e| err("handle", e))?;
         let desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType::CUDA_R_32F,
@@ -95,11 +126,10 @@ impl LtProduct {
         }
         .map_err(|e| err("workspace preference", e))?;
         Ok(Self {
-            handle,
+            shared,
             desc,
             layouts,
             pref,
-            ws,
             dims: (m, n, k),
         })
     }
@@ -119,7 +149,7 @@ impl LtProduct {
         // holds `count` results for the call to fill, `n` says how many.
         unsafe {
             sys::cublasLtMatmulAlgoGetHeuristic(
-                self.handle,
+                self.shared.handle,
                 self.desc,
                 a,
                 b,
@@ -158,7 +188,7 @@ impl LtProduct {
         let dev = device_of(x)?;
         let y = empty::<f16>(&dev, (m, n))?;
         let (px, pw, py) = (ptr::<f16>(x)?, ptr::<f16>(wt)?, ptr::<f16>(&y)?);
-        let pws = ptr::<u8>(&self.ws)?;
+        let pws = ptr::<u8>(&self.shared.ws)?;
         let (one, zero) = (1f32, 0f32);
         let stream = dev.cuda_stream().cu_stream() as sys::cudaStream_t;
         let [la, lb, ld] = self.layouts;
@@ -169,7 +199,7 @@ impl LtProduct {
         // ordered with the kernels that made x and read y.
         unsafe {
             lt::matmul(
-                self.handle,
+                self.shared.handle,
                 self.desc,
                 &one as *const f32 as *const c_void,
                 &zero as *const f32 as *const c_void,
@@ -239,14 +269,13 @@ fn config_of(algo: &sys::cublasLtMatmulAlgo_t) -> [u32; 6] {
 impl Drop for LtProduct {
     fn drop(&mut self) {
         // SAFETY: each descriptor was created in `new` and is destroyed
-        // once, here; no call uses them after.
+        // once, here; no call uses them after (the shared handle stays).
         unsafe {
             for l in self.layouts {
                 let _ = lt::destroy_matrix_layout(l);
             }
             let _ = lt::destroy_matmul_pref(self.pref);
             let _ = lt::destroy_matmul_desc(self.desc);
-            let _ = lt::destroy_handle(self.handle);
         }
     }
 }
