@@ -13,13 +13,18 @@
 //! without its bits depending on the timing: the candidates are the
 //! algorithms whose values equal cuBLAS's choice's, checked when timed.
 //!
-//! What is timed: M at and above [`TUNE_MIN_M`] (below it the products are
-//! short and cuBLAS's choice often has a K split), each M below 1,024 alone
-//! and larger ones in buckets of [`BUCKET`] tokens timed at the bucket's
-//! top (every algorithm there had no split in run 94, cuBLAS's choice
-//! included, so a bucket's choice gives its other M cuBLAS's values too).
-//! Nothing is timed while a stream captures a CUDA graph (cuBLAS's choice
-//! runs then, until the M is timed in an eager step).
+//! What is timed: each token count from [`TUNE_MIN_M`] to below
+//! [`TUNE_MAX_M`] alone, the first time a shape meets it in an eager step
+//! (a decode batch size: the step before its CUDA graph is captured), and
+//! at most [`MAX_TUNED`] counts per device, so that a job whose batch
+//! drains one sequence at a time pays for a few only. Below 256 tokens
+//! the products are short and cuBLAS's choice often has a K split; from
+//! 1,024 (a prefill or mixed step, whose token count changes every step)
+//! nothing is timed: run 95 timed those in buckets of 512 at the bucket's
+//! top, and W1 ran 11% slower (not broken down; run 94 already shows the
+//! fastest algorithm at 8,049 tokens is not the one at 8,192, so a choice
+//! does not carry across counts). Nothing is timed while a stream captures
+//! a graph (cuBLAS's choice runs then).
 
 use super::lt::{LtAlgo, LtProduct};
 use super::{cuda, record_event};
@@ -31,8 +36,10 @@ use std::sync::{Mutex, OnceLock};
 
 /// The smallest token count whose products are timed.
 pub const TUNE_MIN_M: usize = 256;
-/// From 1,024 tokens, the width of a bucket sharing one choice.
-pub const BUCKET: usize = 512;
+/// Token counts from here on keep cuBLAS's choice.
+pub const TUNE_MAX_M: usize = 1024;
+/// The (shape, token count) pairs timed per device at most.
+pub const MAX_TUNED: usize = 32;
 /// An algorithm replaces cuBLAS's choice only when this much faster.
 const MARGIN: f64 = 0.02;
 
@@ -44,7 +51,7 @@ pub fn set_cublas_tuning(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// What a (device, K, N, bucket) runs.
+/// What a (device, K, N, M) runs.
 #[derive(Clone, Copy)]
 enum Choice {
     Cublas,
@@ -58,33 +65,27 @@ fn choices() -> &'static Mutex<HashMap<Key, Choice>> {
     C.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// The token count whose timing stands for `m`'s.
-fn bucket(m: usize) -> usize {
-    if m < 1024 {
-        m
-    } else {
-        m.div_ceil(BUCKET) * BUCKET
-    }
-}
-
 /// y = x wt through the fastest product with cuBLAS's values; `None` where
 /// cuBLAS's own choice is the one (or tuning is off, or M is small).
 pub fn tuned_product(x: &Tensor, wt: &Tensor) -> Result<Option<Tensor>> {
     let (m, k) = x.dims2()?;
     let n = wt.dim(1)?;
-    if !ENABLED.load(Ordering::Relaxed) || m < TUNE_MIN_M {
+    if !ENABLED.load(Ordering::Relaxed) || !(TUNE_MIN_M..TUNE_MAX_M).contains(&m) {
         return Ok(None);
     }
     let cd = cuda(x.device())?;
-    let key = (cd.cuda_stream().context().ordinal(), k, n, bucket(m));
-    let known = choices().lock().ok().and_then(|c| c.get(&key).copied());
+    let key = (cd.cuda_stream().context().ordinal(), k, n, m);
+    let (known, full) = match choices().lock() {
+        Ok(c) => (c.get(&key).copied(), c.len() >= MAX_TUNED),
+        Err(_) => (None, true),
+    };
     let choice = match known {
         Some(c) => c,
-        None if capturing(x)? => return Ok(None),
+        None if full || capturing(x)? => return Ok(None),
         None => {
-            // Timing needs memory for the bucket's rows: a failure (out of
-            // memory while the cache holds the rest) keeps cuBLAS's choice.
-            let c = tune(x, wt, bucket(m)).unwrap_or_else(|e| {
+            // A failure to time (out of memory for the candidates' outputs
+            // while the cache holds the rest) keeps cuBLAS's choice.
+            let c = tune(x, wt).unwrap_or_else(|e| {
                 tracing::warn!("product {m} x {k} x {n}: not timed ({e}); cuBLAS's choice");
                 Choice::Cublas
             });
@@ -113,18 +114,12 @@ fn capturing(x: &Tensor) -> Result<bool> {
     }))
 }
 
-/// Times cuBLAS's choice and the algorithms with its values at `mt` tokens
-/// (x's rows repeated or cut to `mt`), keeping the fastest.
-fn tune(x: &Tensor, wt: &Tensor, mt: usize) -> Result<Choice> {
-    let (m, k) = x.dims2()?;
+/// Times cuBLAS's choice and the algorithms with its values on `x`,
+/// keeping the fastest.
+fn tune(x: &Tensor, wt: &Tensor) -> Result<Choice> {
+    let (mt, k) = x.dims2()?;
     let n = wt.dim(1)?;
-    let xt = if mt == m {
-        x.contiguous()?
-    } else {
-        let reps = mt.div_ceil(m);
-        let rows: Vec<&Tensor> = std::iter::repeat_n(x, reps).collect();
-        Tensor::cat(&rows, 0)?.narrow(0, 0, mt)?.contiguous()?
-    };
+    let xt = x.contiguous()?;
     let want = xt.matmul(wt)?;
     let p = LtProduct::new(&xt, mt, n, k)?;
     let base = time(&xt, || Ok(xt.matmul(wt).map(|_| ())?))?;
