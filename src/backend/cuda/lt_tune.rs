@@ -26,10 +26,14 @@
 //! does not carry across counts). Nothing is timed while a stream captures
 //! a graph (cuBLAS's choice runs then).
 //!
-//! Off by default: run 96 (H200) had W1 2.5% and W4 11% slower with it on,
-//! the timing in each process costing more than the faster products save.
+//! Choices persist across processes (`lt_store`): a later process finds
+//! them among the heuristic's offers without timing (host work only, so
+//! also while a graph is captured). Off by default: run 96 (H200), before
+//! the store, had W1 2.5% and W4 11% slower with it on, the timing in each
+//! process costing more than the faster products save.
 
 use super::lt::{LtAlgo, LtProduct};
+use super::lt_store;
 use super::{cuda, record_event};
 use crate::Result;
 use candle_core::Tensor;
@@ -84,14 +88,29 @@ pub fn tuned_product(x: &Tensor, wt: &Tensor) -> Result<Option<Tensor>> {
     };
     let choice = match known {
         Some(c) => c,
-        None if full || capturing(x)? => return Ok(None),
         None => {
-            // A failure to time (out of memory for the candidates' outputs
-            // while the cache holds the rest) keeps cuBLAS's choice.
-            let c = tune(x, wt).unwrap_or_else(|e| {
-                tracing::warn!("product {m} x {k} x {n}: not timed ({e}); cuBLAS's choice");
-                Choice::Cublas
-            });
+            let stored_as = lt_store::key(&cd, (m, n, k))?;
+            let c = match stored(x, (m, n, k), &stored_as)? {
+                Some(c) => c,
+                None if full || capturing(x)? => return Ok(None),
+                None => {
+                    // A failure to time (out of memory for the candidates'
+                    // outputs while the cache holds the rest) keeps
+                    // cuBLAS's choice, not stored.
+                    match tune(x, wt) {
+                        Ok(c) => {
+                            lt_store::put(stored_as, describe(&c));
+                            c
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                "product {m} x {k} x {n}: not timed ({e}); cuBLAS's choice"
+                            );
+                            Choice::Cublas
+                        }
+                    }
+                }
+            };
             if let Ok(mut map) = choices().lock() {
                 map.insert(key, c);
             }
@@ -106,6 +125,32 @@ pub fn tuned_product(x: &Tensor, wt: &Tensor) -> Result<Option<Tensor>> {
             Ok(LtProduct::new(&x, m, n, k)?.run(&x, wt, &a).ok())
         }
     }
+}
+
+/// How a choice is stored: "cublas" or the algorithm's configuration.
+fn describe(c: &Choice) -> String {
+    match c {
+        Choice::Cublas => "cublas".into(),
+        Choice::Lt(a) => a.describe(),
+    }
+}
+
+/// The choice an earlier process stored for this product, found again
+/// among the algorithms the heuristic offers (host work only: allowed
+/// while a graph is captured); `None` if none is stored or it is no longer
+/// offered.
+fn stored(x: &Tensor, (m, n, k): (usize, usize, usize), key: &str) -> Result<Option<Choice>> {
+    let Some(s) = lt_store::get(key) else {
+        return Ok(None);
+    };
+    if s == "cublas" {
+        return Ok(Some(Choice::Cublas));
+    }
+    let offered = LtProduct::new(x, m, n, k)?.algos(8)?;
+    Ok(offered
+        .into_iter()
+        .find(|a| a.describe() == s)
+        .map(Choice::Lt))
 }
 
 /// Whether `x`'s stream is capturing a graph (nothing may be timed).

@@ -12,6 +12,7 @@ mod graph;
 mod kernels_attention;
 mod kernels_cache;
 mod lt;
+mod lt_store;
 mod lt_tune;
 mod module;
 mod sample;
