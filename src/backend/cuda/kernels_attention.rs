@@ -30,7 +30,10 @@ pub const DECODE_PART: usize = 512;
 /// The blocks (sequences x KV heads, one partition each) from which the
 /// engine's short-context decode takes the one-stage build
 /// ([`DecodeVariant::engine`]).
-pub const SHORT_DECODE_MIN_BLOCKS: usize = 2048;
+/// Run 94 (H200, one partition each): 2 x 1 ahead at 128 x 192 (1,024
+/// blocks: 65% of the read ceiling against 57%), 256 x 192 and 512 x 192,
+/// behind at 64 x 512 (512 blocks: 53% against 79%).
+pub const SHORT_DECODE_MIN_BLOCKS: usize = 1024;
 
 /// A build of the decode kernel: `warps` per block (each 16 keys of a
 /// tile) and `stages` of K/V tiles in flight through shared memory.
@@ -118,7 +121,8 @@ impl DecodeVariant {
     /// sum as the first's (the same bits, GPU test), so the choice does not
     /// touch the results. Run 93 (H200): 80% of the read ceiling at 512 x
     /// 192 against 77%, the same at 256 x 1,024 and 64 x 8,192, but 53%
-    /// against 78% at 64 x 512 (512 blocks: one stage hides too little).
+    /// against 78% at 64 x 512 (512 blocks: one stage hides too little);
+    /// run 94's smaller cases set [`SHORT_DECODE_MIN_BLOCKS`].
     pub fn engine(cache: &CacheLayer<'_>, seqs: usize, kv_heads: usize, max_keys: usize) -> Self {
         let short = max_keys <= DECODE_PART && seqs * kv_heads >= SHORT_DECODE_MIN_BLOCKS;
         if short && cache.scales.is_none() && cache.swizzled {
