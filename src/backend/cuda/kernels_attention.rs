@@ -28,11 +28,9 @@ pub struct DecodeShape {
 pub const DECODE_PART: usize = 512;
 
 /// The blocks (sequences x KV heads, one partition each) from which the
-/// engine's short-context decode takes the one-stage build
-/// ([`DecodeVariant::engine`]).
-/// Run 94 (H200, one partition each): 2 x 1 ahead at 128 x 192 (1,024
-/// blocks: 65% of the read ceiling against 57%), 256 x 192 and 512 x 192,
-/// behind at 64 x 512 (512 blocks: 53% against 79%).
+/// engine's decode takes the one-stage build ([`DecodeVariant::engine`]).
+/// Run 94 (H200): ahead at 128 x 192 (1,024 blocks: 65% of the read
+/// ceiling against 57%), behind at 64 x 512 (512 blocks: 53% against 79%).
 pub const SHORT_DECODE_MIN_BLOCKS: usize = 1024;
 
 /// A build of the decode kernel: `warps` per block (each 16 keys of a

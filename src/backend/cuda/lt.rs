@@ -54,36 +54,39 @@ fn err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("cublaslt {what}: {e:?}"))
 }
 
-/// A device's cuBLASLt handle and workspace, made once and shared by its
-/// products (stream-ordered on candle's one stream per device).
+/// A stream's cuBLASLt handle and workspace, made once and shared by the
+/// products queued on it.
 struct Shared {
     handle: sys::cublasLtHandle_t,
     ws: Tensor,
 }
 
 // SAFETY: a cuBLASLt handle may be used from any thread (the library keeps
-// no per-thread state in it); the workspace is only written by products
-// queued on the device's one stream, in order.
+// no per-thread state in it); the workspace belongs to one stream (the map
+// below is keyed by stream), whose products write it in stream order.
 unsafe impl Send for Shared {}
-// SAFETY: as for Send: calls through a shared handle are thread-safe.
+// SAFETY: as for Send: calls through a shared handle are thread-safe, and
+// two streams never share a workspace.
 unsafe impl Sync for Shared {}
 
-/// The handle and workspace of `like`'s device.
+/// The handle and workspace of `like`'s stream (candle's stream of its
+/// device handle: tests and engines may hold several on one GPU).
 fn shared(like: &Tensor) -> Result<Arc<Shared>> {
     static MAP: OnceLock<Mutex<HashMap<usize, Arc<Shared>>>> = OnceLock::new();
     let dev = device_of(like)?;
+    let stream = dev.cuda_stream().cu_stream() as usize;
     let mut map = MAP
         .get_or_init(|| Mutex::new(HashMap::new()))
         .lock()
         .map_err(|_| Error::Device("cublaslt: the handle map's lock is poisoned".into()))?;
-    if let Some(s) = map.get(&dev.cuda_stream().context().ordinal()) {
+    if let Some(s) = map.get(&stream) {
         return Ok(s.clone());
     }
     let s = Arc::new(Shared {
         handle: lt::create_handle().map_err(|e| err("handle", e))?,
         ws: empty::<u8>(&dev, WORKSPACE)?,
     });
-    map.insert(dev.cuda_stream().context().ordinal(), s.clone());
+    map.insert(stream, s.clone());
     Ok(s)
 }
 
@@ -102,36 +105,38 @@ impl LtProduct {
     pub fn new(like: &Tensor, m: usize, n: usize, k: usize) -> Result<Self> {
         let shared = shared(like)?;
         let h16 = sys::cudaDataType::CUDA_R_16F;
-        let desc = lt::create_matmul_desc(
+        // Built field by field: a failure drops what was made (Drop skips
+        // the null ones).
+        let mut p = Self {
+            shared,
+            desc: std::ptr::null_mut(),
+            layouts: [std::ptr::null_mut(); 3],
+            pref: std::ptr::null_mut(),
+            dims: (m, n, k),
+        };
+        p.desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType::CUDA_R_32F,
         )
         .map_err(|e| err("matmul descriptor", e))?;
-        let layout = |rows: usize, cols: usize| {
-            lt::create_matrix_layout(h16, rows as u64, cols as u64, rows as i64)
-                .map_err(|e| err("layout", e))
-        };
-        let layouts = [layout(n, k)?, layout(k, m)?, layout(n, m)?];
-        let pref = lt::create_matmul_pref().map_err(|e| err("preference", e))?;
+        for (i, (rows, cols)) in [(n, k), (k, m), (n, m)].into_iter().enumerate() {
+            p.layouts[i] = lt::create_matrix_layout(h16, rows as u64, cols as u64, rows as i64)
+                .map_err(|e| err("layout", e))?;
+        }
+        p.pref = lt::create_matmul_pref().map_err(|e| err("preference", e))?;
         let bytes = WORKSPACE as u64;
         // SAFETY: `pref` was just created and is alive; the buffer is a u64
         // read for its size, as the attribute's type says.
         unsafe {
             lt::set_matmul_pref_attribute(
-                pref,
+                p.pref,
                 sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                 &bytes as *const u64 as *const c_void,
                 std::mem::size_of::<u64>(),
             )
         }
         .map_err(|e| err("workspace preference", e))?;
-        Ok(Self {
-            shared,
-            desc,
-            layouts,
-            pref,
-            dims: (m, n, k),
-        })
+        Ok(p)
     }
 
     /// Up to `count` algorithms, in the heuristic's order (its first is
@@ -268,14 +273,19 @@ fn config_of(algo: &sys::cublasLtMatmulAlgo_t) -> [u32; 6] {
 
 impl Drop for LtProduct {
     fn drop(&mut self) {
-        // SAFETY: each descriptor was created in `new` and is destroyed
-        // once, here; no call uses them after (the shared handle stays).
+        // SAFETY: each non-null descriptor was created in `new` and is
+        // destroyed once, here; no call uses them after (the shared handle
+        // stays).
         unsafe {
-            for l in self.layouts {
+            for l in self.layouts.into_iter().filter(|l| !l.is_null()) {
                 let _ = lt::destroy_matrix_layout(l);
             }
-            let _ = lt::destroy_matmul_pref(self.pref);
-            let _ = lt::destroy_matmul_desc(self.desc);
+            if !self.pref.is_null() {
+                let _ = lt::destroy_matmul_pref(self.pref);
+            }
+            if !self.desc.is_null() {
+                let _ = lt::destroy_matmul_desc(self.desc);
+            }
         }
     }
 }

@@ -16,7 +16,7 @@
 //! What is timed: each token count from [`TUNE_MIN_M`] to below
 //! [`TUNE_MAX_M`] alone, the first time a shape meets it in an eager step
 //! (a decode batch size: the step before its CUDA graph is captured), and
-//! at most [`MAX_TUNED`] counts per device, so that a job whose batch
+//! at most [`MAX_TUNED`] (shape, count) pairs per process, so that a job whose batch
 //! drains one sequence at a time pays for a few only. Below 256 tokens
 //! the products are short and cuBLAS's choice often has a K split; from
 //! 1,024 (a prefill or mixed step, whose token count changes every step)
@@ -26,14 +26,12 @@
 //! does not carry across counts). Nothing is timed while a stream captures
 //! a graph (cuBLAS's choice runs then).
 //!
-//! Choices persist across processes (`lt_store`): a later process finds
-//! them among the heuristic's offers without timing (host work only, so
-//! also while a graph is captured). Off by default: run 96 (H200), before
-//! the store, had W1 2.5% and W4 11% slower with it on, the timing in each
-//! process costing more than the faster products save.
+//! Off by default (BENCHMARKS.md runs 95-97, H200): W1 2.5% and W4 11%
+//! slower with it on, the timing in each process costing more than the
+//! faster products save; with the choices kept across processes (tried in
+//! run 97, then removed) W1 gained nothing either.
 
 use super::lt::{LtAlgo, LtProduct};
-use super::lt_store;
 use super::{cuda, record_event};
 use crate::Result;
 use candle_core::Tensor;
@@ -45,7 +43,7 @@ use std::sync::{Mutex, OnceLock};
 pub const TUNE_MIN_M: usize = 256;
 /// Token counts from here on keep cuBLAS's choice.
 pub const TUNE_MAX_M: usize = 1024;
-/// The (shape, token count) pairs timed per device at most.
+/// The (shape, token count) pairs timed per process at most.
 pub const MAX_TUNED: usize = 32;
 /// An algorithm replaces cuBLAS's choice only when this much faster.
 const MARGIN: f64 = 0.02;
@@ -88,32 +86,15 @@ pub fn tuned_product(x: &Tensor, wt: &Tensor) -> Result<Option<Tensor>> {
     };
     let choice = match known {
         Some(c) => c,
+        None if full || capturing(x)? => return Ok(None),
         None => {
-            let stored_as = lt_store::key(&cd, (m, n, k))?;
-            let c = match stored(x, (m, n, k), &stored_as)? {
-                Some(c) => c,
-                None if full || capturing(x)? => return Ok(None),
-                None => {
-                    // A failure to time (out of memory for the candidates'
-                    // outputs while the cache holds the rest) keeps
-                    // cuBLAS's choice, not stored.
-                    match tune(x, wt) {
-                        Ok(c) => {
-                            lt_store::put(stored_as, describe(&c));
-                            c
-                        }
-                        Err(e) => {
-                            tracing::warn!(
-                                "product {m} x {k} x {n}: not timed ({e}); cuBLAS's choice"
-                            );
-                            Choice::Cublas
-                        }
-                    }
-                }
-            };
-            if let Ok(mut map) = choices().lock() {
-                map.insert(key, c);
-            }
+            // A failure to time (out of memory for the candidates' outputs
+            // while the cache holds the rest) keeps cuBLAS's choice.
+            let c = tune(x, wt).unwrap_or_else(|e| {
+                tracing::warn!("product {m} x {k} x {n}: not timed ({e}); cuBLAS's choice");
+                Choice::Cublas
+            });
+            remember(key, c);
             c
         }
     };
@@ -121,49 +102,44 @@ pub fn tuned_product(x: &Tensor, wt: &Tensor) -> Result<Option<Tensor>> {
         Choice::Cublas => Ok(None),
         Choice::Lt(a) => {
             let x = x.contiguous()?;
-            // An algorithm that does not take this M falls back to cuBLAS.
-            Ok(LtProduct::new(&x, m, n, k)?.run(&x, wt, &a).ok())
+            match LtProduct::new(&x, m, n, k).and_then(|p| p.run(&x, wt, &a)) {
+                Ok(y) => Ok(Some(y)),
+                Err(e) => {
+                    // Timed at this M, so not expected: cuBLAS's choice from
+                    // now on.
+                    tracing::warn!(
+                        "product {m} x {k} x {n}: cuBLASLt failed ({e}); cuBLAS's choice"
+                    );
+                    remember(key, Choice::Cublas);
+                    Ok(None)
+                }
+            }
         }
     }
 }
 
-/// How a choice is stored: "cublas" or the algorithm's configuration.
-fn describe(c: &Choice) -> String {
-    match c {
-        Choice::Cublas => "cublas".into(),
-        Choice::Lt(a) => a.describe(),
+fn remember(key: Key, c: Choice) {
+    if let Ok(mut map) = choices().lock() {
+        map.insert(key, c);
     }
-}
-
-/// The choice an earlier process stored for this product, found again
-/// among the algorithms the heuristic offers (host work only: allowed
-/// while a graph is captured); `None` if none is stored or it is no longer
-/// offered.
-fn stored(x: &Tensor, (m, n, k): (usize, usize, usize), key: &str) -> Result<Option<Choice>> {
-    let Some(s) = lt_store::get(key) else {
-        return Ok(None);
-    };
-    if s == "cublas" {
-        return Ok(Some(Choice::Cublas));
-    }
-    let offered = LtProduct::new(x, m, n, k)?.algos(8)?;
-    Ok(offered
-        .into_iter()
-        .find(|a| a.describe() == s)
-        .map(Choice::Lt))
 }
 
 /// Whether `x`'s stream is capturing a graph (nothing may be timed).
 fn capturing(x: &Tensor) -> Result<bool> {
     let cd = cuda(x.device())?;
     let stream = cd.cuda_stream();
-    Ok(stream.capture_status().is_ok_and(|s| {
-        s != candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
-    }))
+    // A status that cannot be read counts as capturing: nothing is timed.
+    use candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus as Status;
+    Ok(!matches!(
+        stream.capture_status(),
+        Ok(Status::CU_STREAM_CAPTURE_STATUS_NONE)
+    ))
 }
 
 /// Times cuBLAS's choice and the algorithms with its values on `x`,
-/// keeping the fastest.
+/// keeping the fastest. The candidates are filtered by their values alone
+/// (an algorithm with a K split qualifies where it gives cuBLAS's values,
+/// as one with cuBLAS's own split did in run 94).
 fn tune(x: &Tensor, wt: &Tensor) -> Result<Choice> {
     let (mt, k) = x.dims2()?;
     let n = wt.dim(1)?;
@@ -185,11 +161,10 @@ fn tune(x: &Tensor, wt: &Tensor) -> Result<Choice> {
     }
     let what = match &best.1 {
         Choice::Cublas => "cuBLAS's choice".to_string(),
-        Choice::Lt(a) => format!("cuBLASLt {}", a.describe()),
+        Choice::Lt(a) => format!("cuBLASLt {} ({:.1} µs)", a.describe(), best.0 * 1e6),
     };
     tracing::debug!(
-        "product {mt} x {k} x {n}: {what} ({:.1} µs; cuBLAS {:.1})",
-        best.0 * 1e6,
+        "product {mt} x {k} x {n}: {what}; cuBLAS's choice {:.1} µs",
         base * 1e6
     );
     Ok(best.1)

@@ -12,7 +12,6 @@ mod graph;
 mod kernels_attention;
 mod kernels_cache;
 mod lt;
-mod lt_store;
 mod lt_tune;
 mod module;
 mod sample;

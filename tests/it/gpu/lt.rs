@@ -37,6 +37,8 @@ fn lt_products_match_candle_matmul_through_every_offered_algorithm() {
             !algos.is_empty(),
             "no cuBLASLt algorithm for {m} x {k} x {n}"
         );
+        // The split-free algorithms' outputs, to compare with each other.
+        let mut split_free: Vec<(String, Tensor)> = Vec::new();
         for a in &algos {
             let y = p.run(&x, &wt, a).unwrap();
             assert_eq!(y.dims(), [m, n]);
@@ -45,6 +47,21 @@ fn lt_products_match_candle_matmul_through_every_offered_algorithm() {
                 e <= 0.0,
                 "{m} x {k} x {n}, algorithm {a:?}: off by {e} past 2^-9"
             );
+            if a.splits() == 1 {
+                split_free.push((a.describe(), y));
+            }
+        }
+        // The claim `engine.cublas_tuning` and BENCHMARKS.md run 94 rest
+        // on: every algorithm without a K split gives the same values.
+        if let Some(((first, y0), rest)) = split_free.split_first() {
+            for (name, y) in rest {
+                let ne = y.ne(y0).unwrap().to_dtype(DType::F32).unwrap();
+                let ne = ne.sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert_eq!(
+                    ne, 0.0,
+                    "{m} x {k} x {n}: {name} and {first} differ in {ne} values"
+                );
+            }
         }
     }
 }
@@ -57,7 +74,6 @@ fn tuned_products_give_cublas_values_at_every_token_count() {
     let dev = gpu();
     let mut rng = Lcg(23);
     cuda::set_cublas_tuning(true);
-    let mut through_lt = 0;
     for (k, n) in [(4096, 28672), (14336, 4096)] {
         let wt = Tensor::from_vec(rng.f16s(k * n, 0.05), (k, n), &dev).unwrap();
         for m in [200, 256, 508, 700, 1100] {
@@ -69,19 +85,11 @@ fn tuned_products_give_cublas_values_at_every_token_count() {
                 "{m} x {k} x {n}: tuned outside 256..1024 tokens"
             );
             if let Some(y) = got {
-                through_lt += 1;
                 let ne = y.ne(&want).unwrap().to_dtype(DType::F32).unwrap();
                 let ne = ne.sum_all().unwrap().to_scalar::<f32>().unwrap();
                 assert_eq!(ne, 0.0, "{m} x {k} x {n}: {ne} values differ from matmul's");
             }
         }
     }
-    // Not a timing assertion: a check that the comparison above saw any
-    // cuBLASLt product at all. On an H200 gate+up at 508 tokens ran 8%
-    // faster through one (run 94), past the 2% margin.
     cuda::set_cublas_tuning(false); // the default, for the tests after this one
-    assert!(
-        through_lt > 0,
-        "no product went through cuBLASLt: nothing was compared"
-    );
 }
