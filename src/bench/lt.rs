@@ -111,3 +111,48 @@ fn differing(a: &Tensor, b: &Tensor) -> Result<usize> {
     let ne = a.ne(b)?.to_dtype(DType::F32)?.sum_all()?;
     Ok(ne.to_scalar::<f32>()? as usize)
 }
+
+/// Whether one row's values depend on M through split-free algorithms:
+/// for each shape, the first 8 rows of an M-row product (the heuristic's
+/// first split-free offer) against the same rows at the smallest M that
+/// has one. A probe for a batch-invariant mode over the resident f16
+/// weights (issue 16), not something the engine relies on.
+#[derive(Debug, Clone, Serialize)]
+pub struct LtInvariance {
+    pub shape: &'static str,
+    /// (M, the split-free algorithm used, rows equal to the first M's);
+    /// `None` where no split-free algorithm was offered.
+    pub at: Vec<(usize, Option<String>, Option<bool>)>,
+}
+
+/// [`LtInvariance`] for every shape in [`LT_SHAPES`] over `ms` (ascending).
+pub fn lt_invariance(dev: &Device, ms: &[usize]) -> Result<Vec<LtInvariance>> {
+    let cd = cuda::cuda(dev)?;
+    let top = ms.iter().copied().max().unwrap_or(8).max(8);
+    let mut out = Vec::new();
+    for (si, &(shape, k, n)) in LT_SHAPES.iter().enumerate() {
+        let wt = cuda::fill_f16(&cd, (k, n), 60 + si as u64, -0.05, 0.05)?;
+        let x_all = cuda::fill_f16(&cd, (top, k), 70 + si as u64, -1.0, 1.0)?;
+        let mut first: Option<Tensor> = None;
+        let mut at = Vec::new();
+        for &m in ms.iter().filter(|&&m| m >= 8) {
+            let x = x_all.narrow(0, 0, m)?.contiguous()?;
+            let p = LtProduct::new(&x, m, n, k)?;
+            let Some(a) = p.algos(16)?.into_iter().find(|a| a.splits() == 1) else {
+                at.push((m, None, None));
+                continue;
+            };
+            let rows = p.run(&x, &wt, &a)?.narrow(0, 0, 8)?;
+            let same = match &first {
+                Some(f) => Some(differing(&rows, f)? == 0),
+                None => {
+                    first = Some(rows);
+                    Some(true)
+                }
+            };
+            at.push((m, Some(a.describe()), same));
+        }
+        out.push(LtInvariance { shape, at });
+    }
+    Ok(out)
+}

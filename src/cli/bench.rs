@@ -126,6 +126,25 @@ fn lt_table(dev: &candle_core::Device, ms: &[usize], report: &mut Report) -> any
         );
     }
     report.insert("gemm_lt".into(), serde_json::to_value(&rows)?);
+    let inv = bench::lt::lt_invariance(dev, ms)?;
+    println!(
+        "split-free cuBLASLt products, rows 0-7 against the smallest M's (= same values, x differ, - no split-free algorithm offered):"
+    );
+    for r in &inv {
+        let cells: Vec<String> =
+            r.at.iter()
+                .map(|(m, _, same)| {
+                    let mark = match same {
+                        Some(true) => "=",
+                        Some(false) => "x",
+                        None => "-",
+                    };
+                    format!("{m}{mark}")
+                })
+                .collect();
+        println!("  {:<8} {}", r.shape, cells.join(" "));
+    }
+    report.insert("gemm_lt_invariance".into(), serde_json::to_value(&inv)?);
     Ok(())
 }
 
