@@ -6,7 +6,7 @@
 
 use crate::cuda::{self, LtProduct};
 use crate::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 /// Mistral-7B's products as the engine runs them (K, N).
@@ -90,7 +90,7 @@ pub fn lt_table(dev: &Device, ms: &[usize], count: usize) -> Result<Vec<LtRow>> 
                     config: a.describe(),
                     splits: a.splits(),
                     us: t,
-                    same_values: differing(&y, &reference)? == 0,
+                    same_values: cuda::count_differing(&y, &reference)? == 0,
                 });
             }
             rows.push(LtRow {
@@ -104,12 +104,6 @@ pub fn lt_table(dev: &Device, ms: &[usize], count: usize) -> Result<Vec<LtRow>> 
         }
     }
     Ok(rows)
-}
-
-/// How many values of `a` and `b` differ.
-fn differing(a: &Tensor, b: &Tensor) -> Result<usize> {
-    let ne = a.ne(b)?.to_dtype(DType::F32)?.sum_all()?;
-    Ok(ne.to_scalar::<f32>()? as usize)
 }
 
 /// Whether one row's values depend on M through split-free algorithms:
@@ -144,7 +138,7 @@ pub fn lt_invariance(dev: &Device, ms: &[usize]) -> Result<Vec<LtInvariance>> {
             };
             let rows = p.run(&x, &wt, &a)?.narrow(0, 0, 8)?;
             let same = match &first {
-                Some(f) => Some(differing(&rows, f)? == 0),
+                Some(f) => Some(cuda::count_differing(&rows, f)? == 0),
                 None => {
                     first = Some(rows);
                     Some(true)

@@ -50,6 +50,14 @@ impl LtAlgo {
     }
 }
 
+/// How many values of `a` and `b` differ (`-0.0` equals `0.0`): how the
+/// bench, the tuner and the tests compare an algorithm's output with
+/// another's.
+pub fn count_differing(a: &Tensor, b: &Tensor) -> Result<usize> {
+    let ne = a.ne(b)?.to_dtype(candle_core::DType::F32)?.sum_all()?;
+    Ok(ne.to_scalar::<f32>()? as usize)
+}
+
 fn err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("cublaslt {what}: {e:?}"))
 }

@@ -2,14 +2,12 @@
 //! `matmul`: the glue's layouts (W^T as column-major [N, K], x as [K, M])
 //! give the same product through every algorithm the heuristic offers.
 
-use super::{gpu, Lcg};
-use candle_core::{DType, Tensor};
+use super::{gpu, host, Lcg};
+use candle_core::Tensor;
 use runner::cuda;
 
 fn max_excess(y: &Tensor, want: &Tensor) -> f32 {
-    let y = y.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let w = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let (y, w) = (y.to_vec1::<f32>().unwrap(), w.to_vec1::<f32>().unwrap());
+    let (y, w) = (host(y), host(want));
     // One f16 rounding apart at most (2^-10 relative), with room for the
     // f32 sums' order: excess over 2^-9 of the value's size.
     y.iter()
@@ -55,10 +53,9 @@ fn lt_products_match_candle_matmul_through_every_offered_algorithm() {
         // on: every algorithm without a K split gives the same values.
         if let Some(((first, y0), rest)) = split_free.split_first() {
             for (name, y) in rest {
-                let ne = y.ne(y0).unwrap().to_dtype(DType::F32).unwrap();
-                let ne = ne.sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let ne = cuda::count_differing(y, y0).unwrap();
                 assert_eq!(
-                    ne, 0.0,
+                    ne, 0,
                     "{m} x {k} x {n}: {name} and {first} differ in {ne} values"
                 );
             }
@@ -85,9 +82,8 @@ fn tuned_products_give_cublas_values_at_every_token_count() {
                 "{m} x {k} x {n}: tuned outside 256..1024 tokens"
             );
             if let Some(y) = got {
-                let ne = y.ne(&want).unwrap().to_dtype(DType::F32).unwrap();
-                let ne = ne.sum_all().unwrap().to_scalar::<f32>().unwrap();
-                assert_eq!(ne, 0.0, "{m} x {k} x {n}: {ne} values differ from matmul's");
+                let ne = cuda::count_differing(&y, &want).unwrap();
+                assert_eq!(ne, 0, "{m} x {k} x {n}: {ne} values differ from matmul's");
             }
         }
     }

@@ -204,6 +204,14 @@ fn host(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
+/// The largest |got - want| / max(|want|, 0.01).
+fn worst_rel(got: &[f32], want: &[f32]) -> f32 {
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1e-2))
+        .fold(0f32, f32::max)
+}
+
 #[test]
 fn fused_norm_and_silu_match_the_cpu_ops() {
     let dev = gpu();
@@ -247,12 +255,7 @@ fn fused_norm_and_silu_match_the_cpu_ops() {
         for one in [true, false] {
             let (out, res) = cuda::rmsnorm_add_with(&xg, Some(&ag), &wg, 1e-5, one).unwrap();
             assert_eq!(host(&res), host(&r), "residual add");
-            let (got, want) = (host(&out), host(&want));
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs() / b.abs().max(1e-2))
-                .fold(0f32, f32::max);
+            let worst = worst_rel(&host(&out), &host(&want));
             assert!(
                 worst < 2e-3,
                 "rmsnorm rows {rows} h {h} one {one}: worst rel {worst}"
@@ -272,12 +275,7 @@ fn fused_norm_and_silu_match_the_cpu_ops() {
             host(&sm),
             "silu_mul over slices, rows {rows} h {h}"
         );
-        let (got, want) = (host(&sm), host(&want));
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs() / b.abs().max(1e-2))
-            .fold(0f32, f32::max);
+        let worst = worst_rel(&host(&sm), &host(&want));
         assert!(
             worst < 2e-3,
             "silu_mul rows {rows} h {h}: worst rel {worst}"
