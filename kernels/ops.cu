@@ -97,9 +97,10 @@ extern "C" __global__ void rmsnorm_add(const half* __restrict__ x, const half* _
   rmsnorm_add_impl<NORM_RV>(x, add, w, out, res_out, H, eps, vec);
 }
 
-extern "C" __global__ void __launch_bounds__(1024) rmsnorm_add_r1(const half* __restrict__ x, const half* __restrict__ add,
-                                          const half* __restrict__ w, half* __restrict__ out,
-                                          half* __restrict__ res_out, int H, float eps, int vec) {
+extern "C" __global__ void __launch_bounds__(1024)
+    rmsnorm_add_r1(const half* __restrict__ x, const half* __restrict__ add,
+                   const half* __restrict__ w, half* __restrict__ out, half* __restrict__ res_out,
+                   int H, float eps, int vec) {
   rmsnorm_add_impl<1>(x, add, w, out, res_out, H, eps, vec);
 }
 

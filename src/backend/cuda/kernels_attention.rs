@@ -101,8 +101,8 @@ impl DecodeVariant {
     /// a shared launch beside them reads through the padded shared
     /// builds): the engine's 2 x 2, 2 x 3 (run 88: 3-9% faster than the
     /// padded build of the same warps and stages), and 2 x 1 compiled for 8
-    /// blocks per multiprocessor (more warps in flight at short contexts;
-    /// not yet run on a GPU).
+    /// blocks per multiprocessor (more warps in flight: the engine's at
+    /// short contexts, [`Self::engine`]).
     pub const SWIZZLED: [DecodeVariant; 3] = [
         Self::ALL[0],
         Self::ALL[1],
