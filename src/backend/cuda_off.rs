@@ -19,6 +19,20 @@ fn off<T>() -> Result<T> {
 /// this build.
 pub fn set_cublas_tuning(_on: bool) {}
 
+/// How a product's f16 weight lies in memory (as in the CUDA build).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightLayout {
+    /// W^T [K, N] row-major.
+    Kn,
+    /// W [N, K] row-major.
+    Nk,
+}
+
+/// The batch-invariant product: none in this build.
+pub fn invariant_product(_x: &Tensor, _w: &Tensor, _layout: WeightLayout) -> Result<Tensor> {
+    off()
+}
+
 /// A timing event on a CUDA stream: none in this build.
 #[derive(Debug)]
 pub enum Event {}

@@ -14,9 +14,13 @@ use candle_core::{DType, Device, Tensor};
 pub struct CudaOps;
 
 impl CudaOps {
-    /// `resident` and `auto` keep an f16 copy beside the packed weight.
+    /// `resident`, `auto` and `fused` keep an f16 copy beside the packed
+    /// weight.
     fn place(mut g: cuda::GptqGpu, mode: GptqMode) -> Result<LinearWeight> {
-        if matches!(mode, GptqMode::Resident | GptqMode::Auto { .. }) {
+        if matches!(
+            mode,
+            GptqMode::Resident | GptqMode::Auto { .. } | GptqMode::Fused
+        ) {
             g.make_resident()?;
         }
         Ok(LinearWeight::Gpu(Box::new(g), mode))
@@ -95,6 +99,13 @@ impl Ops for CudaOps {
 
     fn new_cache(&self, s: &KvShape, dev: &Device) -> Result<PagedKvCache> {
         Ok(PagedKvCache::Cuda(cuda::CudaKv::new(s, dev)?))
+    }
+
+    fn dense(&self, w: Tensor, at: &LayerTarget<'_>) -> Result<LinearWeight> {
+        if at.mode != GptqMode::Fused || w.dtype() != candle_core::DType::F16 {
+            return Ok(LinearWeight::Dense(w));
+        }
+        Ok(LinearWeight::Invariant(w.contiguous()?))
     }
 
     fn gptq(&self, g: &GptqWeight, at: &LayerTarget<'_>) -> Result<LinearWeight> {

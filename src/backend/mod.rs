@@ -59,6 +59,21 @@ pub enum LinearWeight {
     Dense(Tensor),
     /// The kernels' tile layout on the GPU, and how its products run.
     Gpu(Box<cuda::GptqGpu>, GptqMode),
+    /// A float weight `[out, in]` on CUDA in a batch-invariant job
+    /// (`gptq_kernel = "fused"`): its products take a cuBLASLt algorithm
+    /// without a K split ([`cuda::invariant_product`]).
+    Invariant(Tensor),
+}
+
+impl LinearWeight {
+    /// y [T, out] = x [T, in] W^T.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => Ok(x.matmul(&w.t()?)?),
+            Self::Gpu(g, mode) => g.forward(x, *mode),
+            Self::Invariant(w) => cuda::invariant_product(x, w, cuda::WeightLayout::Nk),
+        }
+    }
 }
 
 /// The ops the model is written against, one implementation per backend,
@@ -102,6 +117,12 @@ pub trait Ops: std::fmt::Debug + Send + Sync {
 
     /// An empty paged KV cache on `dev`.
     fn new_cache(&self, shape: &KvShape, dev: &Device) -> Result<PagedKvCache>;
+
+    /// A float weight `[out, in]` in the form this backend multiplies: as
+    /// it is, except on CUDA in a batch-invariant job.
+    fn dense(&self, w: Tensor, _at: &LayerTarget<'_>) -> Result<LinearWeight> {
+        Ok(LinearWeight::Dense(w))
+    }
 
     /// A checkpoint's GPTQ layer in the form this backend multiplies.
     fn gptq(&self, g: &GptqWeight, at: &LayerTarget<'_>) -> Result<LinearWeight>;

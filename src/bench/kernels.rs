@@ -157,7 +157,7 @@ pub fn gemm_table(
             let x = cuda::fill_f16(&cd, (m, k), 5 + m as u64, -1.0, 1.0)?;
             let iters = if m <= 64 { 50 } else { 10 };
             // The fused (small-M) kernel at every M: `auto` with no limit
-            // (`fused` mode is the warpgroup product on Hopper).
+            // (`fused_packed` is the warpgroup product on Hopper).
             let fused = GptqMode::Auto { max_m: usize::MAX };
             let tf = time(dev, iters, || {
                 g.forward(&x, fused)?;

@@ -38,6 +38,9 @@ pub struct LtRow {
     pub n: usize,
     /// candle's `matmul` (cuBLAS's heuristic), device µs.
     pub cublas_us: Option<f64>,
+    /// The batch-invariant product (`cuda::invariant_product`, the
+    /// `fused` mode's), device µs.
+    pub invariant_us: Option<f64>,
     /// The algorithms cuBLASLt offers, in its heuristic's order.
     pub algos: Vec<LtAlgoTime>,
 }
@@ -72,6 +75,11 @@ pub fn lt_table(dev: &Device, ms: &[usize], count: usize) -> Result<Vec<LtRow>> 
                 x.matmul(&wt)?;
                 Ok(())
             })?);
+            cuda::invariant_product(&x, &wt, cuda::WeightLayout::Kn)?; // its plan, once
+            let invariant_us = us(cuda::graph_time(dev, iters, || {
+                cuda::invariant_product(&x, &wt, cuda::WeightLayout::Kn)?;
+                Ok(())
+            })?);
             let p = LtProduct::new(&x, m, n, k)?;
             let mut algos = Vec::new();
             for a in p.algos(count)? {
@@ -99,6 +107,7 @@ pub fn lt_table(dev: &Device, ms: &[usize], count: usize) -> Result<Vec<LtRow>> 
                 k,
                 n,
                 cublas_us,
+                invariant_us,
                 algos,
             });
         }
@@ -109,8 +118,8 @@ pub fn lt_table(dev: &Device, ms: &[usize], count: usize) -> Result<Vec<LtRow>> 
 /// Whether one row's values depend on M through split-free algorithms:
 /// for each shape, the first 8 rows of an M-row product (the heuristic's
 /// first split-free offer) against the same rows at the smallest M that
-/// has one. A probe for a batch-invariant mode over the resident f16
-/// weights (issue 16), not something the engine relies on.
+/// has one: what the batch-invariant `fused` mode relies on
+/// (`cuda::invariant_product`; its GPU tests check the rows at every M).
 #[derive(Debug, Clone, Serialize)]
 pub struct LtInvariance {
     pub shape: &'static str,

@@ -100,7 +100,7 @@ fn cuda_benches(spec: &JobSpec, args: &BenchArgs<'_>, report: &mut Report) -> an
 fn lt_table(dev: &candle_core::Device, ms: &[usize], report: &mut Report) -> anyhow::Result<()> {
     let rows = bench::lt::lt_table(dev, ms, 32)?;
     println!(
-        "cuBLASLt algorithms (f16, f32 compute; device µs): shape, M, cuBLAS's choice (candle matmul), the heuristic's first, the fastest (config id/tile/stages/splits/reduction/cluster, = where its values equal matmul's), the fastest with matmul's values, algorithms offered / with matmul's values"
+        "cuBLASLt algorithms (f16, f32 compute; device µs): shape, M, cuBLAS's choice (candle matmul), the heuristic's first, the fastest (config id/tile/stages/splits/reduction/cluster, = where its values equal matmul's), the fastest with matmul's values, algorithms offered / with matmul's values, the batch-invariant product (`fused`)"
     );
     let f = |x| fmt_opt(x, 1);
     for r in &rows {
@@ -108,7 +108,7 @@ fn lt_table(dev: &candle_core::Device, ms: &[usize], report: &mut Report) -> any
         let best = r.best(false);
         let same = r.best(true);
         println!(
-            "  {:<8} {:>5}  {:>8}  {:>8}  {:>8} {:<20}{}  {:>8}  {:>2}/{:<2}",
+            "  {:<8} {:>5}  {:>8}  {:>8}  {:>8} {:<20}{}  {:>8}  {:>2}/{:<2}  {:>8}",
             r.shape,
             r.m,
             f(r.cublas_us),
@@ -122,7 +122,8 @@ fn lt_table(dev: &candle_core::Device, ms: &[usize], report: &mut Report) -> any
             },
             f(same.and_then(|a| a.us)),
             r.algos.len(),
-            r.algos.iter().filter(|a| a.same_values).count()
+            r.algos.iter().filter(|a| a.same_values).count(),
+            f(r.invariant_us)
         );
     }
     report.insert("gemm_lt".into(), serde_json::to_value(&rows)?);

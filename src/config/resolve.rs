@@ -443,6 +443,7 @@ fn resolve_engine(e: &super::raw::RawEngine) -> Result<EngineSpec> {
                 max_m: positive("engine.gptq_fused_max_m", e.gptq_fused_max_m)?,
             },
             GptqKernel::Fused => crate::quant::GptqMode::Fused,
+            GptqKernel::FusedPacked => crate::quant::GptqMode::FusedPacked,
             GptqKernel::Dequant => crate::quant::GptqMode::Dequant,
             GptqKernel::Resident => crate::quant::GptqMode::Resident,
             GptqKernel::Packed => crate::quant::GptqMode::Packed {
@@ -455,10 +456,12 @@ fn resolve_engine(e: &super::raw::RawEngine) -> Result<EngineSpec> {
         cublas_tuning: e.cublas_tuning,
         kv_cache_dtype: e.kv_cache_dtype,
         // `auto` picks the flash prefill kernel per forward; a batch-invariant
-        // job (`fused`) must not, so it takes the wgmma kernel wherever it
+        // job (`fused`, `fused_packed`) must not, so it takes the wgmma kernel wherever it
         // runs, for every forward.
         prefill_attention: match (e.gptq_kernel, e.prefill_attention) {
-            (GptqKernel::Fused, PrefillAttention::Auto) => PrefillAttention::Wgmma,
+            (GptqKernel::Fused | GptqKernel::FusedPacked, PrefillAttention::Auto) => {
+                PrefillAttention::Wgmma
+            }
             (_, p) => p,
         },
     })

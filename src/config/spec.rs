@@ -408,8 +408,13 @@ pub enum FormatChoice {
 pub enum GptqKernel {
     /// The fused kernel up to `gptq_fused_max_m` tokens, cuBLAS above.
     Auto,
-    /// The fused kernel at every M (batch-invariant).
+    /// Batch-invariant: cuBLASLt without K splits over f16 weights kept
+    /// from load, at every M.
     Fused,
+    /// Batch-invariant on the packed weights only: the warpgroup product
+    /// (Hopper) or the fused kernel at every M.
+    #[serde(rename = "fused_packed")]
+    FusedPacked,
     /// Dequantize per product, then cuBLAS.
     Dequant,
     /// cuBLAS on f16 weights kept from load.

@@ -245,10 +245,16 @@ pub enum GptqMode {
         /// Largest M of the fused kernel.
         max_m: usize,
     },
-    /// Batch-invariant: one reduction order per output at every M. On
-    /// Hopper the warpgroup product with one block along K; elsewhere the
-    /// fused kernel at every M.
+    /// Batch-invariant: one reduction order per output at every M, over
+    /// f16 weights dequantized once at load and kept beside the packed ones
+    /// (as `Auto`): cuBLASLt algorithms without a K split
+    /// (`cuda::invariant_product`), whose rows do not depend on M.
     Fused,
+    /// Batch-invariant on the packed weights only (no f16 copy, slower at
+    /// large M): on Hopper the warpgroup product with one block along K;
+    /// elsewhere the fused kernel at every M.
+    #[serde(rename = "fused_packed")]
+    FusedPacked,
     /// Dequantize per product into f16 scratch, then cuBLAS.
     Dequant,
     /// Dequantize once at load and keep f16 weights (3.7x the memory).

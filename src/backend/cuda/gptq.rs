@@ -329,11 +329,21 @@ impl GptqGpu {
             )));
         }
         let m = x.dim(0)?;
-        if path == GptqMode::Fused && self.wg_runs_here() {
+        if path == GptqMode::Fused {
+            let Some(wt) = &self.resident else {
+                return Err(Error::Model(
+                    "the batch-invariant `fused` product needs the f16 weights kept at load \
+                     (make_resident)"
+                        .into(),
+                ));
+            };
+            return super::invariant_product(x, wt, super::WeightLayout::Kn);
+        }
+        if path == GptqMode::FusedPacked && self.wg_runs_here() {
             return self.wg_invariant(x);
         }
         let fused = match path {
-            GptqMode::Fused => true,
+            GptqMode::Fused | GptqMode::FusedPacked => true,
             GptqMode::Dequant | GptqMode::Resident => false,
             GptqMode::Auto { max_m } | GptqMode::Packed { max_m } => m <= max_m,
         };

@@ -10,6 +10,7 @@
 
 use super::{device_of, empty, ptr};
 use crate::{Error, Result};
+use candle_core::cuda_backend::cudarc::cublas::sys as cublas_sys;
 use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
 use candle_core::Tensor;
 use half::f16;
@@ -98,19 +99,60 @@ fn shared(like: &Tensor) -> Result<Arc<Shared>> {
     Ok(s)
 }
 
+/// How a product's f16 weight lies in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightLayout {
+    /// W^T [K, N] row-major (`GptqGpu`'s resident copy).
+    Kn,
+    /// W [N, K] row-major, as a dense checkpoint stores it (the LM head).
+    Nk,
+}
+
+impl WeightLayout {
+    /// The weight's dims for a product of `n` outputs over `k` inputs.
+    pub fn dims(self, n: usize, k: usize) -> [usize; 2] {
+        match self {
+            Self::Kn => [k, n],
+            Self::Nk => [n, k],
+        }
+    }
+}
+
 /// The descriptors of one product shape over its device's shared handle.
 pub struct LtProduct {
     shared: Arc<Shared>,
     desc: sys::cublasLtMatmulDesc_t,
-    /// W^T as column-major [N, K], x as column-major [K, M], y as [N, M].
+    /// W^T as column-major [N, K] (or W as [K, N], transposed by the
+    /// descriptor), x as column-major [K, M], y as [N, M].
     layouts: [sys::cublasLtMatrixLayout_t; 3],
     pref: sys::cublasLtMatmulPreference_t,
     dims: (usize, usize, usize),
+    weight: WeightLayout,
 }
 
+// SAFETY: the descriptors are written only in `new` and destroyed only in
+// Drop; cuBLASLt reads them without writing during heuristics and matmuls,
+// so calls from several threads through one product are safe (the shared
+// handle and workspace: see `Shared`).
+unsafe impl Send for LtProduct {}
+// SAFETY: as for Send: every method takes `&self` and only reads the
+// descriptors.
+unsafe impl Sync for LtProduct {}
+
 impl LtProduct {
-    /// The descriptors of y [m, n] = x [m, k] W^T on the device of `like`.
+    /// The descriptors of y [m, n] = x [m, k] W^T on the device of `like`,
+    /// W^T given as [k, n].
     pub fn new(like: &Tensor, m: usize, n: usize, k: usize) -> Result<Self> {
+        Self::with_layout(like, (m, n, k), WeightLayout::Kn)
+    }
+
+    /// The descriptors of y [m, n] = x [m, k] W^T on the device of `like`,
+    /// the weight laid out as `weight` says.
+    pub fn with_layout(
+        like: &Tensor,
+        (m, n, k): (usize, usize, usize),
+        weight: WeightLayout,
+    ) -> Result<Self> {
         let shared = shared(like)?;
         let h16 = sys::cudaDataType::CUDA_R_16F;
         // Built field by field: a failure drops what was made (Drop skips
@@ -121,13 +163,33 @@ impl LtProduct {
             layouts: [std::ptr::null_mut(); 3],
             pref: std::ptr::null_mut(),
             dims: (m, n, k),
+            weight,
         };
         p.desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType::CUDA_R_32F,
         )
         .map_err(|e| err("matmul descriptor", e))?;
-        for (i, (rows, cols)) in [(n, k), (k, m), (n, m)].into_iter().enumerate() {
+        let a = match weight {
+            WeightLayout::Kn => (n, k),
+            WeightLayout::Nk => {
+                let t = cublas_sys::cublasOperation_t::CUBLAS_OP_T;
+                // SAFETY: `desc` was just created and is alive; the buffer
+                // is the i32-sized enum the attribute takes, read for its
+                // size.
+                unsafe {
+                    lt::set_matmul_desc_attribute(
+                        p.desc,
+                        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                        &t as *const cublas_sys::cublasOperation_t as *const c_void,
+                        std::mem::size_of::<cublas_sys::cublasOperation_t>(),
+                    )
+                }
+                .map_err(|e| err("transpose attribute", e))?;
+                (k, n)
+            }
+        };
+        for (i, (rows, cols)) in [a, (k, m), (n, m)].into_iter().enumerate() {
             p.layouts[i] = lt::create_matrix_layout(h16, rows as u64, cols as u64, rows as i64)
                 .map_err(|e| err("layout", e))?;
         }
@@ -188,12 +250,15 @@ impl LtProduct {
             .collect())
     }
 
-    /// y [m, n] = x [m, k] wt, `wt` the [k, n] f16 weights, through `algo`.
+    /// y [m, n] = x [m, k] W^T through `algo`, `wt` the f16 weights in
+    /// the product's layout ([k, n] unless made `with_layout`), both
+    /// contiguous.
     pub fn run(&self, x: &Tensor, wt: &Tensor, algo: &LtAlgo) -> Result<Tensor> {
         let (m, n, k) = self.dims;
-        if x.dims() != [m, k] || wt.dims() != [k, n] {
+        let w = self.weight.dims(n, k);
+        if x.dims() != [m, k] || wt.dims() != w || !x.is_contiguous() || !wt.is_contiguous() {
             return Err(Error::Model(format!(
-                "cublaslt product for [{m}, {k}] x [{k}, {n}] was given {:?} x {:?}",
+                "cublaslt product for contiguous [{m}, {k}] x {w:?} was given {:?} x {:?}",
                 x.dims(),
                 wt.dims()
             )));

@@ -12,6 +12,7 @@ mod graph;
 mod kernels_attention;
 mod kernels_cache;
 mod lt;
+mod lt_invariant;
 mod lt_tune;
 mod module;
 mod sample;
@@ -33,7 +34,8 @@ pub use kernels_attention::{
 pub use kernels_cache::{kv_write, kv_write_fp8, scatter_rows, CacheLayer};
 
 pub use gptq::{GptqGpu, WgLaunch, STAGE_MAX_M};
-pub use lt::{count_differing, LtAlgo, LtProduct};
+pub use lt::{count_differing, LtAlgo, LtProduct, WeightLayout};
+pub use lt_invariant::invariant_product;
 pub use lt_tune::{set_cublas_tuning, tuned_product};
 pub(crate) use module::{Module, ATTENTION, ATTENTION_WG, GPTQ, GPTQ_WG, OPS};
 pub use sample::{draw_rows, penalize_rows, row_norms};

@@ -109,7 +109,9 @@ impl Proj {
                         )
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Ok(Self::Fused(Linear::dense(Tensor::cat(&parts, 0)?), widths))
+                let w = Tensor::cat(&parts, 0)?;
+                let at = fused_spec.target();
+                Ok(Self::Fused(Linear::dense_on(w, first.ops, &at)?, widths))
             }
             Some(q) => {
                 let parts = specs
@@ -164,7 +166,7 @@ impl Linear {
                     spec.dtype,
                     spec.device,
                 )?;
-                Ok(Self::dense(weight))
+                Self::dense_on(weight, spec.ops, &spec.target())
             }
             Some(q) => {
                 let g = GptqWeight::load(ck, spec.prefix, k, n, q)?;
@@ -194,11 +196,16 @@ impl Linear {
         }
     }
 
+    /// Wraps a dense [out, in] weight in the backend's form for `at`
+    /// (batch-invariant products on CUDA in a `fused` job).
+    pub fn dense_on(weight: Tensor, ops: &dyn Ops, at: &LayerTarget<'_>) -> Result<Self> {
+        Ok(Self {
+            weight: ops.dense(weight, at)?,
+        })
+    }
+
     /// Applies the layer to x [T, in] -> [T, out].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.weight {
-            LinearWeight::Dense(w) => Ok(x.matmul(&w.t()?)?),
-            LinearWeight::Gpu(g, mode) => g.forward(x, *mode),
-        }
+        self.weight.forward(x)
     }
 }

@@ -64,11 +64,12 @@ impl Mistral {
             Source::Checkpoint(ck) => ck.contains("lm_head.weight"),
             Source::Dummy { .. } => true,
         };
-        let lm_head = if cfg.tie_word_embeddings && !has_head {
-            Linear::dense(embed.clone())
+        let head = if cfg.tie_word_embeddings && !has_head {
+            embed.clone()
         } else {
-            Linear::dense(b.float("lm_head.weight", &[cfg.vocab_size, h], 0.05)?)
+            b.float("lm_head.weight", &[cfg.vocab_size, h], 0.05)?
         };
+        let lm_head = Linear::dense_on(head, ops, &b.target())?;
         let norm = b.norm("model.norm.weight")?;
         let (cos, sin) = crate::backend::rope_tables(
             cfg.max_position_embeddings,
@@ -177,7 +178,7 @@ impl Builder<'_> {
                 let w = self
                     .ops
                     .random(&[n, k], (-a, a), self.seed(*seed), &self.target())?;
-                Ok(Linear::dense(w))
+                Linear::dense_on(w, self.ops, &self.target())
             }
             (Source::Dummy { seed }, Some(q)) => dummy_gptq(&spec, q, self.seed(*seed)),
         }

@@ -1,7 +1,7 @@
 //! GPTQ products on the GPU against the exact CPU dequantization and
 //! float64 products, and the batch invariance of each product's rows.
 
-use super::{gpu, host, rel_err, Lcg};
+use super::{differing, gpu, host, rel_err, Lcg};
 use candle_core::{DType, Tensor};
 use half::f16;
 use runner::cuda::{self, GptqGpu};
@@ -79,7 +79,8 @@ fn gptq_kernels_match_the_exact_cpu_dequantization() {
             // `packed`: the warpgroup product above 16 tokens on Hopper,
             // dequantize + cuBLAS elsewhere.
             for (path, layer) in [
-                (GptqMode::Fused, &g),
+                (GptqMode::Fused, &resident),
+                (GptqMode::FusedPacked, &g),
                 (GptqMode::Dequant, &g),
                 (GptqMode::Resident, &resident),
                 (GptqMode::Auto { max_m: 16 }, &resident),
@@ -174,21 +175,28 @@ fn fused_gptq_rows_do_not_depend_on_the_batch() {
         }
         .build();
         let g = GptqGpu::upload(&TiledGptq::from_weight(&w).unwrap(), &dev).unwrap();
-        // `fused`, the batch-invariant mode: a row's output is the same bits
-        // at any M from 1 to 4096 (on Hopper the warpgroup product at every
-        // M, elsewhere the small-M fused kernel).
+        let mut resident = g.clone();
+        resident.make_resident().unwrap();
+        // The batch-invariant modes: a row's output is the same bits at any
+        // M from 1 to 4096. `fused`: split-free cuBLASLt over the f16 copy
+        // (whose algorithm changes with M; padded below 16 rows);
+        // `fused_packed`: on Hopper the warpgroup product at every M,
+        // elsewhere the small-M fused kernel.
         let big = Tensor::from_vec(rng.f16s(4096 * k, 1.0), (4096, k), &dev).unwrap();
-        let all = host(&g.forward(&big, GptqMode::Fused).unwrap());
-        for m in [1usize, 2, 31, 64, 65, 300, 1000, 2049, 4095] {
-            let y = host(
-                &g.forward(&big.narrow(0, 0, m).unwrap(), GptqMode::Fused)
-                    .unwrap(),
-            );
-            assert_eq!(
-                y,
-                all[..m * n],
-                "{bits}-bit fused: rows of M={m} vs M=4096 differ"
-            );
+        let ms = (1..=20).chain([31, 63, 64, 65, 127, 128, 129, 255, 256, 300, 511, 512, 513]);
+        let ms: Vec<usize> = ms
+            .chain([1000, 1023, 1024, 1025, 2048, 2049, 4095])
+            .collect();
+        for (mode, layer) in [(GptqMode::Fused, &resident), (GptqMode::FusedPacked, &g)] {
+            let all = host(&layer.forward(&big, mode).unwrap());
+            for &m in &ms {
+                let y = host(&layer.forward(&big.narrow(0, 0, m).unwrap(), mode).unwrap());
+                let d = differing(&y, &all[..m * n]);
+                assert_eq!(
+                    d, 0,
+                    "{bits}-bit {mode:?}: {d} values of M={m} vs M=4096 differ"
+                );
+            }
         }
         let x = big.narrow(0, 0, 300).unwrap();
         // The small-M fused kernel (the `fused` mode before Hopper) at its

@@ -2,7 +2,7 @@
 //! `matmul`: the glue's layouts (W^T as column-major [N, K], x as [K, M])
 //! give the same product through every algorithm the heuristic offers.
 
-use super::{gpu, host, Lcg};
+use super::{differing, gpu, host, Lcg};
 use candle_core::Tensor;
 use runner::cuda;
 
@@ -88,4 +88,33 @@ fn tuned_products_give_cublas_values_at_every_token_count() {
         }
     }
     cuda::set_cublas_tuning(false); // the default, for the tests after this one
+}
+
+/// The batch-invariant product over a dense weight as a checkpoint stores
+/// it ([N, K], the LM head in a `fused` job): the product's values, and
+/// each row the same bits at every M (padded below 16 rows, the algorithm
+/// changing with M), in both weight layouts.
+#[test]
+fn invariant_products_keep_each_rows_bits_at_every_m() {
+    let dev = gpu();
+    let mut rng = Lcg(23);
+    let (k, n, top) = (4096, 32000, 2048);
+    let x = Tensor::from_vec(rng.f16s(top * k, 1.0), (top, k), &dev).unwrap();
+    let w = Tensor::from_vec(rng.f16s(n * k, 0.05), (n, k), &dev).unwrap();
+    let wt = w.t().unwrap().contiguous().unwrap();
+    let want = x.matmul(&wt).unwrap();
+    for (layout, weight) in [(cuda::WeightLayout::Nk, &w), (cuda::WeightLayout::Kn, &wt)] {
+        let all = cuda::invariant_product(&x, weight, layout).unwrap();
+        let e = max_excess(&all, &want);
+        assert!(e <= 0.0, "{layout:?}: off by {e} past 2^-9");
+        let all = host(&all);
+        for m in [
+            1usize, 2, 7, 15, 16, 17, 33, 100, 128, 129, 512, 777, 1024, 2047,
+        ] {
+            let xm = x.narrow(0, 0, m).unwrap();
+            let y = host(&cuda::invariant_product(&xm, weight, layout).unwrap());
+            let d = differing(&y, &all[..m * n]);
+            assert_eq!(d, 0, "{layout:?}: {d} values of M={m} vs M={top} differ");
+        }
+    }
 }

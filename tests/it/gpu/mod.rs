@@ -10,6 +10,7 @@ use runner::cuda;
 mod attention;
 mod flash_prefill;
 mod gptq;
+mod invariant;
 mod kv_fp8;
 mod lt;
 mod overlap;
@@ -193,6 +194,14 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
         .sum();
     let den: f64 = want.iter().map(|b| b * b).sum();
     (num / den.max(1e-30)).sqrt()
+}
+
+/// How many values differ between two outputs (`-0.0` equals `0.0`): a
+/// count, so that a failed bit-identity assertion does not print millions
+/// of values.
+fn differing(a: &[f32], b: &[f32]) -> usize {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).filter(|(x, y)| x != y).count()
 }
 
 fn host(t: &Tensor) -> Vec<f32> {

@@ -185,10 +185,10 @@ impl GptqGpu {
         self.wg_tuned(x, self.wg_launch(&dev, x.dim(0)?))
     }
 
-    /// The batch-invariant product (`fused` on Hopper): one block along K,
-    /// so each output sums its 64-position chunks of sorted K in order, 16
-    /// positions per wgmma, in f32, whatever M, the token width or the
-    /// output columns per block (bit-identical across them: GPU test
+    /// The batch-invariant product on the packed weights (`fused_packed`
+    /// on Hopper): one block along K, so each output sums its 64-position
+    /// chunks of sorted K in order, 16 positions per wgmma, in f32,
+    /// whatever M, the token width or the output columns per block (bit-identical across them: GPU test
     /// `gptq::fused_gptq_rows_do_not_depend_on_the_batch`).
     pub fn wg_invariant(&self, x: &Tensor) -> Result<Tensor> {
         let one_block = self.wg_choose(&device_of(x)?, x.dim(0)?, false);
