@@ -44,7 +44,12 @@ fn engine(dir: &std::path::Path, model: &str, s: &Setting) -> runner::engine::En
         ),
     )
     .unwrap();
-    let spec = runner::config::load(&job, &Default::default()).unwrap();
+    engine_of(&job)
+}
+
+/// The engine of the job file `job`, offline.
+pub fn engine_of(job: &std::path::Path) -> runner::engine::Engine {
+    let spec = runner::config::load(job, &Default::default()).unwrap();
     let hub = runner::model::HubSettings {
         cache_dir: None,
         offline: true,

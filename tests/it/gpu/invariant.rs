@@ -26,13 +26,7 @@ fn engine(dir: &std::path::Path, model: &str, max_num_seqs: usize) -> runner::en
         ),
     )
     .unwrap();
-    let spec = runner::config::load(&job, &Default::default()).unwrap();
-    let hub = runner::model::HubSettings {
-        cache_dir: None,
-        offline: true,
-        token: None,
-    };
-    runner::engine::Engine::load(&spec, &hub).unwrap().0
+    crate::logprobs::engine_of(&job)
 }
 
 /// Prompts of 1 to 100 tokens (26 records) cut from the reference sequences, each
