@@ -189,13 +189,6 @@ impl Linear {
         Self { weight }
     }
 
-    /// Wraps a dense [out, in] weight.
-    pub fn dense(weight: Tensor) -> Self {
-        Self {
-            weight: LinearWeight::Dense(weight),
-        }
-    }
-
     /// Wraps a dense [out, in] weight in the backend's form for `at`
     /// (batch-invariant products on CUDA in a `fused` job).
     pub fn dense_on(weight: Tensor, ops: &dyn Ops, at: &LayerTarget<'_>) -> Result<Self> {
