@@ -250,6 +250,31 @@ impl LtProduct {
             .collect())
     }
 
+    /// `algo` (offered for another M of the same N, K and layout) as it
+    /// runs at this product's M, with the workspace it needs here; `None`
+    /// where cuBLASLt says it cannot run this shape
+    /// (`cublasLtMatmulAlgoCheck`).
+    pub fn check(&self, algo: &LtAlgo) -> Result<Option<LtAlgo>> {
+        // SAFETY: a plain C struct of integers and floats; all zeros is a
+        // valid (empty) value that the call overwrites.
+        let mut r = unsafe { std::mem::zeroed::<sys::cublasLtMatmulHeuristicResult_t>() };
+        let [a, b, d] = self.layouts;
+        // SAFETY: every descriptor is alive (dropped only in Drop); `algo`
+        // is an initialized algorithm from the heuristic, read by the call;
+        // `r` is the one result it writes.
+        let status = unsafe {
+            sys::cublasLtMatmulAlgoCheck(self.shared.handle, self.desc, a, b, d, d, &algo.algo, &mut r)
+        };
+        let ok = status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            && r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+            && r.workspaceSize <= WORKSPACE;
+        Ok(ok.then_some(LtAlgo {
+            algo: algo.algo,
+            workspace: r.workspaceSize,
+            config: algo.config,
+        }))
+    }
+
     /// y [m, n] = x [m, k] W^T through `algo`, `wt` the f16 weights in
     /// the product's layout ([k, n] unless made `with_layout`), both
     /// contiguous.

@@ -118,3 +118,72 @@ fn invariant_products_keep_each_rows_bits_at_every_m() {
         }
     }
 }
+
+/// The fixtures' products (hidden 128, q/k/v 128/32/32 and fused 192,
+/// gate/up 384 and fused 768, down over 384, LM head 32,002) through the
+/// batch-invariant product in both weight layouts: each row the same bits
+/// at M = 1..=72 and more as at 256, one algorithm at every M. Beside it
+/// (printed, not asserted: what the pinning replaced) the heuristic's own
+/// split-free choice per M and how many of its values differ from the
+/// pinned algorithm's.
+#[test]
+fn invariant_products_keep_each_rows_bits_at_the_fixtures_shapes() {
+    let dev = gpu();
+    let mut rng = Lcg(29);
+    let top = 256;
+    let ms: Vec<usize> = (1..=72).chain([100, 128, 129, 200, 255]).collect();
+    let nks = [
+        (128, 128),
+        (32, 128),
+        (192, 128),
+        (384, 128),
+        (768, 128),
+        (128, 384),
+        (32002, 128),
+    ];
+    for (n, k) in nks {
+        let x = Tensor::from_vec(rng.f16s(top * k, 1.0), (top, k), &dev).unwrap();
+        let w = Tensor::from_vec(rng.f16s(n * k, 0.1), (n, k), &dev).unwrap();
+        let wt = w.t().unwrap().contiguous().unwrap();
+        let want = x.matmul(&wt).unwrap();
+        for (layout, weight) in [(cuda::WeightLayout::Nk, &w), (cuda::WeightLayout::Kn, &wt)] {
+            let all = cuda::invariant_product(&x, weight, layout).unwrap();
+            let e = max_excess(&all, &want);
+            assert!(e <= 0.0, "{n}x{k} {layout:?}: off by {e} past 2^-9");
+            let (algo, _) = cuda::invariant_plan(&x, (top, n, k), layout).unwrap();
+            let all = host(&all);
+            let mut old = Vec::new();
+            for &m in &ms {
+                let xm = x.narrow(0, 0, m).unwrap();
+                let (a, _) = cuda::invariant_plan(&xm, (m, n, k), layout).unwrap();
+                assert_eq!(a, algo, "{n}x{k} {layout:?}: M={m} runs another algorithm");
+                let y = host(&cuda::invariant_product(&xm, weight, layout).unwrap());
+                let d = differing(&y, &all[..m * n]);
+                assert_eq!(d, 0, "{n}x{k} {layout:?}: {d} values of M={m} vs M={top} differ");
+                old.push(heuristic_choice(&x, weight, (m, n, k), layout, &all));
+            }
+            eprintln!("{n}x{k} {layout:?} pinned {algo}; per-M heuristic: {old:?}");
+        }
+    }
+}
+
+/// The heuristic's first split-free algorithm at `m` rows (16 at least)
+/// and how many of the first `m` rows' values differ from `all`'s (the
+/// pinned algorithm's).
+fn heuristic_choice(
+    x: &Tensor,
+    weight: &Tensor,
+    (m, n, k): (usize, usize, usize),
+    layout: cuda::WeightLayout,
+    all: &[f32],
+) -> (usize, String, usize) {
+    let rows = m.max(16);
+    let xm = x.narrow(0, 0, rows).unwrap().contiguous().unwrap();
+    let p = cuda::LtProduct::with_layout(&xm, (rows, n, k), layout).unwrap();
+    let Some(a) = p.algos(32).unwrap().into_iter().find(|a| a.splits() == 1 && a.config[4] == 0)
+    else {
+        return (m, "none".into(), 0);
+    };
+    let y = host(&p.run(&xm, weight, &a).unwrap());
+    (m, a.describe(), differing(&y[..m * n], &all[..m * n]))
+}
