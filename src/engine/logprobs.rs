@@ -9,25 +9,45 @@ use crate::backend::Ops;
 use crate::output::TokenLogprobs;
 use crate::scheduler::{RequestKind, Scheduler, SeqId, StepPlan};
 use crate::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
-/// `log sum exp` of each row of `[rows, vocab]`, on its device.
-fn log_normalizer(rows: &Tensor) -> Result<Tensor> {
-    let max = rows.max_keepdim(D::Minus1)?;
-    let sum = rows.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
-    Ok(sum.log()?.add(&max)?.squeeze(D::Minus1)?)
+/// `log sum exp` of each row of `[rows, vocab]` (f32) over its finite
+/// logits, through the backend's per-row normaliser (`Ops::row_norms`:
+/// on CUDA one block per row, each thread's share of the row and the
+/// shares' f64 sum in a fixed order). A row's value does not depend on how
+/// many rows share the call or where it sits among them, which the
+/// batch-invariant mode needs: candle's f32 row sum groups a row's values
+/// by the row's 16-byte alignment in the tensor, so with a vocabulary of
+/// 32,002 odd and even rows summed in different orders.
+fn log_normalizers(ops: &dyn Ops, rows: &Tensor) -> Result<Vec<f64>> {
+    let ones = vec![1.0; rows.dim(0)?];
+    Ok(ops
+        .row_norms(rows, &ones)?
+        .into_iter()
+        .map(|(max, sum)| max as f64 + sum.ln())
+        .collect())
 }
 
 /// The log-probability of `tokens[i]` under row `rows[i]` of `logits`.
-pub fn token_logprobs(logits: &Tensor, rows: Vec<u32>, tokens: Vec<u32>) -> Result<Vec<f32>> {
+pub fn token_logprobs(
+    ops: &dyn Ops,
+    logits: &Tensor,
+    rows: Vec<u32>,
+    tokens: Vec<u32>,
+) -> Result<Vec<f32>> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
     let sel = select(logits, rows)?;
     let n = tokens.len();
     let tok = Tensor::from_vec(tokens, (n, 1), sel.device())?;
-    let chosen = sel.gather(&tok, 1)?.squeeze(1)?;
-    Ok(chosen.sub(&log_normalizer(&sel)?)?.to_vec1::<f32>()?)
+    let chosen = sel.gather(&tok, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+    let lse = log_normalizers(ops, &sel)?;
+    Ok(chosen
+        .iter()
+        .zip(lse)
+        .map(|(&c, l)| (c as f64 - l) as f32)
+        .collect())
 }
 
 /// Each row's `k` largest `(token, logit)`, largest first (ties: lower
@@ -90,7 +110,7 @@ pub fn record_sampled(
         return Ok(());
     }
     let sel = select(&out.logits, rows)?;
-    let lse = log_normalizer(&sel)?.to_vec1::<f32>()?;
+    let lse = log_normalizers(out.ops, &sel)?;
     let tokens: Vec<u32> = seqs
         .iter()
         .map(|&(s, _)| *sched.tokens(s).last().expect("a sampled token"))
@@ -108,12 +128,13 @@ pub fn record_sampled(
             .request_mut(s)
             .logprobs
             .get_or_insert_with(TokenLogprobs::default);
-        lp.chosen.push(chosen[i] - lse[i]);
+        let logprob = |l: f32| (l as f64 - lse[i]) as f32;
+        lp.chosen.push(logprob(chosen[i]));
         lp.top.push(
             top[i]
                 .iter()
                 .take(k)
-                .map(|&(t, l)| (t, l - lse[i]))
+                .map(|&(t, l)| (t, logprob(l)))
                 .collect(),
         );
     }
@@ -142,7 +163,13 @@ mod tests {
             &candle_core::Device::Cpu,
         )
         .unwrap();
-        let got = token_logprobs(&logits, vec![0, 1], vec![2, 1]).unwrap();
+        let got = token_logprobs(
+            crate::backend::ops_for(&candle_core::Device::Cpu, candle_core::DType::F32).unwrap(),
+            &logits,
+            vec![0, 1],
+            vec![2, 1],
+        )
+        .unwrap();
         let want0 = crate::scoring::token_logprob(&[1.0, 2.0, 3.0], 2) as f32;
         assert!((got[0] - want0).abs() < 1e-6, "{got:?}");
         assert!((got[1] + 3f32.ln()).abs() < 1e-6, "{got:?}");

@@ -187,7 +187,7 @@ fn record_prompts(sched: &mut Scheduler, plan: &StepPlan, out: &StepLogits) -> R
             }
         }
     }
-    let lps = super::logprobs::token_logprobs(&out.logits, rows, tokens)?;
+    let lps = super::logprobs::token_logprobs(out.ops, &out.logits, rows, tokens)?;
     let mut touched = Vec::new();
     for ((seq, pos), lp) in at.into_iter().zip(lps) {
         if let Some(v) = sched.request_mut(seq).prompt_logprobs.as_mut() {

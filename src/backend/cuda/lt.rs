@@ -263,7 +263,16 @@ impl LtProduct {
         // is an initialized algorithm from the heuristic, read by the call;
         // `r` is the one result it writes.
         let status = unsafe {
-            sys::cublasLtMatmulAlgoCheck(self.shared.handle, self.desc, a, b, d, d, &algo.algo, &mut r)
+            sys::cublasLtMatmulAlgoCheck(
+                self.shared.handle,
+                self.desc,
+                a,
+                b,
+                d,
+                d,
+                &algo.algo,
+                &mut r,
+            )
         };
         let ok = status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
             && r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS

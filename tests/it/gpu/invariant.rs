@@ -12,7 +12,12 @@ use runner::input::InputRecord;
 use runner::output::OutputRow;
 use std::collections::BTreeMap;
 
-fn engine(dir: &std::path::Path, model: &str, max_num_seqs: usize) -> runner::engine::Engine {
+fn engine(
+    dir: &std::path::Path,
+    model: &str,
+    max_num_seqs: usize,
+    extra: &str,
+) -> runner::engine::Engine {
     std::fs::write(dir.join("in.jsonl"), "{\"prompt\": \"x\"}\n").unwrap();
     let job = dir.join(format!("job-{max_num_seqs}.toml"));
     std::fs::write(
@@ -21,7 +26,7 @@ fn engine(dir: &std::path::Path, model: &str, max_num_seqs: usize) -> runner::en
             "[model]\nid = \"{}\"\ndtype = \"f16\"\n[input]\npath = \"in.jsonl\"\n\
              [output]\nlogprobs = 3\nprompt_logprobs = true\n\
              [engine]\ndevice = \"cuda\"\ngptq_kernel = \"fused\"\nprefix_caching = false\n\
-             max_num_seqs = {max_num_seqs}\n",
+             max_num_seqs = {max_num_seqs}\n{extra}",
             fixtures().join(model).display(),
         ),
     )
@@ -84,25 +89,54 @@ fn differences(a: &OutputRow, b: &OutputRow) -> Vec<String> {
             .expect("prompt logprobs asked for");
         p.iter().map(|v| v.map(f32::to_bits)).collect()
     };
+    let at = |i: usize, x: &[f32], y: &[f32]| format!(" ({} vs {})", x[i], y[i]);
+    let prompt_f = |r: &OutputRow| -> Vec<f32> {
+        let p = r
+            .prompt_logprobs
+            .as_ref()
+            .expect("prompt logprobs asked for");
+        p.iter().map(|v| v.unwrap_or(f32::NAN)).collect()
+    };
     let fields = [
-        ("tokens", first(&a.completion_token_ids, &b.completion_token_ids)),
+        (
+            "tokens",
+            first(&a.completion_token_ids, &b.completion_token_ids),
+        ),
         ("logprobs", first(&bits(&la.chosen), &bits(&lb.chosen))),
         ("top logprobs", first(&top(&la.top), &top(&lb.top))),
         ("prompt logprobs", first(&prompt(a), &prompt(b))),
     ];
     fields
         .into_iter()
-        .filter_map(|(f, at)| at.map(|i| format!("{f} from position {i}")))
+        .filter_map(|(f, pos)| {
+            let i = pos?;
+            let v = match f {
+                "logprobs" => at(i, &la.chosen, &lb.chosen),
+                "prompt logprobs" => at(i, &prompt_f(a), &prompt_f(b)),
+                _ => String::new(),
+            };
+            Some(format!("{f} from position {i}{v}"))
+        })
         .collect()
 }
 
 #[test]
 fn fused_mode_rows_do_not_depend_on_the_batch() {
     let mut bad = Vec::new();
-    for model in crate::common::models() {
+    // (name, settings, sequences at a time in the second run)
+    let variants = [
+        ("alone twice", "", 1),
+        ("graphs", "", 64),
+        ("no graphs", "cuda_graphs = false\n", 64),
+        ("64 MiB cache", "kv_cache_mib = 64\n", 64),
+    ];
+    for (model, (variant, extra, seqs)) in crate::common::models()
+        .into_iter()
+        .flat_map(|m| variants.map(|v| (m, v)))
+    {
         let tmp = tempfile::tempdir().unwrap();
-        let alone = run(&engine(tmp.path(), model, 1));
-        let together = run(&engine(tmp.path(), model, 64));
+        let alone = run(&engine(tmp.path(), model, 1, extra));
+        let together = run(&engine(tmp.path(), model, seqs, extra));
         assert!(alone.len() >= 20, "{model}: {} records", alone.len());
         assert_eq!(
             alone.keys().collect::<Vec<_>>(),
@@ -112,9 +146,322 @@ fn fused_mode_rows_do_not_depend_on_the_batch() {
             let b = &together[id];
             assert_eq!((&a.error, &b.error), (&None, &None), "{model} {id}");
             for d in differences(a, b) {
-                bad.push(format!("{model} {id}: {d}"));
+                bad.push(format!("{model} ({variant}) {id}: {d}"));
             }
         }
     }
-    assert!(bad.is_empty(), "rows that depend on the batch:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "rows that depend on the batch:\n{}",
+        bad.join("\n")
+    );
+}
+
+/// The first row of `n`-wide rows where `a` and `b` differ.
+fn first_row(a: &[f32], b: &[f32], n: usize) -> Option<usize> {
+    a.chunks(n)
+        .zip(b.chunks(n))
+        .position(|(x, y)| x.iter().zip(y).any(|(p, q)| p.to_bits() != q.to_bits()))
+}
+
+/// The forward alone, below the engine: each prompt's logits at every
+/// position the same bits in a forward of its own as among all the
+/// others' (one prefill of every prompt), and the last rows' logits the
+/// same when the LM head takes only them (`LogitRows::These`).
+#[test]
+fn fused_mode_forward_rows_do_not_depend_on_the_batch() {
+    use candle_core::DType;
+    use runner::model::{LoadOptions, LogitRows};
+    use runner::quant::GptqMode;
+    let mut bad = Vec::new();
+    for model in crate::common::models() {
+        let mut opts = LoadOptions::new(DType::F16, &super::gpu());
+        opts.gptq_mode = GptqMode::Fused;
+        let m = runner::model::load(&fixtures().join(model), &opts).unwrap();
+        let vocab = m.config().vocab_size;
+        // In the intake's order (sorted by tokens, as one engine step has them).
+        let mut items = items();
+        items.sort_by(|a, b| a.1.cmp(&b.1));
+        let prompts: Vec<&[u32]> = items.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let all = super::host(&m.logits_full_batch(&prompts).unwrap());
+        let mut off = 0;
+        for ((rec, _), p) in items.iter().zip(&prompts) {
+            let alone = super::host(&m.logits_full(p).unwrap());
+            let together = &all[off * vocab..(off + p.len()) * vocab];
+            if let Some(r) = first_row(&alone, together, vocab) {
+                bad.push(format!(
+                    "{model} {}: forward row {r} of {}",
+                    rec.id,
+                    p.len()
+                ));
+            }
+            off += p.len();
+        }
+        // The LM head over the prompts' last rows only.
+        let lasts: Vec<u32> = prompts
+            .iter()
+            .scan(0u32, |o, p| {
+                *o += p.len() as u32;
+                Some(*o - 1)
+            })
+            .collect();
+        let bs = 16;
+        let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let blocks = runner::backend::fresh_tables(&lens, bs);
+        let mut cache = m.new_cache(blocks.iter().map(Vec::len).sum(), bs).unwrap();
+        let chunks: Vec<runner::model::SeqChunk<'_>> = prompts
+            .iter()
+            .zip(&blocks)
+            .map(|(tokens, blocks)| runner::model::SeqChunk {
+                tokens,
+                start_pos: 0,
+                blocks,
+            })
+            .collect();
+        let picked = m
+            .forward(&chunks, &mut cache, LogitRows::These(&lasts))
+            .unwrap();
+        let picked = super::host(&picked);
+        for (i, &r) in lasts.iter().enumerate() {
+            let r = r as usize;
+            let want = &all[r * vocab..(r + 1) * vocab];
+            if first_row(&picked[i * vocab..(i + 1) * vocab], want, vocab).is_some() {
+                bad.push(format!(
+                    "{model} {}: last row through LogitRows::These",
+                    items[i].0.id
+                ));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "rows that depend on the batch:\n{}",
+        bad.join("\n")
+    );
+}
+
+/// Prefills `prompts` in one forward over `blocks` of `cache`, then
+/// decodes token 5 after each in one more; returns (the prefill's logits
+/// at every position, the decode step's logits [prompts, vocab]).
+fn prefill_then_decode_on(
+    m: &runner::model::Mistral,
+    cache: &mut runner::model::PagedKvCache,
+    blocks: &[Vec<runner::kv::BlockId>],
+    prompts: &[&[u32]],
+) -> (Vec<f32>, Vec<f32>) {
+    use runner::model::{LogitRows, SeqChunk};
+    let chunks: Vec<SeqChunk<'_>> = prompts
+        .iter()
+        .zip(blocks)
+        .map(|(tokens, blocks)| SeqChunk {
+            tokens,
+            start_pos: 0,
+            blocks,
+        })
+        .collect();
+    let prefill = super::host(&m.forward(&chunks, cache, LogitRows::All).unwrap());
+    let next = [5u32];
+    let chunks: Vec<SeqChunk<'_>> = prompts
+        .iter()
+        .zip(blocks)
+        .map(|(p, blocks)| SeqChunk {
+            tokens: &next,
+            start_pos: p.len(),
+            blocks,
+        })
+        .collect();
+    let decode = super::host(&m.forward(&chunks, cache, LogitRows::All).unwrap());
+    (prefill, decode)
+}
+
+/// [`prefill_then_decode_on`] over a fresh cache; the decode step's logits.
+fn prefill_then_decode(m: &runner::model::Mistral, prompts: &[&[u32]]) -> Vec<f32> {
+    let bs = 16;
+    let lens: Vec<usize> = prompts.iter().map(|p| p.len() + 1).collect();
+    let blocks = runner::backend::fresh_tables(&lens, bs);
+    let mut cache = m.new_cache(blocks.iter().map(Vec::len).sum(), bs).unwrap();
+    prefill_then_decode_on(m, &mut cache, &blocks, prompts).1
+}
+
+/// Blocks reused as the engine reuses a finished sequence's: each prompt
+/// prefilled and decoded over the same blocks of one cache, after the
+/// prompts before it, gives the same logits as over a fresh cache.
+#[test]
+fn fused_mode_rows_do_not_depend_on_what_reused_blocks_held() {
+    use candle_core::DType;
+    use runner::model::LoadOptions;
+    use runner::quant::GptqMode;
+    let mut bad = Vec::new();
+    for model in crate::common::models() {
+        let mut opts = LoadOptions::new(DType::F16, &super::gpu());
+        opts.gptq_mode = GptqMode::Fused;
+        let m = runner::model::load(&fixtures().join(model), &opts).unwrap();
+        let vocab = m.config().vocab_size;
+        let bs = 16;
+        let mut used = m.new_cache(8, bs).unwrap();
+        let blocks: Vec<runner::kv::BlockId> = (0..8).map(runner::kv::BlockId).collect();
+        for (rec, p) in items() {
+            let n = (p.len() + 1).div_ceil(bs);
+            let table = vec![blocks[..n].to_vec()];
+            let (pre, dec) = prefill_then_decode_on(&m, &mut used, &table, &[&p]);
+            let mut fresh = m.new_cache(n, bs).unwrap();
+            let (pre0, dec0) = prefill_then_decode_on(&m, &mut fresh, &table, &[&p]);
+            if let Some(r) = first_row(&pre, &pre0, vocab) {
+                bad.push(format!(
+                    "{model} {}: prefill row {r} of {}",
+                    rec.id,
+                    p.len()
+                ));
+            }
+            if first_row(&dec, &dec0, vocab).is_some() {
+                bad.push(format!(
+                    "{model} {}: decode after {} tokens",
+                    rec.id,
+                    p.len()
+                ));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "rows that depend on stale blocks:\n{}",
+        bad.join("\n")
+    );
+}
+
+/// A decode step below the engine: each sequence's logits the same bits
+/// when it decodes alone as when all decode together (each after its own
+/// prompt's prefill, alone or with all the others).
+#[test]
+fn fused_mode_decode_rows_do_not_depend_on_the_batch() {
+    use candle_core::DType;
+    use runner::model::LoadOptions;
+    use runner::quant::GptqMode;
+    let mut bad = Vec::new();
+    for model in crate::common::models() {
+        let mut opts = LoadOptions::new(DType::F16, &super::gpu());
+        opts.gptq_mode = GptqMode::Fused;
+        let m = runner::model::load(&fixtures().join(model), &opts).unwrap();
+        let vocab = m.config().vocab_size;
+        let items = items();
+        let prompts: Vec<&[u32]> = items.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let all = prefill_then_decode(&m, &prompts);
+        for (i, p) in prompts.iter().enumerate() {
+            let alone = prefill_then_decode(&m, &[p]);
+            if first_row(&alone, &all[i * vocab..(i + 1) * vocab], vocab).is_some() {
+                bad.push(format!(
+                    "{model} {}: decode after {} tokens",
+                    items[i].0.id,
+                    p.len()
+                ));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "rows that depend on the batch:\n{}",
+        bad.join("\n")
+    );
+}
+
+/// Two loads of one model on two device handles (two streams, as two
+/// engines of one process have): each prompt's logits alone on one the
+/// same bits as among all the others on the other.
+#[test]
+fn fused_mode_rows_are_the_same_on_two_device_handles() {
+    use candle_core::DType;
+    use runner::model::LoadOptions;
+    use runner::quant::GptqMode;
+    let mut bad = Vec::new();
+    for model in crate::common::models() {
+        let load = || {
+            let mut opts = LoadOptions::new(DType::F16, &super::gpu());
+            opts.gptq_mode = GptqMode::Fused;
+            runner::model::load(&fixtures().join(model), &opts).unwrap()
+        };
+        let (a, b) = (load(), load());
+        let vocab = a.config().vocab_size;
+        let items = items();
+        let prompts: Vec<&[u32]> = items.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let all = super::host(&b.logits_full_batch(&prompts).unwrap());
+        let mut off = 0;
+        for ((rec, _), p) in items.iter().zip(&prompts) {
+            let alone = super::host(&a.logits_full(p).unwrap());
+            let together = &all[off * vocab..(off + p.len()) * vocab];
+            if let Some(r) = first_row(&alone, together, vocab) {
+                bad.push(format!("{model} {}: row {r} of {}", rec.id, p.len()));
+            }
+            off += p.len();
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "rows that differ between two loads:\n{}",
+        bad.join("\n")
+    );
+}
+
+/// A mixed step below the engine: one prompt's prefill in the same
+/// forward as every other prompt's first decode gives that prompt's
+/// logits the same bits as its prefill alone.
+#[test]
+fn fused_mode_prefill_rows_do_not_depend_on_decodes_beside_them() {
+    use candle_core::DType;
+    use runner::model::{LoadOptions, LogitRows, SeqChunk};
+    use runner::quant::GptqMode;
+    let mut bad = Vec::new();
+    for model in crate::common::models() {
+        let mut opts = LoadOptions::new(DType::F16, &super::gpu());
+        opts.gptq_mode = GptqMode::Fused;
+        let m = runner::model::load(&fixtures().join(model), &opts).unwrap();
+        let vocab = m.config().vocab_size;
+        let items = items();
+        let prompts: Vec<&[u32]> = items.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let bs = 16;
+        let lens: Vec<usize> = prompts.iter().map(|p| p.len() + 1).collect();
+        let blocks = runner::backend::fresh_tables(&lens, bs);
+        let next = [5u32];
+        for (i, p) in prompts.iter().enumerate() {
+            let mut cache = m.new_cache(blocks.iter().map(Vec::len).sum(), bs).unwrap();
+            let others: Vec<usize> = (0..prompts.len()).filter(|&j| j != i).collect();
+            let first: Vec<SeqChunk<'_>> = others
+                .iter()
+                .map(|&j| SeqChunk {
+                    tokens: prompts[j],
+                    start_pos: 0,
+                    blocks: &blocks[j],
+                })
+                .collect();
+            m.forward(&first, &mut cache, LogitRows::LastOfEachChunk)
+                .unwrap();
+            let mut mixed: Vec<SeqChunk<'_>> = others
+                .iter()
+                .map(|&j| SeqChunk {
+                    tokens: &next,
+                    start_pos: prompts[j].len(),
+                    blocks: &blocks[j],
+                })
+                .collect();
+            mixed.push(SeqChunk {
+                tokens: p,
+                start_pos: 0,
+                blocks: &blocks[i],
+            });
+            let all = super::host(&m.forward(&mixed, &mut cache, LogitRows::All).unwrap());
+            let mine = &all[others.len() * vocab..];
+            let alone = super::host(&m.logits_full(p).unwrap());
+            if let Some(r) = first_row(&alone, mine, vocab) {
+                bad.push(format!(
+                    "{model} {}: mixed-step row {r} of {}",
+                    items[i].0.id,
+                    p.len()
+                ));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "rows that depend on the batch:\n{}",
+        bad.join("\n")
+    );
 }
