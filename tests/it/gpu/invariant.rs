@@ -3,8 +3,12 @@
 //! its prompt's log-probabilities are the same bits whether the record
 //! runs alone (one sequence per step) or among the others (mixed prefill
 //! and decode steps of many rows, decode graphs padded to their ladder).
-//! Prefix caching is off in both runs, so that no record's prefill
-//! starts from another's cached blocks in one run and not in the other.
+//! Each run pair is repeated over settings: CUDA graphs on and off, a
+//! small cache, two alone runs, and prefix caching on (a record's prefill
+//! may start from another's cached blocks in one run and not in the
+//! other). Below the engine, the model's forward, a decode step, a mixed
+//! step, reused cache blocks and two loads of one model are checked the
+//! same way.
 
 use crate::common::{fixtures, json, token_ids};
 use runner::config::GenerationParams;
@@ -25,7 +29,7 @@ fn engine(
         format!(
             "[model]\nid = \"{}\"\ndtype = \"f16\"\n[input]\npath = \"in.jsonl\"\n\
              [output]\nlogprobs = 3\nprompt_logprobs = true\n\
-             [engine]\ndevice = \"cuda\"\ngptq_kernel = \"fused\"\nprefix_caching = false\n\
+             [engine]\ndevice = \"cuda\"\ngptq_kernel = \"fused\"\n\
              max_num_seqs = {max_num_seqs}\n{extra}",
             fixtures().join(model).display(),
         ),
@@ -124,19 +128,21 @@ fn differences(a: &OutputRow, b: &OutputRow) -> Vec<String> {
 fn fused_mode_rows_do_not_depend_on_the_batch() {
     let mut bad = Vec::new();
     // (name, settings, sequences at a time in the second run)
+    let off = "prefix_caching = false\n";
     let variants = [
-        ("alone twice", "", 1),
-        ("graphs", "", 64),
-        ("no graphs", "cuda_graphs = false\n", 64),
-        ("64 MiB cache", "kv_cache_mib = 64\n", 64),
+        ("alone twice", off.to_string(), 1),
+        ("graphs", off.to_string(), 64),
+        ("no graphs", format!("{off}cuda_graphs = false\n"), 64),
+        ("64 MiB cache", format!("{off}kv_cache_mib = 64\n"), 64),
+        ("prefix caching", "prefix_caching = true\n".to_string(), 64),
     ];
     for (model, (variant, extra, seqs)) in crate::common::models()
         .into_iter()
-        .flat_map(|m| variants.map(|v| (m, v)))
+        .flat_map(|m| variants.iter().map(move |v| (m, v)))
     {
         let tmp = tempfile::tempdir().unwrap();
         let alone = run(&engine(tmp.path(), model, 1, extra));
-        let together = run(&engine(tmp.path(), model, seqs, extra));
+        let together = run(&engine(tmp.path(), model, *seqs, extra));
         assert!(alone.len() >= 20, "{model}: {} records", alone.len());
         assert_eq!(
             alone.keys().collect::<Vec<_>>(),
