@@ -64,10 +64,13 @@ fn items() -> Vec<(InputRecord, Vec<u32>)> {
     out
 }
 
-fn run(engine: &runner::engine::Engine) -> BTreeMap<String, OutputRow> {
+/// The rows by record id, and the prompt tokens served from the prefix
+/// cache.
+fn run(engine: &runner::engine::Engine) -> (BTreeMap<String, OutputRow>, usize) {
     let mut rows: Vec<OutputRow> = Vec::new();
-    engine.run_tokens(items(), &mut rows).unwrap();
-    rows.into_iter().map(|r| (r.id.clone(), r)).collect()
+    let sum = engine.run_tokens(items(), &mut rows).unwrap();
+    let rows = rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+    (rows, sum.prefix_hit_tokens)
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -141,8 +144,15 @@ fn fused_mode_rows_do_not_depend_on_the_batch() {
         .flat_map(|m| variants.iter().map(move |v| (m, v)))
     {
         let tmp = tempfile::tempdir().unwrap();
-        let alone = run(&engine(tmp.path(), model, 1, extra));
-        let together = run(&engine(tmp.path(), model, *seqs, extra));
+        let (alone, hits_alone) = run(&engine(tmp.path(), model, 1, extra));
+        let (together, hits) = run(&engine(tmp.path(), model, *seqs, extra));
+        if extra.contains("prefix_caching = true") {
+            // The records that share a prefix reuse its blocks.
+            assert!(
+                hits_alone > 0 && hits > 0,
+                "{model}: no prefix-cache hits ({hits_alone} alone, {hits} together)"
+            );
+        }
         assert!(alone.len() >= 20, "{model}: {} records", alone.len());
         assert_eq!(
             alone.keys().collect::<Vec<_>>(),
