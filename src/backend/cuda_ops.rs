@@ -102,7 +102,7 @@ impl Ops for CudaOps {
     }
 
     fn dense(&self, w: Tensor, at: &LayerTarget<'_>) -> Result<LinearWeight> {
-        if at.mode != GptqMode::Fused || w.dtype() != candle_core::DType::F16 {
+        if !at.mode.batch_invariant() || w.dtype() != candle_core::DType::F16 {
             return Ok(LinearWeight::Dense(w));
         }
         Ok(LinearWeight::Invariant(w.contiguous()?))

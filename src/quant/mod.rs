@@ -273,3 +273,12 @@ impl Default for GptqMode {
         GptqMode::Auto { max_m: 32 }
     }
 }
+
+impl GptqMode {
+    /// Whether a row's values must not depend on its batch (`fused`,
+    /// `fused_packed`): the dense weights of such a job (the LM head, a
+    /// float checkpoint's layers) take the batch-invariant product too.
+    pub fn batch_invariant(self) -> bool {
+        matches!(self, GptqMode::Fused | GptqMode::FusedPacked)
+    }
+}

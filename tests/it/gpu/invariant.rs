@@ -29,8 +29,7 @@ fn engine(
         format!(
             "[model]\nid = \"{}\"\ndtype = \"f16\"\n[input]\npath = \"in.jsonl\"\n\
              [output]\nlogprobs = 3\nprompt_logprobs = true\n\
-             [engine]\ndevice = \"cuda\"\ngptq_kernel = \"fused\"\n\
-             max_num_seqs = {max_num_seqs}\n{extra}",
+             [engine]\ndevice = \"cuda\"\nmax_num_seqs = {max_num_seqs}\n{extra}",
             fixtures().join(model).display(),
         ),
     )
@@ -38,9 +37,11 @@ fn engine(
     crate::logprobs::engine_of(&job)
 }
 
-/// Prompts of 1 to 100 tokens (26 records) cut from the reference sequences, each
-/// generating 3 to 12 tokens greedily.
-fn items() -> Vec<(InputRecord, Vec<u32>)> {
+/// Prompts of 1 to 100 tokens (26 records) cut from the reference
+/// sequences, each generating 3 to 12 tokens greedily, or `sampled` (seeded;
+/// every third record through each device route: top-k, top-p, the whole
+/// row; a repetition penalty on all).
+fn items_of(sampled: bool) -> Vec<(InputRecord, Vec<u32>)> {
     let seqs = json(&fixtures().join("references/sequences.json"));
     let mut out = Vec::new();
     for (name, ids) in seqs["sequences"].as_object().unwrap() {
@@ -52,11 +53,22 @@ fn items() -> Vec<(InputRecord, Vec<u32>)> {
         cuts.dedup();
         for cut in cuts {
             let i = out.len();
-            let params = GenerationParams {
+            let mut params = GenerationParams {
                 max_new_tokens: 3 + (i % 10),
                 ignore_eos: true,
                 ..Default::default()
             };
+            if sampled {
+                let (top_k, top_p) = [(40, 1.0), (0, 0.9), (0, 1.0)][i % 3];
+                params = GenerationParams {
+                    temperature: 0.8,
+                    top_k,
+                    top_p,
+                    repetition_penalty: 1.1,
+                    seed: 7 + i as u64,
+                    ..params
+                };
+            }
             let rec = InputRecord::for_tokens(i as u64, format!("{name}-{cut}"), params);
             out.push((rec, ids[..cut].to_vec()));
         }
@@ -64,11 +76,15 @@ fn items() -> Vec<(InputRecord, Vec<u32>)> {
     out
 }
 
+fn items() -> Vec<(InputRecord, Vec<u32>)> {
+    items_of(false)
+}
+
 /// The rows by record id, and the prompt tokens served from the prefix
 /// cache.
-fn run(engine: &runner::engine::Engine) -> (BTreeMap<String, OutputRow>, usize) {
+fn run(engine: &runner::engine::Engine, sampled: bool) -> (BTreeMap<String, OutputRow>, usize) {
     let mut rows: Vec<OutputRow> = Vec::new();
-    let sum = engine.run_tokens(items(), &mut rows).unwrap();
+    let sum = engine.run_tokens(items_of(sampled), &mut rows).unwrap();
     let rows = rows.into_iter().map(|r| (r.id.clone(), r)).collect();
     (rows, sum.prefix_hit_tokens)
 }
@@ -130,22 +146,44 @@ fn differences(a: &OutputRow, b: &OutputRow) -> Vec<String> {
 #[test]
 fn fused_mode_rows_do_not_depend_on_the_batch() {
     let mut bad = Vec::new();
-    // (name, settings, sequences at a time in the second run)
-    let off = "prefix_caching = false\n";
+    // (name, settings, sequences at a time in the second run, sampled)
+    let off = "gptq_kernel = \"fused\"\nprefix_caching = false\n";
     let variants = [
-        ("alone twice", off.to_string(), 1),
-        ("graphs", off.to_string(), 64),
-        ("no graphs", format!("{off}cuda_graphs = false\n"), 64),
-        ("64 MiB cache", format!("{off}kv_cache_mib = 64\n"), 64),
-        ("prefix caching", "prefix_caching = true\n".to_string(), 64),
+        ("alone twice", off.to_string(), 1, false),
+        ("graphs", off.to_string(), 64, false),
+        (
+            "no graphs",
+            format!("{off}cuda_graphs = false\n"),
+            64,
+            false,
+        ),
+        (
+            "64 MiB cache",
+            format!("{off}kv_cache_mib = 64\n"),
+            64,
+            false,
+        ),
+        ("sampled", off.to_string(), 64, true),
+        (
+            "prefix caching",
+            "gptq_kernel = \"fused\"\nprefix_caching = true\n".to_string(),
+            64,
+            false,
+        ),
+        (
+            "fused_packed",
+            "gptq_kernel = \"fused_packed\"\nprefix_caching = false\n".to_string(),
+            64,
+            false,
+        ),
     ];
-    for (model, (variant, extra, seqs)) in crate::common::models()
+    for (model, (variant, extra, seqs, sampled)) in crate::common::models()
         .into_iter()
         .flat_map(|m| variants.iter().map(move |v| (m, v)))
     {
         let tmp = tempfile::tempdir().unwrap();
-        let (alone, hits_alone) = run(&engine(tmp.path(), model, 1, extra));
-        let (together, hits) = run(&engine(tmp.path(), model, *seqs, extra));
+        let (alone, hits_alone) = run(&engine(tmp.path(), model, 1, extra), *sampled);
+        let (together, hits) = run(&engine(tmp.path(), model, *seqs, extra), *sampled);
         if extra.contains("prefix_caching = true") {
             // The records that share a prefix reuse its blocks.
             assert!(
