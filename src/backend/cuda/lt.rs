@@ -49,6 +49,13 @@ impl LtAlgo {
     pub fn splits(&self) -> u32 {
         self.config[3]
     }
+
+    /// Whether it reduces each output's K in one block, in order: no K
+    /// split and no reduction scheme (what the batch-invariant products
+    /// take).
+    pub fn split_free(&self) -> bool {
+        self.splits() == 1 && self.config[4] == 0
+    }
 }
 
 /// How many values of `a` and `b` differ (`-0.0` equals `0.0`): how the

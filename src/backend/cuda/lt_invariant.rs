@@ -42,7 +42,7 @@ pub const PAD_STEPS: [usize; 3] = [64, 256, 1024];
 const OFFERED: usize = 32;
 /// The rows the algorithm of an (N, K, layout) is asked for (W1's decode
 /// batch, where the mode's speed is measured).
-pub const REF_ROWS: usize = 512;
+const REF_ROWS: usize = 512;
 
 /// A product's descriptors, its algorithm and the rows it runs.
 struct Plan {
@@ -65,11 +65,6 @@ fn plans() -> &'static Mutex<Plans> {
     P.get_or_init(|| Mutex::new(Plans::default()))
 }
 
-/// Whether an algorithm reduces each output's K in one block, in order.
-fn split_free(a: &LtAlgo) -> bool {
-    a.splits() == 1 && a.config[4] == 0
-}
-
 /// The heuristic's first split-free algorithm for [`REF_ROWS`] rows of
 /// (n, k, w).
 fn reference_algo(like: &Tensor, (n, k): (usize, usize), w: WeightLayout) -> Result<LtAlgo> {
@@ -77,7 +72,7 @@ fn reference_algo(like: &Tensor, (n, k): (usize, usize), w: WeightLayout) -> Res
     product
         .algos(OFFERED)?
         .into_iter()
-        .find(split_free)
+        .find(LtAlgo::split_free)
         .ok_or_else(|| {
             Error::Device(format!(
                 "cublaslt offers no algorithm without a K split for [{REF_ROWS}, {k}] x W^T \
@@ -106,7 +101,7 @@ fn make_plan(
         let offered = product
             .algos(OFFERED)?
             .into_iter()
-            .find(|a| split_free(a) && a.config[0] == reference.config[0]);
+            .find(|a| a.split_free() && a.config[0] == reference.config[0]);
         let algo = match offered {
             Some(a) => Some(a),
             None => product.check(reference)?,

@@ -35,7 +35,7 @@ pub use kernels_cache::{kv_write, kv_write_fp8, scatter_rows, CacheLayer};
 
 pub use gptq::{GptqGpu, WgLaunch, STAGE_MAX_M};
 pub use lt::{count_differing, LtAlgo, LtProduct, WeightLayout};
-pub use lt_invariant::{invariant_plan, invariant_product, REF_ROWS};
+pub use lt_invariant::{invariant_plan, invariant_product};
 pub use lt_tune::{set_cublas_tuning, tuned_product};
 pub(crate) use module::{Module, ATTENTION, ATTENTION_WG, GPTQ, GPTQ_WG, OPS};
 pub use sample::{draw_rows, penalize_rows, row_norms};

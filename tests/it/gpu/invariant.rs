@@ -13,8 +13,15 @@
 use crate::common::{fixtures, json, token_ids};
 use runner::config::GenerationParams;
 use runner::input::InputRecord;
+use runner::kv::BlockId;
+use runner::model::{LoadOptions, LogitRows, Mistral, PagedKvCache, SeqChunk};
 use runner::output::OutputRow;
 use std::collections::BTreeMap;
+
+/// Tokens per KV block in the model-level tests.
+const BLOCK: usize = 16;
+/// The token every model-level decode step feeds.
+const NEXT: [u32; 1] = [5];
 
 fn engine(
     dir: &std::path::Path,
@@ -204,11 +211,7 @@ fn fused_mode_rows_do_not_depend_on_the_batch() {
             }
         }
     }
-    assert!(
-        bad.is_empty(),
-        "rows that depend on the batch:\n{}",
-        bad.join("\n")
-    );
+    assert_none(&bad, "rows that depend on the batch");
 }
 
 /// The first row of `n`-wide rows where `a` and `b` differ.
@@ -218,38 +221,83 @@ fn first_row(a: &[f32], b: &[f32], n: usize) -> Option<usize> {
         .position(|(x, y)| x.iter().zip(y).any(|(p, q)| p.to_bits() != q.to_bits()))
 }
 
+/// Fails listing `bad` (what differed) unless it is empty.
+fn assert_none(bad: &[String], what: &str) {
+    assert!(bad.is_empty(), "{what}:\n{}", bad.join("\n"));
+}
+
+/// The fixture `model` in the batch-invariant mode, on a device handle
+/// (stream) of its own.
+fn fused_model(model: &str) -> Mistral {
+    let mut opts = LoadOptions::new(candle_core::DType::F16, &super::gpu());
+    opts.gptq_mode = runner::quant::GptqMode::Fused;
+    runner::model::load(&fixtures().join(model), &opts).unwrap()
+}
+
+/// The items' prompts.
+fn prompts_of(items: &[(InputRecord, Vec<u32>)]) -> Vec<&[u32]> {
+    items.iter().map(|(_, ids)| ids.as_slice()).collect()
+}
+
+/// A chunk of `tokens` from position `start_pos` over `blocks`.
+fn chunk<'a>(tokens: &'a [u32], start_pos: usize, blocks: &'a [BlockId]) -> SeqChunk<'a> {
+    SeqChunk {
+        tokens,
+        start_pos,
+        blocks,
+    }
+}
+
+/// Fresh block tables for `prompts` with room for `extra` more tokens
+/// each, and a cache of exactly those blocks.
+fn fresh(m: &Mistral, prompts: &[&[u32]], extra: usize) -> (Vec<Vec<BlockId>>, PagedKvCache) {
+    let lens: Vec<usize> = prompts.iter().map(|p| p.len() + extra).collect();
+    let blocks = runner::backend::fresh_tables(&lens, BLOCK);
+    let cache = m
+        .new_cache(blocks.iter().map(Vec::len).sum(), BLOCK)
+        .unwrap();
+    (blocks, cache)
+}
+
+/// Where each item's logits alone (`m.logits_full`) differ from its rows
+/// of `all`, the logits of every item's prompt in one forward, in order.
+fn alone_vs(
+    m: &Mistral,
+    items: &[(InputRecord, Vec<u32>)],
+    all: &[f32],
+    what: &str,
+) -> Vec<String> {
+    let vocab = m.config().vocab_size;
+    let mut bad = Vec::new();
+    let mut off = 0;
+    for (rec, p) in items {
+        let alone = super::host(&m.logits_full(p).unwrap());
+        let together = &all[off * vocab..(off + p.len()) * vocab];
+        if let Some(r) = first_row(&alone, together, vocab) {
+            bad.push(format!("{}: {what} row {r} of {}", rec.id, p.len()));
+        }
+        off += p.len();
+    }
+    bad
+}
+
 /// The forward alone, below the engine: each prompt's logits at every
 /// position the same bits in a forward of its own as among all the
 /// others' (one prefill of every prompt), and the last rows' logits the
 /// same when the LM head takes only them (`LogitRows::These`).
 #[test]
 fn fused_mode_forward_rows_do_not_depend_on_the_batch() {
-    use candle_core::DType;
-    use runner::model::{LoadOptions, LogitRows};
-    use runner::quant::GptqMode;
     let mut bad = Vec::new();
     for model in crate::common::models() {
-        let mut opts = LoadOptions::new(DType::F16, &super::gpu());
-        opts.gptq_mode = GptqMode::Fused;
-        let m = runner::model::load(&fixtures().join(model), &opts).unwrap();
+        let m = fused_model(model);
         let vocab = m.config().vocab_size;
         // In the intake's order (sorted by tokens, as one engine step has them).
         let mut items = items();
         items.sort_by(|a, b| a.1.cmp(&b.1));
-        let prompts: Vec<&[u32]> = items.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let prompts = prompts_of(&items);
         let all = super::host(&m.logits_full_batch(&prompts).unwrap());
-        let mut off = 0;
-        for ((rec, _), p) in items.iter().zip(&prompts) {
-            let alone = super::host(&m.logits_full(p).unwrap());
-            let together = &all[off * vocab..(off + p.len()) * vocab];
-            if let Some(r) = first_row(&alone, together, vocab) {
-                bad.push(format!(
-                    "{model} {}: forward row {r} of {}",
-                    rec.id,
-                    p.len()
-                ));
-            }
-            off += p.len();
+        for d in alone_vs(&m, &items, &all, "forward") {
+            bad.push(format!("{model} {d}"));
         }
         // The LM head over the prompts' last rows only.
         let lasts: Vec<u32> = prompts
@@ -259,18 +307,11 @@ fn fused_mode_forward_rows_do_not_depend_on_the_batch() {
                 Some(*o - 1)
             })
             .collect();
-        let bs = 16;
-        let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-        let blocks = runner::backend::fresh_tables(&lens, bs);
-        let mut cache = m.new_cache(blocks.iter().map(Vec::len).sum(), bs).unwrap();
-        let chunks: Vec<runner::model::SeqChunk<'_>> = prompts
+        let (blocks, mut cache) = fresh(&m, &prompts, 0);
+        let chunks: Vec<SeqChunk<'_>> = prompts
             .iter()
             .zip(&blocks)
-            .map(|(tokens, blocks)| runner::model::SeqChunk {
-                tokens,
-                start_pos: 0,
-                blocks,
-            })
+            .map(|(p, b)| chunk(p, 0, b))
             .collect();
         let picked = m
             .forward(&chunks, &mut cache, LogitRows::These(&lasts))
@@ -287,53 +328,36 @@ fn fused_mode_forward_rows_do_not_depend_on_the_batch() {
             }
         }
     }
-    assert!(
-        bad.is_empty(),
-        "rows that depend on the batch:\n{}",
-        bad.join("\n")
-    );
+    assert_none(&bad, "rows that depend on the batch");
 }
 
 /// Prefills `prompts` in one forward over `blocks` of `cache`, then
 /// decodes token 5 after each in one more; returns (the prefill's logits
 /// at every position, the decode step's logits [prompts, vocab]).
 fn prefill_then_decode_on(
-    m: &runner::model::Mistral,
-    cache: &mut runner::model::PagedKvCache,
-    blocks: &[Vec<runner::kv::BlockId>],
+    m: &Mistral,
+    cache: &mut PagedKvCache,
+    blocks: &[Vec<BlockId>],
     prompts: &[&[u32]],
 ) -> (Vec<f32>, Vec<f32>) {
-    use runner::model::{LogitRows, SeqChunk};
     let chunks: Vec<SeqChunk<'_>> = prompts
         .iter()
         .zip(blocks)
-        .map(|(tokens, blocks)| SeqChunk {
-            tokens,
-            start_pos: 0,
-            blocks,
-        })
+        .map(|(p, b)| chunk(p, 0, b))
         .collect();
     let prefill = super::host(&m.forward(&chunks, cache, LogitRows::All).unwrap());
-    let next = [5u32];
     let chunks: Vec<SeqChunk<'_>> = prompts
         .iter()
         .zip(blocks)
-        .map(|(p, blocks)| SeqChunk {
-            tokens: &next,
-            start_pos: p.len(),
-            blocks,
-        })
+        .map(|(p, b)| chunk(&NEXT, p.len(), b))
         .collect();
     let decode = super::host(&m.forward(&chunks, cache, LogitRows::All).unwrap());
     (prefill, decode)
 }
 
 /// [`prefill_then_decode_on`] over a fresh cache; the decode step's logits.
-fn prefill_then_decode(m: &runner::model::Mistral, prompts: &[&[u32]]) -> Vec<f32> {
-    let bs = 16;
-    let lens: Vec<usize> = prompts.iter().map(|p| p.len() + 1).collect();
-    let blocks = runner::backend::fresh_tables(&lens, bs);
-    let mut cache = m.new_cache(blocks.iter().map(Vec::len).sum(), bs).unwrap();
+fn prefill_then_decode(m: &Mistral, prompts: &[&[u32]]) -> Vec<f32> {
+    let (blocks, mut cache) = fresh(m, prompts, 1);
     prefill_then_decode_on(m, &mut cache, &blocks, prompts).1
 }
 
@@ -342,23 +366,17 @@ fn prefill_then_decode(m: &runner::model::Mistral, prompts: &[&[u32]]) -> Vec<f3
 /// prompts before it, gives the same logits as over a fresh cache.
 #[test]
 fn fused_mode_rows_do_not_depend_on_what_reused_blocks_held() {
-    use candle_core::DType;
-    use runner::model::LoadOptions;
-    use runner::quant::GptqMode;
     let mut bad = Vec::new();
     for model in crate::common::models() {
-        let mut opts = LoadOptions::new(DType::F16, &super::gpu());
-        opts.gptq_mode = GptqMode::Fused;
-        let m = runner::model::load(&fixtures().join(model), &opts).unwrap();
+        let m = fused_model(model);
         let vocab = m.config().vocab_size;
-        let bs = 16;
-        let mut used = m.new_cache(8, bs).unwrap();
-        let blocks: Vec<runner::kv::BlockId> = (0..8).map(runner::kv::BlockId).collect();
+        let mut used = m.new_cache(8, BLOCK).unwrap();
+        let blocks: Vec<BlockId> = (0..8).map(BlockId).collect();
         for (rec, p) in items() {
-            let n = (p.len() + 1).div_ceil(bs);
+            let n = (p.len() + 1).div_ceil(BLOCK);
             let table = vec![blocks[..n].to_vec()];
             let (pre, dec) = prefill_then_decode_on(&m, &mut used, &table, &[&p]);
-            let mut fresh = m.new_cache(n, bs).unwrap();
+            let mut fresh = m.new_cache(n, BLOCK).unwrap();
             let (pre0, dec0) = prefill_then_decode_on(&m, &mut fresh, &table, &[&p]);
             if let Some(r) = first_row(&pre, &pre0, vocab) {
                 bad.push(format!(
@@ -376,11 +394,7 @@ fn fused_mode_rows_do_not_depend_on_what_reused_blocks_held() {
             }
         }
     }
-    assert!(
-        bad.is_empty(),
-        "rows that depend on stale blocks:\n{}",
-        bad.join("\n")
-    );
+    assert_none(&bad, "rows that depend on stale blocks");
 }
 
 /// A decode step below the engine: each sequence's logits the same bits
@@ -388,17 +402,12 @@ fn fused_mode_rows_do_not_depend_on_what_reused_blocks_held() {
 /// prompt's prefill, alone or with all the others).
 #[test]
 fn fused_mode_decode_rows_do_not_depend_on_the_batch() {
-    use candle_core::DType;
-    use runner::model::LoadOptions;
-    use runner::quant::GptqMode;
     let mut bad = Vec::new();
     for model in crate::common::models() {
-        let mut opts = LoadOptions::new(DType::F16, &super::gpu());
-        opts.gptq_mode = GptqMode::Fused;
-        let m = runner::model::load(&fixtures().join(model), &opts).unwrap();
+        let m = fused_model(model);
         let vocab = m.config().vocab_size;
         let items = items();
-        let prompts: Vec<&[u32]> = items.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let prompts = prompts_of(&items);
         let all = prefill_then_decode(&m, &prompts);
         for (i, p) in prompts.iter().enumerate() {
             let alone = prefill_then_decode(&m, &[p]);
@@ -411,11 +420,7 @@ fn fused_mode_decode_rows_do_not_depend_on_the_batch() {
             }
         }
     }
-    assert!(
-        bad.is_empty(),
-        "rows that depend on the batch:\n{}",
-        bad.join("\n")
-    );
+    assert_none(&bad, "rows that depend on the batch");
 }
 
 /// Two loads of one model on two device handles (two streams, as two
@@ -423,36 +428,16 @@ fn fused_mode_decode_rows_do_not_depend_on_the_batch() {
 /// same bits as among all the others on the other.
 #[test]
 fn fused_mode_rows_are_the_same_on_two_device_handles() {
-    use candle_core::DType;
-    use runner::model::LoadOptions;
-    use runner::quant::GptqMode;
     let mut bad = Vec::new();
     for model in crate::common::models() {
-        let load = || {
-            let mut opts = LoadOptions::new(DType::F16, &super::gpu());
-            opts.gptq_mode = GptqMode::Fused;
-            runner::model::load(&fixtures().join(model), &opts).unwrap()
-        };
-        let (a, b) = (load(), load());
-        let vocab = a.config().vocab_size;
+        let (a, b) = (fused_model(model), fused_model(model));
         let items = items();
-        let prompts: Vec<&[u32]> = items.iter().map(|(_, ids)| ids.as_slice()).collect();
-        let all = super::host(&b.logits_full_batch(&prompts).unwrap());
-        let mut off = 0;
-        for ((rec, _), p) in items.iter().zip(&prompts) {
-            let alone = super::host(&a.logits_full(p).unwrap());
-            let together = &all[off * vocab..(off + p.len()) * vocab];
-            if let Some(r) = first_row(&alone, together, vocab) {
-                bad.push(format!("{model} {}: row {r} of {}", rec.id, p.len()));
-            }
-            off += p.len();
+        let all = super::host(&b.logits_full_batch(&prompts_of(&items)).unwrap());
+        for d in alone_vs(&a, &items, &all, "forward") {
+            bad.push(format!("{model} {d}"));
         }
     }
-    assert!(
-        bad.is_empty(),
-        "rows that differ between two loads:\n{}",
-        bad.join("\n")
-    );
+    assert_none(&bad, "rows that differ between two loads");
 }
 
 /// A mixed step below the engine: one prompt's prefill in the same
@@ -460,51 +445,29 @@ fn fused_mode_rows_are_the_same_on_two_device_handles() {
 /// logits the same bits as its prefill alone.
 #[test]
 fn fused_mode_prefill_rows_do_not_depend_on_decodes_beside_them() {
-    use candle_core::DType;
-    use runner::model::{LoadOptions, LogitRows, SeqChunk};
-    use runner::quant::GptqMode;
     let mut bad = Vec::new();
     for model in crate::common::models() {
-        let mut opts = LoadOptions::new(DType::F16, &super::gpu());
-        opts.gptq_mode = GptqMode::Fused;
-        let m = runner::model::load(&fixtures().join(model), &opts).unwrap();
+        let m = fused_model(model);
         let vocab = m.config().vocab_size;
         let items = items();
-        let prompts: Vec<&[u32]> = items.iter().map(|(_, ids)| ids.as_slice()).collect();
-        let bs = 16;
-        let lens: Vec<usize> = prompts.iter().map(|p| p.len() + 1).collect();
-        let blocks = runner::backend::fresh_tables(&lens, bs);
-        let next = [5u32];
+        let prompts = prompts_of(&items);
         for (i, p) in prompts.iter().enumerate() {
-            let mut cache = m.new_cache(blocks.iter().map(Vec::len).sum(), bs).unwrap();
+            let (blocks, mut cache) = fresh(&m, &prompts, 1);
             let others: Vec<usize> = (0..prompts.len()).filter(|&j| j != i).collect();
             let first: Vec<SeqChunk<'_>> = others
                 .iter()
-                .map(|&j| SeqChunk {
-                    tokens: prompts[j],
-                    start_pos: 0,
-                    blocks: &blocks[j],
-                })
+                .map(|&j| chunk(prompts[j], 0, &blocks[j]))
                 .collect();
             m.forward(&first, &mut cache, LogitRows::LastOfEachChunk)
                 .unwrap();
             let mut mixed: Vec<SeqChunk<'_>> = others
                 .iter()
-                .map(|&j| SeqChunk {
-                    tokens: &next,
-                    start_pos: prompts[j].len(),
-                    blocks: &blocks[j],
-                })
+                .map(|&j| chunk(&NEXT, prompts[j].len(), &blocks[j]))
                 .collect();
-            mixed.push(SeqChunk {
-                tokens: p,
-                start_pos: 0,
-                blocks: &blocks[i],
-            });
+            mixed.push(chunk(p, 0, &blocks[i]));
             let all = super::host(&m.forward(&mixed, &mut cache, LogitRows::All).unwrap());
-            let mine = &all[others.len() * vocab..];
             let alone = super::host(&m.logits_full(p).unwrap());
-            if let Some(r) = first_row(&alone, mine, vocab) {
+            if let Some(r) = first_row(&alone, &all[others.len() * vocab..], vocab) {
                 bad.push(format!(
                     "{model} {}: mixed-step row {r} of {}",
                     items[i].0.id,
@@ -513,9 +476,5 @@ fn fused_mode_prefill_rows_do_not_depend_on_decodes_beside_them() {
             }
         }
     }
-    assert!(
-        bad.is_empty(),
-        "rows that depend on the batch:\n{}",
-        bad.join("\n")
-    );
+    assert_none(&bad, "rows that depend on the batch");
 }

@@ -190,12 +190,7 @@ fn heuristic_choice(
     let rows = m.max(16);
     let xm = x.narrow(0, 0, rows).unwrap().contiguous().unwrap();
     let p = cuda::LtProduct::with_layout(&xm, (rows, n, k), layout).unwrap();
-    let Some(a) = p
-        .algos(32)
-        .unwrap()
-        .into_iter()
-        .find(|a| a.splits() == 1 && a.config[4] == 0)
-    else {
+    let Some(a) = p.algos(32).unwrap().into_iter().find(|a| a.split_free()) else {
         return (m, "none".into(), 0);
     };
     let y = host(&p.run(&xm, weight, &a).unwrap());
